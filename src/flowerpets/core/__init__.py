@@ -1,0 +1,82 @@
+"""The round-based aggregation core: records, messages, apps, strategies, mod chains.
+
+It knows nothing of cryptography, differential privacy or transports; the PETs
+and the runtimes build on it.
+"""
+
+from flowerpets.core.aggregation import MetricMean, WeightedSum
+from flowerpets.core.client_app import ClientApp, ClientMod, Handler
+from flowerpets.core.context import Context
+from flowerpets.core.exchange import aggregate_round, collect, request_messages
+from flowerpets.core.grid import Grid
+from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
+from flowerpets.core.mods import chain
+from flowerpets.core.records import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigValue,
+    MetricRecord,
+    MetricValue,
+    RecordDict,
+)
+from flowerpets.core.round import (
+    WEIGHT_KEY,
+    Failure,
+    RoundRequest,
+    RoundResult,
+    ServerContext,
+    ServerMod,
+)
+from flowerpets.core.sampling import (
+    CohortSampling,
+    FixedSizeSampling,
+    FullParticipation,
+    PoissonSampling,
+)
+from flowerpets.core.server_app import RunResult, ServerApp
+from flowerpets.core.strategy import EvaluateFn, FedAvg, Strategy
+
+__all__ = [
+    "WEIGHT_KEY",
+    "Array",
+    "ArrayRecord",
+    "ClientApp",
+    "ClientMod",
+    "CohortSampling",
+    "ConfigRecord",
+    "ConfigValue",
+    "Context",
+    "Error",
+    "ErrorCode",
+    "EvaluateFn",
+    "Failure",
+    "FedAvg",
+    "FixedSizeSampling",
+    "FullParticipation",
+    "Grid",
+    "Handler",
+    "History",
+    "Message",
+    "MessageType",
+    "Metadata",
+    "MetricMean",
+    "MetricRecord",
+    "MetricValue",
+    "PoissonSampling",
+    "RecordDict",
+    "RoundRecord",
+    "RoundRequest",
+    "RoundResult",
+    "RunResult",
+    "ServerApp",
+    "ServerContext",
+    "ServerMod",
+    "Strategy",
+    "WeightedSum",
+    "aggregate_round",
+    "chain",
+    "collect",
+    "request_messages",
+]

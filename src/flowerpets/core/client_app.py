@@ -1,0 +1,140 @@
+"""ClientApp: a node's message handlers, wrapped in mods.
+
+.. code-block:: python
+
+    app = ClientApp(mods=[fixed_clipping_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.require_content().get_typed("arrays", ArrayRecord)
+        ...
+        return msg.reply(RecordDict({"arrays": new_arrays, "metrics": metrics}))
+
+A handler may also return a bare :class:`RecordDict`; it becomes the reply's
+content. Whatever a handler or a mod raises becomes an error reply: a node
+never crashes on a bad message. Mods see a handler's failure as an error reply
+and pass it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from flowerpets.core.context import Context
+from flowerpets.core.message import Error, ErrorCode, Message, MessageType
+from flowerpets.core.mods import chain
+from flowerpets.core.records import RecordDict
+from flowerpets.exceptions import RequestRefusedError
+
+__all__ = ["ClientApp", "ClientMod", "Handler"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, Context], Message | RecordDict]
+ClientMod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
+    """Run ``handler`` and make sure what comes back is a valid reply to ``msg``."""
+
+    def call(msg: Message, context: Context) -> Message:
+        try:
+            out = handler(msg, context)
+        except Exception as exc:  # a handler's bug must not take the node down
+            log.warning("node %s: handler for %r raised", context.node_id, msg.message_type,
+                        exc_info=True)
+            return msg.error_reply(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, _describe(exc)))
+        if isinstance(out, RecordDict):
+            return msg.reply(out)
+        if isinstance(out, Message) and out.is_reply_to(msg):
+            return out
+        return msg.error_reply(
+            Error(
+                ErrorCode.INVALID_REPLY,
+                f"handler for {msg.message_type!r} returned {type(out).__name__}, "
+                "expected a RecordDict or msg.reply(...)",
+            )
+        )
+
+    return call
+
+
+class ClientApp:
+    """A node's handlers by message type, each behind the app's mods and its own."""
+
+    def __init__(self, *, mods: Sequence[ClientMod] = ()) -> None:
+        for mod in mods:
+            if not callable(mod):
+                raise TypeError(f"ClientApp mods must be callable, got {mod!r}")
+        self._mods = tuple(mods)
+        self._handlers: dict[str, Callable[[Message, Context], Message]] = {}
+        self._chain = chain(self._mods, self._dispatch)
+
+    @property
+    def mods(self) -> tuple[ClientMod, ...]:
+        return self._mods
+
+    @property
+    def message_types(self) -> tuple[str, ...]:
+        """The message types this app has handlers for."""
+        return tuple(self._handlers)
+
+    # -- registration ------------------------------------------------------
+    def handler(
+        self, message_type: str, *, mods: Sequence[ClientMod] = ()
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler for ``message_type`` behind ``mods`` (inside the app's mods)."""
+        if not message_type:
+            raise ValueError("message_type must be a non-empty string")
+
+        def register(fn: Handler) -> Handler:
+            if message_type in self._handlers:
+                raise ValueError(f"a handler for {message_type!r} is already registered")
+            self._handlers[message_type] = chain(tuple(mods), _as_reply(fn))
+            return fn
+
+        return register
+
+    def train(self, *, mods: Sequence[ClientMod] = ()) -> Callable[[Handler], Handler]:
+        return self.handler(MessageType.TRAIN, mods=mods)
+
+    def evaluate(self, *, mods: Sequence[ClientMod] = ()) -> Callable[[Handler], Handler]:
+        return self.handler(MessageType.EVALUATE, mods=mods)
+
+    def query(self, *, mods: Sequence[ClientMod] = ()) -> Callable[[Handler], Handler]:
+        return self.handler(MessageType.QUERY, mods=mods)
+
+    # -- running -----------------------------------------------------------
+    def _dispatch(self, msg: Message, context: Context) -> Message:
+        handler = self._handlers.get(msg.message_type)
+        if handler is None:
+            return msg.error_reply(
+                Error(
+                    ErrorCode.UNKNOWN_MESSAGE_TYPE,
+                    f"no handler for message type {msg.message_type!r} "
+                    f"(this app handles {sorted(self._handlers)!r})",
+                )
+            )
+        return handler(msg, context)
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        """Handle one message; always returns a reply, never raises."""
+        try:
+            reply = self._chain(msg, context)
+        except RequestRefusedError as exc:
+            log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
+            return msg.error_reply(Error(ErrorCode.REFUSED, str(exc)))
+        except Exception as exc:  # a mod's bug becomes an error reply
+            log.warning("node %s: a mod raised on %r", context.node_id, msg.message_type,
+                        exc_info=True)
+            return msg.error_reply(Error(ErrorCode.MOD_RAISED_EXCEPTION, _describe(exc)))
+        if not isinstance(reply, Message) or not reply.is_reply_to(msg):
+            return msg.error_reply(
+                Error(ErrorCode.INVALID_REPLY, "the mod chain did not return a reply to the request")
+            )
+        return reply

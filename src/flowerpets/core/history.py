@@ -1,0 +1,93 @@
+"""A run's history: what happened in each round, for tables, plots and tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowerpets.core.round import Failure
+
+__all__ = ["History", "RoundRecord"]
+
+
+@dataclass(slots=True)
+class RoundRecord:
+    """One round: who took part, who failed and why, and the metrics it produced.
+
+    ``train_metrics`` are the participants' reported metrics (weighted means)
+    plus whatever the server mods added (for example ``epsilon``);
+    ``evaluate_metrics`` come from federated evaluation and ``server_metrics``
+    from the strategy's centralized evaluation. ``error`` says why a round
+    failed; the global model is then unchanged.
+    """
+
+    round: int
+    cohort_size: int = 0
+    participants: tuple[int, ...] = ()
+    failures: Mapping[int, Failure] = field(default_factory=dict)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "cohort_size": self.cohort_size,
+            "participants": len(self.participants),
+            "failures": {str(node): str(f) for node, f in self.failures.items()},
+            "train_metrics": dict(self.train_metrics),
+            "evaluate_metrics": dict(self.evaluate_metrics),
+            "server_metrics": dict(self.server_metrics),
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+_SOURCES = ("train_metrics", "evaluate_metrics", "server_metrics")
+
+
+@dataclass(slots=True)
+class History:
+    """The rounds of a run, in order."""
+
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def append(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def __getitem__(self, index: int) -> RoundRecord:
+        return self.rounds[index]
+
+    def metric(self, name: str, *, source: str = "server_metrics") -> list[tuple[int, float]]:
+        """``(round, value)`` for every round that reported ``name`` in ``source``.
+
+        ``source`` is one of ``train_metrics``, ``evaluate_metrics`` or
+        ``server_metrics``.
+        """
+        if source not in _SOURCES:
+            raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+        out = []
+        for record in self.rounds:
+            values: dict[str, float] = getattr(record, source)
+            if name in values:
+                out.append((record.round, values[name]))
+        return out
+
+    def last(self, name: str, *, source: str = "server_metrics") -> float:
+        """The latest reported value of ``name`` (NaN if none was)."""
+        values = self.metric(name, source=source)
+        return values[-1][1] if values else math.nan
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [record.to_dict() for record in self.rounds]

@@ -1,0 +1,173 @@
+"""ServerApp: runs a strategy for a number of rounds over a Grid.
+
+Each round's training goes through the server mods, outermost first, down to
+:func:`~flowerpets.core.exchange.aggregate_round`:
+
+.. code-block:: text
+
+    RoundRequest -> mod_1 -> ... -> mod_n -> aggregate_round -> RoundResult
+
+A mod may change the request, replace the inner exchange, or post-process the
+result. Evaluation (federated and centralized) runs after the model update and
+is not wrapped by the mods.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flowerpets.core.exchange import aggregate_round
+from flowerpets.core.grid import Grid
+from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.mods import chain
+from flowerpets.core.records import ArrayRecord, ConfigRecord, ConfigValue, MetricRecord
+from flowerpets.core.round import RoundRequest, RoundResult, ServerContext, ServerMod
+from flowerpets.core.strategy import Strategy
+from flowerpets.exceptions import RoundFailedError, StopRunError
+
+__all__ = ["RunResult", "ServerApp"]
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a run produced: the final global arrays and the per-round history.
+
+    ``stopped`` holds the reason when a mod ended the run early
+    (:class:`~flowerpets.exceptions.StopRunError`).
+    """
+
+    arrays: ArrayRecord
+    history: History = field(default_factory=History)
+    stopped: str | None = None
+
+
+def _scalars(metrics: MetricRecord | Mapping[str, float] | None) -> dict[str, float]:
+    if not metrics:
+        return {}
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+
+
+class ServerApp:
+    """Runs ``strategy`` for ``num_rounds`` rounds, each behind ``mods``.
+
+    ``seed`` seeds the generator the strategy samples cohorts with; without it
+    the generator is seeded from the OS's secure source. A round that fails
+    (too few replies) leaves the model unchanged and is recorded in the
+    history; with ``stop_on_failure`` it ends the run with ``RoundFailedError``
+    instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        num_rounds: int,
+        initial_arrays: ArrayRecord,
+        mods: Sequence[ServerMod] = (),
+        seed: int | None = None,
+        stop_on_failure: bool = False,
+    ) -> None:
+        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+            raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
+        if not isinstance(initial_arrays, ArrayRecord):
+            raise TypeError(
+                f"initial_arrays must be an ArrayRecord, got {type(initial_arrays).__name__}"
+            )
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must implement the Strategy protocol, got {strategy!r}")
+        self.strategy = strategy
+        self.num_rounds = num_rounds
+        self.initial_arrays = initial_arrays
+        self.mods = tuple(mods)
+        self.seed = seed
+        self.stop_on_failure = stop_on_failure
+        self._train = chain(self.mods, aggregate_round)
+
+    def run(
+        self,
+        grid: Grid,
+        *,
+        run_config: Mapping[str, ConfigValue] | None = None,
+        on_round: RoundCallback | None = None,
+        seed: int | None = None,
+    ) -> RunResult:
+        """Run every round over ``grid``; ``on_round`` is called after each one.
+
+        The app's own ``seed`` wins over ``seed``; with neither, cohorts are
+        sampled with a generator seeded from the OS's secure source.
+        """
+        for candidate in (self.seed, seed, secrets.randbits(128)):
+            if candidate is not None:
+                rng = np.random.default_rng(candidate)
+                break
+        context = ServerContext(
+            node_id=0, run_id=grid.run_id, run_config=ConfigRecord(run_config or {}), grid=grid
+        )
+        result = RunResult(arrays=self.initial_arrays)
+        for rnd in range(1, self.num_rounds + 1):
+            started = time.perf_counter()
+            record = RoundRecord(round=rnd)
+            try:
+                result.arrays = self._train_round(rnd, result.arrays, grid, rng, context, record)
+            except StopRunError as exc:
+                log.warning("run stopped before round %d changed the model: %s", rnd, exc)
+                result.stopped = str(exc)
+                record.error = str(exc)
+                record.seconds = time.perf_counter() - started
+                result.history.append(record)
+                break
+            self._evaluate(rnd, result.arrays, grid, rng, context, record)
+            record.seconds = time.perf_counter() - started
+            result.history.append(record)
+            if on_round is not None:
+                on_round(record)
+        return result
+
+    def _train_round(
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        grid: Grid,
+        rng: np.random.Generator,
+        context: ServerContext,
+        record: RoundRecord,
+    ) -> ArrayRecord:
+        node_ids = list(grid.node_ids())
+        request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
+        record.cohort_size = len(request.cohort)
+        try:
+            outcome: RoundResult = self._train(request, context)
+            record.participants = outcome.participants
+            record.failures = dict(outcome.failures)
+            record.train_metrics = _scalars(outcome.metrics)
+            return self.strategy.aggregate_train(outcome, arrays)
+        except RoundFailedError as exc:
+            record.error = str(exc)
+            log.warning("round %d failed, the model is unchanged: %s", rnd, exc)
+            if self.stop_on_failure:
+                raise
+            return arrays
+
+    def _evaluate(
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        grid: Grid,
+        rng: np.random.Generator,
+        context: ServerContext,
+        record: RoundRecord,
+    ) -> None:
+        request = self.strategy.configure_evaluate(rnd, arrays, list(grid.node_ids()), rng)
+        if request is not None:
+            record.evaluate_metrics = _scalars(aggregate_round(request, context).metrics)
+        record.server_metrics = _scalars(self.strategy.evaluate(rnd, arrays))

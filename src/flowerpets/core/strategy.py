@@ -1,0 +1,145 @@
+"""Strategies: which nodes take part in a round, what they are sent, and how
+the round's aggregate becomes the next global model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from flowerpets.core.message import MessageType
+from flowerpets.core.records import ArrayRecord, ConfigRecord, ConfigValue
+from flowerpets.core.round import WEIGHT_KEY, RoundRequest, RoundResult
+from flowerpets.core.sampling import CohortSampling, FullParticipation
+from flowerpets.exceptions import RoundFailedError
+
+__all__ = ["EvaluateFn", "FedAvg", "Strategy"]
+
+# Centralized evaluation on the server: (round, global arrays) -> metrics.
+EvaluateFn = Callable[[int, ArrayRecord], Mapping[str, float]]
+ConfigFn = Callable[[int], Mapping[str, ConfigValue]]
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What a ServerApp asks of a strategy each round."""
+
+    sampling: CohortSampling
+
+    def configure_train(
+        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> RoundRequest: ...
+
+    def aggregate_train(self, result: RoundResult, current: ArrayRecord) -> ArrayRecord: ...
+
+    def configure_evaluate(
+        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> RoundRequest | None: ...
+
+    def evaluate(self, round: int, arrays: ArrayRecord) -> Mapping[str, float] | None: ...
+
+
+def _config(round: int, static: Mapping[str, ConfigValue] | ConfigFn) -> ConfigRecord:
+    values = static(round) if callable(static) else static
+    config = ConfigRecord(values)
+    config["server-round"] = round
+    return config
+
+
+class FedAvg:
+    """Federated averaging (McMahan et al., 2017), weighted by examples.
+
+    Each round samples a cohort with ``sampling``, sends it the global arrays
+    and ``train_config``, and replaces the global arrays with the weighted mean
+    of the updates (``RoundResult.mean``), cast back to each array's dtype. A
+    round with fewer than ``min_nodes`` participants fails and leaves the model
+    unchanged. ``evaluate_sampling`` turns on federated evaluation;
+    ``evaluate_fn`` evaluates the global model on the server.
+    """
+
+    def __init__(
+        self,
+        *,
+        sampling: CohortSampling | None = None,
+        evaluate_sampling: CohortSampling | None = None,
+        min_nodes: int = 1,
+        train_config: Mapping[str, ConfigValue] | ConfigFn | None = None,
+        evaluate_config: Mapping[str, ConfigValue] | ConfigFn | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        weight_key: str | None = WEIGHT_KEY,
+        round_timeout: float | None = None,
+    ) -> None:
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
+            raise ValueError(f"min_nodes must be an integer >= 1, got {min_nodes!r}")
+        if round_timeout is not None and not round_timeout > 0:
+            raise ValueError(f"round_timeout must be > 0 seconds or None, got {round_timeout!r}")
+        for name, value in (("sampling", sampling), ("evaluate_sampling", evaluate_sampling)):
+            if value is not None and not isinstance(value, CohortSampling):
+                raise TypeError(f"{name} must be a CohortSampling, got {value!r}")
+        self.sampling: CohortSampling = sampling if sampling is not None else FullParticipation()
+        self.evaluate_sampling = evaluate_sampling
+        self.min_nodes = min_nodes
+        self.train_config: Mapping[str, ConfigValue] | ConfigFn = train_config or {}
+        self.evaluate_config: Mapping[str, ConfigValue] | ConfigFn = evaluate_config or {}
+        self.evaluate_fn = evaluate_fn
+        self.weight_key = weight_key
+        self.round_timeout = round_timeout
+
+    def __repr__(self) -> str:
+        return (
+            f"FedAvg(sampling={self.sampling!r}, evaluate_sampling={self.evaluate_sampling!r}, "
+            f"min_nodes={self.min_nodes})"
+        )
+
+    def configure_train(
+        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> RoundRequest:
+        return RoundRequest(
+            round=round,
+            cohort=self.sampling.sample(node_ids, rng),
+            arrays=arrays,
+            config=_config(round, self.train_config),
+            sampling=self.sampling,
+            population=len(node_ids),
+            message_type=MessageType.TRAIN,
+            weight_key=self.weight_key,
+            timeout=self.round_timeout,
+        )
+
+    def aggregate_train(self, result: RoundResult, current: ArrayRecord) -> ArrayRecord:
+        if len(result.participants) < self.min_nodes:
+            raise RoundFailedError(
+                f"round {result.round}: {len(result.participants)} node(s) contributed, "
+                f"fewer than min_nodes={self.min_nodes} ({len(result.failures)} failed)"
+            )
+        if list(result.aggregate) != list(current):
+            raise RoundFailedError(
+                f"round {result.round}: the aggregate holds {list(result.aggregate)}, "
+                f"the model holds {list(current)}"
+            )
+        mean = result.mean()
+        new: dict[str, Any] = {}
+        for name, array in current.items():
+            new[name] = mean[name].astype(array.dtype, copy=False)
+        return ArrayRecord.from_numpy(new, copy=False)
+
+    def configure_evaluate(
+        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> RoundRequest | None:
+        if self.evaluate_sampling is None:
+            return None
+        return RoundRequest(
+            round=round,
+            cohort=self.evaluate_sampling.sample(node_ids, rng),
+            arrays=arrays,
+            config=_config(round, self.evaluate_config),
+            sampling=self.evaluate_sampling,
+            population=len(node_ids),
+            message_type=MessageType.EVALUATE,
+            weight_key=self.weight_key,
+            timeout=self.round_timeout,
+        )
+
+    def evaluate(self, round: int, arrays: ArrayRecord) -> Mapping[str, float] | None:
+        return None if self.evaluate_fn is None else self.evaluate_fn(round, arrays)
