@@ -251,7 +251,7 @@ def test_dirichlet_rejects_bad_sizes() -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="num_partitions"):
         partition_dirichlet([0, 1, 2, 3], 0, alpha=1.0, rng=rng, min_size=0)
-    with pytest.raises(ValueError, match="at least 3"):
+    with pytest.raises(ValueError, match=r"7 \* 3 exceeds the 20 labels"):
         partition_dirichlet(list(range(10)) * 2, 7, alpha=1.0, rng=rng, min_size=3)
     with pytest.raises(ValueError, match="min_size"):
         partition_dirichlet([0, 1], 1, alpha=1.0, rng=rng, min_size=-1)

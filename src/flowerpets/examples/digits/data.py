@@ -111,8 +111,8 @@ def partition_dirichlet(
     num_examples = labels_arr.shape[0]
     if num_partitions * min_size > num_examples:
         raise ValueError(
-            f"cannot give {num_partitions} partitions at least {min_size} examples each "
-            f"from {num_examples} labels"
+            f"num_partitions * min_size = {num_partitions} * {min_size} exceeds the "
+            f"{num_examples} labels"
         )
 
     _, inverse = np.unique(labels_arr, return_inverse=True)
