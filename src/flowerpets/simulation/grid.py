@@ -9,6 +9,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -62,6 +63,7 @@ class SimulationGrid:
         self._locks = {node: threading.Lock() for node in ids}
         workers = max_workers or min(32, (os.cpu_count() or 1) + 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fp-node")
+        self._window = 2 * workers
         self._sequence = itertools.count()  # orders replies due at the same instant
 
     # -- Grid protocol -------------------------------------------------------
@@ -75,9 +77,10 @@ class SimulationGrid:
     def send_and_receive(
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
-        arrived: queue.SimpleQueue[_Delivery] = queue.SimpleQueue()
-        expected = sum(self._dispatch(msg, arrived) for msg in messages)
-        return self._receive(arrived, expected, timeout)
+        # Routing and dropouts are decided for every message now, as a deployment
+        # would on sending; the handling itself is started a window at a time.
+        deliverable = deque(msg for msg in messages if self._reaches_a_node(msg))
+        return self._exchange(deliverable, timeout)
 
     # -- the nodes -------------------------------------------------------------
     def context(self, node_id: int) -> Context:
@@ -92,29 +95,32 @@ class SimulationGrid:
         """Node ids that dropped out so far."""
         return frozenset(self._dropped)
 
-    def _dispatch(self, msg: Message, arrived: queue.SimpleQueue[_Delivery]) -> int:
-        """Start handling ``msg``; return 1 if a reply will come, 0 if none will."""
+    def _reaches_a_node(self, msg: Message) -> bool:
+        """False if ``msg`` will get no reply: unknown node, other run, or a dropout."""
         node = msg.metadata.dst_node_id
         if node not in self._contexts:
             log.warning("message to unknown node %s dropped", node)
-            return 0
+            return False
         if msg.metadata.run_id != self._run_id:
             log.warning("message for run %s dropped by run %s", msg.metadata.run_id, self._run_id)
-            return 0
-        index = self._index[node]
-        if node in self._dropped or self._faults.find(index, msg.metadata, Dropout):
+            return False
+        if node in self._dropped or self._faults.find(self._index[node], msg.metadata, Dropout):
             self._dropped.add(node)
-            return 0
+            return False
+        return True
+
+    def _start(self, msg: Message, arrived: queue.SimpleQueue[_Delivery]) -> None:
+        """Start handling ``msg``; its reply (or injected error) will arrive in ``arrived``."""
+        index = self._index[msg.metadata.dst_node_id]
         delay = self._faults.find(index, msg.metadata, Delay)
         extra = delay.seconds if isinstance(delay, Delay) else 0.0
         injected = self._faults.find(index, msg.metadata, ErrorReply)
         if isinstance(injected, ErrorReply):
             reply = msg.error_reply(Error(ErrorCode.INJECTED_FAULT, injected.reason))
             self._deliver(arrived, reply, extra)
-            return 1
-        future = self._pool.submit(self._handle, node, msg)
+            return
+        future = self._pool.submit(self._handle, msg.metadata.dst_node_id, msg)
         future.add_done_callback(lambda f: self._deliver(arrived, self._outcome(f, msg), extra))
-        return 1
 
     def _handle(self, node: int, msg: Message) -> Message:
         with self._locks[node]:  # a node handles one message at a time
@@ -132,22 +138,34 @@ class SimulationGrid:
     def _deliver(self, arrived: queue.SimpleQueue[_Delivery], reply: Message, delay: float) -> None:
         arrived.put((time.monotonic() + delay, next(self._sequence), reply))
 
-    @staticmethod
-    def _receive(
-        arrived: queue.SimpleQueue[_Delivery], expected: int, timeout: float | None
-    ) -> Iterator[Message]:
+    def _exchange(self, waiting: deque[Message], timeout: float | None) -> Iterator[Message]:
+        """Yield replies as they become due, keeping at most a window of nodes busy.
+
+        The window is what bounds memory: a node's reply is only computed once
+        there is room, so a thousand fast nodes cannot pile a thousand updates
+        up in front of a server that sums them one at a time.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        due: list[_Delivery] = []  # replies in order of when they may be seen (Delay faults)
-        while expected:
+        arrived: queue.SimpleQueue[_Delivery] = queue.SimpleQueue()
+        due: list[_Delivery] = []  # replies in the order they may be seen (Delay faults)
+        busy = 0
+        while waiting or busy or due:
+            while waiting and busy < self._window:
+                self._start(waiting.popleft(), arrived)
+                busy += 1
             now = time.monotonic()
-            while due and due[0][0] <= now:
-                expected -= 1
+            if due and due[0][0] <= now:
                 yield heapq.heappop(due)[2]
-            if not expected or (deadline is not None and now >= deadline):
+                continue
+            if deadline is not None and now >= deadline:
                 return
             waits = [t - now for t in (deadline, due[0][0] if due else None) if t is not None]
+            if not busy:  # only delayed replies are left
+                time.sleep(min(waits))
+                continue
             try:
                 heapq.heappush(due, arrived.get(timeout=min(waits) if waits else None))
+                busy -= 1
             except queue.Empty:
                 continue
 

@@ -1,0 +1,220 @@
+"""ServerApp, FedAvg and the innermost exchange, over a scripted in-memory Grid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pytest
+
+from flowerpets import (
+    ArrayRecord,
+    ClientApp,
+    Context,
+    ErrorCode,
+    FedAvg,
+    FixedSizeSampling,
+    FullParticipation,
+    Message,
+    MetricRecord,
+    PoissonSampling,
+    RecordDict,
+    RoundRequest,
+    RoundResult,
+    ServerApp,
+    ServerContext,
+)
+from flowerpets.exceptions import RoundFailedError, StopRunError
+
+Next = Callable[[RoundRequest, ServerContext], RoundResult]
+
+
+class ScriptedGrid:
+    """Nodes answer by calling a ClientApp synchronously; ``silent`` nodes never answer."""
+
+    def __init__(self, app: ClientApp, n: int, silent: Sequence[int] = ()) -> None:
+        self.app = app
+        self.contexts = {i + 1: Context(node_id=i + 1, node_config={"partition-id": i})
+                         for i in range(n)}
+        self.silent = set(silent)
+        self.sent: list[Message] = []
+
+    @property
+    def run_id(self) -> int:
+        return 0
+
+    def node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        self.sent.extend(messages)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in self.silent:
+                yield self.app(msg.with_private_content(), self.contexts[node])
+
+
+def update_app(update: Callable[[int], np.ndarray], weight: Callable[[int], int]) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        return RecordDict({
+            "arrays": ArrayRecord({"w": update(pid)}),
+            "metrics": MetricRecord({"num-examples": weight(pid), "loss": float(pid)}),
+        })
+
+    return app
+
+
+def server(**kwargs: object) -> ServerApp:
+    strategy = kwargs.pop("strategy", FedAvg())
+    return ServerApp(strategy=strategy, num_rounds=kwargs.pop("num_rounds", 1),  # type: ignore[arg-type]
+                     initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}), **kwargs)  # type: ignore[arg-type]
+
+
+def test_fedavg_weights_by_examples_and_keeps_dtype() -> None:
+    app = update_app(lambda pid: np.full(3, pid, np.float32), lambda pid: pid + 1)
+    result = server().run(ScriptedGrid(app, 4), seed=0)
+    expected = sum((p + 1) * p for p in range(4)) / sum(p + 1 for p in range(4))
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-6)
+    assert result.arrays["w"].dtype == np.float32
+    record = result.history[0]
+    assert record.cohort_size == 4 and len(record.participants) == 4
+    assert record.train_metrics["num-examples"] == 10
+    assert record.train_metrics["loss"] == pytest.approx(expected)
+
+
+def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
+    def update(pid: int) -> np.ndarray:
+        return {0: np.array([np.nan, 0, 0]), 1: np.zeros(5)}.get(pid, np.full(3, 2.0))
+
+    app = update_app(update, lambda pid: 1)
+    grid = ScriptedGrid(app, 5, silent=[5])
+    result = server().run(grid, seed=0)
+    record = result.history[0]
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 2.0)
+    assert sorted(record.participants) == [3, 4]
+    codes = {node: f.error.code for node, f in record.failures.items()}
+    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY,
+                     5: ErrorCode.TIMEOUT}
+    assert "NaN" in record.failures[1].error.reason
+    assert "expected names and shapes" in record.failures[2].error.reason
+
+
+def test_missing_weight_metric_is_a_failure_not_a_guess() -> None:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        return RecordDict({"arrays": ArrayRecord({"w": np.ones(3)}), "metrics": MetricRecord()})
+
+    record = server().run(ScriptedGrid(app, 2), seed=0).history[0]
+    assert record.error is not None and "fewer than min_nodes=1" in record.error
+    assert all("num-examples" in f.error.reason for f in record.failures.values())
+
+
+def test_round_below_min_nodes_leaves_model_unchanged_or_stops() -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    grid = ScriptedGrid(app, 3, silent=[1, 2])
+    result = server(strategy=FedAvg(min_nodes=2), num_rounds=2).run(grid, seed=0)
+    assert all(r.error is not None for r in result.history.rounds)
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), 0)
+    with pytest.raises(RoundFailedError, match="fewer than min_nodes=2"):
+        server(strategy=FedAvg(min_nodes=2), stop_on_failure=True).run(grid, seed=0)
+
+
+def test_server_mods_wrap_the_round_outermost_first() -> None:
+    log: list[str] = []
+
+    def mod(name: str) -> Callable[[RoundRequest, ServerContext, Next], RoundResult]:
+        def wrapped(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+            log.append(f"{name} in")
+            request = request.replace(config=request.config.copy())
+            request.config[f"seen-{name}"] = True
+            result = call_next(request, context)
+            log.append(f"{name} out")
+            metrics = result.metrics.copy()
+            metrics[f"by-{name}"] = 1.0
+            return result.replace(metrics=metrics)
+
+        return wrapped
+
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    grid = ScriptedGrid(app, 2)
+    result = server(mods=[mod("a"), mod("b")]).run(grid, seed=0)
+    assert log == ["a in", "b in", "b out", "a out"]
+    config = grid.sent[0].require_content()["config"]
+    assert config["seen-a"] is True and config["seen-b"] is True and config["server-round"] == 1
+    assert result.history[0].train_metrics["by-a"] == 1.0
+
+
+def test_stop_run_error_ends_the_run_with_its_reason() -> None:
+    def budget(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        if request.round == 3:
+            raise StopRunError("privacy budget spent")
+        return call_next(request, context)
+
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    result = server(mods=[budget], num_rounds=5).run(ScriptedGrid(app, 2), seed=0)
+    assert result.stopped == "privacy budget spent"
+    assert [r.round for r in result.history.rounds] == [1, 2, 3]
+    assert result.history[2].error == "privacy budget spent"
+
+
+def test_federated_and_centralized_evaluation_are_recorded() -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> RecordDict:
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        return RecordDict({"metrics": MetricRecord({"num-examples": pid + 1, "accuracy": pid})})
+
+    strategy = FedAvg(
+        evaluate_sampling=FullParticipation(),
+        evaluate_fn=lambda rnd, arrays: {"norm": float(np.linalg.norm(arrays["w"].numpy()))},
+    )
+    record = server(strategy=strategy).run(ScriptedGrid(app, 3), seed=0).history[0]
+    assert record.evaluate_metrics["accuracy"] == pytest.approx((0 * 1 + 1 * 2 + 2 * 3) / 6)
+    assert record.server_metrics["norm"] == pytest.approx(np.sqrt(3))
+
+
+def test_cohort_sampling() -> None:
+    rng = np.random.default_rng(0)
+    nodes = list(range(100, 200))
+    cohort = FixedSizeSampling(10).sample(nodes, rng)
+    assert len(cohort) == 10 == len(set(cohort)) and set(cohort) <= set(nodes)
+    sizes = [len(PoissonSampling(0.2).sample(nodes, rng)) for _ in range(400)]
+    assert abs(np.mean(sizes) - 20) < 1.0  # mean of 400 Binomial(100, 0.2): sd 0.2
+    with pytest.raises(ValueError, match="cannot sample"):
+        FixedSizeSampling(101).sample(nodes, rng)
+    with pytest.raises(ValueError, match="rate"):
+        PoissonSampling(0.0)
+    with pytest.raises(ValueError, match="size"):
+        FixedSizeSampling(0)
+
+
+def test_same_seed_same_cohorts_and_unseeded_runs_differ() -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    strategy = FedAvg(sampling=FixedSizeSampling(3))
+
+    def cohorts(seed: int | None) -> list[tuple[int, ...]]:
+        result = server(strategy=strategy, num_rounds=4).run(ScriptedGrid(app, 20), seed=seed)
+        return [r.participants for r in result.history.rounds]
+
+    assert cohorts(1) == cohorts(1)
+    assert cohorts(None) != cohorts(None)  # 1 - (1/1140)^4 sure
+
+
+def test_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="num_rounds"):
+        server(num_rounds=0)
+    with pytest.raises(ValueError, match="min_nodes"):
+        FedAvg(min_nodes=0)
+    with pytest.raises(TypeError, match="sampling"):
+        FedAvg(sampling=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="initial_arrays"):
+        ServerApp(strategy=FedAvg(), num_rounds=1, initial_arrays={"w": np.zeros(1)})  # type: ignore[arg-type]
