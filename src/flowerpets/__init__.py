@@ -11,4 +11,4 @@ from flowerpets.core import __all__ as _core_all
 
 __version__ = "0.1.0.dev0"
 
-__all__ = sorted(_core_all)  # noqa: PLE0605
+__all__ = sorted(_core_all)

@@ -32,8 +32,11 @@ def test_weighted_sum_matches_numpy(updates: list[tuple[np.ndarray, int]]) -> No
     assert total.count == len(updates)
 
 
-@given(st.lists(hnp.arrays(np.int64, 5, elements=st.integers(-(2**40), 2**40)), min_size=1,
-                max_size=10))
+@given(
+    st.lists(
+        hnp.arrays(np.int64, 5, elements=st.integers(-(2**40), 2**40)), min_size=1, max_size=10
+    )
+)
 def test_integer_sums_are_exact(histograms: list[np.ndarray]) -> None:
     total = WeightedSum()
     for h in histograms:

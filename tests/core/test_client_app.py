@@ -62,7 +62,9 @@ def test_private_content_copy_protects_other_recipients() -> None:
     assert "leak" not in msg.require_content().get_typed("config", ConfigRecord)
 
 
-def make_app(mods: list[object], log: list[str], handler_mods: tuple[object, ...] = ()) -> ClientApp:
+def make_app(
+    mods: list[object], log: list[str], handler_mods: tuple[object, ...] = ()
+) -> ClientApp:
     app = ClientApp(mods=mods)  # type: ignore[arg-type]
 
     @app.train(mods=handler_mods)  # type: ignore[arg-type]

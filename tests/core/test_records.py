@@ -11,8 +11,22 @@ from hypothesis.extra import numpy as hnp
 from flowerpets import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flowerpets.exceptions import RecordTypeError
 
-NUMERIC_DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                  "uint64", "float16", "float32", "float64", "complex64", "complex128"]
+NUMERIC_DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
 
 
 @pytest.mark.parametrize("dtype", NUMERIC_DTYPES)

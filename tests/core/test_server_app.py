@@ -34,8 +34,9 @@ class ScriptedGrid:
 
     def __init__(self, app: ClientApp, n: int, silent: Sequence[int] = ()) -> None:
         self.app = app
-        self.contexts = {i + 1: Context(node_id=i + 1, node_config={"partition-id": i})
-                         for i in range(n)}
+        self.contexts = {
+            i + 1: Context(node_id=i + 1, node_config={"partition-id": i}) for i in range(n)
+        }
         self.silent = set(silent)
         self.sent: list[Message] = []
 
@@ -62,18 +63,24 @@ def update_app(update: Callable[[int], np.ndarray], weight: Callable[[int], int]
     @app.train()
     def train(msg: Message, context: Context) -> RecordDict:
         pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-        return RecordDict({
-            "arrays": ArrayRecord({"w": update(pid)}),
-            "metrics": MetricRecord({"num-examples": weight(pid), "loss": float(pid)}),
-        })
+        return RecordDict(
+            {
+                "arrays": ArrayRecord({"w": update(pid)}),
+                "metrics": MetricRecord({"num-examples": weight(pid), "loss": float(pid)}),
+            }
+        )
 
     return app
 
 
 def server(**kwargs: object) -> ServerApp:
     strategy = kwargs.pop("strategy", FedAvg())
-    return ServerApp(strategy=strategy, num_rounds=kwargs.pop("num_rounds", 1),  # type: ignore[arg-type]
-                     initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}), **kwargs)  # type: ignore[arg-type]
+    return ServerApp(
+        strategy=strategy,
+        num_rounds=kwargs.pop("num_rounds", 1),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}),
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def test_fedavg_weights_by_examples_and_keeps_dtype() -> None:
@@ -99,8 +106,7 @@ def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
     np.testing.assert_allclose(result.arrays["w"].numpy(), 2.0)
     assert sorted(record.participants) == [3, 4]
     codes = {node: f.error.code for node, f in record.failures.items()}
-    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY,
-                     5: ErrorCode.TIMEOUT}
+    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY, 5: ErrorCode.TIMEOUT}
     assert "NaN" in record.failures[1].error.reason
     assert "expected names and shapes" in record.failures[2].error.reason
 

@@ -47,15 +47,19 @@ def counting_app(size: int = 3) -> ClientApp:
         counter["rounds"] = int(counter["rounds"]) + 1  # type: ignore[call-overload]
         context.state["counter"] = counter
         update = np.full(size, pid + 1, np.float32)
-        return RecordDict({"arrays": ArrayRecord({"w": update}),
-                           "metrics": MetricRecord({"num-examples": 1})})
+        return RecordDict(
+            {"arrays": ArrayRecord({"w": update}), "metrics": MetricRecord({"num-examples": 1})}
+        )
 
     return app
 
 
 def server(num_rounds: int = 3, **fedavg: object) -> ServerApp:
-    return ServerApp(strategy=FedAvg(**fedavg), num_rounds=num_rounds,  # type: ignore[arg-type]
-                     initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}))
+    return ServerApp(
+        strategy=FedAvg(**fedavg),
+        num_rounds=num_rounds,  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}),
+    )
 
 
 def test_every_node_keeps_its_own_state_and_config() -> None:
@@ -111,8 +115,12 @@ def test_nodes_run_concurrently() -> None:
         time.sleep(0.05)
         with lock:
             active -= 1
-        return RecordDict({"arrays": msg.require_content()["arrays"],  # type: ignore[dict-item]
-                           "metrics": MetricRecord({"num-examples": 1})})
+        return RecordDict(
+            {
+                "arrays": msg.require_content()["arrays"],  # type: ignore[dict-item]
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        )
 
     run_simulation(server(num_rounds=1), app, 8, seed=0, max_workers=4)
     assert peak >= 2
@@ -125,8 +133,9 @@ def test_dropout_from_a_round_removes_the_node_for_good() -> None:
     dropped_id = result.node_ids[2]
     assert dropped_id in rounds[0].participants
     assert rounds[1].failures[dropped_id].error.code is ErrorCode.TIMEOUT
-    assert all(dropped_id not in r.participants and dropped_id not in r.failures
-               for r in rounds[2:])
+    assert all(
+        dropped_id not in r.participants and dropped_id not in r.failures for r in rounds[2:]
+    )
     assert result.dropped == {2}
     # Round 2 onwards average the four survivors: (1 + 2 + 4 + 5) / 4 = 3.
     np.testing.assert_allclose(result.arrays["w"].numpy(), 3.0)
@@ -141,6 +150,7 @@ def test_dropout_at_a_named_stage_spares_earlier_stages_of_that_round() -> None:
     app.train()(lambda msg, ctx: RecordDict({"metrics": MetricRecord({"num-examples": 1})}))
     request = RoundRequest(round=1, cohort=(1, 2, 3), arrays=ArrayRecord(), config=ConfigRecord())
     with SimulationGrid(app, contexts, faults=plan) as grid:
+
         def stage(name: str) -> set[int]:
             messages = request_messages(grid, request, RecordDict(), stage=name)
             return {m.metadata.src_node_id for m in grid.send_and_receive(messages, timeout=5)}
@@ -188,8 +198,11 @@ def test_fault_plan_is_validated() -> None:
 def test_a_thousand_nodes_stream_into_one_running_sum() -> None:
     """1,000 nodes x 100,000 parameters: the server holds the sum, not 400 MB of updates."""
     size = 100_000
-    srv = ServerApp(strategy=FedAvg(), num_rounds=1,
-                    initial_arrays=ArrayRecord({"w": np.zeros(size, np.float32)}))
+    srv = ServerApp(
+        strategy=FedAvg(),
+        num_rounds=1,
+        initial_arrays=ArrayRecord({"w": np.zeros(size, np.float32)}),
+    )
     tracemalloc.start()
     try:
         result = run_simulation(srv, counting_app(size), 1000, seed=0)

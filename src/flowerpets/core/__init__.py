@@ -39,7 +39,6 @@ from flowerpets.core.server_app import RunResult, ServerApp
 from flowerpets.core.strategy import EvaluateFn, FedAvg, Strategy
 
 __all__ = [
-    "WEIGHT_KEY",
     "Array",
     "ArrayRecord",
     "ClientApp",
@@ -74,6 +73,7 @@ __all__ = [
     "ServerContext",
     "ServerMod",
     "Strategy",
+    "WEIGHT_KEY",
     "WeightedSum",
     "aggregate_round",
     "chain",

@@ -46,8 +46,9 @@ def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
         try:
             out = handler(msg, context)
         except Exception as exc:  # a handler's bug must not take the node down
-            log.warning("node %s: handler for %r raised", context.node_id, msg.message_type,
-                        exc_info=True)
+            log.warning(
+                "node %s: handler for %r raised", context.node_id, msg.message_type, exc_info=True
+            )
             return msg.error_reply(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, _describe(exc)))
         if isinstance(out, RecordDict):
             return msg.reply(out)
@@ -130,11 +131,14 @@ class ClientApp:
             log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
             return msg.error_reply(Error(ErrorCode.REFUSED, str(exc)))
         except Exception as exc:  # a mod's bug becomes an error reply
-            log.warning("node %s: a mod raised on %r", context.node_id, msg.message_type,
-                        exc_info=True)
+            log.warning(
+                "node %s: a mod raised on %r", context.node_id, msg.message_type, exc_info=True
+            )
             return msg.error_reply(Error(ErrorCode.MOD_RAISED_EXCEPTION, _describe(exc)))
         if not isinstance(reply, Message) or not reply.is_reply_to(msg):
             return msg.error_reply(
-                Error(ErrorCode.INVALID_REPLY, "the mod chain did not return a reply to the request")
+                Error(
+                    ErrorCode.INVALID_REPLY, "the mod chain did not return a reply to the request"
+                )
             )
         return reply

@@ -52,9 +52,7 @@ def request_messages(
     ]
 
 
-def collect(
-    grid: Grid, messages: Sequence[Message], *, timeout: float | None
-) -> Iterator[Message]:
+def collect(grid: Grid, messages: Sequence[Message], *, timeout: float | None) -> Iterator[Message]:
     """Send ``messages``; yield one reply per message, as replies arrive.
 
     A reply that does not answer one of ``messages`` (a stray, a replay, a

@@ -108,7 +108,7 @@ class Message:
         *,
         message_type: str,
         dst_node_id: int,
-        round: int,  # noqa: A002 - the protocol's own word
+        round: int,
         run_id: int = 0,
         stage: str = "",
         src_node_id: int = SERVER_NODE_ID,

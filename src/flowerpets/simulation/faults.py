@@ -75,7 +75,10 @@ class Delay:
 
 @dataclass(frozen=True, slots=True)
 class ErrorReply:
-    """In ``round`` (only at ``stage`` if given), the node answers with an error, not running its app."""
+    """In ``round`` (only at ``stage`` if given), the node answers with an error.
+
+    The node does not run its app for that message; later messages are answered normally.
+    """
 
     node: int
     round: int
@@ -112,7 +115,9 @@ class FaultPlan:
         """Refuse faults that name a node the simulation does not have."""
         bad = sorted(n for n in self._by_node if n >= num_nodes)
         if bad:
-            raise ValueError(f"faults name node indices {bad}, but there are only {num_nodes} nodes")
+            raise ValueError(
+                f"faults name node indices {bad}, but there are only {num_nodes} nodes"
+            )
 
     def find(self, node: int, metadata: Metadata, kind: type[Fault]) -> Fault | None:
         """The first fault of ``kind`` for ``node`` that this message triggers."""

@@ -113,7 +113,9 @@ def make_client_app(
             rng=np.random.default_rng(_seed(context, msg.round, pid)),
         )
         metrics = MetricRecord({"num-examples": len(idx), "train-loss": loss})
-        return RecordDict({"arrays": ArrayRecord.from_numpy(params, copy=False), "metrics": metrics})
+        return RecordDict(
+            {"arrays": ArrayRecord.from_numpy(params, copy=False), "metrics": metrics}
+        )
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> RecordDict:

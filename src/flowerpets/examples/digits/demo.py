@@ -64,23 +64,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options (shared by ``flowerpets demo`` and ``python -m``)."""
     parser.add_argument("--clients", type=_positive_int, default=20, help="number of nodes")
     parser.add_argument("--rounds", type=_positive_int, default=10, help="rounds of FedAvg")
-    parser.add_argument("--partition", choices=sorted(PARTITIONERS), default="iid",
-                        help="how the training set is split across nodes")
-    parser.add_argument("--alpha", type=_positive_float, default=0.5,
-                        help="Dirichlet concentration for --partition dirichlet "
-                        "(smaller is more skewed)")
+    parser.add_argument(
+        "--partition",
+        choices=sorted(PARTITIONERS),
+        default="iid",
+        help="how the training set is split across nodes",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=0.5,
+        help="Dirichlet concentration for --partition dirichlet (smaller is more skewed)",
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="softmax")
     defaults = TrainSettings()
-    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
-                        help="local epochs per round")
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=defaults.epochs, help="local epochs per round"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=_positive_float, default=defaults.learning_rate,
-                        help="local learning rate")
+    parser.add_argument(
+        "--lr", type=_positive_float, default=defaults.learning_rate, help="local learning rate"
+    )
     cohort = parser.add_mutually_exclusive_group()
-    cohort.add_argument("--cohort-size", type=_positive_int,
-                        help="sample this many nodes per round (default: all)")
-    cohort.add_argument("--sample-rate", type=_positive_float,
-                        help="Poisson-sample each node with this probability per round")
+    cohort.add_argument(
+        "--cohort-size", type=_positive_int, help="sample this many nodes per round (default: all)"
+    )
+    cohort.add_argument(
+        "--sample-rate",
+        type=_positive_float,
+        help="Poisson-sample each node with this probability per round",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
     parser.add_argument("--json", action="store_true", help="print the history as JSON")
 
@@ -136,8 +149,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     rng = np.random.default_rng(args.seed)
     partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
     task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size,
-                             learning_rate=args.lr)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
     client_app = make_client_app(task, settings)
     server_app = make_server_app(
         task, num_rounds=args.rounds, sampling=_sampling(args), seed=args.seed
@@ -152,9 +164,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             flush=True,
         )
     progress = None if args.json else ProgressBar(args.rounds)
-    result = run_simulation(
-        server_app, client_app, args.clients, seed=args.seed, on_round=progress
-    )
+    result = run_simulation(server_app, client_app, args.clients, seed=args.seed, on_round=progress)
     if args.json:
         json.dump({"history": result.history.to_dicts(), "stopped": result.stopped}, out)
         out.write("\n")
