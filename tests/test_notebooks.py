@@ -43,11 +43,20 @@ def _kernel_manager(kernel_dir: Path) -> AsyncKernelManager:
     spec_dir = kernel_dir / KERNEL_NAME
     spec_dir.mkdir(parents=True)
     spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            # nbclient adds this only to kernels it recognizes by name ("python3").
+            "--HistoryManager.hist_file=:memory:",
+        ],
         "display_name": f"flowerpets tests ({sys.executable})",
         "language": "python",
         # Merged into the kernel's environment, which otherwise is this process's.
-        "env": {"MPLBACKEND": "Agg"},
+        # IPYTHONDIR keeps the user's IPython profile and startup files out of the run.
+        "env": {"MPLBACKEND": "Agg", "IPYTHONDIR": str(kernel_dir / "ipython")},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     specs = KernelSpecManager(kernel_dirs=[str(kernel_dir)], ensure_native_kernel=False)
@@ -85,9 +94,12 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
         startup_timeout=STARTUP_TIMEOUT,
         resources={"metadata": {"path": str(workdir)}},  # the kernel's working directory
     )
+    failure = ""
     try:
         # We made the kernel manager, so ask the client to shut its kernel down anyway.
         client.execute(cleanup_kc=True)
     except CellExecutionError as exc:
-        detail = _first_error(nb) or _ANSI.sub("", str(exc))
-        pytest.fail(f"{path.name}: {detail}", pytrace=False)
+        failure = _first_error(nb) or _ANSI.sub("", str(exc))
+    # Failing outside the except block keeps nbclient's coloured copy out of the report.
+    if failure:
+        pytest.fail(f"{path.name}: {failure}", pytrace=False)
