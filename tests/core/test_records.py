@@ -86,6 +86,7 @@ def test_array_byte_encoding_round_trips(data: np.ndarray) -> None:
 def test_array_byte_encoding_is_stable_across_byte_orders() -> None:
     little = Array(np.arange(5, dtype="<i4"))
     big = Array(np.arange(5, dtype=">i4"))
+    assert big == little and big.dtype.isnative
     assert little.to_bytes() == big.to_bytes()
 
 

@@ -106,7 +106,7 @@ def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
     np.testing.assert_allclose(result.arrays["w"].numpy(), 2.0)
     assert sorted(record.participants) == [3, 4]
     codes = {node: f.error.code for node, f in record.failures.items()}
-    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY, 5: ErrorCode.TIMEOUT}
+    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY, 5: ErrorCode.NODE_UNAVAILABLE}
     assert "NaN" in record.failures[1].error.reason
     assert "expected names and shapes" in record.failures[2].error.reason
 
@@ -224,3 +224,23 @@ def test_configuration_is_validated() -> None:
         FedAvg(sampling=0.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="initial_arrays"):
         ServerApp(strategy=FedAvg(), num_rounds=1, initial_arrays={"w": np.zeros(1)})  # type: ignore[arg-type]
+
+
+def test_evaluation_failures_are_recorded_apart_from_training_failures() -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> RecordDict:
+        if context.node_config["partition-id"] == 1:
+            raise RuntimeError("no test data")
+        return RecordDict({"metrics": MetricRecord({"num-examples": 1, "accuracy": 1.0})})
+
+    strategy = FedAvg(evaluate_sampling=FullParticipation())
+    result = server(strategy=strategy, num_rounds=2).run(ScriptedGrid(app, 3), seed=0)
+    record = result.history.round(2)
+    assert record.failures == {}
+    assert set(record.evaluate_failures) == {2}
+    assert "no test data" in record.evaluate_failures[2].error.reason
+    assert record.to_dict()["evaluate_failures"] == {"2": str(record.evaluate_failures[2])}
+    with pytest.raises(KeyError, match="no round 3"):
+        result.history.round(3)

@@ -132,7 +132,8 @@ def test_dropout_from_a_round_removes_the_node_for_good() -> None:
     rounds = result.history.rounds
     dropped_id = result.node_ids[2]
     assert dropped_id in rounds[0].participants
-    assert rounds[1].failures[dropped_id].error.code is ErrorCode.TIMEOUT
+    assert rounds[1].failures[dropped_id].error.code is ErrorCode.NODE_UNAVAILABLE
+    assert result.node_index(dropped_id) == 2
     assert all(
         dropped_id not in r.participants and dropped_id not in r.failures for r in rounds[2:]
     )

@@ -37,6 +37,9 @@ Message body::
     reply_to_message_id  str
     stage                str
     created_at           f64 (IEEE 754 binary64, bit-exact)
+
+    (ids and round are unsigned: the encoder refuses negative values and values
+    of 2**64 or more with a CodecError)
     content tag          u8: 1 = a RecordDict body follows, 2 = an Error follows
     Error                code u32 (an ErrorCode value) | reason str
 
@@ -95,7 +98,9 @@ version (``UnsupportedVersionError``), ``total`` against the limit
 ``TruncatedMessageError``, more: ``CorruptMessageError``), CRC
 (``CorruptMessageError``), then the body (lengths running past the body:
 ``TruncatedMessageError``; anything else malformed, including bytes left over
-after the body: ``CorruptMessageError``). The encoder is deterministic: equal
+after the body: ``CorruptMessageError``). The header is read before the CRC can
+be checked, so damage to ``total`` itself may show as truncation; damage
+anywhere else is caught by the CRC. The encoder is deterministic: equal
 inputs give equal bytes, and any change to this layout bumps
 :data:`FORMAT_VERSION`.
 """
@@ -315,7 +320,9 @@ class _Writer:
 
     def blob(self, data: bytes, what: str, limit_name: str, limit: int) -> None:
         if len(data) > limit:
-            _too_large(f"{what} (in bytes)", len(data), limit_name, limit)
+            raise MessageTooLargeError(
+                f"{what} is {len(data)} bytes, more than {limit_name}={limit}"
+            )
         self.u32(len(data))
         self.raw(data)
 
@@ -756,8 +763,10 @@ def _read_array(r: _Reader, what: str) -> Array:
     pad = -r.pos % _DATA_ALIGNMENT
     if pad:
         start = r.take(pad, f"{what} padding")
-        if any(r.view(start, pad)):
-            raise CorruptMessageError(f"{what}: non-zero padding at byte offset {start}")
+        padding = bytes(r.view(start, pad))
+        if any(padding):
+            first = start + next(i for i, byte in enumerate(padding) if byte)
+            raise CorruptMessageError(f"{what}: non-zero padding at byte offset {first}")
     start = r.take(nbytes, f"{what} data")
     view = r.view(start, nbytes)
     if dtype.kind == "b" and nbytes and int(np.frombuffer(view, dtype=np.uint8).max()) > 1:

@@ -12,6 +12,7 @@ weighted sum as they arrive.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 from flowerpets.core.aggregation import MetricMean, WeightedSum
@@ -56,9 +57,11 @@ def collect(grid: Grid, messages: Sequence[Message], *, timeout: float | None) -
     """Send ``messages``; yield one reply per message, as replies arrive.
 
     A reply that does not answer one of ``messages`` (a stray, a replay, a
-    second answer) is dropped with a warning. Nodes that did not answer get a
-    ``TIMEOUT`` error reply, yielded last.
+    second answer) is dropped with a warning. Nodes that did not answer get an
+    error reply, yielded last: ``TIMEOUT`` if the wait ran out, else
+    ``NODE_UNAVAILABLE`` (the runtime knew the node was gone).
     """
+    started = time.monotonic()
     pending = {m.metadata.message_id: m for m in messages}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         request = pending.get(reply.metadata.reply_to_message_id)
@@ -67,10 +70,12 @@ def collect(grid: Grid, messages: Sequence[Message], *, timeout: float | None) -
             continue
         del pending[request.metadata.message_id]
         yield reply
+    if timeout is not None and time.monotonic() - started >= timeout:
+        missing = Error(ErrorCode.TIMEOUT, f"no reply within {timeout} s")
+    else:
+        missing = Error(ErrorCode.NODE_UNAVAILABLE, "the node is gone (dropped out)")
     for request in pending.values():
-        yield request.error_reply(
-            Error(ErrorCode.TIMEOUT, f"no reply within {timeout} s" if timeout else "no reply")
-        )
+        yield request.error_reply(missing)
 
 
 def _weight(metrics: MetricRecord, key: str | None) -> float | int:

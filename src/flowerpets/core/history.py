@@ -16,7 +16,9 @@ __all__ = ["History", "RoundRecord"]
 class RoundRecord:
     """One round: who took part, who failed and why, and the metrics it produced.
 
-    ``train_metrics`` are the participants' reported metrics (weighted means)
+    ``failures`` are the nodes that did not contribute to training (keyed by
+    node id), ``evaluate_failures`` those that did not answer federated
+    evaluation. ``train_metrics`` are the participants' reported metrics (weighted means)
     plus whatever the server mods added (for example ``epsilon``);
     ``evaluate_metrics`` come from federated evaluation and ``server_metrics``
     from the strategy's centralized evaluation. ``error`` says why a round
@@ -27,6 +29,7 @@ class RoundRecord:
     cohort_size: int = 0
     participants: tuple[int, ...] = ()
     failures: Mapping[int, Failure] = field(default_factory=dict)
+    evaluate_failures: Mapping[int, Failure] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
     server_metrics: dict[str, float] = field(default_factory=dict)
@@ -43,6 +46,7 @@ class RoundRecord:
             "cohort_size": self.cohort_size,
             "participants": len(self.participants),
             "failures": {str(node): str(f) for node, f in self.failures.items()},
+            "evaluate_failures": {str(n): str(f) for n, f in self.evaluate_failures.items()},
             "train_metrics": dict(self.train_metrics),
             "evaluate_metrics": dict(self.evaluate_metrics),
             "server_metrics": dict(self.server_metrics),
@@ -68,6 +72,13 @@ class History:
 
     def __getitem__(self, index: int) -> RoundRecord:
         return self.rounds[index]
+
+    def round(self, number: int) -> RoundRecord:
+        """The record of round ``number`` (rounds count from 1; indexing counts from 0)."""
+        for record in self.rounds:
+            if record.round == number:
+                return record
+        raise KeyError(f"no round {number} in this history (it has {len(self.rounds)})")
 
     def metric(self, name: str, *, source: str = "server_metrics") -> list[tuple[int, float]]:
         """``(round, value)`` for every round that reported ``name`` in ``source``.

@@ -66,6 +66,8 @@ class Array:
             raise RecordTypeError(
                 f"Array holds numeric or boolean data only, got dtype {array.dtype!r}"
             )
+        if not array.dtype.isnative:  # byte order is a detail of the source, not of the values
+            array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         view = array.view()

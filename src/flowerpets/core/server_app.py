@@ -169,5 +169,7 @@ class ServerApp:
     ) -> None:
         request = self.strategy.configure_evaluate(rnd, arrays, list(grid.node_ids()), rng)
         if request is not None:
-            record.evaluate_metrics = _scalars(aggregate_round(request, context).metrics)
+            outcome = aggregate_round(request, context)
+            record.evaluate_metrics = _scalars(outcome.metrics)
+            record.evaluate_failures = dict(outcome.failures)
         record.server_metrics = _scalars(self.strategy.evaluate(rnd, arrays))

@@ -40,6 +40,16 @@ class SimulationResult:
         """Node ids, by node index (``partition-id``)."""
         return [c.node_id for c in self.contexts]
 
+    def node_index(self, node_id: int) -> int:
+        """The index (``partition-id``) of the node with id ``node_id``.
+
+        Histories key failures by node id; fault plans name nodes by index.
+        """
+        for index, context in enumerate(self.contexts):
+            if context.node_id == node_id:
+                return index
+        raise KeyError(f"no node with id {node_id} in this simulation")
+
 
 def _node_ids(num_nodes: int, rng: np.random.Generator) -> list[int]:
     # Random, distinct, non-zero 63-bit ids, as a deployment would assign.

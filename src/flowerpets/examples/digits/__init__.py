@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .apps import DigitsTask, TrainSettings, make_client_app, make_server_app
 from .data import (
     DigitsData,
     load_digits_split,
@@ -20,13 +21,17 @@ from .model import (
 
 __all__ = [
     "DigitsData",
+    "DigitsTask",
     "MLP",
     "MODELS",
     "Model",
     "Params",
     "SoftmaxRegression",
+    "TrainSettings",
     "evaluate",
     "load_digits_split",
+    "make_client_app",
+    "make_server_app",
     "partition_dirichlet",
     "partition_iid",
     "train",

@@ -34,7 +34,7 @@ from flowerpets.examples.digits.data import (
 from flowerpets.examples.digits.model import MODELS
 from flowerpets.simulation import run_simulation
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["ProgressBar", "add_arguments", "format_table", "main", "run"]
 
 Partitioner = Callable[[DigitsData, int, float, np.random.Generator], list[NDArray[np.int64]]]
 
