@@ -106,7 +106,11 @@ def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
     np.testing.assert_allclose(result.arrays["w"].numpy(), 2.0)
     assert sorted(record.participants) == [3, 4]
     codes = {node: f.error.code for node, f in record.failures.items()}
-    assert codes == {1: ErrorCode.INVALID_REPLY, 2: ErrorCode.INVALID_REPLY, 5: ErrorCode.NODE_UNAVAILABLE}
+    assert codes == {
+        1: ErrorCode.INVALID_REPLY,
+        2: ErrorCode.INVALID_REPLY,
+        5: ErrorCode.NODE_UNAVAILABLE,
+    }
     assert "NaN" in record.failures[1].error.reason
     assert "expected names and shapes" in record.failures[2].error.reason
 
@@ -244,3 +248,53 @@ def test_evaluation_failures_are_recorded_apart_from_training_failures() -> None
     assert record.to_dict()["evaluate_failures"] == {"2": str(record.evaluate_failures[2])}
     with pytest.raises(KeyError, match="no round 3"):
         result.history.round(3)
+
+
+class FakeSealed:
+    """A stand-in sealed sum that records what was added to it."""
+
+    def __init__(self, added: dict[str, np.ndarray] | None = None) -> None:
+        self.added = added or {}
+
+    def add_plaintext(self, arrays: dict[str, np.ndarray]) -> FakeSealed:  # type: ignore[override]
+        return FakeSealed({**self.added, **arrays})
+
+
+def test_add_to_sum_reaches_plain_and_sealed_parts() -> None:
+    result = RoundResult(
+        round=1,
+        aggregate=ArrayRecord({"b": np.ones(2)}),
+        total_weight=2.0,
+        participants=(1, 2),
+        sealed=FakeSealed(),
+    )
+    out = result.add_to_sum({"b": np.array([0.5, 1.5]), "w": np.zeros(3)})
+    np.testing.assert_allclose(out.aggregate["b"].numpy(), [1.5, 2.5])
+    np.testing.assert_allclose(result.aggregate["b"].numpy(), [1, 1])  # the original is untouched
+    assert isinstance(out.sealed, FakeSealed) and set(out.sealed.added) == {"w"}
+    plain = result.replace(sealed=None)
+    with pytest.raises(KeyError, match="no arrays named \\['w'\\]"):
+        plain.add_to_sum({"w": np.zeros(3)})
+    with pytest.raises(ValueError, match="shape"):
+        plain.add_to_sum({"b": np.zeros(3)})
+
+
+def test_context_says_when_a_mod_aggregates_securely() -> None:
+    seen: list[bool] = []
+
+    def spy(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        seen.append(context.secure_aggregation)
+        return call_next(request, context)
+
+    class SecureMod:
+        secure_aggregation = True
+
+        def __call__(
+            self, request: RoundRequest, context: ServerContext, call_next: Next
+        ) -> RoundResult:
+            return call_next(request, context)
+
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    server(mods=[spy]).run(ScriptedGrid(app, 2), seed=0)
+    server(mods=[spy, SecureMod()]).run(ScriptedGrid(app, 2), seed=0)
+    assert seen == [False, True]

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from flowerpets.examples.digits import demo  # noqa: E402
+from flowerpets.examples.digits import demo
 
 
 def run_demo(*argv: str) -> dict[str, object]:

@@ -26,6 +26,7 @@ from flowerpets.core.round import (
     Failure,
     RoundRequest,
     RoundResult,
+    SealedSum,
     ServerContext,
     ServerMod,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RoundRequest",
     "RoundResult",
     "RunResult",
+    "SealedSum",
     "ServerApp",
     "ServerContext",
     "ServerMod",

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
 
 from flowerpets.core.context import Context
 from flowerpets.core.grid import Grid
 from flowerpets.core.message import Error, MessageType
-from flowerpets.core.records import ArrayRecord, ConfigRecord, MetricRecord
+from flowerpets.core.records import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigValue,
+    MetricRecord,
+    RecordDict,
+)
 from flowerpets.core.sampling import CohortSampling, FullParticipation
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "Failure",
     "RoundRequest",
     "RoundResult",
+    "SealedSum",
     "ServerContext",
     "ServerMod",
 ]
@@ -61,6 +69,22 @@ class RoundRequest:
         return replace(self, **changes)
 
 
+@runtime_checkable
+class SealedSum(Protocol):
+    """A weighted sum the server holds but cannot read (for example, CKKS ciphertexts).
+
+    This is where PETs meet without importing each other: a mod that seals the
+    sum (homomorphic encryption) returns a ``RoundResult`` whose ``sealed``
+    field implements this, and a mod that post-processes sums (central DP adds
+    noise) goes through :meth:`RoundResult.add_to_sum`, which works on a plain
+    or a sealed sum alike.
+    """
+
+    def add_plaintext(self, arrays: Mapping[str, NDArray[np.float64]]) -> SealedSum:
+        """A new sealed sum equal to this one plus ``arrays`` (same names and shapes)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class RoundResult:
     """A round's outcome: the weighted *sum* of the updates, and who made it.
@@ -70,6 +94,9 @@ class RoundResult:
     ``aggregate / total_weight`` (see :meth:`mean`). Keeping the sum lets a mod
     change the denominator (central DP divides by the expected cohort size) or
     keep the aggregate encrypted (HE) without undoing a division.
+
+    When the sum is sealed (``sealed`` is set), ``aggregate`` holds only the
+    arrays that were summed in the clear, if any.
     """
 
     round: int
@@ -78,9 +105,34 @@ class RoundResult:
     participants: tuple[int, ...]
     failures: Mapping[int, Failure] = field(default_factory=dict)
     metrics: MetricRecord = field(default_factory=MetricRecord)
+    sealed: SealedSum | None = None
 
     def replace(self, **changes: Any) -> RoundResult:
         return replace(self, **changes)
+
+    def add_to_sum(self, arrays: Mapping[str, NDArray[np.float64]]) -> RoundResult:
+        """This result with ``arrays`` added to the sum, plain or sealed.
+
+        Names in ``aggregate`` are added in the clear; with a sealed sum, the
+        other names go to :meth:`SealedSum.add_plaintext`. A name that is in
+        neither raises ``KeyError``.
+        """
+        plain = {n: a for n, a in arrays.items() if n in self.aggregate}
+        rest = {n: a for n, a in arrays.items() if n not in self.aggregate}
+        if rest and self.sealed is None:
+            raise KeyError(f"the round's sum has no arrays named {sorted(rest)}")
+        aggregate = ArrayRecord(self.aggregate)
+        for name, extra in plain.items():
+            current = self.aggregate[name].numpy()
+            if np.shape(extra) != current.shape:
+                raise ValueError(
+                    f"cannot add shape {np.shape(extra)} to {name!r} of shape {current.shape}"
+                )
+            aggregate[name] = np.asarray(current, dtype=np.float64) + extra
+        sealed = (
+            self.sealed.add_plaintext(rest) if rest and self.sealed is not None else self.sealed
+        )
+        return replace(self, aggregate=aggregate, sealed=sealed)
 
     def mean(self) -> dict[str, np.ndarray[Any, Any]]:
         """``aggregate / total_weight`` as float64 numpy arrays."""
@@ -92,15 +144,30 @@ class RoundResult:
         }
 
 
-@dataclass(slots=True)
 class ServerContext(Context):
     """The server's context: a Context plus the Grid that reaches the nodes.
 
     A mod that runs its own protocol stages (secure aggregation, key set-up)
-    sends them through ``context.grid``.
+    sends them through ``context.grid``. ``secure_aggregation`` is true when one
+    of the app's server mods sums updates so the server never sees them one by
+    one (it declares ``secure_aggregation = True``); a mod that needs individual
+    updates (server-side clipping) must refuse to run then.
     """
 
-    grid: Grid | None = None
+    __slots__ = ("grid", "secure_aggregation")
+
+    def __init__(
+        self,
+        *,
+        grid: Grid | None = None,
+        secure_aggregation: bool = False,
+        run_id: int = 0,
+        run_config: Mapping[str, ConfigValue] | None = None,
+        state: RecordDict | None = None,
+    ) -> None:
+        super().__init__(0, run_id=run_id, run_config=run_config, state=state)
+        self.grid = grid
+        self.secure_aggregation = secure_aggregation
 
     def require_grid(self) -> Grid:
         if self.grid is None:

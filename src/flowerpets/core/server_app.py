@@ -26,7 +26,7 @@ from flowerpets.core.exchange import aggregate_round
 from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.mods import chain
-from flowerpets.core.records import ArrayRecord, ConfigRecord, ConfigValue, MetricRecord
+from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
 from flowerpets.core.round import RoundRequest, RoundResult, ServerContext, ServerMod
 from flowerpets.core.strategy import Strategy
 from flowerpets.exceptions import RoundFailedError, StopRunError
@@ -111,7 +111,10 @@ class ServerApp:
                 rng = np.random.default_rng(candidate)
                 break
         context = ServerContext(
-            node_id=0, run_id=grid.run_id, run_config=ConfigRecord(run_config or {}), grid=grid
+            run_id=grid.run_id,
+            run_config=run_config,
+            grid=grid,
+            secure_aggregation=any(getattr(m, "secure_aggregation", False) for m in self.mods),
         )
         result = RunResult(arrays=self.initial_arrays)
         for rnd in range(1, self.num_rounds + 1):
