@@ -31,6 +31,7 @@ from flowerpets.examples.digits.data import (
     partition_dirichlet,
     partition_iid,
 )
+from flowerpets.examples.digits.features import FEATURES, compose
 from flowerpets.examples.digits.model import MODELS
 from flowerpets.simulation import run_simulation
 
@@ -96,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
     parser.add_argument("--json", action="store_true", help="print the history as JSON")
+    for feature in FEATURES:
+        feature.add_arguments(parser)
 
 
 def _sampling(args: argparse.Namespace) -> CohortSampling | None:
@@ -150,16 +153,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
     task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    client_app = make_client_app(task, settings)
+    client_mods, server_mods, summaries = compose(FEATURES, args, task)
+    client_app = make_client_app(task, settings, mods=client_mods)
     server_app = make_server_app(
-        task, num_rounds=args.rounds, sampling=_sampling(args), seed=args.seed
+        task, num_rounds=args.rounds, sampling=_sampling(args), mods=server_mods, seed=args.seed
     )
     if not args.json:
         sizes = [len(p) for p in partitions]
         print(
             f"digits: {len(data.y_train)} training and {len(data.y_test)} test images, "
             f"{args.clients} clients ({args.partition}, {min(sizes)}-{max(sizes)} images each), "
-            f"model {args.model}, {args.rounds} rounds of FedAvg",
+            f"model {args.model}, {args.rounds} rounds of FedAvg"
+            + "".join(f"\n  with {summary}" for summary in summaries),
             file=out,
             flush=True,
         )
