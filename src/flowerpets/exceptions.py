@@ -8,11 +8,19 @@ catches everything of ours.
 from __future__ import annotations
 
 __all__ = [
+    "CiphertextError",
     "CodecError",
     "CorruptMessageError",
+    "DecryptionError",
     "FlowerpetsError",
+    "IncompatibleModsError",
+    "InfeasibleParametersError",
+    "InsecureRandomnessWarning",
     "InvalidUpdateError",
+    "KeySetupError",
     "MessageTooLargeError",
+    "MissingKeyError",
+    "PrivacyAccountingError",
     "RecordTypeError",
     "RequestRefusedError",
     "RoundFailedError",
@@ -38,12 +46,69 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
     """
 
 
+class DecryptionError(FlowerpetsError, ValueError):
+    """A ciphertext failed authentication: tampered with, replayed, rerouted or under another key."""
+
+
+class InfeasibleParametersError(FlowerpetsError, ValueError):
+    """Protocol parameters that cannot work for this input.
+
+    For example: no secure-aggregation degree and threshold meet the requested
+    failure and leakage bounds for the cohort, or a quantized sum could wrap
+    around its modulus.
+    """
+
+
 class InvalidUpdateError(FlowerpetsError, ValueError):
     """A client's update cannot be aggregated: wrong names, shapes or dtypes, or NaN/inf."""
 
 
 class RoundFailedError(FlowerpetsError, RuntimeError):
     """A round could not complete, for example because too few nodes replied."""
+
+
+class CiphertextError(InvalidUpdateError):
+    """A homomorphic ciphertext that cannot be summed.
+
+    Garbage bytes, other parameters or another key, the wrong size or scale: the
+    node that sent it is marked failed for the round, and the sum is unchanged.
+    """
+
+
+class KeySetupError(RoundFailedError):
+    """A key set-up stage could not give the round's nodes a key.
+
+    For example, every candidate key generator dropped out. The round fails and
+    leaves the model unchanged; the next round tries again.
+    """
+
+
+class MissingKeyError(FlowerpetsError, LookupError):
+    """A node holds no key for this data, for example no CKKS secret key to open a sealed model."""
+
+
+class IncompatibleModsError(FlowerpetsError, RuntimeError):
+    """Two mods that cannot work together in one app.
+
+    For example, server-side clipping needs every update one by one, which a
+    secure-aggregation mod exists to prevent.
+    """
+
+
+class PrivacyAccountingError(FlowerpetsError, ValueError):
+    """A privacy accountant cannot account for an event.
+
+    For example, an RDP accountant asked for a fixed-size cohort under the
+    add/remove relation, or a sampling scheme whose amplification is unknown.
+    """
+
+
+class InsecureRandomnessWarning(FlowerpetsError, UserWarning):
+    """Randomness that protects privacy comes from a source that is not cryptographically secure.
+
+    Issued when a caller passes its own seeded generator (for tests and
+    reproducible experiments) instead of the default secure source.
+    """
 
 
 class StopRunError(FlowerpetsError, RuntimeError):

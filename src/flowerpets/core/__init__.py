@@ -7,7 +7,7 @@ and the runtimes build on it.
 from flowerpets.core.aggregation import MetricMean, WeightedSum
 from flowerpets.core.client_app import ClientApp, ClientMod, Handler
 from flowerpets.core.context import Context
-from flowerpets.core.exchange import aggregate_round, collect, request_messages
+from flowerpets.core.exchange import aggregate_round, collect, reply_weight, request_messages
 from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
@@ -22,13 +22,16 @@ from flowerpets.core.records import (
     RecordDict,
 )
 from flowerpets.core.round import (
+    SEALED_WEIGHT_KEY,
     WEIGHT_KEY,
     Failure,
     RoundRequest,
     RoundResult,
+    SealedArrays,
     SealedSum,
     ServerContext,
     ServerMod,
+    is_sealed,
 )
 from flowerpets.core.sampling import (
     CohortSampling,
@@ -70,6 +73,8 @@ __all__ = [
     "RoundRequest",
     "RoundResult",
     "RunResult",
+    "SEALED_WEIGHT_KEY",
+    "SealedArrays",
     "SealedSum",
     "ServerApp",
     "ServerContext",
@@ -80,5 +85,7 @@ __all__ = [
     "aggregate_round",
     "chain",
     "collect",
+    "is_sealed",
+    "reply_weight",
     "request_messages",
 ]

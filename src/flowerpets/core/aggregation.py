@@ -9,6 +9,7 @@ as it was.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from numpy.typing import NDArray
 from flowerpets.core.records import Array, ArrayRecord, MetricRecord
 from flowerpets.exceptions import InvalidUpdateError
 
-__all__ = ["MetricMean", "WeightedSum"]
+__all__ = ["CheckedUpdate", "MetricMean", "WeightedSum"]
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -55,6 +56,15 @@ def _accumulator_dtype(array: Array, weight: float | int) -> np.dtype[Any]:
     return np.dtype(np.float64)
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedUpdate:
+    """An update that :meth:`WeightedSum.check` validated, ready to be added."""
+
+    arrays: ArrayRecord
+    weight: float | int
+    signature: Signature
+
+
 class WeightedSum:
     """Running ``sum_i weight_i * arrays_i`` over updates of one shape.
 
@@ -82,8 +92,13 @@ class WeightedSum:
     def total_weight(self) -> float:
         return float(self._total_weight)
 
-    def check(self, arrays: ArrayRecord, weight: float | int) -> None:
-        """Raise ``InvalidUpdateError`` if ``add`` would refuse this update."""
+    def check(self, arrays: ArrayRecord, weight: float | int) -> CheckedUpdate:
+        """Validate an update whole; raise ``InvalidUpdateError`` if ``add`` would refuse it.
+
+        This reads every value (the NaN/inf check), so it is the costly half of
+        :meth:`add`. It only reads this object, so a caller may run it for the
+        next update on another thread while :meth:`add_checked` adds this one.
+        """
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise InvalidUpdateError(f"weight must be a number, got {type(weight).__name__}")
         if not math.isfinite(weight) or weight < 0:
@@ -99,12 +114,26 @@ class WeightedSum:
             if array.dtype.kind not in "biufc":
                 raise InvalidUpdateError(f"array {name!r} has non-numeric dtype {array.dtype}")
             _check_finite(name, array)
+        return CheckedUpdate(arrays, weight, got)
 
     def add(self, arrays: ArrayRecord, weight: float | int = 1) -> None:
         """Add ``weight * arrays`` to the sum, or refuse the whole update."""
-        self.check(arrays, weight)
+        self.add_checked(self.check(arrays, weight))
+
+    def add_checked(self, update: CheckedUpdate) -> None:
+        """Add an update that :meth:`check` passed.
+
+        Only the names and shapes are compared again, against what the sum holds
+        now (the first update fixes them when nothing else did).
+        """
         if self._expected is None:
-            self._expected = _signature(arrays)
+            self._expected = update.signature
+        elif update.signature != self._expected:
+            raise InvalidUpdateError(
+                f"update does not match the model: expected names and shapes "
+                f"{_show(self._expected)}, got {_show(update.signature)}"
+            )
+        arrays, weight = update.arrays, update.weight
         for name, array in arrays.items():
             data = array.numpy()
             acc = self._sums.get(name)

@@ -22,17 +22,24 @@ from flowerpets.core.records import (
 from flowerpets.core.sampling import CohortSampling, FullParticipation
 
 __all__ = [
+    "SEALED_WEIGHT_KEY",
     "WEIGHT_KEY",
     "Failure",
     "RoundRequest",
     "RoundResult",
+    "SealedArrays",
     "SealedSum",
     "ServerContext",
     "ServerMod",
+    "is_sealed",
 ]
 
 # The reply metric that weighs a node's update (Flower's convention).
 WEIGHT_KEY = "num-examples"
+
+# Reserved array name: in a sealed global model (see SealedArrays), the total weight
+# the nodes divide the opened sum by. No model array may use it.
+SEALED_WEIGHT_KEY = "sealed.total-weight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,32 @@ class SealedSum(Protocol):
         ...
 
 
+@runtime_checkable
+class SealedArrays(SealedSum, Protocol):
+    """A sealed sum that can travel to the nodes, which open it (for example, CKKS).
+
+    The server cannot divide a sum it cannot read, so the global model stays
+    sealed: :class:`~flowerpets.core.strategy.FedAvg` sends the nodes
+    :meth:`to_arrays` plus the total weight under :data:`SEALED_WEIGHT_KEY`, and a
+    client mod that holds the key opens the sum and divides it before the
+    handler sees plain arrays.
+    """
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        """The names and shapes of the model arrays this sum seals, in model order."""
+        ...
+
+    def to_arrays(self) -> ArrayRecord:
+        """The wire form, under reserved names that no model array uses."""
+        ...
+
+
+def is_sealed(arrays: ArrayRecord) -> bool:
+    """True if ``arrays`` is a sealed global model (it carries :data:`SEALED_WEIGHT_KEY`)."""
+    return SEALED_WEIGHT_KEY in arrays
+
+
 @dataclass(frozen=True, slots=True)
 class RoundResult:
     """A round's outcome: the weighted *sum* of the updates, and who made it.
@@ -133,6 +166,22 @@ class RoundResult:
             self.sealed.add_plaintext(rest) if rest and self.sealed is not None else self.sealed
         )
         return replace(self, aggregate=aggregate, sealed=sealed)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of every array in the sum, plain ones first, then sealed ones.
+
+        What a mod that adds to the sum (central DP's noise) needs to know,
+        whether or not part of the sum is sealed.
+        """
+        shapes = {name: a.shape for name, a in self.aggregate.items()}
+        if self.sealed is not None:
+            if not isinstance(self.sealed, SealedArrays):
+                raise TypeError(
+                    f"the sealed sum ({type(self.sealed).__name__}) does not say which arrays "
+                    "it seals: it does not implement SealedArrays"
+                )
+            shapes.update(self.sealed.shapes)
+        return shapes
 
     def mean(self) -> dict[str, np.ndarray[Any, Any]]:
         """``aggregate / total_weight`` as float64 numpy arrays."""

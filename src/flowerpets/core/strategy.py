@@ -3,18 +3,28 @@ the round's aggregate becomes the next global model."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from flowerpets.core.message import MessageType
-from flowerpets.core.records import ArrayRecord, ConfigRecord, ConfigValue
-from flowerpets.core.round import WEIGHT_KEY, RoundRequest, RoundResult
+from flowerpets.core.records import Array, ArrayRecord, ConfigRecord, ConfigValue
+from flowerpets.core.round import (
+    SEALED_WEIGHT_KEY,
+    WEIGHT_KEY,
+    RoundRequest,
+    RoundResult,
+    SealedArrays,
+    is_sealed,
+)
 from flowerpets.core.sampling import CohortSampling, FullParticipation
 from flowerpets.exceptions import RoundFailedError
 
 __all__ = ["EvaluateFn", "FedAvg", "Strategy"]
+
+log = logging.getLogger(__name__)
 
 # Centralized evaluation on the server: (round, global arrays) -> metrics.
 EvaluateFn = Callable[[int, ArrayRecord], Mapping[str, float]]
@@ -56,6 +66,14 @@ class FedAvg:
     round with fewer than ``min_nodes`` participants fails and leaves the model
     unchanged. ``evaluate_sampling`` turns on federated evaluation;
     ``evaluate_fn`` evaluates the global model on the server.
+
+    A sealed sum (``RoundResult.sealed``, for example CKKS ciphertexts) cannot
+    be divided by the server: the new global model is then the plain arrays'
+    mean, plus the sealed sum's wire form (:meth:`SealedArrays.to_arrays`) and
+    the total weight under :data:`~flowerpets.core.round.SEALED_WEIGHT_KEY`,
+    which the nodes' client mod opens and divides. ``evaluate_fn`` cannot read a
+    sealed model, so it is skipped (with a warning) while the model is sealed:
+    use federated evaluation instead.
     """
 
     def __init__(
@@ -85,6 +103,7 @@ class FedAvg:
         self.evaluate_fn = evaluate_fn
         self.weight_key = weight_key
         self.round_timeout = round_timeout
+        self._warned_sealed = False
 
     def __repr__(self) -> str:
         return (
@@ -113,6 +132,8 @@ class FedAvg:
                 f"round {result.round}: {len(result.participants)} node(s) contributed, "
                 f"fewer than min_nodes={self.min_nodes} ({len(result.failures)} failed)"
             )
+        if result.sealed is not None:
+            return _sealed_model(result, current)
         if list(result.aggregate) != list(current):
             raise RoundFailedError(
                 f"round {result.round}: the aggregate holds {list(result.aggregate)}, "
@@ -142,4 +163,53 @@ class FedAvg:
         )
 
     def evaluate(self, round: int, arrays: ArrayRecord) -> Mapping[str, float] | None:
-        return None if self.evaluate_fn is None else self.evaluate_fn(round, arrays)
+        if self.evaluate_fn is None:
+            return None
+        if is_sealed(arrays):
+            if not self._warned_sealed:
+                self._warned_sealed = True
+                log.warning(
+                    "centralized evaluation is skipped: the global model is sealed (for "
+                    "example, encrypted) and the server cannot read it; use federated "
+                    "evaluation (evaluate_sampling) instead"
+                )
+            return None
+        return self.evaluate_fn(round, arrays)
+
+
+def _sealed_model(result: RoundResult, current: ArrayRecord) -> ArrayRecord:
+    """The next global model when the round's sum is sealed: plain means + wire form + weight."""
+    sealed = result.sealed
+    if not isinstance(sealed, SealedArrays):
+        raise RoundFailedError(
+            f"round {result.round}: the sum is sealed by {type(sealed).__name__}, which cannot "
+            "be sent to the nodes (it does not implement SealedArrays)"
+        )
+    if not (np.isfinite(result.total_weight) and result.total_weight > 0):
+        raise RoundFailedError(
+            f"round {result.round}: total weight is {result.total_weight}, nothing to divide by"
+        )
+    unknown = [name for name in result.aggregate if name not in current]
+    if unknown:
+        raise RoundFailedError(
+            f"round {result.round}: the aggregate holds {unknown}, which the model does not"
+        )
+    if not is_sealed(current):
+        # The first sealed round: every model array is summed in exactly one of the parts.
+        parts = [*result.aggregate, *sealed.shapes]
+        if sorted(parts) != sorted(current):
+            raise RoundFailedError(
+                f"round {result.round}: the plain and sealed sums hold {parts}, "
+                f"the model holds {list(current)}"
+            )
+    mean = result.mean()
+    model = ArrayRecord()
+    for name in result.aggregate:
+        model[name] = Array(mean[name].astype(current[name].dtype, copy=False), copy=False)
+    wire = sealed.to_arrays()
+    clash = [name for name in wire if name in model or name == SEALED_WEIGHT_KEY]
+    if clash:
+        raise RoundFailedError(f"round {result.round}: the sealed sum's wire form reuses {clash}")
+    model.update(wire)
+    model[SEALED_WEIGHT_KEY] = Array(np.float64(result.total_weight))
+    return model
