@@ -8,11 +8,13 @@ catches everything of ours.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CiphertextError",
     "CodecError",
     "CorruptMessageError",
     "DecryptionError",
     "FlowerpetsError",
+    "FrameError",
     "IncompatibleModsError",
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
@@ -22,9 +24,11 @@ __all__ = [
     "MissingKeyError",
     "PrivacyAccountingError",
     "RecordTypeError",
+    "ReplayError",
     "RequestRefusedError",
     "RoundFailedError",
     "StopRunError",
+    "TransportError",
     "TruncatedMessageError",
     "UnsupportedVersionError",
 ]
@@ -47,7 +51,10 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
 
 class DecryptionError(FlowerpetsError, ValueError):
-    """A ciphertext failed authentication: tampered with, replayed, rerouted or under another key."""
+    """A ciphertext failed authentication.
+
+    It was tampered with, replayed, rerouted, or encrypted under another key.
+    """
 
 
 class InfeasibleParametersError(FlowerpetsError, ValueError):
@@ -137,3 +144,28 @@ class CorruptMessageError(CodecError):
 
 class UnsupportedVersionError(CodecError):
     """The message was written in a wire-format version this build cannot read."""
+
+
+class FrameError(CodecError):
+    """A transport frame that breaks the framing rules.
+
+    For example an unknown frame kind, chunks out of order, more bytes than the
+    message announced, or a digest that does not match the reassembled bytes.
+    The connection that sent it is closed.
+    """
+
+
+class TransportError(FlowerpetsError, ConnectionError):
+    """A connection between the server and a node failed or was refused."""
+
+
+class AuthenticationError(TransportError):
+    """A node could not prove who it is.
+
+    An unknown public key, a bad signature, or a timestamp too far from the
+    server's clock: the server refuses the connection.
+    """
+
+
+class ReplayError(AuthenticationError):
+    """A signed request that was seen before (same nonce or sequence number) was sent again."""

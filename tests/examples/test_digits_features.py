@@ -30,9 +30,10 @@ class Feature:
 
 def test_client_chain_reversed_server_chain_in_flow_order() -> None:
     features = [Feature("dp"), Feature("off", on=False), Feature("secagg")]
-    client, server, summaries = compose(features, argparse.Namespace(), task=None)  # type: ignore[arg-type]
+    chains = compose(features, argparse.Namespace(), task=None)  # type: ignore[arg-type]
     # The client's reply is clipped (inner) before it is masked (outer).
-    assert client == ["secagg-client", "dp-client"]
+    assert chains.client == ["secagg-client", "dp-client"]
     # The server's sum is computed securely (inner) before it is noised (outer).
-    assert server == ["dp-server", "secagg-server"]
-    assert summaries == ["dp", "secagg"]
+    assert chains.server == ["dp-server", "secagg-server"]
+    assert chains.summaries == ["dp", "secagg"]
+    assert not chains.needs_federated_evaluation

@@ -21,6 +21,7 @@ from flowerpets.core import (
     ConfigRecord,
     Context,
     FedAvg,
+    FullParticipation,
     Message,
     MetricRecord,
     RecordDict,
@@ -147,7 +148,7 @@ def make_server_app(
 
     strategy = FedAvg(
         sampling=sampling,
-        evaluate_sampling=sampling if federated_evaluation else None,
+        evaluate_sampling=(sampling or FullParticipation()) if federated_evaluation else None,
         evaluate_fn=evaluate_global,
     )
     initial = task.model.init_params(np.random.default_rng(seed if seed is not None else 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,11 +32,12 @@ from flowerpets.examples.digits.data import (
     partition_dirichlet,
     partition_iid,
 )
-from flowerpets.examples.digits.features import FEATURES, compose
+from flowerpets.examples.digits.features import compose
 from flowerpets.examples.digits.model import MODELS
+from flowerpets.examples.digits.pets import FEATURES
 from flowerpets.simulation import run_simulation
 
-__all__ = ["ProgressBar", "add_arguments", "format_table", "main", "run"]
+__all__ = ["ProgressBar", "add_arguments", "format_table", "main", "run", "test_metric"]
 
 Partitioner = Callable[[DigitsData, int, float, np.random.Generator], list[NDArray[np.int64]]]
 
@@ -95,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         help="Poisson-sample each node with this probability per round",
     )
+    parser.add_argument(
+        "--federated-evaluation",
+        action="store_true",
+        help="also evaluate on the nodes' test slices (on by itself when the server "
+        "cannot read the model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
     parser.add_argument("--json", action="store_true", help="print the history as JSON")
     for feature in FEATURES:
@@ -109,6 +117,18 @@ def _sampling(args: argparse.Namespace) -> CohortSampling | None:
     return None
 
 
+def test_metric(record: RoundRecord, name: str) -> float:
+    """The server's test metric, or the nodes' (federated) one when the server has none.
+
+    Under homomorphic encryption the server cannot read the model, so only the
+    nodes can evaluate it.
+    """
+    for source in (record.server_metrics, record.evaluate_metrics):
+        if name in source:
+            return source[name]
+    return math.nan
+
+
 class ProgressBar:
     """A one-line progress bar on a terminal stream, redrawn after each round."""
 
@@ -119,7 +139,7 @@ class ProgressBar:
     def __call__(self, record: RoundRecord) -> None:
         done = record.round
         filled = self.width * done // self.total
-        acc = record.server_metrics.get("accuracy", float("nan"))
+        acc = test_metric(record, "accuracy")
         bar = "#" * filled + "." * (self.width - filled)
         elapsed = time.perf_counter() - self.started
         self.stream.write(
@@ -140,8 +160,8 @@ def format_table(records: Sequence[RoundRecord]) -> str:
         lines.append(
             f"{r.round:>5}  {len(r.participants):>5}  {len(r.failures):>6}  "
             f"{r.train_metrics.get('train-loss', float('nan')):>10.4f}  "
-            f"{r.server_metrics.get('loss', float('nan')):>9.4f}  "
-            f"{r.server_metrics.get('accuracy', float('nan')):>8.4f}  {r.seconds:>7.2f}"
+            f"{test_metric(r, 'loss'):>9.4f}  "
+            f"{test_metric(r, 'accuracy'):>8.4f}  {r.seconds:>7.2f}"
         )
     return "\n".join(lines)
 
@@ -153,10 +173,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
     task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    client_mods, server_mods, summaries = compose(FEATURES, args, task)
-    client_app = make_client_app(task, settings, mods=client_mods)
+    pets = compose(FEATURES, args, task)
+    client_app = make_client_app(task, settings, mods=pets.client)
     server_app = make_server_app(
-        task, num_rounds=args.rounds, sampling=_sampling(args), mods=server_mods, seed=args.seed
+        task,
+        num_rounds=args.rounds,
+        sampling=_sampling(args),
+        federated_evaluation=args.federated_evaluation or pets.needs_federated_evaluation,
+        mods=pets.server,
+        seed=args.seed,
     )
     if not args.json:
         sizes = [len(p) for p in partitions]
@@ -164,7 +189,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"digits: {len(data.y_train)} training and {len(data.y_test)} test images, "
             f"{args.clients} clients ({args.partition}, {min(sizes)}-{max(sizes)} images each), "
             f"model {args.model}, {args.rounds} rounds of FedAvg"
-            + "".join(f"\n  with {summary}" for summary in summaries),
+            + "".join(f"\n  with {summary}" for summary in pets.summaries),
             file=out,
             flush=True,
         )
@@ -175,7 +200,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         out.write("\n")
     else:
         print(format_table(result.history.rounds), file=out)
-        print(f"final test accuracy: {result.history.last('accuracy'):.4f}", file=out)
+        final = test_metric(result.history.rounds[-1], "accuracy")
+        print(f"final test accuracy: {final:.4f}", file=out)
     if result.stopped:
         print(f"run stopped early: {result.stopped}", file=sys.stderr)
     return 0

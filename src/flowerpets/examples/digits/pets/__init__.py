@@ -1,0 +1,11 @@
+"""The PETs' switches for the digits demo, one module per PET (see ``features.py``)."""
+
+from __future__ import annotations
+
+from flowerpets.examples.digits.features import DemoFeature
+from flowerpets.examples.digits.pets.he import HEFeature
+
+__all__ = ["FEATURES"]
+
+# Update-flow order: privacy (DP) before protection (SecAgg+, HE); see features.compose.
+FEATURES: list[DemoFeature] = [HEFeature()]

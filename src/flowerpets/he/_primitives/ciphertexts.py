@@ -1,0 +1,235 @@
+"""Encrypting a flat vector chunk by chunk, and loading ciphertexts with every check.
+
+The wire form of an encrypted vector inside an :class:`ArrayRecord`:
+
+``he.header``
+    uint8 array: canonical JSON ``{"v": 1, "key": <key id, hex>, "params":
+    [degree, scale_bits, *prime bits], "layout": [[name, dtype, shape], ...],
+    "chunks": k}``, plus ``"order": [every model array name]`` in a sealed
+    global model. At most :data:`MAX_HEADER_BYTES`; unknown fields are refused.
+``he.ct.000000`` ... ``he.ct.<k-1>``
+    uint8 arrays: one serialized TenSEAL ``CKKSVector`` each, holding exactly
+    one ciphertext of ``slots`` values (the last one the rest).
+
+Loading checks, before anything is added: the byte length (a ciphertext of
+these parameters, not a bomb), that TenSEAL parses it under *our* context
+(SEAL validates the parameters id and the coefficient ranges), that it holds
+exactly one ciphertext of two polynomials, at the data level, at the agreed
+scale, of the expected number of values, and not transparent (a "ciphertext"
+with no encryption). Any failure is a :class:`CiphertextError`. What no check
+can tell is a ciphertext of the right parameters under *another key*: the
+header's key id catches honest mistakes, not forgeries (CKKS has no
+integrity; see ``docs/he.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+from numpy.typing import NDArray
+
+from flowerpets.core import Array, ArrayRecord
+from flowerpets.exceptions import CiphertextError
+from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, chunk_views
+from flowerpets.he._primitives.params import CKKSParameters
+
+__all__ = [
+    "HEADER_NAME",
+    "Header",
+    "chunk_name",
+    "decrypt_vectors",
+    "encrypt_flat",
+    "load_vector",
+    "load_vectors",
+    "split_wire",
+    "wire_arrays",
+]
+
+WIRE_VERSION = 1
+HEADER_NAME = RESERVED_PREFIX + "header"
+_CHUNK_PREFIX = RESERVED_PREFIX + "ct."
+MAX_HEADER_BYTES = 16 << 20
+_SERIALIZATION_SLACK = 4096  # TenSEAL's and SEAL's headers around the coefficients
+_KEY_ID_HEX = re.compile(r"[0-9a-f]{32}")
+_FIELDS = frozenset({"v", "key", "params", "layout", "chunks", "order"})
+
+
+def chunk_name(index: int) -> str:
+    return f"{_CHUNK_PREFIX}{index:06d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an encrypted vector's ciphertexts are: under which key and parameters, of what."""
+
+    key_id: str
+    params: CKKSParameters
+    layout: Layout
+    order: tuple[str, ...] | None = None  # every model array, in order (sealed models only)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_id, str) or not _KEY_ID_HEX.fullmatch(self.key_id):
+            raise ValueError(f"a key id is 32 lowercase hex digits, got {self.key_id!r}")
+        if self.order is not None and (
+            len(set(self.order)) != len(self.order) or not set(self.layout.names) <= set(self.order)
+        ):
+            raise ValueError("the model order must name every array once, encrypted ones too")
+
+    @property
+    def chunks(self) -> int:
+        return self.layout.chunk_count(self.params.slots)
+
+    def encode(self) -> Array:
+        body: dict[str, Any] = {
+            "v": WIRE_VERSION,
+            "key": self.key_id,
+            "params": self.params.to_list(),
+            "layout": self.layout.to_json(),
+            "chunks": self.chunks,
+        }
+        if self.order is not None:
+            body["order"] = list(self.order)
+        text = json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+        return Array(np.frombuffer(text.encode("ascii"), dtype=np.uint8), copy=False)
+
+    @classmethod
+    def decode(cls, array: Array) -> Header:
+        """Parse :meth:`encode`'s output; anything else raises :class:`CiphertextError`."""
+        data = array.numpy()
+        if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= MAX_HEADER_BYTES:
+            raise CiphertextError(f"{HEADER_NAME} must be 1-D uint8 of at most {MAX_HEADER_BYTES}")
+        try:
+            body = json.loads(data.tobytes().decode("ascii"))
+            if not isinstance(body, dict) or set(body) - _FIELDS:
+                raise ValueError(f"unknown or missing fields in {sorted(body)}")
+            if body.get("v") != WIRE_VERSION:
+                raise ValueError(f"wire version {body.get('v')!r} is not {WIRE_VERSION}")
+            order = body.get("order")
+            if order is not None and not (
+                isinstance(order, list) and all(isinstance(n, str) for n in order)
+            ):
+                raise ValueError("order must be a list of names")
+            header = cls(
+                key_id=body["key"],
+                params=CKKSParameters.from_list(body["params"]),
+                layout=Layout.from_json(body["layout"]),
+                order=None if order is None else tuple(order),
+            )
+            if body["chunks"] != header.chunks:
+                raise ValueError(f"chunks {body['chunks']!r}, the layout needs {header.chunks}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CiphertextError(f"malformed {HEADER_NAME}: {exc}") from None
+        return header
+
+
+def wire_arrays(header: Header, chunks: Iterable[bytes]) -> ArrayRecord:
+    """The header and the serialized ciphertexts as an ArrayRecord (no copies of the bytes)."""
+    record = ArrayRecord({HEADER_NAME: header.encode()})
+    for index, blob in enumerate(chunks):
+        record[chunk_name(index)] = Array(np.frombuffer(blob, dtype=np.uint8), copy=False)
+    if len(record) - 1 != header.chunks:
+        raise ValueError(f"{len(record) - 1} ciphertexts for a header that says {header.chunks}")
+    return record
+
+
+def split_wire(arrays: Mapping[str, Array]) -> tuple[dict[str, Array], Header | None, list[Array]]:
+    """Split a record into its plain arrays, its header (None if absent) and its ciphertexts.
+
+    Reserved names other than the header and its exact chunk names raise
+    :class:`CiphertextError`, as do chunks without a header or missing chunks.
+    """
+    plain = {n: a for n, a in arrays.items() if not n.startswith(RESERVED_PREFIX)}
+    reserved = [n for n in arrays if n.startswith(RESERVED_PREFIX)]
+    if not reserved:
+        return plain, None, []
+    if HEADER_NAME not in arrays:
+        raise CiphertextError(f"ciphertexts without a {HEADER_NAME}")
+    header = Header.decode(arrays[HEADER_NAME])
+    expected = [HEADER_NAME, *(chunk_name(i) for i in range(header.chunks))]
+    if sorted(reserved) != sorted(expected):
+        extra = sorted(set(reserved) - set(expected))
+        missing = sorted(set(expected) - set(reserved))
+        raise CiphertextError(
+            f"the encrypted part does not match its header: unexpected {extra[:5]}, "
+            f"missing {missing[:5]} ({header.chunks} ciphertexts expected)"
+        )
+    return plain, header, [arrays[chunk_name(i)] for i in range(header.chunks)]
+
+
+# -- encryption ----------------------------------------------------------------------------------
+def encrypt_flat(context: ts.Context, flat: NDArray[np.float64], slots: int) -> list[bytes]:
+    """One serialized ciphertext per ``slots`` values of ``flat`` (the last one shorter)."""
+    return [ts.ckks_vector(context, chunk).serialize() for chunk in chunk_views(flat, slots)]
+
+
+def _blob(chunk: Array | bytes) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    data = chunk.numpy()
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise CiphertextError(f"a ciphertext is a 1-D uint8 array, got {data.dtype} {data.shape}")
+    return data.tobytes()
+
+
+def load_vector(
+    context: ts.Context, chunk: Array | bytes, params: CKKSParameters, size: int
+) -> ts.CKKSVector:
+    """Parse one ciphertext under ``context`` and check it is one of ours (module docstring)."""
+    limit = params.ciphertext_bytes + _SERIALIZATION_SLACK
+    blob = _blob(chunk)
+    if not 0 < len(blob) <= limit:
+        raise CiphertextError(f"a ciphertext of {len(blob)} bytes (at most {limit} expected)")
+    try:
+        vector = ts.ckks_vector_from(context, blob)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CiphertextError(f"not a ciphertext of these parameters: {exc}") from None
+    if vector.size() != size:
+        raise CiphertextError(f"a ciphertext of {vector.size()} values, expected {size}")
+    parts = vector.ciphertext()
+    if len(parts) != 1:
+        raise CiphertextError(f"a chunk holds {len(parts)} ciphertexts, expected 1")
+    ct = parts[0]
+    if ct.size() != 2 or not ct.is_ntt_form() or ct.is_transparent():
+        raise CiphertextError("not a fresh two-part ciphertext (or transparent: not encrypted)")
+    if ct.parms_id() != context.seal_context().data.first_parms_id():
+        raise CiphertextError("a ciphertext at another level of the modulus chain")
+    if ct.scale != params.scale:
+        raise CiphertextError(f"a ciphertext at scale {ct.scale}, expected 2^{params.scale_bits}")
+    return vector
+
+
+def load_vectors(
+    context: ts.Context, chunks: Sequence[Array | bytes], header: Header
+) -> list[ts.CKKSVector]:
+    """Every ciphertext of an encrypted vector, checked (all or nothing)."""
+    sizes = header.layout.chunk_sizes(header.params.slots)
+    if len(chunks) != len(sizes):
+        raise CiphertextError(f"{len(chunks)} ciphertexts, the layout needs {len(sizes)}")
+    return [
+        load_vector(context, chunk, header.params, size)
+        for chunk, size in zip(chunks, sizes, strict=True)
+    ]
+
+
+def decrypt_vectors(vectors: Iterable[ts.CKKSVector], size: int) -> NDArray[np.float64]:
+    """Decrypt and concatenate into a float64 vector of ``size`` values.
+
+    The vectors must be linked to a context holding the secret key.
+    """
+    flat = np.empty(size, dtype=np.float64)
+    offset = 0
+    for vector in vectors:
+        values = np.asarray(vector.decrypt(), dtype=np.float64)
+        if offset + values.size > size:
+            raise CiphertextError(f"the ciphertexts hold more than the {size} values expected")
+        flat[offset : offset + values.size] = values
+        offset += values.size
+    if offset != size:
+        raise CiphertextError(f"decrypted {offset} values, expected {size}")
+    return flat
