@@ -29,7 +29,7 @@ from flowerpets import (
     ServerContext,
 )
 from flowerpets.exceptions import DecryptionError
-from flowerpets.he import HomomorphicAggregation, Stage, ckks_mod, open_model
+from flowerpets.he import KEY_GENERATOR_CONFIG, HomomorphicAggregation, Stage, ckks_mod, open_model
 from flowerpets.he._primitives.ciphertexts import HEADER_NAME, chunk_name, split_wire
 from flowerpets.he._primitives.keywrap import KeyBinding, unwrap
 from flowerpets.he._state import ClientKeys
@@ -96,6 +96,8 @@ def observed(kit: SimpleNamespace) -> SimpleNamespace:
         kit.client_app([ckks_mod]),
         4,
         faults=[ErrorReply(node=3, round=1, stage=Stage.INSTALL)],  # a late joiner in round 2
+        # Node 3 must not be the key generator, which is otherwise drawn at random.
+        node_config=lambda index: {KEY_GENERATOR_CONFIG: index == 0},
     )
     stages = {m.metadata.stage for m in run.grid.sent}
     assert set(Stage) <= stages  # every stage ran, so every kind of message is examined

@@ -182,6 +182,7 @@ def test_a_late_joiner_gets_the_key_from_a_holder(kit: SimpleNamespace) -> None:
         kit.client_app([ckks_mod]),
         4,
         faults=[ErrorReply(node=2, round=1, stage=Stage.INSTALL)],
+        node_config=volunteer_zero,  # node 2 must not be the (randomly chosen) key generator
     )
     first, second = late.result.history.rounds
     node2 = late.ids[2]
