@@ -58,3 +58,11 @@ def test_cli_prints_a_table_and_refuses_bad_arguments() -> None:
         check=False,
     )
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr
+    clash = subprocess.run(
+        [sys.executable, "-m", "flowerpets", "demo", "--secagg", "--he"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert clash.returncode == 2
+    assert clash.stderr.strip().startswith("flowerpets demo: error: --secagg and --he")

@@ -173,7 +173,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
     task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    pets = compose(FEATURES, args, task)
+    try:
+        pets = compose(FEATURES, args, task)
+    except ValueError as exc:  # flags that do not go together
+        print(f"flowerpets demo: error: {exc}", file=sys.stderr)
+        return 2
     client_app = make_client_app(task, settings, mods=pets.client)
     server_app = make_server_app(
         task,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from flowerpets.examples.digits.features import DemoFeature
 from flowerpets.examples.digits.pets.he import HEFeature
+from flowerpets.examples.digits.pets.secagg import SecAggFeature
 
 __all__ = ["FEATURES"]
 
 # Update-flow order: privacy (DP) before protection (SecAgg+, HE); see features.compose.
-FEATURES: list[DemoFeature] = [HEFeature()]
+FEATURES: list[DemoFeature] = [SecAggFeature(), HEFeature()]

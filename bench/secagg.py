@@ -1,0 +1,606 @@
+"""Benchmark: SecAgg+ against the limits it cannot beat, all measured in one run.
+
+Three parts (``--parts``), each a table of medians and ratios:
+
+``client``
+    One node's whole protocol for ``--params`` float32 parameters (default
+    1,000,000) in a cohort of ``--client-n`` (default 100), with the degree ``k``
+    the parameter finder picks for it: key generation, ``k`` key agreements,
+    Shamir sharing and AES-GCM encryption of the shares (share-keys), then ``k``
+    decryptions and ``k`` key agreements, quantization with stochastic
+    rounding and ``k + 1`` masks (masked input). The neighbours are synthetic
+    (their keys and share ciphertexts are made beforehand), the node is the real
+    ``ClientApp`` with ``secaggplus_mod``, with injected seeded randomness so its
+    keys are the same every run. The *limit* is ``k + 1`` raw AES-256-CTR
+    expansions of the same length (``cryptography``, ``update_into`` a reused
+    buffer): the masks alone. Stochastic rounding needs one more expansion of
+    its own, which the limit does not count.
+``server``
+    The server's unmasking for ``--server-n`` nodes (default 1,000) of which
+    ``--dropout-fraction`` (default 5%) dropped after share-keys, on
+    ``--server-params`` parameters (default 1,000,000): rebuilding every
+    survivor's self-mask seed and every dropped node's mask key from ``t``
+    Shamir shares (vectorised, cached Lagrange coefficients), the key
+    agreements, and removing all masks from the running sum. Synthetic state
+    (keys, shares and a masked sum built beforehand), not a full 1,000-node
+    round, which would take minutes here. The *limit* is the raw AES-CTR
+    expansions it must do: one per survivor and one per (dropped, surviving
+    neighbour) pair. The result is checked to be the exact sum.
+``round``
+    A whole round through ``run_simulation`` for each ``--round-n`` (default 50
+    and 100) on ``--params`` parameters: FedAvg with ``SecAggPlus`` against a
+    plain FedAvg round on the same pre-made updates, and SecAgg+'s seconds per
+    stage. The model is checked against the plain round within the documented
+    quantization bound.
+
+Peak memory is the tracemalloc peak above the start of one untimed run (numpy
+buffers included; the inputs prepared before are not). For ``round`` it counts
+the clients too, since they run in the same process; the server itself holds
+one running ``uint32`` sum (``4 * params`` bytes), never ``n`` masked vectors,
+and the simulation bounds how many replies are in flight.
+
+Run from the repository root::
+
+    PYTHONPATH=src python bench/secagg.py [--parts client server round] [--repeats 5]
+    PYTHONPATH=src python bench/secagg.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+from _common import (
+    MEMORY_METRIC,
+    Case,
+    add_common_arguments,
+    emit_json,
+    environment,
+    format_table,
+    max_rss_mb,
+    measurement_table,
+    positive_int,
+    ratio,
+    run_cases,
+)
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from numpy.typing import NDArray
+
+from flowerpets.core import (
+    WEIGHT_KEY,
+    ArrayRecord,
+    ClientApp,
+    ConfigRecord,
+    Context,
+    FedAvg,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+    RoundRequest,
+    RoundResult,
+    ServerApp,
+    ServerContext,
+)
+from flowerpets.secagg import (
+    RoundConfig,
+    SecAggPlus,
+    SecAggPlusClientMod,
+    Stage,
+    find_parameters,
+    secaggplus_mod,
+)
+from flowerpets.secagg._primitives import aead, keys, prg, shamir
+from flowerpets.secagg.client import SHARE_PLAINTEXT_BYTES, pair_mask_seed, share_key
+from flowerpets.secagg.protocol import INTEGER, MASKED_ARRAY, MASKED_RECORD, RECORD, Layout
+from flowerpets.secagg.server import ServerPhase, ServerRound
+from flowerpets.simulation import run_simulation
+
+PARTS = ("client", "server", "round")
+Randomness = Callable[[int], bytes]
+
+
+def seeded(seed: int) -> Randomness:
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+def raw_expansions(seeds: Sequence[bytes], words: int) -> int:
+    """The limit: AES-256-CTR keystreams of ``words`` words, into one reused buffer."""
+    zeros = bytes(4 * words)
+    buffer = bytearray(4 * words + 16)
+    for seed in seeds:
+        Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update_into(zeros, buffer)
+    return len(seeds)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- part 1: one client --------------------------------------------------------------------
+@dataclass
+class ClientWorkload:
+    n: int
+    k: int
+    t: int
+    params: int
+    config: RoundConfig
+    target: int
+    share_fields: dict[str, Any]
+    collect_fields: dict[str, Any]
+    update: NDArray[np.float32]
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    SEED = 7
+
+    def app(self) -> ClientApp:
+        app = ClientApp(mods=[SecAggPlusClientMod(randomness=seeded(self.SEED))])
+        update = self.update
+
+        @app.train()
+        def train(msg: Message, context: Context) -> RecordDict:
+            return RecordDict(
+                {
+                    "arrays": ArrayRecord.from_numpy({"w": update}, copy=False),
+                    "metrics": MetricRecord({WEIGHT_KEY: 50}),
+                }
+            )
+
+        return app
+
+    def message(self, stage: str, fields: dict[str, Any], extra: dict[str, Any]) -> Message:
+        record = ConfigRecord({"session": self.config.session, **fields})
+        return Message.create(
+            RecordDict({RECORD: record, **extra}),
+            message_type=MessageType.TRAIN,
+            dst_node_id=self.target,
+            round=1,
+            run_id=1,
+            stage=stage,
+        )
+
+    def run(self, *, record: bool = True) -> NDArray[np.uint32]:
+        """The target node's three stages; their times are recorded."""
+        app, context = self.app(), Context(node_id=self.target, run_id=1)
+        advertise = self.message(Stage.ADVERTISE_KEYS, self._config_fields(), {})
+        share = self.message(Stage.SHARE_KEYS, self.share_fields, {})
+        arrays = ArrayRecord.from_numpy({"w": np.zeros(self.params, np.float32)}, copy=False)
+        collect = self.message(
+            Stage.COLLECT_MASKED_INPUT,
+            self.collect_fields,
+            {"arrays": arrays, "config": ConfigRecord({"server-round": 1})},
+        )
+        times, replies = [], []
+        for msg in (advertise, share, collect):
+            started = time.perf_counter()
+            replies.append(app(msg, context))
+            times.append(time.perf_counter() - started)
+        for reply in replies:
+            if reply.error is not None:
+                raise RuntimeError(f"the client failed: {reply.error}")
+        if record:
+            for name, seconds in zip(
+                ("advertise-keys", "share-keys", "masked-input"), times, strict=True
+            ):
+                self.stages.setdefault(name, []).append(seconds)
+        body = replies[2].require_content()
+        vector: NDArray[np.uint32] = body.get_typed(MASKED_RECORD, ArrayRecord)[
+            MASKED_ARRAY
+        ].numpy()
+        return vector
+
+    def _config_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.to_record().items() if k != "session"}
+
+
+def make_client_workload(n: int, params: int, seed: int) -> ClientWorkload:
+    graph_params = find_parameters(n)
+    k, t = graph_params.degree, graph_params.threshold
+    rng = np.random.default_rng(seed)
+    ids = [1000 + i for i in range(n)]
+    order = tuple(ids[i] for i in rng.permutation(n))
+    config = RoundConfig(
+        session=rng.bytes(16),
+        order=order,
+        degree=k,
+        threshold=t,
+        clipping_range=8.0,
+        max_weight=10_000,
+        weight_key=WEIGHT_KEY,
+        secure_metrics=(),
+    )
+    target = order[0]
+    neighbours = list(config.graph.neighbours(target))
+    randomness = seeded(seed + 1)
+    c_keys = [keys.generate_private_key(randomness) for _ in neighbours]
+    s_keys = [keys.generate_private_key(randomness) for _ in neighbours]
+    workload = ClientWorkload(
+        n=n,
+        k=k,
+        t=t,
+        params=params,
+        config=config,
+        target=target,
+        share_fields={
+            "nodes": neighbours,
+            "c-pks": [keys.public_bytes(c) for c in c_keys],
+            "s-pks": [keys.public_bytes(s) for s in s_keys],
+        },
+        collect_fields={},
+        update=rng.uniform(-1, 1, params).astype(np.float32),
+    )
+    # The target's keys come from its seeded randomness: learn them once to encrypt to it.
+    probe = workload.app()
+    context = Context(node_id=target, run_id=1)
+    reply = probe(workload.message(Stage.ADVERTISE_KEYS, workload._config_fields(), {}), context)
+    target_c_pk = reply.require_content()[RECORD]["c-pk"]
+    assert isinstance(target_c_pk, bytes)
+    ciphertexts = []
+    for j, c in zip(neighbours, c_keys, strict=True):
+        key = share_key(c, target_c_pk, session=config.session)
+        associated = aead.associated_data(
+            session=config.session, round=1, sender=j, receiver=target
+        )
+        ciphertexts.append(
+            aead.encrypt(key, randomness(SHARE_PLAINTEXT_BYTES), associated, randomness)
+        )
+    workload.collect_fields = {"senders": neighbours, "ciphertexts": ciphertexts}
+    workload.run(record=False)  # fails loudly now if anything is inconsistent
+    return workload
+
+
+def client_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    workload = make_client_workload(args.client_n, args.params, args.seed)
+    seeds = [np.random.default_rng(i).bytes(32) for i in range(workload.k + 1)]
+    cases = [
+        Case(
+            f"limit_{workload.k + 1}_prg",
+            lambda: raw_expansions(seeds, args.params),
+            f"(k + 1) = {workload.k + 1} raw AES-CTR expansions of {args.params:,} words",
+        ),
+        Case("client", workload.run, "advertise + share-keys + masked input, one node"),
+    ]
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    limit, client = results[cases[0].name], results["client"]
+    stages = {name: median(times) for name, times in workload.stages.items()}
+    per_expansion = limit.median / (workload.k + 1)
+    return {
+        "n": workload.n,
+        "k": workload.k,
+        "t": workload.t,
+        "params": args.params,
+        "limit": limit.name,
+        "results": {name: m.to_json(limit) for name, m in results.items()},
+        "ratio": ratio(client, limit),
+        "stages_s": stages,
+        "stages_in_expansions": {name: s / per_expansion for name, s in stages.items()},
+        "_measurements": results,
+    }
+
+
+# -- part 2: the server's unmasking ------------------------------------------------------------
+class _NoGrid:
+    """Unmasking on synthetic state sends nothing; the round only needs a placeholder."""
+
+    run_id = 0
+
+
+@dataclass
+class ServerWorkload:
+    round: ServerRound
+    masked_sum: NDArray[np.uint32]
+    expected: NDArray[np.uint32]
+    b_shares: dict[int, dict[int, bytes]]
+    s_shares: dict[int, dict[int, bytes]]
+    expansions: int
+
+    def run(self) -> bool:
+        self.round.total = self.masked_sum.copy()
+        self.round.phase = ServerPhase.COLLECTED
+        self.round.recover(self.b_shares, self.s_shares)
+        return bool(np.array_equal(self.round.total, self.expected))
+
+
+def make_server_workload(n: int, params: int, dropout_fraction: float, seed: int) -> ServerWorkload:
+    graph_params = find_parameters(n)
+    k, t = graph_params.degree, graph_params.threshold
+    rng = np.random.default_rng(seed)
+    randomness = seeded(seed + 2)
+    ids = [1000 + i for i in range(n)]
+    config = RoundConfig(
+        session=rng.bytes(16),
+        order=tuple(ids[i] for i in rng.permutation(n)),
+        degree=k,
+        threshold=t,
+        clipping_range=8.0,
+        max_weight=1,
+        weight_key=None,
+        secure_metrics=(),
+    )
+    graph = config.graph
+    gone = set(rng.choice(ids, size=round(dropout_fraction * n), replace=False).tolist())
+    survivors = [i for i in config.order if i not in gone]
+    dropped = [j for j in config.order if j in gone]
+    s_private = {i: keys.generate_private_key(randomness) for i in ids}
+    s_raw = {i: keys.private_bytes(s_private[i]) for i in ids}
+    self_seeds = {i: randomness(32) for i in ids}
+    field = shamir.Shamir()
+    alive = set(survivors)
+    b_shares: dict[int, dict[int, bytes]] = {}
+    s_shares: dict[int, dict[int, bytes]] = {}
+    for dealer in ids:
+        secret = np.concatenate(
+            [shamir.bytes_to_elements(self_seeds[dealer]), shamir.bytes_to_elements(s_raw[dealer])]
+        )
+        holders = graph.neighbours(dealer)
+        shares = field.split(secret, t, list(range(1, len(holders) + 1)), randomness)
+        kind, half = (b_shares, slice(0, 16)) if dealer in alive else (s_shares, slice(16, 32))
+        kind[dealer] = {
+            point: np.asarray(row[half], "<u4").tobytes()
+            for point, (holder, row) in enumerate(zip(holders, shares, strict=True), start=1)
+            if holder in alive  # only survivors answer the unmasking
+        }
+    length = params + 2  # the parameters, then the weight and the clipping flag
+    expected = rng.integers(0, 2**32, size=length, dtype=np.uint32)  # the plain sum
+    masked = expected.copy()
+    add = [self_seeds[i] for i in survivors]
+    subtract: list[bytes] = []
+    for j in dropped:
+        for i in graph.neighbours(j):
+            if i in alive:
+                seed_ij = pair_mask_seed(
+                    s_private[i], keys.public_bytes(s_private[j]), session=config.session, round=1
+                )
+                (add if i < j else subtract).append(seed_ij)  # what survivor i put in
+    prg.apply_masks(masked, add=add, subtract=subtract)
+    request = RoundRequest(
+        round=1, cohort=tuple(ids), arrays=ArrayRecord(), config=ConfigRecord(), weight_key=None
+    )
+    mod = SecAggPlus(degree=k, threshold=t)
+    server_round = ServerRound(mod, request, _NoGrid(), config=config)  # type: ignore[arg-type]
+    server_round.s_pks = {i: keys.public_bytes(s_private[i]) for i in ids}
+    server_round.survivors, server_round.dropped = survivors, dropped
+    server_round.layout = Layout(names=("x",), shapes=((params,),), kinds=(INTEGER,))
+    return ServerWorkload(
+        round=server_round,
+        masked_sum=masked,
+        expected=expected,
+        b_shares=b_shares,
+        s_shares=s_shares,
+        expansions=len(add) + len(subtract),
+    )
+
+
+def server_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    workload = make_server_workload(
+        args.server_n, args.server_params, args.dropout_fraction, args.seed
+    )
+    length = args.server_params + 2
+    seeds = [np.random.default_rng(i).bytes(32) for i in range(workload.expansions)]
+    cases = [
+        Case(
+            f"limit_{workload.expansions}_prg",
+            lambda: raw_expansions(seeds, length),
+            f"{workload.expansions} raw AES-CTR expansions of {length:,} words",
+        ),
+        Case("unmask", workload.run, "rebuild secrets + key agreements + remove masks"),
+    ]
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    limit, unmask = results[cases[0].name], results["unmask"]
+    seconds = workload.round.seconds
+    return {
+        "n": args.server_n,
+        "k": workload.round.config.degree,
+        "t": workload.round.t,
+        "params": args.server_params,
+        "survivors": len(workload.round.survivors),
+        "dropped": len(workload.round.dropped),
+        "expansions": workload.expansions,
+        "limit": limit.name,
+        "results": {name: m.to_json(limit) for name, m in results.items()},
+        "ratio": ratio(unmask, limit),
+        "exact": unmask.result is True,
+        "last_run_s": {
+            "reconstruct": seconds.get("secagg+/reconstruct"),
+            "remove_masks": seconds.get("secagg+/remove-masks"),
+        },
+        "running_sum_mb": 4 * length / 2**20,
+        "all_masked_vectors_mb": 4 * length * len(workload.round.survivors) / 2**20,
+        "_measurements": results,
+    }
+
+
+# -- part 3: whole rounds -----------------------------------------------------------------------
+class Capture:
+    def __init__(self) -> None:
+        self.results: list[RoundResult] = []
+
+    def __call__(
+        self, request: RoundRequest, context: ServerContext, call_next: Any
+    ) -> RoundResult:
+        result: RoundResult = call_next(request, context)
+        self.results.append(result)
+        return result
+
+
+def round_apps(updates: NDArray[np.float32], weights: Sequence[int]) -> tuple[ClientApp, ClientApp]:
+    apps = (ClientApp(mods=[secaggplus_mod]), ClientApp())
+    for app in apps:
+
+        @app.train()
+        def train(msg: Message, context: Context) -> RecordDict:
+            i = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+            return RecordDict(
+                {
+                    "arrays": ArrayRecord.from_numpy({"w": updates[i]}, copy=False),
+                    "metrics": MetricRecord({WEIGHT_KEY: weights[i]}),
+                }
+            )
+
+    return apps
+
+
+def one_round(
+    args: argparse.Namespace, n: int, app: ClientApp, mods: Sequence[Any]
+) -> NDArray[np.float32]:
+    """One FedAvg round of ``n`` nodes through run_simulation; the new model."""
+    initial = ArrayRecord.from_numpy({"w": np.zeros(args.params, np.float32)}, copy=False)
+    server = ServerApp(strategy=FedAvg(), num_rounds=1, initial_arrays=initial, mods=mods)
+    result = run_simulation(server, app, n, seed=args.seed)
+    if not result.history[0].ok:
+        raise RuntimeError(f"the round failed: {result.history[0].error}")
+    model: NDArray[np.float32] = result.arrays["w"].numpy()
+    return model
+
+
+def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in args.round_n:
+        rng = np.random.default_rng(args.seed + n)
+        updates = rng.random((n, args.params), dtype=np.float32)  # no float64 temporary
+        updates *= 2
+        updates -= 1
+        weights = [int(w) for w in rng.integers(10, 1000, size=n)]
+        secure_app, plain_app = round_apps(updates, weights)
+        capture = Capture()
+        secagg = SecAggPlus()
+        cases = [
+            Case(f"plain_n{n}", partial(one_round, args, n, plain_app, ())),
+            Case(f"secagg_n{n}", partial(one_round, args, n, secure_app, (capture, secagg))),
+        ]
+        results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+        plain, secure = results[cases[0].name], results[cases[1].name]
+        last = capture.results[-1]
+        bound = float(last.metrics["secagg-mean-error-bound"])  # type: ignore[arg-type]
+        error = float(np.max(np.abs(secure.result.astype(np.float64) - plain.result)))
+        stages: dict[str, list[float]] = {}
+        for outcome in capture.results[1:]:  # not the tracemalloc run
+            for key, value in outcome.metrics.items():
+                if key.startswith("secagg-seconds-"):
+                    stages.setdefault(key.removeprefix("secagg-seconds-"), []).append(float(value))  # type: ignore[arg-type]
+        params_ = secagg.parameters(n)
+        out[str(n)] = {
+            "k": params_.degree,
+            "t": params_.threshold,
+            "results": {name: m.to_json(plain) for name, m in results.items()},
+            "ratio": ratio(secure, plain),
+            "stages_s": {name: median(v) for name, v in stages.items()},
+            "max_abs_error": error,
+            "error_bound": bound,
+            "within_bound": error <= bound + 2 * float(np.finfo(np.float32).eps),
+            "all_masked_vectors_mb": 4 * (args.params + 2) * n / 2**20,
+            "_measurements": results,
+        }
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="SecAgg+ against its limits.")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument(
+        "--params", type=positive_int, default=1_000_000, help="client/round params"
+    )
+    parser.add_argument("--client-n", type=positive_int, default=100, help="cohort for the client")
+    parser.add_argument("--server-n", type=positive_int, default=1000, help="cohort for unmasking")
+    parser.add_argument("--server-params", type=positive_int, default=1_000_000)
+    parser.add_argument("--dropout-fraction", type=float, default=0.05)
+    parser.add_argument("--round-n", type=positive_int, nargs="+", default=[50, 100])
+    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, repeats=5)
+    return parser.parse_args(argv)
+
+
+def _public(part: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (_public(v) if isinstance(v, dict) else v)
+        for k, v in part.items()
+        if not k.startswith("_")
+    }
+
+
+def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
+    lines = [f"secagg: medians of {args.repeats} run(s); peak MB = {MEMORY_METRIC}", ""]
+    if "client" in parts:
+        c = parts["client"]
+        lines += [
+            f"client: n = {c['n']} (k = {c['k']}, t = {c['t']}), {c['params']:,} params",
+            measurement_table(c["_measurements"].values(), baseline=c["limit"], label="limit"),
+            format_table(
+                ("stage", "median s", "x one expansion"),
+                [(name, s, c["stages_in_expansions"][name]) for name, s in c["stages_s"].items()],
+            ),
+            "",
+        ]
+    if "server" in parts:
+        s = parts["server"]
+        lines += [
+            f"server unmasking (synthetic state): n = {s['n']} (k = {s['k']}, t = {s['t']}), "
+            f"{s['dropped']} dropped after share-keys, {s['params']:,} params, "
+            f"{s['expansions']} expansions; exact: {s['exact']}",
+            measurement_table(s["_measurements"].values(), baseline=s["limit"], label="limit"),
+            f"running sum {s['running_sum_mb']:.1f} MB (vs {s['all_masked_vectors_mb']:.0f} MB "
+            "for every masked vector)",
+            "",
+        ]
+    if "round" in parts:
+        for n, r in parts["round"].items():
+            lines += [
+                f"round: n = {n} (k = {r['k']}, t = {r['t']}), {args.params:,} params; "
+                f"max |secure - plain| = {r['max_abs_error']:.2e} <= bound "
+                f"{r['error_bound']:.2e}: {r['within_bound']}; all masked vectors would be "
+                f"{r['all_masked_vectors_mb']:.0f} MB",
+                measurement_table(
+                    r["_measurements"].values(), baseline=f"plain_n{n}", label="plain"
+                ),
+                format_table(("secagg stage", "median s"), list(r["stages_s"].items())),
+                "",
+            ]
+    lines.append(f"process RSS high-water mark: {max_rss_mb() or float('nan'):.0f} MB")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = None if args.quiet else sys.stderr
+    parts: dict[str, Any] = {}
+    runners = {"client": client_part, "server": server_part, "round": round_part}
+    for name in args.parts:
+        parts[name] = runners[name](args, progress)
+    failed = []
+    if "server" in parts and not parts["server"]["exact"]:
+        failed.append("server unmasking is not exact")
+    for n, r in parts.get("round", {}).items():
+        if not r["within_bound"]:
+            failed.append(f"round n={n} is outside the quantization bound")
+    if args.json:
+        emit_json(
+            {
+                "benchmark": "secagg",
+                "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
+                "memory_metric": MEMORY_METRIC,
+                **{name: _public(part) for name, part in parts.items()},
+                "ok": not failed,
+                "failed": failed,
+                "process_max_rss_mb": max_rss_mb(),
+                "environment": environment(),
+            }
+        )
+    else:
+        print(report(args, parts))
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""``--secagg``: the digits demo with SecAgg+ secure aggregation (:mod:`flowerpets.secagg`).
+
+The server learns only the weighted sum of each round's models. Every node
+runs ``secaggplus_mod`` (outermost, so it masks what any privacy mod left);
+the server runs ``SecAggPlus``, which picks the graph degree and threshold per
+round from the expected dropout rate and corrupted fraction, unless
+``--secagg-k`` and ``--secagg-t`` fix them. The training loss is summed under
+the masks too (it is the only reply metric the demo's table shows); the server
+sees no other metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flowerpets.examples.digits.apps import DigitsTask
+from flowerpets.examples.digits.features import FeatureMods
+from flowerpets.exceptions import InfeasibleParametersError
+from flowerpets.secagg import SecAggPlus, secaggplus_mod
+
+__all__ = ["SecAggFeature"]
+
+SECURE_METRICS = ("train-loss",)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+class SecAggFeature:
+    """``--secagg`` and its ``--secagg-*`` options."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        defaults = SecAggPlus()
+        group = parser.add_argument_group("secure aggregation (SecAgg+)")
+        group.add_argument(
+            "--secagg",
+            action="store_true",
+            help="sum the updates with SecAgg+: the server sees only masked vectors and their sum",
+        )
+        group.add_argument(
+            "--secagg-k",
+            type=_positive_int,
+            metavar="K",
+            help="graph degree (even; with --secagg-t); default: chosen per round for the cohort",
+        )
+        group.add_argument(
+            "--secagg-t",
+            type=_positive_int,
+            metavar="T",
+            help="Shamir threshold (with --secagg-k)",
+        )
+        group.add_argument(
+            "--secagg-dropout-rate",
+            type=_rate,
+            default=defaults.dropout_rate,
+            help="expected fraction of dropouts, to choose k and t "
+            f"(default {defaults.dropout_rate})",
+        )
+        group.add_argument(
+            "--secagg-corrupted-fraction",
+            type=_rate,
+            default=defaults.corrupted_fraction,
+            help="fraction of nodes that may collude with the server, to choose k and t "
+            f"(default {defaults.corrupted_fraction})",
+        )
+        group.add_argument(
+            "--secagg-clipping-range",
+            type=_positive_float,
+            default=defaults.clipping_range,
+            help="model values are clipped to +-this before quantization "
+            f"(default {defaults.clipping_range:g})",
+        )
+        group.add_argument(
+            "--secagg-max-weight",
+            type=_positive_int,
+            default=defaults.max_weight,
+            help=f"the largest num-examples a node may report (default {defaults.max_weight})",
+        )
+
+    def mods(self, args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
+        if not args.secagg:
+            return FeatureMods()
+        if getattr(args, "he", False):
+            raise ValueError(
+                "--secagg and --he both replace the round's exchange (masked sums vs. encrypted "
+                "sums): choose one"
+            )
+        if (args.secagg_k is None) != (args.secagg_t is None):
+            raise ValueError("--secagg-k and --secagg-t go together (give both or neither)")
+        server = SecAggPlus(
+            degree=args.secagg_k,
+            threshold=args.secagg_t,
+            dropout_rate=args.secagg_dropout_rate,
+            corrupted_fraction=args.secagg_corrupted_fraction,
+            clipping_range=args.secagg_clipping_range,
+            max_weight=args.secagg_max_weight,
+            secure_metrics=SECURE_METRICS,
+        )
+        return FeatureMods(
+            client=[secaggplus_mod], server=[server], summary=_summary(args, task, server)
+        )
+
+
+def _summary(args: argparse.Namespace, task: DigitsTask, server: SecAggPlus) -> str:
+    cohort = getattr(args, "cohort_size", None) or task.num_nodes
+    try:
+        params = server.parameters(cohort)
+        graph = f"k={params.degree}, t={params.threshold} for a cohort of {cohort}"
+    except InfeasibleParametersError as exc:
+        graph = f"no k and t for a cohort of {cohort}: {exc}"
+    rates = (
+        ""
+        if args.secagg_k is not None
+        else f", dropout rate {server.dropout_rate:g}, corrupted fraction "
+        f"{server.corrupted_fraction:g}"
+    )
+    return f"SecAgg+ ({graph}{rates}; values clipped to +-{server.clipping_range:g})"

@@ -1,0 +1,36 @@
+"""Secure aggregation: SecAgg+ (Bell et al., CCS 2020) as a client mod and a server mod.
+
+The server learns the (weighted) sum of the cohort's updates and nothing more
+about any one of them, even when up to a chosen fraction of the nodes drop out
+at any stage, and even when it colludes with up to a chosen fraction of
+semi-honest nodes. See ``docs/secagg.md`` for what it protects against and
+what it does not.
+
+.. code-block:: python
+
+    from flowerpets.secagg import SecAggPlus, secaggplus_mod
+
+    client_app = ClientApp(mods=[secaggplus_mod])        # outermost client mod
+    server_app = ServerApp(strategy=FedAvg(), num_rounds=10, initial_arrays=arrays,
+                           mods=[SecAggPlus(dropout_rate=0.1, corrupted_fraction=0.1)])
+"""
+
+from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
+from flowerpets.secagg.graph import HararyGraph
+from flowerpets.secagg.parameters import GraphParameters, check_parameters, find_parameters
+from flowerpets.secagg.protocol import RoundConfig, Stage
+from flowerpets.secagg.server import SecAggPlus, ServerPhase
+
+__all__ = [
+    "GraphParameters",
+    "HararyGraph",
+    "Phase",
+    "RoundConfig",
+    "SecAggPlus",
+    "SecAggPlusClientMod",
+    "ServerPhase",
+    "Stage",
+    "check_parameters",
+    "find_parameters",
+    "secaggplus_mod",
+]

@@ -1,0 +1,652 @@
+"""The client side of SecAgg+: a mod that answers the four stages for its node.
+
+Put :data:`secaggplus_mod` (or a configured :class:`SecAggPlusClientMod`) first
+in the ``ClientApp``'s mods, outside any mod that post-processes updates
+(clipping, noise): those must run on the plain update, before it is masked.
+
+.. code-block:: python
+
+    app = ClientApp(mods=[secaggplus_mod, fixed_clipping_mod])
+
+Per node and round the mod is an explicit state machine whose every transition
+is checked::
+
+    (no round) --advertise-keys--> ADVERTISED --share-keys--> SHARED
+        --collect-masked-input--> MASKED --unmask--> DONE
+
+A stage message that does not fit (out of order, repeated, for another
+session, for a stale round) is refused with
+:class:`~flowerpets.exceptions.RequestRefusedError`, which the ClientApp turns
+into an error reply with code ``REFUSED``; a same-round violation also aborts
+the round (the node's secrets are wiped and it answers nothing more for that
+round). The checks that protect an honest node from a dishonest server:
+
+* it only accepts keys from, and only sends shares to, its own neighbours in the
+  Harary graph computed from the ring order it was given, with distinct keys and
+  at least ``t`` of them;
+* share ciphertexts are authenticated with associated data binding session,
+  round, sender and receiver: replayed, rerouted or reflected ones are refused;
+* it masks only with neighbours that delivered shares (at least ``t``);
+* at unmasking it refuses if the survivor and dropout lists overlap, if it is
+  listed as dropped or not listed as a survivor, if a listed neighbour never
+  shared keys with it, or if fewer than ``t`` of its neighbours survive; and it
+  never releases both the self-mask share and the key share of one neighbour.
+
+Protocol state (including the round's private keys and self-mask seed) lives in
+``context.state`` under ``"secagg+/..."`` records, never in a reply, and is
+wiped when the round ends. All randomness comes from ``randomness`` (default
+``os.urandom``); tests inject a seeded source.
+
+Plain requests of the protected types (``train`` and ``query`` by default) are
+refused unless ``refuse_plaintext=False``: a node that runs this mod expects its
+updates to leave it masked, and a server that skips SecAgg+ must not get them in
+the clear. Other messages (``evaluate``) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from numpy.typing import NDArray
+
+from flowerpets.core import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    ErrorCode,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flowerpets.exceptions import (
+    DecryptionError,
+    InvalidUpdateError,
+    RecordTypeError,
+    RequestRefusedError,
+)
+from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
+from flowerpets.secagg.protocol import (
+    FLOAT,
+    INFO_PAIR_MASK,
+    INFO_SHARE_KEY,
+    MASKED_ARRAY,
+    MASKED_RECORD,
+    RECORD,
+    Layout,
+    RoundConfig,
+    Stage,
+    bytes_list,
+    int_list,
+    protocol_record,
+)
+from flowerpets.secagg.protocol import field as get_field
+
+__all__ = ["Phase", "SecAggPlusClientMod", "secaggplus_mod"]
+
+log = logging.getLogger(__name__)
+
+Randomness = Callable[[int], bytes]
+CallNext = Callable[[Message, Context], Message]
+
+SHAMIR = shamir.Shamir()
+# One share of a 32-byte secret: 16 field elements as little-endian uint32.
+SHARE_BYTES = 4 * shamir.SECRET_BYTES * 8 // shamir.CHUNK_BITS
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # a self-mask seed share, then a key share
+SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + aead.OVERHEAD
+
+_STATE = "secagg+/client-state"
+_STATE_CONFIG = "secagg+/client-round"
+
+
+class Phase:
+    """Where a node's round stands; see the module docstring for the transitions."""
+
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+# The phase each stage may start from (advertise-keys starts a new round instead).
+_REQUIRED_PHASE = {
+    Stage.SHARE_KEYS: Phase.ADVERTISED,
+    Stage.COLLECT_MASKED_INPUT: Phase.SHARED,
+    Stage.UNMASK: Phase.MASKED,
+}
+
+
+def pair_mask_seed(
+    private: X25519PrivateKey, peer_public: bytes, *, session: bytes, round: int
+) -> bytes:
+    """The seed of the pairwise mask two nodes share (symmetric in the two)."""
+    info = INFO_PAIR_MASK + round.to_bytes(8, "little")
+    return keys.agree(private, peer_public, salt=session, info=info)
+
+
+def share_key(private: X25519PrivateKey, peer_public: bytes, *, session: bytes) -> bytes:
+    """The AES-GCM key for the shares two nodes exchange (symmetric in the two)."""
+    return keys.agree(private, peer_public, salt=session, info=INFO_SHARE_KEY)
+
+
+def elements_to_share(elements: NDArray[np.uint64]) -> bytes:
+    return np.asarray(elements, dtype="<u4").tobytes()
+
+
+@dataclass
+class ClientState:
+    """One node's state for its current round (kept in ``context.state``)."""
+
+    run_id: int
+    round: int
+    phase: str
+    config: RoundConfig
+    c_sk: bytes = b""
+    s_sk: bytes = b""
+    self_seed: bytes = b""
+    neighbours: list[int] = field(default_factory=list)  # told at share-keys: got my shares
+    share_keys: list[bytes] = field(default_factory=list)  # AES-GCM keys, per neighbour
+    s_pks: list[bytes] = field(default_factory=list)
+    senders: list[int] = field(default_factory=list)  # delivered shares to me: I mask with them
+    b_shares: list[bytes] = field(default_factory=list)
+    s_shares: list[bytes] = field(default_factory=list)
+    released_b: list[int] = field(default_factory=list)
+    released_s: list[int] = field(default_factory=list)
+
+    _SECRETS = ("c_sk", "s_sk", "self_seed")
+
+    def wipe(self, phase: str) -> None:
+        """End the round: forget every secret (what was released stays recorded)."""
+        self.phase = phase
+        for name in self._SECRETS:
+            setattr(self, name, b"")
+        self.share_keys, self.b_shares, self.s_shares = [], [], []
+
+    def save(self, context: Context, *, with_config: bool = False) -> None:
+        """Store the state (``with_config``: the round's configuration too, once per round)."""
+        record = ConfigRecord(
+            {
+                "run-id": self.run_id,
+                "round": self.round,
+                "phase": self.phase,
+                "c-sk": self.c_sk,
+                "s-sk": self.s_sk,
+                "self-seed": self.self_seed,
+                "neighbours": self.neighbours,
+                "share-keys": self.share_keys,
+                "s-pks": self.s_pks,
+                "senders": self.senders,
+                "b-shares": self.b_shares,
+                "s-shares": self.s_shares,
+                "released-b": self.released_b,
+                "released-s": self.released_s,
+            }
+        )
+        context.state[_STATE] = record
+        if with_config:
+            context.state[_STATE_CONFIG] = self.config.to_record()
+
+    @classmethod
+    def load(cls, context: Context) -> ClientState | None:
+        if _STATE not in context.state:
+            return None
+        record = context.state.get_typed(_STATE, ConfigRecord)
+        config = RoundConfig.from_record(context.state.get_typed(_STATE_CONFIG, ConfigRecord))
+        return cls(
+            run_id=get_field(record, "run-id", int),
+            round=get_field(record, "round", int),
+            phase=get_field(record, "phase", str),
+            config=config,
+            c_sk=get_field(record, "c-sk", bytes),
+            s_sk=get_field(record, "s-sk", bytes),
+            self_seed=get_field(record, "self-seed", bytes),
+            neighbours=int_list(record, "neighbours"),
+            share_keys=bytes_list(record, "share-keys"),
+            s_pks=bytes_list(record, "s-pks"),
+            senders=int_list(record, "senders"),
+            b_shares=bytes_list(record, "b-shares"),
+            s_shares=bytes_list(record, "s-shares"),
+            released_b=int_list(record, "released-b"),
+            released_s=int_list(record, "released-s"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _StageRequest:
+    """One stage message, parsed as far as every stage needs."""
+
+    msg: Message
+    context: Context
+    body: ConfigRecord
+    state: ClientState | None  # None only for advertise-keys, which starts the round
+    call_next: CallNext
+
+    def unpack(self) -> tuple[Message, Context, ConfigRecord, ClientState]:
+        if self.state is None:
+            raise RuntimeError("this stage needs a round in progress")
+        return self.msg, self.context, self.body, self.state
+
+
+def _unique(values: Sequence[Any], what: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} lists an entry twice")
+
+
+class SecAggPlusClientMod:
+    """The SecAgg+ client mod (see the module docstring).
+
+    Keyword-only configuration:
+
+    ``protected_types``
+        Message types whose replies leave the node only masked (default
+        ``("train", "query")``).
+    ``refuse_plaintext``
+        Refuse plain (stage-less) requests of the protected types (default
+        True; turning it off warns).
+    ``min_threshold``
+        The smallest Shamir threshold the node accepts from a server (default 2).
+    ``randomness``
+        ``n -> n random bytes`` for keys, seeds, sharing polynomials, nonces and
+        stochastic rounding (default ``os.urandom``; inject a seeded source only in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        protected_types: Iterable[str] = (MessageType.TRAIN, MessageType.QUERY),
+        refuse_plaintext: bool = True,
+        min_threshold: int = 2,
+        randomness: Randomness = os.urandom,
+    ) -> None:
+        types = tuple(protected_types)
+        if not all(isinstance(t, str) and t for t in types):
+            raise ValueError(f"protected_types must be non-empty strings, got {types!r}")
+        if not isinstance(refuse_plaintext, bool):
+            raise ValueError(f"refuse_plaintext must be a bool, got {refuse_plaintext!r}")
+        if not refuse_plaintext:
+            warnings.warn(
+                "SecAggPlusClientMod(refuse_plaintext=False): this node will send its "
+                f"{'/'.join(types)} replies in the clear to a server that does not run SecAgg+",
+                stacklevel=2,
+            )
+        if isinstance(min_threshold, bool) or not isinstance(min_threshold, int):
+            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
+        if min_threshold < 2:
+            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
+        if not callable(randomness):
+            raise ValueError(
+                f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
+            )
+        self.protected_types = types
+        self.refuse_plaintext = refuse_plaintext
+        self._handlers: dict[str, Callable[[_StageRequest], Message]] = {
+            Stage.ADVERTISE_KEYS: self._advertise,
+            Stage.SHARE_KEYS: self._share_keys,
+            Stage.COLLECT_MASKED_INPUT: self._collect_masked_input,
+            Stage.UNMASK: self._unmask,
+        }
+        self.min_threshold = min_threshold
+        self.randomness = randomness
+
+    def __repr__(self) -> str:
+        return (
+            f"SecAggPlusClientMod(protected_types={self.protected_types!r}, "
+            f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold})"
+        )
+
+    # -- dispatch --------------------------------------------------------------
+    def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
+        stage = msg.metadata.stage
+        if stage in Stage.ALL:
+            return self._run_stage(stage, msg, context, call_next)
+        if stage.startswith(Stage.PREFIX):
+            raise RequestRefusedError(f"unknown SecAgg+ stage {stage!r}")
+        if not stage and msg.message_type in self.protected_types and self.refuse_plaintext:
+            raise RequestRefusedError(
+                f"this node sends {msg.message_type!r} replies only through SecAgg+; "
+                "it refuses a plain request"
+            )
+        return call_next(msg, context)
+
+    def _run_stage(
+        self, stage: str, msg: Message, context: Context, call_next: CallNext
+    ) -> Message:
+        state = self._check_transition(stage, msg, context)
+        try:
+            body = protocol_record(msg.require_content())
+            if state is not None and get_field(body, "session", bytes) != state.config.session:
+                raise ValueError("the message belongs to another session")
+            handler = self._handlers[stage]
+            return handler(_StageRequest(msg, context, body, state, call_next))
+        except InvalidUpdateError as exc:
+            # The node's own update cannot be masked: not a refusal, an invalid reply.
+            _abort(state, context)
+            return msg.error_reply(Error(ErrorCode.INVALID_REPLY, str(exc)))
+        except (ValueError, KeyError, RecordTypeError, DecryptionError) as exc:
+            _abort(state, context)
+            raise RequestRefusedError(f"{stage}: {exc}") from None
+
+    def _check_transition(self, stage: str, msg: Message, context: Context) -> ClientState | None:
+        """The state this stage starts from, or a refusal saying why it may not run now."""
+        try:
+            state = ClientState.load(context)
+        except (ValueError, KeyError, RecordTypeError) as exc:
+            raise RequestRefusedError(
+                f"{stage}: the node's SecAgg+ state is unreadable: {exc}"
+            ) from None
+        run_id, rnd = msg.metadata.run_id, msg.round
+        current = state if state is not None and state.run_id == run_id else None
+        if stage == Stage.ADVERTISE_KEYS:
+            if current is not None and rnd <= current.round:
+                raise RequestRefusedError(
+                    f"{stage}: round {rnd} is not after round {current.round}, which this node "
+                    "already started (a stale or repeated round)"
+                )
+            return None
+        if current is None or rnd > current.round:
+            raise RequestRefusedError(f"{stage}: no SecAgg+ round {rnd} in progress (out of order)")
+        if rnd < current.round:
+            raise RequestRefusedError(f"{stage}: round {rnd} is stale (round {current.round} runs)")
+        required = _REQUIRED_PHASE[stage]
+        if current.phase != required:
+            phase = current.phase
+            _abort(current, context)
+            raise RequestRefusedError(
+                f"{stage}: out of order (the round is {phase}, this stage needs {required}); "
+                "the round is aborted"
+            )
+        return current
+
+    # -- stage 0: advertise keys -------------------------------------------------
+    def _advertise(self, request: _StageRequest) -> Message:
+        msg, context, body = request.msg, request.context, request.body
+        config = RoundConfig.from_record(body)
+        if context.node_id not in config.graph:
+            raise ValueError(f"node {context.node_id} is not in the round's cohort")
+        if config.threshold < self.min_threshold:
+            raise ValueError(
+                f"threshold {config.threshold} is below this node's minimum {self.min_threshold}"
+            )
+        c_sk = keys.generate_private_key(self.randomness)
+        s_sk = keys.generate_private_key(self.randomness)
+        state = ClientState(
+            run_id=msg.metadata.run_id,
+            round=msg.round,
+            phase=Phase.ADVERTISED,
+            config=config,
+            c_sk=keys.private_bytes(c_sk),
+            s_sk=keys.private_bytes(s_sk),
+        )
+        state.save(context, with_config=True)
+        reply = ConfigRecord(
+            {
+                "session": config.session,
+                "c-pk": keys.public_bytes(c_sk),
+                "s-pk": keys.public_bytes(s_sk),
+            }
+        )
+        return msg.reply(RecordDict({RECORD: reply}))
+
+    # -- stage 1: share keys -----------------------------------------------------
+    def _share_keys(self, request: _StageRequest) -> Message:
+        msg, context, body, state = request.unpack()
+        config, me = state.config, context.node_id
+        graph = config.graph
+        nodes = int_list(body, "nodes")
+        c_pks = bytes_list(body, "c-pks", size=keys.KEY_BYTES)
+        s_pks = bytes_list(body, "s-pks", size=keys.KEY_BYTES)
+        if not len(nodes) == len(c_pks) == len(s_pks):
+            raise ValueError("nodes, c-pks and s-pks differ in length")
+        _unique(nodes, "the neighbour list")
+        strangers = [
+            j for j in nodes if j == me or j not in graph or not graph.are_neighbours(me, j)
+        ]
+        if strangers:
+            raise ValueError(f"nodes {strangers[:5]} are not this node's neighbours")
+        own = {keys.public_key_of(state.c_sk), keys.public_key_of(state.s_sk)}
+        for what, pks in (("c-pks", c_pks), ("s-pks", s_pks)):
+            _unique(pks, what)
+            if own & set(pks):
+                raise ValueError(f"{what} holds this node's own public key")
+        if len(nodes) < config.threshold:
+            raise ValueError(
+                f"only {len(nodes)} of this node's {config.degree} neighbours advertised keys, "
+                f"fewer than the threshold t={config.threshold}"
+            )
+        self_seed = self.randomness(prg.SEED_BYTES)
+        secret = np.concatenate(
+            [shamir.bytes_to_elements(self_seed), shamir.bytes_to_elements(state.s_sk)]
+        )
+        points = [graph.share_point(me, j) for j in nodes]
+        shares = SHAMIR.split(secret, config.threshold, points, self.randomness)
+        half = shares.shape[1] // 2
+        c_private = keys.load_private_key(state.c_sk)
+        # One AES-GCM key per pair, both directions (the associated data tells them apart).
+        pair_keys = [share_key(c_private, c_pk, session=config.session) for c_pk in c_pks]
+        ciphertexts = []
+        for j, key, row in zip(nodes, pair_keys, shares, strict=True):
+            plaintext = elements_to_share(row[:half]) + elements_to_share(row[half:])
+            associated = aead.associated_data(
+                session=config.session, round=state.round, sender=me, receiver=j
+            )
+            ciphertexts.append(aead.encrypt(key, plaintext, associated, self.randomness))
+        state.self_seed, state.c_sk = self_seed, b""  # the encryption key pair has done its job
+        state.neighbours, state.share_keys, state.s_pks = nodes, pair_keys, s_pks
+        state.phase = Phase.SHARED
+        state.save(context)
+        reply = ConfigRecord(
+            {"session": config.session, "receivers": nodes, "ciphertexts": ciphertexts}
+        )
+        return msg.reply(RecordDict({RECORD: reply}))
+
+    # -- stage 2: collect masked input ---------------------------------------------
+    def _collect_masked_input(self, request: _StageRequest) -> Message:
+        msg, context, body, state = request.unpack()
+        call_next = request.call_next
+        config, me = state.config, context.node_id
+        senders = int_list(body, "senders")
+        ciphertexts = bytes_list(body, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
+        if len(senders) != len(ciphertexts):
+            raise ValueError("senders and ciphertexts differ in length")
+        _unique(senders, "the sender list")
+        index = {j: i for i, j in enumerate(state.neighbours)}
+        strangers = [j for j in senders if j not in index]
+        if strangers:
+            raise ValueError(f"nodes {strangers[:5]} never received this node's keys")
+        if len(senders) < config.threshold:
+            raise ValueError(
+                f"only {len(senders)} neighbours delivered shares, fewer than the threshold "
+                f"t={config.threshold}"
+            )
+        b_shares, s_shares = [], []
+        for j, ciphertext in zip(senders, ciphertexts, strict=True):
+            key = state.share_keys[index[j]]
+            associated = aead.associated_data(
+                session=config.session, round=state.round, sender=j, receiver=me
+            )
+            plaintext = aead.decrypt(key, ciphertext, associated)
+            if len(plaintext) != SHARE_PLAINTEXT_BYTES:
+                raise ValueError(f"the shares from node {j} have the wrong length")
+            b_shares.append(plaintext[:SHARE_BYTES])
+            s_shares.append(plaintext[SHARE_BYTES:])
+        state.senders, state.b_shares, state.s_shares = senders, b_shares, s_shares
+
+        content = msg.require_content()
+        inner = Message(
+            metadata=replace(msg.metadata, stage=""),
+            content=RecordDict({k: content[k] for k in ("arrays", "config") if k in content}),
+        )
+        try:
+            reply = call_next(inner, context)
+        except BaseException:
+            _abort(state, context)
+            raise
+        if reply.error is not None:
+            _abort(state, context)
+            return msg.error_reply(reply.error)
+        vector, layout = self._masked_vector(reply.require_content(), state, context)
+        state.phase = Phase.MASKED
+        state.save(context)
+        record = ConfigRecord({"session": config.session})
+        layout.write(record)
+        masked = ArrayRecord({MASKED_ARRAY: Array(vector, copy=False)})
+        return msg.reply(RecordDict({RECORD: record, MASKED_RECORD: masked}))
+
+    def _masked_vector(
+        self, reply: RecordDict, state: ClientState, context: Context
+    ) -> tuple[NDArray[np.uint32], Layout]:
+        config, me = state.config, context.node_id
+        try:
+            arrays = reply.get_typed("arrays", ArrayRecord) if "arrays" in reply else ArrayRecord()
+            metrics = (
+                reply.get_typed("metrics", MetricRecord) if "metrics" in reply else MetricRecord()
+            )
+            layout = Layout.of_arrays(arrays, config.secure_metrics)
+        except (ValueError, RecordTypeError) as exc:
+            raise InvalidUpdateError(f"the handler's reply cannot be masked: {exc}") from None
+        weight = _weight(metrics, config.weight_key, config.max_weight)
+        quant = config.quantization
+        vector = np.zeros(layout.length, dtype=np.uint32)
+        uniform = prg.UniformStream(
+            self.randomness(prg.SEED_BYTES), block_words=quantize.BLOCK_WORDS
+        )
+        factor, limit = quant.float_factor(weight), quant.float_limit(weight)
+        clipped, at = 0, 0
+        for (name, array), kind in zip(arrays.items(), layout.kinds, strict=True):
+            data = array.numpy()
+            out = vector[at : at + data.size]
+            if kind == FLOAT:
+                clipped += quantize.quantize_into(
+                    out, data, factor=factor, limit=limit, uniform=uniform
+                )
+            else:
+                try:
+                    quantize.encode_integers_into(
+                        out, data, weight=weight, limit=quant.integer_limit(weight)
+                    )
+                except InvalidUpdateError as exc:
+                    raise InvalidUpdateError(f"array {name!r}: {exc}") from None
+            at += data.size
+        vector[layout.weight_index] = weight
+        values = np.array([_metric(metrics, key) for key in config.secure_metrics], np.float64)
+        tail = vector[layout.weight_index + 1 : layout.clip_index]
+        clipped += quantize.quantize_into(tail, values, factor=factor, limit=limit, uniform=uniform)
+        vector[layout.clip_index] = 1 if clipped else 0
+        if clipped:
+            log.warning(
+                "node %s: %d value(s) outside the clipping range +-%g were clipped before masking",
+                me,
+                clipped,
+                config.clipping_range,
+            )
+        # Masks: the self mask, and one pairwise mask per neighbour that delivered shares,
+        # added by the smaller node id and subtracted by the larger one.
+        s_private = keys.load_private_key(state.s_sk)
+        index = {j: i for i, j in enumerate(state.neighbours)}
+        add, subtract = [state.self_seed], list[bytes]()
+        for j in state.senders:
+            seed = pair_mask_seed(
+                s_private, state.s_pks[index[j]], session=config.session, round=state.round
+            )
+            (add if me < j else subtract).append(seed)
+        prg.apply_masks(vector, add=add, subtract=subtract)
+        return vector, layout
+
+    # -- stage 3: unmask -----------------------------------------------------------
+    def _unmask(self, request: _StageRequest) -> Message:
+        msg, context, body, state = request.unpack()
+        config, me = state.config, context.node_id
+        survivors = set(int_list(body, "survivors"))
+        dropped = set(int_list(body, "dropped"))
+        if survivors & dropped:
+            raise ValueError(
+                f"nodes {sorted(survivors & dropped)[:5]} are listed as both survivors and dropped"
+            )
+        if me in dropped:
+            raise ValueError("this node is listed as dropped")
+        if me not in survivors:
+            raise ValueError("this node is not listed as a survivor")
+        mine = set(config.graph.neighbours(me))
+        listed = (survivors | dropped) & mine
+        unknown = listed - set(state.senders)
+        if unknown:
+            raise ValueError(f"neighbours {sorted(unknown)[:5]} never shared keys with this node")
+        alive = survivors & mine
+        if len(alive) < config.threshold:
+            raise ValueError(
+                f"only {len(alive)} of this node's neighbours survive, fewer than the threshold "
+                f"t={config.threshold}"
+            )
+        b_nodes, b_shares, s_nodes, s_shares = [], [], [], []
+        for j, b_share, s_share in zip(state.senders, state.b_shares, state.s_shares, strict=True):
+            if j in survivors:
+                b_nodes.append(j)
+                b_shares.append(b_share)
+            elif j in dropped:
+                s_nodes.append(j)
+                s_shares.append(s_share)
+        # Never both kinds for one neighbour, whatever earlier requests asked.
+        both = (set(b_nodes) | set(state.released_b)) & (set(s_nodes) | set(state.released_s))
+        if both:
+            raise ValueError(f"releasing both kinds of share for nodes {sorted(both)[:5]}")
+        state.released_b = sorted(set(state.released_b) | set(b_nodes))
+        state.released_s = sorted(set(state.released_s) | set(s_nodes))
+        state.wipe(Phase.DONE)
+        state.save(context)
+        reply = ConfigRecord(
+            {
+                "session": config.session,
+                "b-nodes": b_nodes,
+                "b-shares": b_shares,
+                "s-nodes": s_nodes,
+                "s-shares": s_shares,
+            }
+        )
+        return msg.reply(RecordDict({RECORD: reply}))
+
+
+def _abort(state: ClientState | None, context: Context) -> None:
+    if state is not None and state.phase != Phase.DONE:
+        state.wipe(Phase.ABORTED)
+        state.save(context)
+
+
+def _weight(metrics: MetricRecord, key: str | None, max_weight: int) -> int:
+    if key is None:
+        return 1
+    if key not in metrics:
+        raise InvalidUpdateError(f"the reply lacks the weight metric {key!r}")
+    value = metrics[key]
+    if isinstance(value, list) or not float(value).is_integer():
+        raise InvalidUpdateError(
+            f"the weight metric {key!r} must be a whole number under SecAgg+, got {value!r}"
+        )
+    weight = int(value)
+    if not 0 <= weight <= max_weight:
+        raise InvalidUpdateError(
+            f"the weight metric {key!r} = {weight} is outside [0, max_weight={max_weight}]"
+        )
+    return weight
+
+
+def _metric(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise InvalidUpdateError(f"the reply lacks the secure metric {key!r}")
+    value = metrics[key]
+    if isinstance(value, list):
+        raise InvalidUpdateError(f"the secure metric {key!r} must be a number, got a list")
+    return float(value)
+
+
+secaggplus_mod = SecAggPlusClientMod()
+"""The SecAgg+ client mod with its secure defaults."""

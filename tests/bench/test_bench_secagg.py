@@ -1,0 +1,63 @@
+"""bench/secagg.py runs end to end at a tiny size and checks its own results (no timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--params", "3000", "--client-n", "12", "--server-n", "30", "--server-params", "2000",
+    "--round-n", "6", "--repeats", "1", "--settle", "0", "--quiet", "--json",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "secagg.py"), *TINY],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed
+
+
+def test_the_report_has_every_part_and_its_limit(report: dict[str, Any]) -> None:
+    assert report["benchmark"] == "secagg" and report["ok"] is True and report["failed"] == []
+    client = report["client"]
+    assert client["n"] == 12 and client["k"] >= 2 and 2 <= client["t"] <= client["k"]
+    assert set(client["results"]) == {client["limit"], "client"}
+    assert client["limit"] == f"limit_{client['k'] + 1}_prg"
+    assert set(client["stages_s"]) == {"advertise-keys", "share-keys", "masked-input"}
+    assert client["ratio"] > 0
+
+
+def test_server_unmasking_is_exact_and_counts_its_expansions(report: dict[str, Any]) -> None:
+    server = report["server"]
+    assert server["exact"] is True
+    assert server["survivors"] + server["dropped"] == 30 and server["dropped"] == 2  # 5% of 30
+    assert server["expansions"] >= server["survivors"]
+    assert server["results"]["unmask"]["peak_mb"] is not None
+
+
+def test_whole_rounds_stay_within_the_quantization_bound(report: dict[str, Any]) -> None:
+    rounds = report["round"]
+    assert set(rounds) == {"6"}
+    r = rounds["6"]
+    assert r["within_bound"] is True and r["max_abs_error"] <= r["error_bound"] + 1e-6
+    assert {"advertise-keys", "share-keys", "collect-masked-input", "unmask"} <= set(r["stages_s"])
+    assert set(r["results"]) == {"plain_n6", "secagg_n6"}

@@ -1,0 +1,202 @@
+"""A hand-driven SecAgg+ federation: the tests play the server, honest or not.
+
+``Federation`` holds a few nodes running the real client mod (seeded
+randomness) and a train handler with known updates, and sends them stage
+messages built by hand, keeping what an honest server would keep. Attack tests
+use it to send what a dishonest server would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flowerpets.core import (
+    ArrayRecord,
+    ClientApp,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flowerpets.secagg import RoundConfig, SecAggPlusClientMod, Stage
+from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD
+
+
+def seeded_randomness(seed: int) -> Callable[[int], bytes]:
+    """A deterministic ``randomness(n)`` for tests (never for real keys)."""
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+class Federation:
+    """``n`` nodes behind the real client mod, and a server played by the test."""
+
+    def __init__(
+        self,
+        n: int = 8,
+        *,
+        degree: int = 4,
+        threshold: int = 3,
+        params: int = 64,
+        seed: int = 0,
+        weight_key: str | None = "num-examples",
+        max_weight: int = 100,
+        clipping_range: float = 8.0,
+        secure_metrics: tuple[str, ...] = (),
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.ids = [int(i) for i in rng.choice(np.arange(100, 10_000), size=n, replace=False)]
+        self.updates = rng.uniform(-1, 1, size=(n, params)).astype(np.float32)
+        self.weights = [int(w) for w in rng.integers(1, max_weight, size=n)]
+        self.index = {node: i for i, node in enumerate(self.ids)}
+        self.mod = SecAggPlusClientMod(randomness=seeded_randomness(seed + 1))
+        self.app = ClientApp(mods=[self.mod])
+        self.handler_calls: list[int] = []
+
+        @self.app.train()
+        def train(msg: Message, context: Context) -> RecordDict:
+            i = self.index[context.node_id]
+            self.handler_calls.append(context.node_id)
+            return RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": self.updates[i]}),
+                    "metrics": MetricRecord({"num-examples": self.weights[i], "loss": 0.5}),
+                }
+            )
+
+        self.contexts = {node: Context(node_id=node, run_id=1) for node in self.ids}
+        order = [self.ids[i] for i in rng.permutation(n)]
+        self.round = 1
+        self.config = RoundConfig(
+            session=rng.bytes(16),
+            order=tuple(order),
+            degree=degree,
+            threshold=threshold,
+            clipping_range=clipping_range,
+            max_weight=max_weight,
+            weight_key=weight_key,
+            secure_metrics=secure_metrics,
+        )
+        self.graph = self.config.graph
+        self.pks: dict[int, tuple[bytes, bytes]] = {}
+        self.ciphertexts: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
+        self.masked: dict[int, np.ndarray] = {}
+
+    # -- sending ---------------------------------------------------------------------
+    def ask(
+        self,
+        node: int,
+        stage: str,
+        fields: Mapping[str, Any],
+        *,
+        round: int | None = None,
+        session: bytes | None = None,
+        extra: Mapping[str, Any] | None = None,
+        message_type: str = MessageType.TRAIN,
+    ) -> Message:
+        record = ConfigRecord({"session": self.config.session if session is None else session})
+        for key, value in fields.items():
+            record[key] = value
+        content = RecordDict({RECORD: record, **(extra or {})})
+        msg = Message.create(
+            content,
+            message_type=message_type,
+            dst_node_id=node,
+            round=self.round if round is None else round,
+            run_id=1,
+            stage=stage,
+        )
+        return self.app(msg, self.contexts[node])
+
+    # -- an honest server's stages -------------------------------------------------
+    def advertise_message_fields(self) -> dict[str, Any]:
+        record = self.config.to_record()
+        return {k: v for k, v in record.items() if k != "session"}
+
+    def neighbours(self, node: int, among: set[int] | None = None) -> list[int]:
+        alive = set(self.pks) if among is None else among
+        return [j for j in self.graph.neighbours(node) if j in alive]
+
+    def share_fields(self, node: int) -> dict[str, Any]:
+        nbrs = self.neighbours(node)
+        return {
+            "nodes": nbrs,
+            "c-pks": [self.pks[j][0] for j in nbrs],
+            "s-pks": [self.pks[j][1] for j in nbrs],
+        }
+
+    def share(self, nodes: list[int] | None = None) -> None:
+        for node in nodes or list(self.pks):
+            body = ok(self.ask(node, Stage.SHARE_KEYS, self.share_fields(node)))[RECORD]
+            for receiver, ct in zip(body["receivers"], body["ciphertexts"], strict=True):  # type: ignore[arg-type]
+                self.ciphertexts.setdefault(receiver, {})[node] = ct
+
+    def collect_fields(self, node: int, senders: list[int] | None = None) -> dict[str, Any]:
+        got = self.ciphertexts.get(node, {})
+        senders = (
+            [j for j in self.graph.neighbours(node) if j in got] if senders is None else senders
+        )
+        return {"senders": senders, "ciphertexts": [got[j] for j in senders]}
+
+    def train_content(self) -> dict[str, Any]:
+        return {
+            "arrays": ArrayRecord({"w": np.zeros(self.updates.shape[1], np.float32)}),
+            "config": ConfigRecord({"server-round": self.round}),
+        }
+
+    def collect(self, nodes: list[int] | None = None) -> None:
+        for node in nodes or list(self.ciphertexts):
+            reply = self.ask(
+                node,
+                Stage.COLLECT_MASKED_INPUT,
+                self.collect_fields(node),
+                extra=self.train_content(),
+            )
+            self.masked[node] = ok(reply)[MASKED_RECORD][MASKED_ARRAY].numpy()  # type: ignore[index]
+
+    def unmask(self, node: int, survivors: list[int], dropped: list[int]) -> Message:
+        return self.ask(node, Stage.UNMASK, {"survivors": survivors, "dropped": dropped})
+
+    def advertise(self, nodes: list[int] | None = None) -> None:
+        for node in nodes or self.ids:
+            body = ok(self.ask(node, Stage.ADVERTISE_KEYS, self.advertise_message_fields()))[RECORD]
+            self.pks[node] = (body["c-pk"], body["s-pk"])  # type: ignore[assignment]
+
+    def honest_until_collect(self) -> None:
+        self.advertise()
+        self.share()
+        self.collect()
+
+    ok = staticmethod(lambda reply: ok(reply))
+
+    def next_round(self, seed: int = 99) -> None:
+        """Start the next round with a fresh session (same graph)."""
+        rng = np.random.default_rng(seed)
+        self.round += 1
+        self.config = RoundConfig(
+            session=rng.bytes(16),
+            order=self.config.order,
+            degree=self.config.degree,
+            threshold=self.config.threshold,
+            clipping_range=self.config.clipping_range,
+            max_weight=self.config.max_weight,
+            weight_key=self.config.weight_key,
+            secure_metrics=self.config.secure_metrics,
+        )
+        self.pks, self.ciphertexts, self.masked = {}, {}, {}
+
+
+def ok(reply: Message) -> RecordDict:
+    assert reply.error is None, f"unexpected error reply: {reply.error}"
+    return reply.require_content()
+
+
+@pytest.fixture(scope="session")
+def federation() -> type[Federation]:
+    return Federation
