@@ -1,6 +1,7 @@
 """The ``flowerpets`` command: one entry point, one subcommand per tool.
 
-``flowerpets demo`` runs the federated digits demo. Subcommands import what
+``flowerpets demo`` runs the federated digits demo; ``flowerpets accountant``
+answers privacy-budget questions (epsilon, noise, plans). Subcommands import what
 they need only when they run, so ``flowerpets --help`` works without the
 optional extras.
 """
@@ -34,7 +35,13 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(command=lambda args: _demo(parser)(args))
 
 
-SUBCOMMANDS = [_add_demo]
+def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from flowerpets.dp.cli import add_parser
+
+    add_parser(subparsers)
+
+
+SUBCOMMANDS = [_add_demo, _add_accountant]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,6 +130,18 @@ def test_mod_exception_and_refusal_become_error_replies() -> None:
     assert reply.error is not None and reply.error.reason == "survivor and dropout lists overlap"
 
 
+def test_handler_refusal_is_a_refusal_not_a_crash() -> None:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        raise RequestRefusedError("privacy budget spent")
+
+    reply = app(request(), Context(node_id=7))
+    assert reply.error is not None and reply.error.code is ErrorCode.REFUSED
+    assert reply.error.reason == "privacy budget spent"
+
+
 def test_unknown_message_type_gets_a_clear_error() -> None:
     reply = make_app([], [])(request("query"), Context(node_id=7))
     assert reply.error is not None

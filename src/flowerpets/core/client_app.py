@@ -39,6 +39,15 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCode) -> Message:
+    """The error reply for what a handler or mod raised: ``REFUSED`` if it said no on purpose."""
+    if isinstance(exc, RequestRefusedError):
+        log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
+        return msg.error_reply(Error(ErrorCode.REFUSED, str(exc)))
+    log.warning("node %s: %r failed", context.node_id, msg.message_type, exc_info=True)
+    return msg.error_reply(Error(code, _describe(exc)))
+
+
 def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
     """Run ``handler`` and make sure what comes back is a valid reply to ``msg``."""
 
@@ -46,10 +55,7 @@ def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
         try:
             out = handler(msg, context)
         except Exception as exc:  # a handler's bug must not take the node down
-            log.warning(
-                "node %s: handler for %r raised", context.node_id, msg.message_type, exc_info=True
-            )
-            return msg.error_reply(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, _describe(exc)))
+            return _failure_reply(msg, context, exc, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
         if isinstance(out, RecordDict):
             return msg.reply(out)
         if isinstance(out, Message) and out.is_reply_to(msg):
@@ -127,14 +133,8 @@ class ClientApp:
         """Handle one message; always returns a reply, never raises."""
         try:
             reply = self._chain(msg, context)
-        except RequestRefusedError as exc:
-            log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
-            return msg.error_reply(Error(ErrorCode.REFUSED, str(exc)))
-        except Exception as exc:  # a mod's bug becomes an error reply
-            log.warning(
-                "node %s: a mod raised on %r", context.node_id, msg.message_type, exc_info=True
-            )
-            return msg.error_reply(Error(ErrorCode.MOD_RAISED_EXCEPTION, _describe(exc)))
+        except Exception as exc:  # a mod's refusal or bug becomes an error reply
+            return _failure_reply(msg, context, exc, ErrorCode.MOD_RAISED_EXCEPTION)
         if not isinstance(reply, Message) or not reply.is_reply_to(msg):
             return msg.error_reply(
                 Error(

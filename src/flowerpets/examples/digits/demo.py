@@ -151,17 +151,23 @@ class ProgressBar:
 
 
 def format_table(records: Sequence[RoundRecord]) -> str:
-    """A per-round table of training loss, test loss and test accuracy."""
+    """A per-round table of training loss, test loss and test accuracy.
+
+    An ``epsilon`` column is added when a DP mod reported the privacy spent.
+    """
+    with_epsilon = any("epsilon" in r.train_metrics for r in records)
     lines = [
         f"{'round':>5}  {'nodes':>5}  {'failed':>6}  {'train loss':>10}  "
         f"{'test loss':>9}  {'accuracy':>8}  {'seconds':>7}"
+        + (f"  {'epsilon':>8}" if with_epsilon else "")
     ]
     for r in records:
         lines.append(
             f"{r.round:>5}  {len(r.participants):>5}  {len(r.failures):>6}  "
-            f"{r.train_metrics.get('train-loss', float('nan')):>10.4f}  "
+            f"{r.train_metrics.get('train-loss', math.nan):>10.4f}  "
             f"{test_metric(r, 'loss'):>9.4f}  "
             f"{test_metric(r, 'accuracy'):>8.4f}  {r.seconds:>7.2f}"
+            + (f"  {r.train_metrics.get('epsilon', math.nan):>8.3f}" if with_epsilon else "")
         )
     return "\n".join(lines)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from flowerpets.examples.digits.features import DemoFeature
+from flowerpets.examples.digits.pets.dp import DpFeature
 from flowerpets.examples.digits.pets.he import HEFeature
 from flowerpets.examples.digits.pets.secagg import SecAggFeature
 
 __all__ = ["FEATURES"]
 
 # Update-flow order: privacy (DP) before protection (SecAgg+, HE); see features.compose.
-FEATURES: list[DemoFeature] = [SecAggFeature(), HEFeature()]
+FEATURES: list[DemoFeature] = [DpFeature(), SecAggFeature(), HEFeature()]

@@ -1,0 +1,333 @@
+"""Benchmark: what differential privacy costs, against the plain round it protects.
+
+Three parts (``--parts``), each a table of medians and ratios measured in the same run:
+
+``round``
+    A whole FedAvg round through ``run_simulation`` on ``--nodes`` nodes (default 10)
+    holding pre-made float32 updates of ``--params`` parameters (default 1,000,000):
+
+    * ``plain``: FedAvg alone (the baseline);
+    * ``central_dp``: the same round with ``CentralDp`` (noise multiplier 1, clip 1,
+      secure noise, PLD accounting) on the server and ``fixed_clipping_mod`` on every
+      client: each client computes and clips its update, the server adds
+      ``params`` secure Gaussians and the model back, then accounts the round.
+
+    The DP round's model is checked, once, against the fixed-denominator formula
+    ``w + (sum of clipped updates + noise) / m`` with seeded noise.
+``noise``
+    The pieces of that overhead on ``--params`` values, against numpy:
+
+    * ``numpy_normal``: ``Generator(PCG64).normal`` (fast, *not* a secure source: the
+      baseline of the noise rows);
+    * ``secure_noise``: the default source, AES-256-CTR keystream, Box-Muller, each
+      value the sum of 4 normals (the floating-point-attack mitigation);
+    * ``secure_noise_1``: the same with 1 normal per value (no mitigation);
+    * ``aes_ctr_keystream``: the raw keystream ``secure_noise`` needs (32 bytes per
+      value): the limit of any AES-CTR-based sampler;
+    * ``clip_update``: what a client's clipping mod does: the float64 difference of two
+      float32 models, its norm, and the scaled float32 result.
+``accountant``
+    Seconds per epsilon query for ``--steps`` Poisson-sampled Gaussian steps
+    (q = 0.01, z = 1.1), for each accountant: ``cold`` builds everything from
+    nothing for an event never seen before (as the CLI does), ``per_round``
+    composes one more step into an accountant that has seen the event before
+    and asks again (what ``CentralDp`` pays each round).
+
+Run from the repository root::
+
+    PYTHONPATH=src python bench/dp.py [--parts round noise accountant] [--repeats 5]
+    PYTHONPATH=src python bench/dp.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from _common import (
+    MEMORY_METRIC,
+    Case,
+    Measurement,
+    add_common_arguments,
+    emit_json,
+    environment,
+    format_seconds,
+    format_table,
+    max_rss_mb,
+    measurement_table,
+    positive_int,
+    ratio,
+    run_cases,
+)
+from numpy.typing import NDArray
+
+from flowerpets.core import (
+    WEIGHT_KEY,
+    ArrayRecord,
+    ClientApp,
+    Context,
+    FedAvg,
+    Message,
+    MetricRecord,
+    RecordDict,
+    ServerApp,
+)
+from flowerpets.dp import CentralDp, fixed_clipping_mod
+from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.noise import AesCtrGaussian
+from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian, RdpAccountant
+from flowerpets.simulation import run_simulation
+
+NAME = "params"
+NOISE_MULTIPLIER, CLIP = 1.0, 1.0
+ACCOUNTANT_EVENT = PoissonSampledGaussian(1.1, 0.01)
+DELTA = 1e-5
+PARTS = ("round", "noise", "accountant")
+
+
+# -- round ----------------------------------------------------------------------------------------
+def make_updates(nodes: int, params: int, seed: int) -> NDArray[np.float32]:
+    rng = np.random.default_rng(seed)
+    # Norms around 0.5 to 2: some updates are clipped, some are not.
+    stack = rng.standard_normal((nodes, params), dtype=np.float32)
+    stack *= (rng.uniform(0.5, 2.0, size=(nodes, 1)) / np.sqrt(params)).astype(np.float32)
+    return stack
+
+
+def client_app(stack: NDArray[np.float32], mods: Sequence[Any]) -> ClientApp:
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        index = context.node_config["partition-id"]
+        assert isinstance(index, int)
+        # The global model is zero, so the new weights are the update itself.
+        return RecordDict(
+            {
+                "arrays": ArrayRecord.from_numpy({NAME: stack[index]}, copy=False),
+                "metrics": MetricRecord({WEIGHT_KEY: 1}),
+            }
+        )
+
+    return app
+
+
+def one_round(stack: NDArray[np.float32], dp: CentralDp | None, seed: int) -> NDArray[Any]:
+    params = stack.shape[1]
+    server = ServerApp(
+        strategy=FedAvg(),
+        num_rounds=1,
+        initial_arrays=ArrayRecord.from_numpy({NAME: np.zeros(params, np.float32)}, copy=False),
+        mods=[] if dp is None else [dp],
+    )
+    mods = [] if dp is None else [fixed_clipping_mod]
+    result = run_simulation(server, client_app(stack, mods), len(stack), seed=seed)
+    record = result.history[0]
+    if not record.ok or len(record.participants) != len(stack):
+        raise RuntimeError(f"the round did not complete: {record.error}")
+    out: NDArray[Any] = result.arrays[NAME].numpy()
+    return out
+
+
+def check_round(stack: NDArray[np.float32], seed: int) -> float:
+    """Max |DP model - fixed-denominator formula| with seeded noise (must be float32 rounding)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = CentralDp(
+            noise_multiplier=NOISE_MULTIPLIER, clipping_norm=CLIP, rng=np.random.default_rng(seed)
+        )
+    got = one_round(stack, dp, seed).astype(np.float64)
+    total = np.zeros(stack.shape[1])
+    for row in stack:
+        clipped = clip_update({NAME: row.astype(np.float64)}, CLIP, dtypes={NAME: row.dtype})
+        total += clipped.arrays[NAME]
+    total += np.random.default_rng(seed).normal(0.0, NOISE_MULTIPLIER * CLIP, size=total.shape)
+    expected = (total / len(stack)).astype(np.float32).astype(np.float64)
+    return float(np.max(np.abs(got - expected)))
+
+
+def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    stack = make_updates(args.nodes, args.params, args.seed)
+    cases = [
+        Case("plain", lambda: one_round(stack, None, args.seed), "FedAvg, no DP"),
+        Case(
+            "central_dp",
+            lambda: one_round(
+                stack, CentralDp(noise_multiplier=NOISE_MULTIPLIER, clipping_norm=CLIP), args.seed
+            ),
+            "CentralDp + fixed_clipping_mod, secure noise, PLD",
+        ),
+    ]
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    error = check_round(stack, args.seed)
+    return {
+        "results": results,
+        "baseline": "plain",
+        "overhead": ratio(results["central_dp"], results["plain"]),
+        "max_abs_error": error,
+        "exact": error <= 4 * float(np.finfo(np.float32).eps),
+    }
+
+
+# -- noise ----------------------------------------------------------------------------------------
+def noise_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    params = args.params
+    pcg = np.random.default_rng(args.seed)
+    secure4, secure1 = AesCtrGaussian(summands=4), AesCtrGaussian(summands=1)
+    stack = make_updates(2, params, args.seed)
+    received = ArrayRecord.from_numpy({NAME: stack[0]}, copy=False)
+    new = ArrayRecord.from_numpy({NAME: stack[0] + stack[1]}, copy=False)
+    dtypes = {NAME: np.dtype(np.float32)}
+    cases = [
+        Case("numpy_normal", lambda: pcg.normal(0.0, 1.0, size=params), "PCG64, not secure"),
+        Case("secure_noise", lambda: secure4.normal(1.0, (params,)), "AES-CTR, 4 summands"),
+        Case("secure_noise_1", lambda: secure1.normal(1.0, (params,)), "AES-CTR, 1 summand"),
+        Case(
+            "aes_ctr_keystream",
+            lambda: secure4.keystream(32 * params),
+            "the keystream secure_noise needs",
+        ),
+        Case(
+            "clip_update",
+            lambda: clip_update(update_between(new, received), 0.5, dtypes=dtypes),
+            "a client's clipping of a float32 update",
+        ),
+    ]
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    return {
+        "results": results,
+        "baseline": "numpy_normal",
+        "secure_vs_numpy": ratio(results["secure_noise"], results["numpy_normal"]),
+    }
+
+
+# -- accountant -----------------------------------------------------------------------------------
+_fresh_events = itertools.count(1)
+
+
+def cold_query(make: Any, steps: int) -> float:
+    # A noise multiplier no accountant has seen (1.1 within 1e-9): nothing is cached, and
+    # the per-round cases keep their cached event.
+    event = PoissonSampledGaussian(1.1 * (1 + next(_fresh_events) * 1e-12), 0.01)
+    value: float = make().compose(event, steps).get_epsilon(DELTA)
+    return value
+
+
+def accountant_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    warm = {"pld": PldAccountant(), "rdp": RdpAccountant()}
+    for accountant in warm.values():
+        accountant.compose(ACCOUNTANT_EVENT, args.steps).get_epsilon(DELTA)
+
+    def per_round(name: str) -> float:
+        value: float = warm[name].compose(ACCOUNTANT_EVENT).get_epsilon(DELTA)
+        return value
+
+    cases = [
+        Case("pld_cold", lambda: cold_query(PldAccountant, args.steps), "fresh PLD"),
+        Case("rdp_cold", lambda: cold_query(RdpAccountant, args.steps), "fresh RDP"),
+        Case("pld_per_round", lambda: per_round("pld"), "one more step, PLD"),
+        Case("rdp_per_round", lambda: per_round("rdp"), "one more step, RDP"),
+    ]
+    results = run_cases(cases, args.repeats, memory=False, settle=args.settle, progress=progress)
+    epsilons = {
+        "pld": PldAccountant().compose(ACCOUNTANT_EVENT, args.steps).get_epsilon(DELTA),
+        "rdp": RdpAccountant().compose(ACCOUNTANT_EVENT, args.steps).get_epsilon(DELTA),
+    }
+    return {"results": results, "baseline": "rdp_cold", "epsilon": epsilons}
+
+
+RUNNERS = {"round": round_part, "noise": noise_part, "accountant": accountant_part}
+
+
+# -- main -----------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--nodes", type=positive_int, default=10, help="nodes in a round")
+    parser.add_argument(
+        "--params", type=positive_int, default=1_000_000, help="float32 parameters per update"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=1000, help="steps the accountants compose"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, repeats=5)
+    return parser.parse_args(argv)
+
+
+def _public(part: dict[str, Any]) -> dict[str, Any]:
+    results: dict[str, Measurement] = part["results"]
+    base = results[part["baseline"]]
+    out = {k: v for k, v in part.items() if k != "results"}
+    out["results"] = {name: m.to_json(base) for name, m in results.items()}
+    return out
+
+
+def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
+    lines = [
+        f"dp: {args.params:,} float32 params, {args.nodes} nodes, medians of {args.repeats} run(s)"
+    ]
+    if "round" in parts:
+        part = parts["round"]
+        lines += [
+            "",
+            "one round (run_simulation), central DP against plain FedAvg:",
+            measurement_table(part["results"].values(), baseline="plain"),
+            f"model vs the fixed-denominator formula: max |error| {part['max_abs_error']:.1e} "
+            f"({'exact to float32' if part['exact'] else 'MISMATCH'})",
+        ]
+    if "noise" in parts:
+        part = parts["noise"]
+        lines += [
+            "",
+            f"noise and clipping of {args.params:,} values, against numpy's (insecure) normal:",
+            measurement_table(part["results"].values(), baseline="numpy_normal"),
+        ]
+    if "accountant" in parts:
+        part = parts["accountant"]
+        rows = [(m.name, format_seconds(m.median), m.note) for m in part["results"].values()]
+        lines += [
+            "",
+            f"accountant, seconds per epsilon query ({args.steps} steps, q=0.01, z=1.1; "
+            f"epsilon pld {part['epsilon']['pld']:.4f}, rdp {part['epsilon']['rdp']:.4f}):",
+            format_table(("query", "median s", "what"), rows),
+        ]
+    lines += ["", f"peak MB = {MEMORY_METRIC}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = None if args.quiet else sys.stderr
+    parts = {name: RUNNERS[name](args, progress) for name in args.parts}
+    failed = []
+    if "round" in parts and not parts["round"]["exact"]:
+        failed.append("the DP round does not match the fixed-denominator formula")
+    if args.json:
+        emit_json(
+            {
+                "benchmark": "dp",
+                "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
+                "memory_metric": MEMORY_METRIC,
+                **{name: _public(part) for name, part in parts.items()},
+                "ok": not failed,
+                "failed": failed,
+                "process_max_rss_mb": max_rss_mb(),
+                "environment": environment(),
+            }
+        )
+    else:
+        print(report(args, parts))
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Differential privacy for federated learning: central DP, local DP, DP-SGD, and accounting.
+
+Central DP (user-level DP-FedAvg): a server mod and a client mod.
+
+.. code-block:: python
+
+    from flowerpets.dp import CentralDp, fixed_clipping_mod
+
+    client_app = ClientApp(mods=[fixed_clipping_mod])
+    server_app = ServerApp(..., mods=[CentralDp(noise_multiplier=1.0, clipping_norm=0.5,
+                                                delta=1e-5, max_epsilon=8.0)])
+
+Adaptive clipping: ``CentralDp(..., adaptive=AdaptiveClipping())`` on the
+server and :func:`adaptive_clipping_mod` on the clients. Clipping on the
+server instead: ``CentralDp(..., clip_on=ClipOn.SERVER)`` and no client mod.
+
+Local DP: ``ClientApp(mods=[LocalDpMod(clipping_norm=..., epsilon=..., delta=...)])``.
+
+Sample-level DP-SGD with Opacus: :class:`DpSgd` (needs the ``dpsgd`` extra).
+
+Privacy accounting and calibration: :mod:`flowerpets.dp.accountant`, and the
+``flowerpets accountant`` command. See ``docs/dp.md`` for what each protects
+against and what it does not.
+"""
+
+from __future__ import annotations
+
+from flowerpets.dp import accountant
+from flowerpets.dp.accountant import Neighbouring
+from flowerpets.dp.central import AdaptiveClipping, CentralDp, ClipOn
+from flowerpets.dp.clipping import adaptive_clipping_mod, fixed_clipping_mod
+from flowerpets.dp.dpsgd import DpSgd, DpSgdReport
+from flowerpets.dp.local import LocalDpMod
+
+__all__ = [
+    "AdaptiveClipping",
+    "CentralDp",
+    "ClipOn",
+    "DpSgd",
+    "DpSgdReport",
+    "LocalDpMod",
+    "Neighbouring",
+    "accountant",
+    "adaptive_clipping_mod",
+    "fixed_clipping_mod",
+]

@@ -1,0 +1,104 @@
+"""Calibrating Gaussian mechanisms: the analytic Gaussian, and adaptive clipping's noise split.
+
+**Analytic Gaussian mechanism** (Balle and Wang, ICML 2018, Theorem 8). Adding
+N(0, sigma^2) to a function of L2 sensitivity ``Delta`` is (epsilon, delta)-DP
+if and only if
+
+    Phi(Delta / (2 sigma) - epsilon sigma / Delta)
+        - e^epsilon Phi(-Delta / (2 sigma) - epsilon sigma / Delta)  <=  delta.
+
+The smallest such sigma is found by a root search; dp-accounting's
+``get_sigma_gaussian`` implements exactly this condition (its
+``_get_log_delta``, with ``Delta = 1``), and we scale by ``Delta``. It is valid
+for every epsilon > 0, unlike the classic ``sigma = Delta sqrt(2 ln(1.25 /
+delta)) / epsilon``, which is proven only for epsilon < 1 (Dwork and Roth,
+Theorem A.1) and, at epsilon = 16, delta = 1e-5, really gives epsilon = 18.9.
+
+**Adaptive clipping's budget split** (Andrew, Thakkar, McMahan and Ramaswamy,
+NeurIPS 2021, Section 3.1). A round releases two Gaussian sums: the clipped
+updates (sensitivity C, noise z_update * C) and the shifted unclipped
+indicators ``b_i - 1/2`` (sensitivity 1/2, noise sigma_b). Together they are one
+Gaussian mechanism with noise multiplier ``z`` where
+``z^-2 = z_update^-2 + (2 sigma_b)^-2``, so for a total ``z`` the update's share is
+``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)``, which exists only if ``2 sigma_b > z``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from flowerpets.exceptions import InfeasibleParametersError
+
+__all__ = [
+    "analytic_gaussian_sigma",
+    "classic_gaussian_sigma",
+    "gaussian_epsilon",
+    "split_noise_multiplier",
+]
+
+
+def _check_epsilon_delta(epsilon: float, delta: float) -> None:
+    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
+    if not (isinstance(delta, int | float) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def analytic_gaussian_sigma(epsilon: float, delta: float, *, sensitivity: float = 1.0) -> float:
+    """The smallest sigma for which N(0, sigma^2) noise is (epsilon, delta)-DP (Balle and Wang)."""
+    _check_epsilon_delta(epsilon, delta)
+    if not (math.isfinite(sensitivity) and sensitivity > 0):
+        raise ValueError(f"sensitivity must be finite and > 0, got {sensitivity!r}")
+    from dp_accounting import get_sigma_gaussian  # imported late: dp-accounting loads scipy
+
+    return float(get_sigma_gaussian(float(epsilon), float(delta))) * float(sensitivity)
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """The exact epsilon at ``delta`` of one Gaussian mechanism with this noise multiplier.
+
+    By Balle and Wang's condition, through dp-accounting's ``get_epsilon_gaussian``.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if noise_multiplier == 0:
+        return math.inf
+    return _gaussian_epsilon(float(noise_multiplier), float(delta))
+
+
+@lru_cache(maxsize=4096)  # every node asks for the same few values, round after round
+def _gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    from dp_accounting import get_epsilon_gaussian
+
+    return float(get_epsilon_gaussian(noise_multiplier, delta))
+
+
+def classic_gaussian_sigma(epsilon: float, delta: float, *, sensitivity: float = 1.0) -> float:
+    """``Delta sqrt(2 ln(1.25 / delta)) / epsilon``: proven only for epsilon < 1.
+
+    For comparison only: never calibrate with it.
+    """
+    _check_epsilon_delta(epsilon, delta)
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def split_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The update's noise multiplier when ``count_stddev`` noises the unclipped count.
+
+    Raises :class:`~flowerpets.exceptions.InfeasibleParametersError` unless
+    ``2 * count_stddev > noise_multiplier``.
+    """
+    z, sigma_b = float(noise_multiplier), float(count_stddev)
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
+    if not (math.isfinite(sigma_b) and sigma_b > 0):
+        raise ValueError(f"count_stddev must be finite and > 0, got {count_stddev!r}")
+    if not 2.0 * sigma_b > z:
+        raise InfeasibleParametersError(
+            f"adaptive clipping cannot keep a total noise multiplier of {z}: the count's noise "
+            f"sigma_b = {sigma_b} must exceed z / 2 = {z / 2} (raise count_stddev, or lower z)"
+        )
+    return float((z**-2 - (2.0 * sigma_b) ** -2) ** -0.5)

@@ -1,0 +1,133 @@
+"""L2 clipping of a model update (all of its arrays taken as one vector).
+
+The guarantee DP rests on is the bound on the *returned* arrays, after they are
+cast to the model's dtype: :func:`clip_update` leaves room for every rounding
+on the way (see its docstring), so the returned norm is at most the clip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from flowerpets.core import ArrayRecord
+from flowerpets.exceptions import InvalidUpdateError
+
+__all__ = ["ClippedUpdate", "clip_update", "global_norm", "update_between"]
+
+
+def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
+    """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow for finite input)."""
+    total = 0.0
+    with np.errstate(over="ignore"):  # an overflow is handled below
+        for array in arrays.values():
+            flat = np.asarray(array, dtype=np.float64).reshape(-1)
+            total += float(np.dot(flat, flat))
+    if math.isfinite(total):
+        return math.sqrt(total)
+    # Squares overflowed: scale by the largest magnitude first.
+    peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
+    if not math.isfinite(peak):
+        return math.inf
+    scaled = 0.0
+    for array in arrays.values():
+        flat = np.asarray(array, dtype=np.float64).reshape(-1) / peak
+        scaled += float(np.dot(flat, flat))
+    return peak * math.sqrt(scaled)
+
+
+def update_between(new: ArrayRecord, received: ArrayRecord) -> dict[str, NDArray[np.float64]]:
+    """``new - received`` per array, in float64; refuses mismatched or non-finite input.
+
+    Raises :class:`~flowerpets.exceptions.InvalidUpdateError` if the names or
+    shapes differ, or if the difference holds NaN or infinity.
+    """
+    got = [(n, a.shape) for n, a in new.items()]
+    expected = [(n, a.shape) for n, a in received.items()]
+    if got != expected:
+        raise InvalidUpdateError(
+            f"the trained arrays {got} do not match the received model {expected}"
+        )
+    update: dict[str, NDArray[np.float64]] = {}
+    for name, array in new.items():
+        data, base = array.numpy(), received[name].numpy()
+        if data.dtype.kind not in "biuf" or base.dtype.kind not in "biuf":
+            raise InvalidUpdateError(f"array {name!r} is not real-valued numeric data")
+        delta = np.subtract(data, base, dtype=np.float64)
+        if not np.isfinite(np.add.reduce(delta, axis=None)):
+            raise InvalidUpdateError(f"the update of {name!r} holds NaN or infinite values")
+        update[name] = delta
+    return update
+
+
+@dataclass(frozen=True, slots=True)
+class ClippedUpdate:
+    """An update clipped to L2 norm ``clip``: the arrays, and the norm before clipping."""
+
+    arrays: dict[str, NDArray[Any]]
+    norm: float
+    clip: float
+
+    @property
+    def unclipped(self) -> bool:
+        """True if the update's norm was at most the clip (the adaptive-clipping indicator)."""
+        return self.norm <= self.clip
+
+
+def _output_dtype(dtype: np.dtype[Any] | None) -> np.dtype[Any]:
+    if dtype is not None and dtype.kind == "f":
+        return dtype
+    return np.dtype(np.float64)
+
+
+def clip_update(
+    update: Mapping[str, NDArray[Any]],
+    clip: float,
+    *,
+    dtypes: Mapping[str, np.dtype[Any]] | None = None,
+) -> ClippedUpdate:
+    """Scale ``update`` down to L2 norm at most ``clip``, cast to ``dtypes`` (default float64).
+
+    An update whose norm is at most ``clip`` is returned unscaled (only cast),
+    unless it is within rounding of the clip (see below). Non-float target
+    dtypes become float64.
+
+    The bound holds for the returned arrays, after the cast, without a second
+    pass to check it. Each value is ``fl(fl(x_i) * f)`` in the target dtype, so
+    ``|out_i| <= f |x_i| (1 + u)^2 + tiny`` with ``u`` the dtype's unit roundoff and
+    ``tiny`` its smallest subnormal; and the computed norm ``N`` of the ``n``
+    values is within a relative ``gamma = (n + k + 2) 2^-52`` of the true one (``k``
+    arrays, a dot product each). The factor is therefore
+    ``f = min(1, (C - sqrt(n) tiny) / (N (1 + gamma) (1 + u)^2))``: an update within
+    about ``2u`` of the clip is shrunk by that much, and the returned norm is at
+    most ``C`` however the rounding falls (a property test checks it).
+    """
+    clip = float(clip)
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be finite and > 0, got {clip!r}")
+    norm = global_norm(update)
+    if not math.isfinite(norm):
+        raise InvalidUpdateError("the update holds NaN or infinite values")
+    targets = {n: _output_dtype(None if dtypes is None else dtypes.get(n)) for n in update}
+    size = sum(int(np.size(a)) for a in update.values())
+    roundoff = max((float(np.finfo(t).eps) / 2 for t in targets.values()), default=0.0)
+    tiny = max((float(np.finfo(t).smallest_subnormal) for t in targets.values()), default=0.0)
+    gamma = (size + len(update) + 2) * 2.0**-52
+    budget = clip - math.sqrt(size) * tiny
+    if budget <= 0:
+        raise ValueError(f"clip {clip!r} is below what the dtypes {set(targets.values())} resolve")
+    worst = norm * (1 + gamma) * (1 + roundoff) ** 2
+    factor = 1.0 if worst <= budget else budget / worst
+    arrays: dict[str, NDArray[Any]] = {}
+    for name, array in update.items():
+        data = np.asarray(array, dtype=np.float64)
+        if factor == 1.0:
+            arrays[name] = data.astype(targets[name], copy=False)
+        else:
+            arrays[name] = np.multiply(data, factor, dtype=targets[name])
+    return ClippedUpdate(arrays=arrays, norm=norm, clip=clip)

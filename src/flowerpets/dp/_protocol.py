@@ -1,0 +1,62 @@
+"""What the DP server mod and the DP client mods say to each other, by name.
+
+Reserved names start with ``dp.``; no model array or config key may use them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flowerpets.core import ConfigRecord
+from flowerpets.exceptions import RequestRefusedError
+
+__all__ = [
+    "CLIP_KEY",
+    "INDICATOR",
+    "REPLY_MODEL_KEY",
+    "RESERVED_PREFIX",
+    "read_clip",
+    "reply_model",
+]
+
+RESERVED_PREFIX = "dp."
+
+# Config key: the L2 norm the client clips its update to this round.
+CLIP_KEY = "dp.clip"
+
+# Config key, true when the server cannot read the global model (it is sealed, for example
+# encrypted): the client then replies with received + clipped update, a model, instead of the
+# clipped update alone, because the server cannot add the model back itself.
+REPLY_MODEL_KEY = "dp.reply-model"
+
+# Array sent with the model when the server runs adaptive clipping. A client replies with
+# b - 1/2 in it, b = 1 if its update's norm was at most the clip: the array is summed with
+# the updates (inside a secure sum, if there is one), so the server only sees the count.
+INDICATOR = "dp.unclipped"
+
+
+def read_clip(config: ConfigRecord) -> float:
+    """The clipping norm the server sent; refuses the request if it is missing or nonsense."""
+    if CLIP_KEY not in config:
+        raise RequestRefusedError(
+            f"the request carries no clipping norm ({CLIP_KEY!r}): a DP clipping mod needs "
+            "CentralDp(clip_on=ClipOn.CLIENTS) on the server"
+        )
+    clip = config[CLIP_KEY]
+    if (
+        isinstance(clip, bool)
+        or not isinstance(clip, int | float)
+        or not (math.isfinite(clip) and clip > 0)
+    ):
+        raise RequestRefusedError(
+            f"the clipping norm {CLIP_KEY!r} must be finite and > 0, got {clip!r}"
+        )
+    return float(clip)
+
+
+def reply_model(config: ConfigRecord) -> bool:
+    """Whether the server asks for a model (received + clipped update) instead of the update."""
+    value = config.get(REPLY_MODEL_KEY, False)
+    if not isinstance(value, bool):
+        raise RequestRefusedError(f"{REPLY_MODEL_KEY!r} must be a bool, got {value!r}")
+    return value

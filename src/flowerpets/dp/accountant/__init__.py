@@ -1,0 +1,55 @@
+"""Privacy accounting: the events our runs produce, and accountants over dp-accounting.
+
+.. code-block:: python
+
+    from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian
+
+    accountant = PldAccountant()
+    accountant.compose(PoissonSampledGaussian(noise_multiplier=1.1, sample_rate=0.01), 1000)
+    accountant.get_epsilon(1e-5)  # ~1.5
+
+:class:`PldAccountant` is the default and the tightest; :class:`RdpAccountant`
+is faster and analyses fixed-size cohorts. :func:`calibrate_noise_multiplier`
+finds the noise for a target epsilon through either. The ``flowerpets
+accountant`` command line wraps the same functions.
+"""
+
+from __future__ import annotations
+
+from flowerpets.dp.accountant.accountants import (
+    ACCOUNTANTS,
+    Accountant,
+    AccountantFactory,
+    PldAccountant,
+    RdpAccountant,
+    calibrate_noise_multiplier,
+    default_accountant,
+    default_neighbouring,
+    event_for_round,
+)
+from flowerpets.dp.accountant.events import (
+    FixedSizeSampledGaussian,
+    FullParticipationGaussian,
+    Laplace,
+    Neighbouring,
+    PoissonSampledGaussian,
+    PrivacyEvent,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "Accountant",
+    "AccountantFactory",
+    "FixedSizeSampledGaussian",
+    "FullParticipationGaussian",
+    "Laplace",
+    "Neighbouring",
+    "PldAccountant",
+    "PoissonSampledGaussian",
+    "PrivacyEvent",
+    "RdpAccountant",
+    "calibrate_noise_multiplier",
+    "default_accountant",
+    "default_neighbouring",
+    "event_for_round",
+]

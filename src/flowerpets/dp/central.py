@@ -1,0 +1,515 @@
+"""Central differential privacy for federated averaging (user-level DP-FedAvg).
+
+:class:`CentralDp` is a server mod. Each round it
+
+1. works out the round's privacy event from the sampling the strategy really
+   used (``request.sampling``: Poisson, fixed-size without replacement, or full
+   participation; see :func:`~flowerpets.dp.accountant.event_for_round`) and,
+   given a budget, refuses the round *before any node sees it* if composing the
+   event would exceed the budget (``StopRunError``: the ServerApp ends the run
+   and returns what it has, with the reason in ``RunResult.stopped``);
+2. asks for uniform weights (``request.weight_key = None``) and, when the
+   clients clip, sends the clip in the config (``dp.clip``);
+3. lets the inner chain collect the **sum of clipped updates** (each update is
+   new weights minus the global weights, clipped to L2 norm C by the client
+   mods in :mod:`flowerpets.dp.clipping`, or by this mod when it clips on the
+   server);
+4. adds Gaussian noise of standard deviation ``z C`` to that sum, adds back
+   ``m`` times the global model, and sets the total weight to ``m``, the
+   *expected* cohort size ``request.sampling.expected_size(request.population)``,
+   so FedAvg's mean is exactly
+
+       w + (sum of clipped updates + N(0, (z C)^2)) / m,
+
+   the fixed-denominator estimator of McMahan et al. (ICLR 2018), whose noise
+   on the mean is ``z C / m``;
+5. records the event with the accountant and reports ``epsilon`` (at
+   ``delta``) in the round's metrics (``history.round(n).train_metrics``).
+
+The noise is added through :meth:`RoundResult.add_to_sum`, so it works on a
+plain sum and on a sealed one (homomorphic encryption) alike.
+
+**Fewer replies than expected.** The denominator stays ``m`` and the noise stays
+``z C``: both depend on the clip, not on who replied, so the privacy guarantee
+and the accountant's event are unchanged. What changes is utility: with ``m'``
+replies the mean update is scaled by about ``m' / m``, so the model moves less
+(towards the previous one) and the noise weighs relatively more. Dividing by
+``m'`` instead would make the release depend on the number of participants,
+which is exactly what DP must not reveal. A round in which nobody replied
+still releases ``w + noise / m``.
+
+**Adaptive clipping** (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021):
+each client reports ``b_i - 1/2`` with ``b_i = 1`` if its update's norm was at
+most ``C`` (*unclipped*, not clipped); the server adds N(0, sigma_b^2) to the
+sum (default ``sigma_b = m / 20``), estimates the unclipped fraction
+``b = (sum + noise) / m + 1/2`` and sets ``C <- C exp(-eta (b - gamma))``. The
+two noises share the budget: the update's multiplier is
+``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (requires ``2 sigma_b > z``), and the
+pair is accounted as one Gaussian of multiplier ``z``.
+
+**Where the clipping happens.** ``ClipOn.CLIENTS`` (default) trusts each
+client to run a clipping mod, and composes with secure aggregation: the
+clipped update (and the indicator, in the reserved array ``dp.unclipped``)
+are summed securely and the server noises only the sum. ``ClipOn.SERVER``
+needs every update one by one, so it refuses to run when an app's mod
+declares secure aggregation, or when the sum comes back sealed.
+
+What it does not protect: the clients' own train metrics (loss, number of
+examples) are averages of private data released without noise, so this mod
+drops every metric the inner chain returns from the round's metrics unless
+``keep_client_metrics=True``. The
+number of available nodes (hence ``m``) is treated as public, as is the
+fact that a round failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from flowerpets.core import (
+    ArrayRecord,
+    ConfigRecord,
+    FixedSizeSampling,
+    FullParticipation,
+    Grid,
+    Message,
+    MetricRecord,
+    RoundRequest,
+    RoundResult,
+    ServerContext,
+)
+from flowerpets.core.round import is_sealed
+from flowerpets.dp._primitives.calibration import split_noise_multiplier
+from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
+from flowerpets.dp._protocol import CLIP_KEY, INDICATOR, REPLY_MODEL_KEY, RESERVED_PREFIX
+from flowerpets.dp.accountant import (
+    Accountant,
+    AccountantFactory,
+    PrivacyEvent,
+    default_accountant,
+    default_neighbouring,
+    event_for_round,
+)
+from flowerpets.exceptions import (
+    IncompatibleModsError,
+    InvalidUpdateError,
+    RecordTypeError,
+    RoundFailedError,
+    StopRunError,
+)
+
+__all__ = ["AdaptiveClipping", "CentralDp", "ClipOn"]
+
+log = logging.getLogger(__name__)
+
+CallNext = Callable[[RoundRequest, ServerContext], RoundResult]
+STATE_KEY = "dp.central"
+
+# Runs whose state a CentralDp keeps (a ServerApp run is one; a long-lived server may do many).
+_KEPT_RUNS = 16
+
+# Samplings whose cohort is drawn without looking at the data and of a size fixed in advance.
+_COHORT_FIXED_IN_ADVANCE = frozenset({FullParticipation, FixedSizeSampling})
+
+
+class ClipOn(Enum):
+    """Where updates are clipped under :class:`CentralDp`."""
+
+    CLIENTS = "clients"  # each client runs fixed_clipping_mod or adaptive_clipping_mod
+    SERVER = "server"  # the server clips each update it receives (no secure aggregation)
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveClipping:
+    """Adaptive clipping's settings (Andrew et al., 2021); defaults are the paper's.
+
+    ``target_quantile`` (gamma): the fraction of updates the clip should leave
+    unclipped. ``learning_rate`` (eta): the geometric step, ``C <- C exp(-eta (b -
+    gamma))``. ``count_stddev`` (sigma_b): the noise on the unclipped count; None
+    means ``m / 20`` for an expected cohort of ``m``.
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target_quantile, int | float) and 0 <= self.target_quantile <= 1):
+            raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile!r}")
+        if not (
+            isinstance(self.learning_rate, int | float)
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
+            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        if self.count_stddev is not None and not (
+            isinstance(self.count_stddev, int | float)
+            and math.isfinite(self.count_stddev)
+            and self.count_stddev > 0
+        ):
+            raise ValueError(f"count_stddev must be finite and > 0, got {self.count_stddev!r}")
+
+    def count_noise(self, expected_cohort: float) -> float:
+        """sigma_b for an expected cohort of ``expected_cohort`` clients."""
+        return self.count_stddev if self.count_stddev is not None else expected_cohort / 20.0
+
+    def next_clip(self, clip: float, unclipped_fraction: float) -> float:
+        """The geometric update ``C exp(-eta (b - gamma))``."""
+        return clip * math.exp(-self.learning_rate * (unclipped_fraction - self.target_quantile))
+
+
+# -- where the clipping happens -------------------------------------------------------------------
+class _ClippingGrid:
+    """A Grid that clips every train reply of one round before the inner chain sees it."""
+
+    def __init__(
+        self, grid: Grid, request: RoundRequest, clip: float, unclipped: dict[int, bool]
+    ) -> None:
+        self._grid, self._request, self._clip = grid, request, clip
+        self._unclipped = unclipped
+        self._dtypes = {n: a.dtype for n, a in request.arrays.items()}
+
+    @property
+    def run_id(self) -> int:
+        return self._grid.run_id
+
+    def node_ids(self) -> Sequence[int]:
+        return self._grid.node_ids()
+
+    def send_and_receive(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            yield self._clipped(reply)
+
+    def _clipped(self, reply: Message) -> Message:
+        md = reply.metadata
+        body = reply.content
+        if (
+            body is None
+            or "arrays" not in body
+            or md.message_type != self._request.message_type
+            or md.round != self._request.round
+        ):
+            return reply
+        try:
+            update = update_between(body.get_typed("arrays", ArrayRecord), self._request.arrays)
+            clipped = clip_update(update, self._clip, dtypes=self._dtypes)
+        except (InvalidUpdateError, RecordTypeError):
+            return reply  # the inner exchange refuses it and records the node's failure
+        self._unclipped.setdefault(md.src_node_id, clipped.unclipped)
+        content = body.copy()
+        content["arrays"] = ArrayRecord.from_numpy(clipped.arrays, copy=False)
+        return Message(metadata=md, content=content)
+
+
+def _on_clients(
+    request: RoundRequest, context: ServerContext, call_next: CallNext, clip: float, adaptive: bool
+) -> tuple[RoundResult, float]:
+    config = ConfigRecord(request.config)
+    config[CLIP_KEY] = clip
+    arrays = ArrayRecord(request.arrays)
+    if adaptive:
+        arrays[INDICATOR] = np.zeros(1)
+    result = call_next(request.replace(config=config, arrays=arrays), context)
+    if not adaptive:
+        return result, 0.0
+    if INDICATOR not in result.aggregate:
+        if result.participants:
+            raise IncompatibleModsError(
+                "adaptive clipping needs the unclipped count in the clear, but the round's sum "
+                "holds no plain 'dp.unclipped' array (is it sealed by an inner mod?)"
+            )
+        return result, 0.0
+    count = float(np.sum(result.aggregate[INDICATOR].numpy(), dtype=np.float64))
+    aggregate = ArrayRecord({n: a for n, a in result.aggregate.items() if n != INDICATOR})
+    return result.replace(aggregate=aggregate), count
+
+
+def _on_server(
+    request: RoundRequest, context: ServerContext, call_next: CallNext, clip: float, adaptive: bool
+) -> tuple[RoundResult, float]:
+    if context.secure_aggregation:
+        raise IncompatibleModsError(
+            "CentralDp(clip_on=ClipOn.SERVER) needs every update one by one, but a mod of this "
+            "app sums them securely: clip on the clients instead (ClipOn.CLIENTS)"
+        )
+    unclipped: dict[int, bool] = {}
+    inner = ServerContext(
+        grid=_ClippingGrid(context.require_grid(), request, clip, unclipped),
+        secure_aggregation=False,
+        run_id=context.run_id,
+        run_config=context.run_config,
+        state=context.state,
+    )
+    result = call_next(request, inner)
+    if result.sealed is not None:
+        raise IncompatibleModsError(
+            "CentralDp(clip_on=ClipOn.SERVER) cannot clip updates that an inner mod sealed"
+        )
+    missed = [node for node in result.participants if node not in unclipped]
+    if missed:
+        raise IncompatibleModsError(
+            f"the updates of nodes {missed[:5]} did not pass through server-side clipping: an "
+            "inner mod runs its own exchange; clip on the clients instead"
+        )
+    count = sum(0.5 if unclipped[node] else -0.5 for node in result.participants)
+    return result, float(count)
+
+
+_SITES: dict[
+    ClipOn,
+    Callable[[RoundRequest, ServerContext, CallNext, float, bool], tuple[RoundResult, float]],
+] = {ClipOn.CLIENTS: _on_clients, ClipOn.SERVER: _on_server}
+
+
+# -- the mod --------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Run:
+    """One run's privacy state (a ServerApp run gets a fresh ServerContext, hence a fresh _Run)."""
+
+    clip: float
+    accountant: Accountant | None = None
+    epsilon: float = 0.0
+    rounds: int = 0
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
+class CentralDp:
+    """Server mod: user-level central DP for FedAvg (see the module docstring).
+
+    ``noise_multiplier`` (z) is the total: with adaptive clipping it covers the
+    update and the unclipped count together. ``clipping_norm`` is C (the initial
+    C with adaptive clipping). ``delta`` is the delta at which epsilon is
+    reported; ``max_epsilon`` is the budget (None: report, never refuse).
+    ``accountant`` makes a fresh accountant for a neighbouring relation (None:
+    PLD, or RDP for fixed-size cohorts; see
+    :func:`~flowerpets.dp.accountant.default_accountant`). ``rng`` replaces the
+    secure noise source with a seeded generator, for tests only (it warns).
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        clip_on: ClipOn = ClipOn.CLIENTS,
+        adaptive: AdaptiveClipping | None = None,
+        delta: float = 1e-5,
+        max_epsilon: float | None = None,
+        accountant: AccountantFactory | None = None,
+        rng: np.random.Generator | None = None,
+        keep_client_metrics: bool = False,
+    ) -> None:
+        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier, allow_zero=True)
+        self.clipping_norm = _positive("clipping_norm", clipping_norm)
+        if not isinstance(clip_on, ClipOn):
+            raise TypeError(f"clip_on must be a ClipOn, got {clip_on!r}")
+        if adaptive is not None and not isinstance(adaptive, AdaptiveClipping):
+            raise TypeError(f"adaptive must be an AdaptiveClipping or None, got {adaptive!r}")
+        if adaptive is not None and self.noise_multiplier == 0:
+            raise ValueError("adaptive clipping splits the noise: it needs noise_multiplier > 0")
+        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        if max_epsilon is not None:
+            max_epsilon = _positive("max_epsilon", max_epsilon)
+        if accountant is not None and not callable(accountant):
+            raise TypeError(f"accountant must make an Accountant, got {accountant!r}")
+        if not isinstance(keep_client_metrics, bool):
+            raise TypeError(f"keep_client_metrics must be a bool, got {keep_client_metrics!r}")
+        self.clip_on = clip_on
+        self.adaptive = adaptive
+        self.delta = float(delta)
+        self.max_epsilon = max_epsilon
+        self.accountant = accountant
+        self.keep_client_metrics = keep_client_metrics
+        self._noise: GaussianSource = gaussian_source(rng, owner="CentralDp")
+        self._runs: dict[str, _Run] = {}
+        if self.noise_multiplier == 0:
+            warnings.warn(
+                "CentralDp(noise_multiplier=0) adds no noise: the run is not private "
+                "(epsilon is infinite)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if keep_client_metrics:
+            warnings.warn(
+                "CentralDp(keep_client_metrics=True) releases the clients' train metrics "
+                "without noise: they are not covered by the privacy guarantee",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"CentralDp(noise_multiplier={self.noise_multiplier}, clipping_norm="
+            f"{self.clipping_norm}, clip_on={self.clip_on.name}, adaptive={self.adaptive}, "
+            f"delta={self.delta}, max_epsilon={self.max_epsilon})"
+        )
+
+    # -- per-run state --------------------------------------------------------------------------
+    def _find_run(self, context: ServerContext) -> _Run | None:
+        record = context.state.get(STATE_KEY)
+        token = record.get("run") if isinstance(record, ConfigRecord) else None
+        return self._runs.get(token) if isinstance(token, str) else None
+
+    def _run(self, context: ServerContext) -> _Run:
+        """This run's state; a context this mod has not seen starts a new run."""
+        run = self._find_run(context)
+        if run is None:
+            while len(self._runs) >= _KEPT_RUNS:  # forget the oldest finished runs
+                del self._runs[next(iter(self._runs))]
+            token = secrets.token_hex(8)
+            run = self._runs[token] = _Run(clip=self.clipping_norm)
+            context.state[STATE_KEY] = ConfigRecord({"run": token})
+        return run
+
+    @staticmethod
+    def _publish(context: ServerContext, run: _Run) -> None:
+        record = context.state.get(STATE_KEY)
+        assert isinstance(record, ConfigRecord)
+        record["clip"] = run.clip
+        record["epsilon"] = run.epsilon
+        record["rounds"] = run.rounds
+
+    def spent(self, context: ServerContext) -> float:
+        """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to."""
+        run = self._find_run(context)
+        return 0.0 if run is None else run.epsilon
+
+    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> None:
+        """Compose ``event``; refuse the round first if it would exceed the budget."""
+        if run.accountant is None:
+            run.accountant = (
+                default_accountant(event)
+                if self.accountant is None
+                else self.accountant(neighbouring=default_neighbouring(event))
+            )
+        candidate = run.accountant.copy().compose(event)
+        epsilon = candidate.get_epsilon(self.delta)
+        if self.max_epsilon is not None and epsilon > self.max_epsilon:
+            raise StopRunError(
+                f"privacy budget: round {round} would raise epsilon to {epsilon:.4g} at "
+                f"delta={self.delta:g}, above max_epsilon={self.max_epsilon:g} "
+                f"(spent {run.epsilon:.4g} in {run.rounds} round(s))"
+            )
+        run.accountant, run.epsilon = candidate, epsilon
+        run.rounds += 1
+
+    # -- one round -------------------------------------------------------------------------------
+    def __call__(
+        self, request: RoundRequest, context: ServerContext, call_next: CallNext
+    ) -> RoundResult:
+        if request.population < 1:
+            raise RoundFailedError(f"round {request.round}: no nodes are available")
+        sealed_model = is_sealed(request.arrays)
+        if sealed_model:
+            self._check_sealed_model(request)
+        reserved = [n for n in (*request.arrays, *request.config) if n.startswith(RESERVED_PREFIX)]
+        if reserved:
+            raise ValueError(f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)")
+        run = self._run(context)
+        expected = float(request.sampling.expected_size(request.population))
+        if run.rounds == 0 and self.delta >= 1.0 / request.population:
+            log.warning(
+                "CentralDp: delta=%g is not below 1/population (%d nodes): such a delta allows "
+                "releasing one client's data outright",
+                self.delta,
+                request.population,
+            )
+        update_multiplier, count_stddev = self.noise_multiplier, 0.0
+        if self.adaptive is not None:
+            count_stddev = self.adaptive.count_noise(expected)
+            update_multiplier = split_noise_multiplier(self.noise_multiplier, count_stddev)
+        event = event_for_round(request.sampling, request.population, self.noise_multiplier)
+        self._account(run, event, request.round)
+
+        clip = run.clip
+        site = _SITES[self.clip_on]
+        inner = request.replace(weight_key=None)
+        if sealed_model:
+            inner = inner.replace(config=ConfigRecord({**request.config, REPLY_MODEL_KEY: True}))
+        result, unclipped = site(inner, context, call_next, clip, self.adaptive is not None)
+        if sealed_model:
+            result = self._noised_models(result, update_multiplier * clip)
+        else:
+            result = self._noised(result, request.arrays, update_multiplier * clip, expected)
+
+        metrics = MetricRecord(result.metrics) if self.keep_client_metrics else MetricRecord()
+        metrics["epsilon"] = run.epsilon
+        metrics["delta"] = self.delta
+        metrics["dp-clip"] = clip
+        metrics["dp-noise-std"] = update_multiplier * clip / result.total_weight
+        metrics["dp-expected-cohort"] = expected
+        if self.adaptive is not None:
+            noisy = unclipped + float(self._noise.normal(count_stddev, (1,))[0])
+            fraction = noisy / expected + 0.5
+            run.clip = self.adaptive.next_clip(clip, fraction)
+            metrics["dp-unclipped-fraction"] = fraction
+        self._publish(context, run)
+        return result.replace(metrics=metrics)
+
+    def _check_sealed_model(self, request: RoundRequest) -> None:
+        """A sealed global model is supported only where the number of replies is public."""
+        if self.clip_on is ClipOn.SERVER:
+            raise IncompatibleModsError(
+                "CentralDp(clip_on=ClipOn.SERVER) cannot compute updates against a global model "
+                "it cannot read (it is sealed): clip on the clients instead"
+            )
+        if type(request.sampling) not in _COHORT_FIXED_IN_ADVANCE:
+            raise IncompatibleModsError(
+                f"with a sealed global model CentralDp divides by the number of replies, which "
+                f"{request.sampling!r} makes private: use FullParticipation or FixedSizeSampling"
+            )
+
+    def _noised_models(self, result: RoundResult, std: float) -> RoundResult:
+        """The sealed-model variant: the replies are models, so the mean divides by their count.
+
+        The server cannot add ``m`` times a model it cannot read. Each client sent
+        ``received + clipped update`` instead, so the sum holds ``m'`` copies of
+        the model, and the denominator must be ``m'``, the number of replies. That
+        is post-processing of the noised sum only if ``m'`` is public: true when the
+        cohort is fixed in advance and dropping out does not depend on the data,
+        which is why Poisson sampling is refused here.
+        """
+        if not result.participants:
+            raise RoundFailedError(f"round {result.round}: no node replied")
+        noise = {name: self._noise.normal(std, shape) for name, shape in result.shapes().items()}
+        return result.add_to_sum(noise).replace(total_weight=float(len(result.participants)))
+
+    def _noised(
+        self, result: RoundResult, model: ArrayRecord, std: float, expected: float
+    ) -> RoundResult:
+        """``result`` with N(0, std^2) and ``expected * model`` added, total weight ``expected``."""
+        if result.sealed is None and any(name not in result.aggregate for name in model):
+            # Nobody replied: the release is still the model plus noise, as the DP analysis says.
+            aggregate = ArrayRecord(result.aggregate)
+            for name, array in model.items():
+                if name not in aggregate:
+                    aggregate[name] = np.zeros(array.shape)
+            result = result.replace(aggregate=aggregate)
+        additions: dict[str, Any] = {}
+        for name, array in model.items():
+            noise = self._noise.normal(std, array.shape)
+            noise += expected * np.asarray(array.numpy(), dtype=np.float64)
+            additions[name] = noise
+        return result.add_to_sum(additions).replace(total_weight=expected)

@@ -1,0 +1,414 @@
+"""``flowerpets accountant``: epsilon, noise and round plans from the command line.
+
+.. code-block:: text
+
+    flowerpets accountant epsilon --noise-multiplier 1.1 --sample-rate 0.01 --steps 10000 \\
+        --delta 1e-5 [--accountant pld|rdp|all] [--json]
+    flowerpets accountant noise --target-epsilon 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
+    flowerpets accountant plan --population 1000 --clients-per-round 50 --rounds 200 \\
+        --noise-multiplier 1.0 --delta 1e-6 [--sampling poisson|fixed] [--plot eps.png]
+
+``epsilon`` and ``noise`` describe Poisson-sampled Gaussian steps (a sample
+rate of 1 means every step sees everyone: no amplification). ``plan`` describes
+federated rounds: clients sampled from a population by Poisson sampling at
+rate ``clients / population`` (the default) or as a fixed-size cohort drawn
+without replacement, and prints epsilon after each round. ``--accountant``
+picks PLD (default, tightest), RDP (fast), or ``all`` side by side with the
+time each took; a fixed-size plan defaults to RDP, the accountant that
+analyses it. A table by default, one JSON object with ``--json``. Bad
+arguments print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from flowerpets.dp.accountant import (
+    ACCOUNTANTS,
+    Accountant,
+    FixedSizeSampledGaussian,
+    FullParticipationGaussian,
+    PoissonSampledGaussian,
+    PrivacyEvent,
+    calibrate_noise_multiplier,
+    default_accountant,
+    default_neighbouring,
+)
+from flowerpets.exceptions import PrivacyAccountingError
+
+__all__ = ["add_parser", "main"]
+
+ALL = "all"
+MAX_POINTS = 50  # rounds evaluated by `plan` unless --points says otherwise
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# -- argument types --------------------------------------------------------------------------------
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+# -- the parsers -----------------------------------------------------------------------------------
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--delta", type=_probability, required=True, help="the delta epsilon is reported at"
+    )
+    parser.add_argument(
+        "--accountant",
+        choices=[*sorted(ACCOUNTANTS), ALL],
+        default=None,
+        help="pld (default, tightest), rdp (fast), or all side by side",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_steps(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sample-rate",
+        type=_rate,
+        required=True,
+        help="Poisson sampling rate of each step (1: every step sees everyone)",
+    )
+    parser.add_argument("--steps", type=_count, required=True, help="number of steps")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``accountant`` and its ``epsilon``, ``noise`` and ``plan`` subcommands."""
+    parser = subparsers.add_parser(
+        "accountant",
+        help="privacy accounting: epsilon, noise multiplier, epsilon per round",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = _OneLineParser  # its errors are one line too
+    commands = parser.add_subparsers(metavar="QUERY", required=True, parser_class=_OneLineParser)
+
+    epsilon = commands.add_parser(
+        "epsilon", help="epsilon of T sampled Gaussian steps", description="Print epsilon."
+    )
+    epsilon.add_argument("--noise-multiplier", type=_positive, required=True)
+    _add_steps(epsilon)
+    _add_common(epsilon)
+    epsilon.set_defaults(command=_run(_epsilon_command))
+
+    noise = commands.add_parser(
+        "noise",
+        help="noise multiplier that reaches a target epsilon",
+        description="Print the smallest noise multiplier within the target epsilon.",
+    )
+    noise.add_argument("--target-epsilon", type=_positive, required=True)
+    _add_steps(noise)
+    _add_common(noise)
+    noise.set_defaults(command=_run(_noise_command))
+
+    plan = commands.add_parser(
+        "plan",
+        help="epsilon after each round of a federated run",
+        description="Print epsilon after each round of a federated run.",
+    )
+    plan.add_argument("--population", type=_count, required=True, help="clients available")
+    plan.add_argument("--clients-per-round", type=_count, required=True)
+    plan.add_argument("--rounds", type=_count, required=True)
+    plan.add_argument("--noise-multiplier", type=_positive, required=True)
+    plan.add_argument(
+        "--sampling",
+        choices=sorted(_PLAN_EVENTS),
+        default="poisson",
+        help="how each round's clients are drawn (default poisson)",
+    )
+    plan.add_argument(
+        "--points",
+        type=_count,
+        default=None,
+        help=f"rounds to evaluate, evenly spaced (default every round, at most {MAX_POINTS})",
+    )
+    plan.add_argument("--plot", metavar="FILE.png", help="draw epsilon against rounds")
+    _add_common(plan)
+    plan.set_defaults(command=_run(_plan_command))
+
+
+class _UsageError(Exception):
+    """Arguments that parse but make no sense together: one line, exit status 2."""
+
+
+def _run(
+    command: Callable[[argparse.Namespace, TextIO], None],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            command(args, sys.stdout)
+        except (_UsageError, PrivacyAccountingError) as exc:
+            print(f"flowerpets accountant: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _step_event(noise_multiplier: float, sample_rate: float) -> PrivacyEvent:
+    if sample_rate >= 1:
+        return FullParticipationGaussian(noise_multiplier)
+    return PoissonSampledGaussian(noise_multiplier, sample_rate)
+
+
+def _accountants(choice: str | None, event: PrivacyEvent) -> list[Accountant]:
+    """The accountants ``--accountant`` asks for that analyse ``event``."""
+    relation = default_neighbouring(event)
+    if choice is None:
+        return [default_accountant(event)]
+    names = sorted(ACCOUNTANTS) if choice == ALL else [choice]
+    chosen = [ACCOUNTANTS[name](neighbouring=relation) for name in names]
+    usable = [a for a in chosen if a.supports(event)]
+    if not usable:
+        chosen[0]._convert(event)  # raises PrivacyAccountingError with the reason
+    return usable
+
+
+def _describe(event: PrivacyEvent) -> dict[str, Any]:
+    fields = {"kind": type(event).__name__, "noise_multiplier": event.noise_multiplier}
+    if isinstance(event, PoissonSampledGaussian):
+        fields["sample_rate"] = event.sample_rate
+    if isinstance(event, FixedSizeSampledGaussian):
+        fields.update(sample_size=event.sample_size, population=event.population)
+    fields["neighbouring"] = default_neighbouring(event).value
+    return fields
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}" if math.isfinite(value) else str(value)
+        return str(value)
+
+    cells = [[str(h) for h in headers], *([cell(v) for v in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        padded = [v.rjust(w) if i else v.ljust(w) for i, (v, w) in pairs]
+        return "  ".join(padded)
+
+    lines = [line(row) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _emit(args: argparse.Namespace, out: TextIO, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        out.write(json.dumps(payload, default=str) + "\n")
+    else:
+        out.write(text + "\n")
+
+
+# -- the commands ----------------------------------------------------------------------------------
+def _epsilon_command(args: argparse.Namespace, out: TextIO) -> None:
+    event = _step_event(args.noise_multiplier, args.sample_rate)
+    results: dict[str, dict[str, float]] = {}
+    for accountant in _accountants(args.accountant, event):
+        started = time.perf_counter()
+        value = accountant.compose(event, args.steps).get_epsilon(args.delta)
+        results[accountant.name] = {"epsilon": value, "seconds": time.perf_counter() - started}
+    payload = {
+        "query": "epsilon",
+        "event": _describe(event),
+        "steps": args.steps,
+        "delta": args.delta,
+        "results": results,
+    }
+    header = (
+        f"{args.steps} steps of a {type(event).__name__} (noise multiplier "
+        f"{args.noise_multiplier:g}, sample rate {args.sample_rate:g}), delta {args.delta:g}"
+    )
+    rows = [(name, r["epsilon"], f"{r['seconds']:.3f}") for name, r in results.items()]
+    _emit(args, out, payload, header + "\n" + _table(("accountant", "epsilon", "seconds"), rows))
+
+
+def _noise_command(args: argparse.Namespace, out: TextIO) -> None:
+    probe = _step_event(1.0, args.sample_rate)
+    results: dict[str, dict[str, float]] = {}
+    for accountant in _accountants(args.accountant, probe):
+        started = time.perf_counter()
+        z = calibrate_noise_multiplier(
+            target_epsilon=args.target_epsilon,
+            delta=args.delta,
+            make_event=lambda z: _step_event(z, args.sample_rate),
+            count=args.steps,
+            accountant=type(accountant),
+        )
+        reached = accountant.fresh().compose(_step_event(z, args.sample_rate), args.steps)
+        results[accountant.name] = {
+            "noise_multiplier": z,
+            "epsilon": reached.get_epsilon(args.delta),
+            "seconds": time.perf_counter() - started,
+        }
+    payload = {
+        "query": "noise",
+        "target_epsilon": args.target_epsilon,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "delta": args.delta,
+        "results": results,
+    }
+    header = (
+        f"noise multiplier for epsilon <= {args.target_epsilon:g} at delta {args.delta:g} after "
+        f"{args.steps} steps at sample rate {args.sample_rate:g}"
+    )
+    rows = [
+        (name, r["noise_multiplier"], r["epsilon"], f"{r['seconds']:.3f}")
+        for name, r in results.items()
+    ]
+    _emit(
+        args,
+        out,
+        payload,
+        header + "\n" + _table(("accountant", "noise multiplier", "epsilon", "seconds"), rows),
+    )
+
+
+_PLAN_EVENTS: dict[str, Callable[[argparse.Namespace], PrivacyEvent]] = {
+    "poisson": lambda a: _step_event(a.noise_multiplier, a.clients_per_round / a.population),
+    "fixed": lambda a: FixedSizeSampledGaussian(
+        a.noise_multiplier, a.clients_per_round, a.population
+    ),
+}
+
+
+def _plan_points(rounds: int, points: int | None) -> list[int]:
+    wanted = min(rounds, points if points is not None else MAX_POINTS)
+    if wanted >= rounds:
+        return list(range(1, rounds + 1))
+    return sorted({max(1, round(rounds * (i + 1) / wanted)) for i in range(wanted)})
+
+
+def _plan_command(args: argparse.Namespace, out: TextIO) -> None:
+    if args.clients_per_round > args.population:
+        raise _UsageError(
+            f"--clients-per-round {args.clients_per_round} exceeds --population {args.population}"
+        )
+    event = _PLAN_EVENTS[args.sampling](args)
+    accountants = _accountants(args.accountant, event)
+    points = _plan_points(args.rounds, args.points)
+    series: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for accountant in accountants:
+        started, done, values = time.perf_counter(), 0, []
+        for point in points:
+            accountant.compose(event, point - done)
+            done = point
+            values.append(accountant.get_epsilon(args.delta))
+        series[accountant.name] = values
+        seconds[accountant.name] = time.perf_counter() - started
+    if args.plot:
+        _plot(args.plot, points, series, args)
+    payload = {
+        "query": "plan",
+        "event": _describe(event),
+        "population": args.population,
+        "clients_per_round": args.clients_per_round,
+        "sampling": args.sampling,
+        "delta": args.delta,
+        "rounds": points,
+        "epsilon": series,
+        "seconds": seconds,
+        "plot": args.plot,
+    }
+    names = list(series)
+    header = (
+        f"{args.sampling} sampling of {args.clients_per_round} of {args.population} clients per "
+        f"round, noise multiplier {args.noise_multiplier:g}, delta {args.delta:g} "
+        f"({default_neighbouring(event).value} neighbouring)"
+    )
+    rows = [(p, *(series[n][i] for n in names)) for i, p in enumerate(points)]
+    text = header + "\n" + _table(("round", *(f"epsilon ({n})" for n in names)), rows)
+    _emit(args, out, payload, text)
+
+
+def _plot(path: str, rounds: list[int], series: dict[str, list[float]], args: Any) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib (pip install 'flowerpets[examples]')") from None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, values in series.items():
+        axes.plot(rounds, values, marker="." if len(rounds) <= 60 else None, label=name)
+    axes.set_xlabel("round")
+    axes.set_ylabel(f"epsilon at delta={args.delta:g}")
+    axes.set_title(
+        f"{args.clients_per_round}/{args.population} clients per round ({args.sampling}), "
+        f"z={args.noise_multiplier:g}"
+    )
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(path)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {path}: {exc}") from None
+    finally:
+        plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``accountant ...`` as if from ``flowerpets``: ``main(["epsilon", "--steps", ...])``."""
+    parser: argparse.ArgumentParser = _OneLineParser(prog="flowerpets")
+    add_parser(parser.add_subparsers(metavar="COMMAND", required=True))
+    args = parser.parse_args(["accountant", *(argv if argv is not None else sys.argv[1:])])
+    command: Callable[[argparse.Namespace], int] = args.command
+    return command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Local differential privacy: each client noises its own update before it leaves the node.
+
+:class:`LocalDpMod` is a client mod. On every train request it lets the
+handler train, computes the update (new weights minus received weights),
+clips it to L2 norm ``C``, adds N(0, sigma^2) to every coordinate, and replies
+with ``received + noised update``, so an unmodified FedAvg server averages
+private updates. The server is not trusted: what it receives is already
+(epsilon, delta)-DP with respect to this client's data.
+
+Calibration. ``sigma`` comes from the analytic Gaussian mechanism (Balle and
+Wang, ICML 2018), which is exact for every epsilon, and the sensitivity is
+not a free parameter: it follows from the clip and the neighbouring relation,
+``2C`` under :attr:`~flowerpets.dp.accountant.Neighbouring.REPLACE_ONE` (the
+default, and the usual meaning of local DP: any two datasets of this client
+give indistinguishable updates) or ``C`` under ``ADD_OR_REMOVE`` (this
+client's data against none at all).
+
+Across rounds. Each round is one Gaussian mechanism with noise multiplier
+``z = sigma / sensitivity``; T of them compose exactly to one Gaussian with
+multiplier ``z / sqrt(T)``. The node's state (``context.state["dp.local"]``)
+keeps the rounds spent and the composed epsilon at ``delta``; with
+``max_epsilon`` the node refuses (``REFUSED``) a round that would exceed it.
+
+What it does not protect: the reply's metrics. By default the mod replaces
+them with ``num-examples = 1`` (so FedAvg weighs clients equally and the
+dataset size is not revealed) and ``dp-local-epsilon``; ``keep_metrics=True``
+keeps the handler's metrics, unprotected (it warns).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+from flowerpets.core import (
+    WEIGHT_KEY,
+    ArrayRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flowerpets.dp._primitives.calibration import analytic_gaussian_sigma, gaussian_epsilon
+from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
+from flowerpets.dp.accountant import Neighbouring
+from flowerpets.exceptions import RequestRefusedError
+
+__all__ = ["LocalDpMod"]
+
+CallNext = Callable[[Message, Context], Message]
+STATE_KEY = "dp.local"
+
+
+def _finite_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+class LocalDpMod:
+    """Client mod: clip the update to ``clipping_norm`` and add analytic-Gaussian noise.
+
+    Each round is (``epsilon``, ``delta``)-DP for this client's data under
+    ``neighbouring``. ``max_epsilon`` caps the composed epsilon (at ``delta``)
+    over the node's rounds. ``rng`` replaces the secure noise source with a
+    seeded generator, for tests only (it warns).
+    """
+
+    def __init__(
+        self,
+        *,
+        clipping_norm: float,
+        epsilon: float,
+        delta: float,
+        neighbouring: Neighbouring = Neighbouring.REPLACE_ONE,
+        max_epsilon: float | None = None,
+        rng: np.random.Generator | None = None,
+        keep_metrics: bool = False,
+    ) -> None:
+        self.clipping_norm = _finite_positive("clipping_norm", clipping_norm)
+        self.epsilon = _finite_positive("epsilon", epsilon)
+        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        if not isinstance(neighbouring, Neighbouring):
+            raise TypeError(f"neighbouring must be a Neighbouring, got {neighbouring!r}")
+        self.delta = float(delta)
+        self.neighbouring = neighbouring
+        self.max_epsilon = (
+            None if max_epsilon is None else _finite_positive("max_epsilon", max_epsilon)
+        )
+        if self.max_epsilon is not None and self.max_epsilon < self.epsilon:
+            raise ValueError(
+                f"max_epsilon={self.max_epsilon} is below one round's epsilon={self.epsilon}: "
+                "no round could run"
+            )
+        self.sensitivity = neighbouring.sensitivity_factor * self.clipping_norm
+        self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, sensitivity=self.sensitivity)
+        self.keep_metrics = bool(keep_metrics)
+        self._noise: GaussianSource = gaussian_source(rng, owner="LocalDpMod")
+        if keep_metrics:
+            warnings.warn(
+                "LocalDpMod(keep_metrics=True) sends the handler's metrics without noise: "
+                "they are not covered by the local DP guarantee",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalDpMod(clipping_norm={self.clipping_norm}, epsilon={self.epsilon}, "
+            f"delta={self.delta}, neighbouring={self.neighbouring.name}, sigma={self.sigma:.4g})"
+        )
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma over the sensitivity: what one round is, as a Gaussian mechanism."""
+        return self.sigma / self.sensitivity
+
+    def _spent(self, context: Context) -> tuple[int, float]:
+        record = context.state.get(STATE_KEY)
+        if not isinstance(record, MetricRecord):
+            return 0, 0.0
+        rounds, precision = record.get("rounds", 0), record.get("precision", 0.0)
+        if not isinstance(rounds, int) or not isinstance(precision, int | float):
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {record!r}")
+        return rounds, float(precision)
+
+    def _epsilon(self, precision: float) -> float:
+        return 0.0 if precision == 0 else gaussian_epsilon(precision**-0.5, self.delta)
+
+    def spent(self, context: Context) -> float:
+        """This node's composed epsilon so far, at ``delta``."""
+        return self._epsilon(self._spent(context)[1])
+
+    def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
+        if msg.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        rounds, precision = self._spent(context)
+        precision_after = precision + self.noise_multiplier**-2
+        epsilon_after = self._epsilon(precision_after)
+        if self.max_epsilon is not None and epsilon_after > self.max_epsilon:
+            raise RequestRefusedError(
+                f"local DP budget: another round would raise this node's epsilon to "
+                f"{epsilon_after:.4g} > max_epsilon={self.max_epsilon:g} (delta={self.delta:g})"
+            )
+        received = msg.require_content().get_typed("arrays", ArrayRecord)
+        reply = call_next(msg, context)
+        if reply.error is not None:
+            return reply
+        body = reply.require_content()
+        update = update_between(body.get_typed("arrays", ArrayRecord), received)
+        clipped = clip_update(update, self.clipping_norm)
+        noised: dict[str, np.ndarray] = {}
+        for name, delta in clipped.arrays.items():
+            base = received[name].numpy()
+            value = self._noise.normal(self.sigma, delta.shape)
+            value += delta
+            value += base
+            noised[name] = value.astype(base.dtype if base.dtype.kind == "f" else np.float64)
+        context.state[STATE_KEY] = MetricRecord(
+            {"rounds": rounds + 1, "precision": precision_after, "epsilon": epsilon_after}
+        )
+        if self.keep_metrics and "metrics" in body:
+            metrics = MetricRecord(body.get_typed("metrics", MetricRecord))
+        else:
+            metrics = MetricRecord({WEIGHT_KEY: 1})
+        metrics["dp-local-epsilon"] = epsilon_after
+        content = RecordDict(body)
+        content["arrays"] = ArrayRecord.from_numpy(noised, copy=False)
+        content["metrics"] = metrics
+        return Message(metadata=reply.metadata, content=content)

@@ -1,0 +1,269 @@
+"""``flowerpets accountant``: numbers that match the accountants, one-line errors, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowerpets.dp.accountant import (
+    FixedSizeSampledGaussian,
+    Neighbouring,
+    PldAccountant,
+    PoissonSampledGaussian,
+    RdpAccountant,
+)
+from flowerpets.dp.cli import main
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one JSON object
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def test_epsilon_matches_the_accountants(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("epsilon", "--noise-multiplier", "1.1", "--sample-rate", "0.05", "--steps", "200")
+    result = run_json(capsys, *args, "--delta", "1e-5", "--accountant", "all")
+    results = result["results"]
+    assert isinstance(results, dict) and set(results) == {"pld", "rdp"}
+    event = PoissonSampledGaussian(1.1, 0.05)
+    assert results["pld"]["epsilon"] == PldAccountant().compose(event, 200).get_epsilon(1e-5)
+    assert results["rdp"]["epsilon"] == RdpAccountant().compose(event, 200).get_epsilon(1e-5)
+    assert results["pld"]["seconds"] >= 0
+    assert main([*args, "--delta", "1e-5"]) == 0
+    table = capsys.readouterr().out
+    assert "accountant  epsilon" in table and "pld" in table and "rdp" not in table
+
+
+def test_noise_reaches_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_json(
+        capsys,
+        "noise",
+        "--target-epsilon",
+        "2",
+        "--sample-rate",
+        "0.02",
+        "--steps",
+        "300",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "rdp",
+    )
+    found = result["results"]["rdp"]  # type: ignore[index]
+    z = found["noise_multiplier"]
+    assert RdpAccountant().compose(PoissonSampledGaussian(z, 0.02), 300).get_epsilon(1e-5) <= 2.0
+    assert found["epsilon"] <= 2.0
+
+
+def test_plan_prints_epsilon_per_round_and_plots(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plot = tmp_path / "eps.png"
+    base = ("plan", "--population", "100", "--clients-per-round", "10", "--noise-multiplier", "1.5")
+    result = run_json(
+        capsys,
+        *base,
+        "--rounds",
+        "8",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "rdp",
+        "--plot",
+        str(plot),
+    )
+    assert result["rounds"] == list(range(1, 9))
+    series = result["epsilon"]["rdp"]  # type: ignore[index]
+    event = PoissonSampledGaussian(1.5, 0.1)
+    for rnd, value in zip(result["rounds"], series, strict=True):  # type: ignore[arg-type]
+        assert value == pytest.approx(RdpAccountant().compose(event, rnd).get_epsilon(1e-5))
+    assert series == sorted(series)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fixed = run_json(capsys, *base, "--rounds", "300", "--delta", "1e-5", "--sampling", "fixed")
+    assert len(fixed["rounds"]) == 50 and fixed["rounds"][-1] == 300  # type: ignore[arg-type,index]
+    (name,) = fixed["epsilon"]  # type: ignore[misc]
+    assert name == "rdp"  # the accountant that analyses fixed-size cohorts
+    expected = RdpAccountant(neighbouring=Neighbouring.REPLACE_ONE).compose(
+        FixedSizeSampledGaussian(1.5, 10, 100), 300
+    )
+    assert fixed["epsilon"]["rdp"][-1] == pytest.approx(expected.get_epsilon(1e-5))  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "1",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "10",
+                "--delta",
+                "2",
+            ],
+            "--delta: must be in (0, 1)",
+        ),
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "-1",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "10",
+                "--delta",
+                "1e-5",
+            ],
+            "must be > 0",
+        ),
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "1",
+                "--sample-rate",
+                "1.5",
+                "--steps",
+                "10",
+                "--delta",
+                "1e-5",
+            ],
+            "must be in (0, 1]",
+        ),
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "1",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "0",
+                "--delta",
+                "1e-5",
+            ],
+            "integer >= 1",
+        ),
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "x",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "1",
+                "--delta",
+                "1e-5",
+            ],
+            "expected a number",
+        ),
+        (["epsilon", "--sample-rate", "0.1", "--steps", "1", "--delta", "1e-5"], "required"),
+        (
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "1",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "1",
+                "--delta",
+                "1e-5",
+                "--accountant",
+                "gdp",
+            ],
+            "invalid choice",
+        ),
+        ([], "required"),
+        (["bogus"], "invalid choice"),
+        (
+            [
+                "plan",
+                "--population",
+                "5",
+                "--clients-per-round",
+                "6",
+                "--rounds",
+                "2",
+                "--noise-multiplier",
+                "1",
+                "--delta",
+                "1e-5",
+            ],
+            "exceeds --population",
+        ),
+        (
+            [
+                "plan",
+                "--population",
+                "50",
+                "--clients-per-round",
+                "5",
+                "--rounds",
+                "2",
+                "--noise-multiplier",
+                "1",
+                "--delta",
+                "1e-5",
+                "--sampling",
+                "fixed",
+                "--accountant",
+                "pld",
+            ],
+            "no PLD for sampling without replacement",
+        ),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_two(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        status = main(argv)
+        raise SystemExit(status)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_command_runs_as_a_program() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowerpets.dp.cli",
+            "epsilon",
+            "--noise-multiplier",
+            "1",
+            "--sample-rate",
+            "1",
+            "--steps",
+            "4",
+            "--delta",
+            "1e-5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["event"]["kind"] == "FullParticipationGaussian"
+    bad = subprocess.run(
+        [sys.executable, "-m", "flowerpets.dp.cli", "epsilon", "--delta", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
