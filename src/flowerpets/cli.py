@@ -1,7 +1,9 @@
 """The ``flowerpets`` command: one entry point, one subcommand per tool.
 
 ``flowerpets demo`` runs the federated digits demo; ``flowerpets accountant``
-answers privacy-budget questions (epsilon, noise, plans). Subcommands import what
+answers privacy-budget questions (epsilon, noise, plans); ``flowerpets
+server``, ``client`` and ``certs`` run a federation as separate processes over
+gRPC. Subcommands import what
 they need only when they run, so ``flowerpets --help`` works without the
 optional extras.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+
+from flowerpets.transport.cli import add_certs_parser, add_client_parser, add_server_parser
 
 __all__ = ["main"]
 
@@ -41,7 +45,7 @@ def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add_parser(subparsers)
 
 
-SUBCOMMANDS = [_add_demo, _add_accountant]
+SUBCOMMANDS = [_add_demo, _add_accountant, add_server_parser, add_client_parser, add_certs_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

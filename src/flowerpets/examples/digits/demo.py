@@ -13,12 +13,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
 from numpy.typing import NDArray
 
-from flowerpets.core import FixedSizeSampling, PoissonSampling, RoundRecord
+from flowerpets.core import ClientApp, FixedSizeSampling, PoissonSampling, RoundRecord, ServerApp
 from flowerpets.core.sampling import CohortSampling
 from flowerpets.examples.digits.apps import (
     DigitsTask,
@@ -32,12 +33,21 @@ from flowerpets.examples.digits.data import (
     partition_dirichlet,
     partition_iid,
 )
-from flowerpets.examples.digits.features import compose
+from flowerpets.examples.digits.features import Composition, compose
 from flowerpets.examples.digits.model import MODELS
 from flowerpets.examples.digits.pets import FEATURES
 from flowerpets.simulation import run_simulation
 
-__all__ = ["ProgressBar", "add_arguments", "format_table", "main", "run", "test_metric"]
+__all__ = [
+    "DemoApps",
+    "ProgressBar",
+    "add_arguments",
+    "build_apps",
+    "format_table",
+    "main",
+    "run",
+    "test_metric",
+]
 
 Partitioner = Callable[[DigitsData, int, float, np.random.Generator], list[NDArray[np.int64]]]
 
@@ -172,18 +182,29 @@ def format_table(records: Sequence[RoundRecord]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Run the demo as ``args`` say; returns a process exit code."""
+@dataclass(frozen=True)
+class DemoApps:
+    """What the demo's options build: the task and the two apps, PET mods included."""
+
+    task: DigitsTask
+    client_app: ClientApp
+    server_app: ServerApp
+    pets: Composition
+
+
+def build_apps(args: argparse.Namespace) -> DemoApps:
+    """The task and apps that ``args`` describe; ``ValueError`` for flags that clash.
+
+    The simulation (:func:`run`) and the gRPC deployment
+    (:mod:`flowerpets.examples.digits.deploy`) both build their apps here, so
+    the same options compute the same thing in both.
+    """
     data = load_digits_split(seed=args.seed)
     rng = np.random.default_rng(args.seed)
     partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
     task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    try:
-        pets = compose(FEATURES, args, task)
-    except ValueError as exc:  # flags that do not go together
-        print(f"flowerpets demo: error: {exc}", file=sys.stderr)
-        return 2
+    pets = compose(FEATURES, args, task)
     client_app = make_client_app(task, settings, mods=pets.client)
     server_app = make_server_app(
         task,
@@ -193,18 +214,31 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         mods=pets.server,
         seed=args.seed,
     )
+    return DemoApps(task=task, client_app=client_app, server_app=server_app, pets=pets)
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run the demo as ``args`` say; returns a process exit code."""
+    try:
+        apps = build_apps(args)
+    except ValueError as exc:  # flags that do not go together
+        print(f"flowerpets demo: error: {exc}", file=sys.stderr)
+        return 2
     if not args.json:
-        sizes = [len(p) for p in partitions]
+        data = apps.task.data
+        sizes = [len(p) for p in apps.task.partitions]
         print(
             f"digits: {len(data.y_train)} training and {len(data.y_test)} test images, "
             f"{args.clients} clients ({args.partition}, {min(sizes)}-{max(sizes)} images each), "
             f"model {args.model}, {args.rounds} rounds of FedAvg"
-            + "".join(f"\n  with {summary}" for summary in pets.summaries),
+            + "".join(f"\n  with {summary}" for summary in apps.pets.summaries),
             file=out,
             flush=True,
         )
     progress = None if args.json else ProgressBar(args.rounds)
-    result = run_simulation(server_app, client_app, args.clients, seed=args.seed, on_round=progress)
+    result = run_simulation(
+        apps.server_app, apps.client_app, args.clients, seed=args.seed, on_round=progress
+    )
     if args.json:
         json.dump({"history": result.history.to_dicts(), "stopped": result.stopped}, out)
         out.write("\n")

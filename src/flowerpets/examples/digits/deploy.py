@@ -32,21 +32,10 @@ from __future__ import annotations
 import argparse
 import shlex
 from collections.abc import Mapping
-
-import numpy as np
+from typing import NoReturn
 
 from flowerpets.core import ClientApp, ConfigValue, Context, ServerApp
-from flowerpets.examples.digits.apps import (
-    DigitsTask,
-    TrainSettings,
-    make_client_app,
-    make_server_app,
-)
-from flowerpets.examples.digits.data import load_digits_split
-from flowerpets.examples.digits.demo import PARTITIONERS, _sampling, add_arguments
-from flowerpets.examples.digits.features import compose
-from flowerpets.examples.digits.model import MODELS
-from flowerpets.examples.digits.pets import FEATURES
+from flowerpets.examples.digits.demo import add_arguments, build_apps
 
 __all__ = ["build", "client_app", "demo_arguments", "server_app"]
 
@@ -72,33 +61,25 @@ def demo_arguments(run_config: Mapping[str, ConfigValue]) -> argparse.Namespace:
     for key, flag in _FLAGS.items():
         if key in run_config:
             flags += [flag, str(run_config[key])]
-    parser = argparse.ArgumentParser(prog="digits deploy", exit_on_error=False)
+    parser = _Parser(prog="digits deploy")
     add_arguments(parser)
     try:
         return parser.parse_args(flags)
-    except (argparse.ArgumentError, SystemExit) as exc:
+    except ValueError as exc:
         raise ValueError(f"the run config {dict(run_config)!r} is not valid: {exc}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """The demo's parser, raising instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
 
 
 def build(run_config: Mapping[str, ConfigValue]) -> tuple[ServerApp, ClientApp]:
     """The ServerApp and the ClientApp that ``run_config`` describes (as the demo builds them)."""
-    args = demo_arguments(run_config)
-    data = load_digits_split(seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    partitions = PARTITIONERS[args.partition](data, args.clients, args.alpha, rng)
-    task = DigitsTask.create(data, partitions, MODELS[args.model](), seed=args.seed)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    pets = compose(FEATURES, args, task)
-    client = make_client_app(task, settings, mods=pets.client)
-    server = make_server_app(
-        task,
-        num_rounds=args.rounds,
-        sampling=_sampling(args),
-        federated_evaluation=args.federated_evaluation or pets.needs_federated_evaluation,
-        mods=pets.server,
-        seed=args.seed,
-    )
-    return server, client
+    apps = build_apps(demo_arguments(run_config))
+    return apps.server_app, apps.client_app
 
 
 def server_app(run_config: Mapping[str, ConfigValue]) -> ServerApp:
