@@ -106,10 +106,8 @@ class ServerApp:
         The app's own ``seed`` wins over ``seed``; with neither, cohorts are
         sampled with a generator seeded from the OS's secure source.
         """
-        for candidate in (self.seed, seed, secrets.randbits(128)):
-            if candidate is not None:
-                rng = np.random.default_rng(candidate)
-                break
+        chosen = self.seed if self.seed is not None else seed
+        rng = np.random.default_rng(chosen if chosen is not None else secrets.randbits(128))
         context = ServerContext(
             run_id=grid.run_id,
             run_config=run_config,
@@ -121,7 +119,7 @@ class ServerApp:
             started = time.perf_counter()
             record = RoundRecord(round=rnd)
             try:
-                result.arrays = self._train_round(rnd, result.arrays, grid, rng, context, record)
+                result.arrays = self._train_round(rnd, result.arrays, rng, context, record)
             except StopRunError as exc:
                 log.warning("run stopped before round %d changed the model: %s", rnd, exc)
                 result.stopped = str(exc)
@@ -129,7 +127,7 @@ class ServerApp:
                 record.seconds = time.perf_counter() - started
                 result.history.append(record)
                 break
-            self._evaluate(rnd, result.arrays, grid, rng, context, record)
+            self._evaluate(rnd, result.arrays, rng, context, record)
             record.seconds = time.perf_counter() - started
             result.history.append(record)
             if on_round is not None:
@@ -140,12 +138,11 @@ class ServerApp:
         self,
         rnd: int,
         arrays: ArrayRecord,
-        grid: Grid,
         rng: np.random.Generator,
         context: ServerContext,
         record: RoundRecord,
     ) -> ArrayRecord:
-        node_ids = list(grid.node_ids())
+        node_ids = list(context.require_grid().node_ids())
         request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
         record.cohort_size = len(request.cohort)
         try:
@@ -165,12 +162,12 @@ class ServerApp:
         self,
         rnd: int,
         arrays: ArrayRecord,
-        grid: Grid,
         rng: np.random.Generator,
         context: ServerContext,
         record: RoundRecord,
     ) -> None:
-        request = self.strategy.configure_evaluate(rnd, arrays, list(grid.node_ids()), rng)
+        node_ids = list(context.require_grid().node_ids())
+        request = self.strategy.configure_evaluate(rnd, arrays, node_ids, rng)
         if request is not None:
             outcome = aggregate_round(request, context)
             record.evaluate_metrics = _scalars(outcome.metrics)

@@ -111,19 +111,33 @@ class FedAvg:
             f"min_nodes={self.min_nodes})"
         )
 
-    def configure_train(
-        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    def _request(
+        self,
+        message_type: str,
+        sampling: CohortSampling,
+        config: Mapping[str, ConfigValue] | ConfigFn,
+        round: int,
+        arrays: ArrayRecord,
+        node_ids: Sequence[int],
+        rng: np.random.Generator,
     ) -> RoundRequest:
         return RoundRequest(
             round=round,
-            cohort=self.sampling.sample(node_ids, rng),
+            cohort=sampling.sample(node_ids, rng),
             arrays=arrays,
-            config=_config(round, self.train_config),
-            sampling=self.sampling,
+            config=_config(round, config),
+            sampling=sampling,
             population=len(node_ids),
-            message_type=MessageType.TRAIN,
+            message_type=message_type,
             weight_key=self.weight_key,
             timeout=self.round_timeout,
+        )
+
+    def configure_train(
+        self, round: int, arrays: ArrayRecord, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> RoundRequest:
+        return self._request(
+            MessageType.TRAIN, self.sampling, self.train_config, round, arrays, node_ids, rng
         )
 
     def aggregate_train(self, result: RoundResult, current: ArrayRecord) -> ArrayRecord:
@@ -150,16 +164,14 @@ class FedAvg:
     ) -> RoundRequest | None:
         if self.evaluate_sampling is None:
             return None
-        return RoundRequest(
-            round=round,
-            cohort=self.evaluate_sampling.sample(node_ids, rng),
-            arrays=arrays,
-            config=_config(round, self.evaluate_config),
-            sampling=self.evaluate_sampling,
-            population=len(node_ids),
-            message_type=MessageType.EVALUATE,
-            weight_key=self.weight_key,
-            timeout=self.round_timeout,
+        return self._request(
+            MessageType.EVALUATE,
+            self.evaluate_sampling,
+            self.evaluate_config,
+            round,
+            arrays,
+            node_ids,
+            rng,
         )
 
     def evaluate(self, round: int, arrays: ArrayRecord) -> Mapping[str, float] | None:
