@@ -676,9 +676,7 @@ class TransportServer:
             self._totals["sent"] += session.messages_sent
             self._totals["received"] += session.messages_received
         session.outbox.put(_Close(reason))  # wake the sender if it waits
-        for mid, route in zip(lost, routes, strict=True):
-            route.exchange.arrived.put(_Gone(mid))
-        if session.authenticated:
+        if session.authenticated:  # logged before the waiting exchanges learn of it
             level = logging.WARNING if routes else logging.INFO
             log.log(
                 level,
@@ -687,6 +685,8 @@ class TransportServer:
                 reason,
                 f" ({len(routes)} message(s) unanswered)" if routes else "",
             )
+        for mid, route in zip(lost, routes, strict=True):
+            route.exchange.arrived.put(_Gone(mid))
 
     def _watch(self) -> None:
         """Pings idle nodes, and ends connections that went silent or never authenticated."""
