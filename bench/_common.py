@@ -19,10 +19,13 @@ hands them to :func:`run_cases`, which
 Results are :class:`Measurement` objects: report their *median*
 (:func:`ratio` against a baseline), as a table (:func:`measurement_table`) or
 as one JSON object (:func:`emit_json`). Memory is reported in MiB (``MB`` here
-is 2**20 bytes). :func:`add_common_arguments` gives every benchmark the same
-``--repeats``, ``--json``, ``--settle`` and ``--quiet`` options,
-:func:`profile_call` a quick cProfile of one case, and :func:`environment`
-what a reader needs to compare numbers across machines.
+is 2**20 bytes). :func:`finish` (or :func:`emit_result`) is a benchmark's last
+step: the JSON object or the report, then its failures and exit status.
+:func:`add_common_arguments` gives every benchmark the same ``--repeats``,
+``--json``, ``--settle`` and ``--quiet`` options, :func:`profile_call` a quick
+cProfile of one case, and :func:`environment` what a reader needs to compare
+numbers across machines. :func:`update_app` is the ClientApp the round
+benchmarks share: each node replies with a pre-made update.
 
 Usage sketch::
 
@@ -48,7 +51,21 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
+
+from numpy.typing import NDArray
+
+from flowerpets._argtypes import non_negative_float, positive_int
+from flowerpets.core import (
+    WEIGHT_KEY,
+    ArrayRecord,
+    ClientApp,
+    ClientMod,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 __all__ = [
     "MEMORY_METRIC",
@@ -56,7 +73,9 @@ __all__ = [
     "Measurement",
     "add_common_arguments",
     "emit_json",
+    "emit_result",
     "environment",
+    "finish",
     "format_seconds",
     "format_table",
     "max_rss_mb",
@@ -68,6 +87,7 @@ __all__ = [
     "ratio",
     "run_cases",
     "time_call",
+    "update_app",
 ]
 
 MB = 1024 * 1024
@@ -295,29 +315,81 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def emit_result(
+    args: argparse.Namespace,
+    benchmark: str,
+    payload: Mapping[str, Any],
+    report: Callable[[], str],
+    *,
+    process_rss: bool = True,
+) -> None:
+    """Print a benchmark's result: one JSON object with ``--json``, else ``report()``.
+
+    The JSON object is ``{"benchmark": benchmark, **payload, "process_max_rss_mb": ...,
+    "environment": ...}`` (without ``process_max_rss_mb`` if ``process_rss`` is false).
+    """
+    if args.json:
+        rss = {"process_max_rss_mb": max_rss_mb()} if process_rss else {}
+        emit_json({"benchmark": benchmark, **payload, **rss, "environment": environment()})
+    else:
+        print(report())
+
+
+def finish(
+    args: argparse.Namespace,
+    benchmark: str,
+    payload: Mapping[str, Any],
+    report: Callable[[], str],
+    failed: Sequence[str],
+) -> int:
+    """:func:`emit_result`, then the exit status: 1 after ``FAILED: a; b`` on stderr, or 0."""
+    emit_result(args, benchmark, payload, report)
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- a round's workload --------------------------------------------------------------------------
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class _Indexed(Protocol[_T_co]):
+    """What ``[index]`` reads from: a sequence, a mapping by index, an array's rows."""
+
+    def __getitem__(self, index: int, /) -> _T_co: ...
+
+
+def update_app(
+    updates: _Indexed[NDArray[Any]],
+    weights: _Indexed[int],
+    *,
+    name: str = "params",
+    copy: bool = False,
+    mods: Sequence[ClientMod] = (),
+) -> ClientApp:
+    """A ClientApp whose train handler replies with the node's pre-made update.
+
+    Node ``partition-id`` = i replies ``updates[i]`` as the array ``name`` (wrapped
+    without a copy unless ``copy``) and ``weights[i]`` as its weight.
+    """
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        index = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        return RecordDict(
+            {
+                "arrays": ArrayRecord.from_numpy({name: updates[index]}, copy=copy),
+                "metrics": MetricRecord({WEIGHT_KEY: weights[index]}),
+            }
+        )
+
+    return app
+
+
 # -- command line and environment ----------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (underscores allowed, as in 1_000_000)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return value
-
-
+# positive_int and non_negative_float (argparse types) come from flowerpets._argtypes.
 def add_common_arguments(parser: argparse.ArgumentParser, *, repeats: int = 5) -> None:
     """The options every benchmark has: ``--repeats``, ``--json``, ``--settle``, ``--quiet``."""
     parser.add_argument(

@@ -60,25 +60,22 @@ from _common import (
     Case,
     Measurement,
     add_common_arguments,
-    emit_json,
-    environment,
+    finish,
     max_rss_mb,
     measurement_table,
     positive_int,
     profile_call,
     ratio,
     run_cases,
+    update_app,
 )
 from numpy.typing import NDArray
 
 from flowerpets.core import (
-    WEIGHT_KEY,
     ArrayRecord,
     ClientApp,
     Context,
     FedAvg,
-    Message,
-    MetricRecord,
     RecordDict,
     ServerApp,
     WeightedSum,
@@ -142,25 +139,6 @@ def make_workload(nodes: int, params: int, seed: int) -> Workload:
     stack = rng.standard_normal((nodes, params), dtype=np.float32)
     weights = tuple(int(w) for w in rng.integers(10, 1000, size=nodes))
     return Workload(stack=stack, weights=weights, seed=seed)
-
-
-def make_client_app(workload: Workload, *, copy: bool) -> ClientApp:
-    """A ClientApp whose train handler replies with the node's pre-made update."""
-    app = ClientApp()
-    stack, weights = workload.stack, workload.weights
-
-    @app.train()
-    def train(msg: Message, context: Context) -> RecordDict:
-        index = context.node_config["partition-id"]
-        assert isinstance(index, int)
-        return RecordDict(
-            {
-                "arrays": ArrayRecord.from_numpy({NAME: stack[index]}, copy=copy),
-                "metrics": MetricRecord({WEIGHT_KEY: weights[index]}),
-            }
-        )
-
-    return app
 
 
 # -- the cases -----------------------------------------------------------------------------------
@@ -240,8 +218,8 @@ def make_cases(workload: Workload) -> list[Case]:
     w64 = np.asarray(weights, dtype=np.float64)
     w32 = np.asarray(weights, dtype=np.float32)
     records = workload.records()
-    app = make_client_app(workload, copy=False)
-    app_copy = make_client_app(workload, copy=True)
+    app = update_app(stack, weights, name=NAME)
+    app_copy = update_app(stack, weights, name=NAME, copy=True)
 
     def case(name: str, run: Callable[[], Any], note: str) -> Case:
         return Case(name, run, note)
@@ -356,53 +334,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cProfile of one run of {case.name}:", file=sys.stderr)
         print(profile_call(case.run), file=sys.stderr)
 
-    if args.json:
-        emit_json(
-            {
-                "benchmark": "core_round",
-                "config": {
-                    "nodes": workload.nodes,
-                    "params": workload.params,
-                    "dtype": "float32",
-                    "repeats": args.repeats,
-                    "settle_s": args.settle,
-                    "seed": args.seed,
-                    "total_weight": workload.total_weight,
+    mismatch = f"{', '.join(failed)} do(es) not match {limit.name} within float32 tolerance"
+    return finish(
+        args,
+        "core_round",
+        {
+            "config": {
+                "nodes": workload.nodes,
+                "params": workload.params,
+                "dtype": "float32",
+                "repeats": args.repeats,
+                "settle_s": args.settle,
+                "seed": args.seed,
+                "total_weight": workload.total_weight,
+            },
+            "limit": limit.name,
+            "limit_candidates": list(LIMIT_CANDIDATES),
+            "memory_metric": MEMORY_METRIC,
+            "results": {name: m.to_json(limit) for name, m in results.items()},
+            "ratios": {name: ratio(results[name], limit) for name in CORE_CASES},
+            "same_arithmetic": SAME_ARITHMETIC,
+            "ratios_same_arithmetic": {
+                name: ratio(results[name], results[SAME_ARITHMETIC]) for name in CORE_CASES
+            },
+            "verification": {
+                "reference": limit.name,
+                "tolerance": "|got - ref| <= eps32 * max|ref| + 2 * eps32 * |ref|",
+                "ok": not failed,
+                "failed": failed,
+                "checks": {name: check.to_json() for name, check in checks.items()},
+                "checksums": {
+                    "round": checksum(results["round"].result),
+                    "round_copy": checksum(results["round_copy"].result),
+                    "limit": checksum(limit.result),
                 },
-                "limit": limit.name,
-                "limit_candidates": list(LIMIT_CANDIDATES),
-                "memory_metric": MEMORY_METRIC,
-                "results": {name: m.to_json(limit) for name, m in results.items()},
-                "ratios": {name: ratio(results[name], limit) for name in CORE_CASES},
-                "same_arithmetic": SAME_ARITHMETIC,
-                "ratios_same_arithmetic": {
-                    name: ratio(results[name], results[SAME_ARITHMETIC]) for name in CORE_CASES
-                },
-                "verification": {
-                    "reference": limit.name,
-                    "tolerance": "|got - ref| <= eps32 * max|ref| + 2 * eps32 * |ref|",
-                    "ok": not failed,
-                    "failed": failed,
-                    "checks": {name: check.to_json() for name, check in checks.items()},
-                    "checksums": {
-                        "round": checksum(results["round"].result),
-                        "round_copy": checksum(results["round_copy"].result),
-                        "limit": checksum(limit.result),
-                    },
-                },
-                "process_max_rss_mb": max_rss_mb(),
-                "environment": environment(),
-            }
-        )
-    else:
-        print(report(workload, args.repeats, results, limit, checks, failed))
-    if failed:
-        print(
-            f"FAILED: {', '.join(failed)} do(es) not match {limit.name} within float32 tolerance",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+            },
+        },
+        lambda: report(workload, args.repeats, results, limit, checks, failed),
+        [mismatch] if failed else [],
+    )
 
 
 def report(

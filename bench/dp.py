@@ -54,27 +54,20 @@ from _common import (
     Case,
     Measurement,
     add_common_arguments,
-    emit_json,
-    environment,
+    finish,
     format_seconds,
     format_table,
-    max_rss_mb,
     measurement_table,
     positive_int,
     ratio,
     run_cases,
+    update_app,
 )
 from numpy.typing import NDArray
 
 from flowerpets.core import (
-    WEIGHT_KEY,
     ArrayRecord,
-    ClientApp,
-    Context,
     FedAvg,
-    Message,
-    MetricRecord,
-    RecordDict,
     ServerApp,
 )
 from flowerpets.dp import CentralDp, fixed_clipping_mod
@@ -99,24 +92,6 @@ def make_updates(nodes: int, params: int, seed: int) -> NDArray[np.float32]:
     return stack
 
 
-def client_app(stack: NDArray[np.float32], mods: Sequence[Any]) -> ClientApp:
-    app = ClientApp(mods=mods)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> RecordDict:
-        index = context.node_config["partition-id"]
-        assert isinstance(index, int)
-        # The global model is zero, so the new weights are the update itself.
-        return RecordDict(
-            {
-                "arrays": ArrayRecord.from_numpy({NAME: stack[index]}, copy=False),
-                "metrics": MetricRecord({WEIGHT_KEY: 1}),
-            }
-        )
-
-    return app
-
-
 def one_round(stack: NDArray[np.float32], dp: CentralDp | None, seed: int) -> NDArray[Any]:
     params = stack.shape[1]
     server = ServerApp(
@@ -126,7 +101,9 @@ def one_round(stack: NDArray[np.float32], dp: CentralDp | None, seed: int) -> ND
         mods=[] if dp is None else [dp],
     )
     mods = [] if dp is None else [fixed_clipping_mod]
-    result = run_simulation(server, client_app(stack, mods), len(stack), seed=seed)
+    # The global model is zero, so the new weights are the update itself.
+    app = update_app(stack, [1] * len(stack), name=NAME, mods=mods)
+    result = run_simulation(server, app, len(stack), seed=seed)
     record = result.history[0]
     if not record.ok or len(record.participants) != len(stack):
         raise RuntimeError(f"the round did not complete: {record.error}")
@@ -308,25 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     if "round" in parts and not parts["round"]["exact"]:
         failed.append("the DP round does not match the fixed-denominator formula")
-    if args.json:
-        emit_json(
-            {
-                "benchmark": "dp",
-                "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
-                "memory_metric": MEMORY_METRIC,
-                **{name: _public(part) for name, part in parts.items()},
-                "ok": not failed,
-                "failed": failed,
-                "process_max_rss_mb": max_rss_mb(),
-                "environment": environment(),
-            }
-        )
-    else:
-        print(report(args, parts))
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
+        "memory_metric": MEMORY_METRIC,
+        **{name: _public(part) for name, part in parts.items()},
+        "ok": not failed,
+        "failed": failed,
+    }
+    return finish(args, "dp", payload, lambda: report(args, parts), failed)
 
 
 if __name__ == "__main__":

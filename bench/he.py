@@ -73,11 +73,9 @@ from _common import (
     Case,
     Measurement,
     add_common_arguments,
-    emit_json,
-    environment,
+    emit_result,
     format_seconds,
     format_table,
-    max_rss_mb,
     positive_int,
     ratio,
     run_cases,
@@ -442,81 +440,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_sum_vs_plain_sum": ratio(results["server_sum"], results["plain_sum"]),
         "client_open_vs_raw_decrypt": ratio(results["client_open"], results["tenseal_decrypt"]),
     }
-    if args.json:
-        emit_json(
-            {
-                "benchmark": "he",
-                "config": {
-                    "nodes": workload.nodes,
-                    "params": workload.params,
-                    "repeats": args.repeats,
-                    "settle_s": args.settle,
-                    "seed": args.seed,
-                    "parameters": params.describe(),
-                    "common": COMMON.describe(),
-                    "weights": workload.weights,
-                },
-                "raw_baseline": raw_best.name,
-                "results": {name: _json(m, results, raw_best) for name, m in results.items()},
-                "ratios": ratios,
-                "sizes": sizes,
-                "memory": {
-                    "metric": "resident-set growth of a child process while it sums the updates",
-                    "update_mb": update_mb,
-                    "children": memory,
-                },
-                "precision": {"max_abs_error": error, "ckks_max_abs_error": ckks_error},
-                "verification": {"ok": ok, "tolerance": args.tolerance},
-                "process_max_rss_mb": max_rss_mb(),
-                "environment": environment(),
-            }
-        )
-    else:
-        print(
-            f"CKKS aggregation: {workload.nodes} clients x {workload.params:,} parameters, "
-            f"{params.describe()}, {args.repeats} repeats (medians)\n"
-        )
-        rows = []
-        for name, m in results.items():
-            base = _baseline(name, results, raw_best)
-            rows.append(
-                (name, format_seconds(m.median), f"{ratio(m, base):.2f}x {base.name}", m.note)
-            )
-        print(format_table(("case", "median s", "ratio", "what"), rows))
-        print()
-        print(
-            format_table(
-                ("size", "bytes/param", "x float32"),
-                [
-                    (
-                        "ours (compact)",
-                        f"{sizes['ours_bytes_per_param']:.2f}",
-                        f"{sizes['ours_x_float32']:.2f}",
-                    ),
-                    (
-                        "raw TenSEAL, same params",
-                        f"{sizes['tenseal_bytes_per_param']:.2f}",
-                        f"{sizes['tenseal_bytes_per_param'] / FLOAT32_BYTES:.2f}",
-                    ),
-                    (
-                        "common 8192 [60,40,40]",
-                        f"{sizes['common_8192_bytes_per_param']:.2f}",
-                        f"{sizes['common_8192_x_float32']:.2f}",
-                    ),
-                ],
-            )
-        )
-        if memory is not None:
-            print(
-                f"\nserver memory (RSS growth while summing; one update is {update_mb:.1f} MB): "
-                f"streaming {memory['stream']['growth_mb']:.1f} MB, "
-                f"holding all {memory['hold']['growth_mb']:.1f} MB"
-            )
-        print(
-            f"\nopened mean: max |error| {error:.2e} (CKKS alone {ckks_error:.2e}, "
-            f"tolerance {args.tolerance:.0e}): {'ok' if ok else 'FAILED'}"
-        )
+    payload = {
+        "config": {
+            "nodes": workload.nodes,
+            "params": workload.params,
+            "repeats": args.repeats,
+            "settle_s": args.settle,
+            "seed": args.seed,
+            "parameters": params.describe(),
+            "common": COMMON.describe(),
+            "weights": workload.weights,
+        },
+        "raw_baseline": raw_best.name,
+        "results": {name: _json(m, results, raw_best) for name, m in results.items()},
+        "ratios": ratios,
+        "sizes": sizes,
+        "memory": {
+            "metric": "resident-set growth of a child process while it sums the updates",
+            "update_mb": update_mb,
+            "children": memory,
+        },
+        "precision": {"max_abs_error": error, "ckks_max_abs_error": ckks_error},
+        "verification": {"ok": ok, "tolerance": args.tolerance},
+    }
+    emit_result(args, "he", payload, lambda: report(args, results, raw_best, payload))
     return 0 if ok else 1
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[str, Measurement],
+    raw_best: Measurement,
+    payload: dict[str, Any],
+) -> str:
+    config, sizes, memory = payload["config"], payload["sizes"], payload["memory"]
+    precision, ok = payload["precision"], payload["verification"]["ok"]
+    rows = []
+    for name, m in results.items():
+        base = _baseline(name, results, raw_best)
+        rows.append((name, format_seconds(m.median), f"{ratio(m, base):.2f}x {base.name}", m.note))
+    lines = [
+        f"CKKS aggregation: {config['nodes']} clients x {config['params']:,} parameters, "
+        f"{config['parameters']}, {args.repeats} repeats (medians)",
+        "",
+        format_table(("case", "median s", "ratio", "what"), rows),
+        "",
+        format_table(
+            ("size", "bytes/param", "x float32"),
+            [
+                (
+                    "ours (compact)",
+                    f"{sizes['ours_bytes_per_param']:.2f}",
+                    f"{sizes['ours_x_float32']:.2f}",
+                ),
+                (
+                    "raw TenSEAL, same params",
+                    f"{sizes['tenseal_bytes_per_param']:.2f}",
+                    f"{sizes['tenseal_bytes_per_param'] / FLOAT32_BYTES:.2f}",
+                ),
+                (
+                    "common 8192 [60,40,40]",
+                    f"{sizes['common_8192_bytes_per_param']:.2f}",
+                    f"{sizes['common_8192_x_float32']:.2f}",
+                ),
+            ],
+        ),
+    ]
+    children = memory["children"]
+    if children is not None:
+        lines += [
+            "",
+            f"server memory (RSS growth while summing; one update is {memory['update_mb']:.1f} "
+            f"MB): streaming {children['stream']['growth_mb']:.1f} MB, "
+            f"holding all {children['hold']['growth_mb']:.1f} MB",
+        ]
+    lines += [
+        "",
+        f"opened mean: max |error| {precision['max_abs_error']:.2e} "
+        f"(CKKS alone {precision['ckks_max_abs_error']:.2e}, "
+        f"tolerance {args.tolerance:.0e}): {'ok' if ok else 'FAILED'}",
+    ]
+    return "\n".join(lines)
 
 
 def _baseline(name: str, results: dict[str, Measurement], raw_best: Measurement) -> Measurement:

@@ -61,14 +61,14 @@ from _common import (
     MEMORY_METRIC,
     Case,
     add_common_arguments,
-    emit_json,
-    environment,
+    finish,
     format_table,
     max_rss_mb,
     measurement_table,
     positive_int,
     ratio,
     run_cases,
+    update_app,
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
@@ -431,23 +431,6 @@ class Capture:
         return result
 
 
-def round_apps(updates: NDArray[np.float32], weights: Sequence[int]) -> tuple[ClientApp, ClientApp]:
-    apps = (ClientApp(mods=[secaggplus_mod]), ClientApp())
-    for app in apps:
-
-        @app.train()
-        def train(msg: Message, context: Context) -> RecordDict:
-            i = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-            return RecordDict(
-                {
-                    "arrays": ArrayRecord.from_numpy({"w": updates[i]}, copy=False),
-                    "metrics": MetricRecord({WEIGHT_KEY: weights[i]}),
-                }
-            )
-
-    return apps
-
-
 def one_round(
     args: argparse.Namespace, n: int, app: ClientApp, mods: Sequence[Any]
 ) -> NDArray[np.float32]:
@@ -469,7 +452,8 @@ def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
         updates *= 2
         updates -= 1
         weights = [int(w) for w in rng.integers(10, 1000, size=n)]
-        secure_app, plain_app = round_apps(updates, weights)
+        secure_app = update_app(updates, weights, name="w", mods=[secaggplus_mod])
+        plain_app = update_app(updates, weights, name="w")
         capture = Capture()
         secagg = SecAggPlus()
         cases = [
@@ -581,25 +565,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, r in parts.get("round", {}).items():
         if not r["within_bound"]:
             failed.append(f"round n={n} is outside the quantization bound")
-    if args.json:
-        emit_json(
-            {
-                "benchmark": "secagg",
-                "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
-                "memory_metric": MEMORY_METRIC,
-                **{name: _public(part) for name, part in parts.items()},
-                "ok": not failed,
-                "failed": failed,
-                "process_max_rss_mb": max_rss_mb(),
-                "environment": environment(),
-            }
-        )
-    else:
-        print(report(args, parts))
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
+        "memory_metric": MEMORY_METRIC,
+        **{name: _public(part) for name, part in parts.items()},
+        "ok": not failed,
+        "failed": failed,
+    }
+    return finish(args, "secagg", payload, lambda: report(args, parts), failed)
 
 
 if __name__ == "__main__":

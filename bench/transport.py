@@ -68,14 +68,15 @@ import numpy as np
 from _common import (
     MEMORY_METRIC,
     Case,
+    Measurement,
     add_common_arguments,
-    emit_json,
-    environment,
+    emit_result,
     format_table,
     measurement_table,
     positive_int,
     ratio,
     run_cases,
+    update_app,
 )
 from numpy.typing import NDArray
 
@@ -84,9 +85,6 @@ from flowerpets.core import (
     ClientApp,
     Context,
     FedAvg,
-    Message,
-    MetricRecord,
-    RecordDict,
     ServerApp,
 )
 from flowerpets.simulation import run_simulation
@@ -108,17 +106,7 @@ def weight(index: int) -> int:
 
 def make_app(updates: Mapping[int, NDArray[np.float32]]) -> ClientApp:
     """A node replies with its pre-made update, wrapped without a copy."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> RecordDict:
-        index = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-        arrays = ArrayRecord.from_numpy({NAME: updates[index]}, copy=False)
-        return RecordDict(
-            {"arrays": arrays, "metrics": MetricRecord({"num-examples": weight(index)})}
-        )
-
-    return app
+    return update_app(updates, {index: weight(index) for index in updates}, name=NAME)
 
 
 def client_app(context: Context) -> ClientApp:
@@ -473,65 +461,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["transport"].result, results["simulation"].result, np.asarray(expected)
     )
     base = results["simulation"]
-    if args.json:
-        emit_json(
-            {
-                "benchmark": "transport",
-                "config": {
-                    "nodes": args.nodes,
-                    "params": args.params,
-                    "repeats": args.repeats,
-                    "seed": args.seed,
-                    "tls": not args.plaintext,
-                },
-                "results": {name: m.to_json(base) for name, m in results.items()},
-                "ratio": ratio(results["transport"], base),
-                "ratio_to_floor": (
-                    ratio(results["transport"], results["grpc_floor"])
-                    if "grpc_floor" in results
-                    else None
-                ),
-                "startup_s": deployment.startup_seconds,
-                "bytes_per_param": bytes_per_param,
-                "verification": verification,
-                "memory_metric": MEMORY_METRIC,
-                "environment": environment(),
-            }
-        )
-    else:
-        print(
-            f"one FedAvg round: {args.nodes} nodes x {args.params:,} float32 parameters, "
-            f"{args.repeats} repeats (medians); node processes started and connected in "
-            f"{deployment.startup_seconds:.1f} s (not timed)\n"
-        )
-        print(measurement_table(results.values(), baseline="simulation"))
-        if "grpc_floor" in results:
-            floor_ratio = ratio(results["transport"], results["grpc_floor"])
-            print(f"transport / grpc_floor: {floor_ratio:.2f}x")
-        frames, tcp = bytes_per_param["frames"], bytes_per_param["tcp"]
-        print("\nbytes on the wire per parameter, one round")
-        print(
-            format_table(
-                ("direction", "frames", "TCP payload"),
-                [
-                    (
-                        direction.replace("_", " "),
-                        frames[direction],
-                        None if tcp is None else tcp[direction],
-                    )
-                    for direction in ("server_to_nodes", "nodes_to_server")
-                ],
-            )
-        )
-        ulps, rel = (
-            verification["max_ulp_transport_vs_simulation"],
-            verification["max_rel_diff_vs_numpy"],
-        )
-        print(
-            f"\nverification: transport vs simulation max {ulps} ulp, vs numpy max relative "
-            f"difference {rel:.2e}: " + ("ok" if verification["ok"] else "FAILED")
-        )
+    payload = {
+        "config": {
+            "nodes": args.nodes,
+            "params": args.params,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "tls": not args.plaintext,
+        },
+        "results": {name: m.to_json(base) for name, m in results.items()},
+        "ratio": ratio(results["transport"], base),
+        "ratio_to_floor": (
+            ratio(results["transport"], results["grpc_floor"]) if "grpc_floor" in results else None
+        ),
+        "startup_s": deployment.startup_seconds,
+        "bytes_per_param": bytes_per_param,
+        "verification": verification,
+        "memory_metric": MEMORY_METRIC,
+    }
+    # No process_max_rss_mb: the rounds run in the node processes.
+    emit_result(
+        args, "transport", payload, lambda: report(args, results, payload), process_rss=False
+    )
     return 0 if verification["ok"] else 1
+
+
+def report(
+    args: argparse.Namespace, results: dict[str, Measurement], payload: dict[str, Any]
+) -> str:
+    lines = [
+        f"one FedAvg round: {args.nodes} nodes x {args.params:,} float32 parameters, "
+        f"{args.repeats} repeats (medians); node processes started and connected in "
+        f"{payload['startup_s']:.1f} s (not timed)",
+        "",
+        measurement_table(results.values(), baseline="simulation"),
+    ]
+    if "grpc_floor" in results:
+        floor_ratio = ratio(results["transport"], results["grpc_floor"])
+        lines.append(f"transport / grpc_floor: {floor_ratio:.2f}x")
+    frames, tcp = payload["bytes_per_param"]["frames"], payload["bytes_per_param"]["tcp"]
+    verification = payload["verification"]
+    ulps, rel = (
+        verification["max_ulp_transport_vs_simulation"],
+        verification["max_rel_diff_vs_numpy"],
+    )
+    lines += [
+        "",
+        "bytes on the wire per parameter, one round",
+        format_table(
+            ("direction", "frames", "TCP payload"),
+            [
+                (
+                    direction.replace("_", " "),
+                    frames[direction],
+                    None if tcp is None else tcp[direction],
+                )
+                for direction in ("server_to_nodes", "nodes_to_server")
+            ],
+        ),
+        "",
+        f"verification: transport vs simulation max {ulps} ulp, vs numpy max relative "
+        f"difference {rel:.2e}: " + ("ok" if verification["ok"] else "FAILED"),
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

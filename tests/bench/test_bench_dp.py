@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "--params", "2000", "--nodes", "3", "--steps", "20", "--repeats", "1", "--settle", "0",
-    "--quiet", "--json",
+    "--quiet",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "dp.py"), *TINY],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    parsed: dict[str, Any] = json.loads(done.stdout)
-    return parsed
+def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return run_bench("dp", *TINY)
 
 
 def test_the_report_has_every_part(report: dict[str, Any]) -> None:

@@ -5,21 +5,14 @@ No wall-clock assertions: the machines that run the tests are too noisy.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
-HE = BENCH / "he.py"
 SMALL = ["--nodes", "3", "--params", "5000", "--repeats", "1", "--settle", "0"]
 CASES = {
     "client_mod",
@@ -34,26 +27,9 @@ CASES = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, str(HE), *SMALL, "--json", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    parsed: dict[str, Any] = json.loads(done.stdout)  # one JSON object, nothing else on stdout
-    return parsed
+def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return run_bench("he", *SMALL, "--quiet")
 
 
 def test_json_has_the_documented_keys(report: dict[str, Any]) -> None:
@@ -90,14 +66,8 @@ def test_sizes_and_precision_are_the_documented_ones(report: dict[str, Any]) -> 
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_he", HE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("he")
 
 
 def test_exits_non_zero_when_the_opened_mean_is_wrong(

@@ -7,21 +7,15 @@ change to the core cannot silently break it) and that its self-check bites.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
-CORE_ROUND = BENCH / "core_round.py"
 SMALL = ["--nodes", "4", "--params", "1000", "--repeats", "1", "--settle", "0"]
 CASES = {
     "numpy_loop",
@@ -37,27 +31,9 @@ CASES = {
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
-
-
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, str(CORE_ROUND), *SMALL, "--json"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    parsed: dict[str, Any] = json.loads(done.stdout)  # stdout is one JSON object, nothing else
-    return parsed
+def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return run_bench("core_round", *SMALL)
 
 
 def test_core_round_json_has_the_documented_keys(report: dict[str, Any]) -> None:
@@ -112,17 +88,10 @@ def test_core_round_aggregate_equals_the_numpy_limit(report: dict[str, Any]) -> 
         assert sums[name]["sum_sq"] == pytest.approx(sums["limit"]["sum_sq"], rel=1e-5)
 
 
-def test_core_round_prints_a_table_without_json() -> None:
-    done = subprocess.run(
-        [sys.executable, str(CORE_ROUND), *SMALL, "--quiet"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+def test_core_round_prints_a_table_without_json(
+    bench_process: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    done = bench_process("core_round", *SMALL, "--quiet")
     header = done.stdout.splitlines()[2].split()
     assert header == ["name", "median", "s", "x", "limit", "peak", "MB"]
     for name in CASES:
@@ -131,14 +100,8 @@ def test_core_round_prints_a_table_without_json() -> None:
 
 # -- in-process: the self-check, and the shared helpers -------------------------------------------
 @pytest.fixture
-def core_round(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCH))  # for `from _common import ...`
-    spec = importlib.util.spec_from_file_location("bench_core_round", CORE_ROUND)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def core_round(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("core_round")
 
 
 def test_core_round_exits_non_zero_when_the_round_is_wrong(

@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
-TRANSPORT = BENCH / "transport.py"
 SMALL = ["--nodes", "2", "--params", "3000", "--repeats", "1", "--settle", "0", "--quiet"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, str(TRANSPORT), *SMALL, "--json"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    parsed: dict[str, Any] = json.loads(done.stdout)
-    return parsed
+def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return run_bench("transport", *SMALL, timeout=300)
 
 
 def test_transport_json_has_the_documented_keys(report: dict[str, Any]) -> None:
@@ -78,14 +53,8 @@ def test_bytes_per_parameter_are_about_four_each_way(report: dict[str, Any]) -> 
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_transport", TRANSPORT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("transport")
 
 
 def test_the_self_check_refuses_a_wrong_model(bench: ModuleType) -> None:

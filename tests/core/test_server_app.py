@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,34 +28,6 @@ from flowerpets import (
 from flowerpets.exceptions import RoundFailedError, StopRunError
 
 Next = Callable[[RoundRequest, ServerContext], RoundResult]
-
-
-class ScriptedGrid:
-    """Nodes answer by calling a ClientApp synchronously; ``silent`` nodes never answer."""
-
-    def __init__(self, app: ClientApp, n: int, silent: Sequence[int] = ()) -> None:
-        self.app = app
-        self.contexts = {
-            i + 1: Context(node_id=i + 1, node_config={"partition-id": i}) for i in range(n)
-        }
-        self.silent = set(silent)
-        self.sent: list[Message] = []
-
-    @property
-    def run_id(self) -> int:
-        return 0
-
-    def node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(
-        self, messages: Sequence[Message], *, timeout: float | None = None
-    ) -> Iterator[Message]:
-        self.sent.extend(messages)
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node not in self.silent:
-                yield self.app(msg.with_private_content(), self.contexts[node])
 
 
 def update_app(update: Callable[[int], np.ndarray], weight: Callable[[int], int]) -> ClientApp:
@@ -83,9 +56,9 @@ def server(**kwargs: object) -> ServerApp:
     )  # type: ignore[arg-type]
 
 
-def test_fedavg_weights_by_examples_and_keeps_dtype() -> None:
+def test_fedavg_weights_by_examples_and_keeps_dtype(scripted_grid: Any) -> None:
     app = update_app(lambda pid: np.full(3, pid, np.float32), lambda pid: pid + 1)
-    result = server().run(ScriptedGrid(app, 4), seed=0)
+    result = server().run(scripted_grid(app, 4), seed=0)
     expected = sum((p + 1) * p for p in range(4)) / sum(p + 1 for p in range(4))
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-6)
     assert result.arrays["w"].dtype == np.float32
@@ -95,12 +68,12 @@ def test_fedavg_weights_by_examples_and_keeps_dtype() -> None:
     assert record.train_metrics["loss"] == pytest.approx(expected)
 
 
-def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
+def test_bad_updates_and_silent_nodes_are_recorded_and_excluded(scripted_grid: Any) -> None:
     def update(pid: int) -> np.ndarray:
         return {0: np.array([np.nan, 0, 0]), 1: np.zeros(5)}.get(pid, np.full(3, 2.0))
 
     app = update_app(update, lambda pid: 1)
-    grid = ScriptedGrid(app, 5, silent=[5])
+    grid = scripted_grid(app, 5, silent=[4])  # node 5
     result = server().run(grid, seed=0)
     record = result.history[0]
     np.testing.assert_allclose(result.arrays["w"].numpy(), 2.0)
@@ -115,21 +88,21 @@ def test_bad_updates_and_silent_nodes_are_recorded_and_excluded() -> None:
     assert "expected names and shapes" in record.failures[2].error.reason
 
 
-def test_missing_weight_metric_is_a_failure_not_a_guess() -> None:
+def test_missing_weight_metric_is_a_failure_not_a_guess(scripted_grid: Any) -> None:
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> RecordDict:
         return RecordDict({"arrays": ArrayRecord({"w": np.ones(3)}), "metrics": MetricRecord()})
 
-    record = server().run(ScriptedGrid(app, 2), seed=0).history[0]
+    record = server().run(scripted_grid(app, 2), seed=0).history[0]
     assert record.error is not None and "fewer than min_nodes=1" in record.error
     assert all("num-examples" in f.error.reason for f in record.failures.values())
 
 
-def test_round_below_min_nodes_leaves_model_unchanged_or_stops() -> None:
+def test_round_below_min_nodes_leaves_model_unchanged_or_stops(scripted_grid: Any) -> None:
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
-    grid = ScriptedGrid(app, 3, silent=[1, 2])
+    grid = scripted_grid(app, 3, silent=[0, 1])  # nodes 1 and 2
     result = server(strategy=FedAvg(min_nodes=2), num_rounds=2).run(grid, seed=0)
     assert all(r.error is not None for r in result.history.rounds)
     np.testing.assert_array_equal(result.arrays["w"].numpy(), 0)
@@ -137,7 +110,7 @@ def test_round_below_min_nodes_leaves_model_unchanged_or_stops() -> None:
         server(strategy=FedAvg(min_nodes=2), stop_on_failure=True).run(grid, seed=0)
 
 
-def test_server_mods_wrap_the_round_outermost_first() -> None:
+def test_server_mods_wrap_the_round_outermost_first(scripted_grid: Any) -> None:
     log: list[str] = []
 
     def mod(name: str) -> Callable[[RoundRequest, ServerContext, Next], RoundResult]:
@@ -154,7 +127,7 @@ def test_server_mods_wrap_the_round_outermost_first() -> None:
         return wrapped
 
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
-    grid = ScriptedGrid(app, 2)
+    grid = scripted_grid(app, 2)
     result = server(mods=[mod("a"), mod("b")]).run(grid, seed=0)
     assert log == ["a in", "b in", "b out", "a out"]
     config = grid.sent[0].require_content()["config"]
@@ -162,20 +135,20 @@ def test_server_mods_wrap_the_round_outermost_first() -> None:
     assert result.history[0].train_metrics["by-a"] == 1.0
 
 
-def test_stop_run_error_ends_the_run_with_its_reason() -> None:
+def test_stop_run_error_ends_the_run_with_its_reason(scripted_grid: Any) -> None:
     def budget(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
         if request.round == 3:
             raise StopRunError("privacy budget spent")
         return call_next(request, context)
 
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
-    result = server(mods=[budget], num_rounds=5).run(ScriptedGrid(app, 2), seed=0)
+    result = server(mods=[budget], num_rounds=5).run(scripted_grid(app, 2), seed=0)
     assert result.stopped == "privacy budget spent"
     assert [r.round for r in result.history.rounds] == [1, 2, 3]
     assert result.history[2].error == "privacy budget spent"
 
 
-def test_federated_and_centralized_evaluation_are_recorded() -> None:
+def test_federated_and_centralized_evaluation_are_recorded(scripted_grid: Any) -> None:
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
 
     @app.evaluate()
@@ -187,7 +160,7 @@ def test_federated_and_centralized_evaluation_are_recorded() -> None:
         evaluate_sampling=FullParticipation(),
         evaluate_fn=lambda rnd, arrays: {"norm": float(np.linalg.norm(arrays["w"].numpy()))},
     )
-    record = server(strategy=strategy).run(ScriptedGrid(app, 3), seed=0).history[0]
+    record = server(strategy=strategy).run(scripted_grid(app, 3), seed=0).history[0]
     assert record.evaluate_metrics["accuracy"] == pytest.approx((0 * 1 + 1 * 2 + 2 * 3) / 6)
     assert record.server_metrics["norm"] == pytest.approx(np.sqrt(3))
 
@@ -207,12 +180,12 @@ def test_cohort_sampling() -> None:
         FixedSizeSampling(0)
 
 
-def test_same_seed_same_cohorts_and_unseeded_runs_differ() -> None:
+def test_same_seed_same_cohorts_and_unseeded_runs_differ(scripted_grid: Any) -> None:
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
     strategy = FedAvg(sampling=FixedSizeSampling(3))
 
     def cohorts(seed: int | None) -> list[tuple[int, ...]]:
-        result = server(strategy=strategy, num_rounds=4).run(ScriptedGrid(app, 20), seed=seed)
+        result = server(strategy=strategy, num_rounds=4).run(scripted_grid(app, 20), seed=seed)
         return [r.participants for r in result.history.rounds]
 
     assert cohorts(1) == cohorts(1)
@@ -230,7 +203,7 @@ def test_configuration_is_validated() -> None:
         ServerApp(strategy=FedAvg(), num_rounds=1, initial_arrays={"w": np.zeros(1)})  # type: ignore[arg-type]
 
 
-def test_evaluation_failures_are_recorded_apart_from_training_failures() -> None:
+def test_evaluation_failures_are_recorded_apart_from_training_failures(scripted_grid: Any) -> None:
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
 
     @app.evaluate()
@@ -240,7 +213,7 @@ def test_evaluation_failures_are_recorded_apart_from_training_failures() -> None
         return RecordDict({"metrics": MetricRecord({"num-examples": 1, "accuracy": 1.0})})
 
     strategy = FedAvg(evaluate_sampling=FullParticipation())
-    result = server(strategy=strategy, num_rounds=2).run(ScriptedGrid(app, 3), seed=0)
+    result = server(strategy=strategy, num_rounds=2).run(scripted_grid(app, 3), seed=0)
     record = result.history.round(2)
     assert record.failures == {}
     assert set(record.evaluate_failures) == {2}
@@ -279,7 +252,7 @@ def test_add_to_sum_reaches_plain_and_sealed_parts() -> None:
         plain.add_to_sum({"b": np.zeros(3)})
 
 
-def test_context_says_when_a_mod_aggregates_securely() -> None:
+def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None:
     seen: list[bool] = []
 
     def spy(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
@@ -295,6 +268,6 @@ def test_context_says_when_a_mod_aggregates_securely() -> None:
             return call_next(request, context)
 
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
-    server(mods=[spy]).run(ScriptedGrid(app, 2), seed=0)
-    server(mods=[spy, SecureMod()]).run(ScriptedGrid(app, 2), seed=0)
+    server(mods=[spy]).run(scripted_grid(app, 2), seed=0)
+    server(mods=[spy, SecureMod()]).run(scripted_grid(app, 2), seed=0)
     assert seen == [False, True]

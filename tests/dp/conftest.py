@@ -1,8 +1,8 @@
-"""Helpers for the DP tests: a synchronous grid, and apps whose updates are known exactly."""
+"""Helpers for the DP tests: apps whose updates are known exactly (the grid: ``scripted_grid``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,45 +17,6 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
-
-
-class ScriptedGrid:
-    """Nodes answer synchronously, in order; ``silent`` node indices never answer.
-
-    ``sent`` keeps every message sent and ``replies`` every reply as it left its node
-    (what the wire carries).
-    """
-
-    def __init__(self, app: ClientApp, n: int, silent: Sequence[int] = ()) -> None:
-        self.app = app
-        self.contexts = {
-            i + 1: Context(node_id=i + 1, node_config={"partition-id": i}) for i in range(n)
-        }
-        self.silent = {i + 1 for i in silent}
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    @property
-    def run_id(self) -> int:
-        return 0
-
-    def node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(
-        self, messages: Sequence[Message], *, timeout: float | None = None
-    ) -> Iterator[Message]:
-        self.sent.extend(messages)
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.silent:
-                continue
-            reply = self.app(msg.with_private_content(), self.contexts[node])
-            self.replies.append(reply)
-            yield reply
-
-    def sent_in_round(self, rnd: int) -> int:
-        return sum(1 for m in self.sent if m.metadata.round == rnd)
 
 
 @dataclass
@@ -82,11 +43,6 @@ class UpdateApp:
             return RecordDict({"arrays": ArrayRecord(new), "metrics": metrics})
 
         return app
-
-
-@pytest.fixture
-def scripted_grid() -> type[ScriptedGrid]:
-    return ScriptedGrid
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -12,7 +12,6 @@ pytest.importorskip("sklearn")
 
 from flowerpets.dp import CentralDp, ClipOn, LocalDpMod, adaptive_clipping_mod, fixed_clipping_mod
 from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian
-from flowerpets.examples.digits import demo
 from flowerpets.examples.digits.pets import dp as dp_feature
 
 
@@ -97,15 +96,8 @@ def test_bad_values_are_argparse_errors(argv: list[str]) -> None:
         parse(*argv)
 
 
-def test_a_short_demo_run_reports_epsilon(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "FEATURES", [dp_feature.DpFeature()])
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(
-        ["--dp", "central", "--noise-multiplier", "2", "--rounds", "2", "--clients", "5", "--json"]
-    )
-    out = io.StringIO()
-    assert demo.run(args, out=out) == 0
-    history = json.loads(out.getvalue())["history"]
+def test_a_short_demo_run_reports_epsilon(run_demo: Callable[..., dict[str, Any]]) -> None:
+    argv = ["--dp", "central", "--noise-multiplier", "2", "--rounds", "2", "--clients", "5"]
+    history = run_demo(*argv, features=[dp_feature.DpFeature()])["history"]
     epsilons = [r["train_metrics"]["epsilon"] for r in history]
     assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("sklearn")
 
-from flowerpets.examples.digits import demo
-
-
-def run_demo(*argv: str) -> dict[str, object]:
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    out = io.StringIO()
-    assert demo.run(parser.parse_args([*argv, "--json"]), out=out) == 0
-    result: dict[str, object] = json.loads(out.getvalue())
-    return result
-
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
-def test_demo_defaults_reach_ninety_percent(partition: str) -> None:
+def test_demo_defaults_reach_ninety_percent(
+    partition: str, run_demo: Callable[..., dict[str, Any]]
+) -> None:
     history = run_demo("--partition", partition)["history"]
     assert isinstance(history, list) and len(history) == 10
     assert all(r["participants"] == 20 and not r["failures"] for r in history)
@@ -35,7 +25,7 @@ def test_demo_defaults_reach_ninety_percent(partition: str) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_demo_samples_cohorts() -> None:
+def test_demo_samples_cohorts(run_demo: Callable[..., dict[str, Any]]) -> None:
     history = run_demo("--cohort-size", "5", "--rounds", "3")["history"]
     assert isinstance(history, list)
     assert [r["cohort_size"] for r in history] == [5, 5, 5]

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 pytest.importorskip("sklearn")
 
-from flowerpets.examples.digits import demo
 from flowerpets.examples.digits.pets.secagg import SecAggFeature
 from flowerpets.secagg import SecAggPlus, secaggplus_mod
 
 
-def run_demo(monkeypatch: pytest.MonkeyPatch, *argv: str) -> dict[str, Any]:
-    monkeypatch.setattr(demo, "FEATURES", [SecAggFeature()])
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    out = io.StringIO()
-    assert demo.run(parser.parse_args([*argv, "--json"]), out=out) == 0
-    result: dict[str, Any] = json.loads(out.getvalue())
-    return result
-
-
-def test_secure_run_matches_the_plain_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secure_run_matches_the_plain_run(run_demo: Callable[..., dict[str, Any]]) -> None:
     common = ("--rounds", "5", "--clients", "10")
-    plain = run_demo(monkeypatch, *common)["history"]
-    secure = run_demo(monkeypatch, *common, "--secagg")["history"]
+    plain = run_demo(*common, features=[SecAggFeature()])["history"]
+    secure = run_demo(*common, "--secagg", features=[SecAggFeature()])["history"]
     for p, s in zip(plain, secure, strict=True):
         assert s["participants"] == 10 and not s["failures"]
         # Same data and seeds: only the quantization error separates the two runs.

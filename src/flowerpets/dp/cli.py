@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
+from flowerpets._argtypes import checked, integer, number
 from flowerpets.dp.accountant import (
     ACCOUNTANTS,
     Accountant,
@@ -56,45 +57,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 # -- argument types --------------------------------------------------------------------------------
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+_number = checked(number, math.isfinite, "expected a finite number, got {text!r}")
+_positive = checked(_number, lambda v: v > 0, "must be > 0, got {text}")
+_probability = checked(_number, lambda v: 0 < v < 1, "must be in (0, 1), got {text}")
+_rate = checked(_number, lambda v: 0 < v <= 1, "must be in (0, 1], got {text}")
+_count = checked(integer, lambda v: v >= 1, "must be an integer >= 1, got {text}")
 
 
 # -- the parsers -----------------------------------------------------------------------------------

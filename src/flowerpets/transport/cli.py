@@ -2,8 +2,8 @@
 
 Each ``add_*_parser(subparsers)`` adds one subcommand whose ``command``
 default runs it and returns the process exit code. This module imports only
-``argparse`` at load time (gRPC and the apps are imported when a command runs),
-so ``flowerpets --help`` stays fast.
+``argparse`` (and its value types) at load time (gRPC and the apps are imported
+when a command runs), so ``flowerpets --help`` stays fast.
 
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
 1 if the ServerApp failed and 2 for bad arguments; a client returns its
@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from flowerpets._argtypes import checked, non_negative_int, number
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -49,24 +51,9 @@ EXIT_BAD_ARGUMENTS = 2
 
 
 # -- argument types -------------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_float = checked(
+    number, lambda v: math.isfinite(v) and v > 0, "expected a number > 0, got {text}"
+)
 
 
 def _megabytes(text: str) -> int:
@@ -122,7 +109,7 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     run = parser.add_argument_group("the run")
     run.add_argument(
         "--min-nodes",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1,
         help="wait for this many nodes before the first round (default 1)",
     )
@@ -451,7 +438,7 @@ def add_certs_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=[],
         help="another host name or IP address the server certificate is valid for (repeatable)",
     )
-    parser.add_argument("--nodes", type=_non_negative_int, default=0, help="node key pairs")
+    parser.add_argument("--nodes", type=non_negative_int, default=0, help="node key pairs")
     parser.add_argument(
         "--days", type=int, default=90, help="validity of the certificates (default 90)"
     )

@@ -19,6 +19,7 @@ from typing import TextIO
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._argtypes import checked
 from flowerpets.core import ClientApp, FixedSizeSampling, PoissonSampling, RoundRecord, ServerApp
 from flowerpets.core.sampling import CohortSampling
 from flowerpets.examples.digits.apps import (
@@ -59,18 +60,11 @@ PARTITIONERS: dict[str, Partitioner] = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+# Text that is no number is argparse's own "invalid _positive_int value: 'x'".
+_positive_int = checked(int, lambda v: v >= 1, "must be >= 1, got {value}", name="_positive_int")
+_positive_float = checked(
+    float, lambda v: v > 0, "must be > 0, got {value}", name="_positive_float"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,10 @@ server does.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
+from flowerpets._argtypes import checked, number
 from flowerpets.core import CohortSampling, FixedSizeSampling, FullParticipation, PoissonSampling
 from flowerpets.dp import (
     AdaptiveClipping,
@@ -35,31 +37,9 @@ from flowerpets.examples.digits.features import FeatureMods
 __all__ = ["DpFeature"]
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _quantile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+_positive = checked(number, lambda v: v > 0 and v != math.inf, "must be finite and > 0, got {text}")
+_fraction = checked(_positive, lambda v: v < 1, "must be in (0, 1), got {text}")
+_quantile = checked(number, lambda v: 0 <= v <= 1, "must be in [0, 1], got {text}")
 
 
 def _sampling(args: argparse.Namespace) -> CohortSampling:

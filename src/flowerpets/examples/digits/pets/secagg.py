@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from flowerpets._argtypes import checked
 from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
 from flowerpets.exceptions import InfeasibleParametersError
@@ -23,25 +24,12 @@ __all__ = ["SecAggFeature"]
 SECURE_METRICS = ("train-loss",)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+# The demo's wording; text that is no number is argparse's "invalid _positive_int value: 'x'".
+_positive_int = checked(int, lambda v: v >= 1, "must be >= 1, got {value}", name="_positive_int")
+_rate = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1), got {value}", name="_rate")
+_positive_float = checked(
+    float, lambda v: v > 0, "must be > 0, got {value}", name="_positive_float"
+)
 
 
 class SecAggFeature:
