@@ -379,35 +379,44 @@ def _write_array(w: _Writer, array: Array, what: str) -> None:
     w.parts.append(data.reshape(-1).view(np.uint8).data)
 
 
+# Scalar types in the order they are tried (bool before int: a bool is an int).
+_SCALAR_TAGS: Final = (
+    (bool, _TAG_BOOL),
+    (int, _TAG_INT),
+    (float, _TAG_FLOAT),
+    (str, _TAG_STR),
+    (bytes, _TAG_BYTES),
+)
+_LIST_OF: Final = {
+    _TAG_BOOL: _TAG_LIST_BOOL,
+    _TAG_INT: _TAG_LIST_INT,
+    _TAG_FLOAT: _TAG_LIST_FLOAT,
+    _TAG_STR: _TAG_LIST_STR,
+    _TAG_BYTES: _TAG_LIST_BYTES,
+}
+
+
+def _tag_of(value: Any) -> int | None:
+    for cls, tag in _SCALAR_TAGS:
+        if isinstance(value, cls):
+            return tag
+    return None
+
+
 def _list_tag(items: list[Any]) -> int:
     if not items:
         return _TAG_LIST_INT
-    first = items[0]
-    if isinstance(first, bool):
-        return _TAG_LIST_BOOL
-    if isinstance(first, int):
-        return _TAG_LIST_INT
-    if isinstance(first, float):
-        return _TAG_LIST_FLOAT
-    if isinstance(first, str):
-        return _TAG_LIST_STR
-    if isinstance(first, bytes):
-        return _TAG_LIST_BYTES
-    raise CodecError(f"list items of type {type(first).__name__} cannot be encoded")
+    tag = _tag_of(items[0])
+    if tag is None:
+        raise CodecError(f"list items of type {type(items[0]).__name__} cannot be encoded")
+    return _LIST_OF[tag]
 
 
 def _scalar_tag(value: Any) -> int:
-    if isinstance(value, bool):
-        return _TAG_BOOL
-    if isinstance(value, int):
-        return _TAG_INT
-    if isinstance(value, float):
-        return _TAG_FLOAT
-    if isinstance(value, str):
-        return _TAG_STR
-    if isinstance(value, bytes):
-        return _TAG_BYTES
-    raise CodecError(f"a value of type {type(value).__name__} cannot be encoded")
+    tag = _tag_of(value)
+    if tag is None:
+        raise CodecError(f"a value of type {type(value).__name__} cannot be encoded")
+    return tag
 
 
 def _pack_list(fmt: str, items: list[Any], what: str) -> bytes:
