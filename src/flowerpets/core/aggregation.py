@@ -95,9 +95,9 @@ class WeightedSum:
     def check(self, arrays: ArrayRecord, weight: float | int) -> CheckedUpdate:
         """Validate an update whole; raise ``InvalidUpdateError`` if ``add`` would refuse it.
 
-        This reads every value (the NaN/inf check), so it is the costly half of
-        :meth:`add`. It only reads this object, so a caller may run it for the
-        next update on another thread while :meth:`add_checked` adds this one.
+        This reads every value (the NaN/inf check). A caller that must accept or
+        refuse several parts of one reply together (HE: a plain and an encrypted
+        part) checks them all first, then adds them with :meth:`add_checked`.
         """
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise InvalidUpdateError(f"weight must be a number, got {type(weight).__name__}")

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
 
-from flowerpets.core.aggregation import CheckedUpdate, MetricMean, WeightedSum
+from flowerpets.core.aggregation import MetricMean, WeightedSum
 from flowerpets.core.grid import Grid
 from flowerpets.core.message import Error, ErrorCode, Message
 from flowerpets.core.records import ArrayRecord, MetricRecord, RecordDict
@@ -82,14 +78,6 @@ def collect(grid: Grid, messages: Sequence[Message], *, timeout: float | None) -
         yield request.error_reply(missing)
 
 
-def _content_or_failure(reply: Message, stage: str, failures: dict[int, Failure]) -> bool:
-    """True for a reply with content; an error reply is recorded as a failure instead."""
-    if reply.error is None:
-        return True
-    failures[reply.metadata.src_node_id] = Failure(stage, reply.error)
-    return False
-
-
 def reply_weight(metrics: MetricRecord, key: str | None) -> float | int:
     """The weight a reply's ``metrics`` give its update (1 when ``key`` is None).
 
@@ -104,44 +92,6 @@ def reply_weight(metrics: MetricRecord, key: str | None) -> float | int:
     if isinstance(value, list):
         raise InvalidUpdateError(f"weight metric {key!r} must be a number, got a list")
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class _CheckedReply:
-    metrics: MetricRecord
-    weight: float | int
-    update: CheckedUpdate | None
-
-
-def _check_reply(reply: Message, request: RoundRequest, total: WeightedSum) -> _CheckedReply:
-    body = reply.require_content()
-    if "metrics" not in body:
-        raise InvalidUpdateError("reply carries no 'metrics' record")
-    reported = body.get_typed("metrics", MetricRecord)
-    weight = reply_weight(reported, request.weight_key)
-    arrays = body.get_typed("arrays", ArrayRecord) if "arrays" in body else None
-    update = total.check(arrays, weight) if arrays is not None else None
-    return _CheckedReply(reported, weight, update)
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def _checked_ahead(items: Iterator[T], check: Callable[[T], R]) -> Iterator[tuple[T, Future[R]]]:
-    """Pair each item with ``check(item)``, run on a second thread one item ahead.
-
-    Checking a reply reads all of it (the NaN/inf scan), as adding it does; on
-    a machine with a spare core the server checks reply k+1 while it adds reply
-    k, which hides most of the scan. At most one extra reply waits here.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp-check") as pool:
-        waiting: deque[tuple[T, Future[R]]] = deque()
-        for item in items:
-            waiting.append((item, pool.submit(check, item)))
-            if len(waiting) > 1:
-                yield waiting.popleft()
-        yield from waiting
 
 
 def aggregate_round(request: RoundRequest, context: ServerContext) -> RoundResult:
@@ -160,18 +110,20 @@ def aggregate_round(request: RoundRequest, context: ServerContext) -> RoundResul
     participants: list[int] = []
     failures: dict[int, Failure] = {}
     stage = request.message_type
-    answered = (
-        reply
-        for reply in collect(grid, messages, timeout=request.timeout)
-        if _content_or_failure(reply, stage, failures)
-    )
-    for reply, checked in _checked_ahead(answered, lambda r: _check_reply(r, request, total)):
+    for reply in collect(grid, messages, timeout=request.timeout):
         node = reply.metadata.src_node_id
+        if reply.error is not None:
+            failures[node] = Failure(stage, reply.error)
+            continue
         try:
-            outcome = checked.result()
-            if outcome.update is not None:
-                total.add_checked(outcome.update)
-            metrics.add(outcome.metrics, float(outcome.weight))
+            body = reply.require_content()
+            if "metrics" not in body:
+                raise InvalidUpdateError("reply carries no 'metrics' record")
+            reported = body.get_typed("metrics", MetricRecord)
+            weight = reply_weight(reported, request.weight_key)
+            if "arrays" in body:
+                total.add(body.get_typed("arrays", ArrayRecord), weight)
+            metrics.add(reported, float(weight))
         except (InvalidUpdateError, RecordTypeError, KeyError) as exc:
             log.warning("round %d: node %d sent an invalid reply: %s", request.round, node, exc)
             failures[node] = Failure(stage, Error(ErrorCode.INVALID_REPLY, str(exc)))
