@@ -7,7 +7,13 @@ and the runtimes build on it.
 from flowerpets.core.aggregation import MetricMean, WeightedSum
 from flowerpets.core.client_app import ClientApp, ClientMod, Handler
 from flowerpets.core.context import Context
-from flowerpets.core.exchange import aggregate_round, collect, reply_weight, request_messages
+from flowerpets.core.exchange import (
+    aggregate_round,
+    collect,
+    gather,
+    reply_weight,
+    request_messages,
+)
 from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
@@ -85,6 +91,7 @@ __all__ = [
     "aggregate_round",
     "chain",
     "collect",
+    "gather",
     "is_sealed",
     "reply_weight",
     "request_messages",

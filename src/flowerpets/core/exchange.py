@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from flowerpets.core.aggregation import MetricMean, WeightedSum
 from flowerpets.core.grid import Grid
@@ -22,7 +22,7 @@ from flowerpets.core.records import ArrayRecord, MetricRecord, RecordDict
 from flowerpets.core.round import Failure, RoundRequest, RoundResult, ServerContext
 from flowerpets.exceptions import InvalidUpdateError, RecordTypeError
 
-__all__ = ["aggregate_round", "collect", "reply_weight", "request_messages"]
+__all__ = ["aggregate_round", "collect", "gather", "reply_weight", "request_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,38 @@ def reply_weight(metrics: MetricRecord, key: str | None) -> float | int:
     return value
 
 
+def gather(
+    grid: Grid,
+    messages: Sequence[Message],
+    request: RoundRequest,
+    accept: Callable[[Message], None],
+) -> tuple[tuple[int, ...], dict[int, Failure]]:
+    """Collect the replies to ``messages``, handing each answer to ``accept``.
+
+    Returns the nodes whose reply was accepted, in arrival order, and a failure
+    for every other node: its error reply or missing reply, or, when ``accept``
+    raised ``InvalidUpdateError``, ``RecordTypeError`` or ``KeyError``, an
+    ``INVALID_REPLY`` with the reason. ``accept`` must check a reply whole
+    before it adds anything of it, so a refused reply changes nothing.
+    """
+    participants: list[int] = []
+    failures: dict[int, Failure] = {}
+    stage = request.message_type
+    for reply in collect(grid, messages, timeout=request.timeout):
+        node = reply.metadata.src_node_id
+        if reply.error is not None:
+            failures[node] = Failure(stage, reply.error)
+            continue
+        try:
+            accept(reply)
+        except (InvalidUpdateError, RecordTypeError, KeyError) as exc:
+            log.warning("round %d: node %d sent an invalid reply: %s", request.round, node, exc)
+            failures[node] = Failure(stage, Error(ErrorCode.INVALID_REPLY, str(exc)))
+            continue
+        participants.append(node)
+    return tuple(participants), failures
+
+
 def aggregate_round(request: RoundRequest, context: ServerContext) -> RoundResult:
     """Send ``request`` to its cohort and sum the replies, streaming.
 
@@ -107,33 +139,23 @@ def aggregate_round(request: RoundRequest, context: ServerContext) -> RoundResul
     messages = request_messages(grid, request, content)
     total = WeightedSum(expected=request.arrays if len(request.arrays) else None)
     metrics = MetricMean(weight_key=request.weight_key)
-    participants: list[int] = []
-    failures: dict[int, Failure] = {}
-    stage = request.message_type
-    for reply in collect(grid, messages, timeout=request.timeout):
-        node = reply.metadata.src_node_id
-        if reply.error is not None:
-            failures[node] = Failure(stage, reply.error)
-            continue
-        try:
-            body = reply.require_content()
-            if "metrics" not in body:
-                raise InvalidUpdateError("reply carries no 'metrics' record")
-            reported = body.get_typed("metrics", MetricRecord)
-            weight = reply_weight(reported, request.weight_key)
-            if "arrays" in body:
-                total.add(body.get_typed("arrays", ArrayRecord), weight)
-            metrics.add(reported, float(weight))
-        except (InvalidUpdateError, RecordTypeError, KeyError) as exc:
-            log.warning("round %d: node %d sent an invalid reply: %s", request.round, node, exc)
-            failures[node] = Failure(stage, Error(ErrorCode.INVALID_REPLY, str(exc)))
-            continue
-        participants.append(node)
+
+    def accept(reply: Message) -> None:
+        body = reply.require_content()
+        if "metrics" not in body:
+            raise InvalidUpdateError("reply carries no 'metrics' record")
+        reported = body.get_typed("metrics", MetricRecord)
+        weight = reply_weight(reported, request.weight_key)
+        if "arrays" in body:
+            total.add(body.get_typed("arrays", ArrayRecord), weight)
+        metrics.add(reported, float(weight))
+
+    participants, failures = gather(grid, messages, request, accept)
     return RoundResult(
         round=request.round,
         aggregate=total.result(),
         total_weight=total.total_weight,
-        participants=tuple(participants),
+        participants=participants,
         failures=failures,
         metrics=metrics.result(),
     )

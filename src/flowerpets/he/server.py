@@ -33,6 +33,7 @@ from flowerpets.core import (
     ServerContext,
     WeightedSum,
     collect,
+    gather,
     is_sealed,
     reply_weight,
     request_messages,
@@ -40,7 +41,6 @@ from flowerpets.core import (
 from flowerpets.exceptions import (
     InvalidUpdateError,
     KeySetupError,
-    RecordTypeError,
     RoundFailedError,
 )
 from flowerpets.he._primitives.ciphertexts import Header, split_wire
@@ -230,40 +230,28 @@ class HomomorphicAggregation:
         config[CONFIG_COHORT_SIZE] = len(request.cohort)
         content = RecordDict({"arrays": request.arrays, "config": config})
         messages = request_messages(grid, request, content, nodes=nodes)
-        participants: list[int] = []
-        failures: dict[int, Failure] = {}
-        stage = request.message_type
-        for reply in collect(grid, messages, timeout=request.timeout):
-            node = reply.metadata.src_node_id
-            if reply.error is not None:
-                failures[node] = Failure(stage, reply.error)
-                continue
-            try:
-                body = reply.require_content()
-                if "metrics" not in body or "arrays" not in body:
-                    raise InvalidUpdateError("an encrypted reply carries 'metrics' and 'arrays'")
-                reported = body.get_typed("metrics", MetricRecord)
-                weight = reply_weight(reported, request.weight_key)
-                clear, update_header, chunks = split_wire(body.get_typed("arrays", ArrayRecord))
-                if update_header is None:
-                    raise InvalidUpdateError("the reply carries no encrypted part")
-                checked = plain.check(ArrayRecord(clear), weight)
-                vectors = encrypted.load(chunks, update_header)  # every check, before any add
-                plain.add_checked(checked)
-                encrypted.add(vectors)
-                metrics.add(reported, float(weight))
-            except (InvalidUpdateError, RecordTypeError, KeyError) as exc:
-                log.warning(
-                    "round %d: node %d sent an invalid update: %s", request.round, node, exc
-                )
-                failures[node] = _failure(stage, str(exc))
-                continue
-            participants.append(node)
+
+        def accept(reply: Message) -> None:
+            body = reply.require_content()
+            if "metrics" not in body or "arrays" not in body:
+                raise InvalidUpdateError("an encrypted reply carries 'metrics' and 'arrays'")
+            reported = body.get_typed("metrics", MetricRecord)
+            weight = reply_weight(reported, request.weight_key)
+            clear, update_header, chunks = split_wire(body.get_typed("arrays", ArrayRecord))
+            if update_header is None:
+                raise InvalidUpdateError("the reply carries no encrypted part")
+            checked = plain.check(ArrayRecord(clear), weight)
+            vectors = encrypted.load(chunks, update_header)  # every check, before any add
+            plain.add_checked(checked)
+            encrypted.add(vectors)
+            metrics.add(reported, float(weight))
+
+        participants, failures = gather(grid, messages, request, accept)
         return RoundResult(
             round=request.round,
             aggregate=plain.result(),
             total_weight=plain.total_weight,
-            participants=tuple(participants),
+            participants=participants,
             failures=failures,
             metrics=metrics.result(),
             sealed=encrypted.result(),
