@@ -6,7 +6,9 @@ a handler-level mod would never see them. On an update's way out it comes
 after privacy mods (clip, then noise), so it is listed *before* them (the
 first mod listed is the outermost)::
 
-    app = ClientApp(mods=[CKKSClientMod(), clipping_mod])
+    from flowerpets.dp import fixed_clipping_mod
+
+    app = ClientApp(mods=[CKKSClientMod(), fixed_clipping_mod])  # clip, then encrypt
 """
 
 from __future__ import annotations

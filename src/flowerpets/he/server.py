@@ -4,7 +4,14 @@
 (it does not call ``call_next``), so it must be the *last* server mod listed;
 mods before it (central DP's noise) post-process its sealed result::
 
-    app = ServerApp(strategy=FedAvg(...), mods=[dp_noise_mod, HomomorphicAggregation()])
+    from flowerpets.dp import CentralDp
+
+    app = ServerApp(
+        strategy=FedAvg(...),
+        mods=[CentralDp(noise_multiplier=1.0, clipping_norm=0.5), HomomorphicAggregation()],
+    )
+
+(with ``fixed_clipping_mod`` on the clients: the server cannot clip what it cannot read).
 """
 
 from __future__ import annotations
