@@ -320,9 +320,10 @@ class CKKSClientMod:
         limit = keys.params.capacity / max(1, cohort)
         largest = peak(flat)
         if largest > limit:
+            # The reason travels in the clear: it names the public bound, never the value.
             raise InfeasibleParametersError(
-                f"a weighted value of {largest:.4g} exceeds {limit:.4g}, this node's share of the "
-                f"CKKS capacity ({keys.params.capacity:.4g} over {cohort} nodes): the encrypted "
+                f"the weighted update exceeds {limit:.4g}, this node's share of the CKKS "
+                f"capacity ({keys.params.capacity:.4g} over {cohort} nodes): the encrypted "
                 "sum could wrap around. Use wider parameters (he.WIDE) or smaller weights."
             )
         ckks = load_secret_context(keys.secret_context, keys.params)
