@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from flowerpets.he._primitives.ciphertexts import (
     split_wire,
     wire_arrays,
 )
-from flowerpets.he._primitives.packing import Layout
+from flowerpets.he._primitives.packing import Entry, Layout
 from flowerpets.he._primitives.params import (
     new_secret_context,
     public_context_bytes,
@@ -102,6 +103,39 @@ def test_split_wire_refuses_what_does_not_match(mutate: object, match: str) -> N
     mutate(record)  # type: ignore[operator]
     with pytest.raises(CiphertextError, match=match):
         split_wire(record)
+
+
+@pytest.mark.parametrize("claimed", [2**30, 2**40])
+def test_a_header_claiming_huge_sizes_fails_fast_without_allocating(claimed: int) -> None:
+    """A few bytes of header claim ``claimed`` values (``claimed / 2048`` ciphertexts).
+
+    Before the fix ``split_wire`` named every claimed chunk first (2^35 values: 113 s, 2.8 GB).
+    """
+    forged = Header(
+        key_id=KEY, params=COMPACT, layout=Layout((Entry("w", "<f8", (claimed >> 10, 1 << 10)),))
+    )
+    record = ArrayRecord({HEADER_NAME: forged.encode(), chunk_name(0): np.zeros(8, np.uint8)})
+    round_header = Header(key_id=KEY, params=COMPACT, layout=_layout(5000), order=("w",))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CiphertextError, match="the round 5000 values"):
+            split_wire(record, expected=round_header)  # the server: compared with the round's
+        with pytest.raises(CiphertextError, match=f"of the {claimed // COMPACT.slots} ciphertexts"):
+            split_wire(record)  # a node opening a model: bounded by what the record holds
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 << 10, f"{peak} bytes allocated for a forged header"
+
+
+def test_split_wire_bounds_the_header_by_the_rounds() -> None:
+    header = Header(key_id=KEY, params=COMPACT, layout=_layout(5000))
+    record = wire_arrays(header, [b"x", b"y", b"z"])
+    padded = json.dumps(json.loads(record[HEADER_NAME].numpy().tobytes()), indent=40_000)
+    record[HEADER_NAME] = np.frombuffer(padded.encode(), np.uint8)
+    assert split_wire(record)[1] == header  # valid JSON, within the absolute bound
+    with pytest.raises(CiphertextError, match="at most"):
+        split_wire(record, expected=header)
 
 
 def _header_bytes(**changes: object) -> Array:

@@ -306,6 +306,10 @@ def _header(**changes: Any) -> Callable[[ArrayRecord], None]:
             from flowerpets.he._primitives.packing import Layout
 
             fields["layout"] = Layout.of({"w": np.zeros((70, 30)), "b": np.zeros(7)}, ["w", "b"])
+        if "layout" in changes and changes["layout"] == "huge":
+            from flowerpets.he._primitives.packing import Entry, Layout
+
+            fields["layout"] = Layout((Entry("w", "<f8", (1 << 20, 1 << 20)),))
         arrays[HEADER_NAME] = Header(**fields).encode()
 
     return tamper
@@ -322,6 +326,7 @@ TAMPERS: dict[str, Callable[[ArrayRecord], None]] = {
     "other key id": _header(key_id="f" * 32),
     "other layout": _header(layout="other"),
     "a sum's header": _header(order=("w", "b")),
+    "a header claiming 2^40 values": _header(layout="huge"),
     "no encrypted part": lambda a: [a.pop(n) for n in list(a) if n.startswith("he.")],
     "floats as ciphertext": lambda a: a.__setitem__(chunk_name(0), np.ones(10)),
 }

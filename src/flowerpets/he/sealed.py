@@ -119,22 +119,14 @@ class CiphertextSum:
     def count(self) -> int:
         return self._count
 
+    @property
+    def header(self) -> Header:
+        """The round's header: what every update must match (see :func:`split_wire`)."""
+        return self._header
+
     def load(self, chunks: Sequence[Array | bytes], header: Header) -> list[ts.CKKSVector]:
         """Check an update's header against the sum's and load its ciphertexts (all checked)."""
-        expected = self._header
-        if header.key_id != expected.key_id:
-            raise CiphertextError(
-                f"the update is under key {header.key_id}, the round's key is {expected.key_id}"
-            )
-        if header.params != expected.params:
-            raise CiphertextError(
-                f"the update uses {header.params.describe()}, "
-                f"the round {expected.params.describe()}"
-            )
-        if header.layout != expected.layout:
-            raise CiphertextError(
-                f"the update packs {header.layout.shapes()}, the round {expected.layout.shapes()}"
-            )
+        header.require_like(self._header)
         if header.order is not None:
             raise CiphertextError("an update's header must not carry a model order")
         return load_vectors(self._context, chunks, header)

@@ -244,7 +244,10 @@ class HomomorphicAggregation:
                 raise InvalidUpdateError("an encrypted reply carries 'metrics' and 'arrays'")
             reported = body.get_typed("metrics", MetricRecord)
             weight = reply_weight(reported, request.weight_key)
-            clear, update_header, chunks = split_wire(body.get_typed("arrays", ArrayRecord))
+            # The header is compared with the round's before anything it claims is sized.
+            clear, update_header, chunks = split_wire(
+                body.get_typed("arrays", ArrayRecord), expected=encrypted.header
+            )
             if update_header is None:
                 raise InvalidUpdateError("the reply carries no encrypted part")
             checked = plain.check(ArrayRecord(clear), weight)

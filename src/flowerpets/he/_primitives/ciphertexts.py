@@ -24,6 +24,7 @@ integrity; see ``docs/he.md``).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,7 @@ MAX_HEADER_BYTES = 16 << 20
 _SERIALIZATION_SLACK = 4096  # TenSEAL's and SEAL's headers around the coefficients
 _KEY_ID_HEX = re.compile(r"[0-9a-f]{32}")
 _FIELDS = frozenset({"v", "key", "params", "layout", "chunks", "order"})
+_CHUNK_NAME = re.compile(re.escape(_CHUNK_PREFIX) + r"([0-9]{6,18})")
 
 
 def chunk_name(index: int) -> str:
@@ -85,6 +87,24 @@ class Header:
     def chunks(self) -> int:
         return self.layout.chunk_count(self.params.slots)
 
+    def require_like(self, expected: Header) -> None:
+        """Raise :class:`CiphertextError` unless key, parameters and layout are ``expected``'s.
+
+        The reasons stay short whatever a forged layout holds.
+        """
+        if self.key_id != expected.key_id:
+            raise CiphertextError(
+                f"the update is under key {self.key_id}, the round's key is {expected.key_id}"
+            )
+        if self.params != expected.params:
+            raise CiphertextError(
+                f"the update uses {self.params.describe()}, the round {expected.params.describe()}"
+            )
+        if self.layout != expected.layout:
+            raise CiphertextError(
+                f"the update packs {self.layout.describe()}, the round {expected.layout.describe()}"
+            )
+
     def encode(self) -> Array:
         body: dict[str, Any] = {
             "v": WIRE_VERSION,
@@ -99,11 +119,14 @@ class Header:
         return Array(np.frombuffer(text.encode("ascii"), dtype=np.uint8), copy=False)
 
     @classmethod
-    def decode(cls, array: Array) -> Header:
+    def decode(cls, array: Array, *, max_bytes: int = MAX_HEADER_BYTES) -> Header:
         """Parse :meth:`encode`'s output; anything else raises :class:`CiphertextError`."""
         data = array.numpy()
-        if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= MAX_HEADER_BYTES:
-            raise CiphertextError(f"{HEADER_NAME} must be 1-D uint8 of at most {MAX_HEADER_BYTES}")
+        if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= max_bytes:
+            raise CiphertextError(
+                f"{HEADER_NAME} must be 1-D uint8 of at most {max_bytes} bytes, "
+                f"got {data.dtype} {data.shape}"
+            )
         try:
             body = json.loads(data.tobytes().decode("ascii"))
             if not isinstance(body, dict) or set(body) - _FIELDS:
@@ -138,11 +161,18 @@ def wire_arrays(header: Header, chunks: Iterable[bytes]) -> ArrayRecord:
     return record
 
 
-def split_wire(arrays: Mapping[str, Array]) -> tuple[dict[str, Array], Header | None, list[Array]]:
+def split_wire(
+    arrays: Mapping[str, Array], expected: Header | None = None
+) -> tuple[dict[str, Array], Header | None, list[Array]]:
     """Split a record into its plain arrays, its header (None if absent) and its ciphertexts.
 
     Reserved names other than the header and its exact chunk names raise
     :class:`CiphertextError`, as do chunks without a header or missing chunks.
+    With ``expected`` (the round's header), the record's header must be of the
+    same key, parameters and layout (:meth:`Header.require_like`), checked
+    before anything else. Nothing is sized by what a header claims: its chunk
+    count is compared with the arrays the record holds (a header can claim
+    2^40 values in a few bytes).
     """
     plain = {n: a for n, a in arrays.items() if not n.startswith(RESERVED_PREFIX)}
     reserved = [n for n in arrays if n.startswith(RESERVED_PREFIX)]
@@ -150,16 +180,35 @@ def split_wire(arrays: Mapping[str, Array]) -> tuple[dict[str, Array], Header | 
         return plain, None, []
     if HEADER_NAME not in arrays:
         raise CiphertextError(f"ciphertexts without a {HEADER_NAME}")
-    header = Header.decode(arrays[HEADER_NAME])
-    expected = [HEADER_NAME, *(chunk_name(i) for i in range(header.chunks))]
-    if sorted(reserved) != sorted(expected):
-        extra = sorted(set(reserved) - set(expected))
-        missing = sorted(set(expected) - set(reserved))
+    if expected is None:
+        header = Header.decode(arrays[HEADER_NAME])
+    else:
+        header = Header.decode(arrays[HEADER_NAME], max_bytes=_header_bound(expected))
+        header.require_like(expected)
+    claimed = header.chunks
+    found: set[int] = set()
+    unexpected = []
+    for name in reserved:
+        if name == HEADER_NAME:
+            continue
+        match = _CHUNK_NAME.fullmatch(name)
+        index = int(match.group(1)) if match else -1
+        if match and name == chunk_name(index) and index < claimed:
+            found.add(index)
+        else:
+            unexpected.append(name)
+    if unexpected or len(found) != claimed:
         raise CiphertextError(
-            f"the encrypted part does not match its header: unexpected {extra[:5]}, "
-            f"missing {missing[:5]} ({header.chunks} ciphertexts expected)"
+            f"the encrypted part does not match its header: unexpected {sorted(unexpected)[:5]}, "
+            f"{claimed - len(found)} of the {claimed} ciphertexts it claims missing"
         )
-    return plain, header, [arrays[chunk_name(i)] for i in range(header.chunks)]
+    return plain, header, [arrays[chunk_name(i)] for i in range(claimed)]
+
+
+@functools.lru_cache(maxsize=16)
+def _header_bound(expected: Header) -> int:
+    """The most bytes a header like ``expected`` (but without a model order) may take."""
+    return min(MAX_HEADER_BYTES, 2 * expected.encode().numpy().size + 1024)
 
 
 # -- encryption ----------------------------------------------------------------------------------

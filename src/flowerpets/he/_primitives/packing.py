@@ -115,6 +115,12 @@ class Layout:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {e.name: e.shape for e in self.entries}
 
+    def describe(self, limit: int = 3) -> str:
+        """A short description (at most ``limit`` arrays named), for error messages."""
+        named = ", ".join(f"{e.name!r} {e.shape}" for e in self.entries[:limit])
+        more = f" and {len(self.entries) - limit} more" if len(self.entries) > limit else ""
+        return f"{self.size} values in {len(self.entries)} arrays ({named}{more})"
+
     # -- packing ---------------------------------------------------------------
     def pack(self, arrays: Mapping[str, Any], weight: float = 1.0) -> NDArray[np.float64]:
         """``weight * arrays`` flattened into one float64 vector (missing names are zeros).
