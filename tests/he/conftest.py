@@ -166,8 +166,13 @@ def run(
     faults: Iterable[Fault] = (),
     node_config: Callable[[int], Mapping[str, ConfigValue]] | None = None,
     record_replies: bool = True,
+    wrap: Callable[[SimulationGrid], Any] | None = None,
 ) -> Run:
-    """Like ``run_simulation``, with node ids 101, 102, ... and a recording grid."""
+    """Like ``run_simulation``, with node ids 101, 102, ... and a recording grid.
+
+    ``wrap`` puts a grid of the test's own (one that reorders replies, say)
+    between the simulation and the recording grid.
+    """
     contexts = [
         Context(
             node_id=101 + i,
@@ -183,7 +188,7 @@ def run(
     with SimulationGrid(
         client, contexts, run_id=RUN_ID, faults=FaultPlan(faults), max_workers=2
     ) as inner:
-        grid = RecordingGrid(inner)
+        grid = RecordingGrid(wrap(inner) if wrap is not None else inner)
         if not record_replies:
             grid.received = _Discard()  # type: ignore[assignment]
         result = server.run(grid)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import struct
 import tracemalloc
 
 import numpy as np
@@ -24,6 +26,7 @@ from flowerpets.he._primitives.ciphertexts import (
     load_vector,
     load_vectors,
     split_wire,
+    tenseal_scale,
     wire_arrays,
 )
 from flowerpets.he._primitives.packing import Entry, Layout
@@ -198,6 +201,43 @@ def test_load_vector_checks(secret: ts.Context, public: ts.Context, blob: bytes)
         load_vector(public, many, COMPACT, 3 * COMPACT.slots)
     with pytest.raises(CiphertextError, match="uint8"):
         load_vector(public, Array(np.ones(4)), COMPACT, 4)
+
+
+def _with_scale(blob: bytes, scale: float) -> bytes:
+    assert blob[-9] == 0x19  # CKKSVectorProto field 3 (the scale), a double, serialized last
+    return blob[:-8] + struct.pack("<d", scale)
+
+
+def test_tenseal_scale_is_read_and_checked(public: ts.Context, blob: bytes) -> None:
+    """TenSEAL's own scale field, which SEAL's ``ct.scale`` check does not see (issue 9, item 3)."""
+    assert tenseal_scale(blob) == COMPACT.scale
+    wide = ts.ckks_vector(new_secret_context(WIDE), np.ones(4)).serialize()
+    assert tenseal_scale(wide) == WIDE.scale
+    for forged in (2.0**41, math.nextafter(2.0**40, math.inf), 0.0, -(2.0**40), math.nan):
+        data = _with_scale(blob, forged)
+        # TenSEAL itself takes it: SEAL's scale is untouched.
+        assert ts.ckks_vector_from(public, data).ciphertext()[0].scale == COMPACT.scale
+        with pytest.raises(CiphertextError, match="TenSEAL scale"):
+            load_vector(public, data, COMPACT, COMPACT.slots)
+    scale_field = blob[-9:]
+    for data in (
+        blob + scale_field,  # the field twice (the last one would win)
+        blob[:-9] + _with_scale(blob, 2.0**41)[-9:] + scale_field,
+        blob + b"\x20\x01",  # an unknown field after it
+        blob[:-9],  # no scale
+        b"\x12" + blob[1:],  # fields out of order
+        blob[:-1],
+        b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # an overlong varint
+    ):
+        with pytest.raises(CiphertextError, match="not a ciphertext"):
+            load_vector(public, data, COMPACT, COMPACT.slots)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_tenseal_scale_never_escapes_as_another_error(data: bytes) -> None:
+    with contextlib.suppress(CiphertextError):
+        tenseal_scale(data)
 
 
 @settings(max_examples=150, deadline=None)

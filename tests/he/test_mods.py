@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import struct
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from flowerpets import (
     ServerContext,
     is_sealed,
 )
+from flowerpets.dp import CentralDp, fixed_clipping_mod
 from flowerpets.exceptions import MissingKeyError
 from flowerpets.he import (
     HE_MESSAGE_TYPE,
@@ -441,6 +443,66 @@ def test_central_dp_noise_adds_to_the_sealed_and_the_plain_sum(kit: SimpleNamesp
     opened = open_model(noised.result.arrays, noised.contexts[0])
     np.testing.assert_allclose(opened["w"].numpy(), current["w"], atol=1e-9)
     np.testing.assert_allclose(opened["b"].numpy(), current["b"], rtol=1e-5, atol=1e-5)
+
+
+def _forge_tenseal_scale(arrays: ArrayRecord) -> None:
+    """Rewrite TenSEAL's own scale field (``CKKSVectorProto.scale``), not SEAL's ``ct.scale``."""
+    blob = arrays[chunk_name(0)].numpy().tobytes()
+    field = b"\x19" + struct.pack("<d", 2.0**40)  # field 3, a double: the last one serialized
+    assert blob.endswith(field)
+    arrays[chunk_name(0)] = np.frombuffer(blob[:-8] + struct.pack("<d", 2.0**41), np.uint8)
+
+
+class _ForgerFirst:
+    """A grid that hands the server the forger's train reply before any other."""
+
+    def __init__(self, inner: Any, forger: int) -> None:
+        self.inner, self.forger = inner, forger
+        self.run_id = inner.run_id
+
+    def node_ids(self) -> Any:
+        return self.inner.node_ids()
+
+    def send_and_receive(self, messages: Any, *, timeout: Any = None) -> Any:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        return iter(sorted(replies, key=lambda r: r.metadata.src_node_id != self.forger))
+
+
+@pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
+def test_a_forged_tenseal_scale_arriving_first_fails_its_node_not_the_run(
+    kit: SimpleNamespace,
+) -> None:
+    """Issue 9, item 3: the sum inherited the first update's scale; the noise then crashed."""
+    forger = 101  # partition 0
+
+    def forge(msg: Message, context: Context, call_next: Next) -> Message:
+        reply = call_next(msg, context)
+        if msg.message_type != "train" or context.node_id != forger or reply.has_error:
+            return reply
+        content = reply.require_content()
+        arrays = ArrayRecord(content.get_typed("arrays", ArrayRecord))
+        _forge_tenseal_scale(arrays)
+        out = content.copy()
+        out["arrays"] = arrays
+        return Message(metadata=reply.metadata, content=out)
+
+    dp = CentralDp(noise_multiplier=0.5, clipping_norm=5.0, rng=np.random.default_rng(7))
+    done = kit.run(
+        kit.server_app([dp, HomomorphicAggregation()], rounds=2),
+        kit.client_app([forge, ckks_mod, fixed_clipping_mod]),
+        4,
+        wrap=lambda inner: _ForgerFirst(inner, forger),
+    )
+    assert done.grid.received[0].metadata.src_node_id == forger  # it did arrive first
+    for rnd in (1, 2):
+        record = done.result.history.round(rnd)
+        assert done.pids(record.participants) == [1, 2, 3]
+        failure = record.failures[forger]
+        assert failure.error.code == ErrorCode.INVALID_REPLY and failure.stage == "train"
+        assert "scale" in failure.error.reason
+        assert record.ok and record.train_metrics["epsilon"] > 0
+    opened = open_model(done.result.arrays, done.contexts[1])
+    assert all(np.isfinite(a.numpy()).all() for a in opened.values())
 
 
 def test_the_sealed_sum_refuses_bad_plaintext(kit: SimpleNamespace) -> None:

@@ -15,8 +15,9 @@ Loading checks, before anything is added: the byte length (a ciphertext of
 these parameters, not a bomb), that TenSEAL parses it under *our* context
 (SEAL validates the parameters id and the coefficient ranges), that it holds
 exactly one ciphertext of two polynomials, at the data level, at the agreed
-scale, of the expected number of values, and not transparent (a "ciphertext"
-with no encryption). Any failure is a :class:`CiphertextError`. What no check
+scale (both SEAL's and the one TenSEAL serializes beside it, which plaintext
+additions use), of the expected number of values, and not transparent (a
+"ciphertext" with no encryption). Any failure is a :class:`CiphertextError`. What no check
 can tell is a ciphertext of the right parameters under *another key*: the
 header's key id catches honest mistakes, not forgeries (CKKS has no
 integrity; see ``docs/he.md``).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,7 @@ __all__ = [
     "load_vector",
     "load_vectors",
     "split_wire",
+    "tenseal_scale",
     "wire_arrays",
 ]
 
@@ -226,6 +229,43 @@ def _blob(chunk: Array | bytes) -> bytes:
     return data.tobytes()
 
 
+def _varint(blob: bytes, pos: int) -> tuple[int, int]:
+    """A protobuf base-128 varint at ``pos``: its value and the position after it."""
+    value = 0
+    for shift in range(0, 64, 7):
+        if pos >= len(blob):
+            break
+        byte = blob[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise CiphertextError("not a ciphertext: a bad varint in TenSEAL's serialization")
+
+
+def tenseal_scale(blob: bytes) -> float:
+    """The scale TenSEAL serializes beside SEAL's ciphertext (``CKKSVectorProto.scale``).
+
+    TenSEAL's binding does not expose it, yet it, not SEAL's ``ct.scale``, is
+    the scale at which a plaintext added to the vector is encoded: a forged one
+    in the first update of a sum made adding central DP's noise fail. Only
+    TenSEAL's own layout of a one-ciphertext vector is accepted
+    (``tenseal/proto/tensors.proto``): field 1 (sizes) and field 2 (the
+    ciphertext), length-delimited, then field 3 (the scale), a double, once
+    each and nothing after.
+    """
+    pos = 0
+    for tag in (0x0A, 0x12):  # (field << 3) | 2: length-delimited
+        if pos >= len(blob) or blob[pos] != tag:
+            raise CiphertextError("not a ciphertext: not TenSEAL's form of one CKKS ciphertext")
+        length, pos = _varint(blob, pos + 1)
+        pos += length
+    if pos + 9 != len(blob) or blob[pos] != 0x19:  # (3 << 3) | 1: a 64-bit double, last
+        raise CiphertextError("not a ciphertext: TenSEAL's scale is not its last and only field")
+    scale: float = struct.unpack_from("<d", blob, pos + 1)[0]
+    return scale
+
+
 def load_vector(
     context: ts.Context, chunk: Array | bytes, params: CKKSParameters, size: int
 ) -> ts.CKKSVector:
@@ -234,6 +274,11 @@ def load_vector(
     blob = _blob(chunk)
     if not 0 < len(blob) <= limit:
         raise CiphertextError(f"a ciphertext of {len(blob)} bytes (at most {limit} expected)")
+    scale = tenseal_scale(blob)
+    if scale != params.scale:
+        raise CiphertextError(
+            f"a ciphertext whose TenSEAL scale is {scale!r}, expected 2^{params.scale_bits}"
+        )
     try:
         vector = ts.ckks_vector_from(context, blob)
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -248,7 +293,7 @@ def load_vector(
         raise CiphertextError("not a fresh two-part ciphertext (or transparent: not encrypted)")
     if ct.parms_id() != context.seal_context().data.first_parms_id():
         raise CiphertextError("a ciphertext at another level of the modulus chain")
-    if ct.scale != params.scale:
+    if ct.scale != params.scale:  # SEAL's, checked as well as TenSEAL's above
         raise CiphertextError(f"a ciphertext at scale {ct.scale}, expected 2^{params.scale_bits}")
     return vector
 
