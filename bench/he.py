@@ -231,7 +231,7 @@ def raw_whole(context: ts.Context, flat: NDArray[np.float64]) -> bytes:
 def server_sum(public: ts.Context, header: Header, updates: Sequence[ArrayRecord]) -> ArrayRecord:
     total = CiphertextSum(context=public, header=header)
     for arrays in updates:
-        _, update_header, chunks = split_wire(arrays)
+        _, update_header, chunks = split_wire(arrays, expected=total.header)  # as the server does
         assert update_header is not None
         total.add(total.load(chunks, update_header))
     return total.result().to_arrays()

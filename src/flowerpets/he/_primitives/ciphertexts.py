@@ -189,23 +189,21 @@ def split_wire(
         header = Header.decode(arrays[HEADER_NAME], max_bytes=_header_bound(expected))
         header.require_like(expected)
     claimed = header.chunks
-    found: set[int] = set()
-    unexpected = []
+    if claimed == len(reserved) - 1:  # bounded by the record: only now are chunks named
+        names = [chunk_name(i) for i in range(claimed)]
+        if set(reserved).issuperset(names):
+            return plain, header, [arrays[name] for name in names]
+    unexpected, found = [], 0  # the reason: one pass over what the record holds
     for name in reserved:
-        if name == HEADER_NAME:
-            continue
         match = _CHUNK_NAME.fullmatch(name)
-        index = int(match.group(1)) if match else -1
-        if match and name == chunk_name(index) and index < claimed:
-            found.add(index)
-        else:
+        if match and name == chunk_name(int(match.group(1))) and int(match.group(1)) < claimed:
+            found += 1
+        elif name != HEADER_NAME:
             unexpected.append(name)
-    if unexpected or len(found) != claimed:
-        raise CiphertextError(
-            f"the encrypted part does not match its header: unexpected {sorted(unexpected)[:5]}, "
-            f"{claimed - len(found)} of the {claimed} ciphertexts it claims missing"
-        )
-    return plain, header, [arrays[chunk_name(i)] for i in range(claimed)]
+    raise CiphertextError(
+        f"the encrypted part does not match its header: unexpected {sorted(unexpected)[:5]}, "
+        f"{claimed - found} of the {claimed} ciphertexts it claims missing"
+    )
 
 
 @functools.lru_cache(maxsize=16)
