@@ -37,10 +37,12 @@ Protocol state (including the round's private keys and self-mask seed) lives in
 wiped when the round ends. All randomness comes from ``randomness`` (default
 ``os.urandom``); tests inject a seeded source.
 
-Plain requests of the protected types (``train`` and ``query`` by default) are
-refused unless ``refuse_plaintext=False``: a node that runs this mod expects its
-updates to leave it masked, and a server that skips SecAgg+ must not get them in
-the clear. Other messages (``evaluate``) pass through untouched.
+Requests of the protected types (``train`` and ``query`` by default) that are
+not one of the four SecAgg+ stages (plain, stage-less requests, and any other
+stage a server names) are refused unless ``refuse_plaintext=False``: a node that
+runs this mod expects its updates to leave it masked, and a server that skips
+SecAgg+ must not get them in the clear. Other messages (``evaluate``) pass
+through untouched.
 """
 
 from __future__ import annotations
@@ -251,8 +253,8 @@ class SecAggPlusClientMod:
         Message types whose replies leave the node only masked (default
         ``("train", "query")``).
     ``refuse_plaintext``
-        Refuse plain (stage-less) requests of the protected types (default
-        True; turning it off warns).
+        Refuse requests of the protected types that are not SecAgg+ stages
+        (stage-less or any foreign stage; default True; turning it off warns).
     ``min_threshold``
         The smallest Shamir threshold the node accepts from a server (default 2).
     ``randomness``
@@ -311,10 +313,12 @@ class SecAggPlusClientMod:
             return self._run_stage(stage, msg, context, call_next)
         if stage.startswith(Stage.PREFIX):
             raise RequestRefusedError(f"unknown SecAgg+ stage {stage!r}")
-        if not stage and msg.message_type in self.protected_types and self.refuse_plaintext:
+        # Any other stage, empty or foreign, would reach the handler and leave in the clear.
+        if msg.message_type in self.protected_types and self.refuse_plaintext:
+            what = f"stage {stage!r}" if stage else "a plain request"
             raise RequestRefusedError(
                 f"this node sends {msg.message_type!r} replies only through SecAgg+; "
-                "it refuses a plain request"
+                f"it refuses {what}, which is not a SecAgg+ stage"
             )
         return call_next(msg, context)
 
