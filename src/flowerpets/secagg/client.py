@@ -239,6 +239,14 @@ class _StageRequest:
         return self.msg, self.context, self.body, self.state
 
 
+class _DownstreamError(Exception):
+    """Carries what the mods and handler after this one raised past this mod's own checks."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
 def _unique(values: Sequence[Any], what: str) -> None:
     if len(set(values)) != len(values):
         raise ValueError(f"{what} lists an entry twice")
@@ -332,6 +340,8 @@ class SecAggPlusClientMod:
                 raise ValueError("the message belongs to another session")
             handler = self._handlers[stage]
             return handler(_StageRequest(msg, context, body, state, call_next))
+        except _DownstreamError as wrapped:
+            downstream = wrapped.error
         except InvalidUpdateError as exc:
             # The node's own update cannot be masked: not a refusal, an invalid reply.
             _abort(state, context)
@@ -339,6 +349,10 @@ class SecAggPlusClientMod:
         except (ValueError, KeyError, RecordTypeError, DecryptionError) as exc:
             _abort(state, context)
             raise RequestRefusedError(f"{stage}: {exc}") from None
+        # What the mods and handler after this one raised is not this mod's refusal (its
+        # message may hold anything): it goes on as it is, and the ClientApp reports it
+        # as it would without this mod.
+        raise downstream
 
     def _check_transition(self, stage: str, msg: Message, context: Context) -> ClientState | None:
         """The state this stage starts from, or a refusal saying why it may not run now."""
@@ -492,6 +506,9 @@ class SecAggPlusClientMod:
         )
         try:
             reply = call_next(inner, context)
+        except Exception as exc:
+            _abort(state, context)
+            raise _DownstreamError(exc) from exc
         except BaseException:
             _abort(state, context)
             raise
@@ -630,15 +647,17 @@ def _weight(metrics: MetricRecord, key: str | None, max_weight: int) -> int:
         return 1
     if key not in metrics:
         raise InvalidUpdateError(f"the reply lacks the weight metric {key!r}")
+    # The reasons below travel in the clear: they say what is wrong, never the value (a
+    # server may name any metric as the weight key, or send max_weight=1 to read it).
     value = metrics[key]
     if isinstance(value, list) or not float(value).is_integer():
         raise InvalidUpdateError(
-            f"the weight metric {key!r} must be a whole number under SecAgg+, got {value!r}"
+            f"the weight metric {key!r} must be a whole number under SecAgg+; it is not"
         )
     weight = int(value)
     if not 0 <= weight <= max_weight:
         raise InvalidUpdateError(
-            f"the weight metric {key!r} = {weight} is outside [0, max_weight={max_weight}]"
+            f"the weight metric {key!r} is outside [0, max_weight={max_weight}]"
         )
     return weight
 
