@@ -30,6 +30,15 @@ Dropouts are survivable at every stage while the threshold conditions hold:
   removes exactly the masks that were added: every survivor's self mask, and the
   pairwise masks between each dropped node and its surviving neighbours.
 
+A malicious node cannot make the server accept garbage silently where the
+range is known: with ``m`` survivors the unmasked total weight must be in
+``[0, m * max_weight]`` (exactly ``m`` when unweighted) and the count of nodes
+that clipped in ``[0, m]``. Wrong self-mask shares (a random mask stays in the
+sum) or forged words fail the round with
+:class:`~flowerpets.exceptions.RoundFailedError`. Every such error carries the
+per-node failures so far and the survivors, which the ServerApp records on the
+round's record.
+
 The result is a :class:`~flowerpets.core.RoundResult` whose ``aggregate`` is the
 dequantized weighted sum (float64 for float arrays, int64 for integer arrays,
 exact), ``total_weight`` the securely summed weights, ``participants`` the nodes
