@@ -76,7 +76,7 @@ class Malicious:
             "big-weight": (-2, N * MAX_WEIGHT + 1),  # positive, above m * max_weight
             "clip": (-1, N + 1),  # more nodes clipped than there are
         }[self.attack]
-        vector[index] += np.uint32(offset % 2**32)
+        vector[index] = np.uint32((int(vector[index]) + offset) % 2**32)  # mod 2**32, no warning
         self.tampered += 1
         content[MASKED_RECORD] = ArrayRecord({MASKED_ARRAY: vector})
         return reply
