@@ -7,6 +7,12 @@ catches everything of ours.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the core imports this module; this module needs the core's types only
+    from flowerpets.core.round import Failure
+
 __all__ = [
     "AuthenticationError",
     "CiphertextError",
@@ -71,7 +77,25 @@ class InvalidUpdateError(FlowerpetsError, ValueError):
 
 
 class RoundFailedError(FlowerpetsError, RuntimeError):
-    """A round could not complete, for example because too few nodes replied."""
+    """A round could not complete, for example because too few nodes replied.
+
+    ``failures`` keeps why each node did not contribute (node id -> ``Failure``,
+    its stage and error) and ``participants`` the nodes that did what was asked
+    until the round failed (none of their updates reached the model): the
+    ServerApp records both on the round's record, so a failed round keeps every
+    node's reason.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        failures: Mapping[int, Failure] | None = None,
+        participants: Iterable[int] = (),
+    ) -> None:
+        super().__init__(message)
+        self.failures: dict[int, Failure] = dict(failures or {})
+        self.participants: tuple[int, ...] = tuple(participants)
 
 
 class CiphertextError(InvalidUpdateError):

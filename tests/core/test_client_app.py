@@ -112,7 +112,8 @@ def test_handler_exception_becomes_error_reply_that_mods_see() -> None:
     reply = app(request(), Context(node_id=7))
     assert reply.error is not None
     assert reply.error.code is ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    assert "ZeroDivisionError: boom" in reply.error.reason
+    # The type says what failed; the message stays on the node (it may quote private data).
+    assert reply.error.reason.startswith("ZeroDivisionError") and "boom" not in reply.error.reason
     assert seen and seen[0].has_error
 
 

@@ -12,7 +12,9 @@ from flowerpets import (
     ArrayRecord,
     ClientApp,
     Context,
+    Error,
     ErrorCode,
+    Failure,
     FedAvg,
     FixedSizeSampling,
     FullParticipation,
@@ -217,7 +219,8 @@ def test_evaluation_failures_are_recorded_apart_from_training_failures(scripted_
     record = result.history.round(2)
     assert record.failures == {}
     assert set(record.evaluate_failures) == {2}
-    assert "no test data" in record.evaluate_failures[2].error.reason
+    reason = record.evaluate_failures[2].error.reason
+    assert reason.startswith("RuntimeError") and "no test data" not in reason  # stays on the node
     assert record.to_dict()["evaluate_failures"] == {"2": str(record.evaluate_failures[2])}
     with pytest.raises(KeyError, match="no round 3"):
         result.history.round(3)
@@ -271,3 +274,85 @@ def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None
     server(mods=[spy]).run(scripted_grid(app, 2), seed=0)
     server(mods=[spy, SecureMod()]).run(scripted_grid(app, 2), seed=0)
     assert seen == [False, True]
+
+
+# -- failed rounds: nothing escapes the run, every reason is kept ---------------------------------
+def test_any_exception_from_a_mod_fails_its_round_not_the_run(
+    scripted_grid: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def flaky(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        if request.round == 2:
+            raise ValueError("a mod's bug")
+        return call_next(request, context)
+
+    app = update_app(lambda pid: np.full(3, 2.0, np.float32), lambda pid: 1)
+    result = server(mods=[flaky], num_rounds=3).run(scripted_grid(app, 2), seed=0)
+    assert [r.ok for r in result.history.rounds] == [True, False, True]
+    failed = result.history.round(2)
+    assert failed.failed and failed.error == "round 2: ValueError: a mod's bug"
+    assert result.stopped is None and not result.history.every_round_failed
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert logged and "a mod's bug" in str(logged[0].exc_info[1])  # with the traceback
+    with pytest.raises(RoundFailedError, match="a mod's bug") as raised:
+        server(mods=[flaky], num_rounds=3, stop_on_failure=True).run(scripted_grid(app, 2))
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("weight", [0, 0.0])
+def test_all_zero_weights_fail_the_round_cleanly(scripted_grid: Any, weight: float) -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: weight)  # type: ignore[arg-type, return-value]
+    result = server(num_rounds=2).run(scripted_grid(app, 3), seed=0)
+    for record in result.history.rounds:
+        expected = f"round {record.round}: total weight is 0.0, nothing to divide by"
+        assert record.failed and record.error == expected
+        assert len(record.participants) == 3  # they answered; their weights sum to 0
+    assert result.history.every_round_failed
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.zeros(3))  # unchanged
+
+
+def test_a_round_that_fails_in_a_mod_keeps_every_nodes_reason(scripted_grid: Any) -> None:
+    def exchange(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        # A mod that runs its own stages and gives up, as SecAgg+ or HE key set-up do.
+        failures = {n: Failure("stage-1", Error(ErrorCode.REFUSED, f"no {n}")) for n in (1, 2)}
+        raise RoundFailedError("stage-1: too few nodes", failures=failures, participants=[3])
+
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    result = server(mods=[exchange], num_rounds=2).run(scripted_grid(app, 3), seed=0)
+    record = result.history.round(1)
+    assert record.error == "stage-1: too few nodes" and record.participants == (3,)
+    assert {n: f.error.reason for n, f in record.failures.items()} == {1: "no 1", 2: "no 2"}
+    assert record.to_dict()["failures"] == {
+        "1": "stage-1: REFUSED: no 1",
+        "2": "stage-1: REFUSED: no 2",
+    }
+    assert result.history.every_round_failed
+
+
+def test_a_strategy_failure_carries_the_rounds_failures(scripted_grid: Any) -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    grid = scripted_grid(app, 3, silent=[0, 1])
+    with pytest.raises(RoundFailedError, match="fewer than min_nodes=2") as raised:
+        server(strategy=FedAvg(min_nodes=2), stop_on_failure=True).run(grid, seed=0)
+    assert sorted(raised.value.failures) == [1, 2] and raised.value.participants == (3,)
+
+
+def test_every_round_failed_tells_runs_that_trained_nothing(scripted_grid: Any) -> None:
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+
+    def stop(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        raise StopRunError("budget spent")
+
+    def fail(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
+        if request.round == 1:
+            raise RoundFailedError("no")
+        return call_next(request, context)
+
+    def history(*mods: Any, rounds: int = 2) -> Any:
+        return server(mods=list(mods), num_rounds=rounds).run(scripted_grid(app, 2), seed=0).history
+
+    assert not history().every_round_failed
+    assert not history(fail).every_round_failed  # round 2 trained
+    assert history(fail, rounds=1).every_round_failed
+    stopped = history(stop)
+    assert not stopped.every_round_failed and stopped[0].stopped and not stopped[0].failed
+    assert stopped[0].to_dict()["stopped"] is True

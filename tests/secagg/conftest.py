@@ -53,7 +53,7 @@ class Federation:
         rng = np.random.default_rng(seed)
         self.ids = [int(i) for i in rng.choice(np.arange(100, 10_000), size=n, replace=False)]
         self.updates = rng.uniform(-1, 1, size=(n, params)).astype(np.float32)
-        self.weights = [int(w) for w in rng.integers(1, max_weight, size=n)]
+        self.weights = [int(w) for w in rng.integers(1, max(max_weight, 2), size=n)]
         self.index = {node: i for i, node in enumerate(self.ids)}
         self.mod = SecAggPlusClientMod(randomness=seeded_randomness(seed + 1))
         self.app = ClientApp(mods=[self.mod])

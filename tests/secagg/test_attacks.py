@@ -14,8 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flowerpets.core import ConfigRecord, ErrorCode, Message
-from flowerpets.secagg import Phase, Stage
+from flowerpets.core import (
+    ClientApp,
+    ConfigRecord,
+    Context,
+    ErrorCode,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flowerpets.secagg import Phase, SecAggPlusClientMod, Stage
 from flowerpets.secagg._primitives import shamir
 from flowerpets.secagg.protocol import RECORD
 
@@ -287,11 +296,42 @@ def test_out_of_order_repeated_and_stale_stage_messages_are_refused(federation: 
     assert phase(fed, fed.ids[5]) == Phase.ADVERTISED  # a stale message does not abort
 
 
-def test_plain_train_requests_are_refused(federation: Any) -> None:
+# Stages a server might name to get an update past the mod in the clear: none is SecAgg+'s.
+FOREIGN_STAGES = ["", "evil", "secagg", "secagg+", "SECAGG+/unmask", " secagg+/unmask", "train"]
+
+
+@pytest.mark.parametrize("message_type", [MessageType.TRAIN, MessageType.QUERY])
+@pytest.mark.parametrize("stage", FOREIGN_STAGES)
+def test_train_and_query_requests_outside_secagg_stages_are_refused(
+    federation: Any, stage: str, message_type: str
+) -> None:
     fed = federation()
-    reply = fed.ask(fed.ids[0], "", {}, extra=fed.train_content())
+    node = fed.ids[0]
+    reply = fed.ask(node, stage, {}, extra=fed.train_content(), message_type=message_type)
     refused(reply, "only through SecAgg+")
     assert not fed.handler_calls
+    # Also in the middle of a round: the foreign stage gets nothing, the round goes on.
+    fed.advertise()
+    reply = fed.ask(node, stage, {}, extra=fed.train_content(), message_type=message_type)
+    refused(reply, "only through SecAgg+")
+    assert not fed.handler_calls and phase(fed, node) == Phase.ADVERTISED
+
+
+@pytest.mark.parametrize("stage", ["", "evil"])
+def test_the_opt_out_lets_foreign_stages_through_and_warns(stage: str) -> None:
+    with pytest.warns(UserWarning, match="in the clear"):
+        app = ClientApp(mods=[SecAggPlusClientMod(refuse_plaintext=False)])
+    calls = []
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        calls.append(msg.metadata.stage)
+        return RecordDict({"metrics": MetricRecord({"num-examples": 1})})
+
+    msg = Message.create(
+        RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1, round=1, stage=stage
+    )
+    assert app(msg, Context(node_id=1)).error is None and calls == [stage]
 
 
 # -- what t - 1 shares tell the server --------------------------------------------------------

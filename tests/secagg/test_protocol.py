@@ -361,6 +361,55 @@ def test_nodes_without_the_client_mod_cannot_take_part() -> None:
         )
 
 
+def test_a_failed_round_keeps_every_nodes_reason() -> None:
+    # Before: a round that failed inside SecAgg+ was recorded with its error only.
+    updates, weights = make_data(6)
+    result, _ = run(make_app(updates, weights, mods=()), 6, secagg=secagg(degree=4, threshold=2))
+    record = result.history.round(1)
+    assert record.failed and "0 of 6 nodes advertised keys" in (record.error or "")
+    assert len(record.failures) == 6 and not record.participants
+    for failure in record.failures.values():
+        assert failure.stage == Stage.ADVERTISE_KEYS and failure.error.reason
+    assert result.history.every_round_failed
+
+
+def test_a_mod_that_strips_the_weight_fails_the_round_with_each_nodes_reason() -> None:
+    # A wrong mod order (local DP's reply without metrics inside SecAgg+): every node says why.
+    updates, weights = make_data(6)
+
+    def strip(i: int, content: RecordDict) -> RecordDict:
+        return RecordDict({"arrays": content["arrays"]})
+
+    result, _ = run(make_app(updates, weights, edit=strip), 6, secagg=secagg(degree=4, threshold=2))
+    record = result.history.round(1)
+    assert record.failed and "none of the 6 nodes that shared keys sent a masked input" in (
+        record.error or ""
+    )
+    assert len(record.failures) == 6
+    for failure in record.failures.values():
+        assert failure.stage == Stage.COLLECT_MASKED_INPUT
+        assert "lacks the weight metric 'num-examples'" in failure.error.reason
+    with pytest.raises(RoundFailedError) as raised:
+        run(
+            make_app(updates, weights, edit=strip),
+            6,
+            secagg=secagg(degree=4, threshold=2),
+            stop_on_failure=True,
+        )
+    assert len(raised.value.failures) == 6
+
+
+def test_all_zero_weights_fail_a_secagg_round_cleanly() -> None:
+    updates, _ = make_data(6)
+    result, capture = run(
+        make_app(updates, [0] * 6), 6, secagg=secagg(degree=4, threshold=2), rounds=2
+    )
+    assert capture.results[0].total_weight == 0 and len(capture.results[0].participants) == 6
+    for record in result.history.rounds:
+        assert record.failed and "total weight is 0.0, nothing to divide by" in (record.error or "")
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.zeros(PARAMS))
+
+
 def test_the_client_mod_refuses_a_server_that_skips_secagg() -> None:
     updates, weights = make_data(4)
     result, capture = run(make_app(updates, weights), 4)  # no SecAggPlus on the server

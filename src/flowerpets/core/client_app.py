@@ -13,7 +13,8 @@
 A handler may also return a bare :class:`RecordDict`; it becomes the reply's
 content. Whatever a handler or a mod raises becomes an error reply: a node
 never crashes on a bad message. Mods see a handler's failure as an error reply
-and pass it on.
+and pass it on. Error replies travel in the clear, so a reply names only the
+type of an exception that is not flowerpets' own (see :func:`failure_reason`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from flowerpets.core.context import Context
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType
 from flowerpets.core.mods import chain
 from flowerpets.core.records import RecordDict
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.exceptions import FlowerpetsError, RequestRefusedError
 
-__all__ = ["ClientApp", "ClientMod", "Handler"]
+__all__ = ["ClientApp", "ClientMod", "Handler", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,19 @@ Handler = Callable[[Message, Context], Message | RecordDict]
 ClientMod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def failure_reason(exc: BaseException) -> str:
+    """The reason an error reply gives for ``exc``: what went wrong, never a private value.
+
+    Error replies travel in the clear. flowerpets' own errors
+    (:class:`~flowerpets.exceptions.FlowerpetsError`) are raised on purpose with
+    reasons that say what was wrong without the private value, so their message
+    is sent. Any other exception's message may quote anything (a handler's
+    ``ValueError(f"loss {loss} diverged")``, a library quoting the data), so
+    only its type is sent; the node's log keeps the rest.
+    """
+    if isinstance(exc, FlowerpetsError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} (the details are in the node's log)"
 
 
 def _failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCode) -> Message:
@@ -45,7 +57,7 @@ def _failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCo
         log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
         return msg.error_reply(Error(ErrorCode.REFUSED, str(exc)))
     log.warning("node %s: %r failed", context.node_id, msg.message_type, exc_info=True)
-    return msg.error_reply(Error(code, _describe(exc)))
+    return msg.error_reply(Error(code, failure_reason(exc)))
 
 
 def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:

@@ -22,7 +22,9 @@ class RoundRecord:
     plus whatever the server mods added (for example ``epsilon``);
     ``evaluate_metrics`` come from federated evaluation and ``server_metrics``
     from the strategy's centralized evaluation. ``error`` says why a round
-    failed; the global model is then unchanged.
+    failed (or, with ``stopped``, why a mod ended the run before it); the
+    global model is then unchanged. A failed round keeps ``failures`` and
+    ``participants`` as far as the round got.
     """
 
     round: int
@@ -35,10 +37,17 @@ class RoundRecord:
     server_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
+        """The round changed the model."""
         return self.error is None
+
+    @property
+    def failed(self) -> bool:
+        """The round failed (a run that a mod stopped on purpose is not a failure)."""
+        return self.error is not None and not self.stopped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +61,7 @@ class RoundRecord:
             "server_metrics": dict(self.server_metrics),
             "seconds": self.seconds,
             "error": self.error,
+            "stopped": self.stopped,
         }
 
 
@@ -72,6 +82,16 @@ class History:
 
     def __getitem__(self, index: int) -> RoundRecord:
         return self.rounds[index]
+
+    @property
+    def every_round_failed(self) -> bool:
+        """True if no round changed the model and at least one failed.
+
+        What a command should exit non-zero on: the run trained nothing. A run
+        that a mod stopped before its first round (a spent privacy budget) is
+        not counted as failed.
+        """
+        return any(r.failed for r in self.rounds) and not any(r.ok for r in self.rounds)
 
     def round(self, number: int) -> RoundRecord:
         """The record of round ``number`` (rounds count from 1; indexing counts from 0)."""

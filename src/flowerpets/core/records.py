@@ -251,7 +251,9 @@ def _homogeneous_list(
     if not all(check(item) for item in value):
         raise RecordTypeError(f"{kind}[{key!r}]: every list item must be of the same allowed type")
     if value and len({_scalar_class(item) for item in value}) > 1:
-        raise RecordTypeError(f"{kind}[{key!r}]: a list must not mix types, got {value[:5]!r}")
+        # Type names only: a record's values may be private, and errors travel in the clear.
+        mixed = sorted({_scalar_class(item).__name__ for item in value})
+        raise RecordTypeError(f"{kind}[{key!r}]: a list must not mix types, got {mixed}")
     return list(value)
 
 
@@ -279,7 +281,7 @@ class MetricRecord(_TypedRecord[MetricValue]):
             return [_as_number(item) for item in items]
         raise RecordTypeError(
             f"MetricRecord[{key!r}] must be an int, a float or a list of them, "
-            f"got {type(value).__name__} {value!r}"
+            f"got {type(value).__name__}"
         )
 
 

@@ -62,9 +62,13 @@ class ServerApp:
 
     ``seed`` seeds the generator the strategy samples cohorts with; without it
     the generator is seeded from the OS's secure source. A round that fails
-    (too few replies) leaves the model unchanged and is recorded in the
-    history; with ``stop_on_failure`` it ends the run with ``RoundFailedError``
-    instead.
+    (too few replies, or any exception from the mods or the strategy other than
+    :class:`~flowerpets.exceptions.StopRunError`) leaves the model unchanged and
+    is recorded in the history, with every node's reason
+    (``RoundRecord.failures``, also when the round failed inside a mod); with
+    ``stop_on_failure`` it ends the run with ``RoundFailedError`` instead (the
+    original exception as its cause). ``History.every_round_failed`` tells a
+    run in which no round changed the model.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class ServerApp:
                 log.warning("run stopped before round %d changed the model: %s", rnd, exc)
                 result.stopped = str(exc)
                 record.error = str(exc)
+                record.stopped = True
                 record.seconds = time.perf_counter() - started
                 result.history.append(record)
                 break
@@ -151,12 +156,26 @@ class ServerApp:
             record.failures = dict(outcome.failures)
             record.train_metrics = _scalars(outcome.metrics)
             return self.strategy.aggregate_train(outcome, arrays)
+        except StopRunError:
+            raise
         except RoundFailedError as exc:
-            record.error = str(exc)
+            failed = exc
             log.warning("round %d failed, the model is unchanged: %s", rnd, exc)
-            if self.stop_on_failure:
-                raise
-            return arrays
+        except Exception as exc:
+            # Whatever else a mod or the strategy raised (a bug, a malicious node's input
+            # that slipped past a check) fails this round, not the run.
+            failed = RoundFailedError(f"round {rnd}: {type(exc).__name__}: {exc}")
+            failed.__cause__ = exc
+            log.error("round %d failed, the model is unchanged", rnd, exc_info=exc)
+        # The reasons of a round that failed inside a mod travel on the error.
+        if failed.failures:
+            record.failures = dict(failed.failures)
+        if failed.participants:
+            record.participants = failed.participants
+        record.error = str(failed)
+        if self.stop_on_failure:
+            raise failed
+        return arrays
 
     def _evaluate(
         self,

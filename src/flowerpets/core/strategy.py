@@ -144,7 +144,9 @@ class FedAvg:
         if len(result.participants) < self.min_nodes:
             raise RoundFailedError(
                 f"round {result.round}: {len(result.participants)} node(s) contributed, "
-                f"fewer than min_nodes={self.min_nodes} ({len(result.failures)} failed)"
+                f"fewer than min_nodes={self.min_nodes} ({len(result.failures)} failed)",
+                failures=result.failures,
+                participants=result.participants,
             )
         if result.sealed is not None:
             return _sealed_model(result, current)
@@ -153,6 +155,7 @@ class FedAvg:
                 f"round {result.round}: the aggregate holds {list(result.aggregate)}, "
                 f"the model holds {list(current)}"
             )
+        _check_total_weight(result)
         mean = result.mean()
         new: dict[str, Any] = {}
         for name, array in current.items():
@@ -189,6 +192,16 @@ class FedAvg:
         return self.evaluate_fn(round, arrays)
 
 
+def _check_total_weight(result: RoundResult) -> None:
+    """A mean needs a positive, finite total weight (every participant may report 0)."""
+    if not (np.isfinite(result.total_weight) and result.total_weight > 0):
+        raise RoundFailedError(
+            f"round {result.round}: total weight is {result.total_weight}, nothing to divide by",
+            failures=result.failures,
+            participants=result.participants,
+        )
+
+
 def _sealed_model(result: RoundResult, current: ArrayRecord) -> ArrayRecord:
     """The next global model when the round's sum is sealed: plain means + wire form + weight."""
     sealed = result.sealed
@@ -197,10 +210,7 @@ def _sealed_model(result: RoundResult, current: ArrayRecord) -> ArrayRecord:
             f"round {result.round}: the sum is sealed by {type(sealed).__name__}, which cannot "
             "be sent to the nodes (it does not implement SealedArrays)"
         )
-    if not (np.isfinite(result.total_weight) and result.total_weight > 0):
-        raise RoundFailedError(
-            f"round {result.round}: total weight is {result.total_weight}, nothing to divide by"
-        )
+    _check_total_weight(result)
     unknown = [name for name in result.aggregate if name not in current]
     if unknown:
         raise RoundFailedError(

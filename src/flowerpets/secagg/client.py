@@ -37,10 +37,12 @@ Protocol state (including the round's private keys and self-mask seed) lives in
 wiped when the round ends. All randomness comes from ``randomness`` (default
 ``os.urandom``); tests inject a seeded source.
 
-Plain requests of the protected types (``train`` and ``query`` by default) are
-refused unless ``refuse_plaintext=False``: a node that runs this mod expects its
-updates to leave it masked, and a server that skips SecAgg+ must not get them in
-the clear. Other messages (``evaluate``) pass through untouched.
+Requests of the protected types (``train`` and ``query`` by default) that are
+not one of the four SecAgg+ stages (plain, stage-less requests, and any other
+stage a server names) are refused unless ``refuse_plaintext=False``: a node that
+runs this mod expects its updates to leave it masked, and a server that skips
+SecAgg+ must not get them in the clear. Other messages (``evaluate``) pass
+through untouched.
 """
 
 from __future__ import annotations
@@ -237,6 +239,14 @@ class _StageRequest:
         return self.msg, self.context, self.body, self.state
 
 
+class _DownstreamError(Exception):
+    """Carries what the mods and handler after this one raised past this mod's own checks."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
 def _unique(values: Sequence[Any], what: str) -> None:
     if len(set(values)) != len(values):
         raise ValueError(f"{what} lists an entry twice")
@@ -251,8 +261,8 @@ class SecAggPlusClientMod:
         Message types whose replies leave the node only masked (default
         ``("train", "query")``).
     ``refuse_plaintext``
-        Refuse plain (stage-less) requests of the protected types (default
-        True; turning it off warns).
+        Refuse requests of the protected types that are not SecAgg+ stages
+        (stage-less or any foreign stage; default True; turning it off warns).
     ``min_threshold``
         The smallest Shamir threshold the node accepts from a server (default 2).
     ``randomness``
@@ -311,10 +321,12 @@ class SecAggPlusClientMod:
             return self._run_stage(stage, msg, context, call_next)
         if stage.startswith(Stage.PREFIX):
             raise RequestRefusedError(f"unknown SecAgg+ stage {stage!r}")
-        if not stage and msg.message_type in self.protected_types and self.refuse_plaintext:
+        # Any other stage, empty or foreign, would reach the handler and leave in the clear.
+        if msg.message_type in self.protected_types and self.refuse_plaintext:
+            what = f"stage {stage!r}" if stage else "a plain request"
             raise RequestRefusedError(
                 f"this node sends {msg.message_type!r} replies only through SecAgg+; "
-                "it refuses a plain request"
+                f"it refuses {what}, which is not a SecAgg+ stage"
             )
         return call_next(msg, context)
 
@@ -328,6 +340,8 @@ class SecAggPlusClientMod:
                 raise ValueError("the message belongs to another session")
             handler = self._handlers[stage]
             return handler(_StageRequest(msg, context, body, state, call_next))
+        except _DownstreamError as wrapped:
+            downstream = wrapped.error
         except InvalidUpdateError as exc:
             # The node's own update cannot be masked: not a refusal, an invalid reply.
             _abort(state, context)
@@ -335,6 +349,10 @@ class SecAggPlusClientMod:
         except (ValueError, KeyError, RecordTypeError, DecryptionError) as exc:
             _abort(state, context)
             raise RequestRefusedError(f"{stage}: {exc}") from None
+        # What the mods and handler after this one raised is not this mod's refusal (its
+        # message may hold anything): it goes on as it is, and the ClientApp reports it
+        # as it would without this mod.
+        raise downstream
 
     def _check_transition(self, stage: str, msg: Message, context: Context) -> ClientState | None:
         """The state this stage starts from, or a refusal saying why it may not run now."""
@@ -488,6 +506,9 @@ class SecAggPlusClientMod:
         )
         try:
             reply = call_next(inner, context)
+        except Exception as exc:
+            _abort(state, context)
+            raise _DownstreamError(exc) from exc
         except BaseException:
             _abort(state, context)
             raise
@@ -626,15 +647,17 @@ def _weight(metrics: MetricRecord, key: str | None, max_weight: int) -> int:
         return 1
     if key not in metrics:
         raise InvalidUpdateError(f"the reply lacks the weight metric {key!r}")
+    # The reasons below travel in the clear: they say what is wrong, never the value (a
+    # server may name any metric as the weight key, or send max_weight=1 to read it).
     value = metrics[key]
     if isinstance(value, list) or not float(value).is_integer():
         raise InvalidUpdateError(
-            f"the weight metric {key!r} must be a whole number under SecAgg+, got {value!r}"
+            f"the weight metric {key!r} must be a whole number under SecAgg+; it is not"
         )
     weight = int(value)
     if not 0 <= weight <= max_weight:
         raise InvalidUpdateError(
-            f"the weight metric {key!r} = {weight} is outside [0, max_weight={max_weight}]"
+            f"the weight metric {key!r} is outside [0, max_weight={max_weight}]"
         )
     return weight
 

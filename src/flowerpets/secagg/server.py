@@ -30,6 +30,15 @@ Dropouts are survivable at every stage while the threshold conditions hold:
   removes exactly the masks that were added: every survivor's self mask, and the
   pairwise masks between each dropped node and its surviving neighbours.
 
+A malicious node cannot make the server accept garbage silently where the
+range is known: with ``m`` survivors the unmasked total weight must be in
+``[0, m * max_weight]`` (exactly ``m`` when unweighted) and the count of nodes
+that clipped in ``[0, m]``. Wrong self-mask shares (a random mask stays in the
+sum) or forged words fail the round with
+:class:`~flowerpets.exceptions.RoundFailedError`. Every such error carries the
+per-node failures so far and the survivors, which the ServerApp records on the
+round's record.
+
 The result is a :class:`~flowerpets.core.RoundResult` whose ``aggregate`` is the
 dequantized weighted sum (float64 for float arrays, int64 for integer arrays,
 exact), ``total_weight`` the securely summed weights, ``participants`` the nodes
@@ -378,9 +387,15 @@ class ServerRound:
         return [i for i in self.config.order if i in live]
 
     def _round_failed(self, stage: str, detail: str) -> RoundFailedError:
+        """The round's error, carrying every node's reason so far (the record keeps them)."""
         message = f"{stage}: round {self.request.round}: {detail}"
         log.warning("SecAgg+ %s", message)
-        return RoundFailedError(message)
+        cohort = set(self.survivors)
+        return RoundFailedError(
+            message,
+            failures=self.failures,
+            participants=[i for i in self.request.cohort if i in cohort],
+        )
 
     # -- stage 0 ------------------------------------------------------------------------
     def advertise_keys(self) -> None:
@@ -661,6 +676,34 @@ class ServerRound:
         return out
 
     # -- the result ---------------------------------------------------------------------
+    def _check_unmasked(self, total_weight: int, clipped: int) -> None:
+        """The words whose range is known must be in it, or the sum is not the nodes' sum.
+
+        A node that sends wrong self-mask shares leaves a random mask in the sum; one that
+        forges its weight or clip word shifts them. Each of the ``m`` survivors adds a
+        weight in ``[0, max_weight]`` (exactly 1 when unweighted) and a clip flag in
+        ``{0, 1}``; a random mask lands both words in range with probability below
+        ``(m * max_weight + 1) * (m + 1) / 2**64``.
+        """
+        m, max_weight = len(self.survivors), self.config.max_weight
+        if self.config.weight_key is None:
+            weight_ok, expected = total_weight == m, f"exactly {m} (one per survivor)"
+        else:
+            weight_ok = 0 <= total_weight <= m * max_weight
+            expected = f"within [0, {m} x max_weight={max_weight}]"
+        if not weight_ok:
+            raise self._round_failed(
+                Stage.UNMASK,
+                f"the unmasked total weight of the {m} survivors is not {expected}: a node sent "
+                "wrong shares or a forged masked input, so the sum is discarded",
+            )
+        if not 0 <= clipped <= m:
+            raise self._round_failed(
+                Stage.UNMASK,
+                f"the unmasked count of nodes that clipped is not within [0, {m}]: a node sent "
+                "wrong shares or a forged masked input, so the sum is discarded",
+            )
+
     def result(self) -> RoundResult:
         if self.phase != ServerPhase.UNMASKED or self.total is None or self.layout is None:
             raise RuntimeError(f"SecAgg+ server: no result in phase {self.phase!r}")
@@ -675,6 +718,7 @@ class ServerRound:
             values: NDArray[Any] = segment / quant.scale if kind == FLOAT else segment
             aggregate[name] = Array(values, copy=False)
             at += size
+        self._check_unmasked(int(signed[layout.weight_index]), int(signed[layout.clip_index]))
         total_weight = float(signed[layout.weight_index])
         metrics = MetricRecord()
         if self.config.weight_key is not None:

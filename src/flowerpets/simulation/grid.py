@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message
+from flowerpets.core.client_app import failure_reason
 from flowerpets.simulation.faults import Delay, Dropout, ErrorReply, FaultPlan
 
 __all__ = ["SimulationGrid"]
@@ -132,8 +133,8 @@ class SimulationGrid:
         if exc is None:
             return future.result()
         # ClientApp never raises; this is a runtime bug, reported as the node's failure.
-        log.error("node %s crashed: %r", msg.metadata.dst_node_id, exc)
-        return msg.error_reply(Error(ErrorCode.NODE_UNAVAILABLE, f"{type(exc).__name__}: {exc}"))
+        log.error("node %s crashed: %r", msg.metadata.dst_node_id, exc, exc_info=exc)
+        return msg.error_reply(Error(ErrorCode.NODE_UNAVAILABLE, failure_reason(exc)))
 
     def _deliver(self, arrived: queue.SimpleQueue[_Delivery], reply: Message, delay: float) -> None:
         arrived.put((time.monotonic() + delay, next(self._sequence), reply))

@@ -140,7 +140,8 @@ def quantize_into(
     if out.shape != (flat.size,) or out.dtype != np.uint32:
         raise ValueError(f"out must be uint32 of shape ({flat.size},), got {out.dtype} {out.shape}")
     if not 0 <= limit < SUM_BOUND:
-        raise ValueError(f"limit must be in [0, 2**31 - 1), got {limit}")
+        # No value: the limit is proportional to the node's private weight.
+        raise ValueError("limit must be in [0, 2**31 - 1)")
     signed_out = out.view(np.int32)  # two's complement: the same bits as the value mod 2**32
     block = uniform.block_words
     scaled = np.empty(block, dtype=np.float64)
@@ -178,9 +179,11 @@ def encode_integers_into(
         return
     low, high = int(flat.min()), int(flat.max())
     if low < -limit or high > limit:
+        # No values, weight or limit (limit = level // weight) in the reason: it travels
+        # in the clear, and each of them is private.
         raise InvalidUpdateError(
-            f"integer values must stay within +-{limit} at weight {weight} so that the "
-            f"cohort's sum cannot wrap, got values in [{low}, {high}]"
+            "integer values times the node's weight exceed what one node may contribute, "
+            "so the cohort's sum could wrap; they are never clipped"
         )
     np.copyto(out, flat.astype(np.int64) * weight, casting="unsafe")
 
