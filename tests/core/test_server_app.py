@@ -356,3 +356,16 @@ def test_every_round_failed_tells_runs_that_trained_nothing(scripted_grid: Any) 
     stopped = history(stop)
     assert not stopped.every_round_failed and stopped[0].stopped and not stopped[0].failed
     assert stopped[0].to_dict()["stopped"] is True
+
+
+def test_a_cohort_the_strategy_cannot_draw_fails_its_round_not_the_run(scripted_grid: Any) -> None:
+    # In deployment nodes leave between rounds: 3 asked for, 2 left, so each round fails.
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    strategy = FedAvg(sampling=FixedSizeSampling(3))
+    result = server(strategy=strategy, num_rounds=2).run(scripted_grid(app, 2), seed=0)
+    for record in result.history.rounds:
+        assert record.failed
+        assert record.error == (
+            f"round {record.round}: ValueError: cannot sample a cohort of 3 from 2 available nodes"
+        )
+    assert result.history.every_round_failed

@@ -147,10 +147,13 @@ class ServerApp:
         context: ServerContext,
         record: RoundRecord,
     ) -> ArrayRecord:
-        node_ids = list(context.require_grid().node_ids())
-        request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
-        record.cohort_size = len(request.cohort)
         try:
+            # Inside the try: in deployment the live nodes change between rounds, so a
+            # cohort the strategy cannot draw (a fixed size above the nodes left) fails
+            # this round rather than the run.
+            node_ids = list(context.require_grid().node_ids())
+            request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
+            record.cohort_size = len(request.cohort)
             outcome: RoundResult = self._train(request, context)
             record.participants = outcome.participants
             record.failures = dict(outcome.failures)
