@@ -155,7 +155,8 @@ def _hypergeometric_support(population: int, successes: int, draws: int) -> tupl
 
 def _hypergeometric_log_pmf(population: int, successes: int, draws: int) -> list[float]:
     """``log P[X = x]`` for ``x = 0..draws`` (``-inf`` where impossible)."""
-    return _log_pmf_array(population, successes, draws).tolist()
+    values: list[float] = _log_pmf_array(population, successes, draws).tolist()
+    return values
 
 
 def _log_pmf_array(population: int, successes: int, draws: int) -> np.ndarray:
@@ -229,6 +230,11 @@ def _first_even(lo: int, hi: int, passes: Callable[[int], bool]) -> int | None:
     return lo
 
 
+def _majority_bound_passes(h: int, p: float, log_budget: float) -> Callable[[int], bool]:
+    """``k -> log P[Bin(k, p) <= k/2 + h] <= log_budget``; monotone in even ``k`` (p >= 1/2)."""
+    return lambda k: _log_binomial_cdf(k // 2 + h, k, p) <= log_budget
+
+
 # -- the finder ------------------------------------------------------------------------------
 def _threshold(k: int, c: int) -> int:
     return max((k + c) // 2 + 1, 2)
@@ -281,10 +287,7 @@ def find_parameters(
                 break
             # For k' > k, c only grows, so t' - 1 >= k'/2 + h and (4) at k' fails while
             # P[Bin(k', p) <= k'/2 + h] does; that bound decreases in k'. Skip to where it passes.
-            h = c // 2
-            k = _first_even(
-                k + 2, last_even, lambda k2: _log_binomial_cdf(k2 // 2 + h, k2, p) <= fail_budget
-            )
+            k = _first_even(k + 2, last_even, _majority_bound_passes(c // 2, p, fail_budget))
     if found is not None:
         k, c, t, leak, fail = found
         return GraphParameters(
