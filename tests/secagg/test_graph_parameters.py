@@ -454,3 +454,8 @@ def test_hand_picked_parameters_fit_the_cohort_or_fail_clearly() -> None:
         check_parameters(10, 5, 3)
     with pytest.raises(ValueError, match=">= 2"):
         check_parameters(10, 4, 1)
+    # A threshold the nodes would refuse fails the round before any node is contacted.
+    with pytest.raises(InfeasibleParametersError, match="threshold 2 is below 3"):
+        check_parameters(10, 4, 2)
+    with pytest.raises(InfeasibleParametersError, match="below 6"):
+        check_parameters(10, 12, 5)  # the complete graph on 10 with C = 1

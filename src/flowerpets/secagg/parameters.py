@@ -399,7 +399,9 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
     """Hand-picked ``degree`` and ``threshold`` made to fit a cohort, or a clear error.
 
     A degree of ``cohort_size - 1`` or more means the complete graph. No
-    probability is claimed for hand-picked values.
+    probability is claimed for hand-picked values, but a threshold the nodes
+    would refuse (:func:`check_threshold`) is refused here, before any node is
+    contacted.
     """
     n = _check_size(cohort_size)
     for name, value in (("degree", degree), ("threshold", threshold)):
@@ -413,4 +415,8 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
             f"threshold={threshold} exceeds the degree {k} for a cohort of {n}: no node could "
             "ever collect enough shares"
         )
+    try:
+        check_threshold(n, k, threshold)
+    except ValueError as exc:
+        raise InfeasibleParametersError(f"{exc}; the nodes would refuse it") from None
     return GraphParameters(cohort_size=n, degree=k, threshold=threshold)
