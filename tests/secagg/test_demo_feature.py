@@ -36,11 +36,11 @@ def test_flags_become_mods_and_a_summary(monkeypatch: pytest.MonkeyPatch) -> Non
     task = argparse.Namespace(num_nodes=20)
     off = feature.mods(parser.parse_args([]), task)  # type: ignore[arg-type]
     assert not off.client and not off.server
-    on = feature.mods(parser.parse_args(["--secagg", "--secagg-k", "6", "--secagg-t", "5"]), task)  # type: ignore[arg-type]
+    on = feature.mods(parser.parse_args(["--secagg", "--secagg-k", "4", "--secagg-t", "3"]), task)  # type: ignore[arg-type]
     assert on.client == [secaggplus_mod]
     (server,) = on.server
-    assert isinstance(server, SecAggPlus) and (server.degree, server.threshold) == (6, 5)
-    assert "k=6, t=5 for a cohort of 20" in on.summary
+    assert isinstance(server, SecAggPlus) and (server.degree, server.threshold) == (4, 3)
+    assert "k=4, t=3 for a cohort of 20" in on.summary
     found = feature.mods(parser.parse_args(["--secagg", "--secagg-dropout-rate", "0.2"]), task)  # type: ignore[arg-type]
     assert "dropout rate 0.2" in found.summary and "k=" in found.summary
     with pytest.raises(ValueError, match="go together"):

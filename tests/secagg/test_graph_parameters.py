@@ -320,13 +320,33 @@ def test_the_minimum_threshold_grows_with_degree_and_corruption(
     assert minimum_threshold(n, k, corrupted_fraction=gamma + 0.1) >= least
 
 
-def test_the_node_check_accepts_exactly_what_the_finder_chooses() -> None:
+def test_at_the_servers_rates_the_node_check_accepts_exactly_what_the_finder_chooses() -> None:
     for n in (5, 10, 64, 100, 1000, 10_000):
         params = find_parameters(n)
-        assert minimum_threshold(n, params.degree) == params.threshold
-        check_threshold(n, params.degree, params.threshold)
+        assert minimum_threshold(n, params.degree, corrupted_fraction=0.1) == params.threshold
+        check_threshold(n, params.degree, params.threshold, corrupted_fraction=0.1)
         with pytest.raises(ValueError, match=rf"threshold {params.threshold - 1} is below"):
-            check_threshold(n, params.degree, params.threshold - 1)
+            check_threshold(n, params.degree, params.threshold - 1, corrupted_fraction=0.1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(3, 100_000),
+    delta=st.sampled_from([0.0, 0.1, 0.3]),
+    gamma=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.3]),
+)
+def test_nodes_never_refuse_what_the_finder_chooses(n: int, delta: float, gamma: float) -> None:
+    """A node does not know the server's collusion assumption, so by default it checks
+    t > k/2 (no corrupted neighbours), which every found threshold meets."""
+    try:
+        params = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma)
+    except InfeasibleParametersError:
+        return
+    check_threshold(n, params.degree, params.threshold)
+    assert minimum_threshold(n, params.degree) == params.degree // 2 + 1
+    if params.threshold > 2:
+        with pytest.raises(ValueError):
+            check_threshold(n, params.degree, params.degree // 2)
 
 
 # -- the attack the threshold stops ---------------------------------------------------------------
@@ -461,8 +481,8 @@ def test_hand_picked_parameters_fit_the_cohort_or_fail_clearly() -> None:
     # A threshold the nodes would refuse fails the round before any node is contacted.
     with pytest.raises(InfeasibleParametersError, match="threshold 2 is below 3"):
         check_parameters(10, 4, 2)
-    with pytest.raises(InfeasibleParametersError, match="below 6"):
-        check_parameters(10, 12, 5)  # the complete graph on 10 with C = 1
+    with pytest.raises(InfeasibleParametersError, match="below 5"):
+        check_parameters(10, 12, 4)  # the complete graph on 10: t > 9 / 2
 
 
 # -- what the threshold does not stop ------------------------------------------------------

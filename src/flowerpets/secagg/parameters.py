@@ -89,6 +89,10 @@ _LN2 = math.log(2.0)
 _SMALL = 1e-12  # keeps floor(0.1 * 10) at 1 despite floating point
 _DEFAULT_CORRUPTED = 0.1
 _DEFAULT_SECURITY_BITS = 40
+# What a node assumes when it checks a server's threshold: no collusion level, since the
+# round configuration does not declare the server's, and a server assuming less than the
+# node would otherwise have every round refused. t > k/2 then, whatever the server chose.
+_NODE_CORRUPTED = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,30 +345,39 @@ def find_parameters(
 
 # -- what a node accepts -----------------------------------------------------------------------
 @lru_cache(maxsize=1024)
+def _least_threshold(n: int, k: int, gamma: float, sigma: int) -> tuple[int, int]:
+    """``(t, c)``: rule (3)'s threshold for ``degree = k`` and the corrupted tail behind it."""
+    corrupted = _corrupted(gamma, n)
+    c = corrupted if k == n - 1 else _corrupted_tail(n, corrupted, k, -(sigma + 1) * _LN2)[0]
+    return _threshold(k, c), c
+
+
 def minimum_threshold(
     cohort_size: int,
     degree: int,
     *,
-    corrupted_fraction: float = _DEFAULT_CORRUPTED,
+    corrupted_fraction: float = _NODE_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
 ) -> int:
     """The smallest threshold :func:`find_parameters` would pair with ``degree`` for the cohort.
 
     ``floor((k + c) / 2) + 1`` with ``c`` the corrupted-neighbour tail of (2)
     (``C = floor(corrupted_fraction * n)`` for the complete graph ``k = n - 1``).
-    It does not depend on the dropout rate, so a node can check it without
-    trusting the server's. It may exceed ``degree``: then no threshold is safe.
+    It does not depend on the dropout rate. By default ``corrupted_fraction`` is
+    0, what a node can check without knowing the server's assumption: ``t > k/2``,
+    which every threshold the finder picks meets. It may exceed ``degree``: then
+    no threshold is safe.
     """
-    n = _check_size(cohort_size)
-    gamma = _check_rate("corrupted_fraction", corrupted_fraction)
-    sigma = _check_bits("security_bits", security_bits)
+    return _node_bound(cohort_size, degree, corrupted_fraction, security_bits)[0]
+
+
+def _node_bound(n: int, degree: int, gamma: float, sigma: int) -> tuple[int, int]:
+    n = _check_size(n)
+    gamma = _check_rate("corrupted_fraction", gamma)
+    sigma = _check_bits("security_bits", sigma)
     if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= n - 1:
         raise ValueError(f"degree must be an integer in [1, n - 1 = {n - 1}], got {degree!r}")
-    corrupted = _corrupted(gamma, n)
-    if degree == n - 1:
-        return _threshold(degree, corrupted)
-    c, _ = _corrupted_tail(n, corrupted, degree, -(sigma + 1) * _LN2)
-    return _threshold(degree, c)
+    return _least_threshold(n, degree, gamma, sigma)
 
 
 def check_threshold(
@@ -372,25 +385,21 @@ def check_threshold(
     degree: int,
     threshold: int,
     *,
-    corrupted_fraction: float = _DEFAULT_CORRUPTED,
+    corrupted_fraction: float = _NODE_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
 ) -> None:
     """Raise ``ValueError`` if ``threshold`` is below :func:`minimum_threshold`.
 
-    A node calls this on the round configuration a server sends: below it, a
-    server that relays shares selectively can rebuild an honest node's input.
+    A node calls this on the round configuration a server sends: at or below
+    ``(k + c) / 2``, a server that relays shares selectively can rebuild an
+    honest node's input from its honest neighbours' shares alone.
     """
-    least = minimum_threshold(
-        cohort_size,
-        degree,
-        corrupted_fraction=corrupted_fraction,
-        security_bits=security_bits,
-    )
+    least, c = _node_bound(cohort_size, degree, corrupted_fraction, security_bits)
     if threshold < least:
         raise ValueError(
             f"threshold {threshold} is below {least}, the least that keeps a node's inputs "
-            f"private in a cohort of {cohort_size} with degree {degree} (it must exceed "
-            f"(k + c) / 2, c the corrupted neighbours allowed at corrupted_fraction="
+            f"private in a cohort of {cohort_size} with degree {degree}: it must exceed "
+            f"(k + c) / 2 with c = {c} corrupted neighbours (corrupted_fraction="
             f"{corrupted_fraction})"
         )
 
