@@ -33,8 +33,9 @@ every node drops out independently with probability ``delta`` (the dropout
    (selective forwarding). Each honest node's view is consistent, so no local
    check catches it; two disjoint sets of ``t - c_i`` among the node's
    ``k - c_i`` honest neighbours exist exactly when ``k - c_i >= 2 (t - c_i)``,
-   i.e. ``2 t <= k + c_i``. Bell et al. choose ``t`` above ``(k + c) / 2``
-   against a server that deviates; so do we.
+   i.e. ``2 t <= k + c_i``. Google's reference finder for this protocol
+   (fcp, ``secagg/server/graph_parameter_finder.cc``) picks the same ``t`` in
+   its semi-malicious-server mode.
 4. **Every node keeps ``t`` surviving neighbours** (else the round fails): its
    ``k`` neighbours survive independently, so the count is
    ``Bin(k, 1 - delta)``. Required: ``n * P[Bin(k, 1 - delta) < t] <= 2**-eta``.
