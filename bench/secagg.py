@@ -364,7 +364,7 @@ def make_server_workload(n: int, params: int, dropout_fraction: float, seed: int
     request = RoundRequest(
         round=1, cohort=tuple(ids), arrays=ArrayRecord(), config=ConfigRecord(), weight_key=None
     )
-    mod = SecAggPlus(degree=k, threshold=t)
+    mod = SecAggPlus()  # finds the same (k, t); degree=k would refuse the complete graph's odd k
     server_round = ServerRound(mod, request, _NoGrid(), config=config)  # type: ignore[arg-type]
     server_round.s_pks = {i: keys.public_bytes(s_private[i]) for i in ids}
     server_round.survivors, server_round.dropped = survivors, dropped

@@ -70,7 +70,7 @@ def test_a_node_listed_as_dropped_or_not_listed_refuses(federation: Any) -> None
 
 
 def test_fewer_than_t_surviving_neighbours_refused_exactly_t_answered(federation: Any) -> None:
-    fed = federation(n=9, degree=6, threshold=3)
+    fed = federation(n=9, degree=4, threshold=3)
     fed.honest_until_collect()
     target = fed.ids[0]
     nbrs = fed.graph.neighbours(target)
@@ -80,7 +80,7 @@ def test_fewer_than_t_surviving_neighbours_refused_exactly_t_answered(federation
     survivors = [target, *nbrs[:2], *outsiders]
     refused(fed.unmask(target, survivors, list(nbrs[2:])), "fewer than the threshold t=3")
 
-    fed2 = federation(n=9, degree=6, threshold=3)
+    fed2 = federation(n=9, degree=4, threshold=3)
     fed2.honest_until_collect()
     target = fed2.ids[0]
     nbrs = fed2.graph.neighbours(target)
@@ -195,7 +195,7 @@ def test_tampered_ciphertext_is_refused(federation: Any) -> None:
 
 
 def test_too_few_or_foreign_senders_are_refused(federation: Any) -> None:
-    fed = federation(n=9, degree=6, threshold=3)
+    fed = federation(n=9, degree=4, threshold=3)
     fed.advertise()
     fed.share()
     node = fed.ids[0]
@@ -204,7 +204,7 @@ def test_too_few_or_foreign_senders_are_refused(federation: Any) -> None:
         _collect(fed, node, fields["senders"][:2], fields["ciphertexts"][:2]),
         "fewer than the threshold",
     )
-    fed2 = federation(n=9, degree=4, threshold=2)
+    fed2 = federation(n=9, degree=4, threshold=3)
     fed2.advertise()
     fed2.share()
     node = fed2.ids[0]
@@ -216,7 +216,7 @@ def test_too_few_or_foreign_senders_are_refused(federation: Any) -> None:
 
 # -- keys the server introduces ------------------------------------------------------------------
 def test_only_its_own_neighbours_with_distinct_keys_are_accepted(federation: Any) -> None:
-    fed = federation(n=9, degree=4, threshold=2)
+    fed = federation(n=9, degree=4, threshold=3)
     fed.advertise()
     node = fed.ids[0]
     stranger = next(i for i in fed.ids if i != node and i not in fed.graph.neighbours(node))
@@ -224,14 +224,14 @@ def test_only_its_own_neighbours_with_distinct_keys_are_accepted(federation: Any
     fields["nodes"][0] = stranger
     refused(fed.ask(node, Stage.SHARE_KEYS, fields), "not this node's neighbours")
 
-    fed = federation(n=9, degree=4, threshold=2, seed=1)
+    fed = federation(n=9, degree=4, threshold=3, seed=1)
     fed.advertise()
     node = fed.ids[0]
     fields = fed.share_fields(node)
     fields["c-pks"][1] = fields["c-pks"][0]  # two neighbours with one key
     refused(fed.ask(node, Stage.SHARE_KEYS, fields), "twice")
 
-    fed = federation(n=9, degree=4, threshold=2, seed=2)
+    fed = federation(n=9, degree=4, threshold=3, seed=2)
     fed.advertise()
     node = fed.ids[0]
     fields = fed.share_fields(node)
@@ -336,7 +336,7 @@ def test_the_opt_out_lets_foreign_stages_through_and_warns(stage: str) -> None:
 
 # -- what t - 1 shares tell the server --------------------------------------------------------
 def test_t_minus_one_released_shares_are_consistent_with_any_seed(federation: Any) -> None:
-    fed = federation(n=9, degree=6, threshold=3)
+    fed = federation(n=9, degree=4, threshold=3)
     fed.honest_until_collect()
     target = fed.ids[0]
     nbrs = fed.graph.neighbours(target)

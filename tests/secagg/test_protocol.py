@@ -106,7 +106,7 @@ def weighted_mean(updates: np.ndarray, weights: Sequence[int], idx: Sequence[int
 
 
 def secagg(**kwargs: Any) -> SecAggPlus:
-    options: dict[str, Any] = {"degree": 6, "threshold": 3, "rng": np.random.default_rng(5)}
+    options: dict[str, Any] = {"degree": 8, "threshold": 5, "rng": np.random.default_rng(5)}
     options.update(kwargs)
     return SecAggPlus(**options)
 
@@ -132,16 +132,16 @@ def test_a_round_matches_plain_fedavg_within_the_quantization_bound() -> None:
     )
     assert result.metrics["num-examples"] == sum(weights)
     assert result.metrics["secagg-clipped-nodes"] == 0
-    assert result.metrics["secagg-degree"] == 6 and result.metrics["secagg-threshold"] == 3
+    assert result.metrics["secagg-degree"] == 8 and result.metrics["secagg-threshold"] == 5
 
 
 def test_unlisted_reply_metrics_never_reach_the_server() -> None:
     updates, weights = make_data(6)
-    _, capture = run(make_app(updates, weights), 6, secagg=secagg(degree=4, threshold=2))
+    _, capture = run(make_app(updates, weights), 6, secagg=secagg(degree=4, threshold=3))
     assert "loss" not in capture.results[0].metrics
 
 
-# Node indices that drop out at each stage (n = 10, k = 6, t = 3).
+# Node indices that drop out at each stage (n = 10, k = 8, t = 5: any 3 are survivable).
 DROPOUT_SETS = {
     "advertise-1": {Stage.ADVERTISE_KEYS: [0]},
     "advertise-2": {Stage.ADVERTISE_KEYS: [0, 5]},
@@ -211,7 +211,7 @@ def test_a_failed_round_leaves_the_model_and_the_next_round_works() -> None:
         make_app(updates, weights),
         10,
         faults=faults,
-        secagg=secagg(degree=4, threshold=2),
+        secagg=secagg(degree=None, threshold=None),  # found per round: (9, 6), then (2, 2)
         rounds=2,
     )
     assert result.history[0].error is not None and "secagg+/unmask" in result.history[0].error
@@ -223,7 +223,7 @@ def test_a_failed_round_leaves_the_model_and_the_next_round_works() -> None:
 def test_several_rounds_reuse_no_keys_and_stay_exact() -> None:
     updates, weights = make_data(8)
     result, capture = run(
-        make_app(updates, weights), 8, secagg=secagg(degree=4, threshold=2), rounds=3
+        make_app(updates, weights), 8, secagg=secagg(degree=4, threshold=3), rounds=3
     )
     assert all(r.ok for r in result.history.rounds) and len(capture.results) == 3
     sessions = {
@@ -236,7 +236,7 @@ def test_several_rounds_reuse_no_keys_and_stay_exact() -> None:
 
 def test_secret_state_is_wiped_after_the_round() -> None:
     updates, weights = make_data(6)
-    result, _ = run(make_app(updates, weights), 6, secagg=secagg(degree=4, threshold=2))
+    result, _ = run(make_app(updates, weights), 6, secagg=secagg(degree=4, threshold=3))
     for context in result.contexts:
         state = context.state.get_typed("secagg+/client-state", ConfigRecord)
         assert state["phase"] == "done"
@@ -273,7 +273,7 @@ def test_federated_analytics_histograms_sum_exactly() -> None:
     )
     results = []
     for app, mod in (
-        (query_app(counts), secagg(degree=4, threshold=2)),
+        (query_app(counts), secagg(degree=4, threshold=3)),
         (query_app(counts, mods=()), None),
     ):
         contexts = [
@@ -337,7 +337,7 @@ def test_clipping_is_counted_and_bounded() -> None:
         return content
 
     result, capture = run(
-        make_app(updates, weights, edit=edit), 6, secagg=secagg(degree=4, threshold=2)
+        make_app(updates, weights, edit=edit), 6, secagg=secagg(degree=4, threshold=3)
     )
     outcome = capture.results[0]
     assert outcome.metrics["secagg-clipped-nodes"] == 1
@@ -356,7 +356,7 @@ def test_nodes_without_the_client_mod_cannot_take_part() -> None:
         run(
             make_app(updates, weights, mods=()),
             6,
-            secagg=secagg(degree=4, threshold=2),
+            secagg=secagg(degree=4, threshold=3),
             stop_on_failure=True,
         )
 
@@ -442,7 +442,7 @@ def test_the_server_mod_declares_secure_aggregation() -> None:
 
 
 def test_every_stage_message_survives_the_wire_format(federation: Any) -> None:
-    fed = federation(n=6, degree=4, threshold=2)
+    fed = federation(n=6, degree=4, threshold=3)
     sent: list[Message] = []
     original = fed.app.__call__
 

@@ -53,7 +53,7 @@ def make_inputs(kind: str, shape: tuple[int, int], seed: int) -> np.ndarray:
 
 
 def masked_round(federation: Any, kind: str, seed: int, params: int = 4096) -> Any:
-    fed = federation(n=6, degree=4, threshold=2, params=params, seed=seed)
+    fed = federation(n=6, degree=4, threshold=3, params=params, seed=seed)
     fed.updates[:] = make_inputs(kind, fed.updates.shape, seed)
     fed.honest_until_collect()
     return fed

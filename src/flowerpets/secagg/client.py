@@ -77,6 +77,7 @@ from flowerpets.exceptions import (
     RequestRefusedError,
 )
 from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
+from flowerpets.secagg.parameters import check_threshold
 from flowerpets.secagg.protocol import (
     FLOAT,
     INFO_PAIR_MASK,
@@ -395,6 +396,7 @@ class SecAggPlusClientMod:
             raise ValueError(
                 f"threshold {config.threshold} is below this node's minimum {self.min_threshold}"
             )
+        check_threshold(len(config.order), config.degree, config.threshold)
         c_sk = keys.generate_private_key(self.randomness)
         s_sk = keys.generate_private_key(self.randomness)
         state = ClientState(

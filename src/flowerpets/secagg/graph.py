@@ -16,6 +16,7 @@ same Lagrange coefficients.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -26,6 +27,12 @@ class HararyGraph:
     """``H(n, k)`` on the ring ``order`` (node ids): ``k`` even and ``< n - 1``, or ``n - 1``."""
 
     def __init__(self, order: Sequence[int], degree: int) -> None:
+        # Node ids are integers as given: a float or a string is refused, never coerced (a
+        # server's 1.5 must not quietly become node 1).
+        if isinstance(order, str | bytes) or not all(
+            isinstance(node, numbers.Integral) and not isinstance(node, bool) for node in order
+        ):
+            raise ValueError("the ring order must list integer node ids")
         nodes = tuple(int(node) for node in order)
         n = len(nodes)
         if n < 2:

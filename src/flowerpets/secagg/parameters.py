@@ -1,53 +1,99 @@
 """Choosing the degree ``k`` and the threshold ``t`` of SecAgg+ for a cohort.
 
 Bell et al. (CCS 2020) replace SecAgg's complete graph by a random ``k``-regular
-graph; the threshold ``t`` of the Shamir sharing must then be large enough that
-the corrupted neighbours of an honest node cannot pool ``t`` shares, and small
-enough that every node keeps ``t`` live neighbours despite dropouts.
-:func:`find_parameters` follows the paper's analysis for a Harary graph under a
-uniformly random ordering (as in Google's reference parameter finder), with a
-cohort of ``n`` nodes of which at most ``C = floor(gamma * n)`` are corrupted
-(they collude with the server) and at most ``D = floor(delta * n)`` drop out;
-``B = C + D`` nodes are "bad" and ``S = n - D`` survive. It returns the smallest
-even ``k`` (``2 <= k < n - 1``) for which all three inequalities hold, and the
-smallest ``t >= 2`` satisfying (2):
+graph; the threshold ``t`` of the Shamir sharing must be large enough that the
+server and the corrupted neighbours of an honest node can never hold ``t``
+shares of *both* of its secrets, and small enough that every node keeps ``t``
+live neighbours despite dropouts. :func:`find_parameters` works on a Harary
+graph ``H(n, k)`` over a uniformly random ring order. The model: at most
+``C = floor(gamma * n)`` nodes are corrupted (they collude with the server);
+every node drops out independently with probability ``delta`` (the dropout
+*rate*, not a cap on the count). It returns the smallest even ``k``
+(``2 <= k <= n - 2``) for which these hold, each with the smallest ``t``:
 
 1. **The honest survivors stay connected** (else the server learns the sums of
    the pieces, not only the total). Cutting the ring of ``H(n, k)`` twice needs
-   two runs of ``k/2`` consecutive bad nodes: at most ``n (n - k - 1) / 2`` pairs
-   of places, each all-bad with probability ``[B! / (B - k)!] / [n! / (n - k)!]``.
-   Required: that union bound ``<= 2**-(sigma + 1)`` (or ``k > B``: impossible).
-2. **No honest node has ``t`` corrupted neighbours** (else they and the server
-   would hold ``t`` shares of both of its secrets). A node's ``k`` neighbours are
-   a uniform draw from the other ``n - 1`` nodes, so their corrupted count is
-   hypergeometric ``Hyp(n - 1, C, k)``. Required:
-   ``n * P[Hyp(n - 1, C, k) >= t] <= 2**-(sigma + 1)``.
-3. **Every node keeps ``t`` surviving neighbours** (else its secrets cannot be
-   reconstructed and the round fails). Required:
-   ``n * P[Hyp(n - 1, S - 1, k) < t] <= 2**-eta``.
+   two runs of ``k/2`` consecutive bad (corrupted or dropped) nodes: at most
+   ``n (n - k - 1) / 2`` pairs of places, each holding a uniformly random set of
+   ``k`` nodes, all bad with probability ``E[delta ** (k - X)]``,
+   ``X ~ Hyp(n, C, k)`` the corrupted ones among them. Required: that union
+   bound ``<= 2**-(sigma + 1)``.
+2. **No honest node has more than ``c`` corrupted neighbours**, ``c`` the
+   smallest count with ``n * P[Hyp(n - 1, C, k) > c] <= 2**-(sigma + 1)`` (a
+   node's ``k`` neighbours are a uniform draw from the other ``n - 1``).
+3. **Threshold** ``t = floor((k + c) / 2) + 1``, i.e. the smallest ``t`` with
+   ``2 t > k + c`` (which implies ``t > c``). ``t > c``: the corrupted neighbours
+   alone never pool ``t`` shares. ``2 t > k + c``: the server, which relays
+   every share and every survivor list, learns an honest node's input if it can
+   collect ``t`` shares of its self-mask seed and ``t`` shares of its mask key
+   (or of the keys of every neighbour it masked with) from two *disjoint* sets
+   of honest neighbours, each set topped up by the ``c_i <= c`` corrupted ones:
+   one set told "it survived", the other "it dropped" (a split view), or told
+   that the only ``t`` neighbours whose shares it forwarded to the node dropped
+   (selective forwarding). Each honest node's view is consistent, so no local
+   check catches it; two disjoint sets of ``t - c_i`` among the node's
+   ``k - c_i`` honest neighbours exist exactly when ``k - c_i >= 2 (t - c_i)``,
+   i.e. ``2 t <= k + c_i``. Google's reference finder for this protocol
+   (fcp, ``secagg/server/graph_parameter_finder.cc``) picks the same ``t`` in
+   its semi-malicious-server mode.
+4. **Every node keeps ``t`` surviving neighbours** (else the round fails): its
+   ``k`` neighbours survive independently, so the count is
+   ``Bin(k, 1 - delta)``. Required: ``n * P[Bin(k, 1 - delta) < t] <= 2**-eta``.
 
 (1) and (2) bound the probability that the server learns more than the sum of
-the honest survivors by ``2**-sigma`` (``security_bits``, default 40), (3) the
-probability that the round fails with at most ``D`` dropouts by ``2**-eta``
-(``correctness_bits``, default 40; Google's finder uses 20). If no ``k < n - 1``
-works (small cohorts), the complete graph ``k = n - 1`` is used with
-``t = max(C + 1, 2)``, which needs ``t <= S - 1``; if that fails too, the
-requirements are infeasible and :class:`~flowerpets.exceptions.InfeasibleParametersError`
-says so. In practice ``gamma + delta`` must stay well below 1.
+the honest survivors by ``2**-sigma`` (``security_bits``, default 40); (4) bounds
+the probability that the round fails by ``2**-eta`` (``correctness_bits``,
+default 40). (4) needs ``1 - delta > (1 + gamma) / 2`` asymptotically: the
+dropout rate must stay below ``(1 - gamma) / 2``.
+
+If no ``k <= n - 2`` meets them (small cohorts), the complete graph
+``k = n - 1`` is used with ``c = C`` and ``t = max(floor((n - 1 + C) / 2) + 1, 2)``,
+which needs ``t <= n - 1``; it fails exactly when at most ``t`` nodes survive.
+Small cohorts cannot reach ``2**-eta`` at a real dropout rate (all 5 nodes of a
+cohort of 5 drop with probability ``delta**5``): then the complete graph is
+used as the best effort, its true failure probability is reported in
+``log2_failure`` and logged as a warning. If even the complete graph fails more
+often than not, :class:`~flowerpets.exceptions.InfeasibleParametersError` says
+so.
+
+The search is exact and fast: (1) is monotone in ``k`` (bisection); ``c`` grows
+with ``k``, and for a fixed ``h``, ``P[Bin(k, p) <= k/2 + h]`` decreases in even
+``k`` when ``p >= 1/2``, so once (4) fails at ``k`` with ``h = floor(c / 2)``,
+every degree before the first ``k'`` where that lower bound passes fails too
+(bisection again). Tails are summed in log space (``scipy.special``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+from scipy import special
+
 from flowerpets.exceptions import InfeasibleParametersError
 
-__all__ = ["GraphParameters", "check_parameters", "find_parameters"]
+__all__ = [
+    "GraphParameters",
+    "check_parameters",
+    "check_threshold",
+    "find_parameters",
+    "minimum_threshold",
+]
+
+log = logging.getLogger(__name__)
 
 _LN2 = math.log(2.0)
 _SMALL = 1e-12  # keeps floor(0.1 * 10) at 1 despite floating point
+_DEFAULT_CORRUPTED = 0.1
+_DEFAULT_SECURITY_BITS = 40
+# What a node assumes when it checks a server's threshold: no collusion level, since the
+# round configuration does not declare the server's, and a server assuming less than the
+# node would otherwise have every round refused. t > k/2 then, whatever the server chose.
+_NODE_CORRUPTED = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +101,12 @@ class GraphParameters:
     """The degree and threshold for a cohort of ``cohort_size`` nodes.
 
     When found by :func:`find_parameters`, the ``log2_*`` fields are the base-2
-    logarithms of the bounds in its docstring (``-inf``: impossible): the
-    probability that the honest survivors are disconnected, that some honest
-    node has ``threshold`` corrupted neighbours, and that some node has fewer
-    than ``threshold`` surviving neighbours. They are ``None`` for parameters
-    given by hand.
+    logarithms of the bounds in its docstring (``-inf``: impossible): that the
+    honest survivors are disconnected, that some honest node has more than
+    ``corrupted_neighbours`` corrupted neighbours, and that some node has fewer
+    than ``threshold`` surviving neighbours (for the complete graph: the exact
+    probability that the round fails). They are ``None`` for parameters given
+    by hand.
     """
 
     cohort_size: int
@@ -70,10 +117,16 @@ class GraphParameters:
     log2_disconnected: float | None = None
     log2_leak: float | None = None
     log2_failure: float | None = None
+    corrupted_neighbours: int | None = None
 
     @property
     def is_complete(self) -> bool:
         return self.degree == self.cohort_size - 1
+
+    @property
+    def tolerated_dropouts(self) -> int:
+        """How many dropouts the round survives whichever nodes they hit: ``k - t``."""
+        return self.degree - self.threshold
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -96,41 +149,100 @@ def _check_size(cohort_size: int) -> int:
     return cohort_size
 
 
-def _log_choose(n: int, k: int) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+def _corrupted(gamma: float, n: int) -> int:
+    return math.floor(gamma * n + _SMALL)
+
+
+# -- tails, in log space ----------------------------------------------------------------------
+def _hypergeometric_support(population: int, successes: int, draws: int) -> tuple[int, int]:
+    return max(0, draws - (population - successes)), min(draws, successes)
 
 
 def _hypergeometric_log_pmf(population: int, successes: int, draws: int) -> list[float]:
     """``log P[X = x]`` for ``x = 0..draws`` (``-inf`` where impossible)."""
-    total = _log_choose(population, draws)
-    out = []
-    for x in range(draws + 1):
-        if x > successes or draws - x > population - successes:
-            out.append(-math.inf)
-        else:
-            out.append(
-                _log_choose(successes, x) + _log_choose(population - successes, draws - x) - total
-            )
+    values: list[float] = _log_pmf_array(population, successes, draws).tolist()
+    return values
+
+
+def _log_pmf_array(population: int, successes: int, draws: int) -> np.ndarray:
+    lo, hi = _hypergeometric_support(population, successes, draws)
+    out = np.full(draws + 1, -math.inf)
+    if lo > hi:
+        return out
+    x = np.arange(lo, hi + 1, dtype=np.float64)
+    failures = population - successes
+    gl = special.gammaln
+    total = gl(population + 1) - gl(draws + 1) - gl(population - draws + 1)
+    out[lo : hi + 1] = (
+        gl(successes + 1)
+        - gl(x + 1)
+        - gl(successes - x + 1)
+        + gl(failures + 1)
+        - gl(draws - x + 1)
+        - gl(failures - draws + x + 1)
+        - total
+    )
     return out
 
 
-def _log_sum(values: list[float]) -> float:
-    finite = [v for v in values if v > -math.inf]
-    if not finite:
+def _hypergeometric_log_sf(population: int, successes: int, draws: int) -> np.ndarray:
+    """``log P[X >= x]`` for ``x = 0..draws + 1`` (the last entry is ``-inf``)."""
+    pmf = _log_pmf_array(population, successes, draws)
+    tail = np.logaddexp.accumulate(pmf[::-1])[::-1]
+    return np.append(np.minimum(tail, 0.0), -math.inf)
+
+
+def _corrupted_tail(n: int, corrupted: int, k: int, log_budget: float) -> tuple[int, float]:
+    """The smallest ``c`` with ``log(n * P[Hyp(n - 1, C, k) > c]) <= log_budget``, and that log."""
+    sf = math.log(n) + _hypergeometric_log_sf(n - 1, corrupted, k)  # sf[x] = log n P[X >= x]
+    c = int(np.argmax(sf[1:] <= log_budget))  # sf[k + 1] = -inf, so one always passes
+    return c, float(sf[c + 1])
+
+
+def _log_binomial_cdf(x: int, trials: int, p: float) -> float:
+    """``log P[Bin(trials, p) <= x]``."""
+    if x < 0:
         return -math.inf
-    top = max(finite)
-    return top + math.log(sum(math.exp(v - top) for v in finite))
+    if x >= trials:
+        return 0.0
+    value = float(special.bdtr(x, trials, p))
+    return math.log(value) if value > 0 else -math.inf
 
 
-def _log_disconnected(n: int, k: int, bad: int) -> float:
+def _log_disconnected(n: int, k: int, corrupted: int, delta: float) -> float:
     """Inequality (1): log of the union bound on a disconnected honest-survivor graph."""
-    if k > bad:
+    pmf = _log_pmf_array(n, corrupted, k)
+    x = np.arange(k + 1)
+    if delta == 0:
+        all_bad = float(pmf[k])
+    else:
+        all_bad = float(np.logaddexp.reduce(pmf + (k - x) * math.log(delta)))
+    if all_bad == -math.inf:
         return -math.inf
-    pairs = math.log(n) + math.log(n - k - 1) - _LN2
-    runs = (math.lgamma(bad + 1) - math.lgamma(bad - k + 1)) - (
-        math.lgamma(n + 1) - math.lgamma(n - k + 1)
-    )
-    return pairs + runs
+    return math.log(n) + math.log(n - k - 1) - _LN2 + all_bad
+
+
+def _first_even(lo: int, hi: int, passes: Callable[[int], bool]) -> int | None:
+    """The smallest even ``k`` in ``[lo, hi]`` (both even) where a monotone test passes."""
+    if lo > hi or not passes(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 4 * 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid + 2
+    return lo
+
+
+def _majority_bound_passes(h: int, p: float, log_budget: float) -> Callable[[int], bool]:
+    """``k -> log P[Bin(k, p) <= k/2 + h] <= log_budget``; monotone in even ``k`` (p >= 1/2)."""
+    return lambda k: _log_binomial_cdf(k // 2 + h, k, p) <= log_budget
+
+
+# -- the finder ------------------------------------------------------------------------------
+def _threshold(k: int, c: int) -> int:
+    return max((k + c) // 2 + 1, 2)
 
 
 @lru_cache(maxsize=256)
@@ -138,46 +250,80 @@ def find_parameters(
     cohort_size: int,
     *,
     dropout_rate: float = 0.1,
-    corrupted_fraction: float = 0.1,
-    security_bits: int = 40,
+    corrupted_fraction: float = _DEFAULT_CORRUPTED,
+    security_bits: int = _DEFAULT_SECURITY_BITS,
     correctness_bits: int = 40,
 ) -> GraphParameters:
-    """The smallest degree, and its threshold, meeting the three inequalities above."""
+    """The smallest degree, with its threshold, meeting the inequalities above."""
     n = _check_size(cohort_size)
     delta = _check_rate("dropout_rate", dropout_rate)
     gamma = _check_rate("corrupted_fraction", corrupted_fraction)
     sigma = _check_bits("security_bits", security_bits)
     eta = _check_bits("correctness_bits", correctness_bits)
-    corrupted = math.floor(gamma * n + _SMALL)
-    dropped = math.floor(delta * n + _SMALL)
-    survivors = n - dropped
-    leak_budget = -(sigma + 1) * _LN2 - math.log(n)  # per node, for (2)
-    fail_budget = -eta * _LN2 - math.log(n)  # per node, for (3)
-    for k in range(2, n - 1, 2):
-        disconnected = _log_disconnected(n, k, corrupted + dropped)
-        if disconnected > -(sigma + 1) * _LN2:
-            continue
-        corrupt_pmf = _hypergeometric_log_pmf(n - 1, corrupted, k)
-        # Smallest t with log P[corrupted neighbours >= t] <= the budget.
-        t = next(t for t in range(k + 2) if _log_sum(corrupt_pmf[t:]) <= leak_budget)
-        t = max(t, 2)
-        if t > k:
-            continue
-        survive_pmf = _hypergeometric_log_pmf(n - 1, survivors - 1, k)
-        fail = _log_sum(survive_pmf[:t])
-        if fail <= fail_budget:
-            return GraphParameters(
-                cohort_size=n,
-                degree=k,
-                threshold=t,
-                dropout_rate=delta,
-                corrupted_fraction=gamma,
-                log2_disconnected=disconnected / _LN2,
-                log2_leak=(math.log(n) + _log_sum(corrupt_pmf[t:])) / _LN2,
-                log2_failure=(math.log(n) + fail) / _LN2,
+    corrupted = _corrupted(gamma, n)
+    p = 1.0 - delta
+    log_n = math.log(n)
+    secure_budget = -(sigma + 1) * _LN2  # for (1) and for (2), each
+    fail_budget = -eta * _LN2 - log_n  # per node, for (4)
+    found = None
+    last_even = (n - 2) // 2 * 2
+    # With p <= 1/2, P[Bin(k, p) <= k/2] >= 1/2 for every even k: (4) never holds.
+    if last_even >= 2 and p > 0.5:
+        # E[delta ** (k - X)] <= q ** k (Hoeffding 1963, Theorem 4: sampling without
+        # replacement is dominated in convex order), a closed form that bounds the search.
+        q = corrupted / n + delta * (1 - corrupted / n)
+        log_q = math.log(q) if q > 0 else -math.inf
+        upper = _first_even(
+            2,
+            last_even,
+            lambda k: log_n + math.log(n - k - 1) - _LN2 + k * log_q <= secure_budget,
+        )
+        k = _first_even(
+            2,
+            last_even if upper is None else upper,
+            lambda k: _log_disconnected(n, k, corrupted, delta) <= secure_budget,
+        )
+        while k is not None:
+            c, leak = _corrupted_tail(n, corrupted, k, secure_budget)
+            t = _threshold(k, c)
+            fail = _log_binomial_cdf(t - 1, k, p)
+            if t <= k and fail <= fail_budget:
+                found = (k, c, t, leak, fail)
+                break
+            # For k' > k, c only grows, so t' - 1 >= k'/2 + h and (4) at k' fails while
+            # P[Bin(k', p) <= k'/2 + h] does; that bound decreases in k'. Skip to where it passes.
+            k = _first_even(k + 2, last_even, _majority_bound_passes(c // 2, p, fail_budget))
+    if found is not None:
+        k, c, t, leak, fail = found
+        return GraphParameters(
+            cohort_size=n,
+            degree=k,
+            threshold=t,
+            dropout_rate=delta,
+            corrupted_fraction=gamma,
+            log2_disconnected=_log_disconnected(n, k, corrupted, delta) / _LN2,
+            log2_leak=leak / _LN2,
+            log2_failure=(log_n + fail) / _LN2,
+            corrupted_neighbours=c,
+        )
+    # The complete graph: every honest node has the C corrupted nodes as neighbours, and
+    # the round fails exactly when at most t nodes survive (a survivor then has < t others).
+    t = _threshold(n - 1, corrupted)
+    log_fail = _log_binomial_cdf(t, n, p)
+    if t <= n - 1 and log_fail <= -_LN2:
+        if log_fail > -eta * _LN2:
+            log.warning(
+                "SecAgg+ for a cohort of %d at dropout_rate=%g: even the complete graph "
+                "(k=%d, t=%d; up to %d dropouts always survivable) fails a round with "
+                "probability %.3g, above the 2**-%d asked for",
+                n,
+                delta,
+                n - 1,
+                t,
+                n - 1 - t,
+                math.exp(log_fail),
+                eta,
             )
-    t = max(corrupted + 1, 2)
-    if t <= survivors - 1:
         return GraphParameters(
             cohort_size=n,
             degree=n - 1,
@@ -186,21 +332,86 @@ def find_parameters(
             corrupted_fraction=gamma,
             log2_disconnected=-math.inf,
             log2_leak=-math.inf,
-            log2_failure=-math.inf,
+            log2_failure=log_fail / _LN2,
+            corrupted_neighbours=corrupted,
         )
     raise InfeasibleParametersError(
         f"no degree and threshold for a cohort of {n} with up to {corrupted} corrupted node(s) "
-        f"(corrupted_fraction={gamma}) and {dropped} dropout(s) (dropout_rate={delta}): even the "
-        f"complete graph would need a threshold of {t} with only {survivors - 1} surviving "
-        "neighbours per node; lower the rates or grow the cohort"
+        f"(corrupted_fraction={gamma}) at dropout_rate={delta}: even the complete graph would "
+        f"need a threshold of {t} (more than (n - 1 + C) / 2) and fail more often than not; "
+        "lower the rates (dropout_rate must stay below (1 - corrupted_fraction) / 2) or grow "
+        "the cohort"
     )
+
+
+# -- what a node accepts -----------------------------------------------------------------------
+@lru_cache(maxsize=1024)
+def _least_threshold(n: int, k: int, gamma: float, sigma: int) -> tuple[int, int]:
+    """``(t, c)``: rule (3)'s threshold for ``degree = k`` and the corrupted tail behind it."""
+    corrupted = _corrupted(gamma, n)
+    c = corrupted if k == n - 1 else _corrupted_tail(n, corrupted, k, -(sigma + 1) * _LN2)[0]
+    return _threshold(k, c), c
+
+
+def minimum_threshold(
+    cohort_size: int,
+    degree: int,
+    *,
+    corrupted_fraction: float = _NODE_CORRUPTED,
+    security_bits: int = _DEFAULT_SECURITY_BITS,
+) -> int:
+    """The smallest threshold :func:`find_parameters` would pair with ``degree`` for the cohort.
+
+    ``floor((k + c) / 2) + 1`` with ``c`` the corrupted-neighbour tail of (2)
+    (``C = floor(corrupted_fraction * n)`` for the complete graph ``k = n - 1``).
+    It does not depend on the dropout rate. By default ``corrupted_fraction`` is
+    0, what a node can check without knowing the server's assumption: ``t > k/2``,
+    which every threshold the finder picks meets. It may exceed ``degree``: then
+    no threshold is safe.
+    """
+    return _node_bound(cohort_size, degree, corrupted_fraction, security_bits)[0]
+
+
+def _node_bound(n: int, degree: int, gamma: float, sigma: int) -> tuple[int, int]:
+    n = _check_size(n)
+    gamma = _check_rate("corrupted_fraction", gamma)
+    sigma = _check_bits("security_bits", sigma)
+    if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= n - 1:
+        raise ValueError(f"degree must be an integer in [1, n - 1 = {n - 1}], got {degree!r}")
+    return _least_threshold(n, degree, gamma, sigma)
+
+
+def check_threshold(
+    cohort_size: int,
+    degree: int,
+    threshold: int,
+    *,
+    corrupted_fraction: float = _NODE_CORRUPTED,
+    security_bits: int = _DEFAULT_SECURITY_BITS,
+) -> None:
+    """Raise ``ValueError`` if ``threshold`` is below :func:`minimum_threshold`.
+
+    A node calls this on the round configuration a server sends: at or below
+    ``(k + c) / 2``, a server that relays shares selectively can rebuild an
+    honest node's input from its honest neighbours' shares alone.
+    """
+    least, c = _node_bound(cohort_size, degree, corrupted_fraction, security_bits)
+    if threshold < least:
+        raise ValueError(
+            f"threshold {threshold} is below {least}, the least that keeps a node's inputs "
+            f"private in a cohort of {cohort_size} with degree {degree}: it must exceed "
+            f"(k + c) / 2 with c = {c} corrupted neighbours (corrupted_fraction="
+            f"{corrupted_fraction})"
+        )
 
 
 def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphParameters:
     """Hand-picked ``degree`` and ``threshold`` made to fit a cohort, or a clear error.
 
     A degree of ``cohort_size - 1`` or more means the complete graph. No
-    probability is claimed for hand-picked values.
+    probability is claimed for hand-picked values, but a threshold the nodes
+    would refuse (:func:`check_threshold`) is refused here, before any node is
+    contacted.
     """
     n = _check_size(cohort_size)
     for name, value in (("degree", degree), ("threshold", threshold)):
@@ -214,4 +425,8 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
             f"threshold={threshold} exceeds the degree {k} for a cohort of {n}: no node could "
             "ever collect enough shares"
         )
+    try:
+        check_threshold(n, k, threshold)
+    except ValueError as exc:
+        raise InfeasibleParametersError(f"{exc}; the nodes would refuse it") from None
     return GraphParameters(cohort_size=n, degree=k, threshold=threshold)
