@@ -364,7 +364,7 @@ def test_nodes_without_the_client_mod_cannot_take_part() -> None:
 def test_a_failed_round_keeps_every_nodes_reason() -> None:
     # Before: a round that failed inside SecAgg+ was recorded with its error only.
     updates, weights = make_data(6)
-    result, _ = run(make_app(updates, weights, mods=()), 6, secagg=secagg(degree=4, threshold=2))
+    result, _ = run(make_app(updates, weights, mods=()), 6, secagg=secagg(degree=4, threshold=3))
     record = result.history.round(1)
     assert record.failed and "0 of 6 nodes advertised keys" in (record.error or "")
     assert len(record.failures) == 6 and not record.participants
@@ -380,7 +380,7 @@ def test_a_mod_that_strips_the_weight_fails_the_round_with_each_nodes_reason() -
     def strip(i: int, content: RecordDict) -> RecordDict:
         return RecordDict({"arrays": content["arrays"]})
 
-    result, _ = run(make_app(updates, weights, edit=strip), 6, secagg=secagg(degree=4, threshold=2))
+    result, _ = run(make_app(updates, weights, edit=strip), 6, secagg=secagg(degree=4, threshold=3))
     record = result.history.round(1)
     assert record.failed and "none of the 6 nodes that shared keys sent a masked input" in (
         record.error or ""
@@ -393,7 +393,7 @@ def test_a_mod_that_strips_the_weight_fails_the_round_with_each_nodes_reason() -
         run(
             make_app(updates, weights, edit=strip),
             6,
-            secagg=secagg(degree=4, threshold=2),
+            secagg=secagg(degree=4, threshold=3),
             stop_on_failure=True,
         )
     assert len(raised.value.failures) == 6
@@ -402,7 +402,7 @@ def test_a_mod_that_strips_the_weight_fails_the_round_with_each_nodes_reason() -
 def test_all_zero_weights_fail_a_secagg_round_cleanly() -> None:
     updates, _ = make_data(6)
     result, capture = run(
-        make_app(updates, [0] * 6), 6, secagg=secagg(degree=4, threshold=2), rounds=2
+        make_app(updates, [0] * 6), 6, secagg=secagg(degree=4, threshold=3), rounds=2
     )
     assert capture.results[0].total_weight == 0 and len(capture.results[0].participants) == 6
     for record in result.history.rounds:
