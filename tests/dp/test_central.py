@@ -14,6 +14,7 @@ import pytest
 from flowerpets.core import (
     SEALED_WEIGHT_KEY,
     ArrayRecord,
+    ConfigRecord,
     Context,
     FedAvg,
     FixedSizeSampling,
@@ -48,6 +49,7 @@ from flowerpets.exceptions import (
     InfeasibleParametersError,
     InsecureRandomnessWarning,
     PrivacyAccountingError,
+    StopRunError,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
@@ -229,6 +231,41 @@ def test_each_run_starts_its_own_accounting(scripted_grid: Any, update_app: Any)
     first = server.run(scripted_grid(app, 5)).history.metric("epsilon", source="train_metrics")
     second = server.run(scripted_grid(app, 5)).history.metric("epsilon", source="train_metrics")
     assert first == second
+
+
+def test_a_run_keeps_its_budget_however_many_other_runs_the_mod_serves(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 5: the mod kept 16 runs and forgot the oldest, budget included.
+    app = update_app(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build()
+    eps2, eps3 = (gaussian_epsilon(2.0 / math.sqrt(r), 1e-5) for r in (2, 3))
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0, max_epsilon=(eps2 + eps3) / 2)
+
+    def round_of(context: ServerContext, rnd: int) -> RoundResult:
+        request = RoundRequest(
+            round=rnd, cohort=(1, 2, 3, 4, 5), arrays=ArrayRecord(MODEL), config={}, population=5
+        )  # type: ignore[arg-type]
+        return dp(request, context, aggregate_round)
+
+    first = ServerContext(grid=scripted_grid(app, 5))
+    for rnd in (1, 2):
+        round_of(first, rnd)
+    for _ in range(20):  # other runs through the same instance
+        other = ServerContext(grid=scripted_grid(app, 5))
+        round_of(other, 1)
+        assert dp.spent(other) == pytest.approx(gaussian_epsilon(2.0, 1e-5))
+    assert dp.spent(first) == pytest.approx(eps2)
+    with pytest.raises(StopRunError, match="privacy budget: round 3"):
+        round_of(first, 3)
+    assert dp.spent(first) == pytest.approx(eps2)  # the refused round spent nothing
+
+
+def test_an_unreadable_ledger_stops_the_run_rather_than_restart_the_budget() -> None:
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0)
+    context = ServerContext()
+    context.state["dp.central"] = ConfigRecord({"clip": 1.0, "epsilon": 3.0})  # no ledger
+    with pytest.raises(StopRunError, match="ledger"):
+        dp.spent(context)
 
 
 # -- adaptive clipping ----------------------------------------------------------------------------

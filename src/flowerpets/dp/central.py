@@ -26,6 +26,13 @@
 5. records the event with the accountant and reports ``epsilon`` (at
    ``delta``) in the round's metrics (``history.round(n).train_metrics``).
 
+The run's privacy state (the ledger of events, the epsilon spent, the clip)
+lives in the run's context, ``context.state["dp.central"]``, as explicit JSON
+events; the accountant is derived from the ledger each round. The mod keeps
+nothing per run, so one instance serves any number of runs, and a run's budget
+is never forgotten while its context lives. A ledger it cannot read stops the
+run (``StopRunError``) rather than restart the budget.
+
 The noise is added through :meth:`RoundResult.add_to_sum`, so it works on a
 plain sum and on a sealed one (homomorphic encryption) alike.
 
@@ -64,14 +71,15 @@ fact that a round failed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -114,9 +122,6 @@ log = logging.getLogger(__name__)
 
 CallNext = Callable[[RoundRequest, ServerContext], RoundResult]
 STATE_KEY = "dp.central"
-
-# Runs whose state a CentralDp keeps (a ServerApp run is one; a long-lived server may do many).
-_KEPT_RUNS = 16
 
 # Samplings whose cohort is drawn without looking at the data and of a size fixed in advance.
 _COHORT_FIXED_IN_ADVANCE = frozenset({FullParticipation, FixedSizeSampling})
@@ -274,14 +279,66 @@ _SITES: dict[
 
 
 # -- the mod --------------------------------------------------------------------------------------
-@dataclass(slots=True)
+_EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(PrivacyEvent)}
+
+
+def _event_text(event: PrivacyEvent) -> str:
+    """An event as explicit JSON (its type and fields), the form it takes in the run state."""
+    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    return json.dumps({"event": type(event).__name__, **fields}, sort_keys=True)
+
+
+def _event_from_text(text: str) -> PrivacyEvent:
+    data = json.loads(text)
+    cls = _EVENT_TYPES[data.pop("event")]
+    event: PrivacyEvent = cls(**data)
+    return event
+
+
+@dataclass(frozen=True, slots=True)
 class _Run:
-    """One run's privacy state (a ServerApp run gets a fresh ServerContext, hence a fresh _Run)."""
+    """One run's privacy state, kept in the run's context (``context.state["dp.central"]``).
+
+    The ledger (each distinct event with its count) is the state; the accountant
+    is derived from it each round. Nothing lives in the mod, so one CentralDp
+    may serve any number of runs, and a run's budget lasts as long as its context.
+    """
 
     clip: float
-    accountant: Accountant | None = None
+    ledger: tuple[tuple[PrivacyEvent, int], ...] = ()
     epsilon: float = 0.0
     rounds: int = 0
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "clip": self.clip,
+                "epsilon": self.epsilon,
+                "rounds": self.rounds,
+                "ledger-events": [_event_text(event) for event, _ in self.ledger],
+                "ledger-counts": [count for _, count in self.ledger],
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> _Run:
+        events, counts = record["ledger-events"], record["ledger-counts"]
+        clip, epsilon, rounds = record["clip"], record["epsilon"], record["rounds"]
+        if not (isinstance(events, list) and isinstance(counts, list)):
+            raise TypeError("the ledger is not two lists")
+        whole = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0]
+        if not (
+            len(events) == len(counts) == len(whole)
+            and isinstance(rounds, int)
+            and isinstance(clip, float)
+            and isinstance(epsilon, float)
+            and sum(whole) == rounds
+        ):
+            raise ValueError("malformed fields")
+        ledger = tuple(
+            (_event_from_text(str(text)), count) for text, count in zip(events, whole, strict=True)
+        )
+        return cls(clip=clip, ledger=ledger, epsilon=epsilon, rounds=rounds)
 
 
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -343,7 +400,6 @@ class CentralDp:
         self.accountant = accountant
         self.keep_client_metrics = keep_client_metrics
         self._noise: GaussianSource = gaussian_source(rng, owner="CentralDp")
-        self._runs: dict[str, _Run] = {}
         if self.noise_multiplier == 0:
             warnings.warn(
                 "CentralDp(noise_multiplier=0) adds no noise: the run is not private "
@@ -367,44 +423,47 @@ class CentralDp:
         )
 
     # -- per-run state --------------------------------------------------------------------------
-    def _find_run(self, context: ServerContext) -> _Run | None:
-        record = context.state.get(STATE_KEY)
-        token = record.get("run") if isinstance(record, ConfigRecord) else None
-        return self._runs.get(token) if isinstance(token, str) else None
+    def _load(self, context: ServerContext) -> _Run:
+        """This run's state from its context; a context without one starts a new run.
 
-    def _run(self, context: ServerContext) -> _Run:
-        """This run's state; a context this mod has not seen starts a new run."""
-        run = self._find_run(context)
-        if run is None:
-            while len(self._runs) >= _KEPT_RUNS:  # forget the oldest finished runs
-                del self._runs[next(iter(self._runs))]
-            token = secrets.token_hex(8)
-            run = self._runs[token] = _Run(clip=self.clipping_norm)
-            context.state[STATE_KEY] = ConfigRecord({"run": token})
-        return run
+        State that cannot be read stops the run: continuing would forget the budget spent.
+        """
+        record = context.state.get(STATE_KEY)
+        if record is None:
+            return _Run(clip=self.clipping_norm)
+        try:
+            if not isinstance(record, ConfigRecord):
+                raise TypeError(type(record).__name__)
+            return _Run.from_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StopRunError(
+                f"the run's {STATE_KEY!r} state is unreadable ({type(exc).__name__}): CentralDp "
+                "will not continue a run whose privacy ledger it cannot read"
+            ) from None
 
     @staticmethod
-    def _publish(context: ServerContext, run: _Run) -> None:
-        record = context.state.get(STATE_KEY)
-        assert isinstance(record, ConfigRecord)
-        record["clip"] = run.clip
-        record["epsilon"] = run.epsilon
-        record["rounds"] = run.rounds
+    def _save(context: ServerContext, run: _Run) -> None:
+        context.state[STATE_KEY] = run.to_record()
 
     def spent(self, context: ServerContext) -> float:
         """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to."""
-        run = self._find_run(context)
-        return 0.0 if run is None else run.epsilon
+        return self._load(context).epsilon
 
-    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> None:
-        """Compose ``event``; refuse the round first if it would exceed the budget."""
-        if run.accountant is None:
-            run.accountant = (
-                default_accountant(event)
-                if self.accountant is None
-                else self.accountant(neighbouring=default_neighbouring(event))
-            )
-        candidate = run.accountant.copy().compose(event)
+    def _accountant_for(self, run: _Run, event: PrivacyEvent) -> Accountant:
+        """The run's accountant, derived from its ledger (``event`` chooses it in a new run)."""
+        first = run.ledger[0][0] if run.ledger else event
+        accountant = (
+            default_accountant(first)
+            if self.accountant is None
+            else self.accountant(neighbouring=default_neighbouring(first))
+        )
+        for past, count in run.ledger:
+            accountant.compose(past, count)
+        return accountant
+
+    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> _Run:
+        """``run`` with ``event`` composed; refuses the round if it would exceed the budget."""
+        candidate = self._accountant_for(run, event).compose(event)
         epsilon = candidate.get_epsilon(self.delta)
         if self.max_epsilon is not None and epsilon > self.max_epsilon:
             raise StopRunError(
@@ -412,8 +471,8 @@ class CentralDp:
                 f"delta={self.delta:g}, above max_epsilon={self.max_epsilon:g} "
                 f"(spent {run.epsilon:.4g} in {run.rounds} round(s))"
             )
-        run.accountant, run.epsilon = candidate, epsilon
-        run.rounds += 1
+        ledger = tuple(candidate.ledger.items())
+        return dataclasses.replace(run, ledger=ledger, epsilon=epsilon, rounds=run.rounds + 1)
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(
@@ -427,7 +486,7 @@ class CentralDp:
         reserved = [n for n in (*request.arrays, *request.config) if n.startswith(RESERVED_PREFIX)]
         if reserved:
             raise ValueError(f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)")
-        run = self._run(context)
+        run = self._load(context)
         expected = float(request.sampling.expected_size(request.population))
         if run.rounds == 0 and self.delta >= 1.0 / request.population:
             log.warning(
@@ -441,7 +500,8 @@ class CentralDp:
             count_stddev = self.adaptive.count_noise(expected)
             update_multiplier = split_noise_multiplier(self.noise_multiplier, count_stddev)
         event = event_for_round(request.sampling, request.population, self.noise_multiplier)
-        self._account(run, event, request.round)
+        run = self._account(run, event, request.round)
+        self._save(context, run)  # accounted before any node sees the round
 
         clip = run.clip
         site = _SITES[self.clip_on]
@@ -463,9 +523,9 @@ class CentralDp:
         if self.adaptive is not None:
             noisy = unclipped + float(self._noise.normal(count_stddev, (1,))[0])
             fraction = noisy / expected + 0.5
-            run.clip = self.adaptive.next_clip(clip, fraction)
+            run = dataclasses.replace(run, clip=self.adaptive.next_clip(clip, fraction))
             metrics["dp-unclipped-fraction"] = fraction
-        self._publish(context, run)
+            self._save(context, run)
         return result.replace(metrics=metrics)
 
     def _check_sealed_model(self, request: RoundRequest) -> None:
