@@ -16,6 +16,7 @@ from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    ErrorCode,
     FedAvg,
     FixedSizeSampling,
     FullParticipation,
@@ -411,6 +412,74 @@ def test_server_side_clipping_bounds_a_huge_update(scripted_grid: Any, update_ap
     dp = CentralDp(noise_multiplier=1e-9, clipping_norm=0.5, clip_on=ClipOn.SERVER)
     result = run(scripted_grid(app, 5), dp, model={"w": np.zeros(1)})
     assert result.arrays["w"].numpy()[0] == pytest.approx(0.5 / 5, rel=1e-6)
+
+
+def clip_unless(skip: int, mod: Any = fixed_clipping_mod) -> Any:
+    """A client mod: ``mod`` on every node but partition ``skip``, which does not clip at all."""
+
+    def maybe(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        if context.node_config["partition-id"] == skip:
+            return call_next(msg, context)  # no clipping mod: it replies with its new weights
+        result: Message = mod(msg, context, call_next)
+        return result
+
+    return maybe
+
+
+def test_a_client_that_does_not_clip_is_refused_and_recorded(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 7: without a clipping mod the model went from 5.0 to 20.03 in 2 rounds.
+    model = {"w": np.full(4, 5.0)}
+    app = update_app(
+        lambda pid, rnd: {"w": np.full(4, 3.0 if pid == 0 else 0.1)}, mods=[clip_unless(0)]
+    ).build()
+    dp = CentralDp(noise_multiplier=0.5, clipping_norm=1.0, rng=np.random.default_rng(4))
+    result = run(scripted_grid(app, 5), dp, rounds=2, model=model)
+    noise = np.random.default_rng(4)
+    expected = model["w"].copy()
+    for _ in range(2):  # the 4 honest updates (norm 0.2, unclipped) and the noise, over m = 5
+        expected += (4 * np.full(4, 0.1) + noise.normal(0.0, 0.5, size=4)) / 5
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-12)
+    for rnd in (1, 2):
+        record = result.history.round(rnd)
+        assert record.ok and sorted(record.participants) == [2, 3, 4, 5]
+        failure = record.failures[1]
+        assert failure.error.code is ErrorCode.INVALID_REPLY
+        assert "did not clip" in failure.error.reason
+        assert not any(ch.isdigit() for ch in failure.error.reason.replace("L2", ""))  # no norm
+
+
+def test_an_honest_clip_at_the_bound_passes_the_check_and_a_forged_indicator_does_not(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Updates far above the clip: each honest reply is clipped to norm 1.0 within rounding.
+    direction = np.random.default_rng(8).normal(size=1000).astype(np.float32)
+    honest = update_app(lambda pid, rnd: {"w": direction * (10 + pid)}, mods=[fixed_clipping_mod])
+    model = {"w": np.zeros(1000, dtype=np.float32)}
+    dp = CentralDp(noise_multiplier=0.5, clipping_norm=1.0)
+    record = run(scripted_grid(honest.build(), 5), dp, model=model).history.round(1)
+    assert record.ok and len(record.participants) == 5 and not record.failures
+
+    def forged(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        reply = adaptive_clipping_mod(msg, context, call_next)
+        if context.node_config["partition-id"] != 0:
+            return reply
+        body = reply.require_content().copy()
+        arrays = ArrayRecord(body.get_typed("arrays", ArrayRecord))
+        arrays["dp.unclipped"] = np.array([25.0])  # claims 25 unclipped updates
+        body["arrays"] = arrays
+        return Message(metadata=reply.metadata, content=body)
+
+    liar = update_app(lambda pid, rnd: {"w": np.array([0.5])}, mods=[forged])
+    adaptive = CentralDp(
+        noise_multiplier=1.0, clipping_norm=1.0, adaptive=AdaptiveClipping(count_stddev=5.0)
+    )
+    record = run(scripted_grid(liar.build(), 5), adaptive, model={"w": np.zeros(1)}).history.round(
+        1
+    )
+    assert sorted(record.participants) == [2, 3, 4, 5]
+    assert "unclipped indicator" in record.failures[1].error.reason
 
 
 # -- sealed sums and models ---------------------------------------------------------------------

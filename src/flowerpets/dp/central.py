@@ -54,10 +54,17 @@ two noises share the budget: the update's multiplier is
 ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (requires ``2 sigma_b > z``), and the
 pair is accounted as one Gaussian of multiplier ``z``.
 
-**Where the clipping happens.** ``ClipOn.CLIENTS`` (default) trusts each
-client to run a clipping mod, and composes with secure aggregation: the
+**Where the clipping happens.** ``ClipOn.CLIENTS`` (default) has each
+client run a clipping mod, and composes with secure aggregation: the
 clipped update (and the indicator, in the reserved array ``dp.unclipped``)
-are summed securely and the server noises only the sum. ``ClipOn.SERVER``
+are summed securely and the server noises only the sum. Without secure
+aggregation the server checks every reply before it is summed: a reply whose
+norm exceeds the clip it sent (a client without a clipping mod replies with its
+weights), or whose indicator is not +-1/2, is refused and recorded as that
+node's ``INVALID_REPLY`` failure, with a reason that carries no value of the
+reply. Under secure aggregation (or with a sealed model) the server sees only
+the sum and cannot check: it trusts every client to clip, and one client that
+does not can move the model as far as it likes, the noise notwithstanding. ``ClipOn.SERVER``
 needs every update one by one, so it refuses to run when an app's mod
 declares secure aggregation, or when the sum comes back sealed.
 
@@ -76,7 +83,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, get_args
@@ -86,6 +93,8 @@ import numpy as np
 from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
+    Error,
+    ErrorCode,
     FixedSizeSampling,
     FullParticipation,
     Grid,
@@ -97,7 +106,7 @@ from flowerpets.core import (
 )
 from flowerpets.core.round import is_sealed
 from flowerpets.dp._primitives.calibration import split_noise_multiplier
-from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.clip import clip_update, enforce_clip, update_between
 from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
 from flowerpets.dp._protocol import CLIP_KEY, INDICATOR, REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import (
@@ -174,15 +183,27 @@ class AdaptiveClipping:
 
 
 # -- where the clipping happens -------------------------------------------------------------------
-class _ClippingGrid:
-    """A Grid that clips every train reply of one round before the inner chain sees it."""
+class _RefusedError(Exception):
+    """A reply the server refuses; the message is the reason the node's failure records."""
 
-    def __init__(
-        self, grid: Grid, request: RoundRequest, clip: float, unclipped: dict[int, bool]
-    ) -> None:
-        self._grid, self._request, self._clip = grid, request, clip
-        self._unclipped = unclipped
-        self._dtypes = {n: a.dtype for n, a in request.arrays.items()}
+
+# Replies pass through one of these: (node, reply arrays) -> the arrays the inner chain sums.
+_Check = Callable[[int, ArrayRecord], ArrayRecord]
+
+
+class _CheckingGrid:
+    """A Grid that passes every plain train reply of one round through ``check``.
+
+    The inner chain then sums what ``check`` returned; a reply it refuses
+    (``_RefusedError``) becomes an ``INVALID_REPLY`` error, so the inner exchange records
+    the node's failure with the reason. A reply ``check`` cannot read
+    (``InvalidUpdateError``, ``RecordTypeError``) passes unchanged: the inner
+    exchange refuses it too. ``seen`` holds the nodes whose reply was checked.
+    """
+
+    def __init__(self, grid: Grid, request: RoundRequest, check: _Check) -> None:
+        self._grid, self._request, self._check = grid, request, check
+        self.seen: set[int] = set()
 
     @property
     def run_id(self) -> int:
@@ -195,9 +216,9 @@ class _ClippingGrid:
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
-            yield self._clipped(reply)
+            yield self._checked(reply)
 
-    def _clipped(self, reply: Message) -> Message:
+    def _checked(self, reply: Message) -> Message:
         md = reply.metadata
         body = reply.content
         if (
@@ -205,17 +226,85 @@ class _ClippingGrid:
             or "arrays" not in body
             or md.message_type != self._request.message_type
             or md.round != self._request.round
+            or md.stage
         ):
             return reply
         try:
-            update = update_between(body.get_typed("arrays", ArrayRecord), self._request.arrays)
-            clipped = clip_update(update, self._clip, dtypes=self._dtypes)
+            arrays = self._check(md.src_node_id, body.get_typed("arrays", ArrayRecord))
+        except _RefusedError as exc:
+            log.warning("round %d: refused node %d's reply: %s", md.round, md.src_node_id, exc)
+            return Message(metadata=md, error=Error(ErrorCode.INVALID_REPLY, str(exc)))
         except (InvalidUpdateError, RecordTypeError):
             return reply  # the inner exchange refuses it and records the node's failure
-        self._unclipped.setdefault(md.src_node_id, clipped.unclipped)
+        self.seen.add(md.src_node_id)
         content = body.copy()
-        content["arrays"] = ArrayRecord.from_numpy(clipped.arrays, copy=False)
+        content["arrays"] = arrays
         return Message(metadata=md, content=content)
+
+
+def _over(context: ServerContext, grid: _CheckingGrid) -> ServerContext:
+    """``context`` with its Grid replaced by ``grid``."""
+    return ServerContext(
+        grid=grid,
+        secure_aggregation=context.secure_aggregation,
+        run_id=context.run_id,
+        run_config=context.run_config,
+        state=context.state,
+    )
+
+
+def _refuse_bypass(result: RoundResult, seen: Collection[int], what: str) -> None:
+    """Refuses a result whose participants' replies did not all pass through ``what``."""
+    missed = [node for node in result.participants if node not in seen]
+    if missed:
+        raise IncompatibleModsError(
+            f"the updates of nodes {missed[:5]} did not pass through {what}: an inner mod "
+            "runs its own exchange; clip on the clients, under secure aggregation, instead"
+        )
+
+
+_NOT_CLIPPED = (
+    "the update's L2 norm exceeds the clip the server sent ('dp.clip'): the node did not clip "
+    "it (is its DP clipping mod installed?)"
+)
+
+
+def _client_check(request: RoundRequest, clip: float, adaptive: bool) -> _Check:
+    """The server's check of each client-clipped reply (possible without secure aggregation).
+
+    The reply must be a clipped update: real-valued, of norm at most the clip,
+    and with adaptive clipping an indicator of exactly +-1/2. A client that did
+    not clip (no clipping mod: it sends its new weights) is refused, so it
+    cannot move the model beyond what the noise was calibrated for. The reason
+    names what was wrong, never the norm.
+    """
+    dtypes = {n: a.dtype for n, a in request.arrays.items() if n != INDICATOR}
+
+    def check(node: int, arrays: ArrayRecord) -> ArrayRecord:
+        if [n for n in arrays if n != INDICATOR] != list(dtypes):
+            raise InvalidUpdateError("names differ from the model's")  # the exchange refuses it
+        update: dict[str, np.ndarray] = {}
+        for name in dtypes:
+            data = arrays[name].numpy()
+            if data.dtype.kind not in "biuf":
+                raise _RefusedError(f"array {name!r} of the update is not real-valued")
+            if not np.isfinite(np.add.reduce(data, axis=None, dtype=np.float64)):
+                raise InvalidUpdateError("not finite")  # the exchange refuses it
+            update[name] = data
+        kept = enforce_clip(update, clip, dtypes=dtypes)
+        if kept is None:
+            raise _RefusedError(_NOT_CLIPPED)
+        out = ArrayRecord.from_numpy(kept, copy=False)
+        if adaptive:
+            bit = arrays[INDICATOR].numpy() if INDICATOR in arrays else None
+            if bit is None or bit.shape != (1,) or float(bit[0]) not in (-0.5, 0.5):
+                raise _RefusedError(
+                    f"the unclipped indicator {INDICATOR!r} must be one value, -1/2 or +1/2"
+                )
+            out[INDICATOR] = np.array([float(bit[0])])
+        return out
+
+    return check
 
 
 def _on_clients(
@@ -226,7 +315,16 @@ def _on_clients(
     arrays = ArrayRecord(request.arrays)
     if adaptive:
         arrays[INDICATOR] = np.zeros(1)
-    result = call_next(request.replace(config=config, arrays=arrays), context)
+    inner = request.replace(config=config, arrays=arrays)
+    if context.secure_aggregation or is_sealed(request.arrays) or context.grid is None:
+        # The server sees only the sum (or replies holding a model it cannot read): it cannot
+        # check each client's clipping, and trusts it (see docs/dp.md).
+        result = call_next(inner, context)
+    else:
+        grid = _CheckingGrid(context.grid, inner, _client_check(inner, clip, adaptive))
+        result = call_next(inner, _over(context, grid))
+        if result.sealed is None:  # a sealed sum cannot be checked: it is a secure sum
+            _refuse_bypass(result, grid.seen, "the server's check of each client's clipping")
     if not adaptive:
         return result, 0.0
     if INDICATOR not in result.aggregate:
@@ -241,6 +339,18 @@ def _on_clients(
     return result.replace(aggregate=aggregate), count
 
 
+def _server_clip(request: RoundRequest, clip: float, unclipped: dict[int, bool]) -> _Check:
+    """Server-side clipping: each reply's update (reply minus model) clipped to ``clip``."""
+    dtypes = {n: a.dtype for n, a in request.arrays.items()}
+
+    def check(node: int, arrays: ArrayRecord) -> ArrayRecord:
+        clipped = clip_update(update_between(arrays, request.arrays), clip, dtypes=dtypes)
+        unclipped.setdefault(node, clipped.unclipped)
+        return ArrayRecord.from_numpy(clipped.arrays, copy=False)
+
+    return check
+
+
 def _on_server(
     request: RoundRequest, context: ServerContext, call_next: CallNext, clip: float, adaptive: bool
 ) -> tuple[RoundResult, float]:
@@ -250,24 +360,13 @@ def _on_server(
             "app sums them securely: clip on the clients instead (ClipOn.CLIENTS)"
         )
     unclipped: dict[int, bool] = {}
-    inner = ServerContext(
-        grid=_ClippingGrid(context.require_grid(), request, clip, unclipped),
-        secure_aggregation=False,
-        run_id=context.run_id,
-        run_config=context.run_config,
-        state=context.state,
-    )
-    result = call_next(request, inner)
+    grid = _CheckingGrid(context.require_grid(), request, _server_clip(request, clip, unclipped))
+    result = call_next(request, _over(context, grid))
     if result.sealed is not None:
         raise IncompatibleModsError(
             "CentralDp(clip_on=ClipOn.SERVER) cannot clip updates that an inner mod sealed"
         )
-    missed = [node for node in result.participants if node not in unclipped]
-    if missed:
-        raise IncompatibleModsError(
-            f"the updates of nodes {missed[:5]} did not pass through server-side clipping: an "
-            "inner mod runs its own exchange; clip on the clients instead"
-        )
+    _refuse_bypass(result, unclipped, "server-side clipping")
     count = sum(0.5 if unclipped[node] else -0.5 for node in result.participants)
     return result, float(count)
 
