@@ -125,7 +125,8 @@ class LocalDpMod:
         self.keep_metrics: bool | tuple[str, ...] = _kept_metrics(keep_metrics)
         self._noise: GaussianSource = gaussian_source(rng, owner="LocalDpMod")
         if self.keep_metrics:
-            which = "" if self.keep_metrics is True else f" {list(self.keep_metrics)}"
+            named = self.keep_metrics if isinstance(self.keep_metrics, tuple) else None
+            which = "" if named is None else f" {list(named)}"
             warnings.warn(
                 f"LocalDpMod(keep_metrics=...) sends the handler's metrics{which} without "
                 "noise: they are not covered by the local DP guarantee",
