@@ -142,6 +142,27 @@ def test_a_round_nobody_answers_still_releases_model_plus_noise() -> None:
         np.testing.assert_allclose(result.aggregate[name].numpy(), expected, rtol=1e-12)
 
 
+def test_a_poisson_round_nobody_replies_to_is_released_not_failed(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 17: FedAvg(min_nodes=1) failed such a round, which revealed that nobody
+    # replied, outside the accounting; the release must not depend on who replied.
+    app = update_app(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build()
+    grid = scripted_grid(app, 4, silent=range(4))  # whoever is sampled, nobody replies
+    dp = CentralDp(noise_multiplier=1.5, clipping_norm=0.5, rng=np.random.default_rng(12))
+    result = run(grid, dp, rounds=2, sampling=PoissonSampling(0.5))
+    noise = np.random.default_rng(12)
+    model = {n: a.copy() for n, a in MODEL.items()}
+    for _ in range(2):
+        model = {n: a + noise.normal(0.0, 0.75, size=a.shape) / 2.0 for n, a in model.items()}
+    for rnd in (1, 2):
+        record = result.history.round(rnd)
+        assert record.ok and record.participants == ()
+        assert record.train_metrics["epsilon"] > 0
+    for name in MODEL:
+        np.testing.assert_allclose(result.arrays[name].numpy(), model[name], rtol=1e-12)
+
+
 # -- the noise, measured --------------------------------------------------------------------------
 @pytest.mark.parametrize("adaptive", [None, AdaptiveClipping(count_stddev=5.0)])
 def test_measured_noise_matches_the_calibrated_one(

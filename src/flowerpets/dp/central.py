@@ -43,7 +43,11 @@ replies the mean update is scaled by about ``m' / m``, so the model moves less
 (towards the previous one) and the noise weighs relatively more. Dividing by
 ``m'`` instead would make the release depend on the number of participants,
 which is exactly what DP must not reveal. A round in which nobody replied
-still releases ``w + noise / m``.
+(an empty Poisson cohort, say) still releases ``w + noise / m``: the result is
+marked ``fixed_denominator``, so FedAvg does not fail it for having fewer than
+``min_nodes`` participants, which would reveal how many replied. (An inner
+exchange that needs a quorum, SecAgg+'s, still fails a round that is too small
+for it; that fact is outside the accounting.)
 
 **Adaptive clipping** (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021):
 each client reports ``b_i - 1/2`` with ``b_i = 1`` if its update's norm was at
@@ -671,4 +675,6 @@ class CentralDp:
             noise = self._noise.normal(std, array.shape)
             noise += expected * np.asarray(array.numpy(), dtype=np.float64)
             additions[name] = noise
-        return result.add_to_sum(additions).replace(total_weight=expected)
+        # The release is w + (sum + noise) / m whoever replied, none included: FedAvg must not
+        # fail the round for too few replies (min_nodes), which would reveal how many replied.
+        return result.add_to_sum(additions).replace(total_weight=expected, fixed_denominator=True)
