@@ -210,8 +210,10 @@ class DpSgd:
     def history(context: Context) -> dict[tuple[float, float], int]:
         """Steps taken so far on this node, by (noise multiplier, sample rate)."""
         record = context.state.get(STATE_KEY)
-        if not isinstance(record, ConfigRecord):
+        if record is None:
             return {}
+        if not isinstance(record, ConfigRecord):
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         multipliers, rates, steps = (
             record.get("noise-multipliers", []),
             record.get("sample-rates", []),
@@ -228,7 +230,7 @@ class DpSgd:
             else:
                 if len(multipliers) == len(rates) == len(steps):
                     return history
-        raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {record!r}")
+        raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
 
     @staticmethod
     def _save(context: Context, history: dict[tuple[float, float], int]) -> None:
@@ -295,8 +297,9 @@ class DpSgd:
         after[key] = after.get(key, 0) + steps
         epsilon = self.epsilon_of(after)
         if self.max_epsilon is not None and epsilon > self.max_epsilon:
+            # Not the epsilon itself: through the sample rate it depends on the dataset size.
             raise RequestRefusedError(
-                f"DP-SGD budget: this round would raise the node's epsilon to {epsilon:.4g} > "
+                f"DP-SGD budget: this round would raise the node's epsilon above "
                 f"max_epsilon={self.max_epsilon:g} (delta={self.delta:g})"
             )
         criterion = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()

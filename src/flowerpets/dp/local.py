@@ -147,11 +147,14 @@ class LocalDpMod:
 
     def _spent(self, context: Context) -> tuple[int, float]:
         record = context.state.get(STATE_KEY)
-        if not isinstance(record, MetricRecord):
+        if record is None:
             return 0, 0.0
+        # Corrupt state refuses (the budget is not forgotten); the reason shows none of it.
+        if not isinstance(record, MetricRecord):
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         rounds, precision = record.get("rounds", 0), record.get("precision", 0.0)
         if not isinstance(rounds, int) or not isinstance(precision, int | float):
-            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {record!r}")
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         return rounds, float(precision)
 
     def _epsilon(self, precision: float) -> float:

@@ -59,7 +59,9 @@ def update_between(new: ArrayRecord, received: ArrayRecord) -> dict[str, NDArray
         if data.dtype.kind not in "biuf" or base.dtype.kind not in "biuf":
             raise InvalidUpdateError(f"array {name!r} is not real-valued numeric data")
         delta = np.subtract(data, base, dtype=np.float64)
-        if not np.isfinite(np.add.reduce(delta, axis=None)):
+        with np.errstate(over="ignore"):  # an overflowing sum is refused just below
+            total = np.add.reduce(delta, axis=None)
+        if not np.isfinite(total):
             raise InvalidUpdateError(f"the update of {name!r} holds NaN or infinite values")
         update[name] = delta
     return update
