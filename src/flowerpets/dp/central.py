@@ -68,9 +68,9 @@ weights), or whose indicator is not +-1/2, is refused and recorded as that
 node's ``INVALID_REPLY`` failure, with a reason that carries no value of the
 reply. Under secure aggregation (or with a sealed model) the server sees only
 the sum and cannot check: it trusts every client to clip, and one client that
-does not can move the model as far as it likes, the noise notwithstanding. ``ClipOn.SERVER``
-needs every update one by one, so it refuses to run when an app's mod
-declares secure aggregation, or when the sum comes back sealed.
+does not can move the model as far as it likes, the noise notwithstanding.
+``ClipOn.SERVER`` needs every update one by one, so it refuses to run when an
+app's mod declares secure aggregation, or when the sum comes back sealed.
 
 What it does not protect: the clients' own train metrics (loss, number of
 examples) are averages of private data released without noise, so this mod
