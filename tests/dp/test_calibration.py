@@ -54,7 +54,9 @@ def test_sigma_scales_with_the_sensitivity() -> None:
 
 
 def test_the_classic_formula_is_wrong_at_large_epsilon() -> None:
-    # REFERENCES.md: at epsilon = 16 the classic sigma really gives epsilon 18.9.
+    # The classic sigma = sqrt(2 ln(1.25 / delta)) / epsilon (Dwork and Roth, 2014, Theorem
+    # A.1) is proven for epsilon < 1 only; Balle and Wang (ICML 2018, Section 2) show it fails
+    # for large epsilon. By their exact condition (Theorem 8), at epsilon = 16 it gives 18.90.
     sigma = classic_gaussian_sigma(16.0, 1e-5)
     assert gaussian_epsilon(sigma, 1e-5) == pytest.approx(18.90, abs=0.01)
     assert analytic_gaussian_sigma(16.0, 1e-5) > sigma

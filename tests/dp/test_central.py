@@ -14,7 +14,9 @@ import pytest
 from flowerpets.core import (
     SEALED_WEIGHT_KEY,
     ArrayRecord,
+    ConfigRecord,
     Context,
+    ErrorCode,
     FedAvg,
     FixedSizeSampling,
     FullParticipation,
@@ -48,6 +50,7 @@ from flowerpets.exceptions import (
     InfeasibleParametersError,
     InsecureRandomnessWarning,
     PrivacyAccountingError,
+    StopRunError,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
@@ -137,6 +140,27 @@ def test_a_round_nobody_answers_still_releases_model_plus_noise() -> None:
     for name, array in MODEL.items():
         expected = noise.normal(0.0, 1.0, size=array.shape) + 4.0 * array
         np.testing.assert_allclose(result.aggregate[name].numpy(), expected, rtol=1e-12)
+
+
+def test_a_poisson_round_nobody_replies_to_is_released_not_failed(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 17: FedAvg(min_nodes=1) failed such a round, which revealed that nobody
+    # replied, outside the accounting; the release must not depend on who replied.
+    app = update_app(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build()
+    grid = scripted_grid(app, 4, silent=range(4))  # whoever is sampled, nobody replies
+    dp = CentralDp(noise_multiplier=1.5, clipping_norm=0.5, rng=np.random.default_rng(12))
+    result = run(grid, dp, rounds=2, sampling=PoissonSampling(0.5))
+    noise = np.random.default_rng(12)
+    model = {n: a.copy() for n, a in MODEL.items()}
+    for _ in range(2):
+        model = {n: a + noise.normal(0.0, 0.75, size=a.shape) / 2.0 for n, a in model.items()}
+    for rnd in (1, 2):
+        record = result.history.round(rnd)
+        assert record.ok and record.participants == ()
+        assert record.train_metrics["epsilon"] > 0
+    for name in MODEL:
+        np.testing.assert_allclose(result.arrays[name].numpy(), model[name], rtol=1e-12)
 
 
 # -- the noise, measured --------------------------------------------------------------------------
@@ -229,6 +253,41 @@ def test_each_run_starts_its_own_accounting(scripted_grid: Any, update_app: Any)
     first = server.run(scripted_grid(app, 5)).history.metric("epsilon", source="train_metrics")
     second = server.run(scripted_grid(app, 5)).history.metric("epsilon", source="train_metrics")
     assert first == second
+
+
+def test_a_run_keeps_its_budget_however_many_other_runs_the_mod_serves(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 5: the mod kept 16 runs and forgot the oldest, budget included.
+    app = update_app(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build()
+    eps2, eps3 = (gaussian_epsilon(2.0 / math.sqrt(r), 1e-5) for r in (2, 3))
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0, max_epsilon=(eps2 + eps3) / 2)
+
+    def round_of(context: ServerContext, rnd: int) -> RoundResult:
+        request = RoundRequest(
+            round=rnd, cohort=(1, 2, 3, 4, 5), arrays=ArrayRecord(MODEL), config={}, population=5
+        )  # type: ignore[arg-type]
+        return dp(request, context, aggregate_round)
+
+    first = ServerContext(grid=scripted_grid(app, 5))
+    for rnd in (1, 2):
+        round_of(first, rnd)
+    for _ in range(20):  # other runs through the same instance
+        other = ServerContext(grid=scripted_grid(app, 5))
+        round_of(other, 1)
+        assert dp.spent(other) == pytest.approx(gaussian_epsilon(2.0, 1e-5))
+    assert dp.spent(first) == pytest.approx(eps2)
+    with pytest.raises(StopRunError, match="privacy budget: round 3"):
+        round_of(first, 3)
+    assert dp.spent(first) == pytest.approx(eps2)  # the refused round spent nothing
+
+
+def test_an_unreadable_ledger_stops_the_run_rather_than_restart_the_budget() -> None:
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0)
+    context = ServerContext()
+    context.state["dp.central"] = ConfigRecord({"clip": 1.0, "epsilon": 3.0})  # no ledger
+    with pytest.raises(StopRunError, match="ledger"):
+        dp.spent(context)
 
 
 # -- adaptive clipping ----------------------------------------------------------------------------
@@ -374,6 +433,74 @@ def test_server_side_clipping_bounds_a_huge_update(scripted_grid: Any, update_ap
     dp = CentralDp(noise_multiplier=1e-9, clipping_norm=0.5, clip_on=ClipOn.SERVER)
     result = run(scripted_grid(app, 5), dp, model={"w": np.zeros(1)})
     assert result.arrays["w"].numpy()[0] == pytest.approx(0.5 / 5, rel=1e-6)
+
+
+def clip_unless(skip: int, mod: Any = fixed_clipping_mod) -> Any:
+    """A client mod: ``mod`` on every node but partition ``skip``, which does not clip at all."""
+
+    def maybe(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        if context.node_config["partition-id"] == skip:
+            return call_next(msg, context)  # no clipping mod: it replies with its new weights
+        result: Message = mod(msg, context, call_next)
+        return result
+
+    return maybe
+
+
+def test_a_client_that_does_not_clip_is_refused_and_recorded(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Issue 9, item 7: without a clipping mod the model went from 5.0 to 20.03 in 2 rounds.
+    model = {"w": np.full(4, 5.0)}
+    app = update_app(
+        lambda pid, rnd: {"w": np.full(4, 3.0 if pid == 0 else 0.1)}, mods=[clip_unless(0)]
+    ).build()
+    dp = CentralDp(noise_multiplier=0.5, clipping_norm=1.0, rng=np.random.default_rng(4))
+    result = run(scripted_grid(app, 5), dp, rounds=2, model=model)
+    noise = np.random.default_rng(4)
+    expected = model["w"].copy()
+    for _ in range(2):  # the 4 honest updates (norm 0.2, unclipped) and the noise, over m = 5
+        expected += (4 * np.full(4, 0.1) + noise.normal(0.0, 0.5, size=4)) / 5
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-12)
+    for rnd in (1, 2):
+        record = result.history.round(rnd)
+        assert record.ok and sorted(record.participants) == [2, 3, 4, 5]
+        failure = record.failures[1]
+        assert failure.error.code is ErrorCode.INVALID_REPLY
+        assert "did not clip" in failure.error.reason
+        assert not any(ch.isdigit() for ch in failure.error.reason.replace("L2", ""))  # no norm
+
+
+def test_an_honest_clip_at_the_bound_passes_the_check_and_a_forged_indicator_does_not(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    # Updates far above the clip: each honest reply is clipped to norm 1.0 within rounding.
+    direction = np.random.default_rng(8).normal(size=1000).astype(np.float32)
+    honest = update_app(lambda pid, rnd: {"w": direction * (10 + pid)}, mods=[fixed_clipping_mod])
+    model = {"w": np.zeros(1000, dtype=np.float32)}
+    dp = CentralDp(noise_multiplier=0.5, clipping_norm=1.0)
+    record = run(scripted_grid(honest.build(), 5), dp, model=model).history.round(1)
+    assert record.ok and len(record.participants) == 5 and not record.failures
+
+    def forged(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        reply = adaptive_clipping_mod(msg, context, call_next)
+        if context.node_config["partition-id"] != 0:
+            return reply
+        body = reply.require_content().copy()
+        arrays = ArrayRecord(body.get_typed("arrays", ArrayRecord))
+        arrays["dp.unclipped"] = np.array([25.0])  # claims 25 unclipped updates
+        body["arrays"] = arrays
+        return Message(metadata=reply.metadata, content=body)
+
+    liar = update_app(lambda pid, rnd: {"w": np.array([0.5])}, mods=[forged])
+    adaptive = CentralDp(
+        noise_multiplier=1.0, clipping_norm=1.0, adaptive=AdaptiveClipping(count_stddev=5.0)
+    )
+    record = run(scripted_grid(liar.build(), 5), adaptive, model={"w": np.zeros(1)}).history.round(
+        1
+    )
+    assert sorted(record.participants) == [2, 3, 4, 5]
+    assert "unclipped indicator" in record.failures[1].error.reason
 
 
 # -- sealed sums and models ---------------------------------------------------------------------

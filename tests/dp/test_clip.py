@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from flowerpets.core import ArrayRecord
-from flowerpets.dp._primitives.clip import clip_update, global_norm, update_between
+from flowerpets.dp._primitives.clip import clip_update, enforce_clip, global_norm, update_between
 from flowerpets.exceptions import InvalidUpdateError
 
 
@@ -116,3 +116,18 @@ def test_update_between_refuses_bad_replies(new: dict[str, np.ndarray], match: s
     received = ArrayRecord({"w": np.zeros(2)})
     with pytest.raises(InvalidUpdateError, match=match):
         update_between(ArrayRecord(new), received)
+
+
+@settings(max_examples=200, deadline=None)
+@given(float_arrays, st.floats(1e-6, 1e4), st.sampled_from(["float32", "float64"]))
+def test_the_servers_check_keeps_every_honest_clip_and_refuses_a_larger_norm(
+    a: np.ndarray, clip: float, dtype: str
+) -> None:
+    dtypes = {"a": np.dtype(dtype)}
+    honest = clip_update({"a": a}, clip, dtypes=dtypes).arrays
+    kept = enforce_clip(honest, clip, dtypes=dtypes)
+    assert kept is not None and global_norm(kept) <= clip
+    norm = global_norm({"a": a})
+    if norm > 0:
+        above = {"a": a * (clip * (1 + 1e-6) / norm)}
+        assert enforce_clip(above, clip) is None

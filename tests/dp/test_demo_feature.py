@@ -101,3 +101,16 @@ def test_a_short_demo_run_reports_epsilon(run_demo: Callable[..., dict[str, Any]
     history = run_demo(*argv, features=[dp_feature.DpFeature()])["history"]
     epsilons = [r["train_metrics"]["epsilon"] for r in history]
     assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]
+
+
+def test_local_dp_under_secagg_trains(run_demo: Callable[..., dict[str, Any]]) -> None:
+    # Issue 9, item 10: every round failed (LocalDpMod drops the loss SecAgg+ was told to sum).
+    from flowerpets.examples.digits.pets.secagg import SecAggFeature
+
+    argv = ["--dp", "local", "--target-epsilon", "32", "--secagg", "--rounds", "2"]
+    history = run_demo(*argv, "--clients", "6", features=[dp_feature.DpFeature(), SecAggFeature()])[
+        "history"
+    ]
+    assert len(history) == 2
+    for record in history:
+        assert record["error"] is None and record["participants"] == 6

@@ -66,7 +66,28 @@ def test_epsilon_is_the_accountants_over_every_round() -> None:
     assert second.epsilon == pytest.approx(both.get_epsilon(1e-5), rel=1e-12)
     assert DpSgd.history(context) == {(1.0, 0.25): 16}
     metrics = second.metrics()
-    assert metrics["dp-sample-epsilon"] == second.epsilon and metrics["num-examples"] == 64
+    assert metrics["dp-sample-epsilon"] == second.epsilon
+
+
+def test_reply_metrics_reveal_neither_the_dataset_size_nor_the_loss_unless_asked() -> None:
+    # Issue 9, item 6: metrics() sent the exact num-examples and an unnoised train-loss.
+    dpsgd = DpSgd(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        batch_size=16,
+        rng=np.random.default_rng(0),
+    )
+    report = dpsgd.train(model(), dataset(n=61), Context(1))
+    metrics = report.metrics()
+    assert metrics == {
+        "dp-sample-epsilon": report.epsilon,
+        "dp-sample-delta": 1e-5,
+        "num-examples": 1,  # FedAvg weighs every client alike
+    }
+    with pytest.warns(UserWarning, match="does not cover them"):
+        exact = report.metrics(unprotected=True)
+    assert exact["num-examples"] == 61 and exact["train-loss"] == report.loss
 
 
 def test_rdp_epsilon_matches_opacus_own_accountant() -> None:

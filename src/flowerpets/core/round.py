@@ -130,6 +130,12 @@ class RoundResult:
 
     When the sum is sealed (``sealed`` is set), ``aggregate`` holds only the
     arrays that were summed in the clear, if any.
+
+    ``fixed_denominator`` is set by a mod whose release must not depend on how
+    many nodes replied (central DP: ``total_weight`` is the expected cohort
+    size, fixed in advance): the mean is then valid with any number of
+    participants, none included, and a strategy must not fail the round for
+    having too few (that would reveal how many replied).
     """
 
     round: int
@@ -139,6 +145,7 @@ class RoundResult:
     failures: Mapping[int, Failure] = field(default_factory=dict)
     metrics: MetricRecord = field(default_factory=MetricRecord)
     sealed: SealedSum | None = None
+    fixed_denominator: bool = False
 
     def replace(self, **changes: Any) -> RoundResult:
         return replace(self, **changes)

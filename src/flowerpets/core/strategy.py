@@ -64,8 +64,9 @@ class FedAvg:
     and ``train_config``, and replaces the global arrays with the weighted mean
     of the updates (``RoundResult.mean``), cast back to each array's dtype. A
     round with fewer than ``min_nodes`` participants fails and leaves the model
-    unchanged. ``evaluate_sampling`` turns on federated evaluation;
-    ``evaluate_fn`` evaluates the global model on the server.
+    unchanged, unless its result has a ``fixed_denominator`` (central DP).
+    ``evaluate_sampling`` turns on federated evaluation; ``evaluate_fn``
+    evaluates the global model on the server.
 
     A sealed sum (``RoundResult.sealed``, for example CKKS ciphertexts) cannot
     be divided by the server: the new global model is then the plain arrays'
@@ -141,7 +142,7 @@ class FedAvg:
         )
 
     def aggregate_train(self, result: RoundResult, current: ArrayRecord) -> ArrayRecord:
-        if len(result.participants) < self.min_nodes:
+        if not result.fixed_denominator and len(result.participants) < self.min_nodes:
             raise RoundFailedError(
                 f"round {result.round}: {len(result.participants)} node(s) contributed, "
                 f"fewer than min_nodes={self.min_nodes} ({len(result.failures)} failed)",

@@ -1,6 +1,8 @@
 """What the DP server mod and the DP client mods say to each other, by name.
 
 Reserved names start with ``dp.``; no model array or config key may use them.
+A refusal says what was wrong and never echoes a value: error replies travel
+in the clear (``tests/dp/test_refusal_reasons.py`` checks every DP mod's).
 """
 
 from __future__ import annotations
@@ -48,9 +50,7 @@ def read_clip(config: ConfigRecord) -> float:
         or not isinstance(clip, int | float)
         or not (math.isfinite(clip) and clip > 0)
     ):
-        raise RequestRefusedError(
-            f"the clipping norm {CLIP_KEY!r} must be finite and > 0, got {clip!r}"
-        )
+        raise RequestRefusedError(f"the clipping norm {CLIP_KEY!r} must be finite and > 0")
     return float(clip)
 
 
@@ -58,5 +58,5 @@ def reply_model(config: ConfigRecord) -> bool:
     """Whether the server asks for a model (received + clipped update) instead of the update."""
     value = config.get(REPLY_MODEL_KEY, False)
     if not isinstance(value, bool):
-        raise RequestRefusedError(f"{REPLY_MODEL_KEY!r} must be a bool, got {value!r}")
+        raise RequestRefusedError(f"{REPLY_MODEL_KEY!r} must be a bool")
     return value

@@ -26,6 +26,13 @@
 5. records the event with the accountant and reports ``epsilon`` (at
    ``delta``) in the round's metrics (``history.round(n).train_metrics``).
 
+The run's privacy state (the ledger of events, the epsilon spent, the clip)
+lives in the run's context, ``context.state["dp.central"]``, as explicit JSON
+events; the accountant is derived from the ledger each round. The mod keeps
+nothing per run, so one instance serves any number of runs, and a run's budget
+is never forgotten while its context lives. A ledger it cannot read stops the
+run (``StopRunError``) rather than restart the budget.
+
 The noise is added through :meth:`RoundResult.add_to_sum`, so it works on a
 plain sum and on a sealed one (homomorphic encryption) alike.
 
@@ -36,7 +43,11 @@ replies the mean update is scaled by about ``m' / m``, so the model moves less
 (towards the previous one) and the noise weighs relatively more. Dividing by
 ``m'`` instead would make the release depend on the number of participants,
 which is exactly what DP must not reveal. A round in which nobody replied
-still releases ``w + noise / m``.
+(an empty Poisson cohort, say) still releases ``w + noise / m``: the result is
+marked ``fixed_denominator``, so FedAvg does not fail it for having fewer than
+``min_nodes`` participants, which would reveal how many replied. (An inner
+exchange that needs a quorum, SecAgg+'s, still fails a round that is too small
+for it; that fact is outside the accounting.)
 
 **Adaptive clipping** (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021):
 each client reports ``b_i - 1/2`` with ``b_i = 1`` if its update's norm was at
@@ -47,12 +58,19 @@ two noises share the budget: the update's multiplier is
 ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (requires ``2 sigma_b > z``), and the
 pair is accounted as one Gaussian of multiplier ``z``.
 
-**Where the clipping happens.** ``ClipOn.CLIENTS`` (default) trusts each
-client to run a clipping mod, and composes with secure aggregation: the
+**Where the clipping happens.** ``ClipOn.CLIENTS`` (default) has each
+client run a clipping mod, and composes with secure aggregation: the
 clipped update (and the indicator, in the reserved array ``dp.unclipped``)
-are summed securely and the server noises only the sum. ``ClipOn.SERVER``
-needs every update one by one, so it refuses to run when an app's mod
-declares secure aggregation, or when the sum comes back sealed.
+are summed securely and the server noises only the sum. Without secure
+aggregation the server checks every reply before it is summed: a reply whose
+norm exceeds the clip it sent (a client without a clipping mod replies with its
+weights), or whose indicator is not +-1/2, is refused and recorded as that
+node's ``INVALID_REPLY`` failure, with a reason that carries no value of the
+reply. Under secure aggregation (or with a sealed model) the server sees only
+the sum and cannot check: it trusts every client to clip, and one client that
+does not can move the model as far as it likes, the noise notwithstanding.
+``ClipOn.SERVER`` needs every update one by one, so it refuses to run when an
+app's mod declares secure aggregation, or when the sum comes back sealed.
 
 What it does not protect: the clients' own train metrics (loss, number of
 examples) are averages of private data released without noise, so this mod
@@ -64,20 +82,23 @@ fact that a round failed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-import secrets
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
+    Error,
+    ErrorCode,
     FixedSizeSampling,
     FullParticipation,
     Grid,
@@ -89,7 +110,7 @@ from flowerpets.core import (
 )
 from flowerpets.core.round import is_sealed
 from flowerpets.dp._primitives.calibration import split_noise_multiplier
-from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.clip import clip_update, enforce_clip, update_between
 from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
 from flowerpets.dp._protocol import CLIP_KEY, INDICATOR, REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import (
@@ -114,9 +135,6 @@ log = logging.getLogger(__name__)
 
 CallNext = Callable[[RoundRequest, ServerContext], RoundResult]
 STATE_KEY = "dp.central"
-
-# Runs whose state a CentralDp keeps (a ServerApp run is one; a long-lived server may do many).
-_KEPT_RUNS = 16
 
 # Samplings whose cohort is drawn without looking at the data and of a size fixed in advance.
 _COHORT_FIXED_IN_ADVANCE = frozenset({FullParticipation, FixedSizeSampling})
@@ -169,15 +187,27 @@ class AdaptiveClipping:
 
 
 # -- where the clipping happens -------------------------------------------------------------------
-class _ClippingGrid:
-    """A Grid that clips every train reply of one round before the inner chain sees it."""
+class _RefusedError(Exception):
+    """A reply the server refuses; the message is the reason the node's failure records."""
 
-    def __init__(
-        self, grid: Grid, request: RoundRequest, clip: float, unclipped: dict[int, bool]
-    ) -> None:
-        self._grid, self._request, self._clip = grid, request, clip
-        self._unclipped = unclipped
-        self._dtypes = {n: a.dtype for n, a in request.arrays.items()}
+
+# Replies pass through one of these: (node, reply arrays) -> the arrays the inner chain sums.
+_Check = Callable[[int, ArrayRecord], ArrayRecord]
+
+
+class _CheckingGrid:
+    """A Grid that passes every plain train reply of one round through ``check``.
+
+    The inner chain then sums what ``check`` returned; a reply it refuses
+    (``_RefusedError``) becomes an ``INVALID_REPLY`` error, so the inner exchange records
+    the node's failure with the reason. A reply ``check`` cannot read
+    (``InvalidUpdateError``, ``RecordTypeError``) passes unchanged: the inner
+    exchange refuses it too. ``seen`` holds the nodes whose reply was checked.
+    """
+
+    def __init__(self, grid: Grid, request: RoundRequest, check: _Check) -> None:
+        self._grid, self._request, self._check = grid, request, check
+        self.seen: set[int] = set()
 
     @property
     def run_id(self) -> int:
@@ -190,9 +220,9 @@ class _ClippingGrid:
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
-            yield self._clipped(reply)
+            yield self._checked(reply)
 
-    def _clipped(self, reply: Message) -> Message:
+    def _checked(self, reply: Message) -> Message:
         md = reply.metadata
         body = reply.content
         if (
@@ -200,17 +230,85 @@ class _ClippingGrid:
             or "arrays" not in body
             or md.message_type != self._request.message_type
             or md.round != self._request.round
+            or md.stage
         ):
             return reply
         try:
-            update = update_between(body.get_typed("arrays", ArrayRecord), self._request.arrays)
-            clipped = clip_update(update, self._clip, dtypes=self._dtypes)
+            arrays = self._check(md.src_node_id, body.get_typed("arrays", ArrayRecord))
+        except _RefusedError as exc:
+            log.warning("round %d: refused node %d's reply: %s", md.round, md.src_node_id, exc)
+            return Message(metadata=md, error=Error(ErrorCode.INVALID_REPLY, str(exc)))
         except (InvalidUpdateError, RecordTypeError):
             return reply  # the inner exchange refuses it and records the node's failure
-        self._unclipped.setdefault(md.src_node_id, clipped.unclipped)
+        self.seen.add(md.src_node_id)
         content = body.copy()
-        content["arrays"] = ArrayRecord.from_numpy(clipped.arrays, copy=False)
+        content["arrays"] = arrays
         return Message(metadata=md, content=content)
+
+
+def _over(context: ServerContext, grid: _CheckingGrid) -> ServerContext:
+    """``context`` with its Grid replaced by ``grid``."""
+    return ServerContext(
+        grid=grid,
+        secure_aggregation=context.secure_aggregation,
+        run_id=context.run_id,
+        run_config=context.run_config,
+        state=context.state,
+    )
+
+
+def _refuse_bypass(result: RoundResult, seen: Collection[int], what: str) -> None:
+    """Refuses a result whose participants' replies did not all pass through ``what``."""
+    missed = [node for node in result.participants if node not in seen]
+    if missed:
+        raise IncompatibleModsError(
+            f"the updates of nodes {missed[:5]} did not pass through {what}: an inner mod "
+            "runs its own exchange; clip on the clients, under secure aggregation, instead"
+        )
+
+
+_NOT_CLIPPED = (
+    "the update's L2 norm exceeds the clip the server sent ('dp.clip'): the node did not clip "
+    "it (is its DP clipping mod installed?)"
+)
+
+
+def _client_check(request: RoundRequest, clip: float, adaptive: bool) -> _Check:
+    """The server's check of each client-clipped reply (possible without secure aggregation).
+
+    The reply must be a clipped update: real-valued, of norm at most the clip,
+    and with adaptive clipping an indicator of exactly +-1/2. A client that did
+    not clip (no clipping mod: it sends its new weights) is refused, so it
+    cannot move the model beyond what the noise was calibrated for. The reason
+    names what was wrong, never the norm.
+    """
+    dtypes = {n: a.dtype for n, a in request.arrays.items() if n != INDICATOR}
+
+    def check(node: int, arrays: ArrayRecord) -> ArrayRecord:
+        if [n for n in arrays if n != INDICATOR] != list(dtypes):
+            raise InvalidUpdateError("names differ from the model's")  # the exchange refuses it
+        update: dict[str, np.ndarray] = {}
+        for name in dtypes:
+            data = arrays[name].numpy()
+            if data.dtype.kind not in "biuf":
+                raise _RefusedError(f"array {name!r} of the update is not real-valued")
+            if not np.isfinite(np.add.reduce(data, axis=None, dtype=np.float64)):
+                raise InvalidUpdateError("not finite")  # the exchange refuses it
+            update[name] = data
+        kept = enforce_clip(update, clip, dtypes=dtypes)
+        if kept is None:
+            raise _RefusedError(_NOT_CLIPPED)
+        out = ArrayRecord.from_numpy(kept, copy=False)
+        if adaptive:
+            bit = arrays[INDICATOR].numpy() if INDICATOR in arrays else None
+            if bit is None or bit.shape != (1,) or float(bit[0]) not in (-0.5, 0.5):
+                raise _RefusedError(
+                    f"the unclipped indicator {INDICATOR!r} must be one value, -1/2 or +1/2"
+                )
+            out[INDICATOR] = np.array([float(bit[0])])
+        return out
+
+    return check
 
 
 def _on_clients(
@@ -221,7 +319,16 @@ def _on_clients(
     arrays = ArrayRecord(request.arrays)
     if adaptive:
         arrays[INDICATOR] = np.zeros(1)
-    result = call_next(request.replace(config=config, arrays=arrays), context)
+    inner = request.replace(config=config, arrays=arrays)
+    if context.secure_aggregation or is_sealed(request.arrays) or context.grid is None:
+        # The server sees only the sum (or replies holding a model it cannot read): it cannot
+        # check each client's clipping, and trusts it (see docs/dp.md).
+        result = call_next(inner, context)
+    else:
+        grid = _CheckingGrid(context.grid, inner, _client_check(inner, clip, adaptive))
+        result = call_next(inner, _over(context, grid))
+        if result.sealed is None:  # a sealed sum cannot be checked: it is a secure sum
+            _refuse_bypass(result, grid.seen, "the server's check of each client's clipping")
     if not adaptive:
         return result, 0.0
     if INDICATOR not in result.aggregate:
@@ -236,6 +343,18 @@ def _on_clients(
     return result.replace(aggregate=aggregate), count
 
 
+def _server_clip(request: RoundRequest, clip: float, unclipped: dict[int, bool]) -> _Check:
+    """Server-side clipping: each reply's update (reply minus model) clipped to ``clip``."""
+    dtypes = {n: a.dtype for n, a in request.arrays.items()}
+
+    def check(node: int, arrays: ArrayRecord) -> ArrayRecord:
+        clipped = clip_update(update_between(arrays, request.arrays), clip, dtypes=dtypes)
+        unclipped.setdefault(node, clipped.unclipped)
+        return ArrayRecord.from_numpy(clipped.arrays, copy=False)
+
+    return check
+
+
 def _on_server(
     request: RoundRequest, context: ServerContext, call_next: CallNext, clip: float, adaptive: bool
 ) -> tuple[RoundResult, float]:
@@ -245,24 +364,13 @@ def _on_server(
             "app sums them securely: clip on the clients instead (ClipOn.CLIENTS)"
         )
     unclipped: dict[int, bool] = {}
-    inner = ServerContext(
-        grid=_ClippingGrid(context.require_grid(), request, clip, unclipped),
-        secure_aggregation=False,
-        run_id=context.run_id,
-        run_config=context.run_config,
-        state=context.state,
-    )
-    result = call_next(request, inner)
+    grid = _CheckingGrid(context.require_grid(), request, _server_clip(request, clip, unclipped))
+    result = call_next(request, _over(context, grid))
     if result.sealed is not None:
         raise IncompatibleModsError(
             "CentralDp(clip_on=ClipOn.SERVER) cannot clip updates that an inner mod sealed"
         )
-    missed = [node for node in result.participants if node not in unclipped]
-    if missed:
-        raise IncompatibleModsError(
-            f"the updates of nodes {missed[:5]} did not pass through server-side clipping: an "
-            "inner mod runs its own exchange; clip on the clients instead"
-        )
+    _refuse_bypass(result, unclipped, "server-side clipping")
     count = sum(0.5 if unclipped[node] else -0.5 for node in result.participants)
     return result, float(count)
 
@@ -274,14 +382,66 @@ _SITES: dict[
 
 
 # -- the mod --------------------------------------------------------------------------------------
-@dataclass(slots=True)
+_EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(PrivacyEvent)}
+
+
+def _event_text(event: PrivacyEvent) -> str:
+    """An event as explicit JSON (its type and fields), the form it takes in the run state."""
+    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    return json.dumps({"event": type(event).__name__, **fields}, sort_keys=True)
+
+
+def _event_from_text(text: str) -> PrivacyEvent:
+    data = json.loads(text)
+    cls = _EVENT_TYPES[data.pop("event")]
+    event: PrivacyEvent = cls(**data)
+    return event
+
+
+@dataclass(frozen=True, slots=True)
 class _Run:
-    """One run's privacy state (a ServerApp run gets a fresh ServerContext, hence a fresh _Run)."""
+    """One run's privacy state, kept in the run's context (``context.state["dp.central"]``).
+
+    The ledger (each distinct event with its count) is the state; the accountant
+    is derived from it each round. Nothing lives in the mod, so one CentralDp
+    may serve any number of runs, and a run's budget lasts as long as its context.
+    """
 
     clip: float
-    accountant: Accountant | None = None
+    ledger: tuple[tuple[PrivacyEvent, int], ...] = ()
     epsilon: float = 0.0
     rounds: int = 0
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "clip": self.clip,
+                "epsilon": self.epsilon,
+                "rounds": self.rounds,
+                "ledger-events": [_event_text(event) for event, _ in self.ledger],
+                "ledger-counts": [count for _, count in self.ledger],
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> _Run:
+        events, counts = record["ledger-events"], record["ledger-counts"]
+        clip, epsilon, rounds = record["clip"], record["epsilon"], record["rounds"]
+        if not (isinstance(events, list) and isinstance(counts, list)):
+            raise TypeError("the ledger is not two lists")
+        whole = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0]
+        if not (
+            len(events) == len(counts) == len(whole)
+            and isinstance(rounds, int)
+            and isinstance(clip, float)
+            and isinstance(epsilon, float)
+            and sum(whole) == rounds
+        ):
+            raise ValueError("malformed fields")
+        ledger = tuple(
+            (_event_from_text(str(text)), count) for text, count in zip(events, whole, strict=True)
+        )
+        return cls(clip=clip, ledger=ledger, epsilon=epsilon, rounds=rounds)
 
 
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -343,7 +503,6 @@ class CentralDp:
         self.accountant = accountant
         self.keep_client_metrics = keep_client_metrics
         self._noise: GaussianSource = gaussian_source(rng, owner="CentralDp")
-        self._runs: dict[str, _Run] = {}
         if self.noise_multiplier == 0:
             warnings.warn(
                 "CentralDp(noise_multiplier=0) adds no noise: the run is not private "
@@ -367,44 +526,47 @@ class CentralDp:
         )
 
     # -- per-run state --------------------------------------------------------------------------
-    def _find_run(self, context: ServerContext) -> _Run | None:
-        record = context.state.get(STATE_KEY)
-        token = record.get("run") if isinstance(record, ConfigRecord) else None
-        return self._runs.get(token) if isinstance(token, str) else None
+    def _load(self, context: ServerContext) -> _Run:
+        """This run's state from its context; a context without one starts a new run.
 
-    def _run(self, context: ServerContext) -> _Run:
-        """This run's state; a context this mod has not seen starts a new run."""
-        run = self._find_run(context)
-        if run is None:
-            while len(self._runs) >= _KEPT_RUNS:  # forget the oldest finished runs
-                del self._runs[next(iter(self._runs))]
-            token = secrets.token_hex(8)
-            run = self._runs[token] = _Run(clip=self.clipping_norm)
-            context.state[STATE_KEY] = ConfigRecord({"run": token})
-        return run
+        State that cannot be read stops the run: continuing would forget the budget spent.
+        """
+        record = context.state.get(STATE_KEY)
+        if record is None:
+            return _Run(clip=self.clipping_norm)
+        try:
+            if not isinstance(record, ConfigRecord):
+                raise TypeError(type(record).__name__)
+            return _Run.from_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StopRunError(
+                f"the run's {STATE_KEY!r} state is unreadable ({type(exc).__name__}): CentralDp "
+                "will not continue a run whose privacy ledger it cannot read"
+            ) from None
 
     @staticmethod
-    def _publish(context: ServerContext, run: _Run) -> None:
-        record = context.state.get(STATE_KEY)
-        assert isinstance(record, ConfigRecord)
-        record["clip"] = run.clip
-        record["epsilon"] = run.epsilon
-        record["rounds"] = run.rounds
+    def _save(context: ServerContext, run: _Run) -> None:
+        context.state[STATE_KEY] = run.to_record()
 
     def spent(self, context: ServerContext) -> float:
         """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to."""
-        run = self._find_run(context)
-        return 0.0 if run is None else run.epsilon
+        return self._load(context).epsilon
 
-    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> None:
-        """Compose ``event``; refuse the round first if it would exceed the budget."""
-        if run.accountant is None:
-            run.accountant = (
-                default_accountant(event)
-                if self.accountant is None
-                else self.accountant(neighbouring=default_neighbouring(event))
-            )
-        candidate = run.accountant.copy().compose(event)
+    def _accountant_for(self, run: _Run, event: PrivacyEvent) -> Accountant:
+        """The run's accountant, derived from its ledger (``event`` chooses it in a new run)."""
+        first = run.ledger[0][0] if run.ledger else event
+        accountant = (
+            default_accountant(first)
+            if self.accountant is None
+            else self.accountant(neighbouring=default_neighbouring(first))
+        )
+        for past, count in run.ledger:
+            accountant.compose(past, count)
+        return accountant
+
+    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> _Run:
+        """``run`` with ``event`` composed; refuses the round if it would exceed the budget."""
+        candidate = self._accountant_for(run, event).compose(event)
         epsilon = candidate.get_epsilon(self.delta)
         if self.max_epsilon is not None and epsilon > self.max_epsilon:
             raise StopRunError(
@@ -412,8 +574,8 @@ class CentralDp:
                 f"delta={self.delta:g}, above max_epsilon={self.max_epsilon:g} "
                 f"(spent {run.epsilon:.4g} in {run.rounds} round(s))"
             )
-        run.accountant, run.epsilon = candidate, epsilon
-        run.rounds += 1
+        ledger = tuple(candidate.ledger.items())
+        return dataclasses.replace(run, ledger=ledger, epsilon=epsilon, rounds=run.rounds + 1)
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(
@@ -427,7 +589,7 @@ class CentralDp:
         reserved = [n for n in (*request.arrays, *request.config) if n.startswith(RESERVED_PREFIX)]
         if reserved:
             raise ValueError(f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)")
-        run = self._run(context)
+        run = self._load(context)
         expected = float(request.sampling.expected_size(request.population))
         if run.rounds == 0 and self.delta >= 1.0 / request.population:
             log.warning(
@@ -441,7 +603,8 @@ class CentralDp:
             count_stddev = self.adaptive.count_noise(expected)
             update_multiplier = split_noise_multiplier(self.noise_multiplier, count_stddev)
         event = event_for_round(request.sampling, request.population, self.noise_multiplier)
-        self._account(run, event, request.round)
+        run = self._account(run, event, request.round)
+        self._save(context, run)  # accounted before any node sees the round
 
         clip = run.clip
         site = _SITES[self.clip_on]
@@ -463,9 +626,9 @@ class CentralDp:
         if self.adaptive is not None:
             noisy = unclipped + float(self._noise.normal(count_stddev, (1,))[0])
             fraction = noisy / expected + 0.5
-            run.clip = self.adaptive.next_clip(clip, fraction)
+            run = dataclasses.replace(run, clip=self.adaptive.next_clip(clip, fraction))
             metrics["dp-unclipped-fraction"] = fraction
-        self._publish(context, run)
+            self._save(context, run)
         return result.replace(metrics=metrics)
 
     def _check_sealed_model(self, request: RoundRequest) -> None:
@@ -512,4 +675,6 @@ class CentralDp:
             noise = self._noise.normal(std, array.shape)
             noise += expected * np.asarray(array.numpy(), dtype=np.float64)
             additions[name] = noise
-        return result.add_to_sum(additions).replace(total_weight=expected)
+        # The release is w + (sum + noise) / m whoever replied, none included: FedAvg must not
+        # fail the round for too few replies (min_nodes), which would reveal how many replied.
+        return result.add_to_sum(additions).replace(total_weight=expected, fixed_denominator=True)

@@ -13,6 +13,7 @@ handler calls :meth:`DpSgd.train`:
     def train(msg, context):
         model.load_state_dict(...)                   # the received global weights
         report = dpsgd.train(model, dataset, context)
+        # num-examples = 1 and the epsilon; not the dataset size or the loss (see metrics()).
         return RecordDict({"arrays": ..., "metrics": MetricRecord(report.metrics())})
 
 Each call runs ``epochs`` epochs of DP-SGD with Opacus's building blocks:
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from flowerpets.core import ConfigRecord, Context
+from flowerpets.core import WEIGHT_KEY, ConfigRecord, Context
 from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
 from flowerpets.dp.accountant import (
     AccountantFactory,
@@ -74,12 +75,37 @@ class DpSgdReport:
     loss: float  # mean training loss over this round's non-empty batches
     examples: int  # size of the local training set
 
-    def metrics(self) -> dict[str, float | int]:
-        """Reply metrics: ``dp-sample-epsilon`` and ``-delta``, ``num-examples``, ``train-loss``."""
+    def metrics(self, *, unprotected: bool = False) -> dict[str, float | int]:
+        """Reply metrics that the DP-SGD guarantee covers, or, asked for, more.
+
+        By default: ``dp-sample-epsilon``, ``dp-sample-delta`` and ``num-examples =
+        1``, so FedAvg (and SecAgg+) weighs this client like any other. The exact
+        number of examples and the training loss are facts about the local data
+        that no noise covers: ``unprotected=True`` adds them (``num-examples`` is
+        then the dataset size, and ``train-loss``), and warns.
+
+        What the default still reveals: the epsilon is a function of the noise
+        multiplier, the rounds and the sample rate ``1 / ceil(n / batch_size)``,
+        so it tells the dataset size ``n`` to within ``batch_size``; the model
+        update reveals as much through its number of noised steps. DP-SGD's
+        analysis treats that sample rate as public, as Opacus does.
+        """
+        if not unprotected:
+            return {
+                "dp-sample-epsilon": self.epsilon,
+                "dp-sample-delta": self.delta,
+                WEIGHT_KEY: 1,
+            }
+        warnings.warn(
+            "DpSgdReport.metrics(unprotected=True) sends the exact number of examples and the "
+            "training loss: the DP-SGD guarantee does not cover them",
+            UserWarning,
+            stacklevel=2,
+        )
         return {
             "dp-sample-epsilon": self.epsilon,
             "dp-sample-delta": self.delta,
-            "num-examples": self.examples,
+            WEIGHT_KEY: self.examples,
             "train-loss": self.loss,
         }
 
@@ -184,8 +210,10 @@ class DpSgd:
     def history(context: Context) -> dict[tuple[float, float], int]:
         """Steps taken so far on this node, by (noise multiplier, sample rate)."""
         record = context.state.get(STATE_KEY)
-        if not isinstance(record, ConfigRecord):
+        if record is None:
             return {}
+        if not isinstance(record, ConfigRecord):
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         multipliers, rates, steps = (
             record.get("noise-multipliers", []),
             record.get("sample-rates", []),
@@ -202,7 +230,7 @@ class DpSgd:
             else:
                 if len(multipliers) == len(rates) == len(steps):
                     return history
-        raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {record!r}")
+        raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
 
     @staticmethod
     def _save(context: Context, history: dict[tuple[float, float], int]) -> None:
@@ -269,8 +297,9 @@ class DpSgd:
         after[key] = after.get(key, 0) + steps
         epsilon = self.epsilon_of(after)
         if self.max_epsilon is not None and epsilon > self.max_epsilon:
+            # Not the epsilon itself: through the sample rate it depends on the dataset size.
             raise RequestRefusedError(
-                f"DP-SGD budget: this round would raise the node's epsilon to {epsilon:.4g} > "
+                f"DP-SGD budget: this round would raise the node's epsilon above "
                 f"max_epsilon={self.max_epsilon:g} (delta={self.delta:g})"
             )
         criterion = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()

@@ -22,16 +22,25 @@ keeps the rounds spent and the composed epsilon at ``delta``; with
 ``max_epsilon`` the node refuses (``REFUSED``) a round that would exceed it.
 
 What it does not protect: the reply's metrics. By default the mod replaces
-them with ``num-examples = 1`` (so FedAvg weighs clients equally and the
-dataset size is not revealed) and ``dp-local-epsilon``; ``keep_metrics=True``
-keeps the handler's metrics, unprotected (it warns).
+them with ``num-examples = 1`` and ``dp-local-epsilon``. The weight is 1
+because the exact number of examples is a fact about this client's data that
+the noise does not cover: with weight 1, FedAvg (and SecAgg+, which needs a
+weight metric) weighs clients equally, and the server learns only how many
+replied, which it knows anyway. ``dp-local-epsilon`` depends only on the
+settings and the rounds this node took part in. ``keep_metrics=True`` keeps
+every metric of the handler, unprotected; ``keep_metrics=("train-loss",)``
+keeps only those named (for an outer mod that needs them, such as SecAgg+'s
+``secure_metrics``; ``num-examples`` named here keeps the exact weight). Both
+warn. An outer mod that needs a metric this mod dropped refuses the reply: drop
+the metric from the outer mod (the digits demo's SecAgg+ sums no metric under
+local DP), or keep it here, knowingly.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -64,6 +73,17 @@ def _finite_positive(name: str, value: object) -> float:
     return float(value)
 
 
+def _kept_metrics(value: object) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"keep_metrics must be a bool or metric names, got {value!r}")
+    names = tuple(value)
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"keep_metrics must name distinct metrics, got {names!r}")
+    return names
+
+
 class LocalDpMod:
     """Client mod: clip the update to ``clipping_norm`` and add analytic-Gaussian noise.
 
@@ -82,7 +102,7 @@ class LocalDpMod:
         neighbouring: Neighbouring = Neighbouring.REPLACE_ONE,
         max_epsilon: float | None = None,
         rng: np.random.Generator | None = None,
-        keep_metrics: bool = False,
+        keep_metrics: bool | Iterable[str] = False,
     ) -> None:
         self.clipping_norm = _finite_positive("clipping_norm", clipping_norm)
         self.epsilon = _finite_positive("epsilon", epsilon)
@@ -102,12 +122,14 @@ class LocalDpMod:
             )
         self.sensitivity = neighbouring.sensitivity_factor * self.clipping_norm
         self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, sensitivity=self.sensitivity)
-        self.keep_metrics = bool(keep_metrics)
+        self.keep_metrics: bool | tuple[str, ...] = _kept_metrics(keep_metrics)
         self._noise: GaussianSource = gaussian_source(rng, owner="LocalDpMod")
-        if keep_metrics:
+        if self.keep_metrics:
+            named = self.keep_metrics if isinstance(self.keep_metrics, tuple) else None
+            which = "" if named is None else f" {list(named)}"
             warnings.warn(
-                "LocalDpMod(keep_metrics=True) sends the handler's metrics without noise: "
-                "they are not covered by the local DP guarantee",
+                f"LocalDpMod(keep_metrics=...) sends the handler's metrics{which} without "
+                "noise: they are not covered by the local DP guarantee",
                 UserWarning,
                 stacklevel=2,
             )
@@ -125,11 +147,14 @@ class LocalDpMod:
 
     def _spent(self, context: Context) -> tuple[int, float]:
         record = context.state.get(STATE_KEY)
-        if not isinstance(record, MetricRecord):
+        if record is None:
             return 0, 0.0
+        # Corrupt state refuses (the budget is not forgotten); the reason shows none of it.
+        if not isinstance(record, MetricRecord):
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         rounds, precision = record.get("rounds", 0), record.get("precision", 0.0)
         if not isinstance(rounds, int) or not isinstance(precision, int | float):
-            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {record!r}")
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
         return rounds, float(precision)
 
     def _epsilon(self, precision: float) -> float:
@@ -167,10 +192,14 @@ class LocalDpMod:
         context.state[STATE_KEY] = MetricRecord(
             {"rounds": rounds + 1, "precision": precision_after, "epsilon": epsilon_after}
         )
-        if self.keep_metrics and "metrics" in body:
-            metrics = MetricRecord(body.get_typed("metrics", MetricRecord))
+        handler = body.get_typed("metrics", MetricRecord) if "metrics" in body else MetricRecord()
+        if self.keep_metrics is True:
+            metrics = MetricRecord(handler)
         else:
             metrics = MetricRecord({WEIGHT_KEY: 1})
+            for name in self.keep_metrics if isinstance(self.keep_metrics, tuple) else ():
+                if name in handler:
+                    metrics[name] = handler[name]
         metrics["dp-local-epsilon"] = epsilon_after
         content = RecordDict(body)
         content["arrays"] = ArrayRecord.from_numpy(noised, copy=False)

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from flowerpets.core import ArrayRecord
 from flowerpets.exceptions import InvalidUpdateError
 
-__all__ = ["ClippedUpdate", "clip_update", "global_norm", "update_between"]
+__all__ = ["ClippedUpdate", "clip_update", "enforce_clip", "global_norm", "update_between"]
 
 
 def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
@@ -59,7 +59,9 @@ def update_between(new: ArrayRecord, received: ArrayRecord) -> dict[str, NDArray
         if data.dtype.kind not in "biuf" or base.dtype.kind not in "biuf":
             raise InvalidUpdateError(f"array {name!r} is not real-valued numeric data")
         delta = np.subtract(data, base, dtype=np.float64)
-        if not np.isfinite(np.add.reduce(delta, axis=None)):
+        with np.errstate(over="ignore"):  # an overflowing sum is refused just below
+            total = np.add.reduce(delta, axis=None)
+        if not np.isfinite(total):
             raise InvalidUpdateError(f"the update of {name!r} holds NaN or infinite values")
         update[name] = delta
     return update
@@ -131,3 +133,30 @@ def clip_update(
         else:
             arrays[name] = np.multiply(data, factor, dtype=targets[name])
     return ClippedUpdate(arrays=arrays, norm=norm, clip=clip)
+
+
+def enforce_clip(
+    update: Mapping[str, NDArray[Any]],
+    clip: float,
+    *,
+    dtypes: Mapping[str, np.dtype[Any]] | None = None,
+) -> dict[str, NDArray[Any]] | None:
+    """What a server that cannot trust a client's clipping keeps of ``update``: or None.
+
+    An update whose L2 norm, computed here, is at most ``clip`` (with room for
+    this computation's own rounding) comes back unchanged. One a rounding's
+    width above (the most :func:`clip_update`'s honest output can read here, since
+    its true norm is at most ``clip``) comes back through :func:`clip_update`, so
+    the bound holds exactly. Anything larger returns None: its sender did not
+    clip, and the caller refuses it. The caller has checked that ``update`` is
+    real-valued and finite.
+    """
+    clip = float(clip)
+    norm = global_norm(update)
+    size = sum(int(np.size(a)) for a in update.values())
+    gamma = (size + len(update) + 2) * 2.0**-52  # the relative error of ``norm``
+    if norm * (1 + gamma) <= clip:
+        return dict(update)
+    if norm <= clip * (1 + 4 * gamma):
+        return clip_update(update, clip, dtypes=dtypes).arrays
+    return None

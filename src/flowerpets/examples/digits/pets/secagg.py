@@ -93,6 +93,9 @@ class SecAggFeature:
             )
         if (args.secagg_k is None) != (args.secagg_t is None):
             raise ValueError("--secagg-k and --secagg-t go together (give both or neither)")
+        # Under local DP the clients send no train-loss (the noise does not cover it, so
+        # LocalDpMod drops it): SecAgg+ then sums no metric.
+        local_dp = getattr(args, "dp", None) == "local"
         server = SecAggPlus(
             degree=args.secagg_k,
             threshold=args.secagg_t,
@@ -100,7 +103,7 @@ class SecAggFeature:
             corrupted_fraction=args.secagg_corrupted_fraction,
             clipping_range=args.secagg_clipping_range,
             max_weight=args.secagg_max_weight,
-            secure_metrics=SECURE_METRICS,
+            secure_metrics=() if local_dp else SECURE_METRICS,
         )
         return FeatureMods(
             client=[secaggplus_mod], server=[server], summary=_summary(args, task, server)
