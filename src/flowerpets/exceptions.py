@@ -17,6 +17,7 @@ __all__ = [
     "AuthenticationError",
     "CiphertextError",
     "CodecError",
+    "ConfigurationError",
     "CorruptMessageError",
     "DecryptionError",
     "FlowerpetsError",
@@ -28,6 +29,7 @@ __all__ = [
     "KeySetupError",
     "MessageTooLargeError",
     "MissingKeyError",
+    "ModelMismatchError",
     "PrivacyAccountingError",
     "RecordTypeError",
     "ReplayError",
@@ -56,6 +58,17 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
     """
 
 
+class ConfigurationError(FlowerpetsError):
+    """The server's own configuration cannot work, found when a round runs.
+
+    Mods that do not compose, parameters no protocol can meet, privacy the
+    accountant cannot account for, names the model may not use: every round
+    would fail alike, so the ServerApp ends the run with it instead of
+    recording a failed round each time. Each subclass also subclasses the
+    built-in that fits.
+    """
+
+
 class DecryptionError(FlowerpetsError, ValueError):
     """A ciphertext failed authentication.
 
@@ -63,7 +76,7 @@ class DecryptionError(FlowerpetsError, ValueError):
     """
 
 
-class InfeasibleParametersError(FlowerpetsError, ValueError):
+class InfeasibleParametersError(ConfigurationError, ValueError):
     """Protocol parameters that cannot work for this input.
 
     For example: no secure-aggregation degree and threshold meet the requested
@@ -118,7 +131,7 @@ class MissingKeyError(FlowerpetsError, LookupError):
     """A node holds no key for this data, for example no CKKS secret key to open a sealed model."""
 
 
-class IncompatibleModsError(FlowerpetsError, RuntimeError):
+class IncompatibleModsError(ConfigurationError, RuntimeError):
     """Two mods that cannot work together in one app.
 
     For example, server-side clipping needs every update one by one, which a
@@ -126,11 +139,19 @@ class IncompatibleModsError(FlowerpetsError, RuntimeError):
     """
 
 
-class PrivacyAccountingError(FlowerpetsError, ValueError):
+class PrivacyAccountingError(ConfigurationError, ValueError):
     """A privacy accountant cannot account for an event.
 
     For example, an RDP accountant asked for a fixed-size cohort under the
     add/remove relation, or a sampling scheme whose amplification is unknown.
+    """
+
+
+class ModelMismatchError(ConfigurationError, ValueError):
+    """The global model does not fit a mod's settings.
+
+    It uses a name the mod keeps for its own wire format, or an encryption
+    pattern matches none of its arrays.
     """
 
 

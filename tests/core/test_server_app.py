@@ -27,7 +27,13 @@ from flowerpets import (
     ServerApp,
     ServerContext,
 )
-from flowerpets.exceptions import RoundFailedError, StopRunError
+from flowerpets.exceptions import (
+    IncompatibleModsError,
+    InfeasibleParametersError,
+    PrivacyAccountingError,
+    RoundFailedError,
+    StopRunError,
+)
 
 Next = Callable[[RoundRequest, ServerContext], RoundResult]
 
@@ -369,3 +375,19 @@ def test_a_cohort_the_strategy_cannot_draw_fails_its_round_not_the_run(scripted_
             f"round {record.round}: ValueError: cannot sample a cohort of 3 from 2 available nodes"
         )
     assert result.history.every_round_failed
+
+
+@pytest.mark.parametrize(
+    "error", [IncompatibleModsError, PrivacyAccountingError, InfeasibleParametersError]
+)
+def test_configuration_errors_end_the_run_instead_of_failing_every_round(
+    scripted_grid: Any, error: type[Exception]
+) -> None:
+    def misconfigured(
+        request: RoundRequest, context: ServerContext, call_next: Next
+    ) -> RoundResult:
+        raise error("these mods cannot run together")
+
+    app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)
+    with pytest.raises(error, match="cannot run together"):
+        server(mods=[misconfigured], num_rounds=3).run(scripted_grid(app, 2), seed=0)

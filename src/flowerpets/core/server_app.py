@@ -29,7 +29,7 @@ from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
 from flowerpets.core.round import RoundRequest, RoundResult, ServerContext, ServerMod
 from flowerpets.core.strategy import Strategy
-from flowerpets.exceptions import RoundFailedError, StopRunError
+from flowerpets.exceptions import ConfigurationError, RoundFailedError, StopRunError
 
 __all__ = ["RunResult", "ServerApp"]
 
@@ -63,7 +63,9 @@ class ServerApp:
     ``seed`` seeds the generator the strategy samples cohorts with; without it
     the generator is seeded from the OS's secure source. A round that fails
     (too few replies, or any exception from the mods or the strategy other than
-    :class:`~flowerpets.exceptions.StopRunError`) leaves the model unchanged and
+    :class:`~flowerpets.exceptions.StopRunError` and
+    :class:`~flowerpets.exceptions.ConfigurationError`, which end the run because
+    every round would fail alike) leaves the model unchanged and
     is recorded in the history, with every node's reason
     (``RoundRecord.failures``, also when the round failed inside a mod); with
     ``stop_on_failure`` it ends the run with ``RoundFailedError`` instead (the
@@ -159,7 +161,9 @@ class ServerApp:
             record.failures = dict(outcome.failures)
             record.train_metrics = _scalars(outcome.metrics)
             return self.strategy.aggregate_train(outcome, arrays)
-        except StopRunError:
+        except (StopRunError, ConfigurationError):
+            # A stop on purpose, or a configuration that would fail every round alike: the
+            # run ends with it rather than repeating it round after round.
             raise
         except RoundFailedError as exc:
             failed = exc

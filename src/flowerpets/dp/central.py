@@ -124,6 +124,7 @@ from flowerpets.dp.accountant import (
 from flowerpets.exceptions import (
     IncompatibleModsError,
     InvalidUpdateError,
+    ModelMismatchError,
     RecordTypeError,
     RoundFailedError,
     StopRunError,
@@ -588,7 +589,9 @@ class CentralDp:
             self._check_sealed_model(request)
         reserved = [n for n in (*request.arrays, *request.config) if n.startswith(RESERVED_PREFIX)]
         if reserved:
-            raise ValueError(f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)")
+            raise ModelMismatchError(
+                f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)"
+            )
         run = self._load(context)
         expected = float(request.sampling.expected_size(request.population))
         if run.rounds == 0 and self.delta >= 1.0 / request.population:
@@ -655,7 +658,9 @@ class CentralDp:
         which is why Poisson sampling is refused here.
         """
         if not result.participants:
-            raise RoundFailedError(f"round {result.round}: no node replied")
+            raise RoundFailedError(
+                f"round {result.round}: no node replied", failures=result.failures
+            )
         noise = {name: self._noise.normal(std, shape) for name, shape in result.shapes().items()}
         return result.add_to_sum(noise).replace(total_weight=float(len(result.participants)))
 

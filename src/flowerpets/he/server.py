@@ -48,6 +48,7 @@ from flowerpets.core import (
 from flowerpets.exceptions import (
     InvalidUpdateError,
     KeySetupError,
+    ModelMismatchError,
     RoundFailedError,
 )
 from flowerpets.he._primitives.ciphertexts import Header, split_wire
@@ -283,7 +284,9 @@ class HomomorphicAggregation:
         names = list(request.arrays)
         reserved = [n for n in names if n.startswith(RESERVED_PREFIX) or n == SEALED_WEIGHT_KEY]
         if reserved:
-            raise ValueError(f"model arrays {reserved} use names reserved for the HE wire format")
+            raise ModelMismatchError(
+                f"model arrays {reserved} use names reserved for the HE wire format"
+            )
         model = _Model(
             order=tuple(names),
             layout=Layout.of(request.arrays, select_names(names, self.encrypt)),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from flowerpets.exceptions import InvalidUpdateError
+from flowerpets.exceptions import InvalidUpdateError, ModelMismatchError
 
 __all__ = [
     "RESERVED_PREFIX",
@@ -197,7 +197,7 @@ def select_names(names: Sequence[str], patterns: Sequence[str]) -> tuple[str, ..
     chosen = []
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        raise ValueError(f"encryption patterns {unmatched} match no array of {list(names)}")
+        raise ModelMismatchError(f"encryption patterns {unmatched} match no array of {list(names)}")
     for name in names:
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             chosen.append(name)
