@@ -291,7 +291,7 @@ class AesCtrGaussian:
         rejected_mask = np.empty(words_max, dtype=bool)
         u = bits.view(np.float64)
         low_index = low.view(np.int64)
-        slots = np.arange(summands, dtype=np.uint64)[:, None]
+        slots = np.arange(summands)[:, None]
         # Outputs with a rejected draw: index, all their draws, which were rejected, words, offsets.
         late: list[
             tuple[
@@ -327,14 +327,16 @@ class AesCtrGaussian:
             np.multiply(uu, t, out=t)
             columns = np.flatnonzero(rej.reshape(summands, b).any(axis=0))
             if columns.size:
-                flags = rej.reshape(summands, b)[:, columns]
+                # Every draw of those outputs, slot by slot (flat 1-D takes are the fast kind).
+                flat = (slots * b + columns).ravel()
+                shape = (summands, columns.size)
                 late.append(
                     (
                         columns + start,
-                        t.reshape(summands, b)[:, columns],
-                        flags,
-                        w.reshape(summands, b)[:, columns],
-                        first + 8 * (slots * b + columns.astype(np.uint64)),
+                        t.take(flat).reshape(shape),
+                        rej.take(flat).reshape(shape),
+                        w.take(flat).reshape(shape),
+                        (first + 8 * flat.astype(np.uint64)).reshape(shape),
                     )
                 )
             chunk = out[start : start + b]
