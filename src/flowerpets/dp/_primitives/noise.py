@@ -130,6 +130,11 @@ def _first_try(words: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDArray[
     return u * _SIGNED_WIDTHS[low], u < _FRACTIONS_9[low]
 
 
+def _position_bits(u: NDArray[np.float64]) -> NDArray[np.uint64]:
+    """Bits 9-60 of the words whose positions in the layer are ``u`` (exact: ``u * 2**52``)."""
+    return (u * 2.0**52).astype(np.uint64) << np.uint64(9)
+
+
 def _uniforms(words: NDArray[np.uint64]) -> NDArray[np.float64]:
     """numpy's ``next_double`` of a word: its top 53 bits, ``(w >> 11) * 2**-53`` in [0, 1)."""
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -286,10 +291,9 @@ class AesCtrGaussian:
         raw = bytearray(8 * words_max + _BLOCK_BYTES - 1)
         words = np.frombuffer(raw, dtype="<u8", count=words_max).view(np.uint64)
         low = np.empty(words_max, dtype=np.uint64)
-        bits = np.empty(words_max, dtype=np.uint64)
         table = np.empty(words_max)
         rejected_mask = np.empty(words_max, dtype=bool)
-        u = bits.view(np.float64)
+        u = words.view(np.float64)  # the words become their positions in the layer, in place
         low_index = low.view(np.int64)
         slots = np.arange(summands)[:, None]
         # Outputs with a rejected draw: index, all their draws, which were rejected, words, offsets.
@@ -306,20 +310,19 @@ class AesCtrGaussian:
             b = min(block, n - start)
             k = summands * b
             first = self._words_into(raw, k)
-            w, lo, li, bt, uu, t, rej = (
+            w, lo, li, uu, t, rej = (
                 words[:k],
                 low[:k],
                 low_index[:k],
-                bits[:k],
                 u[:k],
                 table[:k],
                 rejected_mask[:k],
             )
             # The fast path, in place: u = bits 9-60 as [0, 1), accepted if u < fraction[layer].
             np.bitwise_and(w, np.uint64(0x1FF), out=lo)
-            np.right_shift(w, np.uint64(9), out=bt)
-            np.bitwise_and(bt, _MASK52, out=bt)
-            np.bitwise_or(bt, _ONE_BITS, out=bt)
+            np.right_shift(w, np.uint64(9), out=w)
+            np.bitwise_and(w, _MASK52, out=w)
+            np.bitwise_or(w, _ONE_BITS, out=w)
             np.subtract(uu, 1.0, out=uu)
             np.take(_FRACTIONS_9, li, out=t, mode="clip")
             np.greater_equal(uu, t, out=rej)
@@ -335,7 +338,8 @@ class AesCtrGaussian:
                         columns + start,
                         t.take(flat).reshape(shape),
                         rej.take(flat).reshape(shape),
-                        w.take(flat).reshape(shape),
+                        # The word again (bits 61-63 are never read): layer, sign, position.
+                        (lo.take(flat) | _position_bits(uu.take(flat))).reshape(shape),
                         (first + 8 * flat.astype(np.uint64)).reshape(shape),
                     )
                 )
