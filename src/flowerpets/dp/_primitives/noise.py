@@ -112,6 +112,7 @@ def _ziggurat_tables() -> tuple[NDArray[np.float64], NDArray[np.float64], NDArra
 
 
 _WIDTHS, _FRACTIONS, _HEIGHTS = _ziggurat_tables()
+_HEIGHT_STEPS = np.concatenate([[0.0], _HEIGHTS[:-1] - _HEIGHTS[1:]])  # f(x_{i-1}) - f(x_i)
 # Indexed by a word's low 9 bits (layer, then sign): one look-up gives the signed width.
 _SIGNED_WIDTHS = np.concatenate([_WIDTHS, -_WIDTHS])
 _FRACTIONS_9 = np.concatenate([_FRACTIONS, _FRACTIONS])
@@ -251,13 +252,13 @@ class AesCtrGaussian:
                 return out
             w = word[pending]
             extra = self.retry_words(offsets[pending], attempt)
-            u1, u2 = _uniforms(extra[:, 0]), _uniforms(extra[:, 1])
+            u1 = _uniforms(extra[:, 0])
             layer = (w & np.uint64(0xFF)).astype(np.intp)
             done = np.zeros(pending.size, dtype=bool)
             # The tail beyond r (Marsaglia 1964): an exponential proposal, accepted or tried again.
             tail = np.flatnonzero(layer == 0)
             xx = -_INV_R * np.log1p(-u1[tail])
-            yy = -np.log1p(-u2[tail])
+            yy = -np.log1p(-_uniforms(extra[tail, 1]))
             ok = yy + yy > xx * xx
             negative = ((w[tail] >> np.uint64(17)) & np.uint64(1)).astype(bool)  # rabs bit 8
             out[pending[tail[ok]]] = np.where(negative[ok], -(_R + xx[ok]), _R + xx[ok])
@@ -266,7 +267,7 @@ class AesCtrGaussian:
             wedge = np.flatnonzero(layer != 0)
             x, _ = _first_try(w[wedge])
             i = layer[wedge]
-            below = (_HEIGHTS[i - 1] - _HEIGHTS[i]) * u1[wedge] + _HEIGHTS[i] < np.exp(-0.5 * x * x)
+            below = _HEIGHT_STEPS[i] * u1[wedge] + _HEIGHTS[i] < np.exp(-0.5 * x * x)
             out[pending[wedge[below]]] = x[below]
             done[wedge[below]] = True
             again = wedge[~below]
