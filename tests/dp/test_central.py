@@ -264,7 +264,8 @@ def test_adaptive_clip_converges_to_the_target_quantile(
     # It moves monotonically towards the quantile at first (unclipped, not clipped, fraction) ...
     early = clips[:10]
     assert all((b < a) if start > truth else (b > a) for a, b in itertools.pairwise(early))
-    # ... and settles there.
+    # ... and settles there. Seeded (noise 7, norms 11): 0.018-0.057 off here; with other
+    # seeds the start 0.02, quantile 0.5 case is still climbing at round 55 (up to 0.14 off).
     assert np.mean(clips[-15:]) == pytest.approx(truth, rel=0.1)
 
 
