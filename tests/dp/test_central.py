@@ -168,6 +168,9 @@ def test_a_poisson_round_nobody_replies_to_is_released_not_failed(
 def test_measured_noise_matches_the_calibrated_one(
     adaptive: AdaptiveClipping | None, scripted_grid: Any, update_app: Any
 ) -> None:
+    """The secure source, unseeded: each check fails for a correct mod with probability
+    below 1e-9. The std is within 1.5% (9.5 standard errors of 1/sqrt(2n): P ~ 1e-20),
+    the mean within 6.5 standard errors (P = 8e-11)."""
     size = 200_000
     model = {"w": np.zeros(size)}
     mod = adaptive_clipping_mod if adaptive else fixed_clipping_mod
@@ -176,7 +179,7 @@ def test_measured_noise_matches_the_calibrated_one(
     result = run(scripted_grid(app, 4), dp, model=model)
     z = 1.3 if adaptive is None else split_noise_multiplier(1.3, 5.0)
     noise_on_sum = result.arrays["w"].numpy() * 4  # updates are zero: the mean is noise / m
-    assert abs(noise_on_sum.mean()) < 5 * z * 0.5 / math.sqrt(size)
+    assert abs(noise_on_sum.mean()) < 6.5 * z * 0.5 / math.sqrt(size)
     assert noise_on_sum.std() == pytest.approx(z * 0.5, rel=0.015)
     assert result.history.round(1).train_metrics["dp-noise-std"] == pytest.approx(z * 0.5 / 4)
 
@@ -320,7 +323,8 @@ def test_adaptive_clip_converges_to_the_target_quantile(
     # It moves monotonically towards the quantile at first (unclipped, not clipped, fraction) ...
     early = clips[:10]
     assert all((b < a) if start > truth else (b > a) for a, b in itertools.pairwise(early))
-    # ... and settles there.
+    # ... and settles there. Seeded (noise 7, norms 11): 0.018-0.057 off here; with other
+    # seeds the start 0.02, quantile 0.5 case is still climbing at round 55 (up to 0.14 off).
     assert np.mean(clips[-15:]) == pytest.approx(truth, rel=0.1)
 
 

@@ -76,12 +76,15 @@ def test_reply_is_received_plus_clipped_update_plus_noise_exactly() -> None:
 
 
 def test_measured_noise_matches_the_calibrated_sigma() -> None:
+    """The secure source, unseeded: each check fails for a correct mod with probability
+    below 1e-9. The std is within 1.5% (9.5 standard errors of 1/sqrt(2n): P ~ 1e-20),
+    the mean within 6.5 standard errors (P = 8e-11)."""
     size = 200_000
     mod = LocalDpMod(clipping_norm=0.1, epsilon=3.0, delta=1e-5)  # the secure source
     reply = trainer(mod, {"w": np.zeros(size)})(train_request({"w": np.zeros(size)}), Context(1))
     noise = reply.require_content().get_typed("arrays", ArrayRecord)["w"].numpy()
     assert noise.std() == pytest.approx(mod.sigma, rel=0.015)
-    assert abs(noise.mean()) < 5 * mod.sigma / math.sqrt(size)
+    assert abs(noise.mean()) < 6.5 * mod.sigma / math.sqrt(size)
 
 
 def test_spent_epsilon_composes_across_rounds_in_the_node_state() -> None:
@@ -204,9 +207,12 @@ def distinguishing_advantage(mod: LocalDpMod, trials: int) -> float:
 
 
 def test_a_server_cannot_tell_neighbouring_datasets_apart() -> None:
-    mod = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5)
+    # Seeded: a statistical test. Over 2,000 seeds the honest advantage never exceeded
+    # -0.009, but the broken control fell to <= 0.05 on 1.25% of them (a CI run drew
+    # 0.0499 from the secure source); these seeds give typical values.
+    mod = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5, rng=np.random.default_rng(1))
     assert distinguishing_advantage(mod, 2000) <= 0.0
     # The same attack catches a mod that adds a quarter of the noise it should.
-    broken = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5)
+    broken = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5, rng=np.random.default_rng(4))
     broken.sigma /= 4
     assert distinguishing_advantage(broken, 2000) > 0.05

@@ -70,6 +70,10 @@ def _sum_of_encryptions(params: CKKSParameters, values: list[np.ndarray]) -> np.
 @pytest.mark.parametrize(("params", "bound"), [(COMPACT, 1e-8), (WIDE, 1e-10)])
 def test_measured_precision_of_a_sum_of_ten(params: CKKSParameters, bound: float) -> None:
     # What the docs promise: ten weighted updates (|values| ~ 100), summed by a public context.
+    # Statistical: SEAL's encryption noise is its own, unseeded. Over 200 runs the worst error
+    # was 2.0e-9 (compact) and 3.1e-12 (wide), per-slot sd 4.3e-10 and 5.9e-13: the bounds are
+    # 23 and 168 sd, so P(fail) < 1e-100 for an error (a sum of many small terms) with
+    # Gaussian tails, a union bound over the slots.
     rng = np.random.default_rng(0)
     values = [100 * rng.standard_normal(params.slots) for _ in range(10)]
     error = np.max(np.abs(_sum_of_encryptions(params, values) - np.sum(values, axis=0)))
