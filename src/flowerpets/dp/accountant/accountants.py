@@ -43,6 +43,7 @@ from flowerpets.core.sampling import (
     FullParticipation,
     PoissonSampling,
 )
+from flowerpets.dp.accountant._without_replacement import sampled_without_replacement_gaussian_pld
 from flowerpets.dp.accountant.events import (
     FixedSizeSampledGaussian,
     FullParticipationGaussian,
@@ -51,7 +52,6 @@ from flowerpets.dp.accountant.events import (
     PoissonSampledGaussian,
     PrivacyEvent,
 )
-from flowerpets.dp.accountant._without_replacement import sampled_without_replacement_gaussian_pld
 from flowerpets.exceptions import PrivacyAccountingError
 
 __all__ = [
@@ -409,7 +409,7 @@ class PldAccountant(Accountant):
 
 
 class RdpAccountant(Accountant):
-    """dp-accounting's RDP accountant: fast, a little looser (much looser for fixed-size cohorts)."""
+    """dp-accounting's RDP accountant: fast, a little looser (much looser on fixed-size cohorts)."""
 
     name = "rdp"
     _CONVERT = _RDP_CONVERT
