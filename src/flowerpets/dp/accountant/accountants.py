@@ -5,8 +5,8 @@ Koskela et al. 2020, Doroshenko et al. 2022) is the default: its epsilon is the
 tightest valid bound dp-accounting computes, with pessimistic discretization.
 It also analyses fixed-size cohorts (sampling without replacement, replace-one)
 through a dominating pair built from dp-accounting's parts (see
-:mod:`flowerpets.dp.accountant._without_replacement`): within 2-10% of an
-attack's lower bound, where RDP's bound is 1.4-2.2 times it.
+:mod:`flowerpets.dp.accountant._without_replacement`): 2-11% above an
+attack's lower bound in the settings tested, where RDP's bound is 1.4-4.3 times it.
 :class:`RdpAccountant` (Renyi DP; Mironov 2017, Mironov, Talwar and Zhang 2019)
 is the fast path: about 8-12% looser at epsilon 3-8 and several times looser at
 small epsilon; for fixed-size cohorts it uses Wang, Balle and Kasiviswanathan's
