@@ -86,14 +86,33 @@ def test_plan_prints_epsilon_per_round_and_plots(
         assert value == pytest.approx(RdpAccountant().compose(event, rnd).get_epsilon(1e-5))
     assert series == sorted(series)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fixed = run_json(capsys, *base, "--rounds", "300", "--delta", "1e-5", "--sampling", "fixed")
+    fixed = run_json(
+        capsys,
+        *base,
+        "--rounds",
+        "300",
+        "--delta",
+        "1e-5",
+        "--sampling",
+        "fixed",
+        "--accountant",
+        "rdp",
+    )
     assert len(fixed["rounds"]) == 50 and fixed["rounds"][-1] == 300  # type: ignore[arg-type,index]
-    (name,) = fixed["epsilon"]  # type: ignore[misc]
-    assert name == "rdp"  # the accountant that analyses fixed-size cohorts
     expected = RdpAccountant(neighbouring=Neighbouring.REPLACE_ONE).compose(
         FixedSizeSampledGaussian(1.5, 10, 100), 300
     )
     assert fixed["epsilon"]["rdp"][-1] == pytest.approx(expected.get_epsilon(1e-5))  # type: ignore[index]
+    # By default a fixed-size plan is accounted with PLD too (under replace-one).
+    fixed = run_json(
+        capsys, *base, "--rounds", "20", "--points", "2", "--delta", "1e-5", "--sampling", "fixed"
+    )
+    (name,) = fixed["epsilon"]  # type: ignore[misc]
+    assert name == "pld"
+    tight = PldAccountant(neighbouring=Neighbouring.REPLACE_ONE).compose(
+        FixedSizeSampledGaussian(1.5, 10, 100), 20
+    )
+    assert fixed["epsilon"]["pld"][-1] == pytest.approx(tight.get_epsilon(1e-5))  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -203,26 +222,6 @@ def test_plan_prints_epsilon_per_round_and_plots(
                 "1e-5",
             ],
             "exceeds --population",
-        ),
-        (
-            [
-                "plan",
-                "--population",
-                "50",
-                "--clients-per-round",
-                "5",
-                "--rounds",
-                "2",
-                "--noise-multiplier",
-                "1",
-                "--delta",
-                "1e-5",
-                "--sampling",
-                "fixed",
-                "--accountant",
-                "pld",
-            ],
-            "no PLD for sampling without replacement",
         ),
     ],
 )

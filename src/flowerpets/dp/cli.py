@@ -13,10 +13,10 @@ rate of 1 means every step sees everyone: no amplification). ``plan`` describes
 federated rounds: clients sampled from a population by Poisson sampling at
 rate ``clients / population`` (the default) or as a fixed-size cohort drawn
 without replacement, and prints epsilon after each round. ``--accountant``
-picks PLD (default, tightest), RDP (fast), or ``all`` side by side with the
-time each took; a fixed-size plan defaults to RDP, the accountant that
-analyses it. A table by default, one JSON object with ``--json``. Bad
-arguments print one line on stderr and exit with status 2.
+picks PLD (default, tightest, also for fixed-size plans, under replace-one),
+RDP (fast), or ``all`` side by side with the time each took. A table by
+default, one JSON object with ``--json``. Bad arguments print one line on
+stderr and exit with status 2.
 """
 
 from __future__ import annotations

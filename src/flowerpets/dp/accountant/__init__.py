@@ -8,8 +8,9 @@
     accountant.compose(PoissonSampledGaussian(noise_multiplier=1.1, sample_rate=0.01), 1000)
     accountant.get_epsilon(1e-5)  # ~1.5
 
-:class:`PldAccountant` is the default and the tightest; :class:`RdpAccountant`
-is faster and analyses fixed-size cohorts. :func:`calibrate_noise_multiplier`
+:class:`PldAccountant` is the default and the tightest, also for fixed-size
+cohorts (sampling without replacement, under replace-one neighbouring);
+:class:`RdpAccountant` is faster and looser. :func:`calibrate_noise_multiplier`
 finds the noise for a target epsilon through either. The ``flowerpets
 accountant`` command line wraps the same functions.
 """

@@ -3,10 +3,14 @@
 :class:`PldAccountant` (privacy loss distributions; Meiser and Mohammadi 2018,
 Koskela et al. 2020, Doroshenko et al. 2022) is the default: its epsilon is the
 tightest valid bound dp-accounting computes, with pessimistic discretization.
+It also analyses fixed-size cohorts (sampling without replacement, replace-one)
+through a dominating pair built from dp-accounting's parts (see
+:mod:`flowerpets.dp.accountant._without_replacement`): 2-11% above an
+attack's lower bound in the settings tested, where RDP's bound is 1.4-4.3 times it.
 :class:`RdpAccountant` (Renyi DP; Mironov 2017, Mironov, Talwar and Zhang 2019)
 is the fast path: about 8-12% looser at epsilon 3-8 and several times looser at
-small epsilon, but it is the one that analyses fixed-size sampling without
-replacement (Wang, Balle and Kasiviswanathan, AISTATS 2019).
+small epsilon; for fixed-size cohorts it uses Wang, Balle and Kasiviswanathan's
+bound (AISTATS 2019).
 
 Conventions. Our events give noise relative to the clip C. dp-accounting's two
 accountants read ``GaussianDpEvent`` differently under ``REPLACE_ONE``: the PLD
@@ -18,7 +22,8 @@ below do that translation, and a test checks that both agree with the exact
 Gaussian formula.
 
 Every mathematical step is dp-accounting's; nothing here computes a privacy
-loss itself.
+loss itself (for fixed-size cohorts this package chooses which of
+dp-accounting's divergences to discretize, by a cited theorem).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from flowerpets.core.sampling import (
     FullParticipation,
     PoissonSampling,
 )
+from flowerpets.dp.accountant._without_replacement import sampled_without_replacement_gaussian_pld
 from flowerpets.dp.accountant.events import (
     FixedSizeSampledGaussian,
     FullParticipationGaussian,
@@ -226,6 +232,10 @@ _PLD_CONVERT: dict[tuple[type, Neighbouring], _Converter] = {
     (PoissonSampledGaussian, REPLACE): lambda dpa, e: dpa.PoissonSampledDpEvent(
         e.sample_rate, _gaussian(dpa, e.noise_multiplier)
     ),
+    # dp-accounting's PLDAccountant cannot compose this event: _single_event_pld builds its PLD.
+    (FixedSizeSampledGaussian, REPLACE): lambda dpa, e: dpa.SampledWithoutReplacementDpEvent(
+        e.population, e.sample_size, _gaussian(dpa, e.noise_multiplier)
+    ),
     (Laplace, ADD): lambda dpa, e: dpa.LaplaceDpEvent(e.noise_multiplier),
 }
 
@@ -271,6 +281,12 @@ def _single_event_pld(event: PrivacyEvent, neighbouring: Neighbouring, interval:
             value_discretization_interval=interval,
             sampling_prob=event.sample_rate,
             neighboring_relation=_relation(neighbouring),
+        )
+    if isinstance(event, FixedSizeSampledGaussian):
+        return sampled_without_replacement_gaussian_pld(
+            noise_multiplier=event.noise_multiplier,
+            sample_rate=event.sample_rate,
+            value_discretization_interval=interval,
         )
     if isinstance(event, Laplace):
         return pld.from_laplace_mechanism(
@@ -322,16 +338,18 @@ def _single_event_rdp(
 class PldAccountant(Accountant):
     """dp-accounting's PLD accountant: the tightest valid epsilon, the default.
 
-    Fixed-size sampling without replacement is not supported (dp-accounting has
-    no PLD for it); :func:`default_accountant` falls back to RDP for it.
+    Fixed-size sampling without replacement is analysed under replace-one
+    neighbouring, through the dominating pair of
+    :mod:`flowerpets.dp.accountant._without_replacement`, composed by
+    dp-accounting.
     """
 
     name = "pld"
     _CONVERT = _PLD_CONVERT
     _WHY_NOT: ClassVar[Mapping[type, str]] = {
         FixedSizeSampledGaussian: (
-            "dp-accounting has no PLD for sampling without replacement; use "
-            "RdpAccountant(neighbouring=Neighbouring.REPLACE_ONE), or Poisson sampling"
+            "sampling without replacement is analysed under replace-one neighbouring: "
+            "use PldAccountant(neighbouring=Neighbouring.REPLACE_ONE)"
         ),
         Laplace: "the Laplace PLD is defined under add-or-remove neighbouring only",
     }
@@ -391,7 +409,7 @@ class PldAccountant(Accountant):
 
 
 class RdpAccountant(Accountant):
-    """dp-accounting's RDP accountant: fast, a little looser; analyses fixed-size cohorts."""
+    """dp-accounting's RDP accountant: fast, a little looser (much looser on fixed-size cohorts)."""
 
     name = "rdp"
     _CONVERT = _RDP_CONVERT
