@@ -210,8 +210,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     pets = getattr(args, "pets", None)
     if pets is not None and chosen:
         raise ValueError(
-            f"--pets {pets} chooses the whole composition and {', '.join(chosen)} "
-            "choose PETs one by one: give one or the other"
+            f"--pets {pets} is a whole composition, and {', '.join(chosen)} pick PETs one by "
+            "one: give one or the other"
         )
     if pets is None:
         pets = CUSTOM if chosen else getattr(args, "default_pets", NONE)
@@ -504,12 +504,13 @@ def _simulate(apps: DemoApps, args: argparse.Namespace, label: str = "") -> Simu
     )
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Run the demo as ``args`` say; returns a process exit code.
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the demo as ``args`` say, printing to ``out`` (stdout); returns an exit code.
 
     0: the run trained; 1: every round failed; 2: flags that do not go
     together (one line on stderr).
     """
+    out = sys.stdout if out is None else out
     view = ServerView()
     try:
         args = resolve(args)
@@ -523,10 +524,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with _library_logs() as logs:
         try:
             result = _simulate(apps, args)
-            plain = _simulate(baseline, args, label="without PETs ") if baseline else None
+            records = result.history.rounds
+            trained = not all(r.error for r in records)
+            # Nothing to compare when the PETs' run never trained.
+            compare = baseline is not None and trained
+            plain = _simulate(baseline, args, label="without PETs ") if compare else None
         except FlowerpetsError as exc:  # a combination that only the run itself refuses
             return _error(exc)
-    records = result.history.rounds
     snapshot = view.snapshot()
     if args.json:
         payload: dict[str, Any] = {
@@ -548,17 +552,23 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         notes = failure_notes(records, result.node_index)
         for note in notes + _log_notes(logs.messages, [r.error or "" for r in records]):
             print(note, file=out)
-        print(_final_line(args, records, plain), file=out)
+        print(_final_line(args, records, plain) if trained else _untrained(records), file=out)
     if result.stopped:
         print(f"run stopped early: {one_line(result.stopped)}", file=sys.stderr)
-    if all(r.error for r in records):
-        first = one_line(records[0].error) if records else "no round ran"
+    if not trained:
         print(
-            f"flowerpets demo: every round failed, the model was never trained (round 1: {first})",
+            "flowerpets demo: every round failed, the model was never trained "
+            f"(round 1: {one_line(records[0].error) if records else 'no round ran'})",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def _untrained(records: Sequence[RoundRecord]) -> str:
+    accuracy, _ = _final(records)
+    initial = f"{accuracy:.4f}, " if math.isfinite(accuracy) else ""
+    return f"final test accuracy: {initial}the initial model's: every round failed"
 
 
 def _final_line(
