@@ -1,4 +1,4 @@
-"""The ``flowerpets`` command line: one-line errors with exit status 2, no abbreviations, plain help.
+"""The ``flowerpets`` command line: one-line errors, exit status 2, no abbreviations, plain help.
 
 Every bad command line a new user tried (issue 9, item 13) must end in one line
 on stderr, ``prog: error: ...``, and exit status 2: never a traceback, never a
@@ -95,14 +95,23 @@ def test_bad_accountant_flags_are_one_line_errors(capsys: pytest.CaptureFixture[
     assert "--delta" in line
 
 
+DELTA = ("--delta", "1e-5")
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["no-such-command"],
         ["server", "--ap", "x:y"],  # an abbreviation of --app
         ["certs", "--ou", "creds"],  # an abbreviation of --out
-        ["accountant", "epsilon", "--noise", "1", "--sample-rate", "0.1", "--steps", "3"]
-        + ["--delta", "1e-5"],
+        [
+            "accountant",
+            "epsilon",
+            "--noise",
+            "1",
+            *("--sample-rate", "0.1", "--steps", "3"),
+            *DELTA,
+        ],
     ],
 )
 def test_other_subcommands_refuse_abbreviations_in_one_line(

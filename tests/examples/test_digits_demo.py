@@ -30,6 +30,8 @@ from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
 from flowerpets.exceptions import RequestRefusedError
 
+PLAIN = ("--pets", "none")
+
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """``flowerpets demo *argv``, in this process: exit code, stdout, stderr."""
@@ -63,8 +65,7 @@ def test_demo_samples_cohorts(run_demo: Callable[..., dict[str, Any]]) -> None:
 
 def test_cli_prints_a_table_and_refuses_bad_arguments() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "flowerpets", "demo", "--pets", "none", "--rounds", "2"]
-        + ["--clients", "5"],
+        [sys.executable, "-m", "flowerpets", "demo", *PLAIN, "--rounds", "2", "--clients", "5"],
         capture_output=True,
         text=True,
         check=False,
@@ -90,7 +91,7 @@ def test_cli_prints_a_table_and_refuses_bad_arguments() -> None:
     assert clash.stderr.strip().startswith("flowerpets demo: error: --secagg and --he")
 
 
-# -- item 15: the default is the recommended composition --------------------------------------------
+# -- item 15: the default is the recommended composition ----------------------------------------
 def test_the_command_runs_the_recommended_composition_by_default(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -172,7 +173,7 @@ def test_pets_resolution() -> None:
     assert demo.resolve(library.parse_args([])).composition == "none"
 
 
-# -- item 14: the table says what was measured, and only that -----------------------------------------
+# -- item 14: the table says what was measured, and only that ----------------------------------
 def test_the_table_drops_what_was_not_measured() -> None:
     central = [
         RoundRecord(round=1, train_metrics={"epsilon": 1.5}, server_metrics={"accuracy": 0.5}),
@@ -232,7 +233,7 @@ def test_plot_says_where_it_wrote(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert f"plot written to {plot}" in capsys.readouterr().out and plot.stat().st_size > 0
 
 
-# -- item 10: failed rounds are shown, and a run where every round failed exits 1 --------------------
+# -- item 10: failed rounds are shown, and a run where every round failed exits 1 ---------------
 class _Refusing:
     """A test-only PET switch: a client mod that refuses the train messages of some nodes."""
 

@@ -526,9 +526,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             result = _simulate(apps, args)
             records = result.history.rounds
             trained = not all(r.error for r in records)
-            # Nothing to compare when the PETs' run never trained.
-            compare = baseline is not None and trained
-            plain = _simulate(baseline, args, label="without PETs ") if compare else None
+            plain = None
+            if baseline is not None and trained:  # nothing to compare with an untrained run
+                plain = _simulate(baseline, args, label="without PETs ")
         except FlowerpetsError as exc:  # a combination that only the run itself refuses
             return _error(exc)
     snapshot = view.snapshot()
