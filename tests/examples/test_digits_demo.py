@@ -224,15 +224,6 @@ def test_he_needs_no_api_advice(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < float(row.split()[5]) <= 1  # the nodes' federated accuracy
 
 
-def test_plot_says_where_it_wrote(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
-    plot = tmp_path / "eps.png"
-    argv = ["accountant", "plan", "--population", "100", "--clients-per-round", "10"]
-    argv += ["--rounds", "3", "--noise-multiplier", "1", "--delta", "1e-5", "--plot", str(plot)]
-    capsys.readouterr()
-    assert flowerpets_main([*argv, "--accountant", "rdp"]) == 0
-    assert f"plot written to {plot}" in capsys.readouterr().out and plot.stat().st_size > 0
-
-
 # -- item 10: failed rounds are shown, and a run where every round failed exits 1 ---------------
 class _Refusing:
     """A test-only PET switch: a client mod that refuses the train messages of some nodes."""
