@@ -292,3 +292,13 @@ def test_failure_notes_name_the_count_and_the_first_reason() -> None:
         "the first: node 0 at train: REFUSED: no"
     )
     assert len(notes) == demo.MAX_NOTES + 1 and notes[-1].startswith("... and 4 more")
+
+
+def test_the_deploy_run_config_takes_no_abbreviations_and_stays_plain_by_default() -> None:
+    from flowerpets.examples.digits import deploy
+
+    with pytest.raises(ValueError, match="unrecognized arguments: --round 2"):
+        deploy.demo_arguments({"demo-flags": "--round 2"})
+    assert demo.resolve(deploy.demo_arguments({})).composition == demo.NONE
+    recommended = demo.resolve(deploy.demo_arguments({"demo-flags": "--pets recommended"}))
+    assert (recommended.secagg, recommended.dp) == (True, "central")
