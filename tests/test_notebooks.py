@@ -109,14 +109,15 @@ MIN_MESSAGE = 40  # characters: table rows and short labels may repeat
 
 
 def repeated_messages(nb: nbformat.NotebookNode) -> list[str]:
-    """Output lines that say again what another line says.
+    """Warnings (stderr lines) that say again what another output line says.
 
-    A long line contained in another (one failure printed and logged twice,
-    with different prefixes), or a warning on stderr repeated with only its
-    numbers changed (the same failure logged for every round).
+    A warning that contains another long line or is contained in one (a
+    failure the notebook prints and the library logs too, with different
+    prefixes), or a warning repeated with only its numbers changed (the same
+    failure logged for every round). Printed lines (stdout) may repeat: table
+    headers, one per run.
     """
-    lines: list[str] = []
-    warnings: list[str] = []
+    printed: list[tuple[str, bool]] = []  # (line, is a warning)
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             if output.get("output_type") != "stream":
@@ -124,15 +125,17 @@ def repeated_messages(nb: nbformat.NotebookNode) -> list[str]:
             for line in output.get("text", "").splitlines():
                 line = _LOG_PREFIX.sub("", line.strip()).strip()
                 if len(line) >= MIN_MESSAGE:
-                    lines.append(line)
-                    if output.get("name") == "stderr":
-                        warnings.append(_NUMBER.sub("#", line))
+                    printed.append((line, output.get("name") == "stderr"))
     found = [
-        line
-        for i, line in enumerate(lines)
-        if any(line in other for j, other in enumerate(lines) if j != i)
+        warning
+        for i, (warning, is_warning) in enumerate(printed)
+        if is_warning
+        and any(
+            warning in other or other in warning for j, (other, _) in enumerate(printed) if j != i
+        )
     ]
-    found += sorted({w for w in warnings if warnings.count(w) > 1})
+    shapes = [_NUMBER.sub("#", line) for line, is_warning in printed if is_warning]
+    found += sorted({shape for shape in shapes if shapes.count(shape) > 1})
     return found
 
 
@@ -160,9 +163,14 @@ def test_repeated_messages_are_found() -> None:
             ),
         ),
     ]
+    table = "round  nodes  failed  train loss  fed. acc  accuracy\n"
+    cell.outputs += [nbformat.v4.new_output("stream", name="stdout", text=table * 2)]
     nb.cells = [cell]
     found = repeated_messages(nb)
-    assert reason in found and len(found) == 2
+    assert found == [
+        f"SecAgg+ {reason}",
+        "round # failed, the model is unchanged: round #: # node(s) contributed",
+    ]
 
 
 @pytest.mark.slow
