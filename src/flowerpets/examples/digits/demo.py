@@ -188,8 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_pets: str = NONE) 
         choices=[RECOMMENDED, NONE],
         default=None,
         help=f"{RECOMMENDED}: SecAgg+ with central DP at epsilon {RECOMMENDED_EPSILON:g} "
-        "(unless --target-epsilon or --noise-multiplier says otherwise) on Poisson-sampled "
-        "clients, then a plain run to compare; none: plain FedAvg only. Without --pets: "
+        "on Poisson-sampled clients, then a plain run to compare (the DP and SecAgg+ options "
+        "below tune it: --target-epsilon, --clip, --sample-rate, ...); none: plain FedAvg "
+        "only. Without --pets: "
         f"{default_pets}, unless --secagg, --dp or --he choose the PETs one by one (they "
         "cannot be combined with --pets)",
     )
