@@ -189,7 +189,7 @@ def test_dirichlet_is_an_exact_cover(
     _assert_exact_cover(parts, len(labels))
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # a deadline is a wall-clock assertion
 @given(
     labels=st.lists(st.integers(0, 9), min_size=60, max_size=300),
     num_partitions=st.integers(1, 6),

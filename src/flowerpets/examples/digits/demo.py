@@ -269,9 +269,10 @@ class ProgressBar:
     ) -> None:
         self.total, self.stream, self.width, self.label = total, stream, width, label
         self.started = time.perf_counter()
+        self.drawn = 0
 
     def __call__(self, record: RoundRecord) -> None:
-        done = record.round
+        done = self.drawn = record.round
         filled = self.width * done // self.total
         bar = "#" * filled + "." * (self.width - filled)
         elapsed = time.perf_counter() - self.started
@@ -286,6 +287,13 @@ class ProgressBar:
         if done == self.total:
             self.stream.write("\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line when the run ended early (a budget stop)."""
+        if 0 < self.drawn < self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = self.total
 
 
 def _cell(value: float, width: int, spec: str) -> str:
@@ -328,9 +336,15 @@ MAX_NOTES = 5  # rounds with failures listed under the table
 
 
 def failure_notes(
-    records: Sequence[RoundRecord], node_index: Callable[[int], int] | None = None
+    records: Sequence[RoundRecord],
+    node_index: Callable[[int], int] | None = None,
+    stopped: str | None = None,
 ) -> list[str]:
-    """One line per round that failed or lost nodes: how many, and the first reason."""
+    """One line per round that failed or lost nodes: how many, and the first reason.
+
+    ``stopped`` is why a mod ended the run (the record of the round it
+    refused carries it as its error).
+    """
 
     def name(node: int) -> str:
         try:
@@ -342,7 +356,12 @@ def failure_notes(
     for r in records:
         if not r.error and not r.failures:
             continue
-        parts = [f"failed, the model is unchanged: {one_line(r.error)}"] if r.error else []
+        if r.error and r.error == stopped:
+            parts = [f"not run, the run stopped: {one_line(r.error)}"]
+        elif r.error:
+            parts = [f"failed, the model is unchanged: {one_line(r.error)}"]
+        else:
+            parts = []
         if r.failures:
             node, failure = next(iter(r.failures.items()))
             parts.append(f"{len(r.failures)} node(s) failed, the first: {name(node)} at {failure}")
@@ -500,9 +519,13 @@ def _header(args: argparse.Namespace, apps: DemoApps) -> str:
 
 def _simulate(apps: DemoApps, args: argparse.Namespace, label: str = "") -> SimulationResult:
     progress = None if args.json else ProgressBar(args.rounds, label=label)
-    return run_simulation(
-        apps.server_app, apps.client_app, args.clients, seed=args.seed, on_round=progress
-    )
+    try:
+        return run_simulation(
+            apps.server_app, apps.client_app, args.clients, seed=args.seed, on_round=progress
+        )
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -550,11 +573,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             )
             print("\n".join(snapshot.lines(noise)), file=out)
         print(format_table(records), file=out)
-        notes = failure_notes(records, result.node_index)
+        notes = failure_notes(records, result.node_index, result.stopped)
         for note in notes + _log_notes(logs.messages, [r.error or "" for r in records]):
             print(note, file=out)
         print(_final_line(args, records, plain) if trained else _untrained(records), file=out)
-    if result.stopped:
+    if result.stopped and args.json:  # the table's notes say it otherwise
         print(f"run stopped early: {one_line(result.stopped)}", file=sys.stderr)
     if not trained:
         print(
