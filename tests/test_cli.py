@@ -158,3 +158,20 @@ def test_typed_errors_from_the_run_are_one_line_and_bugs_keep_their_traceback(
     monkeypatch.setattr(demo, "run_simulation", bug)
     with pytest.raises(KeyError, match="a bug"):
         main(["demo", "--pets", "none", "--rounds", "1"])
+
+
+def test_one_line_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from flowerpets._argtypes import OneLineParser, one_line
+
+    parser = OneLineParser(prog="tool")
+    parser.add_argument("--rounds", type=int, required=True)
+    sub = parser.add_subparsers(dest="command")
+    child = sub.add_parser("go")
+    assert isinstance(child, OneLineParser) and child.allow_abbrev is False
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--round", "2"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tool: error: the following arguments are required: --rounds"
+    ]
+    assert one_line("first\n\n  second  \n") == "first; second"
