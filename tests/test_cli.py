@@ -164,14 +164,13 @@ def test_one_line_parser(capsys: pytest.CaptureFixture[str]) -> None:
     from flowerpets._argtypes import OneLineParser, one_line
 
     parser = OneLineParser(prog="tool")
-    parser.add_argument("--rounds", type=int, required=True)
-    sub = parser.add_subparsers(dest="command")
-    child = sub.add_parser("go")
+    child = parser.add_subparsers(dest="command").add_parser("go")
     assert isinstance(child, OneLineParser) and child.allow_abbrev is False
+    child.add_argument("--rounds", type=int, default=1)
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["--round", "2"])
+        parser.parse_args(["go", "--round", "2"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "tool: error: the following arguments are required: --rounds"
+        "tool: error: unrecognized arguments: --round 2"
     ]
     assert one_line("first\n\n  second  \n") == "first; second"
