@@ -1,8 +1,12 @@
-"""Every tutorial in notebooks/ runs top to bottom without an error.
+"""Every tutorial in notebooks/ runs top to bottom without an error, and draws its figures.
 
 Each notebook runs in a fresh kernel started with this interpreter (not whatever
 ``python3`` kernel Jupyter would pick), from a copy of the notebooks directory
-in a temporary directory, with matplotlib's non-interactive Agg backend.
+in a temporary directory, with matplotlib's inline backend, as Jupyter runs it:
+every figure a cell draws becomes a PNG output, and the test counts them per
+notebook (a plot that silently stopped being drawn fails it). A notebook also
+says each thing once: no output line repeats another (a failure printed by the
+notebook and logged by the library too is noise a reader must wade through).
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 KERNEL_NAME = "flowerpets-test"
+# Figures each notebook draws (PNG outputs of the executed notebook).
+FIGURES = {
+    "01-quickstart.ipynb": 2,
+    "02-secure-aggregation.ipynb": 2,
+    "03-differential-privacy.ipynb": 4,
+    "04-dp-sgd-opacus.ipynb": 1,
+    "05-homomorphic-encryption.ipynb": 3,
+}
+
 CELL_TIMEOUT = 300  # seconds per cell
 STARTUP_TIMEOUT = 120  # seconds for the kernel to come up on a slow CI machine
 
@@ -55,8 +68,13 @@ def _kernel_manager(kernel_dir: Path) -> AsyncKernelManager:
         "display_name": f"flowerpets tests ({sys.executable})",
         "language": "python",
         # Merged into the kernel's environment, which otherwise is this process's.
-        # IPYTHONDIR keeps the user's IPython profile and startup files out of the run.
-        "env": {"MPLBACKEND": "Agg", "IPYTHONDIR": str(kernel_dir / "ipython")},
+        # The inline backend turns each figure into a PNG output (whatever MPLBACKEND this
+        # process has, Agg on a headless CI machine); IPYTHONDIR keeps the user's IPython
+        # profile and startup files out of the run.
+        "env": {
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            "IPYTHONDIR": str(kernel_dir / "ipython"),
+        },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     specs = KernelSpecManager(kernel_dirs=[str(kernel_dir)], ensure_native_kernel=False)
@@ -76,9 +94,83 @@ def _first_error(nb: nbformat.NotebookNode) -> str:
     return ""
 
 
+def _figures(nb: nbformat.NotebookNode) -> int:
+    """The PNG images among the executed notebook's outputs."""
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in nb.cells
+        for output in cell.get("outputs", [])
+    )
+
+
+_NUMBER = re.compile(r"\d+(\.\d+)?(e[-+]?\d+)?")
+_LOG_PREFIX = re.compile(r"^[\d/: ,.-]*(WARNING|INFO|ERROR):")  # a root handler's timestamp
+MIN_MESSAGE = 40  # characters: table rows and short labels may repeat
+
+
+def repeated_messages(nb: nbformat.NotebookNode) -> list[str]:
+    """Warnings (stderr lines) that say again what another output line says.
+
+    A warning that contains another long line or is contained in one (a
+    failure the notebook prints and the library logs too, with different
+    prefixes), or a warning repeated with only its numbers changed (the same
+    failure logged for every round). Printed lines (stdout) may repeat: table
+    headers, one per run.
+    """
+    printed: list[tuple[str, bool]] = []  # (line, is a warning)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") != "stream":
+                continue
+            for line in output.get("text", "").splitlines():
+                line = _LOG_PREFIX.sub("", line.strip()).strip()
+                if len(line) >= MIN_MESSAGE:
+                    printed.append((line, output.get("name") == "stderr"))
+    found = [
+        warning
+        for i, (warning, is_warning) in enumerate(printed)
+        if is_warning
+        and any(
+            warning in other or other in warning for j, (other, _) in enumerate(printed) if j != i
+        )
+    ]
+    shapes = [_NUMBER.sub("#", line) for line, is_warning in printed if is_warning]
+    found += sorted({shape for shape in shapes if shapes.count(shape) > 1})
+    return found
+
+
 def test_there_are_notebooks() -> None:
     # An empty glob would parametrize the test below into a silent skip.
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
+    assert sorted(FIGURES) == [p.name for p in NOTEBOOKS], "FIGURES must list every notebook"
+
+
+def test_repeated_messages_are_found() -> None:
+    # The check the notebooks must pass, on the outputs notebook 02 printed before it was fixed.
+    reason = "secagg+/unmask: round 1: 5 of 20 survivors answered; a self-mask cannot be rebuilt"
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("...")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text=f"SecAgg+ {reason}\n"),
+        nbformat.v4.new_output("stream", name="stdout", text=f"{reason}\n"),
+        nbformat.v4.new_output(
+            "stream",
+            name="stderr",
+            text="".join(
+                f"12/02/2026 06:21:18:WARNING:round {r} failed, the model is unchanged: "
+                f"round {r}: 0 node(s) contributed\n"
+                for r in (3, 4)
+            ),
+        ),
+    ]
+    table = "round  nodes  failed  train loss  fed. acc  accuracy\n"
+    cell.outputs += [nbformat.v4.new_output("stream", name="stdout", text=table * 2)]
+    nb.cells = [cell]
+    found = repeated_messages(nb)
+    assert found == [
+        f"SecAgg+ {reason}",
+        "round # failed, the model is unchanged: round #: # node(s) contributed",
+    ]
 
 
 @pytest.mark.slow
@@ -103,3 +195,7 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     # Failing outside the except block keeps nbclient's coloured copy out of the report.
     if failure:
         pytest.fail(f"{path.name}: {failure}", pytrace=False)
+    assert _figures(nb) == FIGURES[path.name], f"{path.name}: {_figures(nb)} figures drawn"
+    assert not repeated_messages(nb), (
+        f"{path.name} says this more than once: {repeated_messages(nb)}"
+    )

@@ -1,4 +1,4 @@
-"""argparse value types for the command lines (``flowerpets ...`` and ``bench/``).
+"""argparse value types and parser for the command lines (``flowerpets ...`` and ``bench/``).
 
 A value type is what ``parser.add_argument(..., type=...)`` takes: a callable
 from the option's text to its value that raises
@@ -10,7 +10,10 @@ prints as ``prog: error: argument --option: <reason>`` (exit status 2).
 * :func:`checked` puts a range check with its own message on any parser,
   including another checked type, so each command line keeps its own wording;
 * :data:`positive_int`, :data:`non_negative_int` and :data:`non_negative_float`
-  are the ready-made ones more than one command line uses.
+  are the ready-made ones more than one command line uses;
+* :class:`OneLineParser` is the parser every ``flowerpets`` command uses: an
+  error is one line on stderr with exit status 2, and options are never
+  matched by prefix (``--round`` is not ``--rounds``).
 
 This module imports nothing from the rest of flowerpets, so any layer may use it.
 """
@@ -20,14 +23,16 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 __all__ = [
+    "OneLineParser",
     "checked",
     "integer",
     "non_negative_float",
     "non_negative_int",
     "number",
+    "one_line",
     "positive_int",
 ]
 
@@ -94,3 +99,24 @@ non_negative_float = checked(
     "expected a finite number >= 0, got {value}",
     name="non_negative_float",
 )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2), with no abbreviations.
+
+    Prefix matching is off (``allow_abbrev=False``): an abbreviation that works
+    today silently changes meaning when a longer option is added tomorrow. Its
+    subparsers are of the same class unless ``parser_class`` says otherwise.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message: object) -> str:
+    """``message`` as one line: its lines joined by ``"; "``, blank ones dropped."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())

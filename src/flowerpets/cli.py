@@ -3,20 +3,24 @@
 ``flowerpets demo`` runs the federated digits demo; ``flowerpets accountant``
 answers privacy-budget questions (epsilon, noise, plans); ``flowerpets
 server``, ``client`` and ``certs`` run a federation as separate processes over
-gRPC. Subcommands import what
-they need only when they run, so ``flowerpets --help`` works without the
-optional extras.
+gRPC. Subcommands import what they need only when they run, so ``flowerpets
+--help`` works without the optional extras.
+
+Every parser of the tree refuses abbreviations (``--round`` is not
+``--rounds``) and reports a usage error as one line on stderr with exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+from flowerpets._argtypes import OneLineParser
 from flowerpets.transport.cli import add_certs_parser, add_client_parser, add_server_parser
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "parsers"]
 
 
 def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -28,14 +32,14 @@ def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
 
 
 def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from flowerpets.examples.digits.demo import DESCRIPTION, RECOMMENDED, add_arguments
+
     parser = subparsers.add_parser(
         "demo",
         help="federated learning on the handwritten digits data set",
-        description="Run a federated simulation on scikit-learn's handwritten digits.",
+        description=DESCRIPTION,
     )
-    from flowerpets.examples.digits.demo import add_arguments
-
-    add_arguments(parser)
+    add_arguments(parser, default_pets=RECOMMENDED)
     parser.set_defaults(command=lambda args: _demo(parser)(args))
 
 
@@ -48,14 +52,31 @@ def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 SUBCOMMANDS = [_add_demo, _add_accountant, add_server_parser, add_client_parser, add_certs_parser]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subparser below it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield from parsers(child)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``flowerpets`` command line."""
+    parser: argparse.ArgumentParser = OneLineParser(
         prog="flowerpets", description="Privacy-enhancing technologies for federated learning."
     )
     subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
-    args = parser.parse_args(argv)
+    # A subcommand may bring its own parser class: no abbreviations anywhere all the same.
+    for each in parsers(parser):
+        each.allow_abbrev = False
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.command
     return command(args)
 

@@ -18,6 +18,9 @@ from flowerpets.dp.accountant import (
 )
 from flowerpets.dp.cli import main
 
+PLAN = ("plan", "--population", "50", "--clients-per-round", "5")
+SMALL_PLAN = ("--rounds", "2", "--noise-multiplier", "1", "--delta", "1e-5")
+
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
     assert main([*argv, "--json"]) == 0
@@ -207,6 +210,14 @@ def test_plan_prints_epsilon_per_round_and_plots(
         ),
         ([], "required"),
         (["bogus"], "invalid choice"),
+        (  # an abbreviation of --accountant is not taken for it
+            [*PLAN, *SMALL_PLAN, "--acc", "rdp"],
+            "unrecognized arguments: --acc rdp",
+        ),
+        (  # matplotlib cannot write .txt: refused before any accounting
+            [*PLAN, *SMALL_PLAN, "--plot", "eps.txt"],
+            "--plot eps.txt: the file name must end in one of .",
+        ),
         (
             [
                 "plan",
@@ -234,6 +245,16 @@ def test_bad_arguments_give_one_line_and_status_two(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_plan_says_where_it_wrote_the_plot(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plot = tmp_path / "eps.pdf"
+    argv = [*PLAN, "--rounds", "3", "--noise-multiplier", "1", "--delta", "1e-5"]
+    assert main([*argv, "--accountant", "rdp", "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot written to {plot}"
+    assert plot.read_bytes()[:5] == b"%PDF-"
 
 
 def test_the_command_runs_as_a_program() -> None:

@@ -146,6 +146,7 @@ def _iid_args(draw: st.DrawFn) -> tuple[int, int, int]:
     return num_examples, num_partitions, draw(st.integers(0, 2**32 - 1))
 
 
+@settings(deadline=None)
 @given(_iid_args())
 def test_iid_is_an_exact_balanced_cover(args: tuple[int, int, int]) -> None:
     num_examples, num_partitions, seed = args
@@ -177,6 +178,7 @@ _alphas = st.floats(0.01, 100.0)
 _seeds = st.integers(0, 2**32 - 1)
 
 
+@settings(deadline=None)
 @given(labels=_labels, num_partitions=st.integers(1, 12), alpha=_alphas, seed=_seeds)
 def test_dirichlet_is_an_exact_cover(
     labels: list[int], num_partitions: int, alpha: float, seed: int
@@ -189,7 +191,7 @@ def test_dirichlet_is_an_exact_cover(
     _assert_exact_cover(parts, len(labels))
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # a deadline is a wall-clock assertion
 @given(
     labels=st.lists(st.integers(0, 9), min_size=60, max_size=300),
     num_partitions=st.integers(1, 6),

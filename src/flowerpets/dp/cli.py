@@ -27,9 +27,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
-from flowerpets._argtypes import checked, integer, number
+from flowerpets._argtypes import OneLineParser, checked, integer, number, one_line
 from flowerpets.dp.accountant import (
     ACCOUNTANTS,
     Accountant,
@@ -41,19 +42,15 @@ from flowerpets.dp.accountant import (
     default_accountant,
     default_neighbouring,
 )
-from flowerpets.exceptions import PrivacyAccountingError
+from flowerpets.exceptions import FlowerpetsError
 
-__all__ = ["add_parser", "main"]
+__all__ = ["DESCRIPTION", "add_parser", "main"]
+
+#: What ``flowerpets accountant --help`` says (plain text: argparse shows it as it is).
+DESCRIPTION = "Privacy accounting from the command line: epsilon, noise multipliers and plans."
 
 ALL = "all"
 MAX_POINTS = 50  # rounds evaluated by `plan` unless --points says otherwise
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # -- argument types --------------------------------------------------------------------------------
@@ -93,11 +90,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "accountant",
         help="privacy accounting: epsilon, noise multiplier, epsilon per round",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=DESCRIPTION,
     )
     if type(parser) is argparse.ArgumentParser:
-        parser.__class__ = _OneLineParser  # its errors are one line too
-    commands = parser.add_subparsers(metavar="QUERY", required=True, parser_class=_OneLineParser)
+        parser.__class__ = OneLineParser  # its errors are one line too
+    commands = parser.add_subparsers(metavar="QUERY", required=True, parser_class=OneLineParser)
 
     epsilon = commands.add_parser(
         "epsilon", help="epsilon of T sampled Gaussian steps", description="Print epsilon."
@@ -138,7 +135,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help=f"rounds to evaluate, evenly spaced (default every round, at most {MAX_POINTS})",
     )
-    plan.add_argument("--plot", metavar="FILE.png", help="draw epsilon against rounds")
+    plan.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw epsilon against rounds into this file (.png, .pdf, .svg, ...)",
+    )
     _add_common(plan)
     plan.set_defaults(command=_run(_plan_command))
 
@@ -153,8 +154,10 @@ def _run(
     def run(args: argparse.Namespace) -> int:
         try:
             command(args, sys.stdout)
-        except (_UsageError, PrivacyAccountingError) as exc:
-            print(f"flowerpets accountant: error: {exc}", file=sys.stderr)
+        # Our typed errors, and what the accountants' configuration refuses, are usage errors;
+        # anything else is a bug and keeps its traceback.
+        except (_UsageError, FlowerpetsError, ValueError, TypeError) as exc:
+            print(f"flowerpets accountant: error: {one_line(exc)}", file=sys.stderr)
             return 2
         return 0
 
@@ -302,6 +305,8 @@ def _plan_command(args: argparse.Namespace, out: TextIO) -> None:
         raise _UsageError(
             f"--clients-per-round {args.clients_per_round} exceeds --population {args.population}"
         )
+    if args.plot:
+        _check_plot_file(args.plot)  # before the accounting, which may take a while
     event = _PLAN_EVENTS[args.sampling](args)
     accountants = _accountants(args.accountant, event)
     points = _plan_points(args.rounds, args.points)
@@ -337,10 +342,12 @@ def _plan_command(args: argparse.Namespace, out: TextIO) -> None:
     )
     rows = [(p, *(series[n][i] for n in names)) for i, p in enumerate(points)]
     text = header + "\n" + _table(("round", *(f"epsilon ({n})" for n in names)), rows)
+    if args.plot:
+        text += f"\nplot written to {args.plot}"
     _emit(args, out, payload, text)
 
 
-def _plot(path: str, rounds: list[int], series: dict[str, list[float]], args: Any) -> None:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -348,6 +355,24 @@ def _plot(path: str, rounds: list[int], series: dict[str, list[float]], args: An
         import matplotlib.pyplot as plt
     except ImportError:
         raise _UsageError("--plot needs matplotlib (pip install 'flowerpets[examples]')") from None
+    return plt
+
+
+def _check_plot_file(path: str) -> None:
+    """Refuse a file matplotlib cannot write, by its extension, before any work is done."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        known = ", ".join(f".{f}" for f in sorted(formats))
+        got = f"'.{suffix}'" if suffix else "no extension"
+        raise _UsageError(f"--plot {path}: the file name must end in one of {known}, got {got}")
+
+
+def _plot(path: str, rounds: list[int], series: dict[str, list[float]], args: Any) -> None:
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, values in series.items():
         axes.plot(rounds, values, marker="." if len(rounds) <= 60 else None, label=name)
@@ -370,7 +395,7 @@ def _plot(path: str, rounds: list[int], series: dict[str, list[float]], args: An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``accountant ...`` as if from ``flowerpets``: ``main(["epsilon", "--steps", ...])``."""
-    parser: argparse.ArgumentParser = _OneLineParser(prog="flowerpets")
+    parser: argparse.ArgumentParser = OneLineParser(prog="flowerpets")
     add_parser(parser.add_subparsers(metavar="COMMAND", required=True))
     args = parser.parse_args(["accountant", *(argv if argv is not None else sys.argv[1:])])
     command: Callable[[argparse.Namespace], int] = args.command

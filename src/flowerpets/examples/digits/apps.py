@@ -136,10 +136,16 @@ def make_server_app(
     num_rounds: int,
     sampling: CohortSampling | None = None,
     federated_evaluation: bool = False,
+    central_evaluation: bool = True,
     mods: Sequence[ServerMod] = (),
     seed: int | None = None,
 ) -> ServerApp:
-    """FedAvg over the task's nodes, evaluated on the whole test set after each round."""
+    """FedAvg over the task's nodes, evaluated on the whole test set after each round.
+
+    ``central_evaluation=False`` leaves the server's evaluation out, for a
+    server that cannot read the model (it stays encrypted): only the nodes'
+    federated evaluation measures it then.
+    """
     data = task.data
 
     def evaluate_global(round: int, arrays: ArrayRecord) -> Mapping[str, float]:
@@ -149,7 +155,7 @@ def make_server_app(
     strategy = FedAvg(
         sampling=sampling,
         evaluate_sampling=(sampling or FullParticipation()) if federated_evaluation else None,
-        evaluate_fn=evaluate_global,
+        evaluate_fn=evaluate_global if central_evaluation else None,
     )
     initial = task.model.init_params(np.random.default_rng(seed if seed is not None else 0))
     return ServerApp(

@@ -61,7 +61,7 @@ def demo_arguments(run_config: Mapping[str, ConfigValue]) -> argparse.Namespace:
     for key, flag in _FLAGS.items():
         if key in run_config:
             flags += [flag, str(run_config[key])]
-    parser = _Parser(prog="digits deploy")
+    parser = _Parser(prog="digits deploy", allow_abbrev=False)
     add_arguments(parser)
     try:
         return parser.parse_args(flags)

@@ -12,6 +12,12 @@ before a round would exceed it.
 ``--dp local`` runs :class:`~flowerpets.dp.LocalDpMod` on every client: each round
 is ``--target-epsilon``-DP (at ``--delta``) for the client's data, whatever the
 server does.
+
+Every DP option needs ``--dp`` (the demo's recommended composition sets
+``--dp central``); an option the chosen mode does not use is refused rather
+than ignored. Flags that cannot work together (clipping on the server under
+secure aggregation, a budget below one round's epsilon, adaptive clipping with
+too much noise) are refused before the run with a one-line reason.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ from flowerpets.dp import (
     adaptive_clipping_mod,
     fixed_clipping_mod,
 )
-from flowerpets.dp.accountant import calibrate_noise_multiplier, event_for_round
+from flowerpets.dp.accountant import (
+    PrivacyEvent,
+    calibrate_noise_multiplier,
+    default_accountant,
+    event_for_round,
+)
 from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
 
@@ -40,6 +51,38 @@ __all__ = ["DpFeature"]
 _positive = checked(number, lambda v: v > 0 and v != math.inf, "must be finite and > 0, got {text}")
 _fraction = checked(_positive, lambda v: v < 1, "must be in (0, 1), got {text}")
 _quantile = checked(number, lambda v: 0 <= v <= 1, "must be in [0, 1], got {text}")
+
+# Defaults of the options that default to None, so that "given" can be told from "not given".
+CLIP, DELTA, TARGET_QUANTILE = 1.0, 1e-5, 0.5
+# The noise multiplier is calibrated to this precision: epsilon stays at or below the target,
+# within a fraction of a percent of it, in far fewer accountant calls than the default.
+CALIBRATION_TOL = 0.01
+
+# Option attribute -> flag, by the modes that read them.
+_CENTRAL_ONLY = {
+    "noise_multiplier": "--noise-multiplier",
+    "clip_on": "--clip-on",
+    "adaptive_clip": "--adaptive-clip",
+    "target_quantile": "--target-quantile",
+}
+_ANY_MODE = {
+    "target_epsilon": "--target-epsilon",
+    "clip": "--clip",
+    "delta": "--delta",
+    "max_epsilon": "--max-epsilon",
+}
+
+
+def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    """The flags among ``options`` that the command line set."""
+    return [
+        flag for name, flag in options.items() if getattr(args, name, None) not in (None, False)
+    ]
+
+
+def _needs(given: list[str], what: str) -> ValueError:
+    verb = "needs" if len(given) == 1 else "need"
+    return ValueError(f"{', '.join(given)} {verb} {what}")
 
 
 def _sampling(args: argparse.Namespace) -> CohortSampling:
@@ -51,30 +94,50 @@ def _sampling(args: argparse.Namespace) -> CohortSampling:
     return FullParticipation()
 
 
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _central(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise ValueError(
             "--dp central needs exactly one of --noise-multiplier and --target-epsilon"
         )
+    if args.target_quantile is not None and not args.adaptive_clip:
+        raise _needs(["--target-quantile"], "--adaptive-clip")
+    clip_on = ClipOn(args.clip_on or ClipOn.CLIENTS.value)
+    secure = [flag for flag in ("secagg", "he") if getattr(args, flag, False)]
+    if clip_on is ClipOn.SERVER and secure:
+        raise ValueError(
+            f"--clip-on server needs every update one by one, but --{secure[0]} sums them "
+            "without showing any: clip on the clients (the default)"
+        )
+    clip, delta = _or(args.clip, CLIP), _or(args.delta, DELTA)
     sampling, population = _sampling(args), task.num_nodes
     z = args.noise_multiplier
     if z is None:
         z = calibrate_noise_multiplier(
             target_epsilon=args.target_epsilon,
-            delta=args.delta,
+            delta=delta,
             make_event=lambda z: event_for_round(sampling, population, z),
             count=args.rounds,
+            tol=CALIBRATION_TOL,
         )
     adaptive = (
-        AdaptiveClipping(target_quantile=args.target_quantile) if args.adaptive_clip else None
+        AdaptiveClipping(target_quantile=_or(args.target_quantile, TARGET_QUANTILE))
+        if args.adaptive_clip
+        else None
     )
-    clip_on = ClipOn(args.clip_on)
+    if adaptive is not None:
+        _check_adaptive(adaptive, z, sampling.expected_size(population))
+    if args.max_epsilon is not None:
+        _check_budget(args.max_epsilon, event_for_round(sampling, population, z), delta)
     server = CentralDp(
         noise_multiplier=z,
-        clipping_norm=args.clip,
+        clipping_norm=clip,
         clip_on=clip_on,
         adaptive=adaptive,
-        delta=args.delta,
+        delta=delta,
         max_epsilon=args.max_epsilon,
     )
     client = (
@@ -84,39 +147,70 @@ def _central(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     )
     target = "" if args.target_epsilon is None else f" for epsilon {args.target_epsilon:g}"
     how = (
-        f"adaptive from {args.clip:g} to quantile {args.target_quantile:g}"
+        f"adaptive from {clip:g} to quantile {adaptive.target_quantile:g}"
         if adaptive
-        else f"{args.clip:g}"
+        else f"{clip:g}"
     )
     return FeatureMods(
         client=client,
         server=[server],
         summary=(
             f"central DP (noise multiplier {z:.3g}{target} over {args.rounds} rounds, "
-            f"clip {how} on the {clip_on.value}, delta {args.delta:g})"
+            f"clip {how} on the {clip_on.value}, delta {delta:g})"
         ),
     )
+
+
+def _check_adaptive(adaptive: AdaptiveClipping, z: float, expected_cohort: float) -> None:
+    """Adaptive clipping spends part of the noise on the count: refuse a split that cannot work."""
+    count_noise = adaptive.count_noise(expected_cohort)
+    if not 2 * count_noise > z:
+        raise ValueError(
+            f"--adaptive-clip cannot keep a noise multiplier of {z:.3g}: with about "
+            f"{expected_cohort:g} nodes per round the noise on the clipping count is "
+            f"{count_noise:g}, and it must exceed half the noise multiplier; use a noise "
+            f"multiplier below {2 * count_noise:g} (--noise-multiplier, or a larger "
+            "--target-epsilon) or more nodes per round (--clients, --sample-rate)"
+        )
+
+
+def _check_budget(max_epsilon: float, event: PrivacyEvent, delta: float) -> None:
+    """Refuse a budget that even the first round would exceed: nothing would train."""
+    first = default_accountant(event).compose(event).get_epsilon(delta)
+    if first > max_epsilon:
+        raise ValueError(
+            f"--max-epsilon {max_epsilon:g} is below the epsilon of a single round "
+            f"({first:.4g} at delta {delta:g}): no round could run; raise --max-epsilon, "
+            "or add noise (--noise-multiplier, --target-epsilon)"
+        )
 
 
 def _local(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     if args.target_epsilon is None:
         raise ValueError("--dp local needs --target-epsilon (each round's epsilon)")
-    if args.noise_multiplier is not None or args.adaptive_clip:
+    central = _given(args, _CENTRAL_ONLY)
+    if central:
         raise ValueError(
-            "--dp local calibrates its noise from --target-epsilon: drop --noise-multiplier "
-            "and --adaptive-clip"
+            "--dp local calibrates its noise from --target-epsilon and clips on each client: "
+            f"drop {' and '.join(central)}"
+        )
+    clip, delta = _or(args.clip, CLIP), _or(args.delta, DELTA)
+    if args.max_epsilon is not None and args.max_epsilon < args.target_epsilon:
+        raise ValueError(
+            f"--max-epsilon {args.max_epsilon:g} is below one round's epsilon "
+            f"(--target-epsilon {args.target_epsilon:g}): no node could train a single round"
         )
     mod = LocalDpMod(
-        clipping_norm=args.clip,
+        clipping_norm=clip,
         epsilon=args.target_epsilon,
-        delta=args.delta,
+        delta=delta,
         max_epsilon=args.max_epsilon,
     )
     return FeatureMods(
         client=[mod],
         summary=(
-            f"local DP (epsilon {args.target_epsilon:g} per round at delta {args.delta:g}, "
-            f"clip {args.clip:g}, noise sigma {mod.sigma:.3g} per coordinate)"
+            f"local DP (epsilon {args.target_epsilon:g} per round at delta {delta:g}, "
+            f"clip {clip:g}, noise sigma {mod.sigma:.3g} per coordinate)"
         ),
     )
 
@@ -153,13 +247,16 @@ class DpFeature:
             "local DP: each round's epsilon",
         )
         group.add_argument(
-            "--clip", type=_positive, default=1.0, help="L2 clipping norm of an update (default 1)"
+            "--clip",
+            type=_positive,
+            default=None,
+            help=f"L2 clipping norm of an update (default {CLIP:g})",
         )
         group.add_argument(
             "--clip-on",
             choices=[c.value for c in ClipOn],
-            default=ClipOn.CLIENTS.value,
-            help="central DP: who clips the updates (default clients)",
+            default=None,
+            help=f"central DP: who clips the updates (default {ClipOn.CLIENTS.value})",
         )
         group.add_argument(
             "--adaptive-clip",
@@ -169,11 +266,15 @@ class DpFeature:
         group.add_argument(
             "--target-quantile",
             type=_quantile,
-            default=0.5,
-            help="adaptive clipping: fraction of updates left unclipped (default 0.5)",
+            default=None,
+            help="adaptive clipping: fraction of updates left unclipped "
+            f"(default {TARGET_QUANTILE:g})",
         )
         group.add_argument(
-            "--delta", type=_fraction, default=1e-5, help="the delta of (epsilon, delta)-DP"
+            "--delta",
+            type=_fraction,
+            default=None,
+            help=f"the delta of (epsilon, delta)-DP (default {DELTA:g})",
         )
         group.add_argument(
             "--max-epsilon",
@@ -184,5 +285,10 @@ class DpFeature:
 
     def mods(self, args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
         if args.dp is None:
+            central, common = _given(args, _CENTRAL_ONLY), _given(args, _ANY_MODE)
+            if central:
+                raise _needs(central + common, "--dp central")
+            if common:
+                raise _needs(common, "--dp central or --dp local")
             return FeatureMods()
         return MODES[args.dp](args, task)

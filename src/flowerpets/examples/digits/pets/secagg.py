@@ -12,6 +12,7 @@ sees no other metric.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from flowerpets._argtypes import checked
 from flowerpets.examples.digits.apps import DigitsTask
@@ -30,6 +31,17 @@ _rate = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1), got {value}", n
 _positive_float = checked(
     float, lambda v: v > 0, "must be > 0, got {value}", name="_positive_float"
 )
+
+
+# Option attribute -> flag: the options that mean nothing without --secagg.
+_OPTIONS = {
+    "secagg_k": "--secagg-k",
+    "secagg_t": "--secagg-t",
+    "secagg_dropout_rate": "--secagg-dropout-rate",
+    "secagg_corrupted_fraction": "--secagg-corrupted-fraction",
+    "secagg_clipping_range": "--secagg-clipping-range",
+    "secagg_max_weight": "--secagg-max-weight",
+}
 
 
 class SecAggFeature:
@@ -58,33 +70,39 @@ class SecAggFeature:
         group.add_argument(
             "--secagg-dropout-rate",
             type=_rate,
-            default=defaults.dropout_rate,
+            default=None,
             help="expected fraction of dropouts, to choose k and t "
             f"(default {defaults.dropout_rate})",
         )
         group.add_argument(
             "--secagg-corrupted-fraction",
             type=_rate,
-            default=defaults.corrupted_fraction,
+            default=None,
             help="fraction of nodes that may collude with the server, to choose k and t "
             f"(default {defaults.corrupted_fraction})",
         )
         group.add_argument(
             "--secagg-clipping-range",
             type=_positive_float,
-            default=defaults.clipping_range,
+            default=None,
             help="model values are clipped to +-this before quantization "
             f"(default {defaults.clipping_range:g})",
         )
         group.add_argument(
             "--secagg-max-weight",
             type=_positive_int,
-            default=defaults.max_weight,
+            default=None,
             help=f"the largest num-examples a node may report (default {defaults.max_weight})",
         )
 
     def mods(self, args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
         if not args.secagg:
+            given = [
+                flag for name, flag in _OPTIONS.items() if getattr(args, name, None) is not None
+            ]
+            if given:
+                verb = "needs" if len(given) == 1 else "need"
+                raise ValueError(f"{', '.join(given)} {verb} --secagg")
             return FeatureMods()
         if getattr(args, "he", False):
             raise ValueError(
@@ -93,17 +111,29 @@ class SecAggFeature:
             )
         if (args.secagg_k is None) != (args.secagg_t is None):
             raise ValueError("--secagg-k and --secagg-t go together (give both or neither)")
-        # Under local DP the clients send no train-loss (the noise does not cover it, so
-        # LocalDpMod drops it): SecAgg+ then sums no metric.
+        # Under local DP every node weighs 1 and sends no train-loss (the noise does not
+        # cover it, so LocalDpMod drops it): SecAgg+ then sums no metric, and a weight
+        # bound of 1 keeps the quantization's resolution for the update itself.
         local_dp = getattr(args, "dp", None) == "local"
+        max_weight = args.secagg_max_weight
+        if max_weight is None and local_dp:
+            max_weight = 1
+        # The library's defaults for what the command line leaves out.
+        tuned: dict[str, Any] = {
+            keyword: value
+            for keyword, value in (
+                ("dropout_rate", args.secagg_dropout_rate),
+                ("corrupted_fraction", args.secagg_corrupted_fraction),
+                ("clipping_range", args.secagg_clipping_range),
+                ("max_weight", max_weight),
+            )
+            if value is not None
+        }
         server = SecAggPlus(
             degree=args.secagg_k,
             threshold=args.secagg_t,
-            dropout_rate=args.secagg_dropout_rate,
-            corrupted_fraction=args.secagg_corrupted_fraction,
-            clipping_range=args.secagg_clipping_range,
-            max_weight=args.secagg_max_weight,
             secure_metrics=() if local_dp else SECURE_METRICS,
+            **tuned,
         )
         return FeatureMods(
             client=[secaggplus_mod], server=[server], summary=_summary(args, task, server)
