@@ -568,7 +568,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         if snapshot is not None:
             noise = next(
-                (r.train_metrics["dp-noise-std"] for r in records if r.round == snapshot.round),
+                (r.train_metrics.get("dp-noise-std") for r in records if r.round == snapshot.round),
                 None,
             )
             print("\n".join(snapshot.lines(noise)), file=out)
