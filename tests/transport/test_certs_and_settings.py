@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,17 @@ def test_the_output_directory_is_created_private_whatever_the_umask(tmp_path: Pa
     assert made.server_key is not None and made.server_certificate is not None
     assert stat.S_IMODE(made.server_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(made.server_certificate.stat().st_mode) == 0o644
+
+
+def test_the_command_line_module_loads_without_grpc_or_cryptography() -> None:
+    """What ``transport/cli.py``'s docstring says it imports at load time (issue 9, item 17)."""
+    code = (
+        "import sys, flowerpets.transport.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'cryptography')"
+        " or m.startswith('flowerpets.transport.')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "['flowerpets.transport.cli']", out.stdout

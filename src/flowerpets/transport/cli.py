@@ -1,9 +1,11 @@
 """``flowerpets server``, ``flowerpets client`` and ``flowerpets certs``.
 
 Each ``add_*_parser(subparsers)`` adds one subcommand whose ``command``
-default runs it and returns the process exit code. This module imports only
-``argparse`` (and its value types) at load time (gRPC and the apps are imported
-when a command runs), so ``flowerpets --help`` stays fast.
+default runs it and returns the process exit code. At load time this module
+imports the standard library and :mod:`flowerpets._argtypes` only: gRPC,
+cryptography, the rest of the transport and the apps are imported when a
+command runs (``python -X importtime`` shows it; the ``flowerpets`` package
+itself still loads the core, and with it numpy).
 
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
 1 if the ServerApp failed and 2 for bad arguments; a client returns its
