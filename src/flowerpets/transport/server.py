@@ -69,6 +69,7 @@ from flowerpets.transport._frames import (
     SESSION_BYTES,
     Bye,
     ByeCode,
+    Challenge,
     Chunk,
     Frame,
     Head,
@@ -319,6 +320,7 @@ class TransportServer:
         self._connections = 0
         self._refused = 0
         self._stop_reason: str | None = None
+        self._goodbye: Bye | None = None  # what stop() says, also to nodes that connect meanwhile
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
@@ -394,6 +396,8 @@ class TransportServer:
         grace: float | None = None,
     ) -> None:
         """Say goodbye to every node (``reason``), wait up to ``grace`` s, and stop listening."""
+        if self._goodbye is None:
+            self._goodbye = Bye(code, reason)
         self.request_stop(reason)
         if self._server is None or self._stopped.is_set():
             return
@@ -469,10 +473,15 @@ class TransportServer:
         )
         reader.start()
         try:
-            if self._stop_reason is not None:
-                session.close(
-                    _Close(self._stop_reason, bye=Bye(ByeCode.SHUTDOWN, self._stop_reason))
-                )
+            goodbye = self._goodbye
+            if goodbye is None and self._stop_reason is not None:
+                goodbye = Bye(ByeCode.SHUTDOWN, self._stop_reason)
+            if goodbye is not None:  # a node that connects while the server stops: only BYE
+                session.close(_Close(goodbye.reason, bye=goodbye))
+            else:
+                frame = Challenge(session.id).encode()  # a HELLO must answer this connection
+                session.bytes_sent += len(frame)
+                yield frame
             while True:
                 item = session.outbox.get()
                 if isinstance(item, _Close):
@@ -588,7 +597,7 @@ class TransportServer:
         raise FrameError(f"a node may not send a {type(frame).__name__.upper()} frame")
 
     def _on_hello(self, session: _Session, hello: Hello) -> None:
-        public = self._auth.verify_hello(hello)
+        public = self._auth.verify_hello(hello, challenge=session.id)
         if hello.max_chunk < 1024 or hello.max_message < 1024:
             raise FrameError(
                 f"the node accepts chunks of {hello.max_chunk} and messages of "
