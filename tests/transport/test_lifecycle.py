@@ -10,8 +10,10 @@ refused at start.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 
 from flowerpets.core import ClientApp
 from flowerpets.transport import ByeCode, Credentials, ExitCode, NodeKey
+from flowerpets.transport._frames import Head, chunk_frames, digest
 
 from .conftest import FAST_CLIENT, Federation, Processes, RawNode, wait_until
 from .test_processes import CLIENT_APP, FAST, server_apps, tls_client_args, tls_server_args
@@ -43,7 +46,7 @@ def test_a_node_that_connects_while_the_server_stops_exits_0_the_run_is_over(
 
     monkeypatch.setattr(listener, "stop", stop_listening)
     server.stop("the run is over", code=ByeCode.RUN_FINISHED)
-    client, outcome = late
+    _, outcome = late
     assert outcome.code == ExitCode.FINISHED == 0, outcome
     assert outcome.reason == "the server let this node go: the run is over"
 
@@ -77,3 +80,35 @@ def test_a_hello_replayed_to_a_restarted_server_is_refused_and_evicts_no_one(
     assert node.wait() == 0, node.log()
     assert "reconnected; closing its previous connection" not in second.log()
     assert "round 1: 1 participant(s), 0 failure(s)" in second.log()
+
+
+# -- item 8: what a dead connection was receiving is freed at once, cycle collector or not --------
+def test_a_partial_message_is_freed_when_its_connection_ends_without_the_cycle_collector(
+    federation: Federation,
+) -> None:
+    server = federation.server
+    announced, sent, uploads = 6 << 20, 3 << 20, 3
+    gc.disable()  # only what is freed deterministically counts
+    tracemalloc.start()
+    try:
+        for index in range(uploads):
+            node = RawNode(server.port)
+            node.join()
+            seq = node.next_seq()
+            data = bytes(announced)
+            node.send(node.signed(Head(seq, announced, digest(data))))
+            node.send(*chunk_frames(seq, [data[:sent]], 1 << 16))
+            del data
+            goal = (index + 1) * sent
+            wait_until(lambda: server.stats().bytes_received > goal, what="chunks")  # noqa: B023
+            node.close()
+            wait_until(lambda: not server.node_ids(), what="the connection to end")
+        # The reassembler's buffers are allocated in _frames.py: none may be left.
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*flowerpets/transport/_frames.py")]
+        )
+        held = sum(stat.size for stat in snapshot.statistics("filename"))
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert held < 1 << 20, f"{held / 2**20:.1f} MiB of dead uploads still held"

@@ -495,6 +495,12 @@ class Reassembler:
         self._buffer = bytearray()
         self._hash = hashlib.sha256()
 
+    def release(self) -> None:
+        """Drop a partial message (the connection ended): its memory is freed now."""
+        self._head = None
+        self._buffer = bytearray()
+        self._hash = hashlib.sha256()
+
     @property
     def busy(self) -> bool:
         """True while a message has been announced and not completed."""

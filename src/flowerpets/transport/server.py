@@ -253,6 +253,14 @@ class _Session:
             self.outbox.put(item)
 
 
+def _drain(outbox: queue.SimpleQueue[_Item]) -> None:
+    while True:
+        try:
+            outbox.get_nowait()
+        except queue.Empty:
+            return
+
+
 class TransportServer:
     """A gRPC server hosting one run for the nodes that connect to it.
 
@@ -506,6 +514,7 @@ class TransportServer:
         finally:
             session.finished.set()
             self._end(session, "the connection ended")
+            _drain(session.outbox)  # what was queued for a node that is gone (a model, say)
 
     def _frames_of(self, session: _Session, outgoing: _Outgoing) -> Iterator[bytes]:
         """HEAD and CHUNKs of a message, unless its exchange gave up on it before it left."""
@@ -540,10 +549,13 @@ class TransportServer:
                 self._on_frame(session, decode_frame(raw, max_frame=self._max_frame))
                 if session.closing:
                     return
-        except grpc.RpcError:
-            pass  # the stream was cancelled or broke: the node is gone
+        except grpc.RpcError as exc:  # the stream was cancelled or broke: the node is gone
+            # gRPC keeps this error in the call's state; its traceback holds this frame, and
+            # so the session: a cycle that only the cycle collector would free. Cut it.
+            exc.__traceback__ = None
         except (AuthenticationError, CodecError) as exc:
-            self._refuse(session, exc)
+            if not session.ended.is_set():  # else: what was left of a message already released
+                self._refuse(session, exc)
             return
         except Exception as exc:  # a bug here must cost one connection, never the server
             log.exception("internal error on %s", session.name())
@@ -684,6 +696,8 @@ class TransportServer:
             self._totals["bytes_received"] += session.bytes_received
             self._totals["sent"] += session.messages_sent
             self._totals["received"] += session.messages_received
+        if session.reassembler is not None:
+            session.reassembler.release()  # a partial message must not outlive its connection
         session.outbox.put(_Close(reason))  # wake the sender if it waits
         if session.authenticated:  # logged before the waiting exchanges learn of it
             level = logging.WARNING if routes else logging.INFO
