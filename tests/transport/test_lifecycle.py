@@ -11,9 +11,14 @@ refused at start.
 from __future__ import annotations
 
 import gc
+import json
+import re
 import signal
 import threading
+import time
 import tracemalloc
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,10 @@ import grpc
 import pytest
 
 from flowerpets.core import ClientApp
-from flowerpets.transport import ByeCode, Credentials, ExitCode, NodeKey
+from flowerpets.transport import ByeCode, Credentials, ExitCode, NodeKey, TransportServer
 from flowerpets.transport._frames import Head, chunk_frames, digest
 
-from .conftest import FAST_CLIENT, Federation, Processes, RawNode, wait_until
+from .conftest import FAST_CLIENT, FAST_SERVER, Federation, Processes, RawNode, wait_until
 from .test_processes import CLIENT_APP, FAST, server_apps, tls_client_args, tls_server_args
 
 
@@ -112,3 +117,114 @@ def test_a_partial_message_is_freed_when_its_connection_ends_without_the_cycle_c
         tracemalloc.stop()
         gc.enable()
     assert held < 1 << 20, f"{held / 2**20:.1f} MiB of dead uploads still held"
+
+
+# -- item 11: between rounds, the grid waits (bounded) for min_nodes to be back --------------------
+def test_the_grid_waits_for_min_nodes_and_a_wait_in_vain_is_not_repeated_before_an_exchange(
+    federation_factory: Callable[..., Federation], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = replace(FAST_SERVER, min_nodes=2, wait_for_nodes=1.0)
+    federation = federation_factory(settings=settings)
+    grid = federation.server.grid
+    first = federation.add(ClientApp(), 0)
+    assert grid.node_ids() == [first.node_id]  # one of two after a wait in vain
+    assert grid.node_ids() == [first.node_id]  # no second wait before an exchange
+    assert caplog.text.count("waiting up to 1 s for nodes to (re)connect") == 1
+    assert "still 1 of 2 node(s) after 1 s; going on" in caplog.text
+    list(grid.send_and_receive([]))  # an exchange: the next round waits again
+    federation.server.settings = replace(settings, wait_for_nodes=30.0)
+    joined: list[list[int]] = []
+    waiter = threading.Thread(target=lambda: joined.append(grid.node_ids()))
+    waiter.start()
+    wait_until(lambda: caplog.text.count("for nodes to (re)connect") == 2, what="the wait")
+    second = federation.add(ClientApp(), 1)
+    waiter.join(30)
+    assert joined == [sorted([first.node_id, second.node_id])]
+
+
+# -- item 11: a run config no node could receive is refused at start ------------------------------
+def test_a_run_config_too_large_for_the_welcome_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match=r"the run config takes \d+ bytes.*no node could join"):
+        TransportServer("127.0.0.1:0", run_config={"blob": "x" * ((1 << 20) + 8192)})
+    TransportServer("127.0.0.1:0", run_config={"blob": "x" * 1000_000})  # fits in 1 MiB
+
+
+def test_a_node_whose_chunks_are_too_small_for_the_welcome_is_told_why(
+    federation_factory: Callable[..., Federation],
+) -> None:
+    federation = federation_factory(run_config={"blob": "x" * 8000})
+    small = replace(FAST_CLIENT, max_chunk_bytes=1024)
+    client = federation.add(ClientApp(), 0, wait=False, settings=small)
+    outcome = federation.exit_of(client)
+    assert outcome.code == ExitCode.PROTOCOL, outcome
+    assert "[FrameError] the run config makes a WELCOME frame of" in outcome.reason
+
+
+def test_the_server_process_refuses_an_oversized_run_config_at_start(
+    processes: Processes,
+) -> None:
+    values = [f"k{i}={'v' * 100_000}" for i in range(12)]  # 1.2 MB: a command line holds it
+    server = processes.start("server", "server", *server_apps(*values), "--address", "127.0.0.1:0")
+    assert server.wait() == 2, server.log()
+    assert re.search(r"cannot start the server: the run config takes \d+ bytes", server.log())
+    assert "no node could join" in server.log() and "Traceback" not in server.log()
+
+
+# -- item 11: an outage of every node, or a paused server, delays the run, never ends it --------
+def _rounds(path: Path) -> list[tuple[int, str | None]]:
+    rounds = json.loads(path.read_text())["history"]
+    return [(r["participants"], r["error"]) for r in rounds]
+
+
+@pytest.mark.slow
+def test_the_run_waits_for_its_nodes_after_every_node_missed_its_heartbeats(
+    processes: Processes, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    server, port = processes.server(
+        *server_apps("rounds=3", f"gate-file={gate}", "gate-round=2"),
+        *("--min-nodes", "2", "--wait-for-nodes", "60", "--history", "history.json", *FAST),
+    )
+    clients = [
+        processes.client(f"client-{i}", port, *CLIENT_APP, "--node-config", f"partition-id={i}")
+        for i in range(2)
+    ]
+    server.wait_for_log(r"round 1: 2 participant\(s\)")  # round 2 waits at its gate
+    for client in clients:
+        client.signal(signal.SIGSTOP)  # an outage: every node misses its heartbeats
+    wait_until(lambda: server.log().count("dropping the node") == 2, what="both dropped")
+    gate.touch()  # round 2 goes to nodes that are gone; round 3 must wait for them
+    server.wait_for_log(r"0 of 2 node\(s\) connected: waiting up to 60 s")
+    for client in clients:
+        client.signal(signal.SIGCONT)
+    assert server.wait() == 0, server.log()
+    for client in clients:
+        assert client.wait() == 0, client.log()
+    rounds = _rounds(tmp_path / "history.json")
+    assert rounds[0] == (2, None) and rounds[2] == (2, None), rounds
+
+
+@pytest.mark.slow
+def test_a_paused_server_resumes_and_its_nodes_rejoin_the_run(
+    processes: Processes, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    server, port = processes.server(
+        *server_apps("rounds=3", f"gate-file={gate}", "gate-round=2"),
+        *("--min-nodes", "2", "--wait-for-nodes", "60", "--history", "history.json", *FAST),
+    )
+    clients = [
+        processes.client(f"client-{i}", port, *CLIENT_APP, "--node-config", f"partition-id={i}")
+        for i in range(2)
+    ]
+    server.wait_for_log(r"round 1: 2 participant\(s\)")
+    server.signal(signal.SIGSTOP)
+    time.sleep(9)  # three heartbeat timeouts: the nodes give up on this connection
+    server.signal(signal.SIGCONT)
+    gate.touch()
+    assert server.wait() == 0, server.log()
+    for client in clients:
+        assert client.wait() == 0, client.log()
+    assert "the server did not run for" in server.log()
+    rounds = _rounds(tmp_path / "history.json")
+    assert len(rounds) == 3 and rounds[2] == (2, None), rounds

@@ -58,6 +58,11 @@ _positive_float = checked(
 )
 
 
+_non_negative_float = checked(
+    number, lambda v: math.isfinite(v) and v >= 0, "expected a number >= 0, got {text}"
+)
+
+
 def _megabytes(text: str) -> int:
     value = _positive_float(text)
     return max(1024, int(value * (1 << 20)))
@@ -121,6 +126,14 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=300.0,
         metavar="SECONDS",
         help="start anyway after this long without --min-nodes nodes (default 300)",
+    )
+    run.add_argument(
+        "--wait-for-nodes",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before a later round, wait up to this long for --min-nodes nodes to (re)connect "
+        "after an outage (default 60; 0: never wait)",
     )
     run.add_argument(
         "--run-config",
@@ -230,6 +243,8 @@ def _serve(args: argparse.Namespace) -> int:
             message_timeout=args.message_timeout,
             max_chunk_bytes=args.max_chunk_mb,
             max_message_bytes=args.max_message_mb,
+            min_nodes=args.min_nodes,
+            wait_for_nodes=args.wait_for_nodes,
         )
         server = TransportServer(
             args.address,

@@ -93,6 +93,7 @@ SERVICE: Final = "flowerpets.transport.v1.Fleet"
 METHOD: Final = "Connect"
 METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
 _TICK: Final = 0.2  # how often waits wake up to look at the stop flag and the clocks
+_STALL: Final = 1.0  # a longer gap between the monitor's ticks: the process did not run
 _CANCEL_AFTER: Final = 1.0  # seconds a killed session's sender has to end its stream itself
 _CONTENT_LIMITS: Final = CodecLimits()  # each node's own limit is checked on the whole envelope
 
@@ -253,6 +254,28 @@ class _Session:
             self.outbox.put(item)
 
 
+def _welcome_size(run_config: ConfigRecord, settings: ServerSettings) -> int:
+    """The WELCOME's size with ``run_config``; a ValueError if no node could receive it.
+
+    The run config travels in the WELCOME, one frame, which must fit in one chunk
+    of the server's (``max_chunk_bytes``) plus the frame room; else every node
+    would refuse the frame, and retry, without ever joining.
+    """
+    try:
+        size = len(Welcome(0, 0, bytes(SESSION_BYTES), 0, 0, 0, 0, run_config).encode())
+    except CodecError as exc:
+        raise ValueError(f"the run config cannot be encoded: {exc}") from None
+    limit = settings.max_chunk_bytes + FRAME_ROOM
+    if size > limit:
+        raise ValueError(
+            f"the run config takes {size} bytes, and the WELCOME frame that carries it to "
+            f"every node may take at most {limit} (max_chunk_bytes={settings.max_chunk_bytes} "
+            f"plus {FRAME_ROOM}): no node could join. Send large data in messages, not in the "
+            "run config"
+        )
+    return size
+
+
 def _drain(outbox: queue.SimpleQueue[_Item]) -> None:
     while True:
         try:
@@ -316,6 +339,7 @@ class TransportServer:
         self.address = address
         self.run_id = run_id
         self.run_config = ConfigRecord(dict(run_config or {}))
+        self._welcome_bytes = _welcome_size(self.run_config, self.settings)
         self._tls = tls
         self._auth = Authenticator(node_keys, max_clock_skew=self.settings.max_clock_skew)
         self._max_frame = self.settings.max_chunk_bytes + FRAME_ROOM
@@ -615,6 +639,12 @@ class TransportServer:
                 f"the node accepts chunks of {hello.max_chunk} and messages of "
                 f"{hello.max_message} bytes; both must be at least 1024"
             )
+        if self._welcome_bytes > hello.max_chunk + FRAME_ROOM:
+            raise FrameError(
+                f"the run config makes a WELCOME frame of {self._welcome_bytes} bytes, and this "
+                f"node accepts frames of {hello.max_chunk + FRAME_ROOM} bytes at most: give it "
+                "a larger max-chunk"
+            )
         node_id = node_id_of(hello.public_key)
         session.public_key = public
         session.label = self._auth.label(hello.public_key)
@@ -714,10 +744,24 @@ class TransportServer:
     def _watch(self) -> None:
         """Pings idle nodes, and ends connections that went silent or never authenticated."""
         settings = self.settings
+        last_tick = time.monotonic()
         while not self._stopped.wait(_TICK):
             now = time.monotonic()
+            stalled, last_tick = now - last_tick - _TICK, now
             with self._lock:
                 sessions = list(self._all)
+            if stalled > _STALL:
+                # This process did not run (SIGSTOP, a suspended VM, a starved machine): the
+                # nodes' frames wait unread in its buffers. Their silence is the server's own.
+                log.warning(
+                    "the server did not run for %.1f s; that time does not count as its "
+                    "nodes' silence",
+                    stalled,
+                )
+                for session in sessions:
+                    session.last_seen = min(now, session.last_seen + stalled)
+                    session.started = min(now, session.started + stalled)
+            with self._lock:
                 dying = [s for s, at in self._dying.items() if s.finished.is_set() or now >= at]
                 for session in dying:
                     del self._dying[session]
@@ -799,17 +843,47 @@ class TransportGrid:
 
     def __init__(self, server: TransportServer) -> None:
         self._server = server
+        self._waited_in_vain = False
 
     @property
     def run_id(self) -> int:
         return self._server.run_id
 
     def node_ids(self) -> list[int]:
-        return self._server.node_ids()
+        """The connected nodes, once ``settings.min_nodes`` are (waiting for them, bounded).
+
+        A round asks for its nodes here: after an outage (every node missed its
+        heartbeats, or the server was paused and they reconnect) it waits up to
+        ``settings.wait_for_nodes`` seconds for ``settings.min_nodes`` nodes to
+        be back, rather than fail at once with none. A wait in vain is not
+        repeated before the next exchange, so a round waits once at most.
+        """
+        server = self._server
+        wanted, wait = server.settings.min_nodes, server.settings.wait_for_nodes
+        nodes = server.node_ids()
+        if len(nodes) >= wanted or wait <= 0 or self._waited_in_vain:
+            return nodes
+        if server.stop_requested is not None:
+            return nodes
+        log.warning(
+            "%d of %d node(s) connected: waiting up to %g s for nodes to (re)connect",
+            len(nodes),
+            wanted,
+            wait,
+        )
+        server.wait_for_nodes(wanted, timeout=wait)
+        nodes = server.node_ids()
+        if len(nodes) < wanted:
+            self._waited_in_vain = True
+            log.warning("still %d of %d node(s) after %g s; going on", len(nodes), wanted, wait)
+        else:
+            log.info("%d node(s) connected; going on", len(nodes))
+        return nodes
 
     def send_and_receive(
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
+        self._waited_in_vain = False
         if self._server.stop_requested is not None:
             raise StopRunError(self._server.stop_requested)
         exchange = _Exchange()
