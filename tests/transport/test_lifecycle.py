@@ -25,9 +25,18 @@ from typing import Any
 import grpc
 import pytest
 
-from flowerpets.core import ClientApp
+from flowerpets.core import ClientApp, ConfigRecord, Message, MessageType, RecordDict
+from flowerpets.core.codec import CodecLimits
+from flowerpets.exceptions import MessageTooLargeError
 from flowerpets.transport import ByeCode, Credentials, ExitCode, NodeKey, TransportServer
-from flowerpets.transport._frames import Head, chunk_frames, digest
+from flowerpets.transport._frames import (
+    Head,
+    chunk_frames,
+    digest,
+    encode_content,
+    envelope_parts,
+    open_envelope,
+)
 
 from .conftest import FAST_CLIENT, FAST_SERVER, Federation, Processes, RawNode, wait_until
 from .test_processes import CLIENT_APP, FAST, server_apps, tls_client_args, tls_server_args
@@ -228,3 +237,48 @@ def test_a_paused_server_resumes_and_its_nodes_rejoin_the_run(
     assert "the server did not run for" in server.log()
     rounds = _rounds(tmp_path / "history.json")
     assert len(rounds) == 3 and rounds[2] == (2, None), rounds
+
+
+# -- item 8: decoding a message is bounded by the message limit, not 4-25 times it --------------
+def _config_reply(values: list[Any]) -> Message:
+    request = Message.create(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=5, round=1)
+    return request.reply(RecordDict({"config": ConfigRecord({"x": values})}))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[True] * 400_000, list(range(2**40, 2**40 + 50_000)), [b"a"] * 80_000],
+    ids=["bools", "ints", "bytes"],
+)
+def test_decoding_a_message_builds_no_more_than_its_limit(values: list[Any]) -> None:
+    message = _config_reply(values)
+    limits = CodecLimits(max_message_bytes=512 << 10)
+    data = b"".join(envelope_parts(message, encode_content(message, limits), limits))
+    assert 256 << 10 < len(data) < 512 << 10  # the message fits its limit; its objects would not
+    del message, values
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageTooLargeError, match="decoding would build more than"):
+            open_envelope(data, limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak / 2**20:.1f} MiB built before the refusal"
+    roomy = CodecLimits(max_message_bytes=512 << 10, max_decoded_bytes=100 << 20)
+    assert len(open_envelope(data, roomy).content["config"]["x"]) > 0  # type: ignore[arg-type,index]
+
+
+def test_the_server_refuses_a_reply_that_would_decode_past_its_limit(
+    federation_factory: Callable[..., Federation], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = replace(FAST_SERVER, max_message_bytes=2 << 20)
+    federation = federation_factory(settings=settings)
+    reply = _config_reply(list(range(2**40, 2**40 + 200_000)))  # 1.5 MiB, 8 MiB of objects
+    data = b"".join(envelope_parts(reply, encode_content(reply, CodecLimits()), CodecLimits()))
+    node = RawNode(federation.server.port)
+    node.join()
+    node.send(*node.message(data))  # decoded before it is routed
+    code, details = node.wait_closed()
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "[MessageTooLargeError]" in details and "decoding would build more than" in details
+    node.close()

@@ -135,6 +135,9 @@ _BYE: Final = struct.Struct("<BI")
 _CHALLENGE: Final = struct.Struct(f"<{SESSION_BYTES}s")
 
 CHUNK_OVERHEAD: Final = _HEADER.size + _CHUNK.size  # 22 bytes around each chunk's data
+# The run config in a WELCOME may decode into this many times its bytes (a list of bools
+# takes 25 times): the frame itself is bounded by max_chunk, so this bounds the objects.
+WELCOME_AMPLIFICATION: Final = 32
 # Room for a frame's header on top of max_chunk: every frame but CHUNK and WELCOME is small.
 FRAME_ROOM: Final = 4096
 
@@ -319,9 +322,10 @@ def _welcome(body: memoryview) -> Welcome:
     node, run, session, interval, timeout, max_chunk, max_message, n = _WELCOME.unpack_from(body)
     _exact(body, _WELCOME.size + n, Kind.WELCOME)
     try:
-        records = decode_record_dict(
-            body[_WELCOME.size :], limits=CodecLimits(max_message_bytes=max(n, 1))
+        limits = CodecLimits(
+            max_message_bytes=max(n, 1), max_decoded_bytes=WELCOME_AMPLIFICATION * n + (1 << 20)
         )
+        records = decode_record_dict(body[_WELCOME.size :], limits=limits)
         config = records.get_typed("run-config", ConfigRecord)
     except (CodecError, KeyError, RecordTypeError) as exc:
         raise FrameError(f"WELCOME frame: the run config does not decode: {exc}") from None

@@ -262,11 +262,16 @@ def _welcome_size(run_config: ConfigRecord, settings: ServerSettings) -> int:
     would refuse the frame, and retry, without ever joining.
     """
     try:
-        size = len(Welcome(0, 0, bytes(SESSION_BYTES), 0, 0, 0, 0, run_config).encode())
+        frame = Welcome(0, 0, bytes(SESSION_BYTES), 0, 0, 0, 0, run_config).encode()
     except CodecError as exc:
         raise ValueError(f"the run config cannot be encoded: {exc}") from None
-    limit = settings.max_chunk_bytes + FRAME_ROOM
-    if size > limit:
+    size, limit = len(frame), settings.max_chunk_bytes + FRAME_ROOM
+    if size <= limit:
+        try:
+            decode_frame(frame, max_frame=limit)  # as every node will
+        except CodecError as exc:
+            raise ValueError(f"no node could read the run config: {exc}") from None
+    else:
         raise ValueError(
             f"the run config takes {size} bytes, and the WELCOME frame that carries it to "
             f"every node may take at most {limit} (max_chunk_bytes={settings.max_chunk_bytes} "
