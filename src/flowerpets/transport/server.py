@@ -16,7 +16,8 @@ it runs over the simulation:
 What the server guarantees:
 
 * only nodes whose Ed25519 keys it was given join; a replayed or forged request
-  is refused (:mod:`flowerpets.transport._auth`), and a node's id is derived
+  is refused, also one recorded before a restart: every HELLO signs its
+  connection's challenge (:mod:`flowerpets.transport._auth`), and a node's id is derived
   from its key, so it keeps its id when it reconnects;
 * a malformed or oversized frame or message closes that node's connection with a
   typed error in the log (:class:`~flowerpets.exceptions.FrameError`,
@@ -28,6 +29,10 @@ What the server guarantees:
   is gone: the exchange stops waiting for it at once (it yields no reply, and
   the caller records a dropout). When it reconnects it is listed by
   :meth:`TransportGrid.node_ids` again, so it joins the next round;
+* a round that finds fewer than ``settings.min_nodes`` nodes (an outage: every
+  node missed its heartbeats) waits up to ``settings.wait_for_nodes`` seconds
+  for them in :meth:`TransportGrid.node_ids`, instead of failing at once; a
+  paused server does not count its own pause as its nodes' silence;
 * :meth:`TransportServer.request_stop` (the CLI calls it on SIGTERM) makes the
   current exchange raise :class:`~flowerpets.exceptions.StopRunError`, which
   the ServerApp turns into an early, orderly end of the run; :meth:`stop`
