@@ -192,7 +192,8 @@ def test_the_run_waits_for_its_nodes_after_every_node_missed_its_heartbeats(
     gate = tmp_path / "gate"
     server, port = processes.server(
         *server_apps("rounds=3", f"gate-file={gate}", "gate-round=2"),
-        *("--min-nodes", "2", "--wait-for-nodes", "60", "--history", "history.json", *FAST),
+        *("--min-nodes", "2", "--round-min-nodes", "2", "--wait-for-nodes", "60", *FAST),
+        *("--history", "history.json"),
     )
     clients = [
         processes.client(f"client-{i}", port, *CLIENT_APP, "--node-config", f"partition-id={i}")
@@ -220,7 +221,8 @@ def test_a_paused_server_resumes_and_its_nodes_rejoin_the_run(
     gate = tmp_path / "gate"
     server, port = processes.server(
         *server_apps("rounds=3", f"gate-file={gate}", "gate-round=2"),
-        *("--min-nodes", "2", "--wait-for-nodes", "60", "--history", "history.json", *FAST),
+        *("--min-nodes", "2", "--round-min-nodes", "2", "--wait-for-nodes", "60", *FAST),
+        *("--history", "history.json"),
     )
     clients = [
         processes.client(f"client-{i}", port, *CLIENT_APP, "--node-config", f"partition-id={i}")

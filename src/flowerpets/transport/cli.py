@@ -132,8 +132,17 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=60.0,
         metavar="SECONDS",
-        help="before a later round, wait up to this long for --min-nodes nodes to (re)connect "
-        "after an outage (default 60; 0: never wait)",
+        help="when fewer than --round-min-nodes nodes are connected as a round asks for its "
+        "nodes (after an outage), wait up to this long for them to (re)connect "
+        "(default 60; 0: never wait)",
+    )
+    run.add_argument(
+        "--round-min-nodes",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="the nodes --wait-for-nodes waits for (default 1: wait only when none is "
+        "connected; more makes rounds, and SecAgg+ stages, wait for nodes that left)",
     )
     run.add_argument(
         "--run-config",
@@ -243,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
             message_timeout=args.message_timeout,
             max_chunk_bytes=args.max_chunk_mb,
             max_message_bytes=args.max_message_mb,
-            min_nodes=args.min_nodes,
+            min_nodes=args.round_min_nodes,
             wait_for_nodes=args.wait_for_nodes,
         )
         server = TransportServer(

@@ -120,7 +120,9 @@ class ServerSettings:
         ``wait_for_nodes`` seconds for them to connect or reconnect, so that a
         short outage delays the run instead of failing its rounds. After a
         wait in vain it does not wait again until the next exchange. Defaults 1
-        and 60 seconds; 0 seconds never waits.
+        (wait only when no node is connected) and 60 seconds; 0 seconds never
+        waits. More than 1 also makes a round wait for nodes that left for
+        good, and mods that list the nodes mid-round (SecAgg+) wait too.
     """
 
     heartbeat_interval: float = 5.0
