@@ -39,6 +39,7 @@ from flowerpets.transport import (
 )
 from flowerpets.transport._auth import sign_frame
 from flowerpets.transport._frames import (
+    Challenge,
     Head,
     Heartbeat,
     Hello,
@@ -289,6 +290,7 @@ class RawNode:
         self.status: tuple[grpc.StatusCode, str] | None = None
         self.ended = threading.Event()
         self.welcome: Welcome | None = None
+        self._challenge: bytes | None = None
         self.seq = 0
         self.call = self.channel.stream_stream(METHOD_PATH)(iter(self._out.get, None))
         threading.Thread(target=self._read, daemon=True).start()
@@ -307,12 +309,25 @@ class RawNode:
         for frame in frames:
             self._out.put(frame)
 
+    @property
+    def challenge(self) -> bytes:
+        """The session id of the server's CHALLENGE (its first frame, read on first use)."""
+        if self._challenge is None:
+            frame = decode_frame(self.frames.get(timeout=20), max_frame=1 << 30)
+            assert isinstance(frame, Challenge), frame
+            self._challenge = frame.session
+        return self._challenge
+
     def hello(self, **kwargs: Any) -> Hello:
+        """A HELLO answering this connection's challenge (unless ``challenge`` is given)."""
         kwargs.setdefault("max_chunk", 1 << 20)
         kwargs.setdefault("max_message", 1 << 30)
+        if "challenge" not in kwargs:
+            kwargs["challenge"] = self.challenge
         return self.key.hello(**kwargs)
 
     def join(self, hello: Hello | None = None) -> Welcome:
+        self.challenge  # noqa: B018 - the CHALLENGE comes first: read it
         self.send((hello or self.hello()).encode())
         frame = decode_frame(self.frames.get(timeout=20), max_frame=1 << 30)
         assert isinstance(frame, Welcome), frame

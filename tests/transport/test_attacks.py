@@ -172,7 +172,7 @@ def test_a_garbage_first_frame_is_refused(scene: Scene) -> None:
 
 def test_an_oversized_frame_is_refused(scene: Scene) -> None:
     node = scene.raw()
-    node.send(b"FPTX\x01\x04" + bytes(MAX_CHUNK + 5000))  # a chunk over max-chunk + room
+    node.send(b"FPTX\x02\x04" + bytes(MAX_CHUNK + 5000))  # a chunk over max-chunk + room
     scene.assert_refused(node, TOO_LARGE, "MessageTooLargeError", "is more than the limit")
 
 
@@ -202,7 +202,7 @@ def joined(scene: Scene) -> RawNode:
 def test_a_garbage_frame_after_joining_closes_that_connection(scene: Scene) -> None:
     node = joined(scene)
     assert node.key.node_id in scene.federation.server.node_ids()
-    node.send(b"FPTX\x01\x63garbage")
+    node.send(b"FPTX\x02\x63garbage")
     scene.assert_refused(node, INVALID, "FrameError", "unknown frame kind 99")
     assert node.key.node_id not in scene.federation.server.node_ids()
 

@@ -30,6 +30,9 @@ RFC8032_SECRET = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919
 RFC8032_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
 
 
+C = b"c" * 16  # a connection's challenge (the session id the server chose)
+
+
 def rfc_key() -> NodeKey:
     return NodeKey(Ed25519PrivateKey.from_private_bytes(RFC8032_SECRET))
 
@@ -39,7 +42,7 @@ def test_signatures_are_ed25519_over_the_domain_and_the_frame() -> None:
     key = rfc_key()
     assert key.public_bytes == RFC8032_PUBLIC
     assert key.sign(b"").hex().startswith("e5564300c360ac729086e2cc806e828a")
-    hello = key.hello(max_chunk=1024, max_message=2048, now=1000.0)
+    hello = key.hello(challenge=C, max_chunk=1024, max_message=2048, now=1000.0)
     assert hello.timestamp_ms == 1_000_000 and len(hello.nonce) == 16
     public = Ed25519PrivateKey.from_private_bytes(RFC8032_SECRET).public_key()
     public.verify(hello.signature, DOMAIN_HELLO + hello.prefix())
@@ -83,33 +86,37 @@ def test_the_authenticator_accepts_a_known_fresh_hello_once() -> None:
     key = NodeKey.generate()
     auth = Authenticator({key.public_bytes: "node-0"}, max_clock_skew=30)
     now = time.time()
-    hello = key.hello(max_chunk=1024, max_message=1024, now=now)
-    auth.verify_hello(hello, now=now + 1)
+    hello = key.hello(challenge=C, max_chunk=1024, max_message=1024, now=now)
+    auth.verify_hello(hello, challenge=C, now=now + 1)
     assert auth.label(key.public_bytes) == "node-0"
     with pytest.raises(ReplayError, match="seen before: a replayed request"):
-        auth.verify_hello(hello, now=now + 2)
+        auth.verify_hello(hello, challenge=C, now=now + 2)
     stranger = NodeKey.generate()
     with pytest.raises(AuthenticationError, match=f"unknown node key {stranger.fingerprint}"):
-        auth.verify_hello(stranger.hello(max_chunk=1024, max_message=1024), now=now)
-    forged = replace(key.hello(max_chunk=1024, max_message=1024, now=now), max_chunk=4096)
+        auth.verify_hello(
+            stranger.hello(challenge=C, max_chunk=1024, max_message=1024), challenge=C, now=now
+        )
+    forged = replace(
+        key.hello(challenge=C, max_chunk=1024, max_message=1024, now=now), max_chunk=4096
+    )
     with pytest.raises(AuthenticationError, match=r"signature .* does not verify"):
-        auth.verify_hello(forged, now=now)
-    stale = key.hello(max_chunk=1024, max_message=1024, now=now - 31)
+        auth.verify_hello(forged, challenge=C, now=now)
+    stale = key.hello(challenge=C, max_chunk=1024, max_message=1024, now=now - 31)
     with pytest.raises(AuthenticationError, match=r"timestamped -31\.0 s .* \(allowed: \+-30 s\)"):
-        auth.verify_hello(stale, now=now)
-    early = key.hello(max_chunk=1024, max_message=1024, now=now + 40)
+        auth.verify_hello(stale, challenge=C, now=now)
+    early = key.hello(challenge=C, max_chunk=1024, max_message=1024, now=now + 40)
     with pytest.raises(AuthenticationError, match=r"\+40\.0 s"):
-        auth.verify_hello(early, now=now)
+        auth.verify_hello(early, challenge=C, now=now)
     # A stale HELLO is not remembered: nothing an attacker sends can fill the cache for later.
     assert len(auth.replays) == 1
 
 
 def test_open_enrolment_accepts_any_key_but_still_refuses_replays() -> None:
     auth = Authenticator(None, max_clock_skew=30)
-    hello = NodeKey.generate().hello(max_chunk=1024, max_message=1024)
-    auth.verify_hello(hello)
+    hello = NodeKey.generate().hello(challenge=C, max_chunk=1024, max_message=1024)
+    auth.verify_hello(hello, challenge=C)
     with pytest.raises(ReplayError):
-        auth.verify_hello(hello)
+        auth.verify_hello(hello, challenge=C)
 
 
 def test_the_replay_cache_forgets_after_its_window_and_fails_closed_when_full() -> None:
@@ -182,3 +189,17 @@ def test_public_key_files_directories_and_their_errors(tmp_path: Path) -> None:
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match=r"holds no \*\.pub"):
         load_public_keys([tmp_path / "none"])
+
+
+def test_a_hello_answers_one_connection_s_challenge_only() -> None:
+    """A HELLO recorded anywhere (also by an earlier life of the server) is refused elsewhere."""
+    key = NodeKey.generate()
+    now = time.time()
+    hello = key.hello(challenge=C, max_chunk=1024, max_message=1024, now=now)
+    restarted = Authenticator({key.public_bytes: "node-0"}, max_clock_skew=30)  # a fresh cache
+    with pytest.raises(ReplayError, match="answers the challenge of another connection"):
+        restarted.verify_hello(hello, challenge=b"d" * 16, now=now)
+    other = replace(hello, challenge=b"d" * 16)  # the challenge is under the signature
+    with pytest.raises(AuthenticationError, match=r"signature .* does not verify"):
+        restarted.verify_hello(other, challenge=b"d" * 16, now=now)
+    restarted.verify_hello(hello, challenge=C, now=now)

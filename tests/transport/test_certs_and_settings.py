@@ -7,7 +7,10 @@ import datetime
 import io
 import ipaddress
 import logging
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +213,51 @@ def test_app_specs_name_module_and_attribute() -> None:
         load_object("no_such_module:x")
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         load_object("flowerpets.core:Nope")
+
+
+def test_force_replaces_a_key_file_instead_of_rewriting_it_in_place(tmp_path: Path) -> None:
+    """A descriptor opened on the old key never reads the new one (issue 9, item 8)."""
+    first = create_credentials(tmp_path, nodes=1)
+    old_keys = {p: p.read_bytes() for p in (first.ca_key, first.server_key, *first.node_keys)}
+    assert first.server_key is not None
+    first.server_key.chmod(0o644)  # a key someone made readable: the new one must not inherit it
+    readers = {path: path.open("rb") for path in old_keys}  # type: ignore[union-attr]
+    try:
+        again = create_credentials(tmp_path, nodes=1, force=True)
+        for path, reader in readers.items():
+            assert reader.read() == old_keys[path], f"{path}: the new key shows through"
+            assert path.read_bytes() != old_keys[path]  # type: ignore[union-attr]
+    finally:
+        for reader in readers.values():
+            reader.close()
+    for private in (again.ca_key, again.server_key, *again.node_keys):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_output_directory_is_created_private_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        made = create_credentials(tmp_path / "a" / "creds", nodes=1)
+        keys_only = create_credentials(tmp_path / "keys", tls=False, nodes=1)
+    finally:
+        os.umask(previous)
+    for directory in (made.directory, keys_only.directory):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert made.server_key is not None and made.server_certificate is not None
+    assert stat.S_IMODE(made.server_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(made.server_certificate.stat().st_mode) == 0o644
+
+
+def test_the_command_line_module_loads_without_grpc_or_cryptography() -> None:
+    """What ``transport/cli.py``'s docstring says it imports at load time (issue 9, item 17)."""
+    code = (
+        "import sys, flowerpets.transport.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'cryptography')"
+        " or m.startswith('flowerpets.transport.')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "['flowerpets.transport.cli']", out.stdout

@@ -25,6 +25,7 @@ from flowerpets.transport._frames import (
     MAGIC,
     Bye,
     ByeCode,
+    Challenge,
     Chunk,
     Head,
     Heartbeat,
@@ -44,14 +45,17 @@ BIG = 1 << 30
 
 
 def test_hello_layout_is_exactly_as_documented() -> None:
-    hello = Hello(bytes(range(32)), 1_700_000_000_123, b"N" * 16, 65536, 1 << 30, b"S" * 64)
+    hello = Hello(
+        bytes(range(32)), 1_700_000_000_123, b"N" * 16, 65536, 1 << 30, b"C" * 16, b"S" * 64
+    )
     expected = (
-        b"FPTX\x01\x01"
+        b"FPTX\x02\x01"
         + bytes(range(32))
         + struct.pack("<q", 1_700_000_000_123)
         + b"N" * 16
         + struct.pack("<I", 65536)
         + struct.pack("<Q", 1 << 30)
+        + b"C" * 16
         + b"S" * 64
     )
     assert hello.encode() == expected
@@ -61,20 +65,22 @@ def test_hello_layout_is_exactly_as_documented() -> None:
 
 def test_head_chunk_heartbeat_bye_layouts() -> None:
     head = Head(7, 1000, b"D" * 32, b"S" * 64)
-    assert head.encode() == b"FPTX\x01\x03" + struct.pack("<QQ", 7, 1000) + b"D" * 32 + b"S" * 64
+    assert head.encode() == b"FPTX\x02\x03" + struct.pack("<QQ", 7, 1000) + b"D" * 32 + b"S" * 64
     chunk = Chunk(7, 512, b"data")
-    assert chunk.encode() == b"FPTX\x01\x04" + struct.pack("<QQ", 7, 512) + b"data"
+    assert chunk.encode() == b"FPTX\x02\x04" + struct.pack("<QQ", 7, 512) + b"data"
     assert len(chunk.encode()) == CHUNK_OVERHEAD + 4
     beat = Heartbeat(8, -5)
-    assert beat.encode() == b"FPTX\x01\x05" + struct.pack("<Qq", 8, -5) + bytes(64)
+    assert beat.encode() == b"FPTX\x02\x05" + struct.pack("<Qq", 8, -5) + bytes(64)
+    assert Challenge(b"C" * 16).encode() == b"FPTX\x02\x07" + b"C" * 16
     bye = Bye(ByeCode.SHUTDOWN, "bye é")
-    assert bye.encode() == b"FPTX\x01\x06\x02" + struct.pack("<I", 6) + "bye é".encode()
+    assert bye.encode() == b"FPTX\x02\x06\x02" + struct.pack("<I", 6) + "bye é".encode()
 
 
 @pytest.mark.parametrize(
     "frame",
     [
-        Hello(b"k" * 32, 1, b"n" * 16, 1024, 2048, b"s" * 64),
+        Challenge(b"c" * 16),
+        Hello(b"k" * 32, 1, b"n" * 16, 1024, 2048, b"c" * 16, b"s" * 64),
         Head(1, 2, b"d" * 32),
         Heartbeat(3, 4, b"s" * 64),
         Bye(ByeCode.RUN_FINISHED, "the run is over"),
@@ -98,15 +104,16 @@ def test_a_chunk_decodes_to_a_view_of_its_data() -> None:
     ("data", "error", "match"),
     [
         (b"FPT", FrameError, "shorter than the 6-byte header"),
-        (b"XXXX\x01\x01" + bytes(200), FrameError, "bad magic"),
-        (b"FPTX\x02\x01" + bytes(200), FrameError, "version 2"),
-        (b"FPTX\x01\x09", FrameError, "unknown frame kind 9"),
-        (b"FPTX\x01\x01" + bytes(10), FrameError, "HELLO frame body is 10 bytes"),
+        (b"XXXX\x02\x01" + bytes(200), FrameError, "bad magic"),
+        (b"FPTX\x01\x01" + bytes(200), FrameError, "version 1; this build speaks version 2"),
+        (b"FPTX\x02\x09", FrameError, "unknown frame kind 9"),
+        (b"FPTX\x02\x01" + bytes(10), FrameError, "HELLO frame body is 10 bytes"),
         (Head(1, 2, b"d" * 32).encode() + b"x", FrameError, "HEAD frame body"),
-        (b"FPTX\x01\x04" + bytes(15), FrameError, "CHUNK frame body is 15 bytes"),
-        (b"FPTX\x01\x06\x09" + struct.pack("<I", 0), FrameError, "unknown code 9"),
-        (b"FPTX\x01\x06\x01" + struct.pack("<I", 99), FrameError, "expected 104"),
-        (b"FPTX\x01\x06\x01" + struct.pack("<I", 5000), FrameError, "more than 4096"),
+        (b"FPTX\x02\x04" + bytes(15), FrameError, "CHUNK frame body is 15 bytes"),
+        (b"FPTX\x02\x07" + bytes(15), FrameError, "CHALLENGE frame body is 15 bytes"),
+        (b"FPTX\x02\x06\x09" + struct.pack("<I", 0), FrameError, "unknown code 9"),
+        (b"FPTX\x02\x06\x01" + struct.pack("<I", 99), FrameError, "expected 104"),
+        (b"FPTX\x02\x06\x01" + struct.pack("<I", 5000), FrameError, "more than 4096"),
         (bytes(1000), MessageTooLargeError, "more than the limit of 999"),
     ],
 )

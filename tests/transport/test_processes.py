@@ -167,8 +167,8 @@ def test_refusals_are_logged_and_the_run_goes_on(
     assert replayed.wait_closed()[0] == grpc.StatusCode.UNAUTHENTICATED
     server.wait_for_log(r"\[ReplayError\] node key SHA256:\w+: .* a replayed request")
 
-    plain = RawNode(port)  # plain text to the TLS port
-    plain.send(plain.hello().encode())
+    plain = RawNode(port)  # plain text to the TLS port: no CHALLENGE ever comes
+    plain.send(plain.hello(challenge=bytes(16)).encode())
     assert plain.wait_closed()[0] == grpc.StatusCode.UNAVAILABLE
     server.wait_for_log(
         r"WARNING flowerpets.transport.grpc: refused a connection: the TLS handshake failed: "

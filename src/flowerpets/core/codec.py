@@ -90,7 +90,11 @@ raises :class:`~flowerpets.exceptions.MessageTooLargeError`): ``total`` <=
 ``max_message_bytes``; records <= ``max_records``; entries of one record <=
 ``max_entries_per_record``; keys and the metadata strings <= ``max_key_bytes``;
 str/bytes values and the error reason <= ``max_string_bytes``; ``ndim`` <=
-``max_ndim``; list items <= ``max_list_items``.
+``max_ndim``; list items <= ``max_list_items``; on decode, the Python objects
+built for strings, bytes, list items, records and their entries <=
+``max_decoded_bytes`` (by default ``max_message_bytes`` + 1 MiB), charged at what
+CPython takes for each before it is built (arrays are views and cost only their
+header), so a message never decodes into much more memory than its limit.
 
 Errors on decode, checked in this order: magic (``CorruptMessageError``),
 version (``UnsupportedVersionError``), ``total`` against the limit
@@ -109,6 +113,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Final, NoReturn
@@ -211,15 +216,23 @@ _DTYPES: Final[dict[str, np.dtype[Any]]] = {
 _MAX_DTYPE_LEN: Final = max(len(s) for s in _DTYPES)
 
 
+_DECODE_ALLOWANCE: Final = 1 << 20  # object headers of small messages, on top of their bytes
+
+
 @dataclass(frozen=True, slots=True)
 class CodecLimits:
     """Bounds on what :func:`encode_message` writes and :func:`decode_message` accepts.
 
     Both sides check every bound, so anything the encoder writes the decoder
-    (with the same limits) reads back. A decoder allocates at most about as many
-    bytes as it is given (plus Python object overhead for the values it builds),
-    so ``max_message_bytes`` is the main defence; the others bound how much
-    work and how many objects one message can ask for.
+    (with the same limits) reads back. ``max_message_bytes`` is the main
+    defence; the others bound how much work and how many objects one message
+    can ask for. The Python objects a decoder builds (a list of small values
+    takes 4-24 times its encoded bytes) are bounded by ``max_decoded_bytes``
+    (None: ``max_message_bytes`` plus 1 MiB for small messages' object
+    headers), checked before each is built: a message
+    that would decode into more raises
+    :class:`~flowerpets.exceptions.MessageTooLargeError`, so decoding never
+    needs much more memory than the input's limit. Encoding does not check it.
     """
 
     max_message_bytes: int = 1 << 31
@@ -229,10 +242,13 @@ class CodecLimits:
     max_string_bytes: int = 16 << 20
     max_ndim: int = 32
     max_list_items: int = 10_000_000
+    max_decoded_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "max_decoded_bytes":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"CodecLimits.{f.name} must be a positive int, got {value!r}")
         # These are written as u32 counts/lengths (max_ndim as a u8 and numpy's bound).
@@ -250,6 +266,12 @@ class CodecLimits:
                 f"CodecLimits.max_ndim must be at most {_NUMPY_MAX_DIMS} (numpy's limit), "
                 f"got {self.max_ndim}"
             )
+
+    def decoded_bytes(self) -> int:
+        """The bound on the Python objects one decode builds (see the class docstring)."""
+        if self.max_decoded_bytes is not None:
+            return self.max_decoded_bytes
+        return self.max_message_bytes + _DECODE_ALLOWANCE
 
 
 DEFAULT_LIMITS: Final = CodecLimits()
@@ -563,16 +585,37 @@ def encode_array(array: Array, *, limits: CodecLimits = DEFAULT_LIMITS) -> bytes
 # =============================================================================
 
 
+# What decoding builds, in bytes of CPython objects (64-bit), charged before it is built:
+_LIST_SLOT: Final = 24  # a list item's pointer, in the decoded list and the two lists a
+#                        record's check makes of it (list() and its per-item conversion)
+_NUMBER_COST: Final = 36  # an int below 2**63 (a float takes 24)
+_STR_COST: Final = 80  # a str's header; its characters take at most its UTF-8 bytes
+_BYTES_COST: Final = 40  # 33, rounded up as the allocator does
+_ENTRY_COST: Final = 200  # a record entry: its key (charged here with its header) and dict slot
+_RECORD_COST: Final = 400  # a record, or an array's header (the data is a view: not charged)
+
+
 class _Reader:
     """Reads a frame's body, bounds-checking every read before it happens."""
 
-    __slots__ = ("_end", "buf", "limits", "pos")
+    __slots__ = ("_budget", "_end", "buf", "limits", "pos")
 
     def __init__(self, buf: memoryview, pos: int, end: int, limits: CodecLimits) -> None:
         self.buf = buf
         self.pos = pos
         self._end = end
         self.limits = limits
+        self._budget = limits.decoded_bytes()
+
+    def charge(self, n: int, what: str) -> None:
+        """Account for ``n`` bytes of Python objects about to be built for ``what``."""
+        self._budget -= n
+        if self._budget < 0:
+            raise MessageTooLargeError(
+                f"{what} at byte offset {self.pos}: decoding would build more than "
+                f"{self.limits.decoded_bytes()} bytes of Python objects (max_decoded_bytes, "
+                "by default max_message_bytes + 1 MiB)"
+            )
 
     @property
     def remaining(self) -> int:
@@ -633,14 +676,19 @@ class _Reader:
             )
         return self.take(n, what), n
 
-    def text(self, what: str, limit_name: str, limit: int) -> str:
+    def text(self, what: str, limit_name: str, limit: int, *, charged: bool = False) -> str:
         start, n = self.blob(what, limit_name, limit)
+        if charged:  # an ASCII str of n bytes takes _STR_COST + n bytes at most
+            self.charge(_STR_COST + n, what)
         try:
-            return str(self.buf[start : start + n], "utf-8")
+            value = str(self.buf[start : start + n], "utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptMessageError(
                 f"{what} at byte offset {start + exc.start} is not valid UTF-8 ({exc.reason})"
             ) from None
+        if charged and not value.isascii():  # up to 4 bytes a character: charge the rest
+            self.charge(max(0, sys.getsizeof(value) - n), what)
+        return value
 
     def key(self, what: str) -> str:
         at = self.pos
@@ -653,13 +701,15 @@ class _Reader:
         return self.text(what, "max_key_bytes", self.limits.max_key_bytes)
 
     def string_value(self, what: str) -> str:
-        return self.text(what, "max_string_bytes", self.limits.max_string_bytes)
+        return self.text(what, "max_string_bytes", self.limits.max_string_bytes, charged=True)
 
     def bytes_value(self, what: str) -> bytes:
         start, n = self.blob(what, "max_string_bytes", self.limits.max_string_bytes)
+        self.charge(_BYTES_COST + n, what)
         return bytes(self.buf[start : start + n])
 
     def fixed_list(self, fmt: str, n: int, what: str) -> list[Any]:
+        self.charge(n * (_LIST_SLOT + _NUMBER_COST), what)
         start = self.take(8 * n, what)
         items: list[Any] = np.frombuffer(self.buf, dtype=fmt, count=n, offset=start).tolist()
         return items
@@ -738,6 +788,7 @@ def _open_frame(
 
 
 def _read_array(r: _Reader, what: str) -> Array:
+    r.charge(_RECORD_COST, what)
     at = r.pos
     dtype_len = r.u8(f"{what} dtype length")
     if not 0 < dtype_len <= _MAX_DTYPE_LEN:
@@ -796,8 +847,10 @@ def _read_value(r: _Reader, what: str, metric: bool) -> Any:
         )
     limits = r.limits
     if tag == _TAG_INT:
+        r.charge(_NUMBER_COST, what)
         return r.i64(what)
     if tag == _TAG_FLOAT:
+        r.charge(_NUMBER_COST, what)
         return r.f64(what)
     if tag == _TAG_STR:
         return r.string_value(what)
@@ -820,12 +873,14 @@ def _read_value(r: _Reader, what: str, metric: bool) -> Any:
     if tag == _TAG_LIST_FLOAT:
         return r.fixed_list("<f8", n, what)
     if tag == _TAG_LIST_BOOL:
+        r.charge(n * (_LIST_SLOT + 1), what)  # True and False are shared; the slots are not
         start = r.take(n, what)
         flags = np.frombuffer(r.buf, dtype=np.uint8, count=n, offset=start)
         if n and int(flags.max()) > 1:
             raise CorruptMessageError(f"{what}: a bool at byte offset {start} is not 0 or 1")
         bools: list[bool] = flags.astype(np.bool_).tolist()
         return bools
+    r.charge(n * _LIST_SLOT, what)
     if tag == _TAG_LIST_STR:
         return [r.string_value(what) for _ in range(n)]
     return [r.bytes_value(what) for _ in range(n)]
@@ -837,6 +892,7 @@ def _read_record_dict(r: _Reader) -> RecordDict:
     records = RecordDict()
     for _ in range(n_records):
         at = r.pos
+        r.charge(_RECORD_COST, "a record")
         name = r.key("record key")
         if name in records:
             raise CorruptMessageError(f"record key {name!r} at byte offset {at} is repeated")
@@ -860,6 +916,7 @@ def _read_record_dict(r: _Reader) -> RecordDict:
         for _ in range(n_entries):
             at = r.pos
             key = r.key(f"record {name!r} entry key")
+            r.charge(_ENTRY_COST + len(key), f"record {name!r} entry {key!r}")
             if key in record:
                 raise CorruptMessageError(
                     f"record {name!r}: entry key {key!r} at byte offset {at} is repeated"

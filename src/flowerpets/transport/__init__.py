@@ -15,18 +15,62 @@ outside loopback; nodes prove who they are with Ed25519 keys; dead or silent
 nodes are dropouts and rejoin when they reconnect. See ``docs/transport.md``.
 """
 
-from flowerpets.transport._auth import NodeKey, load_public_keys, node_id_of
-from flowerpets.transport._frames import ByeCode
-from flowerpets.transport.certs import Credentials, create_credentials, write_node_keys
-from flowerpets.transport.client import ClientAppSpec, ClientExit, ExitCode, NodeClient
-from flowerpets.transport.server import TransportGrid, TransportServer, TransportStats
-from flowerpets.transport.settings import (
-    ClientSettings,
-    ClientTls,
-    ServerSettings,
-    ServerTls,
-    is_loopback,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flowerpets.transport._auth import NodeKey, load_public_keys, node_id_of
+    from flowerpets.transport._frames import ByeCode
+    from flowerpets.transport.certs import Credentials, create_credentials, write_node_keys
+    from flowerpets.transport.client import ClientAppSpec, ClientExit, ExitCode, NodeClient
+    from flowerpets.transport.server import TransportGrid, TransportServer, TransportStats
+    from flowerpets.transport.settings import (
+        ClientSettings,
+        ClientTls,
+        ServerSettings,
+        ServerTls,
+        is_loopback,
+    )
+
+# Where each name lives: they are imported on first use, so that the command line
+# (``flowerpets.transport.cli``) can load without gRPC and cryptography.
+_HOMES = {
+    "ByeCode": "_frames",
+    "ClientAppSpec": "client",
+    "ClientExit": "client",
+    "ClientSettings": "settings",
+    "ClientTls": "settings",
+    "Credentials": "certs",
+    "ExitCode": "client",
+    "NodeClient": "client",
+    "NodeKey": "_auth",
+    "ServerSettings": "settings",
+    "ServerTls": "settings",
+    "TransportGrid": "server",
+    "TransportServer": "server",
+    "TransportStats": "server",
+    "create_credentials": "certs",
+    "is_loopback": "settings",
+    "load_public_keys": "_auth",
+    "node_id_of": "_auth",
+    "write_node_keys": "certs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "ByeCode",

@@ -2,11 +2,14 @@
 
 A node proves who it is by signing, with its Ed25519 private key:
 
-* its HELLO frame (the request to join), which carries a timestamp in
-  milliseconds and a 16-byte random nonce. The server refuses a HELLO whose
-  key it was not given, whose signature does not verify, whose timestamp is more
-  than ``max_clock_skew`` seconds from its own clock, or whose nonce it has seen
-  within that window: a replayed HELLO is refused (:class:`ReplayError`);
+* its HELLO frame (the request to join), which answers the connection's
+  CHALLENGE: it signs the random session id the server chose for this very
+  connection, with a timestamp in milliseconds and a 16-byte random nonce. The
+  server refuses a HELLO whose key it was not given, whose signature does not
+  verify, that answers another connection's challenge (a HELLO recorded on
+  another connection, also one made to an earlier life of a restarted server:
+  :class:`ReplayError`), whose timestamp is more than ``max_clock_skew`` seconds
+  from its own clock, or whose nonce it has seen within that window;
 * every HEAD and HEARTBEAT frame it sends afterwards, over the session id the
   server chose for this connection and a sequence number that must strictly
   increase. A frame replayed within the connection (same or older sequence
@@ -22,11 +25,13 @@ that reconnects keeps its id.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
@@ -150,24 +155,19 @@ class NodeKey:
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
 
-    def hello(self, *, max_chunk: int, max_message: int, now: float | None = None) -> Hello:
-        """A signed HELLO with the current time and a fresh random nonce."""
+    def hello(
+        self, *, challenge: bytes, max_chunk: int, max_message: int, now: float | None = None
+    ) -> Hello:
+        """A signed HELLO answering ``challenge``, with the current time and a fresh nonce."""
         unsigned = Hello(
             public_key=self.public_bytes,
             timestamp_ms=int((time.time() if now is None else now) * 1000),
             nonce=os.urandom(NONCE_BYTES),
             max_chunk=max_chunk,
             max_message=max_message,
+            challenge=challenge,
         )
-        signature = self.sign(DOMAIN_HELLO + unsigned.prefix())
-        return Hello(
-            unsigned.public_key,
-            unsigned.timestamp_ms,
-            unsigned.nonce,
-            unsigned.max_chunk,
-            unsigned.max_message,
-            signature,
-        )
+        return replace(unsigned, signature=self.sign(DOMAIN_HELLO + unsigned.prefix()))
 
     def __repr__(self) -> str:
         return f"NodeKey({self.fingerprint}, node_id={self.node_id})"
@@ -194,6 +194,10 @@ def verify_frame(public_key: Ed25519PublicKey, session: bytes, frame: Head | Hea
 
 class ReplayCache:
     """Nonces seen within the clock-skew window, so a replayed HELLO is refused.
+
+    A second line of defence: the challenge already binds a HELLO to one
+    connection. This cache lives in memory, so it alone could not refuse a
+    HELLO replayed to a restarted server; the challenge does.
 
     Entries older than ``window`` seconds are dropped: a HELLO that old is refused
     for its timestamp anyway. ``max_entries`` bounds the memory; when the cache is
@@ -224,7 +228,8 @@ class ReplayCache:
 
 
 class Authenticator:
-    """The server's check of a HELLO: known key, valid signature, fresh time, unseen nonce.
+    """The server's check of a HELLO: known key, valid signature, this connection's
+    challenge, fresh time, unseen nonce.
 
     ``allowed`` maps public keys (32 raw bytes) to a label for the logs; None
     accepts any key (open enrolment: for loopback development only).
@@ -237,8 +242,14 @@ class Authenticator:
         # remembered for 2 * skew to cover the whole span its timestamp may claim.
         self.replays = ReplayCache(2 * max_clock_skew)
 
-    def verify_hello(self, hello: Hello, *, now: float | None = None) -> Ed25519PublicKey:
-        """The node's public key if ``hello`` is acceptable, else AuthenticationError."""
+    def verify_hello(
+        self, hello: Hello, *, challenge: bytes, now: float | None = None
+    ) -> Ed25519PublicKey:
+        """The node's public key if ``hello`` answers ``challenge`` and is acceptable.
+
+        Otherwise :class:`AuthenticationError` (:class:`ReplayError` for a HELLO
+        that answers another connection's challenge, or whose nonce was seen).
+        """
         now = time.time() if now is None else now
         key = hello.public_key
         if self.allowed is not None and key not in self.allowed:
@@ -252,6 +263,11 @@ class Authenticator:
             raise AuthenticationError(
                 f"the HELLO signature of node key {fingerprint(key)} does not verify"
             ) from None
+        if len(challenge) != SESSION_BYTES or not hmac.compare_digest(hello.challenge, challenge):
+            raise ReplayError(
+                f"node key {fingerprint(key)}: this HELLO answers the challenge of another "
+                "connection (or of an earlier life of this server): a replayed request"
+            )
         skew = hello.timestamp_ms / 1000 - now
         if abs(skew) > self.max_clock_skew:
             raise AuthenticationError(

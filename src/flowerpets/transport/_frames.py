@@ -1,4 +1,4 @@
-"""The transport's frames: what one gRPC stream message carries (version 1).
+"""The transport's frames: what one gRPC stream message carries (version 2).
 
 A node keeps one bidirectional gRPC stream open to the server. Every stream
 message is one *frame*, raw bytes (no protobuf), laid out as below; all integers
@@ -11,15 +11,18 @@ pickle.
 Frame::
 
     0   4  magic b"FPTX"
-    4   1  version u8 = 1
+    4   1  version u8 = 2
     5   1  kind u8 (Kind)
     6   .. body
 
 Bodies::
 
+    CHALLENGE  (server -> node, the first frame of every connection)
+               session 16: the random id the server chose for this connection
     HELLO      (node -> server, signed)
                public_key 32 | timestamp_ms i64 | nonce 16 | max_chunk u32 |
-               max_message u64 | signature 64
+               max_message u64 | challenge 16 (the CHALLENGE's session) |
+               signature 64
     WELCOME    (server -> node)
                node_id u64 | run_id u64 | session 16 | heartbeat_interval_ms u32 |
                heartbeat_timeout_ms u32 | max_chunk u32 | max_message u64 |
@@ -46,8 +49,11 @@ frame differs from node to node (see :func:`envelope_parts`).
 
 A signed frame's signature is an Ed25519 signature over a domain string, the
 session id (HEAD and HEARTBEAT only) and the frame's bytes before the signature
-(see :mod:`flowerpets.transport._auth`). HEAD and HEARTBEAT share one sequence
-counter per direction, which must strictly increase.
+(see :mod:`flowerpets.transport._auth`). A HELLO signs the connection's session
+id too, as its ``challenge``: a HELLO answers one connection of one server's
+life, so a HELLO recorded anywhere is refused by every other connection, also
+by a restarted server. HEAD and HEARTBEAT share one sequence counter per
+direction, which must strictly increase.
 
 :func:`decode_frame` checks the frame against ``max_frame`` first
 (:class:`~flowerpets.exceptions.MessageTooLargeError`) and raises
@@ -91,6 +97,7 @@ __all__ = [
     "VERSION",
     "Bye",
     "ByeCode",
+    "Challenge",
     "Chunk",
     "Frame",
     "Head",
@@ -109,7 +116,7 @@ __all__ = [
 ]
 
 MAGIC: Final = b"FPTX"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: the CHALLENGE frame, and HELLO answers it
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 16
 SESSION_BYTES: Final = 16
@@ -119,14 +126,18 @@ MAX_REASON_BYTES: Final = 4096
 NO_SIGNATURE: Final = bytes(SIGNATURE_BYTES)
 
 _HEADER: Final = struct.Struct("<4sBB")
-_HELLO: Final = struct.Struct(f"<{KEY_BYTES}sq{NONCE_BYTES}sIQ")
+_HELLO: Final = struct.Struct(f"<{KEY_BYTES}sq{NONCE_BYTES}sIQ{SESSION_BYTES}s")
 _WELCOME: Final = struct.Struct(f"<QQ{SESSION_BYTES}sIIIQI")
 _HEAD: Final = struct.Struct(f"<QQ{DIGEST_BYTES}s")
 _CHUNK: Final = struct.Struct("<QQ")
 _HEARTBEAT: Final = struct.Struct("<Qq")
 _BYE: Final = struct.Struct("<BI")
+_CHALLENGE: Final = struct.Struct(f"<{SESSION_BYTES}s")
 
 CHUNK_OVERHEAD: Final = _HEADER.size + _CHUNK.size  # 22 bytes around each chunk's data
+# The run config in a WELCOME may decode into this many times its bytes (a list of bools
+# takes 25 times): the frame itself is bounded by max_chunk, so this bounds the objects.
+WELCOME_AMPLIFICATION: Final = 32
 # Room for a frame's header on top of max_chunk: every frame but CHUNK and WELCOME is small.
 FRAME_ROOM: Final = 4096
 
@@ -138,6 +149,7 @@ class Kind(IntEnum):
     CHUNK = 4
     HEARTBEAT = 5
     BYE = 6
+    CHALLENGE = 7
 
 
 class ByeCode(IntEnum):
@@ -166,16 +178,32 @@ class Hello:
     nonce: bytes
     max_chunk: int
     max_message: int
+    challenge: bytes  # the session id of the CHALLENGE this HELLO answers
     signature: bytes = NO_SIGNATURE
 
     def prefix(self) -> bytes:
         """The frame's bytes before the signature: what the signature covers."""
         return _header(Kind.HELLO) + _HELLO.pack(
-            self.public_key, self.timestamp_ms, self.nonce, self.max_chunk, self.max_message
+            self.public_key,
+            self.timestamp_ms,
+            self.nonce,
+            self.max_chunk,
+            self.max_message,
+            self.challenge,
         )
 
     def encode(self) -> bytes:
         return self.prefix() + self.signature
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The server's first frame on a connection: the session id a HELLO must sign."""
+
+    session: bytes
+
+    def encode(self) -> bytes:
+        return _header(Kind.CHALLENGE) + _CHALLENGE.pack(self.session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +292,7 @@ class Bye:
         return _header(Kind.BYE) + _BYE.pack(self.code, len(reason)) + reason
 
 
-Frame = Hello | Welcome | Head | Chunk | Heartbeat | Bye
+Frame = Challenge | Hello | Welcome | Head | Chunk | Heartbeat | Bye
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -280,8 +308,13 @@ def _at_least(body: memoryview, size: int, kind: Kind) -> None:
 
 def _hello(body: memoryview) -> Hello:
     _exact(body, _HELLO.size + SIGNATURE_BYTES, Kind.HELLO)
-    key, ts, nonce, max_chunk, max_message = _HELLO.unpack_from(body)
-    return Hello(key, ts, nonce, max_chunk, max_message, bytes(body[_HELLO.size :]))
+    key, ts, nonce, max_chunk, max_message, challenge = _HELLO.unpack_from(body)
+    return Hello(key, ts, nonce, max_chunk, max_message, challenge, bytes(body[_HELLO.size :]))
+
+
+def _challenge(body: memoryview) -> Challenge:
+    _exact(body, _CHALLENGE.size, Kind.CHALLENGE)
+    return Challenge(bytes(body))
 
 
 def _welcome(body: memoryview) -> Welcome:
@@ -289,9 +322,10 @@ def _welcome(body: memoryview) -> Welcome:
     node, run, session, interval, timeout, max_chunk, max_message, n = _WELCOME.unpack_from(body)
     _exact(body, _WELCOME.size + n, Kind.WELCOME)
     try:
-        records = decode_record_dict(
-            body[_WELCOME.size :], limits=CodecLimits(max_message_bytes=max(n, 1))
+        limits = CodecLimits(
+            max_message_bytes=max(n, 1), max_decoded_bytes=WELCOME_AMPLIFICATION * n + (1 << 20)
         )
+        records = decode_record_dict(body[_WELCOME.size :], limits=limits)
         config = records.get_typed("run-config", ConfigRecord)
     except (CodecError, KeyError, RecordTypeError) as exc:
         raise FrameError(f"WELCOME frame: the run config does not decode: {exc}") from None
@@ -336,6 +370,7 @@ _DECODERS: Final[dict[Kind, Callable[[memoryview], Frame]]] = {
     Kind.CHUNK: _chunk,
     Kind.HEARTBEAT: _heartbeat,
     Kind.BYE: _bye,
+    Kind.CHALLENGE: _challenge,
 }
 
 
@@ -461,6 +496,12 @@ class Reassembler:
         self.max_message = max_message
         self.check_digest = check_digest
         self._head: Head | None = None
+        self._buffer = bytearray()
+        self._hash = hashlib.sha256()
+
+    def release(self) -> None:
+        """Drop a partial message (the connection ended): its memory is freed now."""
+        self._head = None
         self._buffer = bytearray()
         self._hash = hashlib.sha256()
 

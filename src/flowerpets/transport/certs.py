@@ -15,15 +15,19 @@
     the public key as an OpenSSH line), and all the public keys in one file for
     the server's ``--node-keys``.
 
-Private keys are written with mode 0600. Existing files are never overwritten
-unless ``force`` is set.
+Private keys are written with mode 0600, into a new file that is renamed into
+place (an existing key is replaced, never rewritten in place); a directory
+that does not exist is created with mode 0700. Existing files are never
+overwritten unless ``force`` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +62,40 @@ class Credentials:
 
 
 def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+    """Write ``data`` to a new file at ``path``, created with its final mode.
+
+    A private key's file is 0600 from its creation, so its bytes are never
+    readable by others, not even for a moment. With ``force`` an existing file
+    is replaced by renaming a new one over it, never truncated and rewritten in
+    place: a descriptor someone opened on the old file never sees the new key.
+    """
+    mode = 0o600 if private else 0o644
+    target = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp") if force else path
     try:
-        fd = os.open(path, flags, 0o600 if private else 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    if private:
-        os.chmod(path, 0o600)  # an existing file keeps its mode through O_TRUNC
+    try:
+        os.fchmod(fd, mode)  # the umask can only have taken bits away: make the mode exact
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        raise
+
+
+def _directory(path: Path) -> Path:
+    """``path`` as a directory, created with mode 0700 if it does not exist (parents too)."""
+    if not path.is_dir():
+        for parent in reversed(path.parents):
+            if not parent.exists():
+                parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; this is exact
+    return path
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -112,8 +141,7 @@ def create_credentials(
     if not tls and nodes == 0:
         raise ValueError("nothing to create: tls=False and nodes=0")
     all_names = _check_names(names)
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _directory(Path(out))
     ca_cert = ca_key = server_cert = server_key = None
     if tls:
         ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
@@ -149,8 +177,7 @@ def write_node_keys(
     out: str | os.PathLike[str], count: int, *, force: bool = False
 ) -> tuple[tuple[Path, ...], Path]:
     """``count`` Ed25519 node key pairs, and ``node-keys.pub`` listing every public key."""
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _directory(Path(out))
     keys = [NodeKey.generate() for _ in range(count)]
     private_files = []
     lines = []

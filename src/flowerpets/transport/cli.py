@@ -1,9 +1,11 @@
 """``flowerpets server``, ``flowerpets client`` and ``flowerpets certs``.
 
 Each ``add_*_parser(subparsers)`` adds one subcommand whose ``command``
-default runs it and returns the process exit code. This module imports only
-``argparse`` (and its value types) at load time (gRPC and the apps are imported
-when a command runs), so ``flowerpets --help`` stays fast.
+default runs it and returns the process exit code. At load time this module
+imports the standard library and :mod:`flowerpets._argtypes` only: gRPC,
+cryptography, the rest of the transport and the apps are imported when a
+command runs (``python -X importtime`` shows it; the ``flowerpets`` package
+itself still loads the core, and with it numpy).
 
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
 1 if the ServerApp failed and 2 for bad arguments; a client returns its
@@ -53,6 +55,11 @@ EXIT_BAD_ARGUMENTS = 2
 # -- argument types -------------------------------------------------------------------------------
 _positive_float = checked(
     number, lambda v: math.isfinite(v) and v > 0, "expected a number > 0, got {text}"
+)
+
+
+_non_negative_float = checked(
+    number, lambda v: math.isfinite(v) and v >= 0, "expected a number >= 0, got {text}"
 )
 
 
@@ -119,6 +126,23 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=300.0,
         metavar="SECONDS",
         help="start anyway after this long without --min-nodes nodes (default 300)",
+    )
+    run.add_argument(
+        "--wait-for-nodes",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="when fewer than --round-min-nodes nodes are connected as a round asks for its "
+        "nodes (after an outage), wait up to this long for them to (re)connect "
+        "(default 60; 0: never wait)",
+    )
+    run.add_argument(
+        "--round-min-nodes",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="the nodes --wait-for-nodes waits for (default 1: wait only when none is "
+        "connected; more makes rounds, and SecAgg+ stages, wait for nodes that left)",
     )
     run.add_argument(
         "--run-config",
@@ -228,6 +252,8 @@ def _serve(args: argparse.Namespace) -> int:
             message_timeout=args.message_timeout,
             max_chunk_bytes=args.max_chunk_mb,
             max_message_bytes=args.max_message_mb,
+            min_nodes=args.round_min_nodes,
+            wait_for_nodes=args.wait_for_nodes,
         )
         server = TransportServer(
             args.address,

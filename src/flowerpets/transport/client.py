@@ -48,6 +48,7 @@ from flowerpets.transport._frames import (
     FRAME_ROOM,
     Bye,
     ByeCode,
+    Challenge,
     Chunk,
     Frame,
     Head,
@@ -300,6 +301,8 @@ class _Connection:
         self.channel = channel
         self.outbox: queue.SimpleQueue[Message | _Beat | None] = queue.SimpleQueue()
         self.welcome: Welcome | None = None
+        self.challenge: bytes | None = None
+        self._challenged = threading.Event()
         self.gone = False
         self.last_received = time.monotonic()
         self.watchdog_reason = ""
@@ -314,8 +317,14 @@ class _Connection:
     # -- sending (on gRPC's request thread) ----------------------------------------------------
     def _requests(self) -> Iterator[bytes]:
         settings = self.client.settings
+        while not self._challenged.wait(_TICK):  # the HELLO answers the server's challenge
+            if self.gone:
+                return
+        assert self.challenge is not None
         hello = self.client.key.hello(
-            max_chunk=settings.max_chunk_bytes, max_message=settings.max_message_bytes
+            challenge=self.challenge,
+            max_chunk=settings.max_chunk_bytes,
+            max_message=settings.max_message_bytes,
         )
         yield hello.encode()
         while True:
@@ -393,6 +402,16 @@ class _Connection:
                 return
 
     def _on_frame(self, frame: Frame) -> _Outcome | None:
+        if isinstance(frame, Challenge):
+            if self.challenge is not None:
+                raise FrameError("a second CHALLENGE")
+            self.challenge = frame.session
+            self._challenged.set()
+            return None
+        if isinstance(frame, Bye):  # also before the WELCOME: the server is stopping
+            return self._on_bye(frame)
+        if self.challenge is None:
+            raise FrameError(f"a {type(frame).__name__.upper()} frame before the CHALLENGE")
         if isinstance(frame, Welcome):
             if self.welcome is not None:
                 raise FrameError("a second WELCOME")
@@ -406,8 +425,6 @@ class _Connection:
             data = self._reassembler.chunk(frame)
             if data is not None:
                 self._on_message(open_envelope(data, self._limits))
-        elif isinstance(frame, Bye):
-            return self._on_bye(frame)
         elif not isinstance(frame, Heartbeat):
             raise FrameError(f"the server may not send a {type(frame).__name__.upper()} frame")
         return None

@@ -16,7 +16,8 @@ it runs over the simulation:
 What the server guarantees:
 
 * only nodes whose Ed25519 keys it was given join; a replayed or forged request
-  is refused (:mod:`flowerpets.transport._auth`), and a node's id is derived
+  is refused, also one recorded before a restart: every HELLO signs its
+  connection's challenge (:mod:`flowerpets.transport._auth`), and a node's id is derived
   from its key, so it keeps its id when it reconnects;
 * a malformed or oversized frame or message closes that node's connection with a
   typed error in the log (:class:`~flowerpets.exceptions.FrameError`,
@@ -28,6 +29,10 @@ What the server guarantees:
   is gone: the exchange stops waiting for it at once (it yields no reply, and
   the caller records a dropout). When it reconnects it is listed by
   :meth:`TransportGrid.node_ids` again, so it joins the next round;
+* a round that finds fewer than ``settings.min_nodes`` nodes (an outage: every
+  node missed its heartbeats) waits up to ``settings.wait_for_nodes`` seconds
+  for them in :meth:`TransportGrid.node_ids`, instead of failing at once; a
+  paused server does not count its own pause as its nodes' silence;
 * :meth:`TransportServer.request_stop` (the CLI calls it on SIGTERM) makes the
   current exchange raise :class:`~flowerpets.exceptions.StopRunError`, which
   the ServerApp turns into an early, orderly end of the run; :meth:`stop`
@@ -69,6 +74,7 @@ from flowerpets.transport._frames import (
     SESSION_BYTES,
     Bye,
     ByeCode,
+    Challenge,
     Chunk,
     Frame,
     Head,
@@ -92,6 +98,7 @@ SERVICE: Final = "flowerpets.transport.v1.Fleet"
 METHOD: Final = "Connect"
 METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
 _TICK: Final = 0.2  # how often waits wake up to look at the stop flag and the clocks
+_STALL: Final = 1.0  # a longer gap between the monitor's ticks: the process did not run
 _CANCEL_AFTER: Final = 1.0  # seconds a killed session's sender has to end its stream itself
 _CONTENT_LIMITS: Final = CodecLimits()  # each node's own limit is checked on the whole envelope
 
@@ -252,6 +259,41 @@ class _Session:
             self.outbox.put(item)
 
 
+def _welcome_size(run_config: ConfigRecord, settings: ServerSettings) -> int:
+    """The WELCOME's size with ``run_config``; a ValueError if no node could receive it.
+
+    The run config travels in the WELCOME, one frame, which must fit in one chunk
+    of the server's (``max_chunk_bytes``) plus the frame room; else every node
+    would refuse the frame, and retry, without ever joining.
+    """
+    try:
+        frame = Welcome(0, 0, bytes(SESSION_BYTES), 0, 0, 0, 0, run_config).encode()
+    except CodecError as exc:
+        raise ValueError(f"the run config cannot be encoded: {exc}") from None
+    size, limit = len(frame), settings.max_chunk_bytes + FRAME_ROOM
+    if size <= limit:
+        try:
+            decode_frame(frame, max_frame=limit)  # as every node will
+        except CodecError as exc:
+            raise ValueError(f"no node could read the run config: {exc}") from None
+    else:
+        raise ValueError(
+            f"the run config takes {size} bytes, and the WELCOME frame that carries it to "
+            f"every node may take at most {limit} (max_chunk_bytes={settings.max_chunk_bytes} "
+            f"plus {FRAME_ROOM}): no node could join. Send large data in messages, not in the "
+            "run config"
+        )
+    return size
+
+
+def _drain(outbox: queue.SimpleQueue[_Item]) -> None:
+    while True:
+        try:
+            outbox.get_nowait()
+        except queue.Empty:
+            return
+
+
 class TransportServer:
     """A gRPC server hosting one run for the nodes that connect to it.
 
@@ -307,6 +349,7 @@ class TransportServer:
         self.address = address
         self.run_id = run_id
         self.run_config = ConfigRecord(dict(run_config or {}))
+        self._welcome_bytes = _welcome_size(self.run_config, self.settings)
         self._tls = tls
         self._auth = Authenticator(node_keys, max_clock_skew=self.settings.max_clock_skew)
         self._max_frame = self.settings.max_chunk_bytes + FRAME_ROOM
@@ -319,6 +362,7 @@ class TransportServer:
         self._connections = 0
         self._refused = 0
         self._stop_reason: str | None = None
+        self._goodbye: Bye | None = None  # what stop() says, also to nodes that connect meanwhile
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
@@ -394,6 +438,8 @@ class TransportServer:
         grace: float | None = None,
     ) -> None:
         """Say goodbye to every node (``reason``), wait up to ``grace`` s, and stop listening."""
+        if self._goodbye is None:
+            self._goodbye = Bye(code, reason)
         self.request_stop(reason)
         if self._server is None or self._stopped.is_set():
             return
@@ -469,10 +515,15 @@ class TransportServer:
         )
         reader.start()
         try:
-            if self._stop_reason is not None:
-                session.close(
-                    _Close(self._stop_reason, bye=Bye(ByeCode.SHUTDOWN, self._stop_reason))
-                )
+            goodbye = self._goodbye
+            if goodbye is None and self._stop_reason is not None:
+                goodbye = Bye(ByeCode.SHUTDOWN, self._stop_reason)
+            if goodbye is not None:  # a node that connects while the server stops: only BYE
+                session.close(_Close(goodbye.reason, bye=goodbye))
+            else:
+                frame = Challenge(session.id).encode()  # a HELLO must answer this connection
+                session.bytes_sent += len(frame)
+                yield frame
             while True:
                 item = session.outbox.get()
                 if isinstance(item, _Close):
@@ -497,6 +548,7 @@ class TransportServer:
         finally:
             session.finished.set()
             self._end(session, "the connection ended")
+            _drain(session.outbox)  # what was queued for a node that is gone (a model, say)
 
     def _frames_of(self, session: _Session, outgoing: _Outgoing) -> Iterator[bytes]:
         """HEAD and CHUNKs of a message, unless its exchange gave up on it before it left."""
@@ -531,10 +583,13 @@ class TransportServer:
                 self._on_frame(session, decode_frame(raw, max_frame=self._max_frame))
                 if session.closing:
                     return
-        except grpc.RpcError:
-            pass  # the stream was cancelled or broke: the node is gone
+        except grpc.RpcError as exc:  # the stream was cancelled or broke: the node is gone
+            # gRPC keeps this error in the call's state; its traceback holds this frame, and
+            # so the session: a cycle that only the cycle collector would free. Cut it.
+            exc.__traceback__ = None
         except (AuthenticationError, CodecError) as exc:
-            self._refuse(session, exc)
+            if not session.ended.is_set():  # else: what was left of a message already released
+                self._refuse(session, exc)
             return
         except Exception as exc:  # a bug here must cost one connection, never the server
             log.exception("internal error on %s", session.name())
@@ -588,11 +643,17 @@ class TransportServer:
         raise FrameError(f"a node may not send a {type(frame).__name__.upper()} frame")
 
     def _on_hello(self, session: _Session, hello: Hello) -> None:
-        public = self._auth.verify_hello(hello)
+        public = self._auth.verify_hello(hello, challenge=session.id)
         if hello.max_chunk < 1024 or hello.max_message < 1024:
             raise FrameError(
                 f"the node accepts chunks of {hello.max_chunk} and messages of "
                 f"{hello.max_message} bytes; both must be at least 1024"
+            )
+        if self._welcome_bytes > hello.max_chunk + FRAME_ROOM:
+            raise FrameError(
+                f"the run config makes a WELCOME frame of {self._welcome_bytes} bytes, and this "
+                f"node accepts frames of {hello.max_chunk + FRAME_ROOM} bytes at most: give it "
+                "a larger max-chunk"
             )
         node_id = node_id_of(hello.public_key)
         session.public_key = public
@@ -675,6 +736,8 @@ class TransportServer:
             self._totals["bytes_received"] += session.bytes_received
             self._totals["sent"] += session.messages_sent
             self._totals["received"] += session.messages_received
+        if session.reassembler is not None:
+            session.reassembler.release()  # a partial message must not outlive its connection
         session.outbox.put(_Close(reason))  # wake the sender if it waits
         if session.authenticated:  # logged before the waiting exchanges learn of it
             level = logging.WARNING if routes else logging.INFO
@@ -691,10 +754,24 @@ class TransportServer:
     def _watch(self) -> None:
         """Pings idle nodes, and ends connections that went silent or never authenticated."""
         settings = self.settings
+        last_tick = time.monotonic()
         while not self._stopped.wait(_TICK):
             now = time.monotonic()
+            stalled, last_tick = now - last_tick - _TICK, now
             with self._lock:
                 sessions = list(self._all)
+            if stalled > _STALL:
+                # This process did not run (SIGSTOP, a suspended VM, a starved machine): the
+                # nodes' frames wait unread in its buffers. Their silence is the server's own.
+                log.warning(
+                    "the server did not run for %.1f s; that time does not count as its "
+                    "nodes' silence",
+                    stalled,
+                )
+                for session in sessions:
+                    session.last_seen = min(now, session.last_seen + stalled)
+                    session.started = min(now, session.started + stalled)
+            with self._lock:
                 dying = [s for s, at in self._dying.items() if s.finished.is_set() or now >= at]
                 for session in dying:
                     del self._dying[session]
@@ -776,17 +853,47 @@ class TransportGrid:
 
     def __init__(self, server: TransportServer) -> None:
         self._server = server
+        self._waited_in_vain = False
 
     @property
     def run_id(self) -> int:
         return self._server.run_id
 
     def node_ids(self) -> list[int]:
-        return self._server.node_ids()
+        """The connected nodes, once ``settings.min_nodes`` are (waiting for them, bounded).
+
+        A round asks for its nodes here: after an outage (every node missed its
+        heartbeats, or the server was paused and they reconnect) it waits up to
+        ``settings.wait_for_nodes`` seconds for ``settings.min_nodes`` nodes to
+        be back, rather than fail at once with none. A wait in vain is not
+        repeated before the next exchange, so a round waits once at most.
+        """
+        server = self._server
+        wanted, wait = server.settings.min_nodes, server.settings.wait_for_nodes
+        nodes = server.node_ids()
+        if len(nodes) >= wanted or wait <= 0 or self._waited_in_vain:
+            return nodes
+        if server.stop_requested is not None:
+            return nodes
+        log.warning(
+            "%d of %d node(s) connected: waiting up to %g s for nodes to (re)connect",
+            len(nodes),
+            wanted,
+            wait,
+        )
+        server.wait_for_nodes(wanted, timeout=wait)
+        nodes = server.node_ids()
+        if len(nodes) < wanted:
+            self._waited_in_vain = True
+            log.warning("still %d of %d node(s) after %g s; going on", len(nodes), wanted, wait)
+        else:
+            log.info("%d node(s) connected; going on", len(nodes))
+        return nodes
 
     def send_and_receive(
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
+        self._waited_in_vain = False
         if self._server.stop_requested is not None:
             raise StopRunError(self._server.stop_requested)
         exchange = _Exchange()

@@ -114,6 +114,15 @@ class ServerSettings:
         gRPC with RESOURCE_EXHAUSTED. Default 512.
     ``shutdown_grace``
         Seconds the server waits for nodes to receive its goodbye. Default 3.
+    ``min_nodes`` / ``wait_for_nodes``
+        When fewer than ``min_nodes`` nodes are connected, the grid's
+        ``node_ids()`` (which a round calls to pick its cohort) waits up to
+        ``wait_for_nodes`` seconds for them to connect or reconnect, so that a
+        short outage delays the run instead of failing its rounds. After a
+        wait in vain it does not wait again until the next exchange. Defaults 1
+        (wait only when no node is connected) and 60 seconds; 0 seconds never
+        waits. More than 1 also makes a round wait for nodes that left for
+        good, and mods that list the nodes mid-round (SecAgg+) wait too.
     """
 
     heartbeat_interval: float = 5.0
@@ -125,11 +134,25 @@ class ServerSettings:
     message_timeout: float | None = None
     max_connections: int = 512
     shutdown_grace: float = 3.0
+    min_nodes: int = 1
+    wait_for_nodes: float = 60.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name in ("max_chunk_bytes", "max_message_bytes", "max_connections"):
                 _positive_int(self, f.name, 1024 if f.name != "max_connections" else 1)
+            elif f.name == "min_nodes":
+                _positive_int(self, f.name, 0)
+            elif f.name == "wait_for_nodes":
+                value = self.wait_for_nodes
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not (math.isfinite(value) and value >= 0)
+                ):
+                    raise ValueError(
+                        f"ServerSettings.wait_for_nodes must be a number >= 0, got {value!r}"
+                    )
             else:
                 _positive(self, f.name, allow_none=f.name == "message_timeout")
         if self.heartbeat_timeout <= self.heartbeat_interval:
