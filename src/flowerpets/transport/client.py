@@ -41,6 +41,7 @@ from typing import Final
 import grpc
 
 from flowerpets.core import ClientApp, ConfigRecord, ConfigValue, Context, Error, ErrorCode, Message
+from flowerpets.core.client_app import failure_reason
 from flowerpets.core.codec import CodecLimits
 from flowerpets.exceptions import CodecError, FrameError
 from flowerpets.transport._auth import NodeKey, sign_frame
@@ -277,7 +278,7 @@ class NodeClient:
         except Exception as exc:  # the app's factory: report it, never crash the node
             log.exception("building the ClientApp failed")
             return message.error_reply(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}")
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failure_reason(exc))
             )
         return app(message, context)
 
