@@ -106,7 +106,9 @@ class LocalDpMod:
     ) -> None:
         self.clipping_norm = _finite_positive("clipping_norm", clipping_norm)
         self.epsilon = _finite_positive("epsilon", epsilon)
-        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
+        if isinstance(delta, bool) or not isinstance(delta, int | float):
+            raise TypeError(f"delta must be a number, got {delta!r}")
+        if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(neighbouring, Neighbouring):
             raise TypeError(f"neighbouring must be a Neighbouring, got {neighbouring!r}")
