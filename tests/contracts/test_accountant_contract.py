@@ -95,11 +95,16 @@ def test_compose_composes_in_place_and_returns_the_accountant(
     event = EVENTS[kind](1.0)
     assert accountant.get_epsilon(DELTA) == 0.0 and accountant.ledger == {}
     assert accountant.compose(event, 3) is accountant
+    after_three = accountant.get_epsilon(DELTA)
+    assert after_three == pytest.approx(epsilon(cls, relation, event, 3))
     assert accountant.compose(event) is accountant
     assert accountant.ledger == {event: 4}
     assert accountant.compose(event, 0) is accountant and accountant.ledger == {event: 4}
-    # The same total however it was composed.
-    assert accountant.get_epsilon(DELTA) == pytest.approx(epsilon(cls, relation, event, 4))
+    # What was asked before does not stick: the same total however it was composed.
+    after_four = accountant.get_epsilon(DELTA)
+    assert after_four > after_three
+    assert after_four == pytest.approx(epsilon(cls, relation, event, 4))
+    assert accountant.get_delta(after_three) > DELTA
     assert accountant.neighbouring is relation
     assert cls.__name__ in repr(accountant) and "rounds=4" in repr(accountant)
 
