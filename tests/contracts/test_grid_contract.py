@@ -103,8 +103,8 @@ def _transport(gate: threading.Event) -> Iterator[GridUnderTest]:
     try:
         for pid in range(NODES):
             federation.add(echo_app(gate), pid)
-        grid = federation.server.grid
-        yield GridUnderTest(grid, sorted(grid.node_ids()), concurrent=True)
+        nodes = sorted(client.node_id for client in federation.clients)
+        yield GridUnderTest(federation.server.grid, nodes, concurrent=True)
     finally:
         gate.set()
         federation.close()
