@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class ScriptedGrid:
-    """Nodes answer synchronously, in order; the ``silent`` ones never answer.
+    """Nodes answer synchronously, in order; the ``silent`` ones (and unknown ids) never answer.
 
     Node ``i + 1`` has ``partition-id`` ``i``; ``silent`` lists partition ids (node indices).
 
@@ -47,7 +47,7 @@ class ScriptedGrid:
         self.sent.extend(messages)
         for msg in messages:
             node = msg.metadata.dst_node_id
-            if node in self.silent:
+            if node in self.silent or node not in self.contexts:  # no such node: no reply
                 continue
             reply = self.app(msg.with_private_content(), self.contexts[node])
             self.replies.append(reply)

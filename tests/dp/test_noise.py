@@ -25,24 +25,24 @@ from flowerpets.dp._primitives.noise import (
     gaussian_source,
 )
 from flowerpets.exceptions import InsecureRandomnessWarning
-
-# NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt.
-NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
-NIST_COUNTER = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
-NIST_PLAIN = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
-NIST_CIPHER = bytes.fromhex("601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
-NIST_OUTPUT_BLOCKS = bytes.fromhex(
-    "0bdf7df1591716335e9a8b15c860c5025a6e699d536119065433863c8f657b94"
+from tests.vectors import (
+    AES256_CTR_CIPHERTEXT,
+    AES256_CTR_COUNTER,
+    AES256_CTR_KEY,
+    AES256_CTR_OUTPUT_BLOCKS,
+    AES256_CTR_PLAINTEXT,
 )
 
 
 def nist_source(summands: int = 4) -> AesCtrGaussian:
-    return AesCtrGaussian(summands=summands, key=NIST_KEY, initial_counter=NIST_COUNTER)
+    return AesCtrGaussian(summands=summands, key=AES256_CTR_KEY, initial_counter=AES256_CTR_COUNTER)
 
 
 def test_keystream_is_aes256_ctr_nist_vector() -> None:
-    expected = bytes(p ^ c for p, c in zip(NIST_PLAIN, NIST_CIPHER, strict=True))
-    assert expected == NIST_OUTPUT_BLOCKS
+    expected = bytes(
+        p ^ c for p, c in zip(AES256_CTR_PLAINTEXT[:32], AES256_CTR_CIPHERTEXT[:32], strict=True)
+    )
+    assert expected == AES256_CTR_OUTPUT_BLOCKS
     source = nist_source()
     # Two calls continue one stream: no block is ever reused.
     assert source.keystream(16) + source.keystream(16) == expected
@@ -52,7 +52,7 @@ class Controlled(AesCtrGaussian):
     """The sampler driven by a keystream we write: ``stream`` main words, ``retry`` retry blocks."""
 
     def __init__(self, stream: NDArray[np.uint64], summands: int = 4) -> None:
-        super().__init__(summands=summands, key=NIST_KEY)
+        super().__init__(summands=summands, key=AES256_CTR_KEY)
         self.stream = np.asarray(stream, dtype=np.uint64)
         self.position = 0
         self.changed_retry: dict[tuple[int, int], tuple[int, int]] = {}
@@ -174,14 +174,14 @@ def test_retry_stream_is_aes_ecb_under_the_hkdf_key() -> None:
     """Block a of the word at offset p is AES-256(k', p || a), k' = HKDF-SHA256(key)."""
     retry_key = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=noise._RETRY_INFO
-    ).derive(NIST_KEY)
+    ).derive(AES256_CTR_KEY)
     offsets = np.array([0, 8, 2**40 + 16], dtype=np.uint64)
     got = nist_source().retry_words(offsets, 7)
     for row, offset in zip(got, offsets.tolist(), strict=True):
         block = offset.to_bytes(8, "big") + (7).to_bytes(8, "big")
         expected = AES.new(retry_key, AES.MODE_ECB).encrypt(block)
         assert row.astype("<u8").tobytes() == expected
-    assert retry_key != NIST_KEY
+    assert retry_key != AES256_CTR_KEY
 
 
 @pytest.mark.parametrize("summands", [1, 4])

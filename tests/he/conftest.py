@@ -29,7 +29,7 @@ from flowerpets import (
     ServerMod,
 )
 from flowerpets.simulation import FaultPlan, SimulationGrid
-from flowerpets.simulation.faults import Fault
+from flowerpets.simulation.faults import Fault, step_of
 
 RUN_ID = 1
 
@@ -138,7 +138,7 @@ class RecordingGrid:
         """``(round, stage or type)`` of every request, in order, without repeats."""
         seen: list[tuple[int, str]] = []
         for msg in self.sent:
-            step = (msg.round, msg.metadata.step)
+            step = (msg.round, step_of(msg.metadata))
             if step not in seen:
                 seen.append(step)
         return seen

@@ -12,13 +12,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flowerpets.exceptions import DecryptionError
 from flowerpets.he._primitives.keywrap import LABEL, KeyBinding, TransportKeys, unwrap, wrap
-
-# RFC 7748, section 6.1.
-ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
-ALICE_PUBLIC = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
-BOB_PRIVATE = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
-BOB_PUBLIC = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
-SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+from tests.vectors import X25519_ALICE_PRIVATE as ALICE_PRIVATE  # RFC 7748, section 6.1
+from tests.vectors import X25519_ALICE_PUBLIC as ALICE_PUBLIC
+from tests.vectors import X25519_BOB_PRIVATE as BOB_PRIVATE
+from tests.vectors import X25519_BOB_PUBLIC as BOB_PUBLIC
+from tests.vectors import X25519_SHARED as SHARED
 
 BINDING = KeyBinding(
     run_id=7, sender=11, recipient=22, key_id=bytes(range(16)), context_digest=bytes(32)

@@ -17,6 +17,18 @@ from hypothesis import strategies as st
 
 from flowerpets.exceptions import DecryptionError, InfeasibleParametersError, InvalidUpdateError
 from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
+from tests.vectors import (
+    AES256_CTR_CIPHERTEXT,
+    AES256_CTR_COUNTER,
+    AES256_CTR_KEY,
+    AES256_CTR_OUTPUT_BLOCKS,
+    AES256_CTR_PLAINTEXT,
+    X25519_ALICE_PRIVATE,
+    X25519_ALICE_PUBLIC,
+    X25519_BOB_PRIVATE,
+    X25519_BOB_PUBLIC,
+    X25519_SHARED,
+)
 
 
 def randomness(seed: int):  # type: ignore[no-untyped-def]
@@ -25,24 +37,15 @@ def randomness(seed: int):  # type: ignore[no-untyped-def]
 
 
 # -- the PRG -----------------------------------------------------------------------------
-# NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt.
-NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
-NIST_COUNTER = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
-NIST_PLAINTEXT = bytes.fromhex(
-    "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51"
-    "30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710"
-)
-NIST_CIPHERTEXT = bytes.fromhex(
-    "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5"
-    "2b0930daa23de94ce87017ba2d84988ddfc9c58db67aada613c2dd08457941a6"
-)
-
-
+# NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt (tests/vectors.py).
 def test_prg_matches_nist_sp800_38a_ctr_aes256() -> None:
-    stream = prg.keystream(NIST_KEY, len(NIST_PLAINTEXT), counter=NIST_COUNTER)
-    assert bytes(a ^ b for a, b in zip(stream, NIST_PLAINTEXT, strict=True)) == NIST_CIPHERTEXT
-    # The first output block is AES_K(counter), as the standard lists it.
-    assert stream[:16].hex() == "0bdf7df1591716335e9a8b15c860c502"
+    stream = prg.keystream(AES256_CTR_KEY, len(AES256_CTR_PLAINTEXT), counter=AES256_CTR_COUNTER)
+    assert (
+        bytes(a ^ b for a, b in zip(stream, AES256_CTR_PLAINTEXT, strict=True))
+        == AES256_CTR_CIPHERTEXT
+    )
+    # The output blocks are AES_K(counter), AES_K(counter + 1), as the standard lists them.
+    assert stream[:32] == AES256_CTR_OUTPUT_BLOCKS
 
 
 @pytest.mark.parametrize("nbytes", [1, 16, 17, 4096, 100_003])
@@ -216,31 +219,20 @@ def test_shamir_needs_a_prime_below_2_31() -> None:
 
 
 # -- key agreement -------------------------------------------------------------------------
-RFC7748_ALICE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
-RFC7748_ALICE_PUBLIC = bytes.fromhex(
-    "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
-)
-RFC7748_BOB = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
-RFC7748_BOB_PUBLIC = bytes.fromhex(
-    "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"
-)
-RFC7748_SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
-
-
 def test_key_agreement_is_x25519_then_hkdf_sha256() -> None:
-    assert keys.public_key_of(RFC7748_ALICE) == RFC7748_ALICE_PUBLIC  # RFC 7748, 6.1
-    assert keys.public_key_of(RFC7748_BOB) == RFC7748_BOB_PUBLIC
+    assert keys.public_key_of(X25519_ALICE_PRIVATE) == X25519_ALICE_PUBLIC  # RFC 7748, 6.1
+    assert keys.public_key_of(X25519_BOB_PRIVATE) == X25519_BOB_PUBLIC
     salt, info = b"session-0123456", b"purpose"
     ours = keys.agree(
-        keys.load_private_key(RFC7748_ALICE), RFC7748_BOB_PUBLIC, salt=salt, info=info
+        keys.load_private_key(X25519_ALICE_PRIVATE), X25519_BOB_PUBLIC, salt=salt, info=info
     )
     theirs = keys.agree(
-        keys.load_private_key(RFC7748_BOB), RFC7748_ALICE_PUBLIC, salt=salt, info=info
+        keys.load_private_key(X25519_BOB_PRIVATE), X25519_ALICE_PUBLIC, salt=salt, info=info
     )
-    independent = HKDF(RFC7748_SHARED, 32, salt, SHA256, context=info)
+    independent = HKDF(X25519_SHARED, 32, salt, SHA256, context=info)
     assert ours == theirs == independent
     other = keys.agree(
-        keys.load_private_key(RFC7748_ALICE), RFC7748_BOB_PUBLIC, salt=salt, info=b"x"
+        keys.load_private_key(X25519_ALICE_PRIVATE), X25519_BOB_PUBLIC, salt=salt, info=b"x"
     )
     assert other != ours  # one X25519 output, one key per purpose
 

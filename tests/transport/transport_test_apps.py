@@ -61,14 +61,15 @@ def _marker(msg: Message, context: Context, call_next: Any) -> Message:
     """Outermost client mod: leave a marker, and hold where the run config says."""
     config = context.run_config
     pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    step = msg.metadata.step.replace("/", "_")
+    step_name = msg.metadata.stage or msg.message_type  # the step a fault plan would name
+    step = step_name.replace("/", "_")
     directory = _get(config, "marker-dir", None)
     if directory:
         Path(str(directory), f"{pid}-{msg.round}-{step}").touch()
     held = (
         pid == _get(config, "hold-pid", -1)
         and msg.round == _get(config, "hold-round", -1)
-        and msg.metadata.step == _get(config, "hold-step", "")
+        and step_name == _get(config, "hold-step", "")
     )
     if held:
         time.sleep(float(_get(config, "hold-seconds", 60.0)))

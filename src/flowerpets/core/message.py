@@ -70,11 +70,6 @@ class Metadata:
     stage: str = ""
     created_at: float = field(default_factory=time.time)
 
-    @property
-    def step(self) -> str:
-        """The stage if the message has one, else its type: what fault plans match on."""
-        return self.stage or self.message_type
-
 
 SERVER_NODE_ID = 0
 

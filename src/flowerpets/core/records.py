@@ -100,24 +100,6 @@ class Array:
     def nbytes(self) -> int:
         return int(self._data.nbytes)
 
-    # -- stable byte encoding ---------------------------------------------
-    def to_bytes(self) -> bytes:
-        """Encode as ``dtype | ndim | shape | data``, little-endian, C order.
-
-        The encoding is stable: the same values give the same bytes on every
-        platform. See :mod:`flowerpets.core.codec` for the exact layout.
-        """
-        from flowerpets.core.codec import encode_array
-
-        return encode_array(self)
-
-    @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Array:
-        """Decode what :meth:`to_bytes` wrote; malformed input raises ``CodecError``."""
-        from flowerpets.core.codec import decode_array
-
-        return decode_array(data)
-
     # -- comparison and display -------------------------------------------
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Array):

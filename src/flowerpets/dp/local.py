@@ -55,7 +55,7 @@ from flowerpets.core import (
 )
 from flowerpets.dp._primitives.calibration import analytic_gaussian_sigma, gaussian_epsilon
 from flowerpets.dp._primitives.clip import clip_update, update_between
-from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
+from flowerpets.dp._primitives.noise import AesCtrGaussian, GaussianSource, gaussian_source
 from flowerpets.dp.accountant import Neighbouring
 from flowerpets.exceptions import RequestRefusedError
 
@@ -106,7 +106,9 @@ class LocalDpMod:
     ) -> None:
         self.clipping_norm = _finite_positive("clipping_norm", clipping_norm)
         self.epsilon = _finite_positive("epsilon", epsilon)
-        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
+        if isinstance(delta, bool) or not isinstance(delta, int | float):
+            raise TypeError(f"delta must be a number, got {delta!r}")
+        if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(neighbouring, Neighbouring):
             raise TypeError(f"neighbouring must be a Neighbouring, got {neighbouring!r}")
@@ -123,7 +125,11 @@ class LocalDpMod:
         self.sensitivity = neighbouring.sensitivity_factor * self.clipping_norm
         self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, sensitivity=self.sensitivity)
         self.keep_metrics: bool | tuple[str, ...] = _kept_metrics(keep_metrics)
-        self._noise: GaussianSource = gaussian_source(rng, owner="LocalDpMod")
+        # The secure source (an AES-CTR key) is built on first use and never pickled, so the
+        # mod can be sent to a node process without its key; a seeded test source is kept.
+        self._noise: GaussianSource | None = (
+            None if rng is None else gaussian_source(rng, owner="LocalDpMod")
+        )
         if self.keep_metrics:
             named = self.keep_metrics if isinstance(self.keep_metrics, tuple) else None
             which = "" if named is None else f" {list(named)}"
@@ -139,6 +145,19 @@ class LocalDpMod:
             f"LocalDpMod(clipping_norm={self.clipping_norm}, epsilon={self.epsilon}, "
             f"delta={self.delta}, neighbouring={self.neighbouring.name}, sigma={self.sigma:.4g})"
         )
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        if isinstance(state["_noise"], AesCtrGaussian):
+            state["_noise"] = None  # a new key on the other side, built when first needed
+        return state
+
+    def _noise_source(self) -> GaussianSource:
+        noise = self._noise
+        if noise is None:
+            # Two threads racing here each get a fresh secure source: both are as good.
+            noise = self._noise = gaussian_source(None, owner="LocalDpMod")
+        return noise
 
     @property
     def noise_multiplier(self) -> float:
@@ -183,9 +202,10 @@ class LocalDpMod:
         update = update_between(body.get_typed("arrays", ArrayRecord), received)
         clipped = clip_update(update, self.clipping_norm)
         noised: dict[str, np.ndarray] = {}
+        source = self._noise_source()
         for name, delta in clipped.arrays.items():
             base = received[name].numpy()
-            value = self._noise.normal(self.sigma, delta.shape)
+            value = source.normal(self.sigma, delta.shape)
             value += delta
             value += base
             noised[name] = value.astype(base.dtype if base.dtype.kind == "f" else np.float64)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from flowerpets.core import Metadata
 
-__all__ = ["Delay", "Dropout", "ErrorReply", "Fault", "FaultPlan"]
+__all__ = ["Delay", "Dropout", "ErrorReply", "Fault", "FaultPlan", "step_of"]
 
 
 def _check_node_round(kind: str, node: int, round: int) -> None:
@@ -31,8 +31,13 @@ def _check_node_round(kind: str, node: int, round: int) -> None:
         raise ValueError(f"{kind}: round must be an integer >= 1, got {round!r}")
 
 
+def step_of(metadata: Metadata) -> str:
+    """The protocol step a fault names: the message's stage if it has one, else its type."""
+    return metadata.stage or metadata.message_type
+
+
 def _step_matches(stage: str | None, metadata: Metadata) -> bool:
-    return stage is None or stage == metadata.step
+    return stage is None or stage == step_of(metadata)
 
 
 @dataclass(frozen=True, slots=True)

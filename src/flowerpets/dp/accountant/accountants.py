@@ -131,10 +131,6 @@ class Accountant(ABC):
         self._counts: dict[PrivacyEvent, int] = {}
         self._library: Any = None  # built from _counts on demand
 
-    @abstractmethod
-    def _new_library(self) -> Any:
-        """A fresh dp-accounting accountant with this accountant's settings."""
-
     @property
     def neighbouring(self) -> Neighbouring:
         return self._neighbouring
@@ -171,13 +167,12 @@ class Accountant(ABC):
     def _noiseless(self) -> bool:
         return any(event.noise_multiplier == 0 for event in self._counts)
 
+    @abstractmethod
     def _composed(self) -> Any:
-        if self._library is None:
-            library = self._new_library()
-            for event, count in self._counts.items():
-                library.compose(self._convert(event), count)
-            self._library = library
-        return self._library
+        """Everything composed so far, as an object with ``get_epsilon`` and ``get_delta``.
+
+        Built from ``_counts`` and kept in ``_library`` until the next compose.
+        """
 
     def get_epsilon(self, delta: float) -> float:
         """The epsilon of everything composed so far, at ``delta``."""
@@ -364,11 +359,6 @@ class PldAccountant(Accountant):
             )
         self._interval = float(value_discretization_interval)
         super().__init__(neighbouring=neighbouring)
-
-    def _new_library(self) -> Any:
-        return _dpa().pld.PLDAccountant(
-            _relation(self._neighbouring), value_discretization_interval=self._interval
-        )
 
     def _composed(self) -> Any:
         """The composed privacy loss distribution, from cached single-event PLDs.
