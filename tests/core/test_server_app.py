@@ -15,6 +15,7 @@ from flowerpets import (
     Error,
     ErrorCode,
     Failure,
+    FailureKind,
     FedAvg,
     FixedSizeSampling,
     FullParticipation,
@@ -319,7 +320,10 @@ def test_all_zero_weights_fail_the_round_cleanly(scripted_grid: Any, weight: flo
 def test_a_round_that_fails_in_a_mod_keeps_every_nodes_reason(scripted_grid: Any) -> None:
     def exchange(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
         # A mod that runs its own stages and gives up, as SecAgg+ or HE key set-up do.
-        failures = {n: Failure("stage-1", Error(ErrorCode.REFUSED, f"no {n}")) for n in (1, 2)}
+        failures = {
+            n: Failure("stage-1", Error(ErrorCode.REFUSED, f"no {n}"), FailureKind.ERROR_REPLY)
+            for n in (1, 2)
+        }
         raise RoundFailedError("stage-1: too few nodes", failures=failures, participants=[3])
 
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)

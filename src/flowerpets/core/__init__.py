@@ -8,9 +8,11 @@ from flowerpets.core.aggregation import MetricMean, WeightedSum
 from flowerpets.core.client_app import ClientApp, ClientMod, Handler
 from flowerpets.core.context import Context
 from flowerpets.core.exchange import (
+    INVALID_REPLY_ERRORS,
+    Accept,
+    StageExchange,
     aggregate_round,
     collect,
-    gather,
     reply_weight,
     request_messages,
 )
@@ -31,6 +33,7 @@ from flowerpets.core.round import (
     SEALED_WEIGHT_KEY,
     WEIGHT_KEY,
     Failure,
+    FailureKind,
     RoundRequest,
     RoundResult,
     SealedArrays,
@@ -49,6 +52,7 @@ from flowerpets.core.server_app import RunResult, ServerApp
 from flowerpets.core.strategy import EvaluateFn, FedAvg, Strategy
 
 __all__ = [
+    "Accept",
     "Array",
     "ArrayRecord",
     "ClientApp",
@@ -61,12 +65,14 @@ __all__ = [
     "ErrorCode",
     "EvaluateFn",
     "Failure",
+    "FailureKind",
     "FedAvg",
     "FixedSizeSampling",
     "FullParticipation",
     "Grid",
     "Handler",
     "History",
+    "INVALID_REPLY_ERRORS",
     "Message",
     "MessageType",
     "Metadata",
@@ -85,13 +91,13 @@ __all__ = [
     "ServerApp",
     "ServerContext",
     "ServerMod",
+    "StageExchange",
     "Strategy",
     "WEIGHT_KEY",
     "WeightedSum",
     "aggregate_round",
     "chain",
     "collect",
-    "gather",
     "is_sealed",
     "reply_weight",
     "request_messages",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +26,7 @@ __all__ = [
     "SEALED_WEIGHT_KEY",
     "WEIGHT_KEY",
     "Failure",
+    "FailureKind",
     "RoundRequest",
     "RoundResult",
     "SealedArrays",
@@ -42,12 +44,35 @@ WEIGHT_KEY = "num-examples"
 SEALED_WEIGHT_KEY = "sealed.total-weight"
 
 
+class FailureKind(enum.StrEnum):
+    """The one taxonomy of why a node did not contribute to a stage.
+
+    The ``Error`` on a :class:`Failure` says what happened in the node's or the
+    runtime's words; the kind says who is to blame, which the error code alone
+    cannot (a node's own ``INVALID_REPLY`` error reply is an ``ERROR_REPLY``).
+    """
+
+    ERROR_REPLY = "error-reply"
+    """The node answered with an error: it refused, or its app or a mod raised."""
+    NO_REPLY = "no-reply"
+    """No answer: the wait ran out (``TIMEOUT``) or the runtime knew the node gone."""
+    INVALID_REPLY = "invalid-reply"
+    """The answer could not be used: missing records, wrong types, names or shapes, NaN."""
+    PROTOCOL_VIOLATION = "protocol-violation"
+    """A well-formed answer that breaks the protocol: another session, a reused key,
+    shares for nodes it was not told of."""
+    EXCLUDED = "excluded"
+    """Not about its own answer: the server left the node out (too few live neighbours,
+    no key), so it could not contribute."""
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a node did not contribute to a round, and at which stage."""
+    """Why a node did not contribute to a round, at which stage, and of which kind."""
 
     stage: str
     error: Error
+    kind: FailureKind
 
     def __str__(self) -> str:
         return f"{self.stage}: {self.error}"
