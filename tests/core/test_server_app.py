@@ -25,6 +25,7 @@ from flowerpets import (
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerApp,
     ServerContext,
 )
@@ -269,9 +270,7 @@ def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None
         seen.append(context.secure_aggregation)
         return call_next(request, context)
 
-    class SecureMod:
-        secure_aggregation = True
-
+    class SecureMod(SecureAggregator):
         def __call__(
             self, request: RoundRequest, context: ServerContext, call_next: Next
         ) -> RoundResult:
@@ -281,6 +280,19 @@ def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None
     server(mods=[spy]).run(scripted_grid(app, 2), seed=0)
     server(mods=[spy, SecureMod()]).run(scripted_grid(app, 2), seed=0)
     assert seen == [False, True]
+
+
+def test_an_ad_hoc_secure_aggregation_attribute_is_refused_not_ignored() -> None:
+    class Undeclared:  # the old duck-typed declaration: it must not silently count as plain
+        secure_aggregation = True
+
+        def __call__(
+            self, request: RoundRequest, context: ServerContext, call_next: Next
+        ) -> RoundResult:
+            return call_next(request, context)
+
+    with pytest.raises(TypeError, match=r"subclassing flowerpets\.core\.SecureAggregator"):
+        server(mods=[Undeclared()])
 
 
 # -- failed rounds: nothing escapes the run, every reason is kept ---------------------------------

@@ -212,7 +212,7 @@ class StageExchange:
         return tuple(accepted)
 
     def _refuse(self, node: int, stage: str, kind: FailureKind, exc: Exception) -> None:
-        log.warning("round %d, %s: node %d sent an %s: %s", self.round, stage, node, kind, exc)
+        log.warning("round %d, %s: node %d failed (%s): %s", self.round, stage, node, kind, exc)
         self.fail(node, stage, kind, str(exc))
 
     def fail(

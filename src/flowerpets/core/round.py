@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +32,7 @@ __all__ = [
     "RoundResult",
     "SealedArrays",
     "SealedSum",
+    "SecureAggregator",
     "ServerContext",
     "ServerMod",
     "is_sealed",
@@ -231,7 +233,7 @@ class ServerContext(Context):
     A mod that runs its own protocol stages (secure aggregation, key set-up)
     sends them through ``context.grid``. ``secure_aggregation`` is true when one
     of the app's server mods sums updates so the server never sees them one by
-    one (it declares ``secure_aggregation = True``); a mod that needs individual
+    one (it is a :class:`SecureAggregator`); a mod that needs individual
     updates (server-side clipping) must refuse to run then.
     """
 
@@ -260,3 +262,27 @@ ServerMod = Callable[
     [RoundRequest, ServerContext, Callable[[RoundRequest, ServerContext], RoundResult]],
     RoundResult,
 ]
+
+
+class SecureAggregator(abc.ABC):
+    """A server mod that sums the updates so the server never sees one on its own.
+
+    Subclassing it is how a mod declares the capability (SecAgg+, HE): the
+    ServerApp then sets ``context.secure_aggregation`` for every mod of the
+    app, and a mod that needs the updates one by one (server-side clipping)
+    refuses to run beside it.
+    """
+
+    __slots__ = ()
+
+    # Read-only view for code that checks the attribute; the class is the declaration.
+    secure_aggregation: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        request: RoundRequest,
+        context: ServerContext,
+        call_next: Callable[[RoundRequest, ServerContext], RoundResult],
+    ) -> RoundResult:
+        """Run the round (usually replacing the inner exchange)."""

@@ -39,6 +39,7 @@ from flowerpets.core import (
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerContext,
     StageExchange,
     WeightedSum,
@@ -150,7 +151,7 @@ def _unique(nodes: Iterable[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(nodes))
 
 
-class HomomorphicAggregation:
+class HomomorphicAggregation(SecureAggregator):
     """Sums CKKS-encrypted updates; the server never holds a key that can decrypt.
 
     Before its first round (and whenever connected nodes lack the key) it runs
@@ -170,8 +171,6 @@ class HomomorphicAggregation:
     bounds how many nodes are asked in turn to generate (or share) the key in
     one round before the round fails.
     """
-
-    secure_aggregation = True  # the server never sees an update on its own
 
     def __init__(
         self,

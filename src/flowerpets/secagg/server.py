@@ -73,6 +73,7 @@ from flowerpets.core import (
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerContext,
     StageExchange,
 )
@@ -126,7 +127,7 @@ class ServerPhase:
     UNMASKED = "unmasked"
 
 
-class SecAggPlus:
+class SecAggPlus(SecureAggregator):
     """The SecAgg+ server mod (Bell et al., CCS 2020), semi-honest core.
 
     Keyword-only configuration:
@@ -156,8 +157,6 @@ class SecAggPlus:
     ``randomness``
         ``n -> n random bytes`` for the session id (default ``os.urandom``).
     """
-
-    secure_aggregation = True
 
     def __init__(
         self,
