@@ -22,6 +22,7 @@ from flowerpets import (
     ServerApp,
     ServerContext,
     StageExchange,
+    request_messages,
 )
 from flowerpets.exceptions import InvalidUpdateError, ProtocolViolationError, RoundFailedError
 
@@ -235,3 +236,15 @@ def test_round_failed_carries_the_failures_and_participants() -> None:
     error = exchange.round_failed("s: round 2: nothing left", participants=[1, 2])
     assert isinstance(error, RoundFailedError) and error.participants == (1, 2)
     assert error.failures == exchange.failures and error.failures is not exchange.failures
+
+
+def test_request_messages_take_any_message_type() -> None:
+    grid = ArrivalGrid({1: answer(1), 2: answer(2)})
+    request = RoundRequest(round=2, cohort=(1, 2), arrays=ArrayRecord(), config=ConfigRecord())
+    plain = request_messages(grid, request, RecordDict())
+    keys = request_messages(grid, request, RecordDict(), message_type="pet-keys", stage="pet/a")
+    assert [m.metadata.message_type for m in plain] == ["train", "train"]
+    assert [(m.metadata.message_type, m.metadata.stage) for m in keys] == [
+        ("pet-keys", "pet/a"),
+        ("pet-keys", "pet/a"),
+    ]
