@@ -31,6 +31,7 @@ __all__ = [
     "MissingKeyError",
     "ModelMismatchError",
     "PrivacyAccountingError",
+    "ProtocolViolationError",
     "RecordTypeError",
     "ReplayError",
     "RequestRefusedError",
@@ -109,6 +110,16 @@ class RoundFailedError(FlowerpetsError, RuntimeError):
         super().__init__(message)
         self.failures: dict[int, Failure] = dict(failures or {})
         self.participants: tuple[int, ...] = tuple(participants)
+
+
+class ProtocolViolationError(FlowerpetsError, ValueError):
+    """A well-formed reply that breaks the protocol of its stage.
+
+    For example, a reply for another session, a public key another node already
+    advertised, or shares addressed to nodes it was not told of. A stage
+    exchange's accept function raises it to record the node's failure as a
+    ``PROTOCOL_VIOLATION`` rather than a malformed reply.
+    """
 
 
 class CiphertextError(InvalidUpdateError):

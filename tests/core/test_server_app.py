@@ -15,6 +15,7 @@ from flowerpets import (
     Error,
     ErrorCode,
     Failure,
+    FailureKind,
     FedAvg,
     FixedSizeSampling,
     FullParticipation,
@@ -24,6 +25,7 @@ from flowerpets import (
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerApp,
     ServerContext,
 )
@@ -268,9 +270,7 @@ def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None
         seen.append(context.secure_aggregation)
         return call_next(request, context)
 
-    class SecureMod:
-        secure_aggregation = True
-
+    class SecureMod(SecureAggregator):
         def __call__(
             self, request: RoundRequest, context: ServerContext, call_next: Next
         ) -> RoundResult:
@@ -280,6 +280,19 @@ def test_context_says_when_a_mod_aggregates_securely(scripted_grid: Any) -> None
     server(mods=[spy]).run(scripted_grid(app, 2), seed=0)
     server(mods=[spy, SecureMod()]).run(scripted_grid(app, 2), seed=0)
     assert seen == [False, True]
+
+
+def test_an_ad_hoc_secure_aggregation_attribute_is_refused_not_ignored() -> None:
+    class Undeclared:  # the old duck-typed declaration: it must not silently count as plain
+        secure_aggregation = True
+
+        def __call__(
+            self, request: RoundRequest, context: ServerContext, call_next: Next
+        ) -> RoundResult:
+            return call_next(request, context)
+
+    with pytest.raises(TypeError, match=r"subclassing flowerpets\.core\.SecureAggregator"):
+        server(mods=[Undeclared()])
 
 
 # -- failed rounds: nothing escapes the run, every reason is kept ---------------------------------
@@ -319,7 +332,10 @@ def test_all_zero_weights_fail_the_round_cleanly(scripted_grid: Any, weight: flo
 def test_a_round_that_fails_in_a_mod_keeps_every_nodes_reason(scripted_grid: Any) -> None:
     def exchange(request: RoundRequest, context: ServerContext, call_next: Next) -> RoundResult:
         # A mod that runs its own stages and gives up, as SecAgg+ or HE key set-up do.
-        failures = {n: Failure("stage-1", Error(ErrorCode.REFUSED, f"no {n}")) for n in (1, 2)}
+        failures = {
+            n: Failure("stage-1", Error(ErrorCode.REFUSED, f"no {n}"), FailureKind.ERROR_REPLY)
+            for n in (1, 2)
+        }
         raise RoundFailedError("stage-1: too few nodes", failures=failures, participants=[3])
 
     app = update_app(lambda pid: np.ones(3, np.float32), lambda pid: 1)

@@ -26,6 +26,7 @@ from flowerpets.core import (
     PoissonSampling,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerApp,
     ServerContext,
     aggregate_round,
@@ -369,10 +370,8 @@ class PairwiseMaskingMod:
         return Message(metadata=reply.metadata, content=content)
 
 
-class SecureSumStandIn:
+class SecureSumStandIn(SecureAggregator):
     """Stand-in SecAgg server mod: declares secure aggregation; the masked sum is the true sum."""
-
-    secure_aggregation = True
 
     def __call__(
         self, request: RoundRequest, context: ServerContext, call_next: Any

@@ -20,6 +20,7 @@ from flowerpets import (
     ArrayRecord,
     Context,
     ErrorCode,
+    FailureKind,
     Message,
     RecordDict,
     RoundRequest,
@@ -542,3 +543,24 @@ def test_a_node_without_the_key_refuses_a_sealed_model(kit: SimpleNamespace) -> 
     reply = app(request, Context(node_id=9))
     assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
     assert "no CKKS key" in reply.error.reason
+
+
+def test_a_key_set_up_that_fails_keeps_every_nodes_reason(kit: SimpleNamespace) -> None:
+    # One node refuses to advertise, the three others to generate the key: the failed
+    # round's record names each node, its stage and the kind of its failure.
+    faults = [ErrorReply(node=i, round=1, stage=Stage.KEYGEN, reason=f"no {i}") for i in range(3)]
+    failed = kit.run(
+        kit.server_app([HomomorphicAggregation()], rounds=1),
+        kit.client_app([ckks_mod]),
+        4,
+        faults=[*faults, ErrorReply(node=3, round=1, stage=Stage.ADVERTISE, reason="busy")],
+    )
+    (record,) = failed.result.history.rounds
+    assert not record.ok and "no node could generate the CKKS key" in (record.error or "")
+    got = {failed.pid(n): (f.stage, f.kind, f.error.reason) for n, f in record.failures.items()}
+    assert got == {
+        0: (Stage.KEYGEN, FailureKind.ERROR_REPLY, "no 0"),
+        1: (Stage.KEYGEN, FailureKind.ERROR_REPLY, "no 1"),
+        2: (Stage.KEYGEN, FailureKind.ERROR_REPLY, "no 2"),
+        3: (Stage.ADVERTISE, FailureKind.ERROR_REPLY, "busy"),
+    }

@@ -21,6 +21,8 @@ from flowerpets.core import (
     ClientApp,
     ConfigRecord,
     Context,
+    ErrorCode,
+    FailureKind,
     FedAvg,
     Message,
     MetricRecord,
@@ -65,6 +67,16 @@ class Malicious:
             return self._forge_word(reply)
         if stage == Stage.UNMASK and self.attack == "shares":
             return self._shift_shares(reply, context.node_id)
+        if stage == Stage.ADVERTISE_KEYS and self.attack in ADVERT_ATTACKS:
+            body = ConfigRecord(protocol_record(reply.require_content()))
+            if self.attack == "session":
+                body["session"] = bytes(len(body["session"]))  # type: ignore[arg-type]
+            elif self.attack == "reuse-key":
+                body["s-pk"] = body["c-pk"]
+            else:
+                body["c-pk"] = body["c-pk"][:8]  # type: ignore[index]
+            reply.require_content()[RECORD] = body
+            self.tampered += 1
         return reply
 
     def _forge_word(self, reply: Message) -> Message:
@@ -152,6 +164,25 @@ def test_one_malicious_node_fails_its_round_not_the_run(attack: str, reason: str
     expected = (updates.astype(np.float64) * w[:, None]).sum(0) / w.sum()
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, atol=1e-4)
     assert not result.history.every_round_failed
+
+
+ADVERT_ATTACKS = {
+    "session": (FailureKind.PROTOCOL_VIOLATION, "another session"),
+    "reuse-key": (FailureKind.PROTOCOL_VIOLATION, "reuses a public key"),
+    "short-key": (FailureKind.INVALID_REPLY, "public keys must be"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ADVERT_ATTACKS))
+def test_a_bad_advert_is_classified_and_the_round_goes_on_without_it(attack: str) -> None:
+    result, malicious = run(attack, rounds=1)
+    record = result.history.round(1)
+    assert malicious.tampered == 1 and record.ok and len(record.participants) == N - 1
+    ((node, failure),) = record.failures.items()
+    kind, reason = ADVERT_ATTACKS[attack]
+    assert node not in record.participants and failure.stage == Stage.ADVERTISE_KEYS
+    assert failure.kind is kind and reason in failure.error.reason
+    assert failure.error.code is ErrorCode.INVALID_REPLY
 
 
 def test_with_stop_on_failure_the_run_ends_with_the_rounds_error() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import abc
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,10 +27,12 @@ __all__ = [
     "SEALED_WEIGHT_KEY",
     "WEIGHT_KEY",
     "Failure",
+    "FailureKind",
     "RoundRequest",
     "RoundResult",
     "SealedArrays",
     "SealedSum",
+    "SecureAggregator",
     "ServerContext",
     "ServerMod",
     "is_sealed",
@@ -42,12 +46,35 @@ WEIGHT_KEY = "num-examples"
 SEALED_WEIGHT_KEY = "sealed.total-weight"
 
 
+class FailureKind(enum.StrEnum):
+    """The one taxonomy of why a node did not contribute to a stage.
+
+    The ``Error`` on a :class:`Failure` says what happened in the node's or the
+    runtime's words; the kind says who is to blame, which the error code alone
+    cannot (a node's own ``INVALID_REPLY`` error reply is an ``ERROR_REPLY``).
+    """
+
+    ERROR_REPLY = "error-reply"
+    """The node answered with an error: it refused, or its app or a mod raised."""
+    NO_REPLY = "no-reply"
+    """No answer: the wait ran out (``TIMEOUT``) or the runtime knew the node gone."""
+    INVALID_REPLY = "invalid-reply"
+    """The answer could not be used: missing records, wrong types, names or shapes, NaN."""
+    PROTOCOL_VIOLATION = "protocol-violation"
+    """A well-formed answer that breaks the protocol: another session, a reused key,
+    shares for nodes it was not told of."""
+    EXCLUDED = "excluded"
+    """Not about its own answer: the server left the node out (too few live neighbours,
+    no key), so it could not contribute."""
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a node did not contribute to a round, and at which stage."""
+    """Why a node did not contribute to a round, at which stage, and of which kind."""
 
     stage: str
     error: Error
+    kind: FailureKind
 
     def __str__(self) -> str:
         return f"{self.stage}: {self.error}"
@@ -206,7 +233,7 @@ class ServerContext(Context):
     A mod that runs its own protocol stages (secure aggregation, key set-up)
     sends them through ``context.grid``. ``secure_aggregation`` is true when one
     of the app's server mods sums updates so the server never sees them one by
-    one (it declares ``secure_aggregation = True``); a mod that needs individual
+    one (it is a :class:`SecureAggregator`); a mod that needs individual
     updates (server-side clipping) must refuse to run then.
     """
 
@@ -235,3 +262,27 @@ ServerMod = Callable[
     [RoundRequest, ServerContext, Callable[[RoundRequest, ServerContext], RoundResult]],
     RoundResult,
 ]
+
+
+class SecureAggregator(abc.ABC):
+    """A server mod that sums the updates so the server never sees one on its own.
+
+    Subclassing it is how a mod declares the capability (SecAgg+, HE): the
+    ServerApp then sets ``context.secure_aggregation`` for every mod of the
+    app, and a mod that needs the updates one by one (server-side clipping)
+    refuses to run beside it.
+    """
+
+    __slots__ = ()
+
+    # Read-only view for code that checks the attribute; the class is the declaration.
+    secure_aggregation: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        request: RoundRequest,
+        context: ServerContext,
+        call_next: Callable[[RoundRequest, ServerContext], RoundResult],
+    ) -> RoundResult:
+        """Run the round (usually replacing the inner exchange)."""

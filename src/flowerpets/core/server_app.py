@@ -27,7 +27,13 @@ from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
-from flowerpets.core.round import RoundRequest, RoundResult, ServerContext, ServerMod
+from flowerpets.core.round import (
+    RoundRequest,
+    RoundResult,
+    SecureAggregator,
+    ServerContext,
+    ServerMod,
+)
 from flowerpets.core.strategy import Strategy
 from flowerpets.exceptions import ConfigurationError, RoundFailedError, StopRunError
 
@@ -91,6 +97,13 @@ class ServerApp:
             )
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must implement the Strategy protocol, got {strategy!r}")
+        for mod in mods:
+            if getattr(mod, "secure_aggregation", False) and not isinstance(mod, SecureAggregator):
+                # The old ad-hoc declaration: refused loudly, never silently ignored.
+                raise TypeError(
+                    f"{mod!r} says secure_aggregation = True but is no SecureAggregator: "
+                    "declare it by subclassing flowerpets.core.SecureAggregator"
+                )
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.initial_arrays = initial_arrays
@@ -118,7 +131,7 @@ class ServerApp:
             run_id=grid.run_id,
             run_config=run_config,
             grid=grid,
-            secure_aggregation=any(getattr(m, "secure_aggregation", False) for m in self.mods),
+            secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),
         )
         result = RunResult(arrays=self.initial_arrays)
         for rnd in range(1, self.num_rounds + 1):

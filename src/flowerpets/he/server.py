@@ -20,8 +20,10 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from flowerpets.core import (
     SEALED_WEIGHT_KEY,
@@ -30,25 +32,26 @@ from flowerpets.core import (
     Error,
     ErrorCode,
     Failure,
+    FailureKind,
     Grid,
-    Message,
     MetricMean,
     MetricRecord,
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerContext,
+    StageExchange,
     WeightedSum,
-    collect,
-    gather,
     is_sealed,
     reply_weight,
-    request_messages,
 )
 from flowerpets.exceptions import (
     InvalidUpdateError,
     KeySetupError,
     ModelMismatchError,
+    ProtocolViolationError,
+    RecordTypeError,
     RoundFailedError,
 )
 from flowerpets.he._primitives.ciphertexts import Header, split_wire
@@ -67,6 +70,7 @@ __all__ = ["HomomorphicAggregation"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Next = Callable[[RoundRequest, ServerContext], RoundResult]
 _MODEL_RECORD = "he.model"
 _KEY_ID = re.compile(r"[0-9a-f]{32}")
@@ -102,42 +106,52 @@ class _Model:
         return cls(order=tuple(body["order"]), layout=Layout.from_json(body["layout"]))
 
 
-def _failure(stage: str, reason: str, code: ErrorCode = ErrorCode.INVALID_REPLY) -> Failure:
-    return Failure(stage, Error(code, reason))
+# What a set-up stage's accept raises for a reply it cannot use.
+_INVALID = (ValueError, RecordTypeError)
 
 
-def _reply_config(reply: Message | None, stage: Stage) -> ConfigRecord:
-    """A set-up reply's config, or ``_StageError`` carrying the node's failure."""
-    if reply is None:
-        raise _StageError(_failure(stage, "no reply", ErrorCode.NODE_UNAVAILABLE))
-    if reply.error is not None:
-        raise _StageError(Failure(stage, reply.error))
-    body = reply.require_content()
+def _config(body: RecordDict) -> ConfigRecord:
+    """A set-up reply's config."""
     if "config" not in body:
-        raise _StageError(_failure(stage, "the reply carries no config"))
+        raise InvalidUpdateError("the reply carries no config")
     return body.get_typed("config", ConfigRecord)
-
-
-class _StageError(Exception):
-    """Internal: one node failed one set-up stage (never escapes this module)."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
 
 
 def _field(config: ConfigRecord, key: str, kind: type) -> object:
     value = config.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
+        raise InvalidUpdateError(f"{key!r} is missing or not a {kind.__name__}")
     return value
+
+
+def _ask(config: ConfigRecord) -> RecordDict:
+    """A set-up request: its config record alone."""
+    return RecordDict({"config": config})
+
+
+def _one(
+    setup: StageExchange,
+    stage: Stage,
+    node: int,
+    ask: ConfigRecord,
+    read: Callable[[ConfigRecord], T],
+) -> T | None:
+    """A one-node set-up stage: what ``read`` makes of the reply, or None (the failure recorded)."""
+    got: list[T] = []
+    setup.send(
+        stage,
+        [(node, _ask(ask))],
+        lambda _, body: got.append(read(_config(body))),
+        invalid=_INVALID,
+    )
+    return got[0] if got else None
 
 
 def _unique(nodes: Iterable[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(nodes))
 
 
-class HomomorphicAggregation:
+class HomomorphicAggregation(SecureAggregator):
     """Sums CKKS-encrypted updates; the server never holds a key that can decrypt.
 
     Before its first round (and whenever connected nodes lack the key) it runs
@@ -157,8 +171,6 @@ class HomomorphicAggregation:
     bounds how many nodes are asked in turn to generate (or share) the key in
     one round before the round fails.
     """
-
-    secure_aggregation = True  # the server never sees an update on its own
 
     def __init__(
         self,
@@ -201,17 +213,23 @@ class HomomorphicAggregation:
     ) -> RoundResult:
         grid = context.require_grid()
         model = self._model(request, context)
-        setup_failures: dict[int, Failure] = {}
-        keys = self._keys(request, context, grid, setup_failures)
+        # Key set-up's stages: its own message type, every node's reason kept across them.
+        setup = StageExchange(
+            grid, round=request.round, message_type=HE_MESSAGE_TYPE, timeout=request.timeout
+        )
+        keys = self._keys(request, context, setup)
         holders = set(keys.holders)
         keyed = [node for node in request.cohort if node in holders]
         result = self._aggregate(request, grid, keys, model, keyed)
         failures = dict(result.failures)
+        no_key = Failure(
+            Stage.INSTALL,
+            Error(ErrorCode.REFUSED, "the node holds no CKKS key"),
+            FailureKind.EXCLUDED,
+        )
         for node in request.cohort:
             if node not in holders:
-                failures[node] = setup_failures.get(
-                    node, _failure(Stage.INSTALL, "the node holds no CKKS key", ErrorCode.REFUSED)
-                )
+                failures[node] = setup.failures.get(node, no_key)
         return result.replace(failures=failures)
 
     def _aggregate(
@@ -237,10 +255,9 @@ class HomomorphicAggregation:
         config[CONFIG_WEIGHT_KEY] = request.weight_key or ""
         config[CONFIG_COHORT_SIZE] = len(request.cohort)
         content = RecordDict({"arrays": request.arrays, "config": config})
-        messages = request_messages(grid, request, content, nodes=nodes)
+        exchange = StageExchange.of(grid, request)
 
-        def accept(reply: Message) -> None:
-            body = reply.require_content()
+        def accept(node: int, body: RecordDict) -> None:
             if "metrics" not in body or "arrays" not in body:
                 raise InvalidUpdateError("an encrypted reply carries 'metrics' and 'arrays'")
             reported = body.get_typed("metrics", MetricRecord)
@@ -257,13 +274,13 @@ class HomomorphicAggregation:
             encrypted.add(vectors)
             metrics.add(reported, float(weight))
 
-        participants, failures = gather(grid, messages, request, accept)
+        participants = exchange.send("", [(node, content) for node in nodes], accept)
         return RoundResult(
             round=request.round,
             aggregate=plain.result(),
             total_weight=plain.total_weight,
             participants=participants,
-            failures=failures,
+            failures=exchange.failures,
             metrics=metrics.result(),
             sealed=encrypted.result(),
         )
@@ -303,14 +320,10 @@ class HomomorphicAggregation:
 
     # -- keys ----------------------------------------------------------------------------------
     def _keys(
-        self,
-        request: RoundRequest,
-        context: ServerContext,
-        grid: Grid,
-        failures: dict[int, Failure],
+        self, request: RoundRequest, context: ServerContext, setup: StageExchange
     ) -> ServerKeys:
         keys = ServerKeys.load(context.state)
-        connected = list(grid.node_ids())
+        connected = list(setup.grid.node_ids())
         if keys.phase is ServerPhase.KEYED and not any(h in connected for h in keys.holders):
             if is_sealed(request.arrays):
                 raise KeySetupError(
@@ -323,81 +336,66 @@ class HomomorphicAggregation:
             )
             keys.store(context.state)
         if keys.phase is ServerPhase.NO_KEY:
-            keys = self._generate(request, grid, connected, failures)
+            keys = self._generate(request, setup, connected)
         else:
             missing = [n for n in connected if n not in keys.holders]
             if missing:
-                keys = self._onboard(request, grid, keys, connected, missing, failures)
+                keys = self._onboard(request, setup, keys, connected, missing)
         keys.store(context.state)
         return keys
 
-    def _send(
-        self, grid: Grid, request: RoundRequest, stage: Stage, contents: Mapping[int, ConfigRecord]
-    ) -> dict[int, Message]:
-        messages = [
-            Message.create(
-                RecordDict({"config": config}),
-                message_type=HE_MESSAGE_TYPE,
-                dst_node_id=node,
-                round=request.round,
-                run_id=grid.run_id,
-                stage=stage,
-            )
-            for node, config in contents.items()
-        ]
-        return {
-            reply.metadata.src_node_id: reply
-            for reply in collect(grid, messages, timeout=request.timeout)
-        }
-
-    def _advertise(
-        self,
-        grid: Grid,
-        request: RoundRequest,
-        nodes: Sequence[int],
-        failures: dict[int, Failure],
-    ) -> dict[int, _Advert]:
-        replies = self._send(grid, request, Stage.ADVERTISE, {n: ConfigRecord() for n in nodes})
+    def _advertise(self, setup: StageExchange, nodes: Sequence[int]) -> dict[int, _Advert]:
         adverts: dict[int, _Advert] = {}
-        for node in nodes:
-            try:
-                config = _reply_config(replies.get(node), Stage.ADVERTISE)
-                public = _field(config, "he.public-key", bytes)
-                assert isinstance(public, bytes)
-                if len(public) != _PUBLIC_KEY_BYTES:
-                    raise ValueError("a transport public key is 32 bytes")
-                volunteer = config.get("he.volunteer") is True
-                held = config.get("he.key-id", "")
-                adverts[node] = _Advert(public, volunteer, held if isinstance(held, str) else "")
-            except _StageError as exc:
-                failures[node] = exc.failure
-            except ValueError as exc:
-                failures[node] = _failure(Stage.ADVERTISE, str(exc))
-        return adverts
+
+        def accept(node: int, body: RecordDict) -> None:
+            config = _config(body)
+            public = _field(config, "he.public-key", bytes)
+            assert isinstance(public, bytes)
+            if len(public) != _PUBLIC_KEY_BYTES:
+                raise InvalidUpdateError("a transport public key is 32 bytes")
+            volunteer = config.get("he.volunteer") is True
+            held = config.get("he.key-id", "")
+            adverts[node] = _Advert(public, volunteer, held if isinstance(held, str) else "")
+
+        setup.send(
+            Stage.ADVERTISE, [(n, _ask(ConfigRecord())) for n in nodes], accept, invalid=_INVALID
+        )
+        return {n: adverts[n] for n in nodes if n in adverts}  # the order asked, not of arrival
 
     def _wrapped(
         self, config: ConfigRecord, key_id: str, recipients: Sequence[int]
     ) -> dict[int, bytes]:
         """The wrapped keys a keygen or share reply carries, checked against the request."""
         if config.get("he.key-id") != key_id:
-            raise ValueError(f"the reply is for key {config.get('he.key-id')!r}, not {key_id}")
+            raise ProtocolViolationError(
+                f"the reply is for key {config.get('he.key-id')!r}, not {key_id}"
+            )
         if config.get("he.recipients") != list(recipients):
-            raise ValueError("the reply wraps the key for other recipients than asked")
+            raise ProtocolViolationError("the reply wraps the key for other recipients than asked")
         wrapped = config.get("he.wrapped")
         if not isinstance(wrapped, list) or len(wrapped) != len(recipients):
-            raise ValueError("the reply does not carry one wrapped key per recipient")
+            raise InvalidUpdateError("the reply does not carry one wrapped key per recipient")
         if not all(isinstance(blob, bytes) for blob in wrapped):
-            raise ValueError("wrapped keys must be bytes")
+            raise InvalidUpdateError("wrapped keys must be bytes")
         return dict(zip(recipients, wrapped, strict=True))  # type: ignore[arg-type]
 
+    def _made(
+        self, config: ConfigRecord, recipients: Sequence[int]
+    ) -> tuple[str, bytes, dict[int, bytes]]:
+        """A keygen reply: the key id, the public context and the wrapped keys, checked."""
+        key_id = config.get("he.key-id")
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            raise InvalidUpdateError(f"malformed key id {key_id!r}")
+        public = _field(config, "he.public-context", bytes)
+        assert isinstance(public, bytes)
+        # Refuses a context that carries a secret key: the server never keeps one.
+        load_public_context(public, self.params)
+        return key_id, public, self._wrapped(config, key_id, recipients)
+
     def _generate(
-        self,
-        request: RoundRequest,
-        grid: Grid,
-        connected: Sequence[int],
-        failures: dict[int, Failure],
+        self, request: RoundRequest, setup: StageExchange, connected: Sequence[int]
     ) -> ServerKeys:
-        adverts = self._advertise(grid, request, connected, failures)
+        adverts = self._advertise(setup, connected)
         volunteers = [n for n, a in adverts.items() if a.volunteer]
         others = [n for n in adverts if n not in volunteers]
         secrets.SystemRandom().shuffle(others)  # no node can predict it will hold the key first
@@ -411,23 +409,12 @@ class HomomorphicAggregation:
                     "he.recipient-keys": [adverts[n].public_key for n in recipients],
                 }
             )
-            replies = self._send(grid, request, Stage.KEYGEN, {candidate: ask})
-            try:
-                config = _reply_config(replies.get(candidate), Stage.KEYGEN)
-                key_id = config.get("he.key-id")
-                if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-                    raise ValueError(f"malformed key id {key_id!r}")
-                public = _field(config, "he.public-context", bytes)
-                assert isinstance(public, bytes)
-                # Refuses a context that carries a secret key: the server never keeps one.
-                load_public_context(public, self.params)
-                wrapped = self._wrapped(config, key_id, recipients)
-            except _StageError as exc:
-                failures[candidate] = exc.failure
+            made = _one(
+                setup, Stage.KEYGEN, candidate, ask, partial(self._made, recipients=recipients)
+            )
+            if made is None:
                 continue
-            except ValueError as exc:
-                failures[candidate] = _failure(Stage.KEYGEN, str(exc))
-                continue
+            key_id, public, wrapped = made
             keys = ServerKeys().after(
                 ServerEvent.GENERATED,
                 key_id=key_id,
@@ -436,7 +423,7 @@ class HomomorphicAggregation:
                 holders=(candidate,),
                 generator=candidate,
             )
-            installed = self._install(grid, request, keys, candidate, wrapped, failures)
+            installed = self._install(setup, keys, candidate, wrapped)
             log.info(
                 "round %d: node %d generated the CKKS key; %d of %d others installed it",
                 request.round,
@@ -448,19 +435,19 @@ class HomomorphicAggregation:
         raise KeySetupError(
             f"round {request.round}: no node could generate the CKKS key "
             f"({len(candidates)} asked of {len(adverts)} that advertised): "
-            + "; ".join(f"{n}: {failures[n]}" for n in candidates if n in failures)
+            + "; ".join(f"{n}: {setup.failures[n]}" for n in candidates if n in setup.failures),
+            failures=setup.failures,
         )
 
     def _onboard(
         self,
         request: RoundRequest,
-        grid: Grid,
+        setup: StageExchange,
         keys: ServerKeys,
         connected: Sequence[int],
         missing: Sequence[int],
-        failures: dict[int, Failure],
     ) -> ServerKeys:
-        adverts = self._advertise(grid, request, missing, failures)
+        adverts = self._advertise(setup, missing)
         # A node that already holds this key (its install reply was lost) needs nothing.
         already = [n for n, a in adverts.items() if a.key_id == keys.key_id]
         newcomers = [n for n in adverts if n not in already]
@@ -476,17 +463,16 @@ class HomomorphicAggregation:
                         "he.recipient-keys": [adverts[n].public_key for n in newcomers],
                     }
                 )
-                replies = self._send(grid, request, Stage.SHARE, {holder: ask})
-                try:
-                    config = _reply_config(replies.get(holder), Stage.SHARE)
-                    wrapped = self._wrapped(config, keys.key_id, newcomers)
-                except _StageError as exc:
-                    failures.setdefault(holder, exc.failure)
+                shared = _one(
+                    setup,
+                    Stage.SHARE,
+                    holder,
+                    ask,
+                    partial(self._wrapped, key_id=keys.key_id, recipients=newcomers),
+                )
+                if shared is None:
                     continue
-                except ValueError as exc:
-                    failures.setdefault(holder, _failure(Stage.SHARE, str(exc)))
-                    continue
-                installed = self._install(grid, request, keys, holder, wrapped, failures)
+                installed = self._install(setup, keys, holder, shared)
                 break
             else:
                 log.warning(
@@ -499,40 +485,28 @@ class HomomorphicAggregation:
         )
 
     def _install(
-        self,
-        grid: Grid,
-        request: RoundRequest,
-        keys: ServerKeys,
-        sender: int,
-        wrapped: Mapping[int, bytes],
-        failures: dict[int, Failure],
+        self, setup: StageExchange, keys: ServerKeys, sender: int, wrapped: dict[int, bytes]
     ) -> list[int]:
         """Relay each wrapped key to its recipient; the nodes that installed it."""
         assert keys.params is not None
         contents = {
-            node: ConfigRecord(
-                {
-                    "he.key-id": keys.key_id,
-                    "he.params": keys.params.to_list(),
-                    "he.public-context": keys.public_context,
-                    "he.sender": sender,
-                    "he.wrapped": blob,
-                }
+            node: _ask(
+                ConfigRecord(
+                    {
+                        "he.key-id": keys.key_id,
+                        "he.params": keys.params.to_list(),
+                        "he.public-context": keys.public_context,
+                        "he.sender": sender,
+                        "he.wrapped": blob,
+                    }
+                )
             )
             for node, blob in wrapped.items()
         }
-        replies = self._send(grid, request, Stage.INSTALL, contents)
-        installed = []
-        for node in contents:
-            try:
-                config = _reply_config(replies.get(node), Stage.INSTALL)
-                if config.get("he.key-id") != keys.key_id:
-                    raise ValueError("the node confirms another key")
-            except _StageError as exc:
-                failures[node] = exc.failure
-                continue
-            except ValueError as exc:
-                failures[node] = _failure(Stage.INSTALL, str(exc))
-                continue
-            installed.append(node)
-        return installed
+
+        def accept(node: int, body: RecordDict) -> None:
+            if _config(body).get("he.key-id") != keys.key_id:
+                raise ProtocolViolationError("the node confirms another key")
+
+        installed = set(setup.send(Stage.INSTALL, contents, accept, invalid=_INVALID))
+        return [node for node in contents if node in installed]  # the order asked

@@ -58,7 +58,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,21 +67,24 @@ from numpy.typing import NDArray
 from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
-    Error,
-    ErrorCode,
-    Failure,
+    FailureKind,
     Grid,
-    Message,
     MetricRecord,
     RecordDict,
     RoundRequest,
     RoundResult,
+    SecureAggregator,
     ServerContext,
-    collect,
-    request_messages,
+    StageExchange,
 )
 from flowerpets.core.records import Array
-from flowerpets.exceptions import InfeasibleParametersError, RecordTypeError, RoundFailedError
+from flowerpets.exceptions import (
+    InfeasibleParametersError,
+    InvalidUpdateError,
+    ProtocolViolationError,
+    RecordTypeError,
+    RoundFailedError,
+)
 from flowerpets.secagg._primitives import keys, prg, quantize, shamir
 from flowerpets.secagg.client import SHARE_BYTES, SHARE_CIPHERTEXT_BYTES, pair_mask_seed
 from flowerpets.secagg.parameters import (
@@ -124,7 +127,7 @@ class ServerPhase:
     UNMASKED = "unmasked"
 
 
-class SecAggPlus:
+class SecAggPlus(SecureAggregator):
     """The SecAgg+ server mod (Bell et al., CCS 2020), semi-honest core.
 
     Keyword-only configuration:
@@ -154,8 +157,6 @@ class SecAggPlus:
     ``randomness``
         ``n -> n random bytes`` for the session id (default ``os.urandom``).
     """
-
-    secure_aggregation = True
 
     def __init__(
         self,
@@ -248,8 +249,10 @@ class SecAggPlus:
         return ServerRound(self, request, context.require_grid()).run()
 
 
-class _InvalidReplyError(Exception):
-    """A reply that breaks the protocol: the node is recorded as failed at that stage."""
+# What a stage's accept raises for a reply it cannot use (the protocol record's readers
+# raise ValueError); the masked input also reads the arrays' records.
+_INVALID = (ValueError,)
+_INVALID_INPUT = (ValueError, KeyError, RecordTypeError)
 
 
 class ServerRound:
@@ -297,7 +300,8 @@ class ServerRound:
         self.params = params
         self.graph = self.config.graph
         self.t = self.config.threshold
-        self.failures: dict[int, Failure] = {}
+        self.exchange = StageExchange.of(grid, request)
+        self.failures = self.exchange.failures  # the round's record: every node's reason
         self.seconds: dict[str, float] = {}
         self.c_pks: dict[int, bytes] = {}
         self.s_pks: dict[int, bytes] = {}
@@ -338,33 +342,21 @@ class ServerRound:
         return tuple(nodes)
 
     # -- helpers ------------------------------------------------------------------------
-    def _fail(self, node: int, stage: str, code: ErrorCode, reason: str) -> None:
-        self.failures[node] = Failure(stage, Error(code, reason))
+    def _send(
+        self,
+        stage: str,
+        contents: Iterable[tuple[int, RecordDict]],
+        accept: Callable[[int, RecordDict], object],
+        invalid: tuple[type[Exception], ...] = _INVALID,
+    ) -> tuple[int, ...]:
+        """One stage through the exchange; every reply must first be of this session."""
 
-    def _messages(self, stage: str, contents: Iterable[tuple[int, RecordDict]]) -> list[Message]:
-        messages: list[Message] = []
-        for node, content in contents:
-            messages.extend(
-                request_messages(self.grid, self.request, content, nodes=[node], stage=stage)
-            )
-        return messages
+        def checked(node: int, content: RecordDict) -> object:
+            if get_field(protocol_record(content), "session", bytes) != self.config.session:
+                raise ProtocolViolationError("the reply belongs to another session")
+            return accept(node, content)
 
-    def _replies(self, stage: str, messages: Sequence[Message]) -> Iterator[tuple[int, RecordDict]]:
-        """Valid replies as ``(node, content)``; error replies are recorded as failures."""
-        for reply in collect(self.grid, messages, timeout=self.request.timeout):
-            node = reply.metadata.src_node_id
-            if reply.error is not None:
-                self.failures[node] = Failure(stage, reply.error)
-                continue
-            content = reply.require_content()
-            try:
-                body = protocol_record(content)
-                if get_field(body, "session", bytes) != self.config.session:
-                    raise _InvalidReplyError("the reply belongs to another session")
-            except (ValueError, _InvalidReplyError) as exc:
-                self._fail(node, stage, ErrorCode.INVALID_REPLY, str(exc))
-                continue
-            yield node, content
+        return self.exchange.send(stage, contents, checked, invalid=invalid)
 
     def _live_core(self, nodes: set[int], stage: str, what: str) -> list[int]:
         """The largest subset in which every node has >= t neighbours (the others are excluded)."""
@@ -377,10 +369,10 @@ class ServerRound:
                 if count < self.t:
                     live.discard(node)
                     changed = True
-                    self._fail(
+                    self.exchange.fail(
                         node,
                         stage,
-                        ErrorCode.REFUSED,
+                        FailureKind.EXCLUDED,
                         f"excluded by the server: only {count} of its neighbours {what}, "
                         f"fewer than the threshold t={self.t}",
                     )
@@ -391,10 +383,8 @@ class ServerRound:
         message = f"{stage}: round {self.request.round}: {detail}"
         log.warning("SecAgg+ %s", message)
         cohort = set(self.survivors)
-        return RoundFailedError(
-            message,
-            failures=self.failures,
-            participants=[i for i in self.request.cohort if i in cohort],
+        return self.exchange.round_failed(
+            message, participants=[i for i in self.request.cohort if i in cohort]
         )
 
     # -- stage 0 ------------------------------------------------------------------------
@@ -402,21 +392,19 @@ class ServerRound:
         stage = Stage.ADVERTISE_KEYS
         started = self._enter(ServerPhase.NEW, stage)
         content = RecordDict({RECORD: self.config.to_record()})
-        messages = self._messages(stage, ((i, content) for i in self.config.order))
         seen: set[bytes] = set()
-        for node, body in self._replies(stage, messages):
-            try:
-                record = protocol_record(body)
-                pks = [get_field(record, key, bytes) for key in ("c-pk", "s-pk")]
-                if any(len(pk) != keys.KEY_BYTES for pk in pks):
-                    raise _InvalidReplyError(f"public keys must be {keys.KEY_BYTES} bytes")
-                if seen & set(pks) or pks[0] == pks[1]:
-                    raise _InvalidReplyError("the node reuses a public key")
-            except (ValueError, _InvalidReplyError) as exc:
-                self._fail(node, stage, ErrorCode.INVALID_REPLY, str(exc))
-                continue
+
+        def accept(node: int, body: RecordDict) -> None:
+            record = protocol_record(body)
+            pks = [get_field(record, key, bytes) for key in ("c-pk", "s-pk")]
+            if any(len(pk) != keys.KEY_BYTES for pk in pks):
+                raise InvalidUpdateError(f"public keys must be {keys.KEY_BYTES} bytes")
+            if seen & set(pks) or pks[0] == pks[1]:
+                raise ProtocolViolationError("the node reuses a public key")
             seen.update(pks)
             self.c_pks[node], self.s_pks[node] = pks
+
+        self._send(stage, ((i, content) for i in self.config.order), accept)
         advertised = set(self.c_pks)
         live = self._live_core(advertised, Stage.SHARE_KEYS, "advertised keys")
         self._leave(ServerPhase.ADVERTISED, stage, started)
@@ -447,19 +435,18 @@ class ServerRound:
             )
             contents.append((i, RecordDict({RECORD: record})))
         delivered: dict[int, dict[int, bytes]] = {}
-        for node, body in self._replies(stage, self._messages(stage, contents)):
-            try:
-                record = protocol_record(body)
-                receivers = int_list(record, "receivers")
-                ciphertexts = bytes_list(record, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
-                if receivers != told[node] or len(ciphertexts) != len(receivers):
-                    raise _InvalidReplyError(
-                        "the shares are not addressed to the neighbours it was told"
-                    )
-            except (ValueError, _InvalidReplyError) as exc:
-                self._fail(node, stage, ErrorCode.INVALID_REPLY, str(exc))
-                continue
+
+        def accept(node: int, body: RecordDict) -> None:
+            record = protocol_record(body)
+            receivers = int_list(record, "receivers")
+            ciphertexts = bytes_list(record, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
+            if receivers != told[node] or len(ciphertexts) != len(receivers):
+                raise ProtocolViolationError(
+                    "the shares are not addressed to the neighbours it was told"
+                )
             delivered[node] = dict(zip(receivers, ciphertexts, strict=True))
+
+        self._send(stage, contents, accept)
         self.shared = self._live_core(set(delivered), Stage.COLLECT_MASKED_INPUT, "shared keys")
         for sender in self.shared:
             for receiver, ciphertext in delivered[sender].items():
@@ -491,14 +478,11 @@ class ServerRound:
                 {"arrays": self.request.arrays, "config": self.request.config, RECORD: record}
             )
             contents.append((i, content))
-        arrived: set[int] = set()
-        for node, body in self._replies(stage, self._messages(stage, contents)):
-            try:
-                self._add_masked_input(body)
-            except (ValueError, KeyError, RecordTypeError, _InvalidReplyError) as exc:
-                self._fail(node, stage, ErrorCode.INVALID_REPLY, str(exc))
-                continue
-            arrived.add(node)
+        arrived = set(
+            self._send(
+                stage, contents, lambda node, body: self._add_masked_input(body), _INVALID_INPUT
+            )
+        )
         self.ciphertexts.clear()
         self.survivors = [i for i in self.shared if i in arrived]
         self.dropped = [j for j in self.shared if j not in arrived]
@@ -529,13 +513,13 @@ class ServerRound:
         if self.layout is None:
             self.layout = layout
         elif layout.signature() != self.layout.signature():
-            raise _InvalidReplyError(
+            raise InvalidUpdateError(
                 "the masked input's arrays differ from the round's "
                 f"(names {list(layout.names)[:4]}, expected {list(self.layout.names)[:4]})"
             )
         vector = body.get_typed(MASKED_RECORD, ArrayRecord)[MASKED_ARRAY].numpy()
         if vector.dtype != np.uint32 or vector.shape != (self.layout.length,):
-            raise _InvalidReplyError(
+            raise InvalidUpdateError(
                 f"the masked vector must be uint32 of shape ({self.layout.length},), "
                 f"got {vector.dtype} {vector.shape}"
             )
@@ -558,17 +542,13 @@ class ServerRound:
         content = RecordDict({RECORD: record})
         b_shares: dict[int, dict[int, bytes]] = {}
         s_shares: dict[int, dict[int, bytes]] = {}
-        answered: list[int] = []
-        messages = self._messages(stage, ((i, content) for i in self.survivors))
-        for holder, body in self._replies(stage, messages):
-            try:
-                got = self._read_shares(holder, protocol_record(body), alive, gone)
-            except (ValueError, _InvalidReplyError) as exc:
-                self._fail(holder, stage, ErrorCode.INVALID_REPLY, str(exc))
-                continue
+
+        def accept(holder: int, body: RecordDict) -> None:
+            got = self._read_shares(holder, protocol_record(body), alive, gone)
             for kind, dealer, point, share in got:
                 (b_shares if kind == "b" else s_shares).setdefault(dealer, {})[point] = share
-            answered.append(holder)
+
+        answered = self._send(stage, ((i, content) for i in self.survivors), accept)
         # A survivor that does not help unmask is still in the sum: not a failure of the round.
         self.unmask_missing = [i for i in self.survivors if i not in set(answered)]
         for node in self.unmask_missing:
@@ -636,10 +616,12 @@ class ServerRound:
             dealers = int_list(record, f"{kind}-nodes")
             shares = bytes_list(record, f"{kind}-shares", size=SHARE_BYTES)
             if len(dealers) != len(shares) or len(set(dealers)) != len(dealers):
-                raise _InvalidReplyError(f"{kind}-nodes and {kind}-shares do not match")
+                raise InvalidUpdateError(f"{kind}-nodes and {kind}-shares do not match")
             for dealer, share in zip(dealers, shares, strict=True):
                 if dealer not in allowed or not self.graph.are_neighbours(dealer, holder):
-                    raise _InvalidReplyError(f"a {kind}-share of node {dealer} was not asked for")
+                    raise ProtocolViolationError(
+                        f"a {kind}-share of node {dealer} was not asked for"
+                    )
                 out.append((kind, dealer, self.graph.share_point(dealer, holder), share))
         return out
 
