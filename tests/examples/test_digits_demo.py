@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from flowerpets.cli import main as flowerpets_main
-from flowerpets.core import ClientMod, Context, Failure, Message, RoundRecord
+from flowerpets.core import ClientMod, Context, Failure, FailureKind, Message, RoundRecord
 from flowerpets.core.message import Error, ErrorCode
 from flowerpets.examples.digits import demo
 from flowerpets.examples.digits.apps import DigitsTask
@@ -281,7 +281,7 @@ def test_failed_nodes_are_counted_and_the_first_reason_shown(
 
 
 def test_failure_notes_name_the_count_and_the_first_reason() -> None:
-    failure = Failure("train", Error(ErrorCode.REFUSED, "no"))
+    failure = Failure("train", Error(ErrorCode.REFUSED, "no"), FailureKind.ERROR_REPLY)
     records = [
         RoundRecord(round=1, failures={7: failure, 8: failure}, error="too few replies"),
         *(RoundRecord(round=r, failures={7: failure}) for r in range(2, 10)),
