@@ -107,7 +107,7 @@ from flowerpets.he._primitives.params import (
     secret_context_bytes,
 )
 from flowerpets.he._state import ClientKeys, ClientPhase
-from flowerpets.he.client import (
+from flowerpets.he.protocol import (
     CONFIG_COHORT_SIZE,
     CONFIG_ENCRYPT,
     CONFIG_KEY_ID,

@@ -98,8 +98,16 @@ from flowerpets.secagg import (
     secaggplus_mod,
 )
 from flowerpets.secagg._primitives import aead, keys, prg, shamir
-from flowerpets.secagg.client import SHARE_PLAINTEXT_BYTES, pair_mask_seed, share_key
-from flowerpets.secagg.protocol import INTEGER, MASKED_ARRAY, MASKED_RECORD, RECORD, Layout
+from flowerpets.secagg.protocol import (
+    INTEGER,
+    MASKED_ARRAY,
+    MASKED_RECORD,
+    RECORD,
+    SHARE_PLAINTEXT_BYTES,
+    Layout,
+    pair_mask_seed,
+    share_key,
+)
 from flowerpets.secagg.server import ServerPhase, ServerRound
 from flowerpets.simulation import run_simulation
 

@@ -34,13 +34,12 @@ from flowerpets.secagg import (
     secaggplus_mod,
 )
 from flowerpets.secagg._primitives import keys, prg, shamir
-from flowerpets.secagg.client import pair_mask_seed
 from flowerpets.secagg.parameters import (
     _hypergeometric_log_pmf,
     check_threshold,
     minimum_threshold,
 )
-from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD
+from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, pair_mask_seed
 from flowerpets.simulation import Dropout, run_simulation
 
 

@@ -37,8 +37,8 @@ from flowerpets.he._primitives.params import (
     WIDE,
     CKKSParameters,
 )
-from flowerpets.he._state import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
 from flowerpets.he.client import CKKSClientMod, ckks_mod
+from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
 from flowerpets.he.sealed import EncryptedSum, open_model
 from flowerpets.he.server import HomomorphicAggregation
 

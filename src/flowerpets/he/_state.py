@@ -31,6 +31,7 @@ from typing import Any
 from flowerpets.core import ConfigRecord, RecordDict
 from flowerpets.exceptions import RequestRefusedError
 from flowerpets.he._primitives.params import CKKSParameters
+from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
 
 __all__ = [
     "CLIENT_TRANSITIONS",
@@ -45,23 +46,8 @@ __all__ = [
     "Stage",
 ]
 
-HE_MESSAGE_TYPE = "he-keys"
-"""Message type of every key set-up message (a client mod answers them itself)."""
-
-KEY_GENERATOR_CONFIG = "he-key-generator"
-"""Node config flag: ``True`` volunteers the node to generate the run's CKKS key."""
-
 _CLIENT_RECORD = "he.client"
 _SERVER_RECORD = "he.server"
-
-
-class Stage(enum.StrEnum):
-    """The key set-up stages, as they appear in ``Metadata.stage``."""
-
-    ADVERTISE = "he-advertise"
-    KEYGEN = "he-keygen"
-    SHARE = "he-share"
-    INSTALL = "he-install"
 
 
 # -- the node's side -----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +49,17 @@ from flowerpets.he._primitives.params import (
     public_context_bytes,
     secret_context_bytes,
 )
-from flowerpets.he._state import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, ClientKeys, Stage
+from flowerpets.he._state import ClientKeys
+from flowerpets.he.protocol import (
+    CONFIG_COHORT_SIZE,
+    CONFIG_ENCRYPT,
+    CONFIG_KEY_ID,
+    CONFIG_WEIGHT_KEY,
+    HE_MESSAGE_TYPE,
+    KEY_GENERATOR_CONFIG,
+    KEY_ID,
+    Stage,
+)
 from flowerpets.he.sealed import open_sealed
 
 __all__ = ["CKKSClientMod", "ckks_mod"]
@@ -58,13 +67,6 @@ __all__ = ["CKKSClientMod", "ckks_mod"]
 log = logging.getLogger(__name__)
 
 CallNext = Callable[[Message, Context], Message]
-_KEY_ID = re.compile(r"[0-9a-f]{32}")
-
-# Config keys the server mod puts in a train request (all under the reserved "he." prefix).
-CONFIG_KEY_ID = "he.key-id"
-CONFIG_ENCRYPT = "he.encrypt"
-CONFIG_WEIGHT_KEY = "he.weight-key"
-CONFIG_COHORT_SIZE = "he.cohort-size"
 
 
 def _config(msg: Message) -> ConfigRecord:
@@ -83,7 +85,7 @@ def _get(config: ConfigRecord, key: str, kind: type | tuple[type, ...]) -> Any:
 
 def _key_id(config: ConfigRecord) -> str:
     value = _get(config, "he.key-id", str)
-    if not _KEY_ID.fullmatch(value):
+    if not KEY_ID.fullmatch(value):
         raise RequestRefusedError(f"malformed key id {value!r}")
     return str(value)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,14 +54,19 @@ from flowerpets.exceptions import (
     RoundFailedError,
 )
 from flowerpets.he._primitives.ciphertexts import Header, split_wire
-from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, select_names
+from flowerpets.he._primitives.packing import Layout, select_names
 from flowerpets.he._primitives.params import COMPACT, CKKSParameters, load_public_context
-from flowerpets.he._state import HE_MESSAGE_TYPE, ServerEvent, ServerKeys, ServerPhase, Stage
-from flowerpets.he.client import (
+from flowerpets.he._state import ServerEvent, ServerKeys, ServerPhase
+from flowerpets.he.protocol import (
     CONFIG_COHORT_SIZE,
     CONFIG_ENCRYPT,
     CONFIG_KEY_ID,
     CONFIG_WEIGHT_KEY,
+    HE_MESSAGE_TYPE,
+    KEY_ID,
+    PUBLIC_KEY_BYTES,
+    RESERVED_PREFIX,
+    Stage,
 )
 from flowerpets.he.sealed import CiphertextSum
 
@@ -73,8 +77,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Next = Callable[[RoundRequest, ServerContext], RoundResult]
 _MODEL_RECORD = "he.model"
-_KEY_ID = re.compile(r"[0-9a-f]{32}")
-_PUBLIC_KEY_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +353,7 @@ class HomomorphicAggregation(SecureAggregator):
             config = _config(body)
             public = _field(config, "he.public-key", bytes)
             assert isinstance(public, bytes)
-            if len(public) != _PUBLIC_KEY_BYTES:
+            if len(public) != PUBLIC_KEY_BYTES:
                 raise InvalidUpdateError("a transport public key is 32 bytes")
             volunteer = config.get("he.volunteer") is True
             held = config.get("he.key-id", "")
@@ -384,7 +386,7 @@ class HomomorphicAggregation(SecureAggregator):
     ) -> tuple[str, bytes, dict[int, bytes]]:
         """A keygen reply: the key id, the public context and the wrapped keys, checked."""
         key_id = config.get("he.key-id")
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
             raise InvalidUpdateError(f"malformed key id {key_id!r}")
         public = _field(config, "he.public-context", bytes)
         assert isinstance(public, bytes)

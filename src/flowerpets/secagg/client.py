@@ -55,7 +55,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from flowerpets.core import (
@@ -80,17 +79,21 @@ from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
 from flowerpets.secagg.parameters import check_threshold
 from flowerpets.secagg.protocol import (
     FLOAT,
-    INFO_PAIR_MASK,
-    INFO_SHARE_KEY,
     MASKED_ARRAY,
     MASKED_RECORD,
     RECORD,
+    SHARE_BYTES,
+    SHARE_CIPHERTEXT_BYTES,
+    SHARE_PLAINTEXT_BYTES,
     Layout,
     RoundConfig,
     Stage,
     bytes_list,
+    elements_to_share,
     int_list,
+    pair_mask_seed,
     protocol_record,
+    share_key,
 )
 from flowerpets.secagg.protocol import field as get_field
 
@@ -102,10 +105,6 @@ Randomness = Callable[[int], bytes]
 CallNext = Callable[[Message, Context], Message]
 
 SHAMIR = shamir.Shamir()
-# One share of a 32-byte secret: 16 field elements as little-endian uint32.
-SHARE_BYTES = 4 * shamir.SECRET_BYTES * 8 // shamir.CHUNK_BITS
-SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # a self-mask seed share, then a key share
-SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + aead.OVERHEAD
 
 _STATE = "secagg+/client-state"
 _STATE_CONFIG = "secagg+/client-round"
@@ -127,23 +126,6 @@ _REQUIRED_PHASE = {
     Stage.COLLECT_MASKED_INPUT: Phase.SHARED,
     Stage.UNMASK: Phase.MASKED,
 }
-
-
-def pair_mask_seed(
-    private: X25519PrivateKey, peer_public: bytes, *, session: bytes, round: int
-) -> bytes:
-    """The seed of the pairwise mask two nodes share (symmetric in the two)."""
-    info = INFO_PAIR_MASK + round.to_bytes(8, "little")
-    return keys.agree(private, peer_public, salt=session, info=info)
-
-
-def share_key(private: X25519PrivateKey, peer_public: bytes, *, session: bytes) -> bytes:
-    """The AES-GCM key for the shares two nodes exchange (symmetric in the two)."""
-    return keys.agree(private, peer_public, salt=session, info=INFO_SHARE_KEY)
-
-
-def elements_to_share(elements: NDArray[np.uint64]) -> bytes:
-    return np.asarray(elements, dtype="<u4").tobytes()
 
 
 @dataclass

@@ -78,7 +78,10 @@ from flowerpets.exceptions import InfeasibleParametersError
 
 __all__ = [
     "GraphParameters",
+    "check_bits",
     "check_parameters",
+    "check_rate",
+    "check_size",
     "check_threshold",
     "find_parameters",
     "minimum_threshold",
@@ -129,19 +132,22 @@ class GraphParameters:
         return self.degree - self.threshold
 
 
-def _check_rate(name: str, value: float) -> float:
+def check_rate(name: str, value: float) -> float:
+    """``value`` as a float in [0, 1) (ValueError naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 
 
-def _check_bits(name: str, value: int) -> int:
+def check_bits(name: str, value: int) -> int:
+    """``value`` as a number of bits in [1, 128] (ValueError naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
         raise ValueError(f"{name} must be an integer in [1, 128], got {value!r}")
     return value
 
 
-def _check_size(cohort_size: int) -> int:
+def check_size(cohort_size: int) -> int:
+    """``cohort_size`` if it is an int of at least 2 (InfeasibleParametersError otherwise)."""
     if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 2:
         raise InfeasibleParametersError(
             f"secure aggregation needs a cohort of at least 2 nodes, got {cohort_size!r}"
@@ -255,11 +261,11 @@ def find_parameters(
     correctness_bits: int = 40,
 ) -> GraphParameters:
     """The smallest degree, with its threshold, meeting the inequalities above."""
-    n = _check_size(cohort_size)
-    delta = _check_rate("dropout_rate", dropout_rate)
-    gamma = _check_rate("corrupted_fraction", corrupted_fraction)
-    sigma = _check_bits("security_bits", security_bits)
-    eta = _check_bits("correctness_bits", correctness_bits)
+    n = check_size(cohort_size)
+    delta = check_rate("dropout_rate", dropout_rate)
+    gamma = check_rate("corrupted_fraction", corrupted_fraction)
+    sigma = check_bits("security_bits", security_bits)
+    eta = check_bits("correctness_bits", correctness_bits)
     corrupted = _corrupted(gamma, n)
     p = 1.0 - delta
     log_n = math.log(n)
@@ -373,9 +379,9 @@ def minimum_threshold(
 
 
 def _node_bound(n: int, degree: int, gamma: float, sigma: int) -> tuple[int, int]:
-    n = _check_size(n)
-    gamma = _check_rate("corrupted_fraction", gamma)
-    sigma = _check_bits("security_bits", sigma)
+    n = check_size(n)
+    gamma = check_rate("corrupted_fraction", gamma)
+    sigma = check_bits("security_bits", sigma)
     if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= n - 1:
         raise ValueError(f"degree must be an integer in [1, n - 1 = {n - 1}], got {degree!r}")
     return _least_threshold(n, degree, gamma, sigma)
@@ -413,7 +419,7 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
     would refuse (:func:`check_threshold`) is refused here, before any node is
     contacted.
     """
-    n = _check_size(cohort_size)
+    n = check_size(cohort_size)
     for name, value in (("degree", degree), ("threshold", threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {value!r}")

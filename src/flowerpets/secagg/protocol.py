@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar
 
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from numpy.typing import NDArray
+
 from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
+from flowerpets.secagg._primitives import aead, keys, shamir
 from flowerpets.secagg._primitives.quantize import Quantization
 from flowerpets.secagg.graph import HararyGraph
 
@@ -27,6 +32,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RECORD",
     "SESSION_BYTES",
+    "SHARE_BYTES",
+    "SHARE_CIPHERTEXT_BYTES",
+    "SHARE_PLAINTEXT_BYTES",
     "Layout",
     "RoundConfig",
     "Stage",
@@ -41,6 +49,30 @@ SESSION_BYTES = 16
 # HKDF "info" strings: one purpose each, so one X25519 output never serves two.
 INFO_SHARE_KEY = b"flowerpets/secagg+/v1/share-encryption-key"
 INFO_PAIR_MASK = b"flowerpets/secagg+/v1/pairwise-mask-seed"
+
+# One share of a 32-byte secret: 16 field elements as little-endian uint32.
+SHARE_BYTES = 4 * shamir.SECRET_BYTES * 8 // shamir.CHUNK_BITS
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # a self-mask seed share, then a key share
+SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + aead.OVERHEAD
+
+
+# Derivations both sides compute: a node for its masks and shares, the server to
+# remove a dropped node's pairwise masks.
+def pair_mask_seed(
+    private: X25519PrivateKey, peer_public: bytes, *, session: bytes, round: int
+) -> bytes:
+    """The seed of the pairwise mask two nodes share (symmetric in the two)."""
+    info = INFO_PAIR_MASK + round.to_bytes(8, "little")
+    return keys.agree(private, peer_public, salt=session, info=info)
+
+
+def share_key(private: X25519PrivateKey, peer_public: bytes, *, session: bytes) -> bytes:
+    """The AES-GCM key for the shares two nodes exchange (symmetric in the two)."""
+    return keys.agree(private, peer_public, salt=session, info=INFO_SHARE_KEY)
+
+
+def elements_to_share(elements: NDArray[np.uint64]) -> bytes:
+    return np.asarray(elements, dtype="<u4").tobytes()
 
 
 class Stage:

@@ -86,12 +86,11 @@ from flowerpets.exceptions import (
     RoundFailedError,
 )
 from flowerpets.secagg._primitives import keys, prg, quantize, shamir
-from flowerpets.secagg.client import SHARE_BYTES, SHARE_CIPHERTEXT_BYTES, pair_mask_seed
 from flowerpets.secagg.parameters import (
     GraphParameters,
-    _check_bits,
-    _check_rate,
+    check_bits,
     check_parameters,
+    check_rate,
     find_parameters,
 )
 from flowerpets.secagg.protocol import (
@@ -100,11 +99,14 @@ from flowerpets.secagg.protocol import (
     MASKED_RECORD,
     RECORD,
     SESSION_BYTES,
+    SHARE_BYTES,
+    SHARE_CIPHERTEXT_BYTES,
     Layout,
     RoundConfig,
     Stage,
     bytes_list,
     int_list,
+    pair_mask_seed,
     protocol_record,
 )
 from flowerpets.secagg.protocol import field as get_field
@@ -187,10 +189,10 @@ class SecAggPlus(SecureAggregator):
             raise ValueError(f"threshold={threshold} must not exceed degree={degree}")
         if degree is not None and degree % 2:
             raise ValueError(f"degree must be even (a Harary graph), got {degree}")
-        self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
-        self.corrupted_fraction = _check_rate("corrupted_fraction", corrupted_fraction)
-        self.security_bits = _check_bits("security_bits", security_bits)
-        self.correctness_bits = _check_bits("correctness_bits", correctness_bits)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        self.corrupted_fraction = check_rate("corrupted_fraction", corrupted_fraction)
+        self.security_bits = check_bits("security_bits", security_bits)
+        self.correctness_bits = check_bits("correctness_bits", correctness_bits)
         if (
             isinstance(clipping_range, bool)
             or not isinstance(clipping_range, int | float)
