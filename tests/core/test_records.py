@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from flowerpets import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flowerpets.core import ArrayLayout
 from flowerpets.core.codec import decode_array, encode_array
 from flowerpets.exceptions import RecordTypeError
 
@@ -98,7 +99,7 @@ def test_array_record_keeps_order_and_wraps_numpy() -> None:
     assert list(record) == ["z", "a"]
     assert isinstance(record["z"], Array)
     assert record.num_parameters == 5
-    assert record.signature() == (("z", "<f8", (2,)), ("a", "<f8", (3,)))
+    assert record.layout() == ArrayLayout(("z", "a"), ((2,), (3,)), ("<f8", "<f8"))
 
 
 @pytest.mark.parametrize("value", [[1, 2], 3.0, "x", None])

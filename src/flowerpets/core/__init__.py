@@ -18,6 +18,7 @@ from flowerpets.core.exchange import (
 )
 from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
 from flowerpets.core.records import (
@@ -55,6 +56,7 @@ from flowerpets.core.strategy import EvaluateFn, FedAvg, Strategy
 __all__ = [
     "Accept",
     "Array",
+    "ArrayLayout",
     "ArrayRecord",
     "ClientApp",
     "ClientMod",

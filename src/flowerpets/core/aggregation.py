@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets.core.layout import Shape
 from flowerpets.core.records import Array, ArrayRecord, MetricRecord
 from flowerpets.exceptions import InvalidUpdateError
 
 __all__ = ["CheckedUpdate", "MetricMean", "WeightedSum"]
 
-Signature = tuple[tuple[str, tuple[int, ...]], ...]
+# What an update must share with the model: names and shapes (a dtype may differ).
+Signature = tuple[tuple[str, Shape], ...]
 
 # Large float32/float16 updates are added to their float64 sum block by block, through
 # one reused scratch block: the block of the sum, the scratch and the block of the update
@@ -34,7 +36,7 @@ _SAFE_BOUND = float(np.finfo(np.float64).max) / 4
 
 
 def _signature(arrays: ArrayRecord) -> Signature:
-    return tuple((name, a.shape) for name, a in arrays.items())
+    return arrays.layout().named_shapes
 
 
 def _check_finite(name: str, array: Array) -> None:

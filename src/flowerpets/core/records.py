@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from flowerpets.core.layout import ArrayLayout
 from flowerpets.exceptions import RecordTypeError
 
 __all__ = [
@@ -209,9 +210,9 @@ class ArrayRecord(_TypedRecord[Array]):
     def nbytes(self) -> int:
         return sum(array.nbytes for array in self._items.values())
 
-    def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-        """Names, dtypes and shapes, in order: what two compatible records share."""
-        return tuple((name, a.dtype.str, a.shape) for name, a in self._items.items())
+    def layout(self) -> ArrayLayout:
+        """Names, shapes and dtypes, in order: what two compatible records share."""
+        return ArrayLayout.of(self._items)
 
 
 def _is_number(value: Any) -> bool:

@@ -10,9 +10,8 @@ where; it travels with every encrypted update and sum as canonical JSON
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import hashlib
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets.core.layout import ArrayLayout
 from flowerpets.exceptions import InvalidUpdateError, ModelMismatchError
 
 __all__ = [
@@ -56,15 +56,26 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Which arrays are packed into the flat vector, in order."""
+    """Which arrays are packed into the flat vector, in order.
+
+    The names, shapes and dtypes are a core :class:`~flowerpets.core.ArrayLayout`
+    (:attr:`arrays`, whose encoding is the wire's); on top of it CKKS adds its
+    rules (floating-point little-endian dtypes only, no reserved names, size
+    limits) and the chunking into ciphertexts.
+    """
 
     entries: tuple[Entry, ...]
+    arrays: ArrayLayout = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = [e.name for e in self.entries]
-        if len(set(names)) != len(names):
-            raise ValueError(f"a layout names each array once, got {names}")
-        if len(names) > MAX_LAYOUT_ENTRIES:
+        # The core layout checks what every layout must hold (unique names, valid shapes).
+        arrays = ArrayLayout(
+            tuple(e.name for e in self.entries),
+            tuple(e.shape for e in self.entries),
+            tuple(e.dtype for e in self.entries),
+        )
+        object.__setattr__(self, "arrays", arrays)
+        if len(self.entries) > MAX_LAYOUT_ENTRIES:
             raise ValueError(f"a layout holds at most {MAX_LAYOUT_ENTRIES} arrays")
         for e in self.entries:
             if not e.name or e.name.startswith(RESERVED_PREFIX):
@@ -74,9 +85,7 @@ class Layout:
                     f"array {e.name!r} has dtype {e.dtype!r}: CKKS is approximate, so only "
                     "floating-point arrays can be encrypted"
                 )
-            if len(e.shape) > MAX_NDIM or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in e.shape
-            ):
+            if len(e.shape) > MAX_NDIM:
                 raise ValueError(f"array {e.name!r} has an invalid shape {e.shape!r}")
         if self.size > MAX_LAYOUT_SIZE:
             raise ValueError(f"a layout packs at most {MAX_LAYOUT_SIZE} values, got {self.size}")
@@ -84,25 +93,30 @@ class Layout:
     @classmethod
     def of(cls, arrays: Mapping[str, Any], names: Sequence[str]) -> Layout:
         """The layout of ``names``, in ``arrays``' order, with ``arrays``' dtypes and shapes."""
-        wanted = set(names)
-        missing = wanted - set(arrays)
+        missing = set(names) - set(arrays)
         if missing:
             raise InvalidUpdateError(f"no arrays named {sorted(missing)} to encrypt")
+        return cls.from_arrays(ArrayLayout.of(arrays, names))
+
+    @classmethod
+    def from_arrays(cls, arrays: ArrayLayout) -> Layout:
+        """The packing of a core layout (dtypes made little-endian), checked for CKKS."""
         return cls(
             tuple(
-                Entry(name, np.dtype(a.dtype).newbyteorder("<").str, tuple(a.shape))
-                for name, a in arrays.items()
-                if name in wanted
+                Entry(name, np.dtype(dtype).newbyteorder("<").str, shape)
+                for name, shape, dtype in zip(
+                    arrays.names, arrays.shapes, arrays.dtypes, strict=True
+                )
             )
         )
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(e.name for e in self.entries)
+        return self.arrays.names
 
     @property
     def size(self) -> int:
-        return sum(e.size for e in self.entries)
+        return self.arrays.size
 
     def chunk_count(self, slots: int) -> int:
         return -(-self.size // slots)
@@ -113,13 +127,11 @@ class Layout:
         return [min(slots, self.size - i * slots) for i in range(count)]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {e.name: e.shape for e in self.entries}
+        return self.arrays.shape_map()
 
     def describe(self, limit: int = 3) -> str:
         """A short description (at most ``limit`` arrays named), for error messages."""
-        named = ", ".join(f"{e.name!r} {e.shape}" for e in self.entries[:limit])
-        more = f" and {len(self.entries) - limit} more" if len(self.entries) > limit else ""
-        return f"{self.size} values in {len(self.entries)} arrays ({named}{more})"
+        return self.arrays.describe(limit)
 
     # -- packing ---------------------------------------------------------------
     def pack(self, arrays: Mapping[str, Any], weight: float = 1.0) -> NDArray[np.float64]:
@@ -160,32 +172,24 @@ class Layout:
             offset += e.size
         return out
 
-    # -- wire form -------------------------------------------------------------
+    # -- wire form: the core layout's encoding -------------------------------------------
     def to_json(self) -> list[list[Any]]:
-        return [[e.name, e.dtype, list(e.shape)] for e in self.entries]
+        return self.arrays.to_json()
 
     @classmethod
     def from_json(cls, value: Any) -> Layout:
         """Parse :meth:`to_json`'s output; anything else raises ValueError."""
-        if not isinstance(value, list):
-            raise ValueError("a layout is a list of [name, dtype, shape]")
-        entries = []
-        for item in value:
-            if (
-                not isinstance(item, list)
-                or len(item) != 3
-                or not isinstance(item[0], str)
-                or not isinstance(item[1], str)
-                or not isinstance(item[2], list)
-            ):
-                raise ValueError(f"a layout entry is [name, dtype, shape], got {item!r}")
-            entries.append(Entry(item[0], item[1], tuple(item[2])))
-        return cls(tuple(entries))
+        arrays = ArrayLayout.from_json(value)
+        return cls(
+            tuple(
+                Entry(n, d, s)
+                for n, s, d in zip(arrays.names, arrays.shapes, arrays.dtypes, strict=True)
+            )
+        )
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON, hex: two layouts are the same iff their digests are."""
-        text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return self.arrays.digest()
 
 
 def select_names(names: Sequence[str], patterns: Sequence[str]) -> tuple[str, ...]:
