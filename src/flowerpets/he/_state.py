@@ -2,18 +2,18 @@
 
 Stages (``Metadata.stage`` of the messages, so fault injection can hit one):
 
-``he-advertise``
+``he/advertise``
     server -> nodes without the key: each answers with its X25519 transport
     public key (made once, kept in its state), whether it volunteers to
     generate the key (node config ``he-key-generator``), and the id of the key
     it already holds, if any.
-``he-keygen``
+``he/keygen``
     server -> one node: make a CKKS context and wrap its secret for each listed
     recipient; answer with the key id, the public context (parameters only)
     and the wrapped keys.
-``he-share``
+``he/share``
     server -> one node that holds the key: wrap it for newcomers.
-``he-install``
+``he/install``
     server -> each recipient: the wrapped key, its sender and the public
     context; the node unwraps, checks and keeps it.
 

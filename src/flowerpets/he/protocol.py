@@ -9,9 +9,9 @@ update and its wire form live in :mod:`flowerpets.he._primitives.packing` and
 
 from __future__ import annotations
 
-import enum
 import re
 
+from flowerpets.core.protocol import StageName
 from flowerpets.he._primitives.packing import RESERVED_PREFIX
 
 __all__ = [
@@ -34,13 +34,13 @@ KEY_GENERATOR_CONFIG = "he-key-generator"
 """Node config flag: ``True`` volunteers the node to generate the run's CKKS key."""
 
 
-class Stage(enum.StrEnum):
+class Stage(StageName):
     """The key set-up stages, as they appear in ``Metadata.stage``."""
 
-    ADVERTISE = "he-advertise"
-    KEYGEN = "he-keygen"
-    SHARE = "he-share"
-    INSTALL = "he-install"
+    ADVERTISE = "he/advertise"
+    KEYGEN = "he/keygen"
+    SHARE = "he/share"
+    INSTALL = "he/install"
 
 
 # Config keys the server mod puts in a train request (all under the reserved "he." prefix).

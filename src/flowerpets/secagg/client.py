@@ -121,7 +121,7 @@ class Phase:
 
 
 # The phase each stage may start from (advertise-keys starts a new round instead).
-_REQUIRED_PHASE = {
+_REQUIRED_PHASE: dict[str, str] = {
     Stage.SHARE_KEYS: Phase.ADVERTISED,
     Stage.COLLECT_MASKED_INPUT: Phase.SHARED,
     Stage.UNMASK: Phase.MASKED,

@@ -11,6 +11,7 @@ keys and shares, lists of node ids, and nothing pickled.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
+from flowerpets.core.protocol import StageName
 from flowerpets.secagg._primitives import aead, keys, shamir
 from flowerpets.secagg._primitives.quantize import Quantization
 from flowerpets.secagg.graph import HararyGraph
@@ -75,7 +77,7 @@ def elements_to_share(elements: NDArray[np.uint64]) -> bytes:
     return np.asarray(elements, dtype="<u4").tobytes()
 
 
-class Stage:
+class Stage(StageName):
     """The four stages of a SecAgg+ round, as they appear in ``Metadata.stage``.
 
     Fault injection names them, e.g. ``Dropout(node=3, round=2, stage=Stage.UNMASK)``.
@@ -86,8 +88,8 @@ class Stage:
     COLLECT_MASKED_INPUT = "secagg+/collect-masked-input"
     UNMASK = "secagg+/unmask"
 
-    ALL = (ADVERTISE_KEYS, SHARE_KEYS, COLLECT_MASKED_INPUT, UNMASK)
-    PREFIX = "secagg+/"
+    ALL = enum.nonmember((ADVERTISE_KEYS, SHARE_KEYS, COLLECT_MASKED_INPUT, UNMASK))
+    PREFIX = enum.nonmember("secagg+/")
 
 
 T = TypeVar("T")
@@ -238,6 +240,9 @@ def kind_of(dtype_kind: str, name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Layout:
     """How a masked vector is laid out: the arrays (flattened, in order), then a tail.
+
+    Not a core :class:`~flowerpets.core.ArrayLayout`: the wire carries each
+    array's kind (quantized float or exact integer), never its dtype.
 
     The tail is the weight (an exact integer), the secure metrics (quantized
     like float arrays) and a clipping flag (1 if the node clipped anything).

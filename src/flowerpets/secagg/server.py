@@ -53,6 +53,7 @@ degree and threshold, and seconds per stage.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -119,7 +120,7 @@ Randomness = Callable[[int], bytes]
 SHAMIR = shamir.Shamir()
 
 
-class ServerPhase:
+class ServerPhase(enum.StrEnum):
     """Where the server's round stands."""
 
     NEW = "new"
@@ -325,14 +326,15 @@ class ServerRound:
         self.unmask()
         return self.result()
 
-    def _enter(self, expected: str, stage: str) -> float:
+    def _enter(self, expected: ServerPhase, stage: str) -> float:
         if self.phase != expected:
             raise RuntimeError(
-                f"SecAgg+ server: {stage} cannot run in phase {self.phase!r} (needs {expected!r})"
+                f"SecAgg+ server: {stage} cannot run in phase {self.phase.value!r} "
+                f"(needs {expected.value!r})"
             )
         return time.perf_counter()
 
-    def _leave(self, phase: str, stage: str, started: float) -> None:
+    def _leave(self, phase: ServerPhase, stage: str, started: float) -> None:
         self.phase = phase
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
@@ -578,7 +580,7 @@ class ServerRound:
         surviving neighbours are removed from the running sum, block by block.
         """
         if self.phase != ServerPhase.COLLECTED or self.total is None:
-            raise RuntimeError(f"SecAgg+ server: cannot unmask in phase {self.phase!r}")
+            raise RuntimeError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
         stage = Stage.UNMASK
         alive = set(self.survivors)
         started = time.perf_counter()
@@ -690,7 +692,7 @@ class ServerRound:
 
     def result(self) -> RoundResult:
         if self.phase != ServerPhase.UNMASKED or self.total is None or self.layout is None:
-            raise RuntimeError(f"SecAgg+ server: no result in phase {self.phase!r}")
+            raise RuntimeError(f"SecAgg+ server: no result in phase {self.phase.value!r}")
         layout, quant = self.layout, self.config.quantization
         signed = quantize.to_signed(self.total)
         aggregate = ArrayRecord()
