@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -73,3 +76,19 @@ def test_a_stage_class_off_the_convention_is_caught() -> None:
     bad = StageName("Bad", {"ONE": "x/one", "TWO": "y/two"})  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="one namespace"):
         bad.namespace()
+
+
+@pytest.mark.parametrize("server", ["flowerpets.secagg.server", "flowerpets.he.server"])
+def test_servers_do_not_import_their_clients(server: str) -> None:
+    spec = importlib.util.find_spec(server)
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    client = server.rsplit(".", 1)[0] + ".client"
+    assert client not in imported
+    assert not any(
+        alias.name.startswith("_")
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("flowerpets.")
+        for alias in n.names
+    ), "a server takes only public names from other modules"

@@ -207,7 +207,7 @@ class RoundResult:
         What a mod that adds to the sum (central DP's noise) needs to know,
         whether or not part of the sum is sealed.
         """
-        shapes = {name: a.shape for name, a in self.aggregate.items()}
+        shapes = self.aggregate.layout().shape_map()
         if self.sealed is not None:
             if not isinstance(self.sealed, SealedArrays):
                 raise TypeError(
