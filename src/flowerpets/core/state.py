@@ -116,10 +116,10 @@ def _field_of(f: dataclasses.Field[Any], hint: Any, owner: str) -> _Field:
         return _Field(f.name, key, object, None, optional, converter)
     origin = typing.get_origin(hint)
     if origin in (tuple, list):
-        args = typing.get_args(hint)
-        if origin is tuple and (len(args) != 2 or args[1] is not Ellipsis):
+        items = typing.get_args(hint)
+        if origin is tuple and (len(items) != 2 or items[1] is not Ellipsis):
             raise RecordTypeError(f"{where}: a tuple field must be tuple[X, ...]")
-        return _Field(f.name, key, _scalar_kind(args[0], where), origin, optional, None)
+        return _Field(f.name, key, _scalar_kind(items[0], where), origin, optional, None)
     return _Field(f.name, key, _scalar_kind(hint, where), None, optional, None)
 
 
