@@ -317,8 +317,9 @@ def test_the_run_state_is_the_ledger_and_the_clip_and_epsilon_is_derived(
     context = _ran(3, scripted_grid, update_app)
     record = context.state.get_typed("dp.central", ConfigRecord)
     assert set(record) == {VERSION_KEY, "clip", "ledger"}  # no epsilon or round count stored
-    (entry,) = record["ledger"]  # type: ignore[misc]
-    assert json.loads(entry) == {
+    ledger = record["ledger"]
+    assert isinstance(ledger, list) and len(ledger) == 1
+    assert json.loads(ledger[0]) == {
         "count": 3,
         "event": {"type": "FullParticipationGaussian", "noise_multiplier": 2.0},
     }
