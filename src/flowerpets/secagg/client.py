@@ -200,16 +200,13 @@ class ClientState:
 
     def wiped(self, phase: Phase) -> ClientState:
         """The round ended: every secret forgotten (what was released stays recorded)."""
-        return replace(
-            self,
-            phase=phase,
-            c_sk=b"",
-            s_sk=b"",
-            self_seed=b"",
-            share_keys=(),
-            b_shares=(),
-            s_shares=(),
-        )
+        return replace(self, phase=phase, **_SECRETS_WIPED)
+
+
+_SECRETS_WIPED: dict[str, Any] = {
+    **dict.fromkeys(("c_sk", "s_sk", "self_seed"), b""),
+    **dict.fromkeys(("share_keys", "b_shares", "s_shares"), ()),
+}
 
 
 _SLOT = StateSlot(ClientState, _STATE)
@@ -367,34 +364,23 @@ class SecAggPlusClientMod:
             ) from None
         run_id, rnd = msg.metadata.run_id, msg.round
         current = loaded if loaded is not None and loaded[0].run_id == run_id else None
-        if current is not None and rnd < current[0].round:
+        if current is None or rnd > current[0].round:  # a round this node has not started
             if stage == Stage.ADVERTISE_KEYS:
-                raise RequestRefusedError(
-                    f"{stage}: round {rnd} is not after round {current[0].round}, which this "
-                    "node already started (a stale or repeated round)"
-                )
-            raise RequestRefusedError(
-                f"{stage}: round {rnd} is stale (round {current[0].round} runs)"
-            )
-        if current is None or rnd > current[0].round:
-            # A round this node has not started: only advertise-keys may start it.
-            if (Phase.NEW, stage) not in TRANSITIONS:
-                raise RequestRefusedError(
-                    f"{stage}: no SecAgg+ round {rnd} in progress (out of order)"
-                )
-            return None
+                return None
+            raise RequestRefusedError(f"{stage}: no SecAgg+ round {rnd} in progress (out of order)")
         state = current[0]
-        if (state.phase, stage) not in TRANSITIONS:
-            if stage == Stage.ADVERTISE_KEYS:  # the round's own start, again: nothing to abort
-                raise RequestRefusedError(
-                    f"{stage}: round {rnd} is not after round {state.round}, which this node "
-                    "already started (a stale or repeated round)"
-                )
-            try:
-                transition(state.phase, stage)
-            except RequestRefusedError as exc:
-                _abort(state, context)
-                raise RequestRefusedError(f"{exc}; the round is aborted") from None
+        if stage == Stage.ADVERTISE_KEYS:  # nothing to abort: the round goes on
+            raise RequestRefusedError(
+                f"{stage}: round {rnd} is not after round {state.round}, which this node "
+                "already started (a stale or repeated round)"
+            )
+        if rnd < state.round:
+            raise RequestRefusedError(f"{stage}: round {rnd} is stale (round {state.round} runs)")
+        try:
+            transition(state.phase, stage)
+        except RequestRefusedError as exc:
+            _abort(state, context)
+            raise RequestRefusedError(f"{exc}; the round is aborted") from None
         return current
 
     # -- stage 0: advertise keys -------------------------------------------------
