@@ -50,7 +50,7 @@ from flowerpets.exceptions import (
     StateTypeError,
 )
 
-__all__ = ["VERSION_KEY", "StateSlot", "convert"]
+__all__ = ["StateSlot", "VERSION_KEY", "convert"]
 
 VERSION_KEY = "state.version"
 """The record key of the state's version (no field name can map to it: it holds a dot)."""

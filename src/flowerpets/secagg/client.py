@@ -99,7 +99,7 @@ from flowerpets.secagg.protocol import (
 )
 from flowerpets.secagg.protocol import field as get_field
 
-__all__ = ["TRANSITIONS", "Phase", "SecAggPlusClientMod", "secaggplus_mod", "transition"]
+__all__ = ["Phase", "SecAggPlusClientMod", "TRANSITIONS", "secaggplus_mod", "transition"]
 
 log = logging.getLogger(__name__)
 
