@@ -191,7 +191,10 @@ class StateSlot(Generic[T]):
             elif f.sequence is not None:
                 if not isinstance(item, list | tuple):
                     raise RecordTypeError(f"{where} must be a sequence, got {type(item).__name__}")
-                record[f.key] = [_encode_scalar(f.kind, x, where) for x in item]
+                if f.kind in _SCALARS and all(type(x) is f.kind for x in item):
+                    record[f.key] = list(item)
+                else:
+                    record[f.key] = [_encode_scalar(f.kind, x, where) for x in item]
             else:
                 record[f.key] = _encode_scalar(f.kind, item, where)
         return record
@@ -240,7 +243,10 @@ class StateSlot(Generic[T]):
             elif f.sequence is not None:
                 if not isinstance(stored, list):
                     raise StateTypeError(f"{where} must hold a list")
-                values[f.name] = f.sequence(_decode_scalar(f.kind, x, where) for x in stored)
+                if f.kind in _SCALARS and all(type(x) is f.kind for x in stored):
+                    values[f.name] = f.sequence(stored)  # the common case, checked in one pass
+                else:
+                    values[f.name] = f.sequence(_decode_scalar(f.kind, x, where) for x in stored)
             else:
                 values[f.name] = _decode_scalar(f.kind, stored, where)
         try:
