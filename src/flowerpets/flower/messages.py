@@ -131,7 +131,8 @@ _FOREIGN: Final = {
     FlwrErrorCode.CLIENT_APP_CRASHED: ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
 }
 _TAG: Final = re.compile(r"flwr error code (-?[0-9]+): ")
-_OURS: Final = frozenset(int(c) for c in ErrorCode)
+# Our codes that travel as 1000 + code: those flwr does not define alike.
+_OURS: Final = frozenset(int(c) for c in ErrorCode if c not in _SHARED)
 
 
 def _is_foreign(code: int) -> bool:
