@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from flwr import app as fl
 from flwr.clientapp import ClientApp as FlwrClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid as FlwrGrid
+from flwr.supercore.task_identity import TaskIdentity
 
 from flowerpets.core import (
     ArrayRecord,
@@ -192,6 +194,14 @@ def run_bridge(
     )
     flwr_app(grid, context)
     return flwr_app
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What flwr's runtime sets in a ServerApp process; flwr's Message() reads it."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 @pytest.fixture
