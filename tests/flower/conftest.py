@@ -38,7 +38,6 @@ from flowerpets.core import (
 from flowerpets.flower import FlowerServerApp, server_app
 
 
-
 def wire(message: fl.Message) -> fl.Message:
     """``message`` after a trip through flwr's protobuf serde (what a SuperLink carries)."""
     return message_from_proto(message_to_proto(message))
@@ -143,9 +142,7 @@ def numpy_client(mods: Sequence[ClientMod] = ()) -> ClientApp:
         pid = int(context.node_config["partition-id"])
         arrays = msg.require_content().get_typed("arrays", ArrayRecord)
         rng = np.random.default_rng([7, pid, msg.round])
-        out = {
-            n: (a.numpy() + rng.normal(size=a.shape)).astype(a.dtype) for n, a in arrays.items()
-        }
+        out = {n: (a.numpy() + rng.normal(size=a.shape)).astype(a.dtype) for n, a in arrays.items()}
         metrics = MetricRecord({"num-examples": pid + 1})
         return RecordDict({"arrays": ArrayRecord.from_numpy(out), "metrics": metrics})
 
@@ -158,7 +155,9 @@ def flwr_train(msg: fl.Message, context: fl.Context) -> fl.Message:
     rnd = int(msg.metadata.group_id)
     arrays = msg.content["arrays"]
     rng = np.random.default_rng([7, pid, rnd])
-    out = {n: (a.numpy() + rng.normal(size=a.shape)).astype(a.numpy().dtype) for n, a in arrays.items()}
+    out = {
+        n: (a.numpy() + rng.normal(size=a.shape)).astype(a.numpy().dtype) for n, a in arrays.items()
+    }
     content = fl.RecordDict(
         {
             "arrays": fl.ArrayRecord({n: fl.Array(v) for n, v in out.items()}),

@@ -33,7 +33,9 @@ def _ours(kit: SimpleNamespace, server_mods=(), client_mods=(), **kw):  # type: 
     )
 
 
-def _bridged(kit, server_mods=(), client_mods=(), *, native=False, grid_kw=None, run_config=None, **kw):  # type: ignore[no-untyped-def]  # noqa: E501
+def _bridged(
+    kit, server_mods=(), client_mods=(), *, native=False, grid_kw=None, run_config=None, **kw
+):  # type: ignore[no-untyped-def]
     if native:  # plain Flower handler code behind our mods
         app = ClientApp(mods=[mods(*client_mods)] if client_mods else [])
         app.train()(kit.flwr_train)

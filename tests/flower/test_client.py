@@ -23,7 +23,9 @@ from flowerpets.secagg import secaggplus_mod
 CLIP = 0.5
 
 
-def _request(content: RecordDict, *, bridged: bool, message_type: str = MessageType.TRAIN) -> fl.Message:
+def _request(
+    content: RecordDict, *, bridged: bool, message_type: str = MessageType.TRAIN
+) -> fl.Message:
     ours = Message.create(content, message_type=message_type, dst_node_id=9, round=1, run_id=3)
     theirs = message_to_flwr(ours)
     if bridged:
@@ -64,13 +66,18 @@ def test_clipping_mod_in_a_flwr_app_replies_as_in_ours(kit: SimpleNamespace) -> 
     assert np.linalg.norm(got) == pytest.approx(CLIP, rel=1e-6)  # a clipped update
 
 
-def test_flwr_fedavg_with_our_clipping_mod_is_refused_with_what_to_use(kit: SimpleNamespace) -> None:
+def test_flwr_fedavg_with_our_clipping_mod_is_refused_with_what_to_use(
+    kit: SimpleNamespace,
+) -> None:
     """flwr's own FedAvg would average our clipped update as weights: silently wrong."""
     arrays = fl.ArrayRecord({"w": fl.Array(np.full(4, 5.0, np.float32))})
     grid = SimpleNamespace(get_node_ids=lambda: [9])
     messages = list(
         FlwrFedAvg(fraction_train=1.0, min_available_nodes=1, min_train_nodes=1).configure_train(
-            1, arrays, fl.ConfigRecord({"dp.clip": CLIP}), grid  # type: ignore[arg-type]
+            1,
+            arrays,
+            fl.ConfigRecord({"dp.clip": CLIP}),
+            grid,  # type: ignore[arg-type]
         )
     )
     calls: list[fl.Message] = []
@@ -118,7 +125,7 @@ def test_protocol_messages_need_no_handler_from_the_user() -> None:
     reply = app(request, context)
     assert not reply.has_error(), reply
     assert "he.public-key" in reply.content["config"]
-    assert any(name.startswith("he.") for name in context.state.keys())  # state kept in flwr's
+    assert any(name.startswith("he.") for name in context.state)  # state kept in flwr's
     assert reply.metadata.message_type == "query.flowerpets_he_keys"
 
 

@@ -55,7 +55,8 @@ def _lists(elem: st.SearchStrategy[object]) -> st.SearchStrategy[list[object]]:
 
 config_values = st.one_of(
     INT64, FLOATS, TEXT, st.binary(max_size=16), st.booleans(),
-    _lists(INT64), _lists(FLOATS), _lists(TEXT), _lists(st.binary(max_size=8)), _lists(st.booleans()),
+    _lists(INT64), _lists(FLOATS), _lists(TEXT), _lists(st.binary(max_size=8)),
+    _lists(st.booleans()),
 )  # fmt: skip
 metric_values = st.one_of(INT64, FLOATS, _lists(INT64), _lists(FLOATS))
 
@@ -156,7 +157,9 @@ def test_a_truncated_payload_or_a_lying_shape_is_refused() -> None:
 
 # -- metadata -------------------------------------------------------------------------------
 message_types = st.one_of(
-    st.sampled_from(["train", "evaluate", "query", "train.x", "he-keys", "query.flowerpets_he_keys"]),
+    st.sampled_from(
+        ["train", "evaluate", "query", "train.x", "he-keys", "query.flowerpets_he_keys"]
+    ),
     st.text(min_size=1, max_size=20),
     st.from_regex(r"query\.flowerpets_x?[0-9a-f]{0,8}", fullmatch=True),
 )
@@ -197,7 +200,13 @@ def test_known_types_keep_readable_names() -> None:
 
 
 @pytest.mark.parametrize(
-    "reserved", ["query.flowerpets_", "query.flowerpets_x", "query.flowerpets_x747261696e", "query.flowerpets_xzz"]
+    "reserved",
+    [
+        "query.flowerpets_",
+        "query.flowerpets_x",
+        "query.flowerpets_x747261696e",
+        "query.flowerpets_xzz",
+    ],
 )
 def test_reserved_flwr_types_that_none_of_ours_maps_to_are_refused(reserved: str) -> None:
     # "...x747261696e" decodes to "train", which travels as plain "train": not canonical.
@@ -227,7 +236,10 @@ def test_foreign_group_ids_are_refused(bad: str) -> None:
 
 # -- errors ---------------------------------------------------------------------------------
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(list(ErrorCode)), st.one_of(TEXT, st.from_regex(r"flwr error code -?[0-9]{1,4}: .{0,5}", fullmatch=True)))
+@given(
+    st.sampled_from(list(ErrorCode)),
+    st.one_of(TEXT, st.from_regex(r"flwr error code -?[0-9]{1,4}: .{0,5}", fullmatch=True)),
+)
 def test_our_errors_round_trip(code: ErrorCode, reason: str) -> None:
     assert fm.error_from_flwr(fm.error_to_flwr(Error(code, reason))) == Error(code, reason)
 
