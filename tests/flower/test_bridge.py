@@ -62,6 +62,8 @@ def test_plain_fedavg_equals_our_simulation(kit: SimpleNamespace, native: bool) 
     _close(got.arrays, want.arrays, atol=1e-6)
     assert [r.participants and len(r.participants) for r in got.history.rounds] == [N, N]
     assert grid.pulls > 1  # replies were streamed, one pull at a time
+    first_round = grid.pushed[:N]
+    assert all(m.content is first_round[0].content for m in first_round)  # converted once
 
 
 def test_the_flwr_result_and_history_file_come_back(kit: SimpleNamespace, tmp_path: Path) -> None:
