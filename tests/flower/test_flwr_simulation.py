@@ -114,11 +114,6 @@ def test_ckks(kit: SimpleNamespace, by_value: None) -> None:
     assert record.ok and len(record.participants) == N, record.to_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/flowerpets/dp/local.py: LocalDpMod builds its AES-CTR noise source in __init__, "
-    "which cannot be pickled to flwr's Ray workers; build it lazily",
-)
 def test_local_dp(kit: SimpleNamespace, by_value: None) -> None:
     from flowerpets.dp import LocalDpMod
 

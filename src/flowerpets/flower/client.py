@@ -46,7 +46,7 @@ from flwr.clientapp.typing import Mod
 
 from flowerpets.core import ClientApp as OurClientApp
 from flowerpets.core import ClientMod, Context, Error, ErrorCode, Message, MessageType, chain
-from flowerpets.core.client_app import _as_reply, _failure_reply
+from flowerpets.core.client_app import as_reply, failure_reply
 from flowerpets.exceptions import FlowerpetsError
 from flowerpets.flower.messages import (
     context_from_flwr,
@@ -147,7 +147,7 @@ def _run_chain(
     try:
         reply = call(msg, context)
     except Exception as exc:  # a mod's refusal or bug becomes an error reply
-        return _failure_reply(msg, context, exc, ErrorCode.MOD_RAISED_EXCEPTION)
+        return failure_reply(msg, context, exc, ErrorCode.MOD_RAISED_EXCEPTION)
     if not isinstance(reply, Message) or not reply.is_reply_to(msg):
         return msg.error_reply(
             Error(ErrorCode.INVALID_REPLY, "the mod chain did not return a reply to the request")
@@ -206,7 +206,7 @@ class FlowerMod:
                 assert back.content is not None
                 return inner.reply(back.content)
 
-            return _run_chain(chain(self.mods, _as_reply(handler)), ours, our_context)
+            return _run_chain(chain(self.mods, as_reply(handler)), ours, our_context)
 
         return _bridge(msg, context, self.mods, run)
 
