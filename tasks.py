@@ -22,7 +22,7 @@ VENV = Path(os.environ.get("FLOWERPETS_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 
-EXTRAS = {"demo": "examples", "test": "examples,dev,dpsgd"}
+EXTRAS = {"demo": "examples", "test": "examples,dev,dpsgd,flower"}
 
 
 def _run(*args: str | Path) -> None:

@@ -18,7 +18,7 @@ PACKAGES = [
     ),
 ]
 
-OPTIONAL = {"flowerpets.examples.digits": "sklearn"}
+OPTIONAL = {"flowerpets.examples.digits": "sklearn", "flowerpets.flower": "flwr"}
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -19,6 +19,7 @@ __all__ = [
     "CodecError",
     "ConfigurationError",
     "CorruptMessageError",
+    "CorruptStateError",
     "DecryptionError",
     "FlowerpetsError",
     "FrameError",
@@ -29,6 +30,7 @@ __all__ = [
     "KeySetupError",
     "MessageTooLargeError",
     "MissingKeyError",
+    "MissingStateError",
     "ModelMismatchError",
     "PrivacyAccountingError",
     "ProtocolViolationError",
@@ -36,6 +38,8 @@ __all__ = [
     "ReplayError",
     "RequestRefusedError",
     "RoundFailedError",
+    "StateError",
+    "StateTypeError",
     "StopRunError",
     "TransportError",
     "TruncatedMessageError",
@@ -180,6 +184,27 @@ class StopRunError(FlowerpetsError, RuntimeError):
     The ServerApp stops before the round that raised it changes the model and
     returns what the run produced so far, with this error's message as the reason.
     """
+
+
+class StateError(FlowerpetsError, ValueError):
+    """A context's state record cannot be read back as the state it should hold.
+
+    A state that cannot be read is never taken for a fresh one (a privacy ledger
+    must not restart, a protocol round must not begin again): the subclasses say
+    why, naming the field, never its value.
+    """
+
+
+class MissingStateError(StateError, LookupError):
+    """The context holds no record of this state at all."""
+
+
+class CorruptStateError(StateError):
+    """A malformed state record: a field missing or unknown, another version, a bad value."""
+
+
+class StateTypeError(StateError, TypeError):
+    """A state record, or one of its fields, holds a value of the wrong type."""
 
 
 class CodecError(FlowerpetsError, ValueError):

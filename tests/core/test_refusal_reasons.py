@@ -25,22 +25,10 @@ from flowerpets.core import (
     RecordDict,
 )
 from flowerpets.simulation import SimulationGrid
+from tests.sentinels import assert_no_secret
 
 LOSS = 98765.4321
 WEIGHT = 123456.789
-
-
-def forms(value: float) -> set[str]:
-    """How a number may appear in a formatted reason."""
-    x = float(value)
-    out = {repr(value), str(value), f"{x:g}", f"{x:.4g}", f"{x:.6g}", f"{x:.2f}", f"{x:e}"}
-    out.add(str(int(x)))
-    return out
-
-
-def assert_no_secret(reason: str, *secrets: float) -> None:
-    leaked = sorted(f for s in secrets for f in forms(s) if f in reason)
-    assert not leaked, f"the reason {reason!r} carries {leaked}"
 
 
 def request() -> Message:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import zlib
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from flowerpets.core import (
     ServerContext,
     aggregate_round,
 )
+from flowerpets.core.state import VERSION_KEY
 from flowerpets.dp import (
     AdaptiveClipping,
     CentralDp,
@@ -296,6 +298,85 @@ def test_an_unreadable_ledger_stops_the_run_rather_than_restart_the_budget() -> 
     context.state["dp.central"] = ConfigRecord({"clip": 1.0, "epsilon": 3.0})  # no ledger
     with pytest.raises(StopRunError, match="ledger"):
         dp.spent(context)
+
+
+def _ran(rounds: int, scripted_grid: Any, update_app: Any, **options: Any) -> ServerContext:
+    app = update_app(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build()
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0, **options)
+    context = ServerContext(grid=scripted_grid(app, 5))
+    for rnd in range(1, rounds + 1):
+        request = RoundRequest(
+            round=rnd, cohort=(1, 2, 3, 4, 5), arrays=ArrayRecord(MODEL), config={}, population=5
+        )  # type: ignore[arg-type]
+        dp(request, context, aggregate_round)
+    return context
+
+
+def test_the_run_state_is_the_ledger_and_the_clip_and_epsilon_is_derived(
+    scripted_grid: Any, update_app: Any
+) -> None:
+    context = _ran(3, scripted_grid, update_app)
+    record = context.state.get_typed("dp.central", ConfigRecord)
+    assert set(record) == {VERSION_KEY, "clip", "ledger"}  # no epsilon or round count stored
+    ledger = record["ledger"]
+    assert isinstance(ledger, list) and len(ledger) == 1
+    assert json.loads(ledger[0]) == {
+        "count": 3,
+        "event": {"type": "FullParticipationGaussian", "noise_multiplier": 2.0},
+    }
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0)
+    assert dp.spent(context) == pytest.approx(gaussian_epsilon(2.0 / math.sqrt(3), 1e-5))
+    # The epsilon is the ledger's at this mod's delta, not a number stored at another one.
+    looser = CentralDp(noise_multiplier=2.0, clipping_norm=1.0, delta=1e-3)
+    assert looser.spent(context) == pytest.approx(gaussian_epsilon(2.0 / math.sqrt(3), 1e-3))
+
+
+def _corrupt_entry(**change: Any) -> str:
+    entry: dict[str, Any] = {
+        "count": 3,
+        "event": {"type": "FullParticipationGaussian", "noise_multiplier": 2.0},
+    }
+    entry.update(change)
+    return json.dumps(entry, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ledger", None),  # dropped: the budget would restart
+        ("ledger", [_corrupt_entry(count=0)]),
+        ("ledger", [_corrupt_entry(count=True)]),
+        ("ledger", [_corrupt_entry(count=2.0)]),
+        ("ledger", [_corrupt_entry(event={"type": "Secret", "noise_multiplier": 2.0})]),
+        ("ledger", [_corrupt_entry(event={"type": "FullParticipationGaussian"})]),
+        ("ledger", [_corrupt_entry(), _corrupt_entry()]),  # one event listed twice
+        ("ledger", ["{not json"]),
+        ("ledger", [_corrupt_entry().replace('"count": 3', '"count":   3')]),  # not as written
+        ("clip", -1.0),
+        ("clip", math.inf),
+        ("clip", 1),  # an int where the clip is a float
+        ("epsilon", 0.1),  # a stale field, e.g. a smaller epsilon: refused, not ignored
+        (VERSION_KEY, 2),
+    ],
+)
+def test_a_corrupt_run_state_stops_the_run_rather_than_restart_the_budget(
+    key: str, value: Any, scripted_grid: Any, update_app: Any
+) -> None:
+    context = _ran(3, scripted_grid, update_app)
+    record = context.state.get_typed("dp.central", ConfigRecord)
+    if value is None:
+        del record[key]
+    else:
+        record[key] = value
+    dp = CentralDp(noise_multiplier=2.0, clipping_norm=1.0)
+    with pytest.raises(StopRunError, match="privacy ledger it cannot read"):
+        dp.spent(context)
+    request = RoundRequest(
+        round=4, cohort=(1, 2, 3, 4, 5), arrays=ArrayRecord(MODEL), config={}, population=5
+    )  # type: ignore[arg-type]
+    with pytest.raises(StopRunError, match="privacy ledger it cannot read"):
+        dp(request, context, aggregate_round)
+    assert context.state["dp.central"] is record  # nothing overwritten
 
 
 # -- adaptive clipping ----------------------------------------------------------------------------

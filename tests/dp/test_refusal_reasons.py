@@ -39,6 +39,7 @@ from flowerpets.dp import (
 )
 from flowerpets.dp._primitives.clip import global_norm
 from flowerpets.exceptions import InsecureRandomnessWarning
+from tests.sentinels import leaks as find_leaks
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
 
@@ -51,28 +52,8 @@ NORM = global_norm(UPDATE)  # the update's norm: private too
 SENTINELS = (WEIGHT, LOSS, VALUE, OTHER, 7777.25, -5432.125, NORM)
 
 
-def renderings(value: float) -> set[str]:
-    """The ways a value commonly ends up in a message (at least 3 characters long)."""
-    shown = {
-        repr(value),
-        str(value),
-        f"{value:g}",
-        f"{value:.3g}",
-        f"{value:.4g}",
-        f"{value:.6g}",
-        f"{value:.2f}",
-        f"{value:.4e}",
-        f"{value:e}",
-        repr(np.float32(value)),
-        str(np.float32(value)),
-        str(int(value)),
-        str(abs(int(value))),
-    }
-    return {s for s in shown if len(s.lstrip("-")) >= 3}
-
-
 def leaks(reason: str, sentinels: tuple[float, ...] = SENTINELS) -> list[str]:
-    return sorted({s for v in sentinels for s in renderings(v) if s in reason})
+    return find_leaks(reason, sentinels)
 
 
 def test_the_leak_check_finds_the_formats_that_were_sent() -> None:

@@ -6,8 +6,14 @@ import itertools
 
 import pytest
 
-from flowerpets.core import ConfigRecord, RecordDict
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.core import ConfigRecord, MetricRecord, RecordDict
+from flowerpets.core.state import VERSION_KEY
+from flowerpets.exceptions import (
+    CorruptStateError,
+    RequestRefusedError,
+    StateError,
+    StateTypeError,
+)
 from flowerpets.he import COMPACT
 from flowerpets.he._state import (
     CLIENT_TRANSITIONS,
@@ -95,6 +101,7 @@ def test_server_state_round_trips_and_holds_no_secret_field() -> None:
     keys.store(state)
     assert ServerKeys.load(state) == keys
     assert set(state["he.server"]) == {
+        VERSION_KEY,
         "phase",
         "key-id",
         "public-context",
@@ -102,3 +109,47 @@ def test_server_state_round_trips_and_holds_no_secret_field() -> None:
         "generator",
         "params",
     }
+
+
+def _stored(keys: ClientKeys | ServerKeys) -> RecordDict:
+    state = RecordDict()
+    keys.store(state)
+    return state
+
+
+CLIENT = ClientKeys(
+    phase=ClientPhase.HOLDS_KEY, key_id="ab" * 16, params=COMPACT, secret_context=b"s"
+)
+SERVER = ServerKeys(phase=ServerPhase.KEYED, key_id="ab" * 16, holders=(5, 3), generator=5)
+
+
+@pytest.mark.parametrize(
+    ("keys", "key", "value", "error"),
+    [
+        (CLIENT, "secret-context", None, CorruptStateError),  # dropped: never a key-less node
+        (CLIENT, "phase", "owns-key", CorruptStateError),
+        (CLIENT, "params", [1, 2], CorruptStateError),  # not CKKS parameters
+        (CLIENT, "transport-private", "p", StateTypeError),
+        (CLIENT, VERSION_KEY, 2, CorruptStateError),
+        (SERVER, "holders", [True], StateTypeError),
+        (SERVER, "generator", 5.0, StateTypeError),
+        (SERVER, "phase", None, CorruptStateError),
+        (SERVER, "epoch", 1, CorruptStateError),  # a field this build does not know
+    ],
+)
+def test_a_corrupt_key_state_raises_and_is_never_read_as_a_fresh_one(
+    keys: ClientKeys | ServerKeys, key: str, value: object, error: type[StateError]
+) -> None:
+    state = _stored(keys)
+    name = "he.client" if isinstance(keys, ClientKeys) else "he.server"
+    record = state[name]
+    assert isinstance(record, ConfigRecord)
+    if value is None:
+        del record[key]
+    else:
+        record[key] = value
+    with pytest.raises(error):
+        type(keys).load(state)
+    state[name] = MetricRecord({"phase": 1})
+    with pytest.raises(StateTypeError, match="must be a ConfigRecord"):
+        type(keys).load(state)

@@ -26,25 +26,13 @@ from flowerpets.core import (
 )
 from flowerpets.secagg import Stage
 from flowerpets.secagg._primitives.quantize import SUM_BOUND
+from tests.sentinels import assert_no_secret
 
 WEIGHT = 123456.789  # a private weight that is not a whole number
 WHOLE_WEIGHT = 98765  # a private whole weight above any max_weight the tests use
 VALUE = 98765.4321  # a private update value or metric
 BIG_INT = 987654321  # a private integer update value, beyond what one node may send
 SMALL_WEIGHT = 4321  # a private weight within max_weight (the integer path's limit is from it)
-
-
-def forms(value: float) -> set[str]:
-    """How a number may appear in a formatted reason."""
-    x = float(value)
-    out = {repr(value), str(value), f"{x:g}", f"{x:.4g}", f"{x:.6g}", f"{x:.2f}", f"{x:e}"}
-    out.add(str(int(x)))
-    return out
-
-
-def assert_no_secret(reason: str, *secrets: float) -> None:
-    leaked = sorted(f for s in secrets for f in forms(s) if f in reason)
-    assert not leaked, f"the reason {reason!r} carries {leaked}"
 
 
 Handler = Callable[[Message, Context], RecordDict]

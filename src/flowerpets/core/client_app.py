@@ -28,7 +28,7 @@ from flowerpets.core.mods import chain
 from flowerpets.core.records import RecordDict
 from flowerpets.exceptions import FlowerpetsError, RequestRefusedError
 
-__all__ = ["ClientApp", "ClientMod", "Handler", "failure_reason"]
+__all__ = ["ClientApp", "ClientMod", "Handler", "as_reply", "failure_reason", "failure_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__} (the details are in the node's log)"
 
 
-def _failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCode) -> Message:
+def failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCode) -> Message:
     """The error reply for what a handler or mod raised: ``REFUSED`` if it said no on purpose."""
     if isinstance(exc, RequestRefusedError):
         log.info("node %s refused %r: %s", context.node_id, msg.message_type, exc)
@@ -60,14 +60,14 @@ def _failure_reply(msg: Message, context: Context, exc: Exception, code: ErrorCo
     return msg.error_reply(Error(code, failure_reason(exc)))
 
 
-def _as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
+def as_reply(handler: Handler) -> Callable[[Message, Context], Message]:
     """Run ``handler`` and make sure what comes back is a valid reply to ``msg``."""
 
     def call(msg: Message, context: Context) -> Message:
         try:
             out = handler(msg, context)
         except Exception as exc:  # a handler's bug must not take the node down
-            return _failure_reply(msg, context, exc, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+            return failure_reply(msg, context, exc, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
         if isinstance(out, RecordDict):
             return msg.reply(out)
         if isinstance(out, Message) and out.is_reply_to(msg):
@@ -114,7 +114,7 @@ class ClientApp:
         def register(fn: Handler) -> Handler:
             if message_type in self._handlers:
                 raise ValueError(f"a handler for {message_type!r} is already registered")
-            self._handlers[message_type] = chain(tuple(mods), _as_reply(fn))
+            self._handlers[message_type] = chain(tuple(mods), as_reply(fn))
             return fn
 
         return register
@@ -146,7 +146,7 @@ class ClientApp:
         try:
             reply = self._chain(msg, context)
         except Exception as exc:  # a mod's refusal or bug becomes an error reply
-            return _failure_reply(msg, context, exc, ErrorCode.MOD_RAISED_EXCEPTION)
+            return failure_reply(msg, context, exc, ErrorCode.MOD_RAISED_EXCEPTION)
         if not isinstance(reply, Message) or not reply.is_reply_to(msg):
             return msg.error_reply(
                 Error(

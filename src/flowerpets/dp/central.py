@@ -26,9 +26,10 @@
 5. records the event with the accountant and reports ``epsilon`` (at
    ``delta``) in the round's metrics (``history.round(n).train_metrics``).
 
-The run's privacy state (the ledger of events, the epsilon spent, the clip)
+The run's privacy state (the ledger of events with their counts, and the clip)
 lives in the run's context, ``context.state["dp.central"]``, as explicit JSON
-events; the accountant is derived from the ledger each round. The mod keeps
+events in a record written by :class:`~flowerpets.core.state.StateSlot`; the
+accountant, the epsilon spent and the rounds counted are derived from the ledger. The mod keeps
 nothing per run, so one instance serves any number of runs, and a run's budget
 is never forgotten while its context lives. A ledger it cannot read stops the
 run (``StopRunError``) rather than restart the budget.
@@ -88,7 +89,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, get_args
 
@@ -109,6 +110,7 @@ from flowerpets.core import (
     ServerContext,
 )
 from flowerpets.core.round import is_sealed
+from flowerpets.core.state import StateSlot, convert
 from flowerpets.dp._primitives.calibration import split_noise_multiplier
 from flowerpets.dp._primitives.clip import clip_update, enforce_clip, update_between
 from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
@@ -127,6 +129,7 @@ from flowerpets.exceptions import (
     ModelMismatchError,
     RecordTypeError,
     RoundFailedError,
+    StateError,
     StopRunError,
 )
 
@@ -385,64 +388,68 @@ _SITES: dict[
 # -- the mod --------------------------------------------------------------------------------------
 _EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(PrivacyEvent)}
 
-
-def _event_text(event: PrivacyEvent) -> str:
-    """An event as explicit JSON (its type and fields), the form it takes in the run state."""
-    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-    return json.dumps({"event": type(event).__name__, **fields}, sort_keys=True)
+Ledger = tuple[tuple[PrivacyEvent, int], ...]
 
 
-def _event_from_text(text: str) -> PrivacyEvent:
-    data = json.loads(text)
-    cls = _EVENT_TYPES[data.pop("event")]
-    event: PrivacyEvent = cls(**data)
-    return event
+def _ledger_texts(ledger: Ledger) -> list[str]:
+    """Each distinct event and its count as explicit JSON, the form it takes in the run state."""
+    return [
+        json.dumps(
+            {
+                "count": count,
+                "event": {"type": type(event).__name__, **_fields(event)},
+            },
+            sort_keys=True,
+        )
+        for event, count in ledger
+    ]
+
+
+def _fields(event: PrivacyEvent) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def _ledger_from_texts(texts: Any) -> Ledger:
+    if not isinstance(texts, list):
+        raise TypeError("the ledger is a list of JSON texts")
+    ledger = []
+    for text in texts:
+        entry = json.loads(text)
+        fields = dict(entry["event"])
+        cls = _EVENT_TYPES[fields.pop("type")]
+        ledger.append((cls(**fields), entry["count"]))
+    return tuple(ledger)
 
 
 @dataclass(frozen=True, slots=True)
 class _Run:
     """One run's privacy state, kept in the run's context (``context.state["dp.central"]``).
 
-    The ledger (each distinct event with its count) is the state; the accountant
-    is derived from it each round. Nothing lives in the mod, so one CentralDp
-    may serve any number of runs, and a run's budget lasts as long as its context.
+    The ledger (each distinct event with its count) and the clip are the state;
+    the accountant, the epsilon spent and the number of rounds are derived from
+    the ledger. Nothing lives in the mod, so one CentralDp may serve any number of
+    runs, and a run's budget lasts as long as its context.
     """
 
     clip: float
-    ledger: tuple[tuple[PrivacyEvent, int], ...] = ()
-    epsilon: float = 0.0
-    rounds: int = 0
+    ledger: Ledger = field(default=(), metadata=convert(_ledger_texts, _ledger_from_texts))
 
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "clip": self.clip,
-                "epsilon": self.epsilon,
-                "rounds": self.rounds,
-                "ledger-events": [_event_text(event) for event, _ in self.ledger],
-                "ledger-counts": [count for _, count in self.ledger],
-            }
-        )
+    def __post_init__(self) -> None:
+        # A negative or infinite clip would scale the noise with it: never continue on one.
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError("the clip must be finite and > 0")
+        counts = [count for _, count in self.ledger]
+        if not all(type(c) is int and c > 0 for c in counts):
+            raise ValueError("every ledger count must be an integer > 0")
+        if len({event for event, _ in self.ledger}) != len(self.ledger):
+            raise ValueError("the ledger lists an event twice")
 
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> _Run:
-        events, counts = record["ledger-events"], record["ledger-counts"]
-        clip, epsilon, rounds = record["clip"], record["epsilon"], record["rounds"]
-        if not (isinstance(events, list) and isinstance(counts, list)):
-            raise TypeError("the ledger is not two lists")
-        whole = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0]
-        if not (
-            len(events) == len(counts) == len(whole)
-            and isinstance(rounds, int)
-            and isinstance(clip, float)
-            and isinstance(epsilon, float)
-            and sum(whole) == rounds
-        ):
-            raise ValueError("malformed fields")
-        ledger = tuple(
-            (_event_from_text(str(text)), count) for text, count in zip(events, whole, strict=True)
-        )
-        return cls(clip=clip, ledger=ledger, epsilon=epsilon, rounds=rounds)
+    @property
+    def rounds(self) -> int:
+        return sum(count for _, count in self.ledger)
+
+
+_SLOT = StateSlot(_Run, STATE_KEY)
 
 
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -528,30 +535,26 @@ class CentralDp:
 
     # -- per-run state --------------------------------------------------------------------------
     def _load(self, context: ServerContext) -> _Run:
-        """This run's state from its context; a context without one starts a new run.
+        """This run's state from its context; only a context with no record starts a new run.
 
         State that cannot be read stops the run: continuing would forget the budget spent.
         """
-        record = context.state.get(STATE_KEY)
-        if record is None:
-            return _Run(clip=self.clipping_norm)
         try:
-            if not isinstance(record, ConfigRecord):
-                raise TypeError(type(record).__name__)
-            return _Run.from_record(record)
-        except (KeyError, TypeError, ValueError) as exc:
+            return _SLOT.get(context.state, _Run(clip=self.clipping_norm))
+        except StateError as exc:
             raise StopRunError(
-                f"the run's {STATE_KEY!r} state is unreadable ({type(exc).__name__}): CentralDp "
-                "will not continue a run whose privacy ledger it cannot read"
+                f"the run's {STATE_KEY!r} state is unreadable ({exc}): CentralDp will not "
+                "continue a run whose privacy ledger it cannot read"
             ) from None
-
-    @staticmethod
-    def _save(context: ServerContext, run: _Run) -> None:
-        context.state[STATE_KEY] = run.to_record()
 
     def spent(self, context: ServerContext) -> float:
         """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to."""
-        return self._load(context).epsilon
+        run = self._load(context)
+        return (
+            self._accountant_for(run, run.ledger[0][0]).get_epsilon(self.delta)
+            if run.ledger
+            else 0.0
+        )
 
     def _accountant_for(self, run: _Run, event: PrivacyEvent) -> Accountant:
         """The run's accountant, derived from its ledger (``event`` chooses it in a new run)."""
@@ -565,18 +568,18 @@ class CentralDp:
             accountant.compose(past, count)
         return accountant
 
-    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> _Run:
-        """``run`` with ``event`` composed; refuses the round if it would exceed the budget."""
-        candidate = self._accountant_for(run, event).compose(event)
-        epsilon = candidate.get_epsilon(self.delta)
+    def _account(self, run: _Run, event: PrivacyEvent, round: int) -> tuple[_Run, float]:
+        """``run`` with ``event`` composed, and its epsilon; refuses a round over the budget."""
+        accountant = self._accountant_for(run, event)
+        before = accountant.copy()
+        epsilon = accountant.compose(event).get_epsilon(self.delta)
         if self.max_epsilon is not None and epsilon > self.max_epsilon:
             raise StopRunError(
                 f"privacy budget: round {round} would raise epsilon to {epsilon:.4g} at "
                 f"delta={self.delta:g}, above max_epsilon={self.max_epsilon:g} "
-                f"(spent {run.epsilon:.4g} in {run.rounds} round(s))"
+                f"(spent {before.get_epsilon(self.delta):.4g} in {run.rounds} round(s))"
             )
-        ledger = tuple(candidate.ledger.items())
-        return dataclasses.replace(run, ledger=ledger, epsilon=epsilon, rounds=run.rounds + 1)
+        return dataclasses.replace(run, ledger=tuple(accountant.ledger.items())), epsilon
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(
@@ -606,8 +609,8 @@ class CentralDp:
             count_stddev = self.adaptive.count_noise(expected)
             update_multiplier = split_noise_multiplier(self.noise_multiplier, count_stddev)
         event = event_for_round(request.sampling, request.population, self.noise_multiplier)
-        run = self._account(run, event, request.round)
-        self._save(context, run)  # accounted before any node sees the round
+        run, epsilon = self._account(run, event, request.round)
+        _SLOT.store(context.state, run)  # accounted before any node sees the round
 
         clip = run.clip
         site = _SITES[self.clip_on]
@@ -621,7 +624,7 @@ class CentralDp:
             result = self._noised(result, request.arrays, update_multiplier * clip, expected)
 
         metrics = MetricRecord(result.metrics) if self.keep_client_metrics else MetricRecord()
-        metrics["epsilon"] = run.epsilon
+        metrics["epsilon"] = epsilon
         metrics["delta"] = self.delta
         metrics["dp-clip"] = clip
         metrics["dp-noise-std"] = update_multiplier * clip / result.total_weight
@@ -631,7 +634,7 @@ class CentralDp:
             fraction = noisy / expected + 0.5
             run = dataclasses.replace(run, clip=self.adaptive.next_clip(clip, fraction))
             metrics["dp-unclipped-fraction"] = fraction
-            self._save(context, run)
+            _SLOT.store(context.state, run)
         return result.replace(metrics=metrics)
 
     def _check_sealed_model(self, request: RoundRequest) -> None:

@@ -17,18 +17,22 @@ Stages (``Metadata.stage`` of the messages, so fault injection can hit one):
     server -> each recipient: the wrapped key, its sender and the public
     context; the node unwraps, checks and keeps it.
 
-Every transition is checked against a table; anything else is refused.
+Every transition is checked against a table; anything else is refused. Both
+sides' state is a frozen dataclass written to the context by one
+:class:`~flowerpets.core.state.StateSlot` each: a record that cannot be read
+raises a :class:`~flowerpets.exceptions.StateError`, never a fresh state.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from flowerpets.core import ConfigRecord, RecordDict
+from flowerpets.core import RecordDict
+from flowerpets.core.state import StateSlot, convert
 from flowerpets.exceptions import RequestRefusedError
 from flowerpets.he._primitives.params import CKKSParameters
 from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
@@ -82,23 +86,8 @@ def client_transition(phase: ClientPhase, stage: Stage) -> ClientPhase:
         ) from None
 
 
-def _bytes(record: ConfigRecord, key: str) -> bytes:
-    value = record.get(key, b"")
-    if not isinstance(value, bytes):
-        raise ValueError(f"state {key!r} must be bytes")
-    return value
-
-
-def _str(record: ConfigRecord, key: str) -> str:
-    value = record.get(key, "")
-    if not isinstance(value, str):
-        raise ValueError(f"state {key!r} must be a string")
-    return value
-
-
-def _params(record: ConfigRecord) -> CKKSParameters | None:
-    value = record.get("params")
-    return None if value is None else CKKSParameters.from_list(value)
+# The parameters travel as CKKSParameters.to_list() in the state as on the wire.
+_PARAMS = convert(CKKSParameters.to_list, CKKSParameters.from_list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +102,7 @@ class ClientKeys:
     transport_private: bytes = b""
     transport_public: bytes = b""
     key_id: str = ""
-    params: CKKSParameters | None = None
+    params: CKKSParameters | None = field(default=None, metadata=_PARAMS)
     secret_context: bytes = b""
 
     def __repr__(self) -> str:  # never print key material
@@ -121,31 +110,11 @@ class ClientKeys:
 
     @classmethod
     def load(cls, state: RecordDict) -> ClientKeys:
-        if _CLIENT_RECORD not in state:
-            return cls()
-        record = state.get_typed(_CLIENT_RECORD, ConfigRecord)
-        return cls(
-            phase=ClientPhase(_str(record, "phase")),
-            transport_private=_bytes(record, "transport-private"),
-            transport_public=_bytes(record, "transport-public"),
-            key_id=_str(record, "key-id"),
-            params=_params(record),
-            secret_context=_bytes(record, "secret-context"),
-        )
+        """The node's keys; a fresh node's if it has none (a corrupt record raises StateError)."""
+        return _CLIENT_SLOT.get(state, cls())
 
     def store(self, state: RecordDict) -> None:
-        record = ConfigRecord(
-            {
-                "phase": self.phase.value,
-                "transport-private": self.transport_private,
-                "transport-public": self.transport_public,
-                "key-id": self.key_id,
-                "secret-context": self.secret_context,
-            }
-        )
-        if self.params is not None:
-            record["params"] = self.params.to_list()
-        state[_CLIENT_RECORD] = record
+        _CLIENT_SLOT.store(state, self)
 
     def after(self, stage: Stage, **changes: Any) -> ClientKeys:
         """This state after ``stage`` (checked) with ``changes`` applied."""
@@ -183,42 +152,18 @@ class ServerKeys:
 
     phase: ServerPhase = ServerPhase.NO_KEY
     key_id: str = ""
-    params: CKKSParameters | None = None
+    params: CKKSParameters | None = field(default=None, metadata=_PARAMS)
     public_context: bytes = b""
     holders: tuple[int, ...] = ()
     generator: int = 0
 
     @classmethod
     def load(cls, state: RecordDict) -> ServerKeys:
-        if _SERVER_RECORD not in state:
-            return cls()
-        record = state.get_typed(_SERVER_RECORD, ConfigRecord)
-        holders = record.get("holders", [])
-        generator = record.get("generator", 0)
-        if not isinstance(holders, list) or not isinstance(generator, int):
-            raise ValueError("server key state is corrupt")
-        return cls(
-            phase=ServerPhase(_str(record, "phase")),
-            key_id=_str(record, "key-id"),
-            params=_params(record),
-            public_context=_bytes(record, "public-context"),
-            holders=tuple(int(h) for h in holders),
-            generator=generator,
-        )
+        """The run's key state; a new run's if it has none (a corrupt record raises StateError)."""
+        return _SERVER_SLOT.get(state, cls())
 
     def store(self, state: RecordDict) -> None:
-        record = ConfigRecord(
-            {
-                "phase": self.phase.value,
-                "key-id": self.key_id,
-                "public-context": self.public_context,
-                "holders": list(self.holders),
-                "generator": self.generator,
-            }
-        )
-        if self.params is not None:
-            record["params"] = self.params.to_list()
-        state[_SERVER_RECORD] = record
+        _SERVER_SLOT.store(state, self)
 
     def after(self, event: ServerEvent, **changes: Any) -> ServerKeys:
         """This state after ``event`` (checked) with ``changes`` applied."""
@@ -229,3 +174,7 @@ class ServerKeys:
                 f"server key state cannot go through {event.value!r} from {self.phase.value!r}"
             ) from None
         return replace(self, phase=phase, **changes)
+
+
+_CLIENT_SLOT = StateSlot(ClientKeys, _CLIENT_RECORD)
+_SERVER_SLOT = StateSlot(ServerKeys, _SERVER_RECORD)

@@ -9,9 +9,9 @@ in the ``ClientApp``'s mods, outside any mod that post-processes updates
     app = ClientApp(mods=[secaggplus_mod, fixed_clipping_mod])
 
 Per node and round the mod is an explicit state machine whose every transition
-is checked::
+is checked against one table (:data:`TRANSITIONS`)::
 
-    (no round) --advertise-keys--> ADVERTISED --share-keys--> SHARED
+    NEW (no round) --advertise-keys--> ADVERTISED --share-keys--> SHARED
         --collect-masked-input--> MASKED --unmask--> DONE
 
 A stage message that does not fit (out of order, repeated, for another
@@ -33,8 +33,10 @@ round). The checks that protect an honest node from a dishonest server:
   never releases both the self-mask share and the key share of one neighbour.
 
 Protocol state (including the round's private keys and self-mask seed) lives in
-``context.state`` under ``"secagg+/..."`` records, never in a reply, and is
-wiped when the round ends. All randomness comes from ``randomness`` (default
+``context.state`` under ``"secagg+/..."`` records (a frozen :class:`ClientState`
+written by :class:`~flowerpets.core.state.StateSlot`; a record it cannot read is
+refused, never taken for a new round), never in a reply, and is wiped when the
+round ends. All randomness comes from ``randomness`` (default
 ``os.urandom``); tests inject a seeded source.
 
 Requests of the protected types (``train`` and ``query`` by default) that are
@@ -47,11 +49,13 @@ through untouched.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -69,6 +73,7 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
+from flowerpets.core.state import StateSlot
 from flowerpets.exceptions import (
     DecryptionError,
     InvalidUpdateError,
@@ -97,7 +102,7 @@ from flowerpets.secagg.protocol import (
 )
 from flowerpets.secagg.protocol import field as get_field
 
-__all__ = ["Phase", "SecAggPlusClientMod", "secaggplus_mod"]
+__all__ = ["Phase", "SecAggPlusClientMod", "TRANSITIONS", "secaggplus_mod", "transition"]
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +115,10 @@ _STATE = "secagg+/client-state"
 _STATE_CONFIG = "secagg+/client-round"
 
 
-class Phase:
-    """Where a node's round stands; see the module docstring for the transitions."""
+class Phase(enum.StrEnum):
+    """Where a node's round stands; :data:`TRANSITIONS` says which stage moves it on."""
 
+    NEW = "new"  # no state for this round yet (never stored: the round starts at advertise-keys)
     ADVERTISED = "advertised"
     SHARED = "shared"
     MASKED = "masked"
@@ -120,90 +126,80 @@ class Phase:
     ABORTED = "aborted"
 
 
-# The phase each stage may start from (advertise-keys starts a new round instead).
-_REQUIRED_PHASE: dict[str, str] = {
-    Stage.SHARE_KEYS: Phase.ADVERTISED,
-    Stage.COLLECT_MASKED_INPUT: Phase.SHARED,
-    Stage.UNMASK: Phase.MASKED,
-}
+TRANSITIONS: Mapping[tuple[Phase, str], Phase] = MappingProxyType(
+    {
+        (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
+        (Phase.ADVERTISED, Stage.SHARE_KEYS): Phase.SHARED,
+        (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
+        (Phase.MASKED, Stage.UNMASK): Phase.DONE,
+    }
+)
+"""(phase of the message's round, stage) -> the phase after it; every other pair is refused.
+
+A refused pair aborts the round (ABORTED: its secrets are wiped), except where the
+node has nothing to abort: a round it never started (NEW) or one it finished (DONE).
+"""
 
 
-@dataclass
+def transition(phase: Phase, stage: str) -> Phase:
+    """The phase after ``stage``; a stage this phase does not allow is refused."""
+    try:
+        return TRANSITIONS[(phase, stage)]
+    except KeyError:
+        needs = [p.value for (p, s), _ in TRANSITIONS.items() if s == stage]
+        raise RequestRefusedError(
+            f"{stage}: out of order (the round is {phase.value}, this stage needs "
+            f"{' or '.join(needs) or 'nothing: it is no SecAgg+ stage'})"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
 class ClientState:
-    """One node's state for its current round (kept in ``context.state``)."""
+    """One node's state for its current round, kept in ``context.state[_STATE]``.
+
+    The round's :class:`RoundConfig` is kept beside it (``_STATE_CONFIG``), written
+    once per round in the wire format the node received it in.
+    """
 
     run_id: int
     round: int
-    phase: str
-    config: RoundConfig
+    phase: Phase
     c_sk: bytes = b""
     s_sk: bytes = b""
     self_seed: bytes = b""
-    neighbours: list[int] = field(default_factory=list)  # told at share-keys: got my shares
-    share_keys: list[bytes] = field(default_factory=list)  # AES-GCM keys, per neighbour
-    s_pks: list[bytes] = field(default_factory=list)
-    senders: list[int] = field(default_factory=list)  # delivered shares to me: I mask with them
-    b_shares: list[bytes] = field(default_factory=list)
-    s_shares: list[bytes] = field(default_factory=list)
-    released_b: list[int] = field(default_factory=list)
-    released_s: list[int] = field(default_factory=list)
+    neighbours: tuple[int, ...] = ()  # told at share-keys: got my shares
+    share_keys: tuple[bytes, ...] = ()  # AES-GCM keys, per neighbour
+    s_pks: tuple[bytes, ...] = ()
+    senders: tuple[int, ...] = ()  # delivered shares to me: I mask with them
+    b_shares: tuple[bytes, ...] = ()
+    s_shares: tuple[bytes, ...] = ()
+    released_b: tuple[int, ...] = ()
+    released_s: tuple[int, ...] = ()
 
-    _SECRETS = ("c_sk", "s_sk", "self_seed")
+    def after(self, stage: str, **changes: Any) -> ClientState:
+        """This state after ``stage`` (checked against :data:`TRANSITIONS`), with ``changes``."""
+        return replace(self, phase=transition(self.phase, stage), **changes)
 
-    def wipe(self, phase: str) -> None:
-        """End the round: forget every secret (what was released stays recorded)."""
-        self.phase = phase
-        for name in self._SECRETS:
-            setattr(self, name, b"")
-        self.share_keys, self.b_shares, self.s_shares = [], [], []
+    def wiped(self, phase: Phase) -> ClientState:
+        """The round ended: every secret forgotten (what was released stays recorded)."""
+        return replace(self, phase=phase, **_SECRETS_WIPED)
 
-    def save(self, context: Context, *, with_config: bool = False) -> None:
-        """Store the state (``with_config``: the round's configuration too, once per round)."""
-        record = ConfigRecord(
-            {
-                "run-id": self.run_id,
-                "round": self.round,
-                "phase": self.phase,
-                "c-sk": self.c_sk,
-                "s-sk": self.s_sk,
-                "self-seed": self.self_seed,
-                "neighbours": self.neighbours,
-                "share-keys": self.share_keys,
-                "s-pks": self.s_pks,
-                "senders": self.senders,
-                "b-shares": self.b_shares,
-                "s-shares": self.s_shares,
-                "released-b": self.released_b,
-                "released-s": self.released_s,
-            }
-        )
-        context.state[_STATE] = record
-        if with_config:
-            context.state[_STATE_CONFIG] = self.config.to_record()
 
-    @classmethod
-    def load(cls, context: Context) -> ClientState | None:
-        if _STATE not in context.state:
-            return None
-        record = context.state.get_typed(_STATE, ConfigRecord)
-        config = RoundConfig.from_record(context.state.get_typed(_STATE_CONFIG, ConfigRecord))
-        return cls(
-            run_id=get_field(record, "run-id", int),
-            round=get_field(record, "round", int),
-            phase=get_field(record, "phase", str),
-            config=config,
-            c_sk=get_field(record, "c-sk", bytes),
-            s_sk=get_field(record, "s-sk", bytes),
-            self_seed=get_field(record, "self-seed", bytes),
-            neighbours=int_list(record, "neighbours"),
-            share_keys=bytes_list(record, "share-keys"),
-            s_pks=bytes_list(record, "s-pks"),
-            senders=int_list(record, "senders"),
-            b_shares=bytes_list(record, "b-shares"),
-            s_shares=bytes_list(record, "s-shares"),
-            released_b=int_list(record, "released-b"),
-            released_s=int_list(record, "released-s"),
-        )
+_SECRETS_WIPED: dict[str, Any] = {
+    **dict.fromkeys(("c_sk", "s_sk", "self_seed"), b""),
+    **dict.fromkeys(("share_keys", "b_shares", "s_shares"), ()),
+}
+
+
+_SLOT = StateSlot(ClientState, _STATE)
+
+
+def _load(context: Context) -> tuple[ClientState, RoundConfig] | None:
+    state = _SLOT.get(context.state)
+    if state is None:
+        return None
+    config = RoundConfig.from_record(context.state.get_typed(_STATE_CONFIG, ConfigRecord))
+    return state, config
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +209,13 @@ class _StageRequest:
     msg: Message
     context: Context
     body: ConfigRecord
-    state: ClientState | None  # None only for advertise-keys, which starts the round
+    round: tuple[ClientState, RoundConfig] | None  # None only for advertise-keys: it starts one
     call_next: CallNext
 
-    def unpack(self) -> tuple[Message, Context, ConfigRecord, ClientState]:
-        if self.state is None:
+    def unpack(self) -> tuple[Message, Context, ConfigRecord, ClientState, RoundConfig]:
+        if self.round is None:
             raise RuntimeError("this stage needs a round in progress")
-        return self.msg, self.context, self.body, self.state
+        return self.msg, self.context, self.body, *self.round
 
 
 class _DownstreamError(Exception):
@@ -316,13 +312,14 @@ class SecAggPlusClientMod:
     def _run_stage(
         self, stage: str, msg: Message, context: Context, call_next: CallNext
     ) -> Message:
-        state = self._check_transition(stage, msg, context)
+        current = self._check_transition(stage, msg, context)
+        state = None if current is None else current[0]
         try:
             body = protocol_record(msg.require_content())
-            if state is not None and get_field(body, "session", bytes) != state.config.session:
+            if current is not None and get_field(body, "session", bytes) != current[1].session:
                 raise ValueError("the message belongs to another session")
             handler = self._handlers[stage]
-            return handler(_StageRequest(msg, context, body, state, call_next))
+            return handler(_StageRequest(msg, context, body, current, call_next))
         except _DownstreamError as wrapped:
             downstream = wrapped.error
         except InvalidUpdateError as exc:
@@ -337,35 +334,35 @@ class SecAggPlusClientMod:
         # as it would without this mod.
         raise downstream
 
-    def _check_transition(self, stage: str, msg: Message, context: Context) -> ClientState | None:
-        """The state this stage starts from, or a refusal saying why it may not run now."""
+    def _check_transition(
+        self, stage: str, msg: Message, context: Context
+    ) -> tuple[ClientState, RoundConfig] | None:
+        """The round this stage goes on with (None: it starts one), or a refusal saying why not."""
         try:
-            state = ClientState.load(context)
-        except (ValueError, KeyError, RecordTypeError) as exc:
+            loaded = _load(context)
+        except (ValueError, KeyError, RecordTypeError) as exc:  # StateError is a ValueError
             raise RequestRefusedError(
                 f"{stage}: the node's SecAgg+ state is unreadable: {exc}"
             ) from None
         run_id, rnd = msg.metadata.run_id, msg.round
-        current = state if state is not None and state.run_id == run_id else None
-        if stage == Stage.ADVERTISE_KEYS:
-            if current is not None and rnd <= current.round:
-                raise RequestRefusedError(
-                    f"{stage}: round {rnd} is not after round {current.round}, which this node "
-                    "already started (a stale or repeated round)"
-                )
-            return None
-        if current is None or rnd > current.round:
+        current = loaded if loaded is not None and loaded[0].run_id == run_id else None
+        if current is None or rnd > current[0].round:  # a round this node has not started
+            if stage == Stage.ADVERTISE_KEYS:
+                return None
             raise RequestRefusedError(f"{stage}: no SecAgg+ round {rnd} in progress (out of order)")
-        if rnd < current.round:
-            raise RequestRefusedError(f"{stage}: round {rnd} is stale (round {current.round} runs)")
-        required = _REQUIRED_PHASE[stage]
-        if current.phase != required:
-            phase = current.phase
-            _abort(current, context)
+        state = current[0]
+        if stage == Stage.ADVERTISE_KEYS:  # nothing to abort: the round goes on
             raise RequestRefusedError(
-                f"{stage}: out of order (the round is {phase}, this stage needs {required}); "
-                "the round is aborted"
+                f"{stage}: round {rnd} is not after round {state.round}, which this node "
+                "already started (a stale or repeated round)"
             )
+        if rnd < state.round:
+            raise RequestRefusedError(f"{stage}: round {rnd} is stale (round {state.round} runs)")
+        try:
+            transition(state.phase, stage)
+        except RequestRefusedError as exc:
+            _abort(state, context)
+            raise RequestRefusedError(f"{exc}; the round is aborted") from None
         return current
 
     # -- stage 0: advertise keys -------------------------------------------------
@@ -384,12 +381,12 @@ class SecAggPlusClientMod:
         state = ClientState(
             run_id=msg.metadata.run_id,
             round=msg.round,
-            phase=Phase.ADVERTISED,
-            config=config,
+            phase=transition(Phase.NEW, Stage.ADVERTISE_KEYS),
             c_sk=keys.private_bytes(c_sk),
             s_sk=keys.private_bytes(s_sk),
         )
-        state.save(context, with_config=True)
+        context.state[_STATE_CONFIG] = config.to_record()
+        _SLOT.store(context.state, state)
         reply = ConfigRecord(
             {
                 "session": config.session,
@@ -401,9 +398,8 @@ class SecAggPlusClientMod:
 
     # -- stage 1: share keys -----------------------------------------------------
     def _share_keys(self, request: _StageRequest) -> Message:
-        msg, context, body, state = request.unpack()
-        config, me = state.config, context.node_id
-        graph = config.graph
+        msg, context, body, state, config = request.unpack()
+        me, graph = context.node_id, config.graph
         nodes = int_list(body, "nodes")
         c_pks = bytes_list(body, "c-pks", size=keys.KEY_BYTES)
         s_pks = bytes_list(body, "s-pks", size=keys.KEY_BYTES)
@@ -442,10 +438,15 @@ class SecAggPlusClientMod:
                 session=config.session, round=state.round, sender=me, receiver=j
             )
             ciphertexts.append(aead.encrypt(key, plaintext, associated, self.randomness))
-        state.self_seed, state.c_sk = self_seed, b""  # the encryption key pair has done its job
-        state.neighbours, state.share_keys, state.s_pks = nodes, pair_keys, s_pks
-        state.phase = Phase.SHARED
-        state.save(context)
+        state = state.after(
+            Stage.SHARE_KEYS,
+            self_seed=self_seed,
+            c_sk=b"",  # the encryption key pair has done its job
+            neighbours=tuple(nodes),
+            share_keys=tuple(pair_keys),
+            s_pks=tuple(s_pks),
+        )
+        _SLOT.store(context.state, state)
         reply = ConfigRecord(
             {"session": config.session, "receivers": nodes, "ciphertexts": ciphertexts}
         )
@@ -453,9 +454,8 @@ class SecAggPlusClientMod:
 
     # -- stage 2: collect masked input ---------------------------------------------
     def _collect_masked_input(self, request: _StageRequest) -> Message:
-        msg, context, body, state = request.unpack()
-        call_next = request.call_next
-        config, me = state.config, context.node_id
+        msg, context, body, state, config = request.unpack()
+        call_next, me = request.call_next, context.node_id
         senders = int_list(body, "senders")
         ciphertexts = bytes_list(body, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
         if len(senders) != len(ciphertexts):
@@ -481,7 +481,9 @@ class SecAggPlusClientMod:
                 raise ValueError(f"the shares from node {j} have the wrong length")
             b_shares.append(plaintext[:SHARE_BYTES])
             s_shares.append(plaintext[SHARE_BYTES:])
-        state.senders, state.b_shares, state.s_shares = senders, b_shares, s_shares
+        state = replace(
+            state, senders=tuple(senders), b_shares=tuple(b_shares), s_shares=tuple(s_shares)
+        )
 
         content = msg.require_content()
         inner = Message(
@@ -499,18 +501,17 @@ class SecAggPlusClientMod:
         if reply.error is not None:
             _abort(state, context)
             return msg.error_reply(reply.error)
-        vector, layout = self._masked_vector(reply.require_content(), state, context)
-        state.phase = Phase.MASKED
-        state.save(context)
+        vector, layout = self._masked_vector(reply.require_content(), state, config, context)
+        _SLOT.store(context.state, state.after(Stage.COLLECT_MASKED_INPUT))
         record = ConfigRecord({"session": config.session})
         layout.write(record)
         masked = ArrayRecord({MASKED_ARRAY: Array(vector, copy=False)})
         return msg.reply(RecordDict({RECORD: record, MASKED_RECORD: masked}))
 
     def _masked_vector(
-        self, reply: RecordDict, state: ClientState, context: Context
+        self, reply: RecordDict, state: ClientState, config: RoundConfig, context: Context
     ) -> tuple[NDArray[np.uint32], Layout]:
-        config, me = state.config, context.node_id
+        me = context.node_id
         try:
             arrays = reply.get_typed("arrays", ArrayRecord) if "arrays" in reply else ArrayRecord()
             metrics = (
@@ -569,8 +570,8 @@ class SecAggPlusClientMod:
 
     # -- stage 3: unmask -----------------------------------------------------------
     def _unmask(self, request: _StageRequest) -> Message:
-        msg, context, body, state = request.unpack()
-        config, me = state.config, context.node_id
+        msg, context, body, state, config = request.unpack()
+        me = context.node_id
         survivors = set(int_list(body, "survivors"))
         dropped = set(int_list(body, "dropped"))
         if survivors & dropped:
@@ -604,10 +605,12 @@ class SecAggPlusClientMod:
         both = (set(b_nodes) | set(state.released_b)) & (set(s_nodes) | set(state.released_s))
         if both:
             raise ValueError(f"releasing both kinds of share for nodes {sorted(both)[:5]}")
-        state.released_b = sorted(set(state.released_b) | set(b_nodes))
-        state.released_s = sorted(set(state.released_s) | set(s_nodes))
-        state.wipe(Phase.DONE)
-        state.save(context)
+        state = state.after(
+            Stage.UNMASK,
+            released_b=tuple(sorted(set(state.released_b) | set(b_nodes))),
+            released_s=tuple(sorted(set(state.released_s) | set(s_nodes))),
+        )
+        _SLOT.store(context.state, state.wiped(Phase.DONE))
         reply = ConfigRecord(
             {
                 "session": config.session,
@@ -622,8 +625,7 @@ class SecAggPlusClientMod:
 
 def _abort(state: ClientState | None, context: Context) -> None:
     if state is not None and state.phase != Phase.DONE:
-        state.wipe(Phase.ABORTED)
-        state.save(context)
+        _SLOT.store(context.state, state.wiped(Phase.ABORTED))
 
 
 def _weight(metrics: MetricRecord, key: str | None, max_weight: int) -> int:

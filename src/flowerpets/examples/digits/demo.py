@@ -536,16 +536,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """
     out = sys.stdout if out is None else out
     view = ServerView()
-    try:
-        args = resolve(args)
-        apps = build_apps(args, view=view)
-        baseline = build_apps(args, with_pets=False) if args.composition != NONE else None
-    # Configuration refuses bad flags with our typed errors or ValueError / TypeError.
-    except (FlowerpetsError, ValueError, TypeError) as exc:
-        return _error(exc)
-    if not args.json:
-        print(_header(args, apps), file=out, flush=True)
+    # What the library logs while the apps are built (the header says it better) and run
+    # is collected and printed once, after the table.
     with _library_logs() as logs:
+        try:
+            args = resolve(args)
+            apps = build_apps(args, view=view)
+            baseline = build_apps(args, with_pets=False) if args.composition != NONE else None
+        # Configuration refuses bad flags with our typed errors or ValueError / TypeError.
+        except (FlowerpetsError, ValueError, TypeError) as exc:
+            return _error(exc)
+        if not args.json:
+            print(_header(args, apps), file=out, flush=True)
         try:
             result = _simulate(apps, args)
             records = result.history.rounds

@@ -1,0 +1,49 @@
+"""Run flowerpets inside Flower (flwr): our mods in a flwr ClientApp, our ServerApp as flwr's.
+
+Needs the ``flower`` extra (``pip install 'flowerpets[flower]'``, flwr 1.42).
+
+Client side:
+
+.. code-block:: python
+
+    from flowerpets.flower import ClientApp, mods
+    app = ClientApp(mods=[mods(secaggplus_mod, fixed_clipping_mod)])   # a flwr ClientApp
+
+    # or a whole flowerpets ClientApp, handlers and mods:
+    app = flowerpets.flower.client_app(my_flowerpets_client_app)
+
+Server side:
+
+.. code-block:: python
+
+    from flowerpets.flower import server_app
+    app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
+                               mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
+
+What maps to what, and what is refused: ``docs/flower.md``.
+"""
+
+from flowerpets.flower.client import (
+    BRIDGE_RECORD,
+    PROTOCOL_MESSAGE_TYPES,
+    ClientApp,
+    FlowerMod,
+    client_app,
+    mods,
+)
+from flowerpets.flower.grid import FlowerGrid
+from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+
+__all__ = [
+    "BRIDGE_RECORD",
+    "ClientApp",
+    "FlowerGrid",
+    "FlowerMod",
+    "FlowerServerApp",
+    "PROTOCOL_MESSAGE_TYPES",
+    "Settings",
+    "client_app",
+    "flwr_result",
+    "mods",
+    "server_app",
+]

@@ -1,0 +1,1 @@
+"""flowerpets' SuperLink test app (see tests/flower/test_superlink.py)."""
