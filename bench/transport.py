@@ -163,7 +163,7 @@ class Deployment:
         ).start()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "src"), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
+            [str(ROOT), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
         )
         started = time.perf_counter()
         self.procs: list[subprocess.Popen[bytes]] = []

@@ -20,7 +20,7 @@ BENCH = ROOT / "bench"
 
 def _bench_process(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run(
         [sys.executable, str(BENCH / f"{name}.py"), *args],
         capture_output=True,

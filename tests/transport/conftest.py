@@ -125,7 +125,7 @@ class Processes:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [str(ROOT / "src"), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
+        paths = [str(ROOT), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("GRPC_VERBOSITY", None)  # gRPC core's default: its TLS refusals are INFO lines

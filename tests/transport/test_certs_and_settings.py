@@ -256,7 +256,7 @@ def test_the_command_line_module_loads_without_grpc_or_cryptography() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'cryptography')"
         " or m.startswith('flowerpets.transport.')))"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )

@@ -58,7 +58,7 @@ def test_the_router_translates_core_lines_and_passes_the_rest_in_order() -> None
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PYTHONPATH": str(ROOT / "src")},
+        env={"PYTHONPATH": str(ROOT)},
         check=False,
     )
     assert done.returncode == 0, done.stderr
