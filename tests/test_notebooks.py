@@ -39,6 +39,7 @@ FIGURES = {
     "03-differential-privacy.ipynb": 4,
     "04-dp-sgd-opacus.ipynb": 1,
     "05-homomorphic-encryption.ipynb": 3,
+    "06-flower.ipynb": 1,
 }
 
 CELL_TIMEOUT = 300  # seconds per cell
