@@ -127,8 +127,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-$client_imports
-from flowerpets.examples.digits import evaluate, train
+${client_imports}from flowerpets.examples.digits import evaluate, train
 $flower_import
 
 from $name.task import MODEL, data, partition, test_slice
@@ -188,8 +187,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from flowerpets.core import ArrayRecord, FedAvg, FullParticipation, ServerApp
-$server_imports
-from flowerpets.examples.digits import evaluate
+${server_imports}from flowerpets.examples.digits import evaluate
 from flowerpets.flower import Settings, server_app
 
 from $name.task import MODEL, data
@@ -378,7 +376,7 @@ def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
     values = {
         "name": name,
         "pets_text": ", ".join(pets) or "no PET",
-        "client_imports": "\n".join(sorted(i for i, _ in client)),
+        "client_imports": "".join(sorted(f"{i}\n" for i, _ in client)),
         "client_app": (
             "# First listed is outermost: it post-processes the reply last.\n"
             f"app = ClientApp(mods=[mods({', '.join(e for _, e in client)})])"
@@ -387,7 +385,7 @@ def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
         ),
         "flower_import": "from flowerpets.flower import ClientApp"
         + (", mods" if client else ""),
-        "server_imports": "\n".join(sorted(i for i, _ in server)),
+        "server_imports": "".join(sorted(f"{i}\n" for i, _ in server)),
         "server_mods": ", ".join(e for _, e in server),
         # Under HE the server cannot read the model: only the nodes evaluate it.
         "evaluate_fn": "None" if "he" in pets else "_global",
