@@ -37,7 +37,7 @@ __all__ = ["PETS", "add_parser", "render", "write_app"]
 PETS = ("dp", "secagg", "he")
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
-_PYPROJECT = Template('''\
+_PYPROJECT = Template("""\
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -67,9 +67,9 @@ min-nodes = 3
 seed = 1
 local-epochs = 1
 history-file = ""  # set it with --run-config to keep our History as JSON
-''')
+""")
 
-_FLWR_CONFIG = '''\
+_FLWR_CONFIG = """\
 # The local simulation federation: FLWR_HOME=flwr-home flwr run . --stream
 # (or copy [superlink.local-simulation] into your own $FLWR_HOME/config.toml).
 [superlink]
@@ -78,7 +78,7 @@ default = "local-simulation"
 [superlink.local-simulation]
 address = ":local:"
 options.num-supernodes = 3
-'''
+"""
 
 _INIT = Template('''\
 """$name: a Flower app on the digits data with flowerpets ($pets_text)."""
@@ -383,8 +383,7 @@ def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
             if client
             else "app = ClientApp()"
         ),
-        "flower_import": "from flowerpets.flower import ClientApp"
-        + (", mods" if client else ""),
+        "flower_import": "from flowerpets.flower import ClientApp" + (", mods" if client else ""),
         "server_imports": "".join(sorted(f"{i}\n" for i, _ in server)),
         "server_mods": ", ".join(e for _, e in server),
         # Under HE the server cannot read the model: only the nodes evaluate it.
@@ -411,9 +410,8 @@ def write_app(target: Path, name: str, pets: tuple[str, ...], *, force: bool = F
     files = render(name, pets)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()):
-        if not force:
-            raise FileExistsError(f"{target} is not empty (use --force to write into it)")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise FileExistsError(f"{target} is not empty (use --force to write into it)")
     for path, text in files.items():
         file = target / path
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -447,6 +445,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--directory", help="where to write the app (default: ./NAME)")
     parser.add_argument(
-        "--force", action="store_true", help="write into a non-empty target directory (overwrites the app's files)"
+        "--force",
+        action="store_true",
+        help="write into a non-empty target directory (overwrites the app's files)",
     )
     parser.set_defaults(command=lambda args: _run(parser, args))

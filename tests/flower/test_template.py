@@ -11,6 +11,7 @@ simulation (3 nodes, 2 rounds), and through the SuperLink fixture of
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import json
 import os
@@ -25,7 +26,9 @@ import pytest
 
 from flowerpets.cli import main
 from flowerpets.new import render, write_app
-from tests.flower.test_superlink import superlink  # noqa: F401  # the fixture, reused
+from tests.flower import test_superlink as link
+
+superlink = link.superlink  # the SuperLink fixture (3 SuperNodes), reused unchanged
 
 COMBOS = [(), ("dp",), ("secagg",), ("he",), ("dp", "secagg"), ("dp", "he")]
 BIN = Path(sys.executable).parent
@@ -84,14 +87,20 @@ def test_generated_files_parse_and_name_the_components(pets: tuple[str, ...]) ->
     (server_app,) = _call(build, "ServerApp")
     (listed,) = [k.value for k in server_app.keywords if k.arg == "mods"]
     assert isinstance(listed, ast.List)
-    names = [e.func.id for e in listed.elts if isinstance(e, ast.Call) and isinstance(e.func, ast.Name)]
+    names = [
+        e.func.id for e in listed.elts if isinstance(e, ast.Call) and isinstance(e.func, ast.Name)
+    ]
     order = [("dp", "CentralDp"), ("secagg", "SecAggPlus"), ("he", "HomomorphicAggregation")]
     assert names == [m for p, m in order if p in pets]
 
 
 def test_the_command_writes_the_app(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["new", "digitsapp", "--pets", "secagg,dp", "--directory", str(tmp_path / "a")]) == 0
-    written = {str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert (
+        main(["new", "digitsapp", "--pets", "secagg,dp", "--directory", str(tmp_path / "a")]) == 0
+    )
+    written = {
+        str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file()
+    }
     assert written == set(render("digitsapp", ("dp", "secagg")))
     assert "dp, secagg" in capsys.readouterr().out
     # --force writes into a non-empty directory and leaves other files alone.
@@ -185,11 +194,29 @@ def _check(history: Path, pets: tuple[str, ...]) -> None:
         assert 0 < eps[0] < eps[1]
 
 
+def stop_by_argv(marker: str) -> None:
+    """Stop, by PID, every process with ``marker`` in its argv and all their descendants."""
+    psutil = link.psutil
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in p.info["cmdline"] or []):
+            found[p.pid] = p
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.update({c.pid: c for c in p.children(recursive=True)})
+    for p in found.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(found.values()), timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    assert not alive, f"processes still running: {[p.pid for p in alive]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pets", [("dp", "secagg"), ("he",)], ids=lambda p: ",".join(p))
 def test_flwr_run_in_simulation(pets: tuple[str, ...], tmp_path: Path) -> None:
-    from tests.flower.test_superlink import _free_port, _stop, psutil
-
     app = tmp_path / "app"
     write_app(app, "simapp", pets)
     # flwr starts its local simulation SuperLink itself, detached, on the ports these
@@ -198,8 +225,8 @@ def test_flwr_run_in_simulation(pets: tuple[str, ...], tmp_path: Path) -> None:
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(link._free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(link._free_port()),
         "PYTHONPATH": os.pathsep.join(sys.path),
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }
@@ -207,12 +234,7 @@ def test_flwr_run_in_simulation(pets: tuple[str, ...], tmp_path: Path) -> None:
     try:
         _run_flwr(app, env, history, 300)
     finally:
-        ours = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if any(str(home) in part for part in (p.info["cmdline"] or []))
-        ]
-        _stop([SimpleNamespace(pid=p.pid, poll=lambda: None, wait=lambda **_: 0) for p in ours])
+        stop_by_argv(str(home))
     _check(history, pets)
 
 
@@ -224,4 +246,3 @@ def test_flwr_run_through_the_superlink_fixture(superlink: SimpleNamespace) -> N
     remaining = superlink.deadline - time.monotonic()
     _run_flwr(app, superlink.env, history, max(remaining - 20, 10), "local")
     _check(history, ("dp", "secagg"))
-
