@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from string import Template
 
-__all__ = ["PETS", "add_parser", "render", "write_app"]
+__all__ = ["PETS", "add_parser", "package_name", "parse_pets", "render", "write_app"]
 
 #: The PETs ``--pets`` accepts, in update-flow order (privacy before protection).
 PETS = ("dp", "secagg", "he")
@@ -70,7 +70,7 @@ history-file = ""  # set it with --run-config to keep our History as JSON
 """)
 
 _FLWR_CONFIG = """\
-# The local simulation federation: FLWR_HOME=flwr-home flwr run . --stream
+# The local simulation federation: FLWR_HOME=$PWD/flwr-home flwr run . --stream
 # (or copy [superlink.local-simulation] into your own $FLWR_HOME/config.toml).
 [superlink]
 default = "local-simulation"
