@@ -67,6 +67,12 @@ min-nodes = 3
 seed = 1
 local-epochs = 1
 history-file = ""  # set it with --run-config to keep our History as JSON
+
+[tool.ruff]
+line-length = 100
+
+[tool.ruff.lint]
+select = ["E", "F", "W", "I", "B", "UP"]
 """)
 
 _FLWR_CONFIG = """\
@@ -92,7 +98,6 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-
 from flowerpets.examples.digits import (
     DigitsData,
     SoftmaxRegression,
@@ -125,11 +130,7 @@ _CLIENT = Template('''\
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-
-${client_imports}from flowerpets.examples.digits import evaluate, train
-$flower_import
-
+${client_imports}
 from $name.task import MODEL, data, partition, test_slice
 
 $client_app
@@ -185,11 +186,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
-from flowerpets.core import ArrayRecord, FedAvg, FullParticipation, ServerApp
-${server_imports}from flowerpets.examples.digits import evaluate
-from flowerpets.flower import Settings, server_app
-
+${server_imports}
 from $name.task import MODEL, data
 
 
@@ -364,6 +361,11 @@ def package_name(text: str) -> str:
     return text
 
 
+def _imports(*lines: str) -> str:
+    """Third-party ``from`` imports in isort's order (one block after ``import numpy``)."""
+    return "".join(f"{line}\n" for line in sorted(lines))
+
+
 def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
     """The app's files, relative path -> text, for ``name`` with ``pets``."""
     name = package_name(name)
@@ -376,7 +378,12 @@ def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
     values = {
         "name": name,
         "pets_text": ", ".join(pets) or "no PET",
-        "client_imports": "".join(sorted(f"{i}\n" for i, _ in client)),
+        "client_imports": _imports(
+            *(i for i, _ in client),
+            "from flowerpets.examples.digits import evaluate, train",
+            "from flowerpets.flower import ClientApp" + (", mods" if client else ""),
+            "from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict",
+        ),
         "client_app": (
             "# First listed is outermost: it post-processes the reply last.\n"
             f"app = ClientApp(mods=[mods({', '.join(e for _, e in client)})])"
@@ -384,7 +391,12 @@ def render(name: str, pets: tuple[str, ...]) -> dict[str, str]:
             else "app = ClientApp()"
         ),
         "flower_import": "from flowerpets.flower import ClientApp" + (", mods" if client else ""),
-        "server_imports": "".join(sorted(f"{i}\n" for i, _ in server)),
+        "server_imports": _imports(
+            *(i for i, _ in server),
+            "from flowerpets.core import ArrayRecord, FedAvg, FullParticipation, ServerApp",
+            "from flowerpets.examples.digits import evaluate",
+            "from flowerpets.flower import Settings, server_app",
+        ),
         "server_mods": ", ".join(e for _, e in server),
         # Under HE the server cannot read the model: only the nodes evaluate it.
         "evaluate_fn": "None" if "he" in pets else "_global",

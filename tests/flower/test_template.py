@@ -246,3 +246,16 @@ def test_flwr_run_through_the_superlink_fixture(superlink: SimpleNamespace) -> N
     remaining = superlink.deadline - time.monotonic()
     _run_flwr(app, superlink.env, history, max(remaining - 20, 10), "local")
     _check(history, ("dp", "secagg"))
+
+
+@pytest.mark.parametrize("pets", COMBOS, ids=lambda p: ",".join(p) or "none")
+def test_the_generated_app_is_clean_under_its_own_ruff_config(
+    pets: tuple[str, ...], tmp_path: Path
+) -> None:
+    ruff = BIN / "ruff"
+    if not ruff.exists():
+        pytest.skip("ruff is not installed beside this Python")
+    write_app(tmp_path, "lintapp", pets)
+    for args in (["check", "--no-cache", "."], ["format", "--no-cache", "--check", "."]):
+        run = subprocess.run([str(ruff), *args], cwd=tmp_path, capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stdout.decode() + run.stderr.decode()
