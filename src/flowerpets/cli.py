@@ -51,8 +51,14 @@ def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add_parser(subparsers)
 
 
-SUBCOMMANDS = [_add_demo, _add_accountant, add_server_parser, add_client_parser, add_certs_parser,
-               add_new_parser]
+SUBCOMMANDS = [
+    _add_demo,
+    _add_accountant,
+    add_server_parser,
+    add_client_parser,
+    add_certs_parser,
+    add_new_parser,
+]
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

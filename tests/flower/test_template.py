@@ -125,8 +125,13 @@ def test_the_command_writes_the_app(tmp_path: Path, capsys: pytest.CaptureFixtur
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(
-    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    says: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # were one accepted, ./app lands here
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
@@ -138,6 +143,7 @@ def test_bad_arguments_exit_2_with_one_line(
     prefix = "flowerpets: error: " if "unrecognized" in says else "flowerpets new: error: "
     assert err.count("\n") == 1 and err.startswith(prefix) and says in err, err
     assert (full / "keep.txt").read_text() == "x" and len(list(full.iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing written
 
 
 def test_write_app_refuses_a_file_as_target(tmp_path: Path) -> None:
