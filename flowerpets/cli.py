@@ -3,7 +3,8 @@
 ``flowerpets demo`` runs the federated digits demo; ``flowerpets accountant``
 answers privacy-budget questions (epsilon, noise, plans); ``flowerpets
 server``, ``client`` and ``certs`` run a federation as separate processes over
-gRPC. Subcommands import what they need only when they run, so ``flowerpets
+gRPC; ``flowerpets new`` writes a Flower app that uses the PETs. Subcommands
+import what they need only when they run, so ``flowerpets
 --help`` works without the optional extras.
 
 Every parser of the tree refuses abbreviations (``--round`` is not
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from flowerpets._argtypes import OneLineParser
+from flowerpets.new import add_parser as add_new_parser
 from flowerpets.transport.cli import add_certs_parser, add_client_parser, add_server_parser
 
 __all__ = ["build_parser", "main", "parsers"]
@@ -49,7 +51,14 @@ def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add_parser(subparsers)
 
 
-SUBCOMMANDS = [_add_demo, _add_accountant, add_server_parser, add_client_parser, add_certs_parser]
+SUBCOMMANDS = [
+    _add_demo,
+    _add_accountant,
+    add_server_parser,
+    add_client_parser,
+    add_certs_parser,
+    add_new_parser,
+]
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
