@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from fractions import Fraction
 from typing import Any
@@ -558,3 +559,14 @@ def test_a_split_view_on_the_partners_is_not_stopped_by_the_threshold(federation
     assert int(masked[-2]) == fed.weights[i]  # the victim's private weight, exactly
     factor = fed.config.quantization.float_factor(fed.weights[i])
     np.testing.assert_allclose(words[:-2] / factor, fed.updates[i], atol=2 / factor)
+
+
+def test_a_small_cohort_warns_once_per_setting(caplog: pytest.LogCaptureFixture) -> None:
+    # A run asks for the same cohort every round: the warning is said once, not per round.
+    with caplog.at_level(logging.WARNING, logger="flowerpets.secagg.parameters"):
+        for _ in range(3):
+            find_parameters.cache_clear()
+            params = find_parameters(17, dropout_rate=0.07)
+    assert params.degree == 16  # the complete graph
+    said = [r for r in caplog.records if "even the complete graph" in r.getMessage()]
+    assert len(said) == 1 and "cohort of 17" in said[0].getMessage()
