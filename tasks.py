@@ -55,7 +55,7 @@ def test(args: list[str]) -> None:
     _run(PYTHON, "-m", "ruff", "check", ".")
     _run(PYTHON, "-m", "ruff", "format", "--check", ".")
     _run(PYTHON, "-m", "mypy")
-    _run(PYTHON, "-m", "pytest", *(args or ["-q"]))
+    _run(PYTHON, "-m", "pytest", *(args or ["-q", "--durations=30"]))
 
 
 COMMANDS = {"demo": demo, "test": test}

@@ -251,8 +251,8 @@ def _threshold(k: int, c: int) -> int:
     return max((k + c) // 2 + 1, 2)
 
 
-# The (cohort, dropout rate, failure exponent) settings already warned about.
-_WARNED_COMPLETE: set[tuple[int, float, int]] = set()
+# The failure exponents (2**-eta) whose small cohorts were warned about.
+_WARNED_COMPLETE: set[int] = set()
 
 
 @lru_cache(maxsize=256)
@@ -321,13 +321,15 @@ def find_parameters(
     t = _threshold(n - 1, corrupted)
     log_fail = _log_binomial_cdf(t, n, p)
     if t <= n - 1 and log_fail <= -_LN2:
-        if log_fail > -eta * _LN2 and (n, delta, eta) not in _WARNED_COMPLETE:
-            # Once per process and setting: a run asks for the same cohort every round.
-            _WARNED_COMPLETE.add((n, delta, eta))
+        if log_fail > -eta * _LN2 and eta not in _WARNED_COMPLETE:
+            # Once per process: a run asks for a cohort every round, Poisson-sampled
+            # cohorts differ in size, and each GraphParameters keeps its log2_failure.
+            _WARNED_COMPLETE.add(eta)
             log.warning(
                 "SecAgg+ for a cohort of %d at dropout_rate=%g: even the complete graph "
                 "(k=%d, t=%d; up to %d dropouts always survivable) fails a round with "
-                "probability %.3g, above the 2**-%d asked for",
+                "probability %.3g, above the 2**-%d asked for (said once; other small "
+                "cohorts fall short too, each round's parameters keep their own figure)",
                 n,
                 delta,
                 n - 1,
