@@ -430,7 +430,11 @@ def test_a_cohort_of_5_at_10_percent_dropouts_survives_one() -> None:
     result = run_simulation(server, app, 5, seed=0, faults=faults, max_workers=2)
     assert result.history[0].ok, result.history[0].error
     survivors = [0, 1, 3, 4]
-    np.testing.assert_allclose(result.arrays["w"].numpy(), updates[survivors].mean(0), atol=1e-4)
+    # Stochastic rounding (a secure source) makes the error random: compare with the
+    # documented bound the round reports, which holds always, not with a guessed tolerance.
+    bound = result.history[0].train_metrics["secagg-mean-error-bound"]
+    error = np.abs(result.arrays["w"].numpy() - updates[survivors].mean(0)).max()
+    assert 0 < bound < 1e-3 and error <= bound + 1e-6  # + float32 rounding of the mean
 
 
 def test_small_cohorts_fall_back_to_the_complete_graph_or_refuse() -> None:
