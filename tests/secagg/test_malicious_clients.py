@@ -162,7 +162,11 @@ def test_one_malicious_node_fails_its_round_not_the_run(attack: str, reason: str
     updates, weights = data()
     w = np.asarray(weights, np.float64)
     expected = (updates.astype(np.float64) * w[:, None]).sum(0) / w.sum()
-    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, atol=1e-4)
+    # Stochastic rounding draws from the secure source: hold the round to its own
+    # documented bound, not to a guessed tolerance.
+    bound = trained.train_metrics["secagg-mean-error-bound"]
+    assert 0 < bound < 1e-3
+    assert np.abs(result.arrays["w"].numpy() - expected).max() <= bound + 1e-6
     assert not result.history.every_round_failed
 
 
