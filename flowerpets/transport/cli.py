@@ -221,13 +221,18 @@ def _on_signals(handler: Callable[[str], None]) -> None:
         signal.signal(sig, handle)
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """Run ``flowerpets server``; returns the exit code."""
+def _logged(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``command`` with the process's log routed at ``--log-level``; its exit code."""
     router = _install_logging(args.log_level)
     try:
-        return _serve(args)
+        return command(args)
     finally:
         router.close()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Run ``flowerpets server``; returns the exit code."""
+    return _logged(args, _serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -409,11 +414,7 @@ def add_client_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def run_client(args: argparse.Namespace) -> int:
     """Run ``flowerpets client``; returns the exit code."""
-    router = _install_logging(args.log_level)
-    try:
-        return _client(args)
-    finally:
-        router.close()
+    return _logged(args, _client)
 
 
 def _client(args: argparse.Namespace) -> int:
