@@ -28,10 +28,13 @@ __all__ = [
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
     "KeySetupError",
+    "MessageFieldError",
     "MessageTooLargeError",
     "MissingKeyError",
     "MissingStateError",
     "ModelMismatchError",
+    "ParameterTypeError",
+    "ParameterValueError",
     "PrivacyAccountingError",
     "ProtocolViolationError",
     "RecordTypeError",
@@ -60,6 +63,23 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
     A client mod raises it to say no; the node's reply then carries an error with
     code ``REFUSED`` and this exception's message as the reason.
+    """
+
+
+class ParameterTypeError(FlowerpetsError, TypeError):
+    """An argument given to flowerpets is of the wrong type (a str for a number, a bool for an int)."""
+
+
+class ParameterValueError(FlowerpetsError, ValueError):
+    """An argument given to flowerpets has the right type but a value it cannot take."""
+
+
+class MessageFieldError(FlowerpetsError, ValueError):
+    """A message from a peer lacks a field its stage needs, or holds one of the wrong type.
+
+    A node refuses such a request, and a server marks such a reply as malformed:
+    it is the peer's fault, not a bug in this process. The reason names the
+    field, never its value.
     """
 
 
