@@ -23,16 +23,37 @@ Server side:
 What maps to what, and what is refused: ``docs/flower.md``.
 """
 
-from flowerpets.flower.client import (
-    BRIDGE_RECORD,
-    PROTOCOL_MESSAGE_TYPES,
-    ClientApp,
-    FlowerMod,
-    client_app,
-    mods,
-)
-from flowerpets.flower.grid import FlowerGrid
-from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+from typing import TYPE_CHECKING
+
+from flowerpets._lazy import lazy_face
+
+if TYPE_CHECKING:
+    from flowerpets.flower.client import (
+        BRIDGE_RECORD,
+        PROTOCOL_MESSAGE_TYPES,
+        ClientApp,
+        FlowerMod,
+        client_app,
+        mods,
+    )
+    from flowerpets.flower.grid import FlowerGrid
+    from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+
+# Where each name lives, imported on first use: a node's process never loads the server side.
+_HOMES = {
+    "BRIDGE_RECORD": "client",
+    "ClientApp": "client",
+    "FlowerGrid": "grid",
+    "FlowerMod": "client",
+    "FlowerServerApp": "server",
+    "PROTOCOL_MESSAGE_TYPES": "client",
+    "Settings": "server",
+    "client_app": "client",
+    "flwr_result": "server",
+    "mods": "client",
+    "server_app": "server",
+}
+__getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
     "BRIDGE_RECORD",

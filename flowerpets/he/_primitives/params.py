@@ -38,9 +38,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tenseal as ts
+if TYPE_CHECKING:
+    import tenseal as ts  # imported where used: loading TenSEAL is paid only by CKKS work
 
 from flowerpets.exceptions import MissingKeyError
 
@@ -210,6 +211,8 @@ PARAMETER_SETS = MappingProxyType({p.name: p for p in (COMPACT, WIDE)})
 # -- contexts ----------------------------------------------------------------------------------
 def new_secret_context(params: CKKSParameters) -> ts.Context:
     """A fresh context holding a new secret key (symmetric encryption), no other keys."""
+    import tenseal as ts
+
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         params.poly_modulus_degree,
@@ -254,6 +257,8 @@ def _parse(data: bytes, what: str) -> ts.Context:
         raise ValueError(f"{what} must be bytes, got {type(data).__name__}")
     if not 0 < len(data) <= MAX_CONTEXT_BYTES:
         raise ValueError(f"{what} of {len(data)} bytes is not a serialized context")
+    import tenseal as ts
+
     try:
         context = ts.context_from(bytes(data))
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -263,6 +268,8 @@ def _parse(data: bytes, what: str) -> ts.Context:
 
 def check_context(context: ts.Context, params: CKKSParameters, what: str) -> None:
     """Raise ValueError unless ``context`` is CKKS with exactly ``params``' shape and scale."""
+    import tenseal as ts
+
     seal = context.seal_context().data
     key_level = seal.key_context_data()
     data_level = seal.first_context_data()
