@@ -20,8 +20,13 @@ Server side:
     app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
                                mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
 
+Flower's deployment runtime on this machine (a SuperLink and SuperNodes on loopback,
+for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.LocalDeployment`.
+
 What maps to what, and what is refused: ``docs/flower.md``.
 """
+
+from typing import Any
 
 from flowerpets.flower.client import (
     BRIDGE_RECORD,
@@ -40,6 +45,7 @@ __all__ = [
     "FlowerGrid",
     "FlowerMod",
     "FlowerServerApp",
+    "LocalDeployment",
     "PROTOCOL_MESSAGE_TYPES",
     "Settings",
     "client_app",
@@ -47,3 +53,12 @@ __all__ = [
     "mods",
     "server_app",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # LocalDeployment needs psutil and starts processes: a ClientApp process never imports it.
+    if name == "LocalDeployment":
+        from flowerpets.flower.deployment import LocalDeployment
+
+        return LocalDeployment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
