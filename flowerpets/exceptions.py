@@ -68,7 +68,7 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
 
 class ParameterTypeError(FlowerpetsError, TypeError):
-    """An argument given to flowerpets is of the wrong type (a str for a number, a bool for an int)."""
+    """An argument given to flowerpets is of the wrong type (a str or a bool for an int)."""
 
 
 class ParameterValueError(FlowerpetsError, ValueError):
