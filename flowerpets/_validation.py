@@ -123,7 +123,7 @@ def integer(
     """``value`` as an ``int`` within the bounds given (all optional, inclusive or not)."""
     if not _is_int(value):
         raise ParameterTypeError(f"{name} must be an int{_type_shown(value, secret)}")
-    number = int(value)  # type: ignore[call-overload]  # an Integral
+    number: int = int(value)  # type: ignore[call-overload]  # an Integral
     _check_range(
         name,
         number,
@@ -148,7 +148,10 @@ def real(
     finite: bool = True,
     secret: bool = False,
 ) -> float:
-    """``value`` as a ``float`` within the bounds given; NaN never passes, inf only if not ``finite``."""
+    """``value`` as a ``float`` within the bounds given.
+
+    NaN never passes; an infinity passes only if ``finite`` is false.
+    """
     if not (_is_int(value) or _is_float(value)):
         raise ParameterTypeError(f"{name} must be a number{_type_shown(value, secret)}")
     number = float(value)  # type: ignore[arg-type]
@@ -230,7 +233,9 @@ def strings(
     items = tuple(value)
     for item in items:
         if not isinstance(item, str):
-            raise ParameterTypeError(f"every item of {name} must be a str, got {type(item).__name__}")
+            raise ParameterTypeError(
+                f"every item of {name} must be a str, got {type(item).__name__}"
+            )
         if check is not None:
             check(item)
     if non_empty and not items:

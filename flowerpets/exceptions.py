@@ -21,6 +21,7 @@ __all__ = [
     "CorruptMessageError",
     "CorruptStateError",
     "DecryptionError",
+    "DeploymentError",
     "FlowerpetsError",
     "FrameError",
     "IncompatibleModsError",
@@ -67,7 +68,7 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
 
 class ParameterTypeError(FlowerpetsError, TypeError):
-    """An argument given to flowerpets is of the wrong type (a str for a number, a bool for an int)."""
+    """An argument given to flowerpets is of the wrong type (a str or a bool for an int)."""
 
 
 class ParameterValueError(FlowerpetsError, ValueError):
@@ -254,6 +255,10 @@ class FrameError(CodecError):
     message announced, or a digest that does not match the reassembled bytes.
     The connection that sent it is closed.
     """
+
+
+class DeploymentError(FlowerpetsError, RuntimeError):
+    """A local Flower deployment (SuperLink, SuperNodes) failed to start, run or stop in time."""
 
 
 class TransportError(FlowerpetsError, ConnectionError):

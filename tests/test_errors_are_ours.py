@@ -166,7 +166,9 @@ def test_fields_name_the_field_never_the_value() -> None:
     from flowerpets.core.fields import Fields
     from flowerpets.core.records import ConfigRecord, RecordDict
 
-    content = RecordDict({"p": ConfigRecord({"n": 5, "flag": True, "s": "secret-ish", "l": [1, 2]})})
+    content = RecordDict(
+        {"p": ConfigRecord({"n": 5, "flag": True, "s": "secret-ish", "l": [1, 2]})}
+    )
     fields = Fields.of(content, "p")
     assert fields.get("n", int) == 5 and fields.get("n", float) == 5.0
     assert fields.items("l", int) == [1, 2]

@@ -23,10 +23,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HEAVY = ("dp_accounting", "grpc", "matplotlib", "opacus", "scipy", "sklearn", "tenseal", "torch")
+HEAVY = (
+    "dp_accounting", "grpc", "matplotlib", "opacus", "psutil",
+    "scipy", "sklearn", "tenseal", "torch",
+)  # fmt: skip
 NOT_FLWRS = tuple(m for m in HEAVY if m != "grpc")  # what flwr does not bring itself
 SERVER_SIDE = (
     "flowerpets.dp.central",
+    "flowerpets.flower.deployment",
     "flowerpets.flower.grid",
     "flowerpets.flower.server",
     "flowerpets.he.server",

@@ -51,7 +51,10 @@ class Fields:
 
     @classmethod
     def of(cls, content: RecordDict | None, name: str) -> Fields:
-        """The ConfigRecord ``name`` of ``content`` (MessageFieldError if absent or of another kind)."""
+        """The ConfigRecord ``name`` of ``content``.
+
+        MessageFieldError if it is absent or another kind of record.
+        """
         if content is None or name not in content:
             raise MessageFieldError(f"the message carries no {name!r} record")
         record = content[name]
@@ -100,12 +103,15 @@ class Fields:
         return kind(value)  # type: ignore[call-arg]
 
     def items(self, key: str, kind: type[T], *, size: int | None = None) -> list[T]:
-        """Field ``key`` as a list of ``kind``; ``size``: the byte length every bytes item must have."""
+        """Field ``key`` as a list of ``kind``.
+
+        ``size``: the length in bytes every item must have (for bytes items).
+        """
         value = self._raw(key, _MISSING)
         noun, accepts = _KINDS[kind]
         if not isinstance(value, list) or not all(accepts(v) for v in value):
             raise MessageFieldError(f"{self._where(key)} must be a list of {_plural(noun)}")
-        if size is not None and any(len(v) != size for v in value):  # type: ignore[arg-type]
+        if size is not None and any(len(v) != size for v in value):
             raise MessageFieldError(f"every item of {self._where(key)} must be {size} bytes")
         return [kind(v) for v in value]  # type: ignore[call-arg]
 
@@ -122,4 +128,3 @@ def _plural(noun: str) -> str:
     return {"an int": "ints", "a number": "numbers", "a bool": "bools", "a str": "str"}.get(
         noun, noun
     )
-

@@ -20,6 +20,9 @@ Server side:
     app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
                                mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
 
+Flower's deployment runtime on this machine (a SuperLink and SuperNodes on loopback,
+for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.LocalDeployment`.
+
 What maps to what, and what is refused: ``docs/flower.md``.
 """
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
         client_app,
         mods,
     )
+    from flowerpets.flower.deployment import LocalDeployment
     from flowerpets.flower.grid import FlowerGrid
     from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
 
@@ -46,6 +50,7 @@ _HOMES = {
     "FlowerGrid": "grid",
     "FlowerMod": "client",
     "FlowerServerApp": "server",
+    "LocalDeployment": "deployment",  # needs psutil, starts processes: never a node's
     "PROTOCOL_MESSAGE_TYPES": "client",
     "Settings": "server",
     "client_app": "client",
@@ -61,6 +66,7 @@ __all__ = [
     "FlowerGrid",
     "FlowerMod",
     "FlowerServerApp",
+    "LocalDeployment",
     "PROTOCOL_MESSAGE_TYPES",
     "Settings",
     "client_app",
