@@ -12,9 +12,10 @@ weighted mean with the bound it must stay within, and the case's own figures.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +84,23 @@ def secagg_graph(nodes: int) -> tuple[int, int]:
 
 
 def timed(
-    name: str, run: Round, before: Callable[[fl.Context], object] | None = None
+    name: str, run: Round, warm: Sequence[str] = (), before: Callable[[int], object] | None = None
 ) -> flwr.serverapp.ServerApp:
     """A ServerApp that waits for every node, then times ``run`` and writes the result file.
 
-    ``before`` runs first, untimed: set-up the bench needs but the case itself does not.
+    Untimed, first: the modules ``warm`` names are imported (the server side's one-time
+    cost in a ServerApp process, not a round's), then ``before(nodes)`` runs (set-up the
+    bench needs but the case does not).
     """
     app = flwr.serverapp.ServerApp()
 
     @app.main()
     def main(grid: Grid, context: fl.Context) -> None:
         nodes, params = sizes(context)
+        for module in warm:
+            importlib.import_module(module)
         if before is not None:
-            before(context)
+            before(nodes)
         deadline = time.monotonic() + 120
         while len(list(grid.get_node_ids())) < nodes and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -29,4 +29,4 @@ def _round(grid: Grid, context: fl.Context) -> tuple[NDArray[Any], float, dict[s
     return result.arrays["w"].numpy(), FLOAT32_BOUND, {}
 
 
-server = timed("flwr_plain", _round)
+server = timed("flwr_plain", _round, warm=("flwr.serverapp.strategy",))
