@@ -38,24 +38,9 @@ from flowerpets.exceptions import (
     ProtocolViolationError,
     RecordTypeError,
 )
+from flowerpets.he import protocol as wire
 from flowerpets.he._primitives.params import CKKSParameters, load_public_context
 from flowerpets.he._state import ServerEvent, ServerKeys, ServerPhase
-from flowerpets.he.protocol import (
-    CONFIG_KEY_ID,
-    FIELD_PARAMS,
-    FIELD_PUBLIC_CONTEXT,
-    FIELD_PUBLIC_KEY,
-    FIELD_RECIPIENT_KEYS,
-    FIELD_RECIPIENTS,
-    FIELD_SENDER,
-    FIELD_VOLUNTEER,
-    FIELD_WRAPPED,
-    HE_MESSAGE_TYPE,
-    KEY_ID,
-    PUBLIC_KEY_BYTES,
-    SETUP_RECORD,
-    Stage,
-)
 
 __all__ = ["KeySetup"]
 
@@ -96,7 +81,7 @@ class KeySetup:
         self, grid: Grid, request: RoundRequest, *, params: CKKSParameters, max_attempts: int
     ) -> None:
         self.exchange = StageExchange(
-            grid, round=request.round, message_type=HE_MESSAGE_TYPE, timeout=request.timeout
+            grid, round=request.round, message_type=wire.HE_MESSAGE_TYPE, timeout=request.timeout
         )
         self.params = params
         self.max_attempts = max_attempts
@@ -132,18 +117,18 @@ class KeySetup:
 
     # -- the one path of every stage -----------------------------------------------------------
     def _stage(
-        self, stage: Stage, asks: Iterable[tuple[int, ConfigRecord]], read: Read
+        self, stage: wire.Stage, asks: Iterable[tuple[int, ConfigRecord]], read: Read
     ) -> tuple[int, ...]:
         """Send each node its ask; ``read`` checks each reply's fields (raising to refuse it)."""
 
         def accept(node: int, body: RecordDict) -> None:
-            read(node, Fields.of(body, SETUP_RECORD))
+            read(node, Fields.of(body, wire.SETUP_RECORD))
 
-        contents = [(node, RecordDict({SETUP_RECORD: ask})) for node, ask in asks]
+        contents = [(node, RecordDict({wire.SETUP_RECORD: ask})) for node, ask in asks]
         return self.exchange.send(stage, contents, accept, invalid=_INVALID)
 
     def _one(
-        self, stage: Stage, node: int, ask: ConfigRecord, read: Callable[[Fields], T]
+        self, stage: wire.Stage, node: int, ask: ConfigRecord, read: Callable[[Fields], T]
     ) -> T | None:
         """A one-node stage: what ``read`` makes of the reply, or None (the failure recorded)."""
         got: list[T] = []
@@ -155,25 +140,25 @@ class KeySetup:
         adverts: dict[int, _Advert] = {}
 
         def read(node: int, fields: Fields) -> None:
-            public = fields.get(FIELD_PUBLIC_KEY, bytes)
-            if len(public) != PUBLIC_KEY_BYTES:
+            public = fields.get(wire.FIELD_PUBLIC_KEY, bytes)
+            if len(public) != wire.PUBLIC_KEY_BYTES:
                 raise InvalidUpdateError("a transport public key is 32 bytes")
-            volunteer = fields.get(FIELD_VOLUNTEER, bool, False)
-            adverts[node] = _Advert(public, volunteer, fields.get(CONFIG_KEY_ID, str, ""))
+            volunteer = fields.get(wire.FIELD_VOLUNTEER, bool, False)
+            adverts[node] = _Advert(public, volunteer, fields.get(wire.CONFIG_KEY_ID, str, ""))
 
-        self._stage(Stage.ADVERTISE, [(n, ConfigRecord()) for n in nodes], read)
+        self._stage(wire.Stage.ADVERTISE, [(n, ConfigRecord()) for n in nodes], read)
         return {n: adverts[n] for n in nodes if n in adverts}  # the order asked, not of arrival
 
     def _wrapped(self, fields: Fields, key_id: str, recipients: Sequence[int]) -> dict[int, bytes]:
         """The wrapped keys a keygen or share reply carries, checked against the request."""
         record = fields.record
-        if record.get(CONFIG_KEY_ID) != key_id:
+        if record.get(wire.CONFIG_KEY_ID) != key_id:
             raise ProtocolViolationError(
-                f"the reply is for key {record.get(CONFIG_KEY_ID)!r}, not {key_id}"
+                f"the reply is for key {record.get(wire.CONFIG_KEY_ID)!r}, not {key_id}"
             )
-        if record.get(FIELD_RECIPIENTS) != list(recipients):
+        if record.get(wire.FIELD_RECIPIENTS) != list(recipients):
             raise ProtocolViolationError("the reply wraps the key for other recipients than asked")
-        wrapped = fields.items(FIELD_WRAPPED, bytes)
+        wrapped = fields.items(wire.FIELD_WRAPPED, bytes)
         if len(wrapped) != len(recipients):
             raise InvalidUpdateError("the reply does not carry one wrapped key per recipient")
         return dict(zip(recipients, wrapped, strict=True))
@@ -182,10 +167,10 @@ class KeySetup:
         self, fields: Fields, recipients: Sequence[int]
     ) -> tuple[str, bytes, dict[int, bytes]]:
         """A keygen reply: the key id, the public context and the wrapped keys, checked."""
-        key_id = fields.get(CONFIG_KEY_ID, str)
-        if not KEY_ID.fullmatch(key_id):
+        key_id = fields.get(wire.CONFIG_KEY_ID, str)
+        if not wire.KEY_ID.fullmatch(key_id):
             raise InvalidUpdateError(f"malformed key id {key_id!r}")
-        public = fields.get(FIELD_PUBLIC_CONTEXT, bytes)
+        public = fields.get(wire.FIELD_PUBLIC_CONTEXT, bytes)
         # Refuses a context that carries a secret key: the server never keeps one.
         load_public_context(public, self.params)
         return key_id, public, self._wrapped(fields, key_id, recipients)
@@ -200,13 +185,13 @@ class KeySetup:
             recipients = [n for n in adverts if n != candidate]
             ask = ConfigRecord(
                 {
-                    FIELD_PARAMS: self.params.to_list(),
-                    FIELD_RECIPIENTS: recipients,
-                    FIELD_RECIPIENT_KEYS: [adverts[n].public_key for n in recipients],
+                    wire.FIELD_PARAMS: self.params.to_list(),
+                    wire.FIELD_RECIPIENTS: recipients,
+                    wire.FIELD_RECIPIENT_KEYS: [adverts[n].public_key for n in recipients],
                 }
             )
             made = self._one(
-                Stage.KEYGEN, candidate, ask, partial(self._made, recipients=recipients)
+                wire.Stage.KEYGEN, candidate, ask, partial(self._made, recipients=recipients)
             )
             if made is None:
                 continue
@@ -254,13 +239,13 @@ class KeySetup:
             for holder in alive[: self.max_attempts]:
                 ask = ConfigRecord(
                     {
-                        CONFIG_KEY_ID: keys.key_id,
-                        FIELD_RECIPIENTS: newcomers,
-                        FIELD_RECIPIENT_KEYS: [adverts[n].public_key for n in newcomers],
+                        wire.CONFIG_KEY_ID: keys.key_id,
+                        wire.FIELD_RECIPIENTS: newcomers,
+                        wire.FIELD_RECIPIENT_KEYS: [adverts[n].public_key for n in newcomers],
                     }
                 )
                 read = partial(self._wrapped, key_id=keys.key_id, recipients=newcomers)
-                shared = self._one(Stage.SHARE, holder, ask, read)
+                shared = self._one(wire.Stage.SHARE, holder, ask, read)
                 if shared is None:
                     continue
                 installed = self._install(keys, holder, shared)
@@ -283,11 +268,11 @@ class KeySetup:
                 node,
                 ConfigRecord(
                     {
-                        CONFIG_KEY_ID: keys.key_id,
-                        FIELD_PARAMS: keys.params.to_list(),
-                        FIELD_PUBLIC_CONTEXT: keys.public_context,
-                        FIELD_SENDER: sender,
-                        FIELD_WRAPPED: blob,
+                        wire.CONFIG_KEY_ID: keys.key_id,
+                        wire.FIELD_PARAMS: keys.params.to_list(),
+                        wire.FIELD_PUBLIC_CONTEXT: keys.public_context,
+                        wire.FIELD_SENDER: sender,
+                        wire.FIELD_WRAPPED: blob,
                     }
                 ),
             )
@@ -295,8 +280,8 @@ class KeySetup:
         ]
 
         def read(node: int, fields: Fields) -> None:
-            if fields.record.get(CONFIG_KEY_ID) != keys.key_id:
+            if fields.record.get(wire.CONFIG_KEY_ID) != keys.key_id:
                 raise ProtocolViolationError("the node confirms another key")
 
-        installed = set(self._stage(Stage.INSTALL, asks, read))
+        installed = set(self._stage(wire.Stage.INSTALL, asks, read))
         return [node for node in wrapped if node in installed]  # the order asked

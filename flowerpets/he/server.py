@@ -12,6 +12,11 @@ mods before it (central DP's noise) post-process its sealed result::
     )
 
 (with ``fixed_clipping_mod`` on the clients: the server cannot clip what it cannot read).
+
+Each round has two parts, each in its own module: the key set-up through the
+nodes (:mod:`flowerpets.he._keysetup`) and the encrypted round itself
+(:mod:`flowerpets.he._aggregation`). This module decides which arrays are
+encrypted and puts the round's record together.
 """
 
 from __future__ import annotations
