@@ -94,6 +94,26 @@ def _key_id(fields: Fields) -> str:
     return value
 
 
+def _asked(request: Message) -> tuple[str, list[str], str | None, int] | None:
+    """What a request asks of an encrypted reply: key id, arrays, weight metric, cohort size.
+
+    None if it does not ask for encryption; a field missing or mistyped raises
+    MessageFieldError.
+    """
+    content = request.require_content()
+    if "config" not in content:
+        return None
+    fields = Fields.of(content, "config")
+    if CONFIG_KEY_ID not in fields:
+        return None
+    return (
+        _key_id(fields),
+        fields.items(CONFIG_ENCRYPT, str),
+        fields.get(CONFIG_WEIGHT_KEY, str) or None,
+        fields.get(CONFIG_COHORT_SIZE, int),
+    )
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -291,22 +311,18 @@ class CKKSClientMod:
             return reply
         arrays = content.get_typed("arrays", ArrayRecord)
         protected = [name for name in arrays if _matches(name, self.encrypt)]
-        body = request.require_content()
         try:
-            fields = Fields.of(body, "config") if "config" in body else None
-            if fields is None or CONFIG_KEY_ID not in fields:
-                if protected:
-                    raise RequestRefusedError(
-                        f"the server did not ask for encrypted updates (is HomomorphicAggregation "
-                        f"installed?); refusing to send {protected[:5]} in the clear"
-                    )
-                return reply
-            key_id = _key_id(fields)
-            wanted = fields.items(CONFIG_ENCRYPT, str)
-            weight_key = fields.get(CONFIG_WEIGHT_KEY, str) or None
-            cohort = fields.get(CONFIG_COHORT_SIZE, int)
+            asked = _asked(request)
         except MessageFieldError as exc:  # the server's request lacks a field or mistypes one
             raise RequestRefusedError(f"the encrypted round's request: {exc}") from None
+        if asked is None:
+            if protected:
+                raise RequestRefusedError(
+                    f"the server did not ask for encrypted updates (is HomomorphicAggregation "
+                    f"installed?); refusing to send {protected[:5]} in the clear"
+                )
+            return reply
+        key_id, wanted, weight_key, cohort = asked
         keys = ClientKeys.load(context.state)
         if keys.params is None or keys.key_id != key_id:
             raise RequestRefusedError(
