@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flowerpets.core import (
     ArrayRecord,
-    ConfigRecord,
     Grid,
     MetricMean,
     MetricRecord,
@@ -30,6 +29,7 @@ from flowerpets.core import (
     WeightedSum,
     reply_weight,
 )
+from flowerpets.core.state import StateSlot, convert
 from flowerpets.exceptions import InvalidUpdateError
 from flowerpets.he._primitives.ciphertexts import Header, split_wire
 from flowerpets.he._primitives.packing import Layout
@@ -45,15 +45,25 @@ from flowerpets.he.sealed import CiphertextSum
 
 __all__ = ["ModelLayout", "aggregate_encrypted"]
 
-_MODEL_RECORD = "he.model"
+
+def _layout_text(layout: Layout) -> str:
+    return json.dumps(layout.to_json(), separators=(",", ":"))
+
+
+def _layout_from_text(text: str) -> Layout:
+    return Layout.from_json(json.loads(text))
 
 
 @dataclass(frozen=True, slots=True)
 class ModelLayout:
-    """The model's shape as the server knows it: every name in order, and the encrypted part."""
+    """The model's shape as the server knows it: every name in order, and the encrypted part.
+
+    Kept in ``context.state["he.model"]`` by a core state slot: a record that
+    cannot be read raises a StateError, never a model forgotten.
+    """
 
     order: tuple[str, ...]
-    layout: Layout
+    layout: Layout = field(metadata=convert(_layout_text, _layout_from_text))
 
     @property
     def plain(self) -> tuple[str, ...]:
@@ -61,25 +71,16 @@ class ModelLayout:
         encrypted = set(self.layout.names)
         return tuple(n for n in self.order if n not in encrypted)
 
-    def encode(self) -> bytes:
-        body = {"order": list(self.order), "layout": self.layout.to_json()}
-        return json.dumps(body, separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> ModelLayout:
-        body = json.loads(data.decode())
-        return cls(order=tuple(body["order"]), layout=Layout.from_json(body["layout"]))
-
     @classmethod
     def load(cls, state: RecordDict) -> ModelLayout | None:
         """The layout kept in the server's ``state``, or None if it never saw the model."""
-        if _MODEL_RECORD not in state:
-            return None
-        data = state.get_typed(_MODEL_RECORD, ConfigRecord).get("model")
-        return cls.decode(data) if isinstance(data, bytes) else None
+        return _MODEL_SLOT.get(state)
 
     def store(self, state: RecordDict) -> None:
-        state[_MODEL_RECORD] = ConfigRecord({"model": self.encode()})
+        _MODEL_SLOT.store(state, self)
+
+
+_MODEL_SLOT = StateSlot(ModelLayout, "he.model")
 
 
 def aggregate_encrypted(
