@@ -360,3 +360,37 @@ def test_declared_and_listed_strategies_are_accepted() -> None:
 def test_a_sealing_mod_is_refused() -> None:
     with pytest.raises(IncompatibleStrategyError, match="server_app"):
         secure_strategy(fs.FedAvg(), mods=[HomomorphicAggregation()])
+
+
+class PerNodeRequests(fs.FedAvg):
+    """Declares a weighted mean, but sends each node its own copy of the request."""
+
+    flowerpets_weighted_mean = True
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
+        return [
+            fl.Message(fl.RecordDict(dict(m.content.items())), m.metadata.dst_node_id, "train")
+            for m in super().configure_train(server_round, arrays, config, grid)
+        ]
+
+
+def test_a_strategy_that_asks_each_node_something_else_ends_the_run(
+    kit: SimpleNamespace,
+) -> None:
+    strategy = secure_strategy(PerNodeRequests(fraction_evaluate=0.0))
+    grid = loop_grid(kit, client(secaggplus_mod))
+    with pytest.raises(IncompatibleStrategyError, match="different train requests"):
+        start(strategy, grid, rounds=2)
+    assert grid.pushed == []  # refused before any node heard of it
+    assert strategy.history[0].error
+
+
+def test_a_train_message_pushed_past_the_secure_round_is_refused(kit: SimpleNamespace) -> None:
+    from flowerpets.flower.strategy import _SecureGrid
+
+    grid = loop_grid(kit, client(secaggplus_mod))
+    wrapped = _SecureGrid(secure_strategy(fs.FedAvg()), grid)
+    request = fl.Message(fl.RecordDict({"arrays": initial()}), grid.node_ids[0], "train")
+    with pytest.raises(IncompatibleStrategyError, match="bypass the secure round"):
+        wrapped.push_messages([request])
+    assert grid.pushed == []
