@@ -30,6 +30,7 @@ __all__ = [
     "KeySetupError",
     "MessageFieldError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "MissingKeyError",
     "MissingStateError",
     "ModelMismatchError",
@@ -160,6 +161,10 @@ class KeySetupError(RoundFailedError):
     For example, every candidate key generator dropped out. The round fails and
     leaves the model unchanged; the next round tries again.
     """
+
+
+class MissingDependencyError(FlowerpetsError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra."""
 
 
 class MissingKeyError(FlowerpetsError, LookupError):

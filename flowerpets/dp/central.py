@@ -95,6 +95,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from flowerpets._validation import boolean, instance, integer, probability, real
 from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
@@ -113,7 +114,7 @@ from flowerpets.core.round import is_sealed
 from flowerpets.core.state import StateSlot, convert
 from flowerpets.dp._primitives.calibration import split_noise_multiplier
 from flowerpets.dp._primitives.clip import clip_update, enforce_clip, update_between
-from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
+from flowerpets.dp._primitives.noise import GaussianSource, lazy_gaussian_source
 from flowerpets.dp._protocol import CLIP_KEY, INDICATOR, REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import (
     Accountant,
@@ -124,12 +125,16 @@ from flowerpets.dp.accountant import (
     event_for_round,
 )
 from flowerpets.exceptions import (
+    FlowerpetsError,
     IncompatibleModsError,
     InvalidUpdateError,
     ModelMismatchError,
+    ParameterTypeError,
+    ParameterValueError,
     RecordTypeError,
     RoundFailedError,
     StateError,
+    StateTypeError,
     StopRunError,
 )
 
@@ -166,20 +171,10 @@ class AdaptiveClipping:
     count_stddev: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.target_quantile, int | float) and 0 <= self.target_quantile <= 1):
-            raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile!r}")
-        if not (
-            isinstance(self.learning_rate, int | float)
-            and math.isfinite(self.learning_rate)
-            and self.learning_rate > 0
-        ):
-            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
-        if self.count_stddev is not None and not (
-            isinstance(self.count_stddev, int | float)
-            and math.isfinite(self.count_stddev)
-            and self.count_stddev > 0
-        ):
-            raise ValueError(f"count_stddev must be finite and > 0, got {self.count_stddev!r}")
+        probability("target_quantile", self.target_quantile)
+        real("learning_rate", self.learning_rate, above=0)
+        if self.count_stddev is not None:
+            real("count_stddev", self.count_stddev, above=0)
 
     def count_noise(self, expected_cohort: float) -> float:
         """sigma_b for an expected cohort of ``expected_cohort`` clients."""
@@ -191,7 +186,7 @@ class AdaptiveClipping:
 
 
 # -- where the clipping happens -------------------------------------------------------------------
-class _RefusedError(Exception):
+class _RefusedError(FlowerpetsError):
     """A reply the server refuses; the message is the reason the node's failure records."""
 
 
@@ -411,7 +406,7 @@ def _fields(event: PrivacyEvent) -> dict[str, Any]:
 
 def _ledger_from_texts(texts: Any) -> Ledger:
     if not isinstance(texts, list):
-        raise TypeError("the ledger is a list of JSON texts")
+        raise StateTypeError("the ledger is a list of JSON texts")
     ledger = []
     for text in texts:
         entry = json.loads(text)
@@ -436,13 +431,11 @@ class _Run:
 
     def __post_init__(self) -> None:
         # A negative or infinite clip would scale the noise with it: never continue on one.
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError("the clip must be finite and > 0")
-        counts = [count for _, count in self.ledger]
-        if not all(type(c) is int and c > 0 for c in counts):
-            raise ValueError("every ledger count must be an integer > 0")
+        real("the clip", self.clip, above=0, secret=True)  # adaptive clipping learns it from data
+        for _, count in self.ledger:
+            integer("a ledger count", count, at_least=1)
         if len({event for event, _ in self.ledger}) != len(self.ledger):
-            raise ValueError("the ledger lists an event twice")
+            raise ParameterValueError("the ledger lists an event twice")
 
     @property
     def rounds(self) -> int:
@@ -450,16 +443,6 @@ class _Run:
 
 
 _SLOT = StateSlot(_Run, STATE_KEY)
-
-
-def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not (math.isfinite(value) and ok):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return float(value)
 
 
 class CentralDp:
@@ -488,29 +471,28 @@ class CentralDp:
         rng: np.random.Generator | None = None,
         keep_client_metrics: bool = False,
     ) -> None:
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier, allow_zero=True)
-        self.clipping_norm = _positive("clipping_norm", clipping_norm)
-        if not isinstance(clip_on, ClipOn):
-            raise TypeError(f"clip_on must be a ClipOn, got {clip_on!r}")
-        if adaptive is not None and not isinstance(adaptive, AdaptiveClipping):
-            raise TypeError(f"adaptive must be an AdaptiveClipping or None, got {adaptive!r}")
-        if adaptive is not None and self.noise_multiplier == 0:
-            raise ValueError("adaptive clipping splits the noise: it needs noise_multiplier > 0")
-        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        if max_epsilon is not None:
-            max_epsilon = _positive("max_epsilon", max_epsilon)
-        if accountant is not None and not callable(accountant):
-            raise TypeError(f"accountant must make an Accountant, got {accountant!r}")
-        if not isinstance(keep_client_metrics, bool):
-            raise TypeError(f"keep_client_metrics must be a bool, got {keep_client_metrics!r}")
-        self.clip_on = clip_on
+        self.noise_multiplier = real("noise_multiplier", noise_multiplier, at_least=0)
+        self.clipping_norm = real("clipping_norm", clipping_norm, above=0)
+        self.clip_on = instance("clip_on", clip_on, ClipOn)
+        if adaptive is not None:
+            adaptive = instance("adaptive", adaptive, AdaptiveClipping)
+            if self.noise_multiplier == 0:
+                raise ParameterValueError(
+                    "adaptive clipping splits the noise: it needs noise_multiplier > 0"
+                )
         self.adaptive = adaptive
-        self.delta = float(delta)
+        self.delta = probability("delta", delta, zero=False, one=False)
+        if max_epsilon is not None:
+            max_epsilon = real("max_epsilon", max_epsilon, above=0)
         self.max_epsilon = max_epsilon
+        if accountant is not None and not callable(accountant):
+            raise ParameterTypeError(
+                f"accountant must make an Accountant, got {type(accountant).__name__}"
+            )
         self.accountant = accountant
-        self.keep_client_metrics = keep_client_metrics
-        self._noise: GaussianSource = gaussian_source(rng, owner="CentralDp")
+        self.keep_client_metrics = boolean("keep_client_metrics", keep_client_metrics)
+        # The secure source is built on first use and never pickled: the mod pickles.
+        self._noise: GaussianSource = lazy_gaussian_source(rng, owner="CentralDp")
         if self.noise_multiplier == 0:
             warnings.warn(
                 "CentralDp(noise_multiplier=0) adds no noise: the run is not private "

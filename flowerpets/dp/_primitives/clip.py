@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import real
 from flowerpets.core import ArrayRecord
-from flowerpets.exceptions import InvalidUpdateError
+from flowerpets.exceptions import InvalidUpdateError, ParameterValueError
 
 __all__ = ["ClippedUpdate", "clip_update", "enforce_clip", "global_norm", "update_between"]
 
@@ -109,9 +110,7 @@ def clip_update(
     about ``2u`` of the clip is shrunk by that much, and the returned norm is at
     most ``C`` however the rounding falls (a property test checks it).
     """
-    clip = float(clip)
-    if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be finite and > 0, got {clip!r}")
+    clip = real("clip", clip, above=0, secret=True)  # adaptive clipping learns it from data
     norm = global_norm(update)
     if not math.isfinite(norm):
         raise InvalidUpdateError("the update holds NaN or infinite values")
@@ -122,7 +121,9 @@ def clip_update(
     gamma = (size + len(update) + 2) * 2.0**-52
     budget = clip - math.sqrt(size) * tiny
     if budget <= 0:
-        raise ValueError(f"clip {clip!r} is below what the dtypes {set(targets.values())} resolve")
+        raise ParameterValueError(
+            f"clip is below what the dtypes {sorted({t.name for t in targets.values()})} resolve"
+        )
     worst = norm * (1 + gamma) * (1 + roundoff) ** 2
     factor = 1.0 if worst <= budget else budget / worst
     arrays: dict[str, NDArray[Any]] = {}
