@@ -77,7 +77,10 @@ STATE_KEY = "dp.sgd"
 
 @dataclass(frozen=True, slots=True)
 class _Steps:
-    """A node's DP-SGD steps: ``steps[i]`` at noise multiplier and sample rate ``i``."""
+    """A node's DP-SGD history: ``steps[i]`` steps at ``noise_multipliers[i]``, ``sample_rates[i]``.
+
+    Read strictly (a negative step count would give budget back); epsilon derives from it.
+    """
 
     noise_multipliers: tuple[float, ...] = ()
     sample_rates: tuple[float, ...] = ()
