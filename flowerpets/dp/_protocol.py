@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from flowerpets.core import ConfigRecord
+from flowerpets.core import RecordDict
 from flowerpets.core.fields import Fields
 from flowerpets.exceptions import MessageFieldError, RequestRefusedError
 
@@ -21,6 +21,7 @@ __all__ = [
     "REPLY_MODEL_KEY",
     "RESERVED_PREFIX",
     "read_clip",
+    "read_config",
     "reply_model",
 ]
 
@@ -40,7 +41,13 @@ REPLY_MODEL_KEY = "dp.reply-model"
 INDICATOR = "dp.unclipped"
 
 
-def read_clip(config: ConfigRecord) -> float:
+def read_config(content: RecordDict) -> Fields:
+    """The request's config record; refuses the request if it is not a ConfigRecord."""
+    with _refused_if_malformed():
+        return Fields.of(content, "config")
+
+
+def read_clip(config: Fields) -> float:
     """The clipping norm the server sent; refuses the request if it is missing or nonsense."""
     if CLIP_KEY not in config:
         raise RequestRefusedError(
@@ -48,16 +55,16 @@ def read_clip(config: ConfigRecord) -> float:
             "CentralDp(clip_on=ClipOn.CLIENTS) on the server"
         )
     with _refused_if_malformed():
-        clip = Fields(config, "config").get(CLIP_KEY, float)
+        clip = config.get(CLIP_KEY, float)
     if not (math.isfinite(clip) and clip > 0):
         raise RequestRefusedError(f"the clipping norm {CLIP_KEY!r} must be finite and > 0")
     return clip
 
 
-def reply_model(config: ConfigRecord) -> bool:
+def reply_model(config: Fields) -> bool:
     """Whether the server asks for a model (received + clipped update) instead of the update."""
     with _refused_if_malformed():
-        return Fields(config, "config").get(REPLY_MODEL_KEY, bool, False)
+        return config.get(REPLY_MODEL_KEY, bool, False)
 
 
 @contextmanager
