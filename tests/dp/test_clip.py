@@ -23,6 +23,15 @@ def test_global_norm_concatenates_arrays() -> None:
     assert global_norm({"a": np.array([np.inf])}) == math.inf
 
 
+def test_global_norm_of_a_tiny_update_is_exact_where_its_squares_underflow() -> None:
+    # The squares of 3.3e-160 fall into the subnormals (their sum was 3.4e-6 off relative);
+    # those of 1e-170 underflow to zero (the norm was 0). Scaled first, both are exact.
+    for value in (3.32470381e-160, 1e-170):
+        assert global_norm({"a": np.array([value]), "b": np.zeros(2)}) == value
+    assert global_norm({"a": np.array([3e-170, 0.0, 4e-170])}) == pytest.approx(5e-170, rel=1e-15)
+    assert global_norm({"a": np.zeros(3)}) == 0.0
+
+
 def test_large_update_is_scaled_to_the_clip_in_its_direction() -> None:
     update = {"w": np.array([3.0, 4.0]), "b": np.array([12.0])}  # norm 13
     clipped = clip_update(update, 1.3)

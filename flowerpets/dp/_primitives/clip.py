@@ -22,19 +22,27 @@ from flowerpets.exceptions import InvalidUpdateError, ParameterValueError
 __all__ = ["ClippedUpdate", "clip_update", "enforce_clip", "global_norm", "update_between"]
 
 
+# A sum of squares at least this large lost nothing that matters to squares that underflowed
+# into the subnormals (each is off by at most 2**-1075, below 2**-107 of the sum); a smaller
+# one may be off by far more than the relative error clip_update allows for.
+_SMALLEST_UNSCALED = 2.0**-968
+
+
 def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
-    """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow for finite input)."""
+    """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow or underflow)."""
     total = 0.0
     with np.errstate(over="ignore"):  # an overflow is handled below
         for array in arrays.values():
             flat = np.asarray(array, dtype=np.float64).reshape(-1)
             total += float(np.dot(flat, flat))
-    if math.isfinite(total):
+    if math.isfinite(total) and total >= _SMALLEST_UNSCALED:
         return math.sqrt(total)
-    # Squares overflowed: scale by the largest magnitude first.
+    # Squares overflowed, or underflowed (a tiny update): scale by the largest magnitude first.
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
     if not math.isfinite(peak):
         return math.inf
+    if peak == 0.0:
+        return 0.0
     scaled = 0.0
     for array in arrays.values():
         flat = np.asarray(array, dtype=np.float64).reshape(-1) / peak
