@@ -27,6 +27,7 @@ __all__ = [
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
+    "KeyMaterialError",
     "KeySetupError",
     "MessageFieldError",
     "MessageTooLargeError",
@@ -47,6 +48,7 @@ __all__ = [
     "StopRunError",
     "TransportError",
     "TruncatedMessageError",
+    "UnknownArrayError",
     "UnsupportedVersionError",
 ]
 
@@ -161,6 +163,19 @@ class KeySetupError(RoundFailedError):
     For example, every candidate key generator dropped out. The round fails and
     leaves the model unchanged; the next round tries again.
     """
+
+
+class KeyMaterialError(FlowerpetsError, ValueError):
+    """Key material that cannot be used: a serialized CKKS context, a public key.
+
+    Bytes that do not parse, of other parameters than agreed, a context that holds a
+    secret where none may be, or a public key of the wrong size or order. The
+    reason names what was wrong, never the bytes.
+    """
+
+
+class UnknownArrayError(FlowerpetsError, KeyError):
+    """A name that no array of a layout or a sum has (adding to an array that is not there)."""
 
 
 class MissingDependencyError(FlowerpetsError, ImportError):
