@@ -32,6 +32,7 @@ __all__ = [
     "KeySetupError",
     "MessageFieldError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "MissingKeyError",
     "MissingStateError",
     "ModelMismatchError",
@@ -176,6 +177,10 @@ class KeyMaterialError(FlowerpetsError, ValueError):
 
 class UnknownArrayError(FlowerpetsError, KeyError):
     """A name that no array of a layout or a sum has (adding to an array that is not there)."""
+
+
+class MissingDependencyError(FlowerpetsError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra."""
 
 
 class MissingKeyError(FlowerpetsError, LookupError):
