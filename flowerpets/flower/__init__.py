@@ -20,6 +20,13 @@ Server side:
     app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
                                mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
 
+Or keep a Flower strategy and let our mods aggregate (flwr's FedAvg over SecAgg+):
+
+.. code-block:: python
+
+    strategy = secure_strategy(flwr.serverapp.strategy.FedAvg(), mods=[SecAggPlus()])
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+
 Flower's deployment runtime on this machine (a SuperLink and SuperNodes on loopback,
 for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.LocalDeployment`.
 
@@ -42,6 +49,12 @@ if TYPE_CHECKING:
     from flowerpets.flower.deployment import LocalDeployment
     from flowerpets.flower.grid import FlowerGrid
     from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+    from flowerpets.flower.strategy import (
+        WEIGHTED_MEAN_DECLARATION,
+        WEIGHTED_MEAN_STRATEGIES,
+        SecureStrategy,
+        secure_strategy,
+    )
 
 # Where each name lives, imported on first use: a node's process never loads the server side.
 _HOMES = {
@@ -52,10 +65,14 @@ _HOMES = {
     "FlowerServerApp": "server",
     "LocalDeployment": "deployment",  # needs psutil, starts processes: never a node's
     "PROTOCOL_MESSAGE_TYPES": "client",
+    "SecureStrategy": "strategy",
     "Settings": "server",
+    "WEIGHTED_MEAN_DECLARATION": "strategy",
+    "WEIGHTED_MEAN_STRATEGIES": "strategy",
     "client_app": "client",
     "flwr_result": "server",
     "mods": "client",
+    "secure_strategy": "strategy",
     "server_app": "server",
 }
 __getattr__, __dir__ = lazy_face(__name__, _HOMES)
@@ -68,9 +85,13 @@ __all__ = [
     "FlowerServerApp",
     "LocalDeployment",
     "PROTOCOL_MESSAGE_TYPES",
+    "SecureStrategy",
     "Settings",
+    "WEIGHTED_MEAN_DECLARATION",
+    "WEIGHTED_MEAN_STRATEGIES",
     "client_app",
     "flwr_result",
     "mods",
+    "secure_strategy",
     "server_app",
 ]
