@@ -57,16 +57,33 @@ def test_every_case_is_checked_against_the_exact_weighted_mean(flower_bench: Mod
     assert not np.array_equal(node_update(0, 50), node_update(1, 50))  # nodes differ
 
 
-def test_the_imports_part_reports_every_case_asked_for(
+SMALL = ["--params", "1000", "--repeats", "1", "--settle", "0", "--import-repeats", "1", "--quiet"]
+
+
+def test_the_parts_without_a_superlink_report_what_they_promise(
     run_bench: Callable[..., dict[str, Any]],
 ) -> None:
     cases = ["ours_plain", "flwr_plain"]
-    report = run_bench(
-        "flower", "--parts", "imports", "--import-repeats", "1", "--cases", *cases, "--quiet"
-    )
-    assert report["benchmark"] == "flower" and report["ok"] is True
+    report = run_bench("flower", "--parts", "inprocess", "imports", "--cases", *cases, *SMALL)
+    assert report["benchmark"] == "flower" and report["ok"] is True and report["failed"] == []
     assert "round" not in report
-    results = report["imports"]["results"]
-    assert set(results) == set(cases)
+    imports = report["imports"]["results"]
+    assert set(imports) == set(cases)
     for case in cases:
-        assert len(results[case]["times_s"]) == 1 and results[case]["median_s"] > 0, case
+        assert len(imports[case]["times_s"]) == 1 and imports[case]["median_s"] > 0, case
+    assert report["imports"]["flwr_clientapp_start"]["median_s"] > 0
+    inprocess = report["inprocess"]["results"]
+    assert set(inprocess) == {"ours_secagg", "ours_plain"}
+    for name, result in inprocess.items():
+        assert result["max_abs_error"] <= 1e-6, name  # float32 of the exact weighted mean
+
+
+def test_the_in_process_check_bites(
+    flower_bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fpbench.common
+
+    real = fpbench.common.expected_mean
+    monkeypatch.setattr(fpbench.common, "expected_mean", lambda n, p: real(n, p) + 1e-3)
+    assert flower_bench.main(["--parts", "inprocess", "--json", *SMALL]) == 1
+    assert "in-process ours_plain: the aggregate is off the exact mean" in capsys.readouterr().err
