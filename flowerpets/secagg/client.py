@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import boolean, integer, strings
 from flowerpets.core import (
     Array,
     ArrayRecord,
@@ -73,12 +74,21 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
+from flowerpets.core.fields import Fields
 from flowerpets.core.state import StateSlot
 from flowerpets.exceptions import (
+    CorruptStateError,
     DecryptionError,
+    InfeasibleParametersError,
     InvalidUpdateError,
+    MessageFieldError,
+    ParameterTypeError,
+    ParameterValueError,
+    PhaseError,
+    ProtocolViolationError,
     RecordTypeError,
     RequestRefusedError,
+    StateError,
 )
 from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
 from flowerpets.secagg.parameters import check_threshold
@@ -93,14 +103,11 @@ from flowerpets.secagg.protocol import (
     Layout,
     RoundConfig,
     Stage,
-    bytes_list,
     elements_to_share,
-    int_list,
+    fields_of,
     pair_mask_seed,
-    protocol_record,
     share_key,
 )
-from flowerpets.secagg.protocol import field as get_field
 
 __all__ = ["Phase", "SecAggPlusClientMod", "TRANSITIONS", "secaggplus_mod", "transition"]
 
@@ -113,6 +120,17 @@ SHAMIR = shamir.Shamir()
 
 _STATE = "secagg+/client-state"
 _STATE_CONFIG = "secagg+/client-round"
+
+# What a server's stage request can get wrong, and so what the node refuses (REFUSED): a
+# field missing or mistyped, a value the protocol forbids, a share that fails
+# authentication, a threshold below the node's safe minimum. Anything else raised in a
+# stage is a bug of the node's own code and is reported as one, never as the server's fault.
+_REFUSABLE = (
+    MessageFieldError,
+    ProtocolViolationError,
+    DecryptionError,
+    InfeasibleParametersError,
+)
 
 
 class Phase(enum.StrEnum):
@@ -143,14 +161,14 @@ node has nothing to abort: a round it never started (NEW) or one it finished (DO
 
 def transition(phase: Phase, stage: str) -> Phase:
     """The phase after ``stage``; a stage this phase does not allow is refused."""
-    try:
-        return TRANSITIONS[(phase, stage)]
-    except KeyError:
+    after = TRANSITIONS.get((phase, stage))
+    if after is None:
         needs = [p.value for (p, s), _ in TRANSITIONS.items() if s == stage]
         raise RequestRefusedError(
             f"{stage}: out of order (the round is {phase.value}, this stage needs "
             f"{' or '.join(needs) or 'nothing: it is no SecAgg+ stage'})"
-        ) from None
+        )
+    return after
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +216,13 @@ def _load(context: Context) -> tuple[ClientState, RoundConfig] | None:
     state = _SLOT.get(context.state)
     if state is None:
         return None
-    config = RoundConfig.from_record(context.state.get_typed(_STATE_CONFIG, ConfigRecord))
+    record = context.state.get(_STATE_CONFIG)
+    if not isinstance(record, ConfigRecord):
+        raise CorruptStateError(f"state {_STATE_CONFIG!r} holds no ConfigRecord")
+    try:
+        config = RoundConfig.from_record(Fields(record, _STATE_CONFIG))
+    except (MessageFieldError, ProtocolViolationError) as exc:
+        raise CorruptStateError(f"state {_STATE_CONFIG!r} cannot be read: {exc}") from None
     return state, config
 
 
@@ -208,13 +232,13 @@ class _StageRequest:
 
     msg: Message
     context: Context
-    body: ConfigRecord
+    body: Fields
     round: tuple[ClientState, RoundConfig] | None  # None only for advertise-keys: it starts one
     call_next: CallNext
 
-    def unpack(self) -> tuple[Message, Context, ConfigRecord, ClientState, RoundConfig]:
+    def unpack(self) -> tuple[Message, Context, Fields, ClientState, RoundConfig]:
         if self.round is None:
-            raise RuntimeError("this stage needs a round in progress")
+            raise PhaseError("this stage needs a round in progress")
         return self.msg, self.context, self.body, *self.round
 
 
@@ -228,7 +252,12 @@ class _DownstreamError(Exception):
 
 def _unique(values: Sequence[Any], what: str) -> None:
     if len(set(values)) != len(values):
-        raise ValueError(f"{what} lists an entry twice")
+        raise ProtocolViolationError(f"{what} lists an entry twice")
+
+
+def _message_type(name: str) -> None:
+    if not name:
+        raise ParameterValueError("every item of protected_types must be a non-empty str")
 
 
 class SecAggPlusClientMod:
@@ -257,23 +286,16 @@ class SecAggPlusClientMod:
         min_threshold: int = 2,
         randomness: Randomness = os.urandom,
     ) -> None:
-        types = tuple(protected_types)
-        if not all(isinstance(t, str) and t for t in types):
-            raise ValueError(f"protected_types must be non-empty strings, got {types!r}")
-        if not isinstance(refuse_plaintext, bool):
-            raise ValueError(f"refuse_plaintext must be a bool, got {refuse_plaintext!r}")
-        if not refuse_plaintext:
+        types = strings("protected_types", protected_types, check=_message_type)
+        if not boolean("refuse_plaintext", refuse_plaintext):
             warnings.warn(
                 "SecAggPlusClientMod(refuse_plaintext=False): this node will send its "
                 f"{'/'.join(types)} replies in the clear to a server that does not run SecAgg+",
                 stacklevel=2,
             )
-        if isinstance(min_threshold, bool) or not isinstance(min_threshold, int):
-            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
-        if min_threshold < 2:
-            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
+        min_threshold = integer("min_threshold", min_threshold, at_least=2)
         if not callable(randomness):
-            raise ValueError(
+            raise ParameterTypeError(
                 f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
             )
         self.protected_types = types
@@ -315,9 +337,9 @@ class SecAggPlusClientMod:
         current = self._check_transition(stage, msg, context)
         state = None if current is None else current[0]
         try:
-            body = protocol_record(msg.require_content())
-            if current is not None and get_field(body, "session", bytes) != current[1].session:
-                raise ValueError("the message belongs to another session")
+            body = fields_of(msg.content)
+            if current is not None and body.get("session", bytes) != current[1].session:
+                raise ProtocolViolationError("the message belongs to another session")
             handler = self._handlers[stage]
             return handler(_StageRequest(msg, context, body, current, call_next))
         except _DownstreamError as wrapped:
@@ -326,9 +348,13 @@ class SecAggPlusClientMod:
             # The node's own update cannot be masked: not a refusal, an invalid reply.
             _abort(state, context)
             return msg.error_reply(Error(ErrorCode.INVALID_REPLY, str(exc)))
-        except (ValueError, KeyError, RecordTypeError, DecryptionError) as exc:
+        except _REFUSABLE as exc:
             _abort(state, context)
             raise RequestRefusedError(f"{stage}: {exc}") from None
+        except BaseException:
+            # A bug of this node's own code: the round cannot go on, but nothing is refused.
+            _abort(state, context)
+            raise
         # What the mods and handler after this one raised is not this mod's refusal (its
         # message may hold anything): it goes on as it is, and the ClientApp reports it
         # as it would without this mod.
@@ -340,7 +366,7 @@ class SecAggPlusClientMod:
         """The round this stage goes on with (None: it starts one), or a refusal saying why not."""
         try:
             loaded = _load(context)
-        except (ValueError, KeyError, RecordTypeError) as exc:  # StateError is a ValueError
+        except StateError as exc:
             raise RequestRefusedError(
                 f"{stage}: the node's SecAgg+ state is unreadable: {exc}"
             ) from None
@@ -370,9 +396,9 @@ class SecAggPlusClientMod:
         msg, context, body = request.msg, request.context, request.body
         config = RoundConfig.from_record(body)
         if context.node_id not in config.graph:
-            raise ValueError(f"node {context.node_id} is not in the round's cohort")
+            raise ProtocolViolationError(f"node {context.node_id} is not in the round's cohort")
         if config.threshold < self.min_threshold:
-            raise ValueError(
+            raise ProtocolViolationError(
                 f"threshold {config.threshold} is below this node's minimum {self.min_threshold}"
             )
         check_threshold(len(config.order), config.degree, config.threshold)
@@ -400,24 +426,24 @@ class SecAggPlusClientMod:
     def _share_keys(self, request: _StageRequest) -> Message:
         msg, context, body, state, config = request.unpack()
         me, graph = context.node_id, config.graph
-        nodes = int_list(body, "nodes")
-        c_pks = bytes_list(body, "c-pks", size=keys.KEY_BYTES)
-        s_pks = bytes_list(body, "s-pks", size=keys.KEY_BYTES)
+        nodes = body.items("nodes", int)
+        c_pks = body.items("c-pks", bytes, size=keys.KEY_BYTES)
+        s_pks = body.items("s-pks", bytes, size=keys.KEY_BYTES)
         if not len(nodes) == len(c_pks) == len(s_pks):
-            raise ValueError("nodes, c-pks and s-pks differ in length")
+            raise ProtocolViolationError("nodes, c-pks and s-pks differ in length")
         _unique(nodes, "the neighbour list")
         strangers = [
             j for j in nodes if j == me or j not in graph or not graph.are_neighbours(me, j)
         ]
         if strangers:
-            raise ValueError(f"nodes {strangers[:5]} are not this node's neighbours")
+            raise ProtocolViolationError(f"nodes {strangers[:5]} are not this node's neighbours")
         own = {keys.public_key_of(state.c_sk), keys.public_key_of(state.s_sk)}
         for what, pks in (("c-pks", c_pks), ("s-pks", s_pks)):
             _unique(pks, what)
             if own & set(pks):
-                raise ValueError(f"{what} holds this node's own public key")
+                raise ProtocolViolationError(f"{what} holds this node's own public key")
         if len(nodes) < config.threshold:
-            raise ValueError(
+            raise ProtocolViolationError(
                 f"only {len(nodes)} of this node's {config.degree} neighbours advertised keys, "
                 f"fewer than the threshold t={config.threshold}"
             )
@@ -456,17 +482,17 @@ class SecAggPlusClientMod:
     def _collect_masked_input(self, request: _StageRequest) -> Message:
         msg, context, body, state, config = request.unpack()
         call_next, me = request.call_next, context.node_id
-        senders = int_list(body, "senders")
-        ciphertexts = bytes_list(body, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
+        senders = body.items("senders", int)
+        ciphertexts = body.items("ciphertexts", bytes, size=SHARE_CIPHERTEXT_BYTES)
         if len(senders) != len(ciphertexts):
-            raise ValueError("senders and ciphertexts differ in length")
+            raise ProtocolViolationError("senders and ciphertexts differ in length")
         _unique(senders, "the sender list")
         index = {j: i for i, j in enumerate(state.neighbours)}
         strangers = [j for j in senders if j not in index]
         if strangers:
-            raise ValueError(f"nodes {strangers[:5]} never received this node's keys")
+            raise ProtocolViolationError(f"nodes {strangers[:5]} never received this node's keys")
         if len(senders) < config.threshold:
-            raise ValueError(
+            raise ProtocolViolationError(
                 f"only {len(senders)} neighbours delivered shares, fewer than the threshold "
                 f"t={config.threshold}"
             )
@@ -478,7 +504,7 @@ class SecAggPlusClientMod:
             )
             plaintext = aead.decrypt(key, ciphertext, associated)
             if len(plaintext) != SHARE_PLAINTEXT_BYTES:
-                raise ValueError(f"the shares from node {j} have the wrong length")
+                raise ProtocolViolationError(f"the shares from node {j} have the wrong length")
             b_shares.append(plaintext[:SHARE_BYTES])
             s_shares.append(plaintext[SHARE_BYTES:])
         state = replace(
@@ -518,7 +544,7 @@ class SecAggPlusClientMod:
                 reply.get_typed("metrics", MetricRecord) if "metrics" in reply else MetricRecord()
             )
             layout = Layout.of_arrays(arrays, config.secure_metrics)
-        except (ValueError, RecordTypeError) as exc:
+        except (InvalidUpdateError, RecordTypeError) as exc:
             raise InvalidUpdateError(f"the handler's reply cannot be masked: {exc}") from None
         weight = _weight(metrics, config.weight_key, config.max_weight)
         quant = config.quantization
@@ -572,24 +598,26 @@ class SecAggPlusClientMod:
     def _unmask(self, request: _StageRequest) -> Message:
         msg, context, body, state, config = request.unpack()
         me = context.node_id
-        survivors = set(int_list(body, "survivors"))
-        dropped = set(int_list(body, "dropped"))
+        survivors = set(body.items("survivors", int))
+        dropped = set(body.items("dropped", int))
         if survivors & dropped:
-            raise ValueError(
+            raise ProtocolViolationError(
                 f"nodes {sorted(survivors & dropped)[:5]} are listed as both survivors and dropped"
             )
         if me in dropped:
-            raise ValueError("this node is listed as dropped")
+            raise ProtocolViolationError("this node is listed as dropped")
         if me not in survivors:
-            raise ValueError("this node is not listed as a survivor")
+            raise ProtocolViolationError("this node is not listed as a survivor")
         mine = set(config.graph.neighbours(me))
         listed = (survivors | dropped) & mine
         unknown = listed - set(state.senders)
         if unknown:
-            raise ValueError(f"neighbours {sorted(unknown)[:5]} never shared keys with this node")
+            raise ProtocolViolationError(
+                f"neighbours {sorted(unknown)[:5]} never shared keys with this node"
+            )
         alive = survivors & mine
         if len(alive) < config.threshold:
-            raise ValueError(
+            raise ProtocolViolationError(
                 f"only {len(alive)} of this node's neighbours survive, fewer than the threshold "
                 f"t={config.threshold}"
             )
@@ -604,7 +632,9 @@ class SecAggPlusClientMod:
         # Never both kinds for one neighbour, whatever earlier requests asked.
         both = (set(b_nodes) | set(state.released_b)) & (set(s_nodes) | set(state.released_s))
         if both:
-            raise ValueError(f"releasing both kinds of share for nodes {sorted(both)[:5]}")
+            raise ProtocolViolationError(
+                f"releasing both kinds of share for nodes {sorted(both)[:5]}"
+            )
         state = state.after(
             Stage.UNMASK,
             released_b=tuple(sorted(set(state.released_b) | set(b_nodes))),

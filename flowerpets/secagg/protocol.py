@@ -16,14 +16,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
+from flowerpets._validation import instance, integer, strings
 from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
+from flowerpets.core.fields import Fields
 from flowerpets.core.protocol import StageName
+from flowerpets.exceptions import (
+    ConfigurationError,
+    InvalidUpdateError,
+    ParameterTypeError,
+    ParameterValueError,
+    ProtocolViolationError,
+)
 from flowerpets.secagg._primitives import aead, keys, shamir
 from flowerpets.secagg._primitives.quantize import Quantization
 from flowerpets.secagg.graph import HararyGraph
@@ -92,54 +101,14 @@ class Stage(StageName):
     PREFIX = enum.nonmember("secagg+/")
 
 
-T = TypeVar("T")
+def fields_of(content: RecordDict | None) -> Fields:
+    """The :data:`RECORD` of a stage message or reply, read through core
+    :class:`~flowerpets.core.fields.Fields` (MessageFieldError if it is missing)."""
+    return Fields.of(content, RECORD)
 
 
-def field(record: ConfigRecord, key: str, kind: type[T]) -> T:
-    """``record[key]``, checked to be of ``kind`` (ValueError naming the field otherwise)."""
-    if key not in record:
-        raise ValueError(f"the {RECORD!r} record lacks {key!r}")
-    value = record[key]
-    if kind is int and isinstance(value, bool):
-        raise ValueError(f"{RECORD}[{key!r}] must be an int, got a bool")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind):
-        raise ValueError(f"{RECORD}[{key!r}] must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def int_list(record: ConfigRecord, key: str) -> list[int]:
-    values = field(record, key, list)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of ints")
-    return [int(v) for v in values]
-
-
-def bytes_list(record: ConfigRecord, key: str, *, size: int | None = None) -> list[bytes]:
-    values = field(record, key, list)
-    if not all(isinstance(v, bytes) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of bytes")
-    if size is not None and any(len(v) != size for v in values):
-        raise ValueError(f"every item of {RECORD}[{key!r}] must be {size} bytes")
-    return list(values)
-
-
-def str_list(record: ConfigRecord, key: str) -> list[str]:
-    values = field(record, key, list)
-    if not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of str")
-    return list(values)
-
-
-def protocol_record(content: RecordDict) -> ConfigRecord:
-    """The :data:`RECORD` of a stage message or reply (ValueError if it is missing)."""
-    if RECORD not in content:
-        raise ValueError(f"the message carries no {RECORD!r} record")
-    record = content[RECORD]
-    if not isinstance(record, ConfigRecord):
-        raise ValueError(f"{RECORD!r} must be a ConfigRecord, got {type(record).__name__}")
-    return record
+def _fields(record: ConfigRecord | Fields) -> Fields:
+    return record if isinstance(record, Fields) else Fields(record, RECORD)
 
 
 @dataclass(frozen=True)
@@ -162,16 +131,14 @@ class RoundConfig:
     secure_metrics: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.session, bytes) or len(self.session) != SESSION_BYTES:
-            raise ValueError(f"the session id must be {SESSION_BYTES} bytes")
+        if len(instance("session", self.session, bytes)) != SESSION_BYTES:
+            raise ParameterValueError(f"the session id must be {SESSION_BYTES} bytes")
         self.graph  # noqa: B018  (validates order and degree)
-        if not 2 <= self.threshold <= self.degree:
-            raise ValueError(
-                f"threshold must be in [2, degree={self.degree}], got {self.threshold}"
-            )
+        integer("threshold", self.threshold, at_least=2, at_most=self.degree)
         self.quantization  # noqa: B018  (validates the encoding, refuses overflow)
-        if len(set(self.secure_metrics)) != len(self.secure_metrics):
-            raise ValueError("secure_metrics lists a metric twice")
+        if self.weight_key is not None:
+            instance("weight_key", self.weight_key, str)
+        strings("secure_metrics", self.secure_metrics, unique=True)
 
     @cached_property
     def graph(self) -> HararyGraph:
@@ -201,25 +168,33 @@ class RoundConfig:
         )
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> RoundConfig:
-        """Parse and validate; anything malformed raises ``ValueError`` naming it."""
-        version = field(record, "version", int)
+    def from_record(cls, record: ConfigRecord | Fields) -> RoundConfig:
+        """Parse and validate a peer's configuration.
+
+        A field missing or mistyped raises MessageFieldError; well-typed values
+        that no round can use raise ProtocolViolationError naming what is wrong.
+        """
+        fields = _fields(record)
+        version = fields.get("version", int)
         if version != PROTOCOL_VERSION:
-            raise ValueError(f"unsupported SecAgg+ protocol version {version}")
-        clipping = field(record, "clipping-range", float)
+            raise ProtocolViolationError(f"unsupported SecAgg+ protocol version {version}")
+        clipping = fields.get("clipping-range", float)
         if not (math.isfinite(clipping) and clipping > 0):
-            raise ValueError(f"clipping-range must be finite and > 0, got {clipping}")
-        weight_key = field(record, "weight-key", str)
-        return cls(
-            session=field(record, "session", bytes),
-            order=tuple(int_list(record, "order")),
-            degree=field(record, "degree", int),
-            threshold=field(record, "threshold", int),
-            clipping_range=clipping,
-            max_weight=field(record, "max-weight", int),
-            weight_key=weight_key or None,
-            secure_metrics=tuple(str_list(record, "secure-metrics")),
-        )
+            raise ProtocolViolationError(f"clipping-range must be finite and > 0, got {clipping}")
+        weight_key = fields.get("weight-key", str)
+        try:
+            return cls(
+                session=fields.get("session", bytes),
+                order=tuple(fields.items("order", int)),
+                degree=fields.get("degree", int),
+                threshold=fields.get("threshold", int),
+                clipping_range=clipping,
+                max_weight=fields.get("max-weight", int),
+                weight_key=weight_key or None,
+                secure_metrics=tuple(fields.items("secure-metrics", str)),
+            )
+        except (ParameterTypeError, ParameterValueError, ConfigurationError) as exc:
+            raise ProtocolViolationError(f"the round configuration: {exc}") from None
 
 
 # Array kinds as the vector encodes them: quantized floats, or exact integers.
@@ -231,7 +206,7 @@ def kind_of(dtype_kind: str, name: str) -> str:
     try:
         return _KINDS[dtype_kind]
     except KeyError:
-        raise ValueError(
+        raise InvalidUpdateError(
             f"array {name!r} of dtype kind {dtype_kind!r} cannot be securely aggregated "
             "(only float, integer and bool arrays can)"
         ) from None
@@ -289,20 +264,22 @@ class Layout:
         record["length"] = self.length
 
     @classmethod
-    def read(cls, record: ConfigRecord, metrics: Sequence[str]) -> Layout:
-        names = str_list(record, "names")
-        ndims = int_list(record, "ndims")
-        dims = int_list(record, "dims")
-        kinds = str_list(record, "kinds")
+    def read(cls, record: ConfigRecord | Fields, metrics: Sequence[str]) -> Layout:
+        """A peer's layout; one whose parts do not fit together is an InvalidUpdateError."""
+        fields = _fields(record)
+        names = fields.items("names", str)
+        ndims = fields.items("ndims", int)
+        dims = fields.items("dims", int)
+        kinds = fields.items("kinds", str)
         if not len(names) == len(ndims) == len(kinds) or sum(ndims) != len(dims):
-            raise ValueError("the layout's names, ndims, dims and kinds do not match")
-        if any(d < 0 for d in dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
-            raise ValueError("the layout has a negative dimension or an unknown kind")
+            raise InvalidUpdateError("the layout's names, ndims, dims and kinds do not match")
+        if any(d < 0 for d in ndims + dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
+            raise InvalidUpdateError("the layout has a negative dimension or an unknown kind")
         shapes, at = [], 0
         for ndim in ndims:
             shapes.append(tuple(dims[at : at + ndim]))
             at += ndim
         layout = cls(tuple(names), tuple(shapes), tuple(kinds), tuple(metrics))
-        if field(record, "length", int) != layout.length:
-            raise ValueError("the layout's length does not match its arrays")
+        if fields.get("length", int) != layout.length:
+            raise InvalidUpdateError("the layout's length does not match its arrays")
         return layout

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import integer, probability, real, strings
 from flowerpets.core import (
     ArrayRecord,
     ConfigRecord,
@@ -78,20 +79,24 @@ from flowerpets.core import (
     ServerContext,
     StageExchange,
 )
+from flowerpets.core.fields import Fields
 from flowerpets.core.records import Array
 from flowerpets.exceptions import (
-    InfeasibleParametersError,
+    ConfigurationError,
     InvalidUpdateError,
+    MessageFieldError,
+    ParameterTypeError,
+    ParameterValueError,
+    PhaseError,
     ProtocolViolationError,
     RecordTypeError,
     RoundFailedError,
 )
 from flowerpets.secagg._primitives import keys, prg, quantize, shamir
 from flowerpets.secagg.parameters import (
+    MAX_BITS,
     GraphParameters,
-    check_bits,
     check_parameters,
-    check_rate,
     find_parameters,
 )
 from flowerpets.secagg.protocol import (
@@ -105,12 +110,9 @@ from flowerpets.secagg.protocol import (
     Layout,
     RoundConfig,
     Stage,
-    bytes_list,
-    int_list,
+    fields_of,
     pair_mask_seed,
-    protocol_record,
 )
-from flowerpets.secagg.protocol import field as get_field
 
 __all__ = ["SecAggPlus", "ServerPhase", "ServerRound"]
 
@@ -177,38 +179,30 @@ class SecAggPlus(SecureAggregator):
         randomness: Randomness = os.urandom,
     ) -> None:
         if (degree is None) != (threshold is None):
-            raise ValueError(
+            raise ParameterValueError(
                 f"give both degree and threshold, or neither (got degree={degree!r}, "
                 f"threshold={threshold!r})"
             )
-        for name, value in (("degree", degree), ("threshold", threshold)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 2
-            ):
-                raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-        if degree is not None and threshold is not None and threshold > degree:
-            raise ValueError(f"threshold={threshold} must not exceed degree={degree}")
-        if degree is not None and degree % 2:
-            raise ValueError(f"degree must be even (a Harary graph), got {degree}")
-        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
-        self.corrupted_fraction = check_rate("corrupted_fraction", corrupted_fraction)
-        self.security_bits = check_bits("security_bits", security_bits)
-        self.correctness_bits = check_bits("correctness_bits", correctness_bits)
-        if (
-            isinstance(clipping_range, bool)
-            or not isinstance(clipping_range, int | float)
-            or not (math.isfinite(clipping_range) and clipping_range > 0)
-        ):
-            raise ValueError(f"clipping_range must be a finite number > 0, got {clipping_range!r}")
-        if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 1:
-            raise ValueError(f"max_weight must be an integer >= 1, got {max_weight!r}")
-        metrics = tuple(secure_metrics)
-        if not all(isinstance(m, str) and m for m in metrics) or len(set(metrics)) != len(metrics):
-            raise ValueError(f"secure_metrics must be distinct non-empty names, got {metrics!r}")
+        if degree is not None and threshold is not None:
+            degree = integer("degree", degree, at_least=2)
+            threshold = integer("threshold", threshold, at_least=2)
+            if threshold > degree:
+                raise ParameterValueError(f"threshold={threshold} must not exceed degree={degree}")
+            if degree % 2:
+                raise ParameterValueError(f"degree must be even (a Harary graph), got {degree}")
+        self.dropout_rate = probability("dropout_rate", dropout_rate, one=False)
+        self.corrupted_fraction = probability("corrupted_fraction", corrupted_fraction, one=False)
+        self.security_bits = integer("security_bits", security_bits, at_least=1, at_most=MAX_BITS)
+        self.correctness_bits = integer(
+            "correctness_bits", correctness_bits, at_least=1, at_most=MAX_BITS
+        )
+        clipping_range = real("clipping_range", clipping_range, above=0)
+        max_weight = integer("max_weight", max_weight, at_least=1)
+        metrics = strings("secure_metrics", secure_metrics, unique=True, check=_metric_name)
         if rng is not None and not isinstance(rng, np.random.Generator):
-            raise ValueError(f"rng must be a numpy Generator or None, got {rng!r}")
+            raise ParameterTypeError(f"rng must be a numpy Generator or None, got {rng!r}")
         if not callable(randomness):
-            raise ValueError(
+            raise ParameterTypeError(
                 f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
             )
         self.degree = degree
@@ -252,10 +246,15 @@ class SecAggPlus(SecureAggregator):
         return ServerRound(self, request, context.require_grid()).run()
 
 
-# What a stage's accept raises for a reply it cannot use (the protocol record's readers
-# raise ValueError); the masked input also reads the arrays' records.
-_INVALID = (ValueError,)
-_INVALID_INPUT = (ValueError, KeyError, RecordTypeError)
+def _metric_name(name: str) -> None:
+    if not name:
+        raise ParameterValueError("every item of secure_metrics must be a non-empty str")
+
+
+# What a stage's accept raises for a reply it cannot use (INVALID_REPLY); a
+# ProtocolViolationError is recorded as PROTOCOL_VIOLATION; anything else is a bug of the
+# server's own code and fails the round without blaming the node.
+_INVALID = (MessageFieldError, InvalidUpdateError, RecordTypeError)
 
 
 class ServerRound:
@@ -297,7 +296,12 @@ class ServerRound:
                 if len(request.arrays)
                 else None
             )
-        except (InfeasibleParametersError, ValueError) as exc:
+        except (
+            ConfigurationError,
+            ParameterTypeError,
+            ParameterValueError,
+            InvalidUpdateError,
+        ) as exc:
             log.error("round %d: SecAgg+ cannot run: %s", request.round, exc)
             raise RoundFailedError(f"{Stage.ADVERTISE_KEYS}: round {request.round}: {exc}") from exc
         self.params = params
@@ -328,7 +332,7 @@ class ServerRound:
 
     def _enter(self, expected: ServerPhase, stage: str) -> float:
         if self.phase != expected:
-            raise RuntimeError(
+            raise PhaseError(
                 f"SecAgg+ server: {stage} cannot run in phase {self.phase.value!r} "
                 f"(needs {expected.value!r})"
             )
@@ -351,16 +355,15 @@ class ServerRound:
         stage: str,
         contents: Iterable[tuple[int, RecordDict]],
         accept: Callable[[int, RecordDict], object],
-        invalid: tuple[type[Exception], ...] = _INVALID,
     ) -> tuple[int, ...]:
         """One stage through the exchange; every reply must first be of this session."""
 
         def checked(node: int, content: RecordDict) -> object:
-            if get_field(protocol_record(content), "session", bytes) != self.config.session:
+            if fields_of(content).get("session", bytes) != self.config.session:
                 raise ProtocolViolationError("the reply belongs to another session")
             return accept(node, content)
 
-        return self.exchange.send(stage, contents, checked, invalid=invalid)
+        return self.exchange.send(stage, contents, checked, invalid=_INVALID)
 
     def _live_core(self, nodes: set[int], stage: str, what: str) -> list[int]:
         """The largest subset in which every node has >= t neighbours (the others are excluded)."""
@@ -399,8 +402,8 @@ class ServerRound:
         seen: set[bytes] = set()
 
         def accept(node: int, body: RecordDict) -> None:
-            record = protocol_record(body)
-            pks = [get_field(record, key, bytes) for key in ("c-pk", "s-pk")]
+            record = fields_of(body)
+            pks = [record.get(key, bytes) for key in ("c-pk", "s-pk")]
             if any(len(pk) != keys.KEY_BYTES for pk in pks):
                 raise InvalidUpdateError(f"public keys must be {keys.KEY_BYTES} bytes")
             if seen & set(pks) or pks[0] == pks[1]:
@@ -441,9 +444,9 @@ class ServerRound:
         delivered: dict[int, dict[int, bytes]] = {}
 
         def accept(node: int, body: RecordDict) -> None:
-            record = protocol_record(body)
-            receivers = int_list(record, "receivers")
-            ciphertexts = bytes_list(record, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
+            record = fields_of(body)
+            receivers = record.items("receivers", int)
+            ciphertexts = record.items("ciphertexts", bytes, size=SHARE_CIPHERTEXT_BYTES)
             if receivers != told[node] or len(ciphertexts) != len(receivers):
                 raise ProtocolViolationError(
                     "the shares are not addressed to the neighbours it was told"
@@ -482,11 +485,7 @@ class ServerRound:
                 {"arrays": self.request.arrays, "config": self.request.config, RECORD: record}
             )
             contents.append((i, content))
-        arrived = set(
-            self._send(
-                stage, contents, lambda node, body: self._add_masked_input(body), _INVALID_INPUT
-            )
-        )
+        arrived = set(self._send(stage, contents, lambda node, body: self._add_masked_input(body)))
         self.ciphertexts.clear()
         self.survivors = [i for i in self.shared if i in arrived]
         self.dropped = [j for j in self.shared if j not in arrived]
@@ -512,8 +511,7 @@ class ServerRound:
         return sum(1 for j in self.graph.neighbours(node) if j in among)
 
     def _add_masked_input(self, body: RecordDict) -> None:
-        record = protocol_record(body)
-        layout = Layout.read(record, self.config.secure_metrics)
+        layout = Layout.read(fields_of(body), self.config.secure_metrics)
         if self.layout is None:
             self.layout = layout
         elif layout.signature() != self.layout.signature():
@@ -521,7 +519,12 @@ class ServerRound:
                 "the masked input's arrays differ from the round's "
                 f"(names {list(layout.names)[:4]}, expected {list(self.layout.names)[:4]})"
             )
-        vector = body.get_typed(MASKED_RECORD, ArrayRecord)[MASKED_ARRAY].numpy()
+        masked = body.get(MASKED_RECORD)
+        if not isinstance(masked, ArrayRecord) or MASKED_ARRAY not in masked:
+            raise MessageFieldError(
+                f"the reply carries no ArrayRecord {MASKED_RECORD!r} with {MASKED_ARRAY!r}"
+            )
+        vector = masked[MASKED_ARRAY].numpy()
         if vector.dtype != np.uint32 or vector.shape != (self.layout.length,):
             raise InvalidUpdateError(
                 f"the masked vector must be uint32 of shape ({self.layout.length},), "
@@ -548,7 +551,7 @@ class ServerRound:
         s_shares: dict[int, dict[int, bytes]] = {}
 
         def accept(holder: int, body: RecordDict) -> None:
-            got = self._read_shares(holder, protocol_record(body), alive, gone)
+            got = self._read_shares(holder, fields_of(body), alive, gone)
             for kind, dealer, point, share in got:
                 (b_shares if kind == "b" else s_shares).setdefault(dealer, {})[point] = share
 
@@ -580,7 +583,7 @@ class ServerRound:
         surviving neighbours are removed from the running sum, block by block.
         """
         if self.phase != ServerPhase.COLLECTED or self.total is None:
-            raise RuntimeError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
+            raise PhaseError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
         stage = Stage.UNMASK
         alive = set(self.survivors)
         started = time.perf_counter()
@@ -613,12 +616,12 @@ class ServerRound:
         self.phase = ServerPhase.UNMASKED
 
     def _read_shares(
-        self, holder: int, record: ConfigRecord, alive: set[int], gone: set[int]
+        self, holder: int, record: Fields, alive: set[int], gone: set[int]
     ) -> list[tuple[str, int, int, bytes]]:
         out = []
         for kind, allowed in (("b", alive), ("s", gone)):
-            dealers = int_list(record, f"{kind}-nodes")
-            shares = bytes_list(record, f"{kind}-shares", size=SHARE_BYTES)
+            dealers = record.items(f"{kind}-nodes", int)
+            shares = record.items(f"{kind}-shares", bytes, size=SHARE_BYTES)
             if len(dealers) != len(shares) or len(set(dealers)) != len(dealers):
                 raise InvalidUpdateError(f"{kind}-nodes and {kind}-shares do not match")
             for dealer, share in zip(dealers, shares, strict=True):
@@ -657,7 +660,9 @@ class ServerRound:
                 secrets_ = SHAMIR.combine_many(group, ys)
                 for dealer, elements in zip(members, secrets_, strict=True):
                     out[dealer] = shamir.elements_to_bytes(elements)
-            except ValueError as exc:
+            except (ProtocolViolationError, ParameterValueError) as exc:
+                # A share out of the field, or a rebuilt secret that is no 32-byte key: the
+                # survivors' shares disagree (a node sent wrong ones).
                 raise self._round_failed(Stage.UNMASK, f"inconsistent shares: {exc}") from None
         return out
 
@@ -692,7 +697,7 @@ class ServerRound:
 
     def result(self) -> RoundResult:
         if self.phase != ServerPhase.UNMASKED or self.total is None or self.layout is None:
-            raise RuntimeError(f"SecAgg+ server: no result in phase {self.phase.value!r}")
+            raise PhaseError(f"SecAgg+ server: no result in phase {self.phase.value!r}")
         layout, quant = self.layout, self.config.quantization
         signed = quantize.to_signed(self.total)
         aggregate = ArrayRecord()
