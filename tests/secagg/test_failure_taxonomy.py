@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import flowerpets.secagg.client as secagg_client
+import flowerpets.secagg._node_stages as node_stages
 from flowerpets.core import (
     ArrayRecord,
     ClientApp,
@@ -31,7 +31,7 @@ from flowerpets.core import (
     ServerApp,
 )
 from flowerpets.secagg import Phase, SecAggPlus, Stage, secaggplus_mod
-from flowerpets.secagg.client import _SLOT
+from flowerpets.secagg._node_state import SLOT
 from flowerpets.secagg.protocol import RECORD, Layout
 from flowerpets.simulation import run_simulation
 
@@ -60,7 +60,7 @@ def test_a_bad_request_is_a_refusal(federation: Any, change: dict[str, Any]) -> 
     node = fed.ids[0]
     reply = fed.ask(node, Stage.SHARE_KEYS, _share_fields(fed, node, change))
     assert reply.error is not None and reply.error.code == ErrorCode.REFUSED, reply.error
-    state = _SLOT.get(fed.contexts[node].state)
+    state = SLOT.get(fed.contexts[node].state)
     assert state is not None and state.phase is Phase.ABORTED
 
 
@@ -84,19 +84,19 @@ def test_a_bug_inside_a_stage_is_not_a_refusal(
     def broken(*args: object, **kwargs: object) -> object:
         raise error("a bug in the node's own code")
 
-    monkeypatch.setattr(secagg_client, where, broken)
+    monkeypatch.setattr(node_stages, where, broken)
     if stage == Stage.ADVERTISE_KEYS:
         reply = fed.ask(node, stage, fed.advertise_message_fields())
     else:
         monkeypatch.undo()
         fed.advertise()
-        monkeypatch.setattr(secagg_client, where, broken)
+        monkeypatch.setattr(node_stages, where, broken)
         reply = fed.ask(node, stage, fed.share_fields(node))
     assert reply.error is not None
     assert reply.error.code == ErrorCode.MOD_RAISED_EXCEPTION, reply.error
     assert error.__name__ in reply.error.reason
     if stage == Stage.SHARE_KEYS:  # a round under way is aborted all the same
-        state = _SLOT.get(fed.contexts[node].state)
+        state = SLOT.get(fed.contexts[node].state)
         assert state is not None and state.phase is Phase.ABORTED and state.s_sk == b""
 
 
