@@ -22,9 +22,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from flowerpets._validation import instance, integer, strings
+from flowerpets._validation import instance, integer, one_of, strings
 from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
 from flowerpets.core.fields import Fields
+from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.protocol import StageName
 from flowerpets.exceptions import (
     ConfigurationError,
@@ -212,38 +213,77 @@ def kind_of(dtype_kind: str, name: str) -> str:
         ) from None
 
 
+# The dtype each kind is released in by the server's sum: the kinds map one-to-one to them.
+_DTYPE_OF_KIND = {FLOAT: np.dtype(np.float64).str, INTEGER: np.dtype(np.int64).str}
+_KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """How a masked vector is laid out: the arrays (flattened, in order), then a tail.
 
-    Not a core :class:`~flowerpets.core.ArrayLayout`: the wire carries each
-    array's kind (quantized float or exact integer), never its dtype.
+    The arrays are a core :class:`~flowerpets.core.ArrayLayout` (names and
+    shapes), whose dtypes are those the server's sum releases them in: float64
+    for quantized floats, int64 for exact integers. The wire carries each
+    array's kind (``"f"`` or ``"i"``), which maps one-to-one to those, never
+    the dtype a node's update had.
 
     The tail is the weight (an exact integer), the secure metrics (quantized
     like float arrays) and a clipping flag (1 if the node clipped anything).
     """
 
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    kinds: tuple[str, ...]
+    arrays: ArrayLayout
     metrics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        instance("arrays", self.arrays, ArrayLayout)
+        for name, _, dtype in self.arrays.items():
+            if dtype not in _KIND_OF_DTYPE:
+                raise ParameterValueError(
+                    f"array {name!r}: a masked vector sums float64 or int64 arrays, got {dtype}"
+                )
+        strings("metrics", self.metrics)
+
+    @classmethod
+    def of_kinds(
+        cls,
+        names: Sequence[str],
+        shapes: Sequence[tuple[int, ...]],
+        kinds: Sequence[str],
+        metrics: Sequence[str] = (),
+    ) -> Layout:
+        """The layout of arrays of these names, shapes and kinds (``FLOAT`` or ``INTEGER``)."""
+        dtypes = tuple(_DTYPE_OF_KIND[one_of("kind", k, _DTYPE_OF_KIND)] for k in kinds)
+        return cls(ArrayLayout(tuple(names), tuple(shapes), dtypes), tuple(metrics))
 
     @classmethod
     def of_arrays(cls, arrays: ArrayRecord, metrics: Sequence[str] = ()) -> Layout:
-        return cls(
-            names=tuple(arrays),
-            shapes=tuple(a.shape for a in arrays.values()),
-            kinds=tuple(kind_of(a.dtype.kind, name) for name, a in arrays.items()),
-            metrics=tuple(metrics),
+        return cls.of_kinds(
+            tuple(arrays),
+            tuple(a.shape for a in arrays.values()),
+            tuple(kind_of(a.dtype.kind, name) for name, a in arrays.items()),
+            metrics,
         )
 
     @property
+    def names(self) -> tuple[str, ...]:
+        return self.arrays.names
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.arrays.shapes
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(_KIND_OF_DTYPE[dtype] for dtype in self.arrays.dtypes)
+
+    @property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(shape) for shape in self.shapes)
+        return self.arrays.sizes
 
     @property
     def weight_index(self) -> int:
-        return sum(self.sizes)
+        return self.arrays.size
 
     @property
     def clip_index(self) -> int:
@@ -254,7 +294,7 @@ class Layout:
         return self.clip_index + 1
 
     def signature(self) -> tuple[Any, ...]:
-        return (self.names, self.shapes, self.kinds, self.metrics)
+        return (self.arrays, self.metrics)
 
     def write(self, record: ConfigRecord) -> None:
         record["names"] = list(self.names)
@@ -275,11 +315,13 @@ class Layout:
             raise InvalidUpdateError("the layout's names, ndims, dims and kinds do not match")
         if any(d < 0 for d in ndims + dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
             raise InvalidUpdateError("the layout has a negative dimension or an unknown kind")
+        if len(set(names)) != len(names):
+            raise InvalidUpdateError("the layout names an array twice")
         shapes, at = [], 0
         for ndim in ndims:
             shapes.append(tuple(dims[at : at + ndim]))
             at += ndim
-        layout = cls(tuple(names), tuple(shapes), tuple(kinds), tuple(metrics))
+        layout = cls.of_kinds(names, shapes, kinds, metrics)
         if fields.get("length", int) != layout.length:
             raise InvalidUpdateError("the layout's length does not match its arrays")
         return layout

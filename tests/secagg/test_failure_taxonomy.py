@@ -149,24 +149,39 @@ def test_a_bug_in_the_servers_reply_check_fails_the_round_not_the_node(
     ), record.failures
 
 
-def test_a_malformed_masked_input_is_the_nodes_failure() -> None:
-    """The control of the test above: a reply without its layout's length marks its node."""
+def _without_length(body: ConfigRecord) -> None:
+    del body["length"]
 
-    def drop_length(msg: Message, context: Context, call_next: Any) -> Message:
+
+def _named_twice(body: ConfigRecord) -> None:
+    # Well typed and of the right length: only the repeated name is wrong.
+    body["names"], body["kinds"] = ["w", "w"], ["f", "f"]
+    body["ndims"], body["dims"] = [1, 1], [PARAMS // 2, PARAMS // 2]
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [(_without_length, "'length'"), (_named_twice, "names an array twice")],
+    ids=["no-length", "named-twice"],
+)
+def test_a_malformed_masked_input_is_the_nodes_failure(edit: Any, reason: str) -> None:
+    """The control of the test above: a reply with a broken layout marks its node only."""
+
+    def tamper(msg: Message, context: Context, call_next: Any) -> Message:
         reply = call_next(msg, context)
         first = context.node_config["partition-id"] == 0
         if msg.metadata.stage != Stage.COLLECT_MASKED_INPUT or not first or reply.has_error:
             return reply
         content = reply.require_content()
         body = ConfigRecord(content[RECORD])  # type: ignore[arg-type]
-        del body["length"]
+        edit(body)
         content[RECORD] = body
         return reply
 
-    record = _run(_client_app([drop_length, secaggplus_mod]))
+    record = _run(_client_app([tamper, secaggplus_mod]))
     assert record.ok, record.error
     (failed,) = [node for node, f in record.failures.items() if f.stage.startswith(Stage.PREFIX)]
     failure = record.failures[failed]
     assert failure.stage == Stage.COLLECT_MASKED_INPUT
-    assert failure.kind is FailureKind.INVALID_REPLY and "'length'" in failure.error.reason
+    assert failure.kind is FailureKind.INVALID_REPLY and reason in failure.error.reason
     assert failed not in record.participants and len(record.participants) == 5
