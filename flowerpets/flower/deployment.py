@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +92,14 @@ def format_config(config: Mapping[str, ConfigScalar]) -> str:
             )
         parts.append(f"{key}={text}")
     return " ".join(parts)
+
+
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_ACTIVATED = re.compile(r"Activated node_id=(\d+)")
+
+
+def _activated(superlink_log: str) -> set[int]:
+    return {int(m) for m in _ACTIVATED.findall(superlink_log)}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -264,6 +273,7 @@ class LocalDeployment:
             self._wait_listening(min(self.deadline, time.monotonic() + _START_TIMEOUT))
             for i in range(self.n_nodes):
                 self.nodes.append(self._start_node(i))
+            self._wait_connected(min(self.deadline, time.monotonic() + _START_TIMEOUT))
         except BaseException:
             self.stop()
             raise
@@ -307,6 +317,34 @@ class LocalDeployment:
                     return
             time.sleep(0.1)
         raise DeploymentError(f"flower-superlink does not listen on {self.address}")
+
+    def _wait_connected(self, deadline: float) -> None:
+        """Until every SuperNode has its node id and the SuperLink has activated it."""
+        while time.monotonic() < deadline:
+            for i, node in enumerate(self.nodes):
+                if node.poll() is not None:
+                    raise DeploymentError(
+                        f"flower-supernode {i} exited with code {node.returncode}: "
+                        f"{self.log(f'supernode-{i}')[-2000:]}"
+                    )
+            ids = self.node_ids
+            if None not in ids and set(ids) <= _activated(self.log("superlink")):
+                return
+            time.sleep(0.1)
+        raise DeploymentError(f"not every SuperNode connected to {self.address} in time")
+
+    @property
+    def node_ids(self) -> list[int | None]:
+        """Flower's id of each SuperNode, by node index (None until it has registered).
+
+        Read from the SuperNode's log (flwr 1.42 prints ``SuperNode ID: <id>``): what
+        lets a test match a node of a run's History to the process it killed.
+        """
+        out: list[int | None] = []
+        for i in range(len(self.nodes)):
+            found = _NODE_ID.search(self.log(f"supernode-{i}"))
+            out.append(int(found.group(1)) if found else None)
+        return out
 
     def log(self, name: str) -> str:
         """The output so far of ``superlink`` or ``supernode-<i>``."""
