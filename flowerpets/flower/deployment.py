@@ -144,26 +144,53 @@ def _freeze(roots: Iterable[psutil.Process]) -> dict[int, psutil.Process]:
         frozen.update(found)
 
 
+def _ended(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: dead, waiting for its parent (maybe us, maybe init) to reap it."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_ended(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s for ``procs`` to end; return those still running.
+
+    It reaps nothing (unlike ``psutil.wait_procs``): our own ``Popen`` children keep
+    their exit status for ``Popen.wait``.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        alive = [p for p in alive if not _ended(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
 def stop_tree(roots: Iterable[psutil.Process], *, grace: float = _GRACE) -> list[int]:
-    """Stop ``roots`` and all their descendants by PID; return the PIDs that outlived SIGKILL."""
+    """Stop ``roots`` and all their descendants by PID; return the PIDs that outlived SIGKILL.
+
+    SIGTERM first (flwr's processes shut down cleanly on it), SIGKILL what is left
+    after ``grace`` seconds, and any child born meanwhile.
+    """
     procs = _freeze(roots)
     if not procs:
         return []
     _signal(procs.values(), signal.SIGTERM)
     _signal(procs.values(), signal.SIGCONT)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    alive = _wait_ended(procs.values(), grace)
     if alive:
-        rest = _freeze(alive)  # children born during the grace period go too
+        rest = _freeze([*alive, *procs.values()])  # children born during the grace period too
         _signal(rest.values(), signal.SIGKILL)
-        _, alive = psutil.wait_procs(list(rest.values()), timeout=grace)
-    return [p.pid for p in alive]
+        alive = _wait_ended(rest.values(), grace)
+    return sorted(p.pid for p in alive)
 
 
 def kill_tree(roots: Iterable[psutil.Process]) -> list[int]:
     """SIGKILL ``roots`` and all their descendants at once (a crash); return the PIDs killed."""
     procs = _freeze(roots)
     _signal(procs.values(), signal.SIGKILL)
-    psutil.wait_procs(list(procs.values()), timeout=_GRACE)
+    _wait_ended(procs.values(), _GRACE)
     return sorted(procs)
 
 
