@@ -20,6 +20,13 @@ Server side:
     app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
                                mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
 
+Or keep a Flower strategy and let our mods aggregate (flwr's FedAvg over SecAgg+):
+
+.. code-block:: python
+
+    strategy = secure_strategy(flwr.serverapp.strategy.FedAvg(), mods=[SecAggPlus()])
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+
 Flower's deployment runtime on this machine (a SuperLink and SuperNodes on loopback,
 for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.LocalDeployment`.
 
@@ -38,6 +45,12 @@ from flowerpets.flower.client import (
 )
 from flowerpets.flower.grid import FlowerGrid
 from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+from flowerpets.flower.strategy import (
+    WEIGHTED_MEAN_DECLARATION,
+    WEIGHTED_MEAN_STRATEGIES,
+    SecureStrategy,
+    secure_strategy,
+)
 
 __all__ = [
     "BRIDGE_RECORD",
@@ -47,10 +60,14 @@ __all__ = [
     "FlowerServerApp",
     "LocalDeployment",
     "PROTOCOL_MESSAGE_TYPES",
+    "SecureStrategy",
     "Settings",
+    "WEIGHTED_MEAN_DECLARATION",
+    "WEIGHTED_MEAN_STRATEGIES",
     "client_app",
     "flwr_result",
     "mods",
+    "secure_strategy",
     "server_app",
 ]
 
