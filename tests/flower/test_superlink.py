@@ -34,7 +34,7 @@ from flowerpets.secagg.protocol import Stage  # noqa: E402
 from flowerpets.simulation import Dropout, run_simulation  # noqa: E402
 from tests.flower.superlink_app.fpapp import apps  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 APP = Path(__file__).parent / "superlink_app"
 N = 4
 F32 = float(np.finfo(np.float32).eps)  # each side casts its mean to the float32 model
