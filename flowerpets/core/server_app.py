@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowerpets._validation import instance, integer
 from flowerpets.core.exchange import aggregate_round
 from flowerpets.core.grid import Grid
 from flowerpets.core.history import History, RoundRecord
@@ -35,7 +36,12 @@ from flowerpets.core.round import (
     ServerMod,
 )
 from flowerpets.core.strategy import Strategy
-from flowerpets.exceptions import ConfigurationError, RoundFailedError, StopRunError
+from flowerpets.exceptions import (
+    ConfigurationError,
+    ParameterTypeError,
+    RoundFailedError,
+    StopRunError,
+)
 
 __all__ = ["RunResult", "ServerApp"]
 
@@ -89,18 +95,16 @@ class ServerApp:
         seed: int | None = None,
         stop_on_failure: bool = False,
     ) -> None:
-        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-            raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
-        if not isinstance(initial_arrays, ArrayRecord):
-            raise TypeError(
-                f"initial_arrays must be an ArrayRecord, got {type(initial_arrays).__name__}"
-            )
+        integer("num_rounds", num_rounds, at_least=1)
+        instance("initial_arrays", initial_arrays, ArrayRecord)
         if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must implement the Strategy protocol, got {strategy!r}")
+            raise ParameterTypeError(
+                f"strategy must implement the Strategy protocol, got {strategy!r}"
+            )
         for mod in mods:
             if getattr(mod, "secure_aggregation", False) and not isinstance(mod, SecureAggregator):
                 # The old ad-hoc declaration: refused loudly, never silently ignored.
-                raise TypeError(
+                raise ParameterTypeError(
                     f"{mod!r} says secure_aggregation = True but is no SecureAggregator: "
                     "declare it by subclassing flowerpets.core.SecureAggregator"
                 )

@@ -16,6 +16,7 @@ from types import TracebackType
 
 from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message
 from flowerpets.core.client_app import failure_reason
+from flowerpets.exceptions import ParameterValueError
 from flowerpets.simulation.faults import Delay, Dropout, ErrorReply, FaultPlan
 
 __all__ = ["SimulationGrid"]
@@ -49,10 +50,10 @@ class SimulationGrid:
         max_workers: int | None = None,
     ) -> None:
         if not contexts:
-            raise ValueError("a simulation needs at least one node")
+            raise ParameterValueError("a simulation needs at least one node")
         ids = [c.node_id for c in contexts]
         if len(set(ids)) != len(ids) or 0 in ids:
-            raise ValueError("node ids must be unique and non-zero (0 is the server)")
+            raise ParameterValueError("node ids must be unique and non-zero (0 is the server)")
         self._app = client_app
         self._run_id = run_id
         self._contexts = {c.node_id: c for c in contexts}

@@ -388,7 +388,8 @@ def test_a_cohort_the_strategy_cannot_draw_fails_its_round_not_the_run(scripted_
     for record in result.history.rounds:
         assert record.failed
         assert record.error == (
-            f"round {record.round}: ValueError: cannot sample a cohort of 3 from 2 available nodes"
+            f"round {record.round}: ParameterValueError: "
+            "cannot sample a cohort of 3 from 2 available nodes"
         )
     assert result.history.every_round_failed
 
