@@ -177,6 +177,8 @@ def test_the_scan_would_catch_a_bare_builtin_and_a_foreign_class() -> None:
         (lambda: _validation.probability("q", 0.0, zero=False), ParameterValueError),
         (lambda: _validation.probability("q", 1.5), ParameterValueError),
         (lambda: _validation.boolean("b", 1), ParameterTypeError),
+        (lambda: _validation.string("s", b"abc"), ParameterTypeError),
+        (lambda: _validation.string("s", "", non_empty=True), ParameterValueError),
         (lambda: _validation.strings("s", "abc"), ParameterTypeError),
         (lambda: _validation.strings("s", ["a", 1]), ParameterTypeError),
         (lambda: _validation.strings("s", ["a", "a"], unique=True), ParameterValueError),
@@ -199,6 +201,7 @@ def test_validation_returns_the_value_as_its_type() -> None:
     assert _validation.real("x", float("inf"), finite=False) == float("inf")
     assert _validation.probability("q", 1.0) == 1.0
     assert _validation.strings("s", ["a", "b"]) == ("a", "b")
+    assert _validation.string("s", "", non_empty=False) == ""
 
 
 def test_a_secret_value_stays_out_of_the_message() -> None:
