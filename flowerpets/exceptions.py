@@ -25,6 +25,7 @@ __all__ = [
     "FlowerpetsError",
     "FrameError",
     "IncompatibleModsError",
+    "IncompatibleStrategyError",
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
@@ -219,6 +220,17 @@ class IncompatibleModsError(ConfigurationError, RuntimeError):
 
     For example, server-side clipping needs every update one by one, which a
     secure-aggregation mod exists to prevent.
+    """
+
+
+class IncompatibleStrategyError(ConfigurationError, TypeError):
+    """A Flower strategy that cannot run over our server mods.
+
+    Its aggregate is not a weighted mean of the replies (a median, Krum, a
+    trimmed mean, per-reply clipping), so it needs the updates one by one,
+    which secure aggregation exists to hide; or it needs what our mods do not
+    produce (a readable sum, one shared request). The message names what to
+    use instead.
     """
 
 
