@@ -24,7 +24,7 @@ import numpy as np
 
 from flowerpets._validation import instance, integer
 from flowerpets.core.exchange import aggregate_round
-from flowerpets.core.grid import Grid
+from flowerpets.core.grid import Grid, round_nodes
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
@@ -169,8 +169,9 @@ class ServerApp:
         try:
             # Inside the try: in deployment the live nodes change between rounds, so a
             # cohort the strategy cannot draw (a fixed size above the nodes left) fails
-            # this round rather than the run.
-            node_ids = list(context.require_grid().node_ids())
+            # this round rather than the run. A deployment's grid waits here, bounded,
+            # for enough nodes to be back (its round-start hook, WaitsForNodes).
+            node_ids = round_nodes(context.require_grid())
             request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
             record.cohort_size = len(request.cohort)
             outcome: RoundResult = self._train(request, context)
@@ -209,7 +210,7 @@ class ServerApp:
         context: ServerContext,
         record: RoundRecord,
     ) -> None:
-        node_ids = list(context.require_grid().node_ids())
+        node_ids = round_nodes(context.require_grid())
         request = self.strategy.configure_evaluate(rnd, arrays, node_ids, rng)
         if request is not None:
             outcome = aggregate_round(request, context)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
-from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message
+from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message, WaitsForNodes
 from flowerpets.core.client_app import failure_reason
 from flowerpets.exceptions import ParameterValueError
 from flowerpets.simulation.faults import Delay, Dropout, ErrorReply, FaultPlan
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _Delivery = tuple[float, int, Message]  # (deliver at, tie-breaker, reply)
 
 
-class SimulationGrid:
+class SimulationGrid(WaitsForNodes):
     """Runs a ClientApp for many nodes in one process.
 
     Each node has its own :class:`Context`, kept across rounds, and handles one
@@ -38,6 +38,8 @@ class SimulationGrid:
     A node that has dropped out (see :mod:`flowerpets.simulation.faults`) is no
     longer listed by :meth:`node_ids`, and messages to it yield no reply: the
     runtime knows at once what a deployment learns from a missed heartbeat.
+    A round never waits for nodes (the inherited :meth:`wait_for_nodes`): every
+    node is there from the start, and one that dropped out does not come back.
     """
 
     def __init__(

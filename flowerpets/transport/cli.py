@@ -132,8 +132,8 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=60.0,
         metavar="SECONDS",
-        help="when fewer than --round-min-nodes nodes are connected as a round asks for its "
-        "nodes (after an outage), wait up to this long for them to (re)connect "
+        help="when fewer than --round-min-nodes nodes are connected as a round starts "
+        "(after an outage), wait up to this long for them to (re)connect "
         "(default 60; 0: never wait)",
     )
     run.add_argument(
@@ -142,7 +142,7 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="the nodes --wait-for-nodes waits for (default 1: wait only when none is "
-        "connected; more makes rounds, and SecAgg+ stages, wait for nodes that left)",
+        "connected; more makes rounds wait for nodes that left)",
     )
     run.add_argument(
         "--run-config",

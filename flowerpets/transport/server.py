@@ -31,7 +31,8 @@ What the server guarantees:
   :meth:`TransportGrid.node_ids` again, so it joins the next round;
 * a round that finds fewer than ``settings.min_nodes`` nodes (an outage: every
   node missed its heartbeats) waits up to ``settings.wait_for_nodes`` seconds
-  for them in :meth:`TransportGrid.node_ids`, instead of failing at once; a
+  for them in :meth:`TransportGrid.wait_for_nodes` (the grid's round-start
+  hook), instead of failing at once; a
   paused server does not count its own pause as its nodes' silence;
 * :meth:`TransportServer.request_stop` (the CLI calls it on SIGTERM) makes the
   current exchange raise :class:`~flowerpets.exceptions.StopRunError`, which

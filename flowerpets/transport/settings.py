@@ -112,14 +112,15 @@ class ServerSettings:
     ``shutdown_grace``
         Seconds the server waits for nodes to receive its goodbye. Default 3.
     ``min_nodes`` / ``wait_for_nodes``
-        When fewer than ``min_nodes`` nodes are connected, the grid's
-        ``node_ids()`` (which a round calls to pick its cohort) waits up to
-        ``wait_for_nodes`` seconds for them to connect or reconnect, so that a
-        short outage delays the run instead of failing its rounds. After a
-        wait in vain it does not wait again until the next exchange. Defaults 1
-        (wait only when no node is connected) and 60 seconds; 0 seconds never
-        waits. More than 1 also makes a round wait for nodes that left for
-        good, and mods that list the nodes mid-round (SecAgg+) wait too.
+        When fewer than ``min_nodes`` nodes are connected as a round starts,
+        the grid's round-start hook (``wait_for_nodes()``, which the ServerApp
+        calls before it picks a cohort) waits up to ``wait_for_nodes`` seconds
+        for them to connect or reconnect, so that a short outage delays the run
+        instead of failing its rounds. After a wait in vain it does not wait
+        again until the next exchange. Defaults 1 (wait only when no node is
+        connected) and 60 seconds; 0 seconds never waits. More than 1 also
+        makes a round wait for nodes that left for good; mods that list the
+        nodes mid-round (SecAgg+) get the nodes connected then, without a wait.
     """
 
     heartbeat_interval: float = 5.0
