@@ -62,7 +62,7 @@ def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> 
         return None
     if not is_integer(value) or value < low:
         raise ParameterValueError(f"run config {key!r} must be an integer >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
