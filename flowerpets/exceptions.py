@@ -42,7 +42,6 @@ __all__ = [
     "ParameterTypeError",
     "ParameterValueError",
     "PathExistsError",
-    "PhaseError",
     "PrivacyAccountingError",
     "ProtocolViolationError",
     "RecordTypeError",
@@ -168,14 +167,6 @@ class RoundFailedError(FlowerpetsError, RuntimeError):
         super().__init__(message)
         self.failures: dict[int, Failure] = dict(failures or {})
         self.participants: tuple[int, ...] = tuple(participants)
-
-
-class PhaseError(FlowerpetsError, RuntimeError):
-    """A protocol step asked of a state machine in a phase that does not allow it.
-
-    Raised to the caller of our own code (a round's stages run out of order), never
-    for a peer's message: a node refuses those with :class:`RequestRefusedError`.
-    """
 
 
 class ProtocolViolationError(FlowerpetsError, ValueError):

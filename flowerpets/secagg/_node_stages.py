@@ -33,9 +33,9 @@ from flowerpets.core.fields import Fields
 from flowerpets.exceptions import (
     FlowerpetsError,
     InvalidUpdateError,
-    PhaseError,
     ProtocolViolationError,
     RecordTypeError,
+    UsageError,
 )
 from flowerpets.secagg._node_state import (
     SLOT,
@@ -95,7 +95,7 @@ class StageRequest:
 
     def unpack(self) -> tuple[Message, Context, Fields, ClientState, RoundConfig]:
         if self.round is None:
-            raise PhaseError("this stage needs a round in progress")
+            raise UsageError("this stage needs a round in progress")
         return self.msg, self.context, self.body, *self.round
 
 

@@ -77,10 +77,10 @@ from flowerpets.exceptions import (
     MessageFieldError,
     ParameterTypeError,
     ParameterValueError,
-    PhaseError,
     ProtocolViolationError,
     RecordTypeError,
     RoundFailedError,
+    UsageError,
 )
 from flowerpets.secagg._primitives import keys, prg, quantize, shamir
 from flowerpets.secagg.protocol import (
@@ -199,7 +199,7 @@ class ServerRound:
 
     def _enter(self, expected: ServerPhase, stage: str) -> float:
         if self.phase != expected:
-            raise PhaseError(
+            raise UsageError(
                 f"SecAgg+ server: {stage} cannot run in phase {self.phase.value!r} "
                 f"(needs {expected.value!r})"
             )
@@ -450,7 +450,7 @@ class ServerRound:
         surviving neighbours are removed from the running sum, block by block.
         """
         if self.phase != ServerPhase.COLLECTED or self.total is None:
-            raise PhaseError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
+            raise UsageError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
         stage = Stage.UNMASK
         alive = set(self.survivors)
         started = time.perf_counter()
@@ -564,7 +564,7 @@ class ServerRound:
 
     def result(self) -> RoundResult:
         if self.phase != ServerPhase.UNMASKED or self.total is None or self.layout is None:
-            raise PhaseError(f"SecAgg+ server: no result in phase {self.phase.value!r}")
+            raise UsageError(f"SecAgg+ server: no result in phase {self.phase.value!r}")
         layout, quant = self.layout, self.config.quantization
         signed = quantize.to_signed(self.total)
         aggregate = ArrayRecord()

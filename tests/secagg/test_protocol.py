@@ -31,8 +31,8 @@ from flowerpets.core.codec import decode_message, encode_message
 from flowerpets.exceptions import (
     ParameterTypeError,
     ParameterValueError,
-    PhaseError,
     RoundFailedError,
+    UsageError,
 )
 from flowerpets.secagg import SecAggPlus, SecAggPlusClientMod, ServerPhase, Stage, secaggplus_mod
 from flowerpets.secagg.server import ServerRound
@@ -483,13 +483,13 @@ def test_the_server_state_machine_refuses_stages_out_of_order() -> None:
             server_round.collect_masked_inputs,
             server_round.unmask,
         ):
-            with pytest.raises(PhaseError, match="cannot run in phase 'new'"):
+            with pytest.raises(UsageError, match="cannot run in phase 'new'"):
                 step()
-        with pytest.raises(PhaseError, match="no result"):
+        with pytest.raises(UsageError, match="no result"):
             server_round.result()
         server_round.advertise_keys()
         assert server_round.phase == ServerPhase.ADVERTISED
-        with pytest.raises(PhaseError, match="cannot run in phase 'advertised'"):
+        with pytest.raises(UsageError, match="cannot run in phase 'advertised'"):
             server_round.advertise_keys()
         server_round.share_keys()
         server_round.collect_masked_inputs()
