@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the core imports this module; this module needs the core's 
     from flowerpets.core.round import Failure
 
 __all__ = [
+    "AppLoadError",
     "AuthenticationError",
     "CiphertextError",
     "CodecError",
@@ -37,8 +38,10 @@ __all__ = [
     "MissingKeyError",
     "MissingStateError",
     "ModelMismatchError",
+    "NotFoundError",
     "ParameterTypeError",
     "ParameterValueError",
+    "PathExistsError",
     "PrivacyAccountingError",
     "ProtocolViolationError",
     "RecordTypeError",
@@ -52,6 +55,7 @@ __all__ = [
     "TruncatedMessageError",
     "UnknownArrayError",
     "UnsupportedVersionError",
+    "UsageError",
 ]
 
 
@@ -68,6 +72,30 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
     A client mod raises it to say no; the node's reply then carries an error with
     code ``REFUSED`` and this exception's message as the reason.
+    """
+
+
+class UsageError(FlowerpetsError, RuntimeError):
+    """An object used out of order: a server started twice, a server context with no grid."""
+
+
+class NotFoundError(FlowerpetsError, KeyError):
+    """A lookup found nothing under that name or number.
+
+    No such round in a history, record in a message, array in a round's sum,
+    or node in a simulation; the message says what there is instead.
+    """
+
+
+class PathExistsError(FlowerpetsError, FileExistsError):
+    """A file or folder flowerpets would write exists, and overwriting it was not asked for."""
+
+
+class AppLoadError(FlowerpetsError, ImportError):
+    """A ``MODULE:ATTRIBUTE`` spec names nothing that loads.
+
+    The module does not import, or it has no such attribute (as Python's own
+    ``from module import name`` says with an ImportError).
     """
 
 

@@ -16,7 +16,7 @@ from flowerpets.core.exchange import (
     reply_weight,
     request_messages,
 )
-from flowerpets.core.grid import Grid
+from flowerpets.core.grid import Grid, WaitsForNodes
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
@@ -98,6 +98,7 @@ __all__ = [
     "StageExchange",
     "Strategy",
     "WEIGHT_KEY",
+    "WaitsForNodes",
     "WeightedSum",
     "aggregate_round",
     "chain",

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowerpets._validation import one_of
 from flowerpets.core.round import Failure
+from flowerpets.exceptions import NotFoundError
 
 __all__ = ["History", "RoundRecord"]
 
@@ -98,7 +100,7 @@ class History:
         for record in self.rounds:
             if record.round == number:
                 return record
-        raise KeyError(f"no round {number} in this history (it has {len(self.rounds)})")
+        raise NotFoundError(f"no round {number} in this history (it has {len(self.rounds)})")
 
     def metric(self, name: str, *, source: str = "server_metrics") -> list[tuple[int, float]]:
         """``(round, value)`` for every round that reported ``name`` in ``source``.
@@ -106,8 +108,7 @@ class History:
         ``source`` is one of ``train_metrics``, ``evaluate_metrics`` or
         ``server_metrics``.
         """
-        if source not in _SOURCES:
-            raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+        one_of("source", source, _SOURCES)
         out = []
         for record in self.rounds:
             values: dict[str, float] = getattr(record, source)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowerpets._validation import instance, integer
 from flowerpets.core.exchange import aggregate_round
-from flowerpets.core.grid import Grid
+from flowerpets.core.grid import Grid, round_nodes
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
@@ -35,7 +36,12 @@ from flowerpets.core.round import (
     ServerMod,
 )
 from flowerpets.core.strategy import Strategy
-from flowerpets.exceptions import ConfigurationError, RoundFailedError, StopRunError
+from flowerpets.exceptions import (
+    ConfigurationError,
+    ParameterTypeError,
+    RoundFailedError,
+    StopRunError,
+)
 
 __all__ = ["RunResult", "ServerApp"]
 
@@ -89,18 +95,16 @@ class ServerApp:
         seed: int | None = None,
         stop_on_failure: bool = False,
     ) -> None:
-        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-            raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
-        if not isinstance(initial_arrays, ArrayRecord):
-            raise TypeError(
-                f"initial_arrays must be an ArrayRecord, got {type(initial_arrays).__name__}"
-            )
+        integer("num_rounds", num_rounds, at_least=1)
+        instance("initial_arrays", initial_arrays, ArrayRecord)
         if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must implement the Strategy protocol, got {strategy!r}")
+            raise ParameterTypeError(
+                f"strategy must implement the Strategy protocol, got {strategy!r}"
+            )
         for mod in mods:
             if getattr(mod, "secure_aggregation", False) and not isinstance(mod, SecureAggregator):
                 # The old ad-hoc declaration: refused loudly, never silently ignored.
-                raise TypeError(
+                raise ParameterTypeError(
                     f"{mod!r} says secure_aggregation = True but is no SecureAggregator: "
                     "declare it by subclassing flowerpets.core.SecureAggregator"
                 )
@@ -165,8 +169,9 @@ class ServerApp:
         try:
             # Inside the try: in deployment the live nodes change between rounds, so a
             # cohort the strategy cannot draw (a fixed size above the nodes left) fails
-            # this round rather than the run.
-            node_ids = list(context.require_grid().node_ids())
+            # this round rather than the run. A deployment's grid waits here, bounded,
+            # for enough nodes to be back (its round-start hook, WaitsForNodes).
+            node_ids = round_nodes(context.require_grid())
             request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
             record.cohort_size = len(request.cohort)
             outcome: RoundResult = self._train(request, context)
@@ -205,7 +210,7 @@ class ServerApp:
         context: ServerContext,
         record: RoundRecord,
     ) -> None:
-        node_ids = list(context.require_grid().node_ids())
+        node_ids = round_nodes(context.require_grid())
         request = self.strategy.configure_evaluate(rnd, arrays, node_ids, rng)
         if request is not None:
             outcome = aggregate_round(request, context)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,6 +94,14 @@ def format_config(config: Mapping[str, ConfigScalar]) -> str:
     return " ".join(parts)
 
 
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_ACTIVATED = re.compile(r"Activated node_id=(\d+)")
+
+
+def _activated(superlink_log: str) -> set[int]:
+    return {int(m) for m in _ACTIVATED.findall(superlink_log)}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on now (the OS's choice)."""
     with socket.socket() as s:
@@ -135,26 +144,53 @@ def _freeze(roots: Iterable[psutil.Process]) -> dict[int, psutil.Process]:
         frozen.update(found)
 
 
+def _ended(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: dead, waiting for its parent (maybe us, maybe init) to reap it."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_ended(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s for ``procs`` to end; return those still running.
+
+    It reaps nothing (unlike ``psutil.wait_procs``): our own ``Popen`` children keep
+    their exit status for ``Popen.wait``.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        alive = [p for p in alive if not _ended(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
 def stop_tree(roots: Iterable[psutil.Process], *, grace: float = _GRACE) -> list[int]:
-    """Stop ``roots`` and all their descendants by PID; return the PIDs that outlived SIGKILL."""
+    """Stop ``roots`` and all their descendants by PID; return the PIDs that outlived SIGKILL.
+
+    SIGTERM first (flwr's processes shut down cleanly on it), SIGKILL what is left
+    after ``grace`` seconds, and any child born meanwhile.
+    """
     procs = _freeze(roots)
     if not procs:
         return []
     _signal(procs.values(), signal.SIGTERM)
     _signal(procs.values(), signal.SIGCONT)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    alive = _wait_ended(procs.values(), grace)
     if alive:
-        rest = _freeze(alive)  # children born during the grace period go too
+        rest = _freeze([*alive, *procs.values()])  # children born during the grace period too
         _signal(rest.values(), signal.SIGKILL)
-        _, alive = psutil.wait_procs(list(rest.values()), timeout=grace)
-    return [p.pid for p in alive]
+        alive = _wait_ended(rest.values(), grace)
+    return sorted(p.pid for p in alive)
 
 
 def kill_tree(roots: Iterable[psutil.Process]) -> list[int]:
     """SIGKILL ``roots`` and all their descendants at once (a crash); return the PIDs killed."""
     procs = _freeze(roots)
     _signal(procs.values(), signal.SIGKILL)
-    psutil.wait_procs(list(procs.values()), timeout=_GRACE)
+    _wait_ended(procs.values(), _GRACE)
     return sorted(procs)
 
 
@@ -264,6 +300,7 @@ class LocalDeployment:
             self._wait_listening(min(self.deadline, time.monotonic() + _START_TIMEOUT))
             for i in range(self.n_nodes):
                 self.nodes.append(self._start_node(i))
+            self._wait_connected(min(self.deadline, time.monotonic() + _START_TIMEOUT))
         except BaseException:
             self.stop()
             raise
@@ -307,6 +344,34 @@ class LocalDeployment:
                     return
             time.sleep(0.1)
         raise DeploymentError(f"flower-superlink does not listen on {self.address}")
+
+    def _wait_connected(self, deadline: float) -> None:
+        """Until every SuperNode has its node id and the SuperLink has activated it."""
+        while time.monotonic() < deadline:
+            for i, node in enumerate(self.nodes):
+                if node.poll() is not None:
+                    raise DeploymentError(
+                        f"flower-supernode {i} exited with code {node.returncode}: "
+                        f"{self.log(f'supernode-{i}')[-2000:]}"
+                    )
+            ids = self.node_ids
+            if None not in ids and set(ids) <= _activated(self.log("superlink")):
+                return
+            time.sleep(0.1)
+        raise DeploymentError(f"not every SuperNode connected to {self.address} in time")
+
+    @property
+    def node_ids(self) -> list[int | None]:
+        """Flower's id of each SuperNode, by node index (None until it has registered).
+
+        Read from the SuperNode's log (flwr 1.42 prints ``SuperNode ID: <id>``): what
+        lets a test match a node of a run's History to the process it killed.
+        """
+        out: list[int | None] = []
+        for i in range(len(self.nodes)):
+            found = _NODE_ID.search(self.log(f"supernode-{i}"))
+            out.append(int(found.group(1)) if found else None)
+        return out
 
     def log(self, name: str) -> str:
         """The output so far of ``superlink`` or ``supernode-<i>``."""

@@ -34,7 +34,7 @@ from flowerpets.secagg.protocol import Stage  # noqa: E402
 from flowerpets.simulation import Dropout, run_simulation  # noqa: E402
 from tests.flower.superlink_app.fpapp import apps  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 APP = Path(__file__).parent / "superlink_app"
 N = 4
 F32 = float(np.finfo(np.float32).eps)  # each side casts its mean to the float32 model
@@ -81,6 +81,7 @@ def _flwr_run(link: LocalDeployment, module: str, **run_config: Any) -> list[dic
     history = work / "history.json"
     config = {"history-file": str(history), "min-nodes": N, "num-server-rounds": 1, **run_config}
     done = link.run(app, run_config=config)
+    (work / "flwr-run.log").write_text(done.stdout + done.stderr)
     assert history.exists(), (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
     rounds: list[dict[str, Any]] = json.loads(history.read_text())
     assert [r["round"] for r in rounds] == [1], rounds
@@ -114,3 +115,71 @@ def test_plain_fedavg_through_a_superlink(link: LocalDeployment) -> None:
     assert got["train_metrics"] == want.train_metrics
     # Reply order differs: float64 sums in another order, then the float32 model.
     _close(got["server_metrics"], dict(want.server_metrics), atol=_f32(want.server_metrics))
+
+
+def test_central_dp_with_secagg_through_a_superlink(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import dp_secagg
+
+    got = _flwr_run(link, "dp_secagg")[0]
+    assert got["participants"] == N and got["error"] is None, got
+    want = _ours(dp_secagg)
+    assert got["train_metrics"]["epsilon"] == want.train_metrics["epsilon"] > 0
+    # Same seeded noise; each side's quantization is within its reported bound.
+    bounds = got["train_metrics"]["secagg-mean-error-bound"]
+    bounds += want.train_metrics["secagg-mean-error-bound"]
+    _close(got["server_metrics"], dict(want.server_metrics), bounds + _f32(want.server_metrics))
+
+
+def test_ckks_through_a_superlink(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import ckks
+
+    got = _flwr_run(link, "ckks")[0]
+    assert got["participants"] == N and got["error"] is None, got
+    want = _ours(ckks)
+    # The sum stays sealed on the server: the node that evaluates opens it and reports it.
+    opened, ours = _model(got["evaluate_metrics"]), _model(dict(want.evaluate_metrics))
+    assert len(opened) == 13
+    _close(opened, ours, 2 * ckks.CKKS_SUM_ERROR + _f32(ours))
+
+
+def test_secagg_survives_a_node_killed_in_the_masked_input_stage(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import secagg
+
+    victim = N - 1
+    marker = link.home / "stalled"
+    killed: dict[str, Any] = {}
+    done = threading.Event()
+
+    def kill_when_stalled() -> None:
+        # The victim's train handler (inside collect-masked-input) writes the marker, then
+        # waits: its SuperNode, superexec and ClientApp die together, mid-stage.
+        while not done.is_set() and not marker.exists():
+            time.sleep(0.05)
+        if marker.exists():
+            killed["clientapp"] = int(marker.read_text())
+            killed["pids"] = link.kill_node(victim)
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer.start()
+    try:
+        # node-timeout 0: after the kill, the evaluate phase asks for the connected nodes,
+        # and min-nodes would have it wait for a 4th that never comes (the deployment
+        # waited for all 4 before the first run, so the round starts with them).
+        stall = {"stall-partition": victim, "stall-marker": str(marker), "node-timeout": 0.0}
+        got = _flwr_run(link, "secagg", **stall)[0]
+    finally:
+        done.set()
+        killer.join(timeout=10)
+    assert killed, "the victim's train handler never ran"
+    assert killed["clientapp"] in killed["pids"] and not link.node_alive(victim)
+    assert got["error"] is None and got["participants"] == N - 1, got
+    assert list(got["failures"]) == [str(link.node_ids[victim])], got["failures"]
+    (failure,) = got["failures"].values()
+    assert Stage.COLLECT_MASKED_INPUT.value in failure, failure
+    assert got["train_metrics"]["secagg-unmask-missing"] == 0
+    want = _ours(secagg, faults=[Dropout(victim, round=1, stage=Stage.COLLECT_MASKED_INPUT)])
+    assert len(want.participants) == N - 1 and want.train_metrics["num-examples"] == 6
+    assert got["train_metrics"]["num-examples"] == 6  # weights 1 + 2 + 3: the victim's 4 is out
+    bounds = got["train_metrics"]["secagg-mean-error-bound"]
+    bounds += want.train_metrics["secagg-mean-error-bound"]
+    _close(got["server_metrics"], dict(want.server_metrics), bounds + _f32(want.server_metrics))

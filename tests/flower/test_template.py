@@ -245,6 +245,7 @@ def test_flwr_run_in_simulation(pets: tuple[str, ...], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_flwr_run_through_the_superlink_fixture(superlink: SimpleNamespace) -> None:
     app = superlink.home / "app"
     write_app(app, "linkapp", ("dp", "secagg"))
