@@ -1,0 +1,299 @@
+"""Writing one run: a round commits whole or not at all, and spent budget commits first.
+
+A :class:`RunWriter` holds the run's lease (see
+:mod:`flowerpets.store.database.lease`), so it is the only live writer of the
+run. :meth:`RunWriter.commit_round` writes everything a round produced in one
+``BEGIN IMMEDIATE`` transaction under ``synchronous=FULL``: the round's record
+(the history grows by it), the cohort generator's state, the global arrays
+(thinned to every ``keep_arrays_every``-th round plus the last), the PETs'
+server states and the round counter. If anything fails, nothing of the round
+is stored and the previous round is intact. :meth:`RunWriter.record_spend`
+commits a privacy event in a transaction of its own, to call *before* the
+noised result it pays for is released.
+
+Encoding and hashing happen before the transaction opens, so the write lock
+is held only for the writes; the log is checkpointed into the main file after
+the commit, once the round is already durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from flowerpets import _validation as check
+from flowerpets.core.history import RoundRecord
+from flowerpets.core.records import ArrayRecord
+from flowerpets.exceptions import CorruptStoreError, ParameterValueError, RoundSequenceError
+from flowerpets.store.database import LeaseOwner, translate, write_transaction
+from flowerpets.store.database.lease import check_held, release
+from flowerpets.store.encoding import canonical_json, encode_arrays, generator_state
+from flowerpets.store.ledger import SpendRecord, append_spend
+from flowerpets.store.rows import (
+    arrays_digest,
+    pet_state_digest,
+    read_arrays,
+    read_history,
+    read_info,
+    read_pet_states,
+    read_sampler_state,
+    round_digest,
+    run_digest,
+)
+from flowerpets.store.snapshot import PetState, RunInfo, RunSnapshot
+
+__all__ = ["RunWriter"]
+
+log = logging.getLogger(__name__)
+
+_BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
+
+
+class RunWriter:
+    """The lease-holding writer of one run of a :class:`~flowerpets.store.RunStore`.
+
+    Made by ``RunStore.start_run`` or ``RunStore.resume_run``; use it as a
+    context manager (or call :meth:`close`) to give the lease back.
+    ``last_commit_seconds`` holds how long the parts of the last commit took
+    (``encode``, ``digest``, ``write``, ``commit``, ``checkpoint``).
+    """
+
+    def __init__(self, connection: sqlite3.Connection, run_id: str, owner: LeaseOwner) -> None:
+        self._connection = connection
+        self.run_id = run_id
+        self._owner = owner
+        self._closed = False
+        self.last_commit_seconds: dict[str, float] = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def info(self) -> RunInfo:
+        """The run's stored row (its configuration, population and round counter)."""
+        return read_info(self._connection, self.run_id)
+
+    @property
+    def last_round(self) -> int:
+        return self.info.last_round
+
+    def snapshot(self) -> RunSnapshot:
+        """The run as of its last committed round (see :class:`RunSnapshot`)."""
+        return load_snapshot(self._connection, self.run_id)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def commit_round(
+        self,
+        record: RoundRecord,
+        *,
+        arrays: ArrayRecord,
+        sampler: np.random.Generator | Mapping[str, Any],
+        pet_states: Mapping[str, PetState] | None = None,
+    ) -> None:
+        """Commit round ``record.round``: it must be the round after the last one committed.
+
+        ``arrays`` are the global arrays after the round, ``sampler`` the cohort
+        generator (or its :func:`~flowerpets.store.encoding.generator_state`)
+        after it, ``pet_states`` the PETs' server states to replace (by name;
+        bytes or a JSON value). Raises :class:`RoundSequenceError` out of order,
+        :class:`StoreLockedError` if the lease was lost and
+        :class:`StoreWriteError` if the disk refused; in every case nothing of
+        the round was stored.
+        """
+        self._require_open()
+        check.instance("record", record, RoundRecord)
+        check.instance("arrays", arrays, ArrayRecord)
+        rnd = check.integer("record.round", record.round, at_least=1)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        record_json = canonical_json(record.to_json_dict(), name="record")
+        state = (
+            sampler
+            if isinstance(sampler, Mapping)
+            else generator_state(check.instance("sampler", sampler, np.random.Generator))
+        )
+        sampler_json = canonical_json(dict(state), name="sampler")
+        pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
+        frame = encode_arrays(arrays)
+        timings["encode"] = time.perf_counter() - started
+        started = time.perf_counter()
+        frame_digest = arrays_digest(self.run_id, rnd, frame)
+        pet_digests = [
+            pet_state_digest(self.run_id, name, rnd, encoding, value)
+            for name, encoding, value in pets
+        ]
+        committed_at = time.time()
+        timings["digest"] = time.perf_counter() - started
+        with write_transaction(self._connection, f"the commit of round {rnd}") as db:
+            started = time.perf_counter()
+            check_held(db, self.run_id, self._owner)
+            info = read_info(db, self.run_id)
+            if rnd != info.last_round + 1:
+                raise RoundSequenceError(
+                    f"run {self.run_id!r} committed round {info.last_round} last; "
+                    f"round {rnd} cannot follow it"
+                )
+            db.execute(
+                "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
+                "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    self.run_id,
+                    rnd,
+                    record_json,
+                    sampler_json,
+                    committed_at,
+                    round_digest(self.run_id, rnd, record_json, sampler_json, committed_at),
+                ),
+            )
+            _write_frame(db, self.run_id, rnd, frame, frame_digest)
+            _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
+            for (name, encoding, value), digest in zip(pets, pet_digests, strict=True):
+                db.execute(
+                    "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
+                    "round = excluded.round, encoding = excluded.encoding, "
+                    "value = excluded.value, sha256 = excluded.sha256",
+                    (self.run_id, name, rnd, encoding, value, digest),
+                )
+            _set_last_round(db, info, rnd)
+            timings["write"] = time.perf_counter() - started
+            started = time.perf_counter()
+        timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
+        started = time.perf_counter()
+        self._checkpoint()
+        timings["checkpoint"] = time.perf_counter() - started
+        self.last_commit_seconds = timings
+
+    def record_spend(self, event: Mapping[str, Any], *, round: int) -> SpendRecord:
+        """Commit one privacy event to the run's population ledger, in its own transaction.
+
+        Call it before the noised result the event pays for is released: once it
+        returns the spend is on disk, so a crash after it over-counts and a
+        restart can never spend the same budget again.
+        """
+        self._require_open()
+        rnd = check.integer("round", round, at_least=0)
+        check.instance("event", event, Mapping)
+        with write_transaction(self._connection, f"recording a spend of round {rnd}") as db:
+            check_held(db, self.run_id, self._owner)
+            info = read_info(db, self.run_id)
+            return append_spend(db, info.population_id, run_id=self.run_id, round=rnd, event=event)
+
+    def close(self) -> None:
+        """Give the lease back (the store stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
+                release(self._connection, self.run_id, self._owner)
+        except sqlite3.Error as exc:  # pragma: no cover - translated by write_transaction
+            raise translate(exc, "cannot release the lease") from exc
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
+
+    def _checkpoint(self) -> None:
+        # The round is durable in the log already; a checkpoint that fails (another reader,
+        # a full disk) only leaves the log longer, and the next one copies it.
+        try:
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint after a commit failed, the round is committed: %s", exc)
+
+
+def load_snapshot(connection: sqlite3.Connection, run_id: str) -> RunSnapshot:
+    """Everything stored about ``run_id`` as of its last committed round, every row checked."""
+    info = read_info(connection, run_id)
+    history = read_history(connection, run_id, info.last_round)
+    arrays = read_arrays(connection, run_id, info.last_round)
+    if arrays is None and info.last_round > 0:
+        raise CorruptStoreError(f"run {run_id!r} lacks the arrays of its last round")
+    sampler = None
+    if info.last_round > 0:
+        sampler = read_sampler_state(connection, run_id, info.last_round)
+    return RunSnapshot(
+        info=info,
+        round=info.last_round,
+        arrays=arrays,
+        history=history,
+        sampler_state=sampler,
+        pet_states=read_pet_states(connection, run_id),
+    )
+
+
+def _encode_pet_state(name: object, value: PetState) -> tuple[str, str, bytes]:
+    if not isinstance(name, str) or not name:
+        raise ParameterValueError("every PET state needs a non-empty str name")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return name, "bytes", bytes(value)
+    return name, "json", canonical_json(value, name=f"pet_states[{name!r}]").encode("ascii")
+
+
+def _write_frame(
+    db: sqlite3.Connection, run_id: str, rnd: int, frame: bytes, digest: bytes
+) -> None:
+    """The arrays row: space reserved, then the frame copied into it in chunks.
+
+    Binding a 40 MB value would copy it once more into SQLite's own buffer.
+    """
+    cursor = db.execute(
+        "INSERT INTO arrays (run_id, round, frame, nbytes, sha256) "
+        "VALUES (?, ?, zeroblob(?), ?, ?) "
+        "ON CONFLICT (run_id, round) DO UPDATE SET frame = excluded.frame, "
+        "nbytes = excluded.nbytes, sha256 = excluded.sha256 RETURNING id",
+        (run_id, rnd, len(frame), len(frame), digest),
+    )
+    row_id = cursor.fetchone()[0]
+    cursor.close()
+    view = memoryview(frame)
+    with db.blobopen("arrays", "frame", row_id) as blob:
+        for start in range(0, len(view), _BLOB_CHUNK):
+            blob.write(view[start : start + _BLOB_CHUNK])
+
+
+def _thin_arrays(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:
+    """Drop earlier rounds' arrays off the keep-every grid (the initial arrays stay)."""
+    db.execute(
+        "DELETE FROM arrays WHERE run_id = ? AND round > 0 AND round < ? AND round % ? != 0",
+        (run_id, rnd, every),
+    )
+
+
+def _set_last_round(db: sqlite3.Connection, info: RunInfo, rnd: int) -> None:
+    # The stored text, not a re-encoding of it: the digest covers the bytes on disk.
+    config_json = db.execute(
+        "SELECT config_json FROM runs WHERE run_id = ?", (info.run_id,)
+    ).fetchone()[0]
+    db.execute(
+        "UPDATE runs SET last_round = ?, row_digest = ? WHERE run_id = ?",
+        (
+            rnd,
+            run_digest(
+                info.run_id,
+                config_json,
+                info.config_digest,
+                info.population_id,
+                info.keep_arrays_every,
+                rnd,
+                info.created_at,
+            ),
+            info.run_id,
+        ),
+    )
