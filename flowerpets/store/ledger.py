@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowerpets.exceptions import CorruptStoreError
+from flowerpets.store.database import reading
 from flowerpets.store.encoding import canonical_json, check_digest, parse_json, row_digest
 
 __all__ = ["SpendRecord", "append_spend", "ensure_population", "read_spends"]
@@ -49,10 +50,11 @@ def _population_digest(population_id: str, entries: int, head: bytes) -> bytes:
 
 
 def _head(connection: sqlite3.Connection, population_id: str) -> tuple[int, bytes] | None:
-    row = connection.execute(
-        "SELECT entries, head, row_digest FROM populations WHERE population_id = ?",
-        (population_id,),
-    ).fetchone()
+    with reading(f"the ledger head of population {population_id!r}"):
+        row = connection.execute(
+            "SELECT entries, head, row_digest FROM populations WHERE population_id = ?",
+            (population_id,),
+        ).fetchone()
     if row is None:
         return None
     entries, head, digest = row
@@ -117,11 +119,12 @@ def read_spends(connection: sqlite3.Connection, population_id: str) -> list[Spen
     if head is None:
         raise CorruptStoreError(f"population {population_id!r} has no ledger in this store")
     entries, last = head
-    rows = connection.execute(
-        "SELECT seq, run_id, round, event_json, recorded_at, row_digest FROM privacy_ledger "
-        "WHERE population_id = ? ORDER BY seq",
-        (population_id,),
-    ).fetchall()
+    with reading(f"the privacy ledger of population {population_id!r}"):
+        rows = connection.execute(
+            "SELECT seq, run_id, round, event_json, recorded_at, row_digest FROM privacy_ledger "
+            "WHERE population_id = ? ORDER BY seq",
+            (population_id,),
+        ).fetchall()
     where = f"the privacy ledger of population {population_id!r}"
     previous, out = _genesis(population_id), []
     for expected, (seq, run_id, rnd, text, recorded_at, digest) in enumerate(rows, start=1):

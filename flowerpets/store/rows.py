@@ -14,7 +14,7 @@ from typing import Any
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.records import ArrayRecord
 from flowerpets.exceptions import CorruptStoreError, MissingRunError
-from flowerpets.store.database import translate
+from flowerpets.store.database import reading, translate
 from flowerpets.store.encoding import (
     check_digest,
     decode_arrays,
@@ -149,11 +149,12 @@ def read_history(connection: sqlite3.Connection, run_id: str, last_round: int) -
 
 def read_sampler_state(connection: sqlite3.Connection, run_id: str, rnd: int) -> Any:
     """The cohort generator's state after round ``rnd`` (its row checked)."""
-    row = connection.execute(
-        "SELECT record_json, sampler_json, committed_at, row_digest FROM rounds "
-        "WHERE run_id = ? AND round = ?",
-        (run_id, rnd),
-    ).fetchone()
+    with reading(f"round {rnd} of run {run_id!r}"):
+        row = connection.execute(
+            "SELECT record_json, sampler_json, committed_at, row_digest FROM rounds "
+            "WHERE run_id = ? AND round = ?",
+            (run_id, rnd),
+        ).fetchone()
     where = f"round {rnd} of run {run_id!r}"
     if row is None:
         raise CorruptStoreError(f"run {run_id!r} lacks round {rnd}")

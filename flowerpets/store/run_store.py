@@ -219,8 +219,17 @@ class RunStore:
         :class:`~flowerpets.exceptions.CorruptStoreError`.
         """
         population = _population(population_id)
-        if population not in self.populations():
+        try:
+            named = self._connection.execute(
+                "SELECT 1 FROM runs WHERE population_id = ? UNION "
+                "SELECT 1 FROM populations WHERE population_id = ?",
+                (population, population),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise translate(exc, "cannot read the ledger") from exc
+        if named is None:
             raise MissingRunError(f"the store holds no ledger for population {population!r}")
+        # A population a run names but with no ledger is damage: read_spends refuses it.
         return read_spends(self._connection, population)
 
     # -- lifetime ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The SQLite layer: a configured, checked connection, the schema, transactions, leases."""
 
 from flowerpets.store.database.connection import IntegrityCheck, open_connection
-from flowerpets.store.database.errors import translate
+from flowerpets.store.database.errors import reading, translate
 from flowerpets.store.database.lease import LeaseOwner
 from flowerpets.store.database.schema import SCHEMA_VERSION, ensure_schema
 from flowerpets.store.database.transaction import write_transaction
@@ -12,6 +12,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ensure_schema",
     "open_connection",
+    "reading",
     "translate",
     "write_transaction",
 ]

@@ -46,13 +46,26 @@ def open_connection(path: str | os.PathLike[str], *, check: IntegrityCheck) -> s
             _check_identity(connection, target)
             if check != "none":
                 _check_integrity(connection, target, full=check == "full")
+    except UnicodeDecodeError:
+        # SQLite's own message quoted damaged schema text that is not UTF-8.
+        connection.close()
+        raise CorruptStoreError(f"the schema of {str(target)!r} is damaged") from None
     except BaseException:
         connection.close()
         raise
     return connection
 
 
+def _text(data: bytes) -> str:
+    # Text SQLite hands back is UTF-8 unless the file was damaged.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptStoreError("the store holds text that is not UTF-8: it was damaged") from None
+
+
 def _configure(connection: sqlite3.Connection, *, fresh: bool) -> None:
+    connection.text_factory = _text
     try:
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if fresh:

@@ -10,11 +10,13 @@ the previous round is intact whatever the error.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from flowerpets.exceptions import CorruptStoreError, StoreError, StoreLockedError, StoreWriteError
 
-__all__ = ["translate"]
+__all__ = ["reading", "translate"]
 
 _CORRUPT: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _BUSY: Final = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
@@ -37,3 +39,12 @@ def translate(exc: sqlite3.Error, what: str) -> StoreError:
     if primary in _WRITE:
         return StoreWriteError(message)
     return StoreError(message)
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Translate SQLite's errors raised in the block; ``what`` says what was being read."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise translate(exc, f"cannot read {what}") from exc

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
-from flowerpets.exceptions import StoreError
+from flowerpets.exceptions import CorruptStoreError, StoreError
 from flowerpets.store.database.connection import APPLICATION_ID
 from flowerpets.store.database.errors import translate
 
@@ -110,6 +110,7 @@ def ensure_schema(connection: sqlite3.Connection) -> None:
     try:
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            _check_tables(connection)
             return
         if version != 0:
             raise StoreError(
@@ -131,3 +132,26 @@ def ensure_schema(connection: sqlite3.Connection) -> None:
             raise
     except sqlite3.Error as exc:
         raise translate(exc, "cannot create the store's tables") from exc
+
+
+def _schema_rows(connection: sqlite3.Connection) -> list[tuple[str, str, str, str | None]]:
+    return connection.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY type, name"
+    ).fetchall()
+
+
+def _check_tables(connection: sqlite3.Connection) -> None:
+    """The file's tables must be exactly the ones this version creates.
+
+    The schema is text in the file like any other row: a damaged column name
+    or constraint would otherwise surface as a confusing query error, or not at all.
+    """
+    expected = sqlite3.connect(":memory:")
+    try:
+        for statement in _TABLES:
+            expected.execute(statement)
+        wanted = _schema_rows(expected)
+    finally:
+        expected.close()
+    if _schema_rows(connection) != wanted:
+        raise CorruptStoreError("the store's table definitions are not this version's: damaged")
