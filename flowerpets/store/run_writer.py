@@ -53,6 +53,7 @@ __all__ = ["RunWriter"]
 log = logging.getLogger(__name__)
 
 _BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
+_BASE_CACHE_KIB = 2000  # SQLite's default page cache, for everything but a round's arrays
 
 
 class RunWriter:
@@ -128,6 +129,7 @@ class RunWriter:
         ]
         committed_at = time.time()
         timings["digest"] = time.perf_counter() - started
+        self._hold_in_cache(len(frame))
         with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
             check_held(db, self.run_id, self._owner)
@@ -165,6 +167,7 @@ class RunWriter:
         timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
         started = time.perf_counter()
         self._checkpoint()
+        self._release_cache()
         timings["checkpoint"] = time.perf_counter() - started
         self.last_commit_seconds = timings
 
@@ -208,6 +211,17 @@ class RunWriter:
     def _require_open(self) -> None:
         if self._closed:
             raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
+
+    def _hold_in_cache(self, frame_bytes: int) -> None:
+        # A page cache too small for the round spills its pages to the log mid-transaction,
+        # writing them twice; sized for the frame, they are written once, at COMMIT.
+        kib = (frame_bytes + frame_bytes // 8) // 1024 + _BASE_CACHE_KIB
+        self._connection.execute(f"PRAGMA cache_size = -{kib}")
+
+    def _release_cache(self) -> None:
+        # The round is on disk: give its pages' memory back rather than hold a model's worth.
+        self._connection.execute(f"PRAGMA cache_size = -{_BASE_CACHE_KIB}")
+        self._connection.execute("PRAGMA shrink_memory")
 
     def _checkpoint(self) -> None:
         # The round is durable in the log already; a checkpoint that fails (another reader,
