@@ -25,12 +25,15 @@ __all__ = [
     "FlowerpetsError",
     "FrameError",
     "IncompatibleModsError",
+    "IncompatibleStrategyError",
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
+    "KeyMaterialError",
     "KeySetupError",
     "MessageFieldError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "MissingKeyError",
     "MissingRunError",
     "MissingStateError",
@@ -54,6 +57,7 @@ __all__ = [
     "StoreWriteError",
     "TransportError",
     "TruncatedMessageError",
+    "UnknownArrayError",
     "UnsupportedVersionError",
 ]
 
@@ -170,6 +174,23 @@ class KeySetupError(RoundFailedError):
     """
 
 
+class KeyMaterialError(FlowerpetsError, ValueError):
+    """Key material that cannot be used: a serialized CKKS context, a public key.
+
+    Bytes that do not parse, of other parameters than agreed, a context that holds a
+    secret where none may be, or a public key of the wrong size or order. The
+    reason names what was wrong, never the bytes.
+    """
+
+
+class UnknownArrayError(FlowerpetsError, KeyError):
+    """A name that no array of a layout or a sum has (adding to an array that is not there)."""
+
+
+class MissingDependencyError(FlowerpetsError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra."""
+
+
 class MissingKeyError(FlowerpetsError, LookupError):
     """A node holds no key for this data, for example no CKKS secret key to open a sealed model."""
 
@@ -179,6 +200,17 @@ class IncompatibleModsError(ConfigurationError, RuntimeError):
 
     For example, server-side clipping needs every update one by one, which a
     secure-aggregation mod exists to prevent.
+    """
+
+
+class IncompatibleStrategyError(ConfigurationError, TypeError):
+    """A Flower strategy that cannot run over our server mods.
+
+    Its aggregate is not a weighted mean of the replies (a median, Krum, a
+    trimmed mean, per-reply clipping), so it needs the updates one by one,
+    which secure aggregation exists to hide; or it needs what our mods do not
+    produce (a readable sum, one shared request). The message names what to
+    use instead.
     """
 
 

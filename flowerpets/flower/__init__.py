@@ -20,6 +20,13 @@ Server side:
     app = server_app(ServerApp(strategy=FedAvg(), num_rounds=3, initial_arrays=arrays,
                                mods=[CentralDp(...), SecAggPlus(...)]))   # a flwr ServerApp
 
+Or keep a Flower strategy and let our mods aggregate (flwr's FedAvg over SecAgg+):
+
+.. code-block:: python
+
+    strategy = secure_strategy(flwr.serverapp.strategy.FedAvg(), mods=[SecAggPlus()])
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+
 What maps to what, and what is refused: ``docs/flower.md``.
 """
 
@@ -33,6 +40,12 @@ from flowerpets.flower.client import (
 )
 from flowerpets.flower.grid import FlowerGrid
 from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+from flowerpets.flower.strategy import (
+    WEIGHTED_MEAN_DECLARATION,
+    WEIGHTED_MEAN_STRATEGIES,
+    SecureStrategy,
+    secure_strategy,
+)
 
 __all__ = [
     "BRIDGE_RECORD",
@@ -41,9 +54,13 @@ __all__ = [
     "FlowerMod",
     "FlowerServerApp",
     "PROTOCOL_MESSAGE_TYPES",
+    "SecureStrategy",
     "Settings",
+    "WEIGHTED_MEAN_DECLARATION",
+    "WEIGHTED_MEAN_STRATEGIES",
     "client_app",
     "flwr_result",
     "mods",
+    "secure_strategy",
     "server_app",
 ]

@@ -33,7 +33,7 @@ from typing import Any
 
 from flowerpets.core import RecordDict
 from flowerpets.core.state import StateSlot, convert
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.exceptions import KeySetupError, RequestRefusedError
 from flowerpets.he._primitives.params import CKKSParameters
 from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
 
@@ -170,7 +170,8 @@ class ServerKeys:
         try:
             phase = SERVER_TRANSITIONS[(self.phase, event)]
         except KeyError:
-            raise RuntimeError(
+            # The server's own code chose the event: the round fails rather than go on.
+            raise KeySetupError(
                 f"server key state cannot go through {event.value!r} from {self.phase.value!r}"
             ) from None
         return replace(self, phase=phase, **changes)

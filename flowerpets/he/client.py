@@ -17,7 +17,6 @@ import fnmatch
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from flowerpets.core import (
     ArrayRecord,
@@ -29,17 +28,22 @@ from flowerpets.core import (
     is_sealed,
     reply_weight,
 )
+from flowerpets.core.fields import Fields
 from flowerpets.exceptions import (
     CiphertextError,
     DecryptionError,
     InfeasibleParametersError,
     InvalidUpdateError,
+    KeyMaterialError,
+    MessageFieldError,
     MissingKeyError,
+    ParameterTypeError,
+    ParameterValueError,
     RequestRefusedError,
 )
 from flowerpets.he._primitives.ciphertexts import Header, encrypt_flat, wire_arrays
 from flowerpets.he._primitives.keywrap import KEY_ID_BYTES, KeyBinding, TransportKeys, unwrap, wrap
-from flowerpets.he._primitives.packing import Layout, peak
+from flowerpets.he._primitives.packing import Layout, encryption_patterns, peak
 from flowerpets.he._primitives.params import (
     CKKSParameters,
     context_digest,
@@ -55,9 +59,18 @@ from flowerpets.he.protocol import (
     CONFIG_ENCRYPT,
     CONFIG_KEY_ID,
     CONFIG_WEIGHT_KEY,
+    FIELD_PARAMS,
+    FIELD_PUBLIC_CONTEXT,
+    FIELD_PUBLIC_KEY,
+    FIELD_RECIPIENT_KEYS,
+    FIELD_RECIPIENTS,
+    FIELD_SENDER,
+    FIELD_VOLUNTEER,
+    FIELD_WRAPPED,
     HE_MESSAGE_TYPE,
     KEY_GENERATOR_CONFIG,
     KEY_ID,
+    SETUP_RECORD,
     Stage,
 )
 from flowerpets.he.sealed import open_sealed
@@ -68,26 +81,37 @@ log = logging.getLogger(__name__)
 
 CallNext = Callable[[Message, Context], Message]
 
+# What a peer's parameters, keys or wrapped key are refused with (ours, raised on purpose by
+# the checks they go through; a bare built-in is a bug and is never taken for a refusal).
+_BAD_PARAMETERS = (ParameterValueError, ParameterTypeError, KeyMaterialError)
+_BAD_KEY = (DecryptionError, MissingKeyError, KeyMaterialError, ParameterValueError)
 
-def _config(msg: Message) -> ConfigRecord:
-    body = msg.require_content()
-    return body.get_typed("config", ConfigRecord) if "config" in body else ConfigRecord()
 
-
-def _get(config: ConfigRecord, key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in config:
-        raise RequestRefusedError(f"key set-up request lacks {key!r}")
-    value = config[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise RequestRefusedError(f"key set-up request: {key!r} has the wrong type")
+def _key_id(fields: Fields) -> str:
+    value = fields.get(CONFIG_KEY_ID, str)
+    if not KEY_ID.fullmatch(value):
+        raise RequestRefusedError(f"malformed key id {value!r}")
     return value
 
 
-def _key_id(config: ConfigRecord) -> str:
-    value = _get(config, "he.key-id", str)
-    if not KEY_ID.fullmatch(value):
-        raise RequestRefusedError(f"malformed key id {value!r}")
-    return str(value)
+def _asked(request: Message) -> tuple[str, list[str], str | None, int] | None:
+    """What a request asks of an encrypted reply: key id, arrays, weight metric, cohort size.
+
+    None if it does not ask for encryption; a field missing or mistyped raises
+    MessageFieldError.
+    """
+    content = request.require_content()
+    if "config" not in content:
+        return None
+    fields = Fields.of(content, "config")
+    if CONFIG_KEY_ID not in fields:
+        return None
+    return (
+        _key_id(fields),
+        fields.items(CONFIG_ENCRYPT, str),
+        fields.get(CONFIG_WEIGHT_KEY, str) or None,
+        fields.get(CONFIG_COHORT_SIZE, int),
+    )
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -121,20 +145,14 @@ class CKKSClientMod:
     """
 
     def __init__(self, *, encrypt: Sequence[str] = ("*",)) -> None:
-        if isinstance(encrypt, str) or not all(isinstance(p, str) and p for p in encrypt):
-            raise ValueError(
-                f"encrypt must be a sequence of non-empty names or patterns, got {encrypt!r}"
-            )
-        if not encrypt:
-            raise ValueError("encrypt must name at least one array or pattern (default: '*')")
-        self.encrypt = tuple(encrypt)
+        self.encrypt = encryption_patterns(encrypt)
         if "*" not in self.encrypt:
             log.warning(
                 "CKKSClientMod(encrypt=%r): arrays matching none of these may be sent to the "
                 "server in the clear",
                 self.encrypt,
             )
-        self._stages: dict[str, Callable[[Message, Context, ClientKeys], RecordDict]] = {
+        self._stages: dict[str, Callable[[Message, Context, ClientKeys], ConfigRecord]] = {
             Stage.ADVERTISE: self._advertise,
             Stage.KEYGEN: self._keygen,
             Stage.SHARE: self._share,
@@ -159,9 +177,13 @@ class CKKSClientMod:
         if handler is None:
             raise RequestRefusedError(f"unknown key set-up stage {msg.metadata.stage!r}")
         keys = ClientKeys.load(context.state)
-        return msg.reply(handler(msg, context, keys))
+        try:
+            answer = handler(msg, context, keys)
+        except MessageFieldError as exc:  # the server's request lacks a field or mistypes one
+            raise RequestRefusedError(f"key set-up request: {exc}") from None
+        return msg.reply(RecordDict({SETUP_RECORD: answer}))
 
-    def _advertise(self, msg: Message, context: Context, keys: ClientKeys) -> RecordDict:
+    def _advertise(self, msg: Message, context: Context, keys: ClientKeys) -> ConfigRecord:
         if not keys.transport_private:
             transport = TransportKeys.generate()
             keys = keys.after(
@@ -173,27 +195,21 @@ class CKKSClientMod:
             keys = keys.after(Stage.ADVERTISE)
         keys.store(context.state)
         volunteer = context.node_config.get(KEY_GENERATOR_CONFIG, False) is True
-        return RecordDict(
+        return ConfigRecord(
             {
-                "config": ConfigRecord(
-                    {
-                        "he.public-key": keys.transport_public,
-                        "he.volunteer": volunteer,
-                        "he.key-id": keys.key_id,
-                    }
-                )
+                FIELD_PUBLIC_KEY: keys.transport_public,
+                FIELD_VOLUNTEER: volunteer,
+                CONFIG_KEY_ID: keys.key_id,
             }
         )
 
     def _wrap_for(
-        self, context: Context, config: ConfigRecord, keys: ClientKeys, secret: bytes
+        self, context: Context, fields: Fields, keys: ClientKeys, secret: bytes
     ) -> ConfigRecord:
         """Wrap ``secret`` for every recipient the request lists."""
-        recipients = _get(config, "he.recipients", list)
-        public_keys = _get(config, "he.recipient-keys", list)
-        if len(recipients) != len(public_keys) or not all(
-            isinstance(n, int) and not isinstance(n, bool) for n in recipients
-        ):
+        recipients = fields.items(FIELD_RECIPIENTS, int)
+        public_keys = fields.items(FIELD_RECIPIENT_KEYS, bytes)
+        if len(recipients) != len(public_keys):
             raise RequestRefusedError("recipients and their keys do not pair up")
         if context.node_id in recipients or len(set(recipients)) != len(recipients):
             raise RequestRefusedError("the recipients repeat a node or include this one")
@@ -201,26 +217,26 @@ class CKKSClientMod:
         digest = context_digest(public_context_bytes(load_secret_context(secret, keys.params)))
         wrapped = []
         for node, public in zip(recipients, public_keys, strict=True):
-            binding = KeyBinding(
-                run_id=context.run_id,
-                sender=context.node_id,
-                recipient=node,
-                key_id=bytes.fromhex(keys.key_id),
-                context_digest=digest,
-            )
             try:
+                binding = KeyBinding(
+                    run_id=context.run_id,
+                    sender=context.node_id,
+                    recipient=node,
+                    key_id=bytes.fromhex(keys.key_id),
+                    context_digest=digest,
+                )
                 wrapped.append(wrap(secret, public, binding))
-            except ValueError as exc:
+            except (KeyMaterialError, ParameterValueError) as exc:  # a bad key or node id
                 raise RequestRefusedError(f"recipient {node}: {exc}") from None
         return ConfigRecord(
-            {"he.key-id": keys.key_id, "he.recipients": list(recipients), "he.wrapped": wrapped}
+            {CONFIG_KEY_ID: keys.key_id, FIELD_RECIPIENTS: recipients, FIELD_WRAPPED: wrapped}
         )
 
-    def _keygen(self, msg: Message, context: Context, keys: ClientKeys) -> RecordDict:
-        config = _config(msg)
+    def _keygen(self, msg: Message, context: Context, keys: ClientKeys) -> ConfigRecord:
+        fields = Fields.of(msg.content, SETUP_RECORD)
         try:
-            params = CKKSParameters.from_list(_get(config, "he.params", list))
-        except ValueError as exc:  # insecure or malformed parameters are refused, never used
+            params = CKKSParameters.from_list(fields.items(FIELD_PARAMS, int))
+        except _BAD_PARAMETERS as exc:  # insecure or malformed parameters are refused, never used
             raise RequestRefusedError(f"refusing CKKS parameters: {exc}") from None
         ckks = new_secret_context(params)
         keys = keys.after(
@@ -229,47 +245,49 @@ class CKKSClientMod:
             params=params,
             secret_context=secret_context_bytes(ckks),
         )
-        out = self._wrap_for(context, config, keys, keys.secret_context)
-        out["he.public-context"] = public_context_bytes(ckks)
+        out = self._wrap_for(context, fields, keys, keys.secret_context)
+        out[FIELD_PUBLIC_CONTEXT] = public_context_bytes(ckks)
         keys.store(context.state)
-        return RecordDict({"config": out})
+        return out
 
-    def _share(self, msg: Message, context: Context, keys: ClientKeys) -> RecordDict:
-        config = _config(msg)
+    def _share(self, msg: Message, context: Context, keys: ClientKeys) -> ConfigRecord:
+        fields = Fields.of(msg.content, SETUP_RECORD)
         keys = keys.after(Stage.SHARE)
-        if _key_id(config) != keys.key_id:
-            raise RequestRefusedError(f"asked to share key {_key_id(config)}, holds {keys.key_id}")
-        return RecordDict({"config": self._wrap_for(context, config, keys, keys.secret_context)})
+        asked = _key_id(fields)
+        if asked != keys.key_id:
+            raise RequestRefusedError(f"asked to share key {asked}, holds {keys.key_id}")
+        return self._wrap_for(context, fields, keys, keys.secret_context)
 
-    def _install(self, msg: Message, context: Context, keys: ClientKeys) -> RecordDict:
-        config = _config(msg)
-        key_id = _key_id(config)
-        sender = _get(config, "he.sender", int)
+    def _install(self, msg: Message, context: Context, keys: ClientKeys) -> ConfigRecord:
+        fields = Fields.of(msg.content, SETUP_RECORD)
+        key_id = _key_id(fields)
+        sender = fields.get(FIELD_SENDER, int)
         try:
-            params = CKKSParameters.from_list(_get(config, "he.params", list))
-            public = _get(config, "he.public-context", bytes)
+            params = CKKSParameters.from_list(fields.items(FIELD_PARAMS, int))
+            public = fields.get(FIELD_PUBLIC_CONTEXT, bytes)
             load_public_context(public, params)
-        except ValueError as exc:
+        except _BAD_PARAMETERS as exc:
             raise RequestRefusedError(f"refusing the key's parameters: {exc}") from None
         if not keys.transport_private:
             raise RequestRefusedError("no transport key: this node was never asked to advertise")
-        binding = KeyBinding(
-            run_id=context.run_id,
-            sender=sender,
-            recipient=context.node_id,
-            key_id=bytes.fromhex(key_id),
-            context_digest=context_digest(public),
-        )
+        blob = fields.get(FIELD_WRAPPED, bytes)
         try:
-            secret = unwrap(_get(config, "he.wrapped", bytes), keys.transport_private, binding)
+            binding = KeyBinding(
+                run_id=context.run_id,
+                sender=sender,
+                recipient=context.node_id,
+                key_id=bytes.fromhex(key_id),
+                context_digest=context_digest(public),
+            )
+            secret = unwrap(blob, keys.transport_private, binding)
             ckks = load_secret_context(secret, params)
-        except (DecryptionError, MissingKeyError, ValueError) as exc:
+        except _BAD_KEY as exc:
             raise RequestRefusedError(f"refusing the wrapped key: {exc}") from None
         if public_context_bytes(ckks) != public:
             raise RequestRefusedError("the wrapped key does not belong to the announced parameters")
         keys = keys.after(Stage.INSTALL, key_id=key_id, params=params, secret_context=secret)
         keys.store(context.state)
-        return RecordDict({"config": ConfigRecord({"he.key-id": key_id})})
+        return ConfigRecord({CONFIG_KEY_ID: key_id})
 
     # -- models in, updates out ---------------------------------------------------------------
     def _open(self, msg: Message, context: Context) -> Message:
@@ -293,26 +311,26 @@ class CKKSClientMod:
             return reply
         arrays = content.get_typed("arrays", ArrayRecord)
         protected = [name for name in arrays if _matches(name, self.encrypt)]
-        config = _config(request)
-        if CONFIG_KEY_ID not in config:
+        try:
+            asked = _asked(request)
+        except MessageFieldError as exc:  # the server's request lacks a field or mistypes one
+            raise RequestRefusedError(f"the encrypted round's request: {exc}") from None
+        if asked is None:
             if protected:
                 raise RequestRefusedError(
                     f"the server did not ask for encrypted updates (is HomomorphicAggregation "
                     f"installed?); refusing to send {protected[:5]} in the clear"
                 )
             return reply
+        key_id, wanted, weight_key, cohort = asked
         keys = ClientKeys.load(context.state)
-        key_id = _key_id(config)
         if keys.params is None or keys.key_id != key_id:
             raise RequestRefusedError(
                 f"the round is under key {key_id}, this node holds {keys.key_id or 'none'}"
             )
-        wanted = _get(config, CONFIG_ENCRYPT, list)
         clear = [name for name in protected if name not in wanted]
         if clear:
             raise RequestRefusedError(f"the server would take {clear[:5]} in the clear: refused")
-        weight_key = _get(config, CONFIG_WEIGHT_KEY, str) or None
-        cohort = _get(config, CONFIG_COHORT_SIZE, int)
         metrics = content.get_typed("metrics", MetricRecord) if "metrics" in content else None
         if metrics is None:
             raise InvalidUpdateError("the reply carries no metrics to weigh the update with")

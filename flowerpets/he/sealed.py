@@ -23,7 +23,12 @@ import tenseal as ts
 from numpy.typing import NDArray
 
 from flowerpets.core import SEALED_WEIGHT_KEY, Array, ArrayRecord, Context, is_sealed
-from flowerpets.exceptions import CiphertextError, MissingKeyError, RoundFailedError
+from flowerpets.exceptions import (
+    CiphertextError,
+    MissingKeyError,
+    ParameterValueError,
+    RoundFailedError,
+)
 from flowerpets.he._primitives.ciphertexts import (
     Header,
     decrypt_vectors,
@@ -55,16 +60,18 @@ class EncryptedSum:
         vectors: Sequence[ts.CKKSVector] = (),
     ) -> None:
         if header.order is None:
-            raise ValueError("an encrypted sum's header must carry the model order")
+            raise ParameterValueError("an encrypted sum's header must carry the model order")
         if vectors and len(vectors) != header.chunks:
-            raise ValueError(f"{len(vectors)} ciphertexts, the layout needs {header.chunks}")
+            raise ParameterValueError(
+                f"{len(vectors)} ciphertexts, the layout needs {header.chunks}"
+            )
         self._context = context
         self._header = header
         self._vectors = tuple(vectors)
 
     def __repr__(self) -> str:
         return (
-            f"EncryptedSum({len(self._header.layout.entries)} arrays, "
+            f"EncryptedSum({len(self._header.layout.arrays)} arrays, "
             f"{self._header.layout.size} values, {len(self._vectors)} ciphertexts)"
         )
 
@@ -83,7 +90,8 @@ class EncryptedSum:
     def add_plaintext(self, arrays: Mapping[str, NDArray[np.float64]]) -> EncryptedSum:
         """This sum plus ``arrays`` (a subset of the encrypted names; the rest count as zero).
 
-        An unknown name raises ``KeyError``, a wrong shape or NaN ``ValueError``.
+        An unknown name raises :class:`~flowerpets.exceptions.UnknownArrayError` (a
+        ``KeyError``), a wrong shape or NaN ``InvalidUpdateError`` (a ``ValueError``).
         The plaintext is encoded at the sum's scale and added to each
         ciphertext; nothing is encrypted, so no key is needed.
         """

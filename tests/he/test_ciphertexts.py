@@ -14,7 +14,7 @@ import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowerpets.core import Array, ArrayRecord
+from flowerpets.core import Array, ArrayLayout, ArrayRecord
 from flowerpets.exceptions import CiphertextError
 from flowerpets.he import COMPACT, WIDE, CKKSParameters
 from flowerpets.he._primitives.ciphertexts import (
@@ -29,7 +29,7 @@ from flowerpets.he._primitives.ciphertexts import (
     tenseal_scale,
     wire_arrays,
 )
-from flowerpets.he._primitives.packing import Entry, Layout
+from flowerpets.he._primitives.packing import Layout
 from flowerpets.he._primitives.params import (
     new_secret_context,
     public_context_bytes,
@@ -117,7 +117,9 @@ def test_a_header_claiming_huge_sizes_fails_fast_without_allocating(claimed: int
     Before the fix ``split_wire`` named every claimed chunk first (2^35 values: 113 s, 2.8 GB).
     """
     forged = Header(
-        key_id=KEY, params=COMPACT, layout=Layout((Entry("w", "<f8", (claimed >> 10, 1 << 10)),))
+        key_id=KEY,
+        params=COMPACT,
+        layout=Layout(ArrayLayout(("w",), ((claimed >> 10, 1 << 10),), ("<f8",))),
     )
     record = ArrayRecord({HEADER_NAME: forged.encode(), chunk_name(0): np.zeros(8, np.uint8)})
     round_header = Header(key_id=KEY, params=COMPACT, layout=_layout(5000), order=("w",))

@@ -127,7 +127,9 @@ def test_server_mod_configuration_is_validated(kwargs: dict[str, Any], match: st
 
 
 def test_client_mod_configuration_is_validated(caplog: pytest.LogCaptureFixture) -> None:
-    for bad in ("w", [], [""]):
+    with pytest.raises(TypeError, match="encrypt"):  # one str is not a sequence of them
+        CKKSClientMod(encrypt="w")
+    for bad in ([], [""]):
         with pytest.raises(ValueError, match="encrypt"):
             CKKSClientMod(encrypt=bad)
     with caplog.at_level(logging.WARNING):
@@ -310,9 +312,10 @@ def _header(**changes: Any) -> Callable[[ArrayRecord], None]:
 
             fields["layout"] = Layout.of({"w": np.zeros((70, 30)), "b": np.zeros(7)}, ["w", "b"])
         if "layout" in changes and changes["layout"] == "huge":
-            from flowerpets.he._primitives.packing import Entry, Layout
+            from flowerpets.core import ArrayLayout
+            from flowerpets.he._primitives.packing import Layout
 
-            fields["layout"] = Layout((Entry("w", "<f8", (1 << 20, 1 << 20)),))
+            fields["layout"] = Layout(ArrayLayout(("w",), ((1 << 20, 1 << 20),), ("<f8",)))
         arrays[HEADER_NAME] = Header(**fields).encode()
 
     return tamper

@@ -153,3 +153,23 @@ def test_a_corrupt_key_state_raises_and_is_never_read_as_a_fresh_one(
     state[name] = MetricRecord({"phase": 1})
     with pytest.raises(StateTypeError, match="must be a ConfigRecord"):
         type(keys).load(state)
+
+
+def test_the_servers_model_layout_is_kept_by_a_state_slot_and_never_forgotten() -> None:
+    import numpy as np
+
+    from flowerpets.he._aggregation import ModelLayout
+    from flowerpets.he._primitives.packing import Layout
+
+    arrays = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2)}
+    model = ModelLayout(order=("w", "b"), layout=Layout.of(arrays, ["w"]))
+    state = RecordDict()
+    assert ModelLayout.load(state) is None  # a server that never saw the model
+    model.store(state)
+    assert ModelLayout.load(state) == model and model.plain == ("b",)
+    record = state["he.model"]
+    assert isinstance(record, ConfigRecord)
+    for corrupt in ("[[", '[["w", "<i8", [3, 2]]]', 5):  # not JSON, not CKKS, not text
+        record["layout"] = corrupt
+        with pytest.raises(StateError):
+            ModelLayout.load(state)

@@ -37,8 +37,9 @@ import numpy as np
 import tenseal as ts
 from numpy.typing import NDArray
 
+from flowerpets._validation import is_integer
 from flowerpets.core import Array, ArrayRecord
-from flowerpets.exceptions import CiphertextError
+from flowerpets.exceptions import CiphertextError, ParameterValueError
 from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, chunk_views
 from flowerpets.he._primitives.params import CKKSParameters
 
@@ -61,7 +62,8 @@ _CHUNK_PREFIX = RESERVED_PREFIX + "ct."
 MAX_HEADER_BYTES = 16 << 20
 _SERIALIZATION_SLACK = 4096  # TenSEAL's and SEAL's headers around the coefficients
 _KEY_ID_HEX = re.compile(r"[0-9a-f]{32}")
-_FIELDS = frozenset({"v", "key", "params", "layout", "chunks", "order"})
+_REQUIRED = frozenset({"v", "key", "params", "layout", "chunks"})
+_FIELDS = _REQUIRED | {"order"}
 _CHUNK_NAME = re.compile(re.escape(_CHUNK_PREFIX) + r"([0-9]{6,18})")
 
 
@@ -79,12 +81,13 @@ class Header:
     order: tuple[str, ...] | None = None  # every model array, in order (sealed models only)
 
     def __post_init__(self) -> None:
+        # Raised as CiphertextError: a header decoded from a peer's bytes is built here too.
         if not isinstance(self.key_id, str) or not _KEY_ID_HEX.fullmatch(self.key_id):
-            raise ValueError(f"a key id is 32 lowercase hex digits, got {self.key_id!r}")
+            raise CiphertextError(f"a key id is 32 lowercase hex digits, got {self.key_id!r}")
         if self.order is not None and (
             len(set(self.order)) != len(self.order) or not set(self.layout.names) <= set(self.order)
         ):
-            raise ValueError("the model order must name every array once, encrypted ones too")
+            raise CiphertextError("the model order must name every array once, encrypted ones too")
 
     @property
     def chunks(self) -> int:
@@ -130,27 +133,38 @@ class Header:
                 f"{HEADER_NAME} must be 1-D uint8 of at most {max_bytes} bytes, "
                 f"got {data.dtype} {data.shape}"
             )
+        malformed = f"malformed {HEADER_NAME}"
         try:
             body = json.loads(data.tobytes().decode("ascii"))
-            if not isinstance(body, dict) or set(body) - _FIELDS:
-                raise ValueError(f"unknown or missing fields in {sorted(body)}")
-            if body.get("v") != WIRE_VERSION:
-                raise ValueError(f"wire version {body.get('v')!r} is not {WIRE_VERSION}")
-            order = body.get("order")
-            if order is not None and not (
-                isinstance(order, list) and all(isinstance(n, str) for n in order)
-            ):
-                raise ValueError("order must be a list of names")
-            header = cls(
-                key_id=body["key"],
-                params=CKKSParameters.from_list(body["params"]),
-                layout=Layout.from_json(body["layout"]),
-                order=None if order is None else tuple(order),
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CiphertextError(f"{malformed}: {exc}") from None
+        if not isinstance(body, dict) or set(body) - _FIELDS or not set(body) >= _REQUIRED:
+            fields = sorted(body) if isinstance(body, dict) else type(body).__name__
+            raise CiphertextError(f"{malformed}: unknown or missing fields in {fields}")
+        if not is_integer(body["v"]) or body["v"] != WIRE_VERSION:
+            raise CiphertextError(f"{malformed}: wire version {body['v']!r} is not {WIRE_VERSION}")
+        order = body.get("order")
+        if order is not None and not (
+            isinstance(order, list) and all(isinstance(n, str) for n in order)
+        ):
+            raise CiphertextError(f"{malformed}: order must be a list of names")
+        try:
+            # What the parsers of parameters and layouts raise for a value they refuse.
+            params = CKKSParameters.from_list(body["params"])
+            layout = Layout.from_json(body["layout"])
+        except (ValueError, TypeError) as exc:
+            raise CiphertextError(f"{malformed}: {exc}") from None
+        header = cls(
+            key_id=body["key"],
+            params=params,
+            layout=layout,
+            order=None if order is None else tuple(order),
+        )
+        chunks = body["chunks"]
+        if not is_integer(chunks) or chunks != header.chunks:
+            raise CiphertextError(
+                f"{malformed}: chunks {chunks!r}, the layout needs {header.chunks}"
             )
-            if body["chunks"] != header.chunks:
-                raise ValueError(f"chunks {body['chunks']!r}, the layout needs {header.chunks}")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CiphertextError(f"malformed {HEADER_NAME}: {exc}") from None
         return header
 
 
@@ -160,7 +174,9 @@ def wire_arrays(header: Header, chunks: Iterable[bytes]) -> ArrayRecord:
     for index, blob in enumerate(chunks):
         record[chunk_name(index)] = Array(np.frombuffer(blob, dtype=np.uint8), copy=False)
     if len(record) - 1 != header.chunks:
-        raise ValueError(f"{len(record) - 1} ciphertexts for a header that says {header.chunks}")
+        raise ParameterValueError(
+            f"{len(record) - 1} ciphertexts for a header that says {header.chunks}"
+        )
     return record
 
 

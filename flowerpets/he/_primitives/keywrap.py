@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from flowerpets.exceptions import DecryptionError
+from flowerpets._validation import instance, integer
+from flowerpets.exceptions import DecryptionError, KeyMaterialError, ParameterValueError
 
 __all__ = [
     "KEY_ID_BYTES",
@@ -72,13 +73,10 @@ class KeyBinding:
 
     def __post_init__(self) -> None:
         for name in ("run_id", "sender", "recipient"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-                raise ValueError(f"KeyBinding.{name} must be in [0, 2**64), got {value!r}")
-        if not isinstance(self.key_id, bytes) or len(self.key_id) != KEY_ID_BYTES:
-            raise ValueError(f"KeyBinding.key_id must be {KEY_ID_BYTES} bytes")
-        if not isinstance(self.context_digest, bytes) or len(self.context_digest) != _DIGEST_BYTES:
-            raise ValueError(f"KeyBinding.context_digest must be {_DIGEST_BYTES} bytes")
+            integer(f"KeyBinding.{name}", getattr(self, name), at_least=0, below=2**64)
+        for name, size in (("key_id", KEY_ID_BYTES), ("context_digest", _DIGEST_BYTES)):
+            if len(instance(f"KeyBinding.{name}", getattr(self, name), bytes)) != size:
+                raise ParameterValueError(f"KeyBinding.{name} must be {size} bytes")
 
     def encode(self) -> bytes:
         """Fixed-length encoding: no two bindings share one."""
@@ -109,13 +107,13 @@ class TransportKeys:
 
 def _private_key(raw: bytes) -> X25519PrivateKey:
     if not isinstance(raw, bytes) or len(raw) != _PUBLIC_BYTES:
-        raise ValueError("an X25519 private key is 32 bytes")
+        raise KeyMaterialError("an X25519 private key is 32 bytes")
     return X25519PrivateKey.from_private_bytes(raw)
 
 
 def _public_key(raw: bytes) -> X25519PublicKey:
     if not isinstance(raw, bytes) or len(raw) != _PUBLIC_BYTES:
-        raise ValueError("an X25519 public key is 32 bytes")
+        raise KeyMaterialError("an X25519 public key is 32 bytes")
     return X25519PublicKey.from_public_bytes(raw)
 
 
@@ -143,6 +141,9 @@ def wrap(
 ) -> bytes:
     """Encrypt ``secret`` for the holder of ``recipient_public``, bound to ``binding``.
 
+    A public key that is not 32 bytes, or a small-order point (which would make the
+    shared secret all zero), raises :class:`~flowerpets.exceptions.KeyMaterialError`.
+
     ``ephemeral_private`` exists for known-answer tests only; by default a fresh
     key comes from the OS's secure source.
     """
@@ -153,7 +154,10 @@ def wrap(
         else _private_key(ephemeral_private)
     )
     ephemeral_public = _raw_public(ephemeral.public_key())
-    shared = ephemeral.exchange(recipient)
+    try:
+        shared = ephemeral.exchange(recipient)
+    except ValueError:  # cryptography's refusal of an all-zero shared secret
+        raise KeyMaterialError("the recipient's public key is a small-order point") from None
     aad = binding.encode()
     cipher, nonce = _derive(shared, ephemeral_public, recipient_public, aad)
     return bytes([VERSION]) + ephemeral_public + cipher.encrypt(nonce, secret, aad)

@@ -3,14 +3,14 @@
 Every encrypted array of a model goes into *one* flat float64 vector, in model
 order, so no ciphertext is wasted on a small bias: ``n`` values cost
 ``ceil(n / slots)`` ciphertexts whatever the number of layers. A
-:class:`Layout` records which arrays are packed (names, dtypes, shapes) and
+:class:`Layout` records which arrays are packed (the core's
+:class:`~flowerpets.core.ArrayLayout` of their names, shapes and dtypes) and
 where; it travels with every encrypted update and sum as canonical JSON
 (bounded, strictly validated, never pickle).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,14 +20,20 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import instance, strings
 from flowerpets.core.layout import ArrayLayout
-from flowerpets.exceptions import InvalidUpdateError, ModelMismatchError
+from flowerpets.exceptions import (
+    InvalidUpdateError,
+    ModelMismatchError,
+    ParameterValueError,
+    UnknownArrayError,
+)
 
 __all__ = [
     "RESERVED_PREFIX",
-    "Entry",
     "Layout",
     "chunk_views",
+    "encryption_patterns",
     "peak",
     "select_names",
 ]
@@ -42,53 +48,38 @@ _FLOAT_DTYPES = frozenset({"<f2", "<f4", "<f8"})
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    """One packed array: its name, dtype (numpy ``str``, little-endian) and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True, slots=True)
 class Layout:
     """Which arrays are packed into the flat vector, in order.
 
     The names, shapes and dtypes are a core :class:`~flowerpets.core.ArrayLayout`
-    (:attr:`arrays`, whose encoding is the wire's); on top of it CKKS adds its
-    rules (floating-point little-endian dtypes only, no reserved names, size
-    limits) and the chunking into ciphertexts.
+    (:attr:`arrays`, whose encoding is the wire's): the one description of them.
+    On top of it CKKS adds its rules (floating-point little-endian dtypes only, no
+    reserved names, size limits) and the chunking into ciphertexts.
     """
 
-    entries: tuple[Entry, ...]
-    arrays: ArrayLayout = dataclasses.field(init=False, repr=False, compare=False)
+    arrays: ArrayLayout
 
     def __post_init__(self) -> None:
-        # The core layout checks what every layout must hold (unique names, valid shapes).
-        arrays = ArrayLayout(
-            tuple(e.name for e in self.entries),
-            tuple(e.shape for e in self.entries),
-            tuple(e.dtype for e in self.entries),
-        )
-        object.__setattr__(self, "arrays", arrays)
-        if len(self.entries) > MAX_LAYOUT_ENTRIES:
-            raise ValueError(f"a layout holds at most {MAX_LAYOUT_ENTRIES} arrays")
-        for e in self.entries:
-            if not e.name or e.name.startswith(RESERVED_PREFIX):
-                raise ValueError(f"array name {e.name!r} is empty or uses the reserved prefix")
-            if e.dtype not in _FLOAT_DTYPES:
-                raise ValueError(
-                    f"array {e.name!r} has dtype {e.dtype!r}: CKKS is approximate, so only "
+        # The core layout has checked what every layout must hold (unique names, valid shapes).
+        instance("arrays", self.arrays, ArrayLayout)
+        if len(self.arrays) > MAX_LAYOUT_ENTRIES:
+            raise ParameterValueError(f"a layout holds at most {MAX_LAYOUT_ENTRIES} arrays")
+        for name, shape, dtype in self.arrays.items():
+            if not name or name.startswith(RESERVED_PREFIX):
+                raise ParameterValueError(
+                    f"array name {name!r} is empty or uses the reserved prefix"
+                )
+            if dtype not in _FLOAT_DTYPES:
+                raise ParameterValueError(
+                    f"array {name!r} has dtype {dtype!r}: CKKS is approximate, so only "
                     "floating-point arrays can be encrypted"
                 )
-            if len(e.shape) > MAX_NDIM:
-                raise ValueError(f"array {e.name!r} has an invalid shape {e.shape!r}")
+            if len(shape) > MAX_NDIM:
+                raise ParameterValueError(f"array {name!r} has an invalid shape {shape!r}")
         if self.size > MAX_LAYOUT_SIZE:
-            raise ValueError(f"a layout packs at most {MAX_LAYOUT_SIZE} values, got {self.size}")
+            raise ParameterValueError(
+                f"a layout packs at most {MAX_LAYOUT_SIZE} values, got {self.size}"
+            )
 
     @classmethod
     def of(cls, arrays: Mapping[str, Any], names: Sequence[str]) -> Layout:
@@ -101,14 +92,8 @@ class Layout:
     @classmethod
     def from_arrays(cls, arrays: ArrayLayout) -> Layout:
         """The packing of a core layout (dtypes made little-endian), checked for CKKS."""
-        return cls(
-            tuple(
-                Entry(name, np.dtype(dtype).newbyteorder("<").str, shape)
-                for name, shape, dtype in zip(
-                    arrays.names, arrays.shapes, arrays.dtypes, strict=True
-                )
-            )
-        )
+        little = tuple(np.dtype(dtype).newbyteorder("<").str for dtype in arrays.dtypes)
+        return cls(ArrayLayout(arrays.names, arrays.shapes, little))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -142,34 +127,34 @@ class Layout:
         shapes = self.shapes()
         unknown = [name for name in arrays if name not in shapes]
         if unknown:
-            raise KeyError(f"the layout has no arrays named {unknown}")
+            raise UnknownArrayError(f"the layout has no arrays named {unknown}")
         flat = np.zeros(self.size, dtype=np.float64)
         offset = 0
-        for e in self.entries:
-            if e.name in arrays:
-                data = np.asarray(arrays[e.name])
-                if data.shape != e.shape:
+        for (name, shape, _), size in zip(self.arrays.items(), self.arrays.sizes, strict=True):
+            if name in arrays:
+                data = np.asarray(arrays[name])
+                if data.shape != shape:
                     raise InvalidUpdateError(
-                        f"array {e.name!r} has shape {data.shape}, the layout says {e.shape}"
+                        f"array {name!r} has shape {data.shape}, the layout says {shape}"
                     )
                 # One pass, no temporary; computed in float64 (a float32 array times a
                 # Python float would otherwise be rounded to float32 first).
                 np.multiply(
-                    data.reshape(-1), weight, out=flat[offset : offset + e.size], dtype=np.float64
+                    data.reshape(-1), weight, out=flat[offset : offset + size], dtype=np.float64
                 )
-            offset += e.size
+            offset += size
         return flat
 
     def unpack(self, flat: NDArray[np.float64], divisor: float = 1.0) -> dict[str, NDArray[Any]]:
         """Split ``flat / divisor`` back into named arrays of the layout's dtypes and shapes."""
         if flat.shape != (self.size,):
-            raise ValueError(f"expected {self.size} values, got shape {flat.shape}")
+            raise ParameterValueError(f"expected {self.size} values, got shape {flat.shape}")
         out: dict[str, NDArray[Any]] = {}
         offset = 0
-        for e in self.entries:
-            part = flat[offset : offset + e.size] / divisor
-            out[e.name] = part.astype(np.dtype(e.dtype), copy=False).reshape(e.shape)
-            offset += e.size
+        for (name, shape, dtype), size in zip(self.arrays.items(), self.arrays.sizes, strict=True):
+            part = flat[offset : offset + size] / divisor
+            out[name] = part.astype(np.dtype(dtype), copy=False).reshape(shape)
+            offset += size
         return out
 
     # -- wire form: the core layout's encoding -------------------------------------------
@@ -179,23 +164,32 @@ class Layout:
     @classmethod
     def from_json(cls, value: Any) -> Layout:
         """Parse :meth:`to_json`'s output; anything else raises ValueError."""
-        arrays = ArrayLayout.from_json(value)
-        return cls(
-            tuple(
-                Entry(n, d, s)
-                for n, s, d in zip(arrays.names, arrays.shapes, arrays.dtypes, strict=True)
-            )
-        )
+        return cls(ArrayLayout.from_json(value))
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON, hex: two layouts are the same iff their digests are."""
         return self.arrays.digest()
 
 
+def encryption_patterns(value: object) -> tuple[str, ...]:
+    """A mod's ``encrypt`` argument: a non-empty sequence of non-empty names or globs."""
+    patterns = strings("encrypt", value, check=_a_pattern)
+    if not patterns:
+        raise ParameterValueError(
+            "encrypt must be a non-empty sequence of names or patterns (default: '*')"
+        )
+    return patterns
+
+
+def _a_pattern(pattern: str) -> None:
+    if not pattern:
+        raise ParameterValueError("encrypt holds an empty name or pattern")
+
+
 def select_names(names: Sequence[str], patterns: Sequence[str]) -> tuple[str, ...]:
     """The names (in order) matched by any pattern: an exact name or a glob (``fc*.weight``).
 
-    A pattern that matches nothing raises ValueError: it is most likely a typo,
+    A pattern that matches nothing raises ModelMismatchError: it is most likely a typo,
     and a typo here would silently send an array in the clear.
     """
     chosen = []

@@ -42,7 +42,13 @@ from typing import Any
 
 import tenseal as ts
 
-from flowerpets.exceptions import MissingKeyError
+from flowerpets._validation import integer, is_integer
+from flowerpets.exceptions import (
+    KeyMaterialError,
+    MissingKeyError,
+    ParameterTypeError,
+    ParameterValueError,
+)
 
 __all__ = [
     "COMPACT",
@@ -91,33 +97,34 @@ class CKKSParameters:
 
     def __post_init__(self) -> None:
         degree, bits, scale = self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits
-        if isinstance(degree, bool) or degree not in MAX_MODULUS_BITS_128:
-            raise ValueError(
+        # A value check first: True (like 2048) is not one of the degrees, whatever its type.
+        if degree not in MAX_MODULUS_BITS_128:
+            raise ParameterValueError(
                 f"poly_modulus_degree must be one of {sorted(MAX_MODULUS_BITS_128)}, got {degree!r}"
             )
+        integer("poly_modulus_degree", degree)  # 4096.0 is not a degree either
         if not isinstance(bits, tuple) or len(bits) < 2:
-            raise ValueError(
+            raise ParameterValueError(
                 "coeff_mod_bit_sizes must be a tuple of at least two prime sizes (data primes, "
                 f"then the special prime), got {bits!r}"
             )
         for b in bits:
-            if isinstance(b, bool) or not isinstance(b, int):
-                raise ValueError(f"coeff_mod_bit_sizes holds integers, got {b!r}")
+            if not is_integer(b):
+                raise ParameterTypeError(f"coeff_mod_bit_sizes holds integers, got {b!r}")
             if not _MIN_PRIME_BITS <= b <= _MAX_PRIME_BITS:
-                raise ValueError(
+                raise ParameterValueError(
                     f"each prime must have {_MIN_PRIME_BITS} to {_MAX_PRIME_BITS} bits, got {b} "
                     f"in {bits!r}"
                 )
         bound = MAX_MODULUS_BITS_128[degree]
         if sum(bits) > bound:
-            raise ValueError(
+            raise ParameterValueError(
                 f"coeff_mod_bit_sizes {bits!r} total {sum(bits)} bits, above the {bound} bits "
                 f"that ring degree {degree} allows for 128-bit security"
             )
-        if isinstance(scale, bool) or not isinstance(scale, int) or scale < _MIN_SCALE_BITS:
-            raise ValueError(f"scale_bits must be an integer >= {_MIN_SCALE_BITS}, got {scale!r}")
+        integer("scale_bits", scale, at_least=_MIN_SCALE_BITS)
         if self.capacity_bits < 1:
-            raise ValueError(
+            raise ParameterValueError(
                 f"scale_bits={scale} leaves no room for a sum in {self.data_bits} data bits "
                 f"(capacity 2**{self.capacity_bits}); lower the scale or add a data prime"
             )
@@ -171,12 +178,10 @@ class CKKSParameters:
     @classmethod
     def from_list(cls, values: Any) -> CKKSParameters:
         """Parse :meth:`to_list`'s output; every check of the constructor applies."""
-        if (
-            not isinstance(values, list)
-            or len(values) < 4
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-        ):
-            raise ValueError(f"CKKS parameters are a list of at least 4 integers, got {values!r}")
+        if not isinstance(values, list) or len(values) < 4 or not all(map(is_integer, values)):
+            raise ParameterValueError(
+                f"CKKS parameters are a list of at least 4 integers, got {values!r}"
+            )
         return cls(values[0], tuple(values[2:]), values[1])
 
     def describe(self) -> str:
@@ -251,18 +256,18 @@ def context_digest(public_bytes: bytes) -> bytes:
 
 def _parse(data: bytes, what: str) -> ts.Context:
     if not isinstance(data, bytes | bytearray):
-        raise ValueError(f"{what} must be bytes, got {type(data).__name__}")
+        raise KeyMaterialError(f"{what} must be bytes, got {type(data).__name__}")
     if not 0 < len(data) <= MAX_CONTEXT_BYTES:
-        raise ValueError(f"{what} of {len(data)} bytes is not a serialized context")
+        raise KeyMaterialError(f"{what} of {len(data)} bytes is not a serialized context")
     try:
         context = ts.context_from(bytes(data))
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"{what} does not parse as a TenSEAL context: {exc}") from None
+        raise KeyMaterialError(f"{what} does not parse as a TenSEAL context: {exc}") from None
     return context
 
 
 def check_context(context: ts.Context, params: CKKSParameters, what: str) -> None:
-    """Raise ValueError unless ``context`` is CKKS with exactly ``params``' shape and scale."""
+    """Raise :class:`KeyMaterialError` unless ``context`` is CKKS of exactly ``params``."""
     seal = context.seal_context().data
     key_level = seal.key_context_data()
     data_level = seal.first_context_data()
@@ -281,7 +286,7 @@ def check_context(context: ts.Context, params: CKKSParameters, what: str) -> Non
         params.data_primes,
     )
     if found != expected:
-        raise ValueError(
+        raise KeyMaterialError(
             f"{what} has (scheme, degree, modulus bits, data bits, data primes) {found}, "
             f"expected {expected} for {params.describe()}"
         )
@@ -290,14 +295,16 @@ def check_context(context: ts.Context, params: CKKSParameters, what: str) -> Non
     except ValueError:
         scale = None
     if scale != params.scale:
-        raise ValueError(f"{what} has scale {scale}, expected 2^{params.scale_bits}")
+        raise KeyMaterialError(f"{what} has scale {scale}, expected 2^{params.scale_bits}")
 
 
 def load_public_context(data: bytes, params: CKKSParameters) -> ts.Context:
     """Load a context the server may hold; refuse one that carries a secret key."""
     context = _parse(data, "public context")
     if context.is_private():
-        raise ValueError("the public context holds a secret key: refusing to load it as public")
+        raise KeyMaterialError(
+            "the public context holds a secret key: refusing to load it as public"
+        )
     check_context(context, params, "public context")
     return context
 
