@@ -14,7 +14,7 @@ from typing import Any
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.records import ArrayRecord
 from flowerpets.exceptions import CorruptStoreError, MissingRunError
-from flowerpets.store.database import reading, translate
+from flowerpets.store.database import fetch, reading
 from flowerpets.store.encoding import (
     check_digest,
     decode_arrays,
@@ -79,19 +79,18 @@ def pet_state_digest(run_id: str, name: str, rnd: int, encoding: str, value: byt
 
 def read_info(connection: sqlite3.Connection, run_id: str) -> RunInfo:
     """The run's row, checked; its round counter checked against the rounds there are."""
-    try:
-        row = connection.execute(
-            "SELECT config_json, config_digest, population_id, keep_arrays_every, last_round, "
-            "created_at, row_digest FROM runs WHERE run_id = ?",
-            (run_id,),
-        ).fetchone()
-        top = connection.execute(
-            "SELECT max(round) FROM rounds WHERE run_id = ?", (run_id,)
-        ).fetchone()[0]
-    except sqlite3.Error as exc:
-        raise translate(exc, f"cannot read run {run_id!r}") from exc
-    if row is None:
+    what = f"run {run_id!r}"
+    rows = fetch(
+        connection,
+        what,
+        "SELECT config_json, config_digest, population_id, keep_arrays_every, last_round, "
+        "created_at, row_digest FROM runs WHERE run_id = ?",
+        run_id,
+    )
+    if not rows:
         raise MissingRunError(f"the store holds no run {run_id!r}")
+    top = fetch(connection, what, "SELECT max(round) FROM rounds WHERE run_id = ?", run_id)[0][0]
+    row = rows[0]
     config_json, config_digest, population_id, every, last_round, created_at, digest = row
     where = f"the row of run {run_id!r}"
     try:
@@ -121,14 +120,13 @@ def read_info(connection: sqlite3.Connection, run_id: str) -> RunInfo:
 
 def read_history(connection: sqlite3.Connection, run_id: str, last_round: int) -> History:
     """Every committed round's record, in order, each checked."""
-    try:
-        rows = connection.execute(
-            "SELECT round, record_json, sampler_json, committed_at, row_digest FROM rounds "
-            "WHERE run_id = ? ORDER BY round",
-            (run_id,),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise translate(exc, f"cannot read the rounds of run {run_id!r}") from exc
+    rows = fetch(
+        connection,
+        f"the rounds of run {run_id!r}",
+        "SELECT round, record_json, sampler_json, committed_at, row_digest FROM rounds "
+        "WHERE run_id = ? ORDER BY round",
+        run_id,
+    )
     history = History()
     for expected, (rnd, record_json, sampler_json, committed_at, digest) in enumerate(rows, 1):
         where = f"round {expected} of run {run_id!r}"
@@ -165,16 +163,16 @@ def read_sampler_state(connection: sqlite3.Connection, run_id: str, rnd: int) ->
 
 def read_arrays(connection: sqlite3.Connection, run_id: str, rnd: int) -> ArrayRecord | None:
     """The global arrays stored for round ``rnd`` (None if none were kept), checked."""
-    try:
-        row = connection.execute(
-            "SELECT frame, nbytes, sha256 FROM arrays WHERE run_id = ? AND round = ?",
-            (run_id, rnd),
-        ).fetchone()
-    except sqlite3.Error as exc:
-        raise translate(exc, f"cannot read the arrays of run {run_id!r}") from exc
-    if row is None:
+    rows = fetch(
+        connection,
+        f"the arrays of run {run_id!r}",
+        "SELECT frame, nbytes, sha256 FROM arrays WHERE run_id = ? AND round = ?",
+        run_id,
+        rnd,
+    )
+    if not rows:
         return None
-    frame, nbytes, digest = row
+    frame, nbytes, digest = rows[0]
     where = f"the arrays of round {rnd} of run {run_id!r}"
     if not isinstance(frame, bytes) or len(frame) != nbytes:
         raise CorruptStoreError(f"{where} have the wrong length: the row was damaged")
@@ -184,14 +182,13 @@ def read_arrays(connection: sqlite3.Connection, run_id: str, rnd: int) -> ArrayR
 
 def read_pet_states(connection: sqlite3.Connection, run_id: str) -> dict[str, PetState]:
     """Each PET's last committed server state, checked."""
-    try:
-        rows = connection.execute(
-            "SELECT name, round, encoding, value, sha256 FROM pet_states WHERE run_id = ? "
-            "ORDER BY name",
-            (run_id,),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise translate(exc, f"cannot read the PET states of run {run_id!r}") from exc
+    rows = fetch(
+        connection,
+        f"the PET states of run {run_id!r}",
+        "SELECT name, round, encoding, value, sha256 FROM pet_states WHERE run_id = ? "
+        "ORDER BY name",
+        run_id,
+    )
     states: dict[str, PetState] = {}
     for name, rnd, encoding, value, digest in rows:
         where = f"PET state {name!r} of run {run_id!r}"

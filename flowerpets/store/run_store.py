@@ -16,7 +16,6 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from flowerpets import _validation as validate
@@ -27,6 +26,7 @@ from flowerpets.exceptions import (
     RunConfigMismatchError,
     RunExistsError,
 )
+from flowerpets.store.closing import Closing
 from flowerpets.store.database import (
     IntegrityCheck,
     LeaseOwner,
@@ -46,7 +46,7 @@ from flowerpets.store.snapshot import RunInfo, RunSnapshot
 __all__ = ["RunStore"]
 
 
-class RunStore:
+class RunStore(Closing):
     """The run store at ``path``.
 
     ``check`` is the integrity check on open: ``"quick"`` (default,
@@ -236,17 +236,6 @@ class RunStore:
     def close(self) -> None:
         """Close the file (a clean close checkpoints the log into it)."""
         self._connection.close()
-
-    def __enter__(self) -> RunStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _run_id(run_id: object) -> str:

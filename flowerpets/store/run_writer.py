@@ -22,18 +22,24 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from flowerpets import _validation as check
 from flowerpets.core.history import RoundRecord
+from flowerpets.core.journal import Resumption
 from flowerpets.core.records import ArrayRecord
 from flowerpets.exceptions import CorruptStoreError, ParameterValueError, RoundSequenceError
+from flowerpets.store.closing import Closing
 from flowerpets.store.database import LeaseOwner, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
-from flowerpets.store.encoding import canonical_json, encode_arrays, generator_state
+from flowerpets.store.encoding import (
+    canonical_json,
+    encode_arrays,
+    generator_from_state,
+    generator_state,
+)
 from flowerpets.store.ledger import SpendRecord, append_spend
 from flowerpets.store.rows import (
     arrays_digest,
@@ -56,7 +62,7 @@ _BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
 _BASE_CACHE_KIB = 2000  # SQLite's default page cache, for everything but a round's arrays
 
 
-class RunWriter:
+class RunWriter(Closing):
     """The lease-holding writer of one run of a :class:`~flowerpets.store.RunStore`.
 
     Made by ``RunStore.start_run`` or ``RunStore.resume_run``; use it as a
@@ -85,6 +91,25 @@ class RunWriter:
     def snapshot(self) -> RunSnapshot:
         """The run as of its last committed round (see :class:`RunSnapshot`)."""
         return load_snapshot(self._connection, self.run_id)
+
+    def resumption(self) -> Resumption | None:
+        """Where a ServerApp continues this run (None before the first committed round).
+
+        This makes the writer a :class:`~flowerpets.core.journal.RunJournal`:
+        ``ServerApp(..., store=writer)`` commits every round here and resumes
+        after the last one.
+        """
+        snapshot = self.snapshot()
+        if snapshot.round == 0:
+            return None
+        if snapshot.arrays is None or snapshot.sampler_state is None:
+            raise CorruptStoreError(f"run {self.run_id!r} lacks the state of its last round")
+        return Resumption(
+            round=snapshot.round,
+            arrays=snapshot.arrays,
+            history=snapshot.history,
+            rng=generator_from_state(snapshot.sampler_state),
+        )
 
     # -- writing ---------------------------------------------------------------------------------
     def commit_round(
@@ -196,17 +221,6 @@ class RunWriter:
                 release(self._connection, self.run_id, self._owner)
         except sqlite3.Error as exc:  # pragma: no cover - translated by write_transaction
             raise translate(exc, "cannot release the lease") from exc
-
-    def __enter__(self) -> RunWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _require_open(self) -> None:
         if self._closed:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from flowerpets.exceptions import CorruptStoreError, StoreError, StoreLockedError, StoreWriteError
 
-__all__ = ["reading", "translate"]
+__all__ = ["fetch", "reading", "translate"]
 
 _CORRUPT: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _BUSY: Final = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
@@ -48,3 +48,9 @@ def reading(what: str) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise translate(exc, f"cannot read {what}") from exc
+
+
+def fetch(connection: sqlite3.Connection, what: str, sql: str, *params: object) -> list[Any]:
+    """Every row ``sql`` selects, SQLite's errors translated; ``what`` names what is read."""
+    with reading(what):
+        return connection.execute(sql, params).fetchall()

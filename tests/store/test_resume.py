@@ -1,0 +1,114 @@
+"""A plain run stopped after round 2 of 4 and resumed ends with the uninterrupted run's model.
+
+Bit for bit: the simulation's seeds fix the node ids, the nodes' updates and the
+cohort draws, and the store gives back the model, the history and the cohort
+generator exactly as they were after round 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowerpets.core import (
+    ArrayRecord,
+    ClientApp,
+    Context,
+    FedAvg,
+    FixedSizeSampling,
+    Message,
+    MetricRecord,
+    RecordDict,
+    RoundRecord,
+    ServerApp,
+)
+from flowerpets.simulation import run_simulation
+from flowerpets.store import RunStore
+from tests.store.stored_runs import same_bits
+
+NODES, ROUNDS, SEED = 6, 4, 11
+
+
+def local_training() -> ClientApp:
+    """Each node moves the model by noise drawn from its partition, the round and the seed."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        rnd = int(msg.metadata.round)
+        w = msg.require_content().get_typed("arrays", ArrayRecord)["w"].numpy()
+        rng = np.random.default_rng([SEED, pid, rnd])
+        update = w + rng.standard_normal(w.shape).astype(np.float32)
+        return RecordDict(
+            {
+                "arrays": ArrayRecord({"w": update}),
+                "metrics": MetricRecord({"num-examples": 10 + pid, "loss": float(rng.random())}),
+            }
+        )
+
+    return app
+
+
+def server(store: object = None) -> ServerApp:
+    return ServerApp(
+        strategy=FedAvg(sampling=FixedSizeSampling(3)),  # the cohort draws matter
+        num_rounds=ROUNDS,
+        initial_arrays=ArrayRecord({"w": np.zeros((4, 5), np.float32)}),
+        store=store,  # type: ignore[arg-type]
+    )
+
+
+class CrashError(Exception):
+    """The server dies right after round 2 was committed."""
+
+
+def crash_after_round_two(record: RoundRecord) -> None:
+    if record.round == 2:
+        raise CrashError
+
+
+def comparable(records: list[RoundRecord]) -> list[dict[str, object]]:
+    # Timings differ, and replies arrive from the simulation's threads in any order.
+    return [
+        {**r.to_json_dict(), "seconds": 0.0, "participants": sorted(r.participants)}
+        for r in records
+    ]
+
+
+def test_a_run_resumed_after_round_two_ends_where_the_uninterrupted_one_does(
+    tmp_path: Path,
+) -> None:
+    whole = run_simulation(server(), local_training(), NODES, seed=SEED)
+    assert all(r.ok for r in whole.history)
+
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={"rounds": ROUNDS}) as writer, pytest.raises(CrashError):
+            run_simulation(
+                server(writer), local_training(), NODES, seed=SEED, on_round=crash_after_round_two
+            )
+        assert store.run("r").last_round == 2
+        with store.resume_run("r", config={"rounds": ROUNDS}) as writer:
+            resumed = run_simulation(server(writer), local_training(), NODES, seed=SEED)
+        stored = store.load("r")
+
+    assert same_bits(resumed.arrays, whole.arrays)
+    assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
+    assert stored.round == ROUNDS and stored.arrays is not None
+    assert same_bits(stored.arrays, whole.arrays)
+    cohorts = [frozenset(r.participants) for r in resumed.history]
+    assert cohorts == [frozenset(r.participants) for r in whole.history]
+    assert len(set(cohorts)) > 1  # the sampler's state mattered
+
+
+def test_a_finished_run_resumed_runs_no_round_again(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            first = run_simulation(server(writer), local_training(), NODES, seed=SEED)
+        with store.resume_run("r") as writer:
+            again = run_simulation(server(writer), local_training(), NODES, seed=SEED + 1)
+        assert store.run("r").last_round == ROUNDS
+    assert same_bits(again.arrays, first.arrays)
+    assert len(again.history) == ROUNDS
