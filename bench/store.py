@@ -9,11 +9,12 @@ parameters) it measures:
     at the least.
 ``commit_round``
     ``RunWriter.commit_round`` of the next round on a store that keeps only the
-    last round's arrays (``keep_arrays_every=1``, the steady state of a long
-    run): encoding the arrays in the core's codec (with its CRC-32), their
-    SHA-256, the rows written in one ``BEGIN IMMEDIATE`` transaction, the
-    ``COMMIT`` (WAL, ``synchronous=FULL``: the log's fsync) and the checkpoint
-    that copies the log into the main file after the round is durable.
+    last round's arrays (``keep_arrays_every=None``, the steady state of a long
+    run: the new arrays reuse the pages the last round's freed): encoding the
+    arrays in the core's codec (with its CRC-32), their SHA-256, the rows
+    written in one ``BEGIN IMMEDIATE`` transaction, the ``COMMIT`` (WAL,
+    ``synchronous=FULL``: the log's fsync) and the checkpoint that copies the
+    log into the main file after the round is durable.
 
 The parts of each commit (``encode``, ``digest``, ``write``, ``commit``,
 ``checkpoint``: ``RunWriter.last_commit_seconds``) are reported as medians, and
@@ -99,7 +100,9 @@ def measure(
     limit_path = directory / f"limit-{params}.bin"
     store_path = directory / f"store-{params}.db"
     with RunStore(store_path) as store:
-        writer = store.start_run(f"bench-{params}", config={"params": params})
+        writer = store.start_run(
+            f"bench-{params}", config={"params": params}, keep_arrays_every=None
+        )
         committer = Committer(writer, arrays)
         cases = [
             Case("limit", lambda: write_and_fsync(limit_path, raw), "one write + fsync"),

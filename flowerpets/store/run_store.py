@@ -45,6 +45,8 @@ from flowerpets.store.snapshot import RunInfo, RunSnapshot
 
 __all__ = ["RunStore"]
 
+_ONLY_THE_LAST = 0  # keep_arrays_every=None, as stored
+
 
 class RunStore(Closing):
     """The run store at ``path``.
@@ -83,14 +85,15 @@ class RunStore(Closing):
         *,
         config: Mapping[str, Any],
         population_id: str | None = None,
-        keep_arrays_every: int = 1,
+        keep_arrays_every: int | None = 1,
         initial_arrays: ArrayRecord | None = None,
     ) -> RunWriter:
         """Store a new run and take its lease.
 
         ``config`` (JSON values) is stored with its SHA-256; ``population_id``
         names the privacy ledger it spends from (default ``"run:<run_id>"``);
-        the arrays of every ``keep_arrays_every``-th round are kept, and always
+        the arrays of every ``keep_arrays_every``-th round are kept (None: none but
+        the initial ones), and always
         the last round's; ``initial_arrays`` are stored as round 0. Refused with
         :class:`RunExistsError` if the id is taken.
         """
@@ -99,7 +102,11 @@ class RunStore(Closing):
             dict(validate.instance("config", config, Mapping)), name="config"
         )
         population = f"run:{run_id}" if population_id is None else _population(population_id)
-        every = validate.integer("keep_arrays_every", keep_arrays_every, at_least=1)
+        every = (
+            _ONLY_THE_LAST
+            if keep_arrays_every is None
+            else validate.integer("keep_arrays_every", keep_arrays_every, at_least=1)
+        )
         frame = (
             None
             if initial_arrays is None

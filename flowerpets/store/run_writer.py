@@ -176,8 +176,10 @@ class RunWriter(Closing):
                     round_digest(self.run_id, rnd, record_json, sampler_json, committed_at),
                 ),
             )
-            _write_frame(db, self.run_id, rnd, frame, frame_digest)
+            # Thinned first: the new arrays then reuse the freed pages instead of growing
+            # the file (and the log) by a round.
             _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
+            _write_frame(db, self.run_id, rnd, frame, frame_digest)
             for (name, encoding, value), digest in zip(pets, pet_digests, strict=True):
                 db.execute(
                     "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
@@ -297,7 +299,13 @@ def _write_frame(
 
 
 def _thin_arrays(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:
-    """Drop earlier rounds' arrays off the keep-every grid (the initial arrays stay)."""
+    """Drop earlier rounds' arrays off the keep-every grid (the initial arrays stay).
+
+    ``every`` = 0 keeps no earlier round's (``keep_arrays_every=None``).
+    """
+    if every == 0:
+        db.execute("DELETE FROM arrays WHERE run_id = ? AND round > 0 AND round < ?", (run_id, rnd))
+        return
     db.execute(
         "DELETE FROM arrays WHERE run_id = ? AND round > 0 AND round < ? AND round % ? != 0",
         (run_id, rnd, every),

@@ -22,7 +22,8 @@ class RunInfo:
     ``population_id`` keys the privacy ledger the run spends from (by default
     ``"run:<run_id>"``, a population of its own). ``last_round`` is the last
     committed round (0 before the first). The arrays of every
-    ``keep_arrays_every``-th round are kept, and always the last round's.
+    ``keep_arrays_every``-th round are kept (0: none before the last), and always
+    the last round's, and the initial arrays if the run stored them.
     """
 
     run_id: str

@@ -2,8 +2,8 @@
 
 The child writes the run of :func:`~tests.store.stored_runs.write_run`, takes its
 lease, says ``ready`` and waits for a line on stdin; then it starts committing
-round 4 and SIGKILLs itself inside the transaction, after round 3's arrays were
-deleted and round 4's written to the log but before the commit.
+round 4 and SIGKILLs itself inside the transaction, after every row of round 4
+was written (round 3's arrays deleted, the counter moved) but before ``COMMIT``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ _CHILD = textwrap.dedent(
     writer = store.resume_run(run.run_id)
     print("ready", flush=True)
     sys.stdin.readline()
-    thin = run_writer._thin_arrays
+    set_last_round = run_writer._set_last_round
 
-    def thin_then_die(db, run_id, rnd, every):
-        thin(db, run_id, rnd, every)
+    def write_all_then_die(db, info, rnd):
+        set_last_round(db, info, rnd)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    run_writer._thin_arrays = thin_then_die
+    run_writer._set_last_round = write_all_then_die
     writer.commit_round(record(4), arrays=model(4), sampler=np.random.default_rng(0))
     print("the commit survived the kill", flush=True)
     """

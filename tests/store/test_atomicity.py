@@ -11,7 +11,7 @@ import pytest
 
 from flowerpets.core import ArrayRecord
 from flowerpets.exceptions import StoreError, StoreWriteError
-from flowerpets.store import RunStore, run_writer
+from flowerpets.store import RunInfo, RunStore, run_writer
 from tests.store.stored_runs import StoredRun, model, record, same_bits
 
 
@@ -37,14 +37,15 @@ def io_error() -> sqlite3.OperationalError:
 def test_a_failure_mid_commit_leaves_the_last_round(
     stored_run: StoredRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    thin = run_writer._thin_arrays
+    set_last_round = run_writer._set_last_round
 
-    def thin_then_fail(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:
-        thin(db, run_id, rnd, every)  # round 3's arrays are deleted, round 4's written...
-        raise io_error()  # ...and then the disk fails before the round counter moves
+    def write_all_then_fail(db: sqlite3.Connection, info: RunInfo, rnd: int) -> None:
+        # Round 3's arrays deleted, round 4's rows written, the counter moved to 4...
+        set_last_round(db, info, rnd)
+        raise io_error()  # ...and then the disk fails before COMMIT
 
     with RunStore(stored_run.path) as store, store.resume_run(stored_run.run_id) as writer:
-        monkeypatch.setattr(run_writer, "_thin_arrays", thin_then_fail)
+        monkeypatch.setattr(run_writer, "_set_last_round", write_all_then_fail)
         with pytest.raises(StoreWriteError, match="rolled back"):
             writer.commit_round(
                 record(4),

@@ -1,13 +1,16 @@
 """A plain run stopped after round 2 of 4 and resumed ends with the uninterrupted run's model.
 
 Bit for bit: the simulation's seeds fix the node ids, the nodes' updates and the
-cohort draws, and the store gives back the model, the history and the cohort
-generator exactly as they were after round 2.
+cohort draws, one worker thread fixes the order replies are summed in (with
+more, float sums differ in the last place from run to run, resumed or not), and
+the store gives back the model, the history and the cohort generator exactly as
+they were after round 2.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ from flowerpets.core import (
     RoundRecord,
     ServerApp,
 )
-from flowerpets.simulation import run_simulation
+from flowerpets.simulation import SimulationResult, run_simulation
 from flowerpets.store import RunStore
 from tests.store.stored_runs import same_bits
 
@@ -61,6 +64,10 @@ def server(store: object = None) -> ServerApp:
     )
 
 
+def simulate(app: ServerApp, *, seed: int = SEED, **options: Any) -> SimulationResult:
+    return run_simulation(app, local_training(), NODES, seed=seed, max_workers=1, **options)
+
+
 class CrashError(Exception):
     """The server dies right after round 2 was committed."""
 
@@ -81,17 +88,15 @@ def comparable(records: list[RoundRecord]) -> list[dict[str, object]]:
 def test_a_run_resumed_after_round_two_ends_where_the_uninterrupted_one_does(
     tmp_path: Path,
 ) -> None:
-    whole = run_simulation(server(), local_training(), NODES, seed=SEED)
+    whole = simulate(server())
     assert all(r.ok for r in whole.history)
 
     with RunStore(tmp_path / "runs.db") as store:
         with store.start_run("r", config={"rounds": ROUNDS}) as writer, pytest.raises(CrashError):
-            run_simulation(
-                server(writer), local_training(), NODES, seed=SEED, on_round=crash_after_round_two
-            )
+            simulate(server(writer), on_round=crash_after_round_two)
         assert store.run("r").last_round == 2
         with store.resume_run("r", config={"rounds": ROUNDS}) as writer:
-            resumed = run_simulation(server(writer), local_training(), NODES, seed=SEED)
+            resumed = simulate(server(writer))
         stored = store.load("r")
 
     assert same_bits(resumed.arrays, whole.arrays)
@@ -106,9 +111,9 @@ def test_a_run_resumed_after_round_two_ends_where_the_uninterrupted_one_does(
 def test_a_finished_run_resumed_runs_no_round_again(tmp_path: Path) -> None:
     with RunStore(tmp_path / "runs.db") as store:
         with store.start_run("r", config={}) as writer:
-            first = run_simulation(server(writer), local_training(), NODES, seed=SEED)
+            first = simulate(server(writer))
         with store.resume_run("r") as writer:
-            again = run_simulation(server(writer), local_training(), NODES, seed=SEED + 1)
+            again = simulate(server(writer), seed=SEED + 1)
         assert store.run("r").last_round == ROUNDS
     assert same_bits(again.arrays, first.arrays)
     assert len(again.history) == ROUNDS

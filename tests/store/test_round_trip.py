@@ -74,6 +74,17 @@ def test_arrays_are_kept_every_n_rounds_plus_the_last(tmp_path: Path) -> None:
                 store.arrays_at(run.run_id, rnd)
 
 
+def test_only_the_last_round_s_arrays_are_kept_when_asked(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "runs.db", rounds=4, keep_arrays_every=None)
+    with RunStore(run.path) as store:
+        assert store.run(run.run_id).keep_arrays_every == 0
+        for rnd in (0, 4):
+            assert same_bits(store.arrays_at(run.run_id, rnd), run.arrays[rnd])
+        for rnd in (1, 2, 3):
+            with pytest.raises(MissingRunError):
+                store.arrays_at(run.run_id, rnd)
+
+
 def test_rounds_commit_in_order_only(tmp_path: Path) -> None:
     with RunStore(tmp_path / "runs.db") as store, store.start_run("r", config={}) as writer:
         rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ _TABLES: Final = (
         config_json       TEXT NOT NULL,
         config_digest     TEXT NOT NULL,
         population_id     TEXT,
-        keep_arrays_every INTEGER NOT NULL CHECK (keep_arrays_every >= 1),
+        keep_arrays_every INTEGER NOT NULL CHECK (keep_arrays_every >= 0),
         last_round        INTEGER NOT NULL CHECK (last_round >= 0),
         created_at        REAL NOT NULL,
         row_digest        BLOB NOT NULL
