@@ -55,7 +55,13 @@ class RunStore(Closing):
     ``PRAGMA quick_check``), ``"full"`` (``PRAGMA integrity_check``) or
     ``"none"``. ``max_bytes`` caps the file's size: a commit that would grow it
     further fails with :class:`~flowerpets.exceptions.StoreWriteError` like a
-    full disk, leaving the previous round intact.
+    full disk, leaving the previous round intact. The write-ahead log is
+    copied into the main file (checkpointed) once commits have added
+    ``checkpoint_bytes`` of arrays to it (0: after every commit), and when the
+    store is closed: a round is durable in the log already, and a page that
+    later rounds rewrote (the last round's arrays, when older ones are not
+    kept) is copied once rather than once per round. The log takes up to about
+    that much disk on top of the file.
     """
 
     def __init__(
@@ -64,8 +70,10 @@ class RunStore(Closing):
         *,
         check: IntegrityCheck = "quick",
         max_bytes: int | None = None,
+        checkpoint_bytes: int = 256 << 20,
     ) -> None:
         validate.instance("path", path, (str, os.PathLike))
+        self._checkpoint_bytes = validate.integer("checkpoint_bytes", checkpoint_bytes, at_least=0)
         self.path = Path(path)
         validate.one_of("check", check, ("quick", "full", "none"))
         self._connection = open_connection(self.path, check=check)
@@ -136,7 +144,7 @@ class RunStore(Closing):
             if frame is not None:
                 _write_frame(db, run_id, 0, frame, arrays_digest(run_id, 0, frame))
             acquire(db, run_id, owner)
-        return RunWriter(self._connection, run_id, owner)
+        return RunWriter(self._connection, run_id, owner, checkpoint_bytes=self._checkpoint_bytes)
 
     def resume_run(self, run_id: str, *, config: Mapping[str, Any] | None = None) -> RunWriter:
         """Take the lease of a stored run to continue it from its last committed round.
@@ -163,7 +171,7 @@ class RunStore(Closing):
                 )
             read_spends(db, info.population_id)  # a damaged ledger refuses the resume
             acquire(db, run_id, owner)
-        return RunWriter(self._connection, run_id, owner)
+        return RunWriter(self._connection, run_id, owner, checkpoint_bytes=self._checkpoint_bytes)
 
     def break_lease(self, run_id: str) -> None:
         """Drop a run's lease whoever holds it: for an operator who knows its holder is dead.

@@ -11,9 +11,9 @@ is stored and the previous round is intact. :meth:`RunWriter.record_spend`
 commits a privacy event in a transaction of its own, to call *before* the
 noised result it pays for is released.
 
-Encoding and hashing happen before the transaction opens, so the write lock
-is held only for the writes; the log is checkpointed into the main file after
-the commit, once the round is already durable.
+The arrays are encoded before the transaction opens, and hashed on a helper
+thread while SQLite copies them into their pages; the log is checkpointed into
+the main file after the commit, once the round is already durable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,9 @@ __all__ = ["RunWriter"]
 log = logging.getLogger(__name__)
 
 _BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
+_PENDING_DIGEST = (
+    b""  # an arrays row's digest until its thread delivers it, in the same transaction
+)
 _BASE_CACHE_KIB = 2000  # SQLite's default page cache, for everything but a round's arrays
 
 
@@ -68,14 +72,25 @@ class RunWriter(Closing):
     Made by ``RunStore.start_run`` or ``RunStore.resume_run``; use it as a
     context manager (or call :meth:`close`) to give the lease back.
     ``last_commit_seconds`` holds how long the parts of the last commit took
-    (``encode``, ``digest``, ``write``, ``commit``, ``checkpoint``).
+    (``encode``, ``write``, ``digest``: the wait for the arrays' SHA-256 once
+    the write is done, ``commit``, ``checkpoint``).
     """
 
-    def __init__(self, connection: sqlite3.Connection, run_id: str, owner: LeaseOwner) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        run_id: str,
+        owner: LeaseOwner,
+        *,
+        checkpoint_bytes: int = 0,
+    ) -> None:
         self._connection = connection
+        self._checkpoint_bytes = checkpoint_bytes
+        self._logged_bytes = 0  # written to the log since the last checkpoint
         self.run_id = run_id
         self._owner = owner
         self._closed = False
+        self._digests: ThreadPoolExecutor | None = None
         self.last_commit_seconds: dict[str, float] = {}
 
     # -- reading ---------------------------------------------------------------------------------
@@ -146,14 +161,14 @@ class RunWriter(Closing):
         pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
         frame = encode_arrays(arrays)
         timings["encode"] = time.perf_counter() - started
-        started = time.perf_counter()
-        frame_digest = arrays_digest(self.run_id, rnd, frame)
+        # The arrays' SHA-256 is computed on another thread while SQLite copies them into
+        # their pages (both release the GIL); the row gets it before COMMIT.
+        frame_digest = self._hasher().submit(arrays_digest, self.run_id, rnd, frame)
         pet_digests = [
             pet_state_digest(self.run_id, name, rnd, encoding, value)
             for name, encoding, value in pets
         ]
         committed_at = time.time()
-        timings["digest"] = time.perf_counter() - started
         self._hold_in_cache(len(frame))
         with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
@@ -179,7 +194,10 @@ class RunWriter(Closing):
             # Thinned first: the new arrays then reuse the freed pages instead of growing
             # the file (and the log) by a round.
             _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
-            _write_frame(db, self.run_id, rnd, frame, frame_digest)
+            row_id = _write_frame(db, self.run_id, rnd, frame, _PENDING_DIGEST)
+            waited = time.perf_counter()
+            db.execute("UPDATE arrays SET sha256 = ? WHERE id = ?", (frame_digest.result(), row_id))
+            timings["digest"] = time.perf_counter() - waited  # what the write did not hide
             for (name, encoding, value), digest in zip(pets, pet_digests, strict=True):
                 db.execute(
                     "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
@@ -189,11 +207,13 @@ class RunWriter(Closing):
                     (self.run_id, name, rnd, encoding, value, digest),
                 )
             _set_last_round(db, info, rnd)
-            timings["write"] = time.perf_counter() - started
+            timings["write"] = time.perf_counter() - started - timings["digest"]
             started = time.perf_counter()
         timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
         started = time.perf_counter()
-        self._checkpoint()
+        self._logged_bytes += len(frame)
+        if self._logged_bytes >= self._checkpoint_bytes:
+            self._checkpoint()
         self._release_cache()
         timings["checkpoint"] = time.perf_counter() - started
         self.last_commit_seconds = timings
@@ -218,6 +238,8 @@ class RunWriter(Closing):
         if self._closed:
             return
         self._closed = True
+        if self._digests is not None:
+            self._digests.shutdown(wait=True)
         try:
             with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
                 release(self._connection, self.run_id, self._owner)
@@ -227,6 +249,11 @@ class RunWriter(Closing):
     def _require_open(self) -> None:
         if self._closed:
             raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._digests is None:
+            self._digests = ThreadPoolExecutor(1, thread_name_prefix="fp-store-digest")
+        return self._digests
 
     def _hold_in_cache(self, frame_bytes: int) -> None:
         # A page cache too small for the round spills its pages to the log mid-transaction,
@@ -244,6 +271,7 @@ class RunWriter(Closing):
         # a full disk) only leaves the log longer, and the next one copies it.
         try:
             self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._logged_bytes = 0
         except sqlite3.Error as exc:
             log.warning("checkpoint after a commit failed, the round is committed: %s", exc)
 
@@ -276,9 +304,7 @@ def _encode_pet_state(name: object, value: PetState) -> tuple[str, str, bytes]:
     return name, "json", canonical_json(value, name=f"pet_states[{name!r}]").encode("ascii")
 
 
-def _write_frame(
-    db: sqlite3.Connection, run_id: str, rnd: int, frame: bytes, digest: bytes
-) -> None:
+def _write_frame(db: sqlite3.Connection, run_id: str, rnd: int, frame: bytes, digest: bytes) -> int:
     """The arrays row: space reserved, then the frame copied into it in chunks.
 
     Binding a 40 MB value would copy it once more into SQLite's own buffer.
@@ -296,6 +322,7 @@ def _write_frame(
     with db.blobopen("arrays", "frame", row_id) as blob:
         for start in range(0, len(view), _BLOB_CHUNK):
             blob.write(view[start : start + _BLOB_CHUNK])
+    return int(row_id)
 
 
 def _thin_arrays(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:

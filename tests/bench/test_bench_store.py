@@ -22,4 +22,4 @@ def test_store_bench_reports_each_size_against_the_limit(
             assert len(result["times_s"]) == 2
         assert size["results"]["limit"]["ratio"] == 1.0
         assert set(size["parts_s"]) == PARTS == set(size["parts_in_limits"])
-        assert size["ratio"] > 0 and size["ratio_before_checkpoint"] > 0
+        assert size["ratio"] > 0 and size["ratio_before_checkpoint"] > 0 and size["ratio_mean"] > 0

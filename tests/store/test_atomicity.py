@@ -93,3 +93,19 @@ def test_a_store_killed_mid_commit_resumes_from_the_last_round(tmp_path: Path) -
 
     run = kill_mid_commit(tmp_path / "runs.db")
     assert_round_three_intact(run)
+
+
+@pytest.mark.parametrize(("checkpoint_bytes", "in_main_file"), [(0, [1]), (1 << 30, [])])
+def test_committed_rounds_reach_the_main_file_at_checkpoints(
+    tmp_path: Path, checkpoint_bytes: int, in_main_file: list[int]
+) -> None:
+    """Until a checkpoint the round is durable in the log only; the main file lags behind."""
+    path = tmp_path / "runs.db"
+    with RunStore(path, checkpoint_bytes=checkpoint_bytes) as store:
+        with store.start_run("r", config={}) as writer:
+            writer.commit_round(record(1), arrays=model(1), sampler=np.random.default_rng(0))
+            main_file_only = tmp_path / "main-only.db"
+            main_file_only.write_bytes(path.read_bytes())  # the log left behind
+        assert store.run("r").last_round == 1  # through the log
+    with RunStore(main_file_only) as copy:
+        assert [info.last_round for info in copy.runs()] == in_main_file
