@@ -84,6 +84,7 @@ class ServerApp:
     :class:`flowerpets.store.RunWriter`) every round is committed to it before
     the next one starts, and a run the store already holds rounds of continues
     after its last committed round, with its model, history and cohort generator.
+    A commit that fails ends the run with the store's error.
     """
 
     def __init__(
