@@ -27,8 +27,9 @@ from flowerpets.core import (
     RoundRecord,
     ServerApp,
 )
+from flowerpets.exceptions import StopRunError, StoreWriteError
 from flowerpets.simulation import SimulationResult, run_simulation
-from flowerpets.store import RunStore
+from flowerpets.store import RunStore, RunWriter
 from tests.store.stored_runs import same_bits
 
 NODES, ROUNDS, SEED = 6, 4, 11
@@ -55,11 +56,11 @@ def local_training() -> ClientApp:
     return app
 
 
-def server(store: object = None) -> ServerApp:
+def server(store: object = None, shape: tuple[int, ...] = (4, 5)) -> ServerApp:
     return ServerApp(
         strategy=FedAvg(sampling=FixedSizeSampling(3)),  # the cohort draws matter
         num_rounds=ROUNDS,
-        initial_arrays=ArrayRecord({"w": np.zeros((4, 5), np.float32)}),
+        initial_arrays=ArrayRecord({"w": np.zeros(shape, np.float32)}),
         store=store,  # type: ignore[arg-type]
     )
 
@@ -117,3 +118,38 @@ def test_a_finished_run_resumed_runs_no_round_again(tmp_path: Path) -> None:
         assert store.run("r").last_round == ROUNDS
     assert same_bits(again.arrays, first.arrays)
     assert len(again.history) == ROUNDS
+
+
+def test_a_run_a_mod_stopped_stays_stopped_when_resumed(tmp_path: Path) -> None:
+    def spent_after_two(request: Any, context: Any, call_next: Any) -> Any:
+        if request.round == 3:
+            raise StopRunError("the privacy budget is spent")
+        return call_next(request, context)
+
+    def stopping_server(store: RunWriter) -> ServerApp:
+        return ServerApp(
+            strategy=FedAvg(sampling=FixedSizeSampling(3)),
+            num_rounds=ROUNDS,
+            initial_arrays=ArrayRecord({"w": np.zeros((4, 5), np.float32)}),
+            mods=[spent_after_two],
+            store=store,
+        )
+
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            first = simulate(stopping_server(writer))
+        with store.resume_run("r") as writer:
+            again = simulate(stopping_server(writer))
+        assert store.run("r").last_round == 3
+    assert first.stopped == again.stopped == "the privacy budget is spent"
+    assert len(again.history) == 3 and same_bits(again.arrays, first.arrays)
+
+
+def test_a_commit_that_fails_ends_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    with RunStore(path) as store, store.start_run("r", config={}):
+        pass
+    with RunStore(path, max_bytes=path.stat().st_size) as store:  # no room for a round
+        with store.resume_run("r") as writer, pytest.raises(StoreWriteError):
+            simulate(server(writer, shape=(100, 200)))  # 80 kB of arrays: new pages
+        assert store.run("r").last_round == 0
