@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -151,72 +152,90 @@ class RunWriter(Closing):
         rnd = check.integer("record.round", record.round, at_least=1)
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        record_json = canonical_json(record.to_json_dict(), name="record")
         state = (
             sampler
             if isinstance(sampler, Mapping)
             else generator_state(check.instance("sampler", sampler, np.random.Generator))
         )
-        sampler_json = canonical_json(dict(state), name="sampler")
         pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
-        frame = encode_arrays(arrays)
+        prepared = _PreparedRound(
+            round=rnd,
+            record_json=canonical_json(record.to_json_dict(), name="record"),
+            sampler_json=canonical_json(dict(state), name="sampler"),
+            frame=encode_arrays(arrays),
+            pets=[
+                (name, encoding, value, pet_state_digest(self.run_id, name, rnd, encoding, value))
+                for name, encoding, value in pets
+            ],
+            committed_at=time.time(),
+        )
         timings["encode"] = time.perf_counter() - started
+        self._hold_in_cache(len(prepared.frame))
+        try:
+            with write_transaction(self._connection, f"the commit of round {rnd}") as db:
+                started = time.perf_counter()
+                timings["digest"] = self._write_round(db, prepared)
+                timings["write"] = time.perf_counter() - started - timings["digest"]
+                started = time.perf_counter()
+            timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
+            started = time.perf_counter()
+            self._logged_bytes += len(prepared.frame)
+            if self._logged_bytes >= self._checkpoint_bytes:
+                self._checkpoint()
+            timings["checkpoint"] = time.perf_counter() - started
+        finally:
+            self._release_cache()
+        self.last_commit_seconds = timings
+
+    def _write_round(self, db: sqlite3.Connection, prepared: _PreparedRound) -> float:
+        """Every row of the round, inside the caller's transaction; the seconds spent
+        waiting for the arrays' SHA-256 once they were written."""
+        rnd = prepared.round
         # The arrays' SHA-256 is computed on another thread while SQLite copies them into
         # their pages (both release the GIL); the row gets it before COMMIT.
-        frame_digest = self._hasher().submit(arrays_digest, self.run_id, rnd, frame)
-        pet_digests = [
-            pet_state_digest(self.run_id, name, rnd, encoding, value)
-            for name, encoding, value in pets
-        ]
-        committed_at = time.time()
-        self._hold_in_cache(len(frame))
-        with write_transaction(self._connection, f"the commit of round {rnd}") as db:
-            started = time.perf_counter()
-            check_held(db, self.run_id, self._owner)
-            info = read_info(db, self.run_id)
-            if rnd != info.last_round + 1:
-                raise RoundSequenceError(
-                    f"run {self.run_id!r} committed round {info.last_round} last; "
-                    f"round {rnd} cannot follow it"
-                )
-            db.execute(
-                "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
-                "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
-                (
+        frame_digest = self._hasher().submit(arrays_digest, self.run_id, rnd, prepared.frame)
+        check_held(db, self.run_id, self._owner)
+        info = read_info(db, self.run_id)
+        if rnd != info.last_round + 1:
+            raise RoundSequenceError(
+                f"run {self.run_id!r} committed round {info.last_round} last; "
+                f"round {rnd} cannot follow it"
+            )
+        db.execute(
+            "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
+            "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self.run_id,
+                rnd,
+                prepared.record_json,
+                prepared.sampler_json,
+                prepared.committed_at,
+                round_digest(
                     self.run_id,
                     rnd,
-                    record_json,
-                    sampler_json,
-                    committed_at,
-                    round_digest(self.run_id, rnd, record_json, sampler_json, committed_at),
+                    prepared.record_json,
+                    prepared.sampler_json,
+                    prepared.committed_at,
                 ),
+            ),
+        )
+        # Thinned first: the new arrays then reuse the freed pages instead of growing
+        # the file (and the log) by a round.
+        _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
+        row_id = _write_frame(db, self.run_id, rnd, prepared.frame, _PENDING_DIGEST)
+        waited = time.perf_counter()
+        db.execute("UPDATE arrays SET sha256 = ? WHERE id = ?", (frame_digest.result(), row_id))
+        waited = time.perf_counter() - waited
+        for name, encoding, value, digest in prepared.pets:
+            db.execute(
+                "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
+                "round = excluded.round, encoding = excluded.encoding, "
+                "value = excluded.value, sha256 = excluded.sha256",
+                (self.run_id, name, rnd, encoding, value, digest),
             )
-            # Thinned first: the new arrays then reuse the freed pages instead of growing
-            # the file (and the log) by a round.
-            _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
-            row_id = _write_frame(db, self.run_id, rnd, frame, _PENDING_DIGEST)
-            waited = time.perf_counter()
-            db.execute("UPDATE arrays SET sha256 = ? WHERE id = ?", (frame_digest.result(), row_id))
-            timings["digest"] = time.perf_counter() - waited  # what the write did not hide
-            for (name, encoding, value), digest in zip(pets, pet_digests, strict=True):
-                db.execute(
-                    "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
-                    "round = excluded.round, encoding = excluded.encoding, "
-                    "value = excluded.value, sha256 = excluded.sha256",
-                    (self.run_id, name, rnd, encoding, value, digest),
-                )
-            _set_last_round(db, info, rnd)
-            timings["write"] = time.perf_counter() - started - timings["digest"]
-            started = time.perf_counter()
-        timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
-        started = time.perf_counter()
-        self._logged_bytes += len(frame)
-        if self._logged_bytes >= self._checkpoint_bytes:
-            self._checkpoint()
-        self._release_cache()
-        timings["checkpoint"] = time.perf_counter() - started
-        self.last_commit_seconds = timings
+        _set_last_round(db, info, rnd)
+        return waited
 
     def record_spend(self, event: Mapping[str, Any], *, round: int) -> SpendRecord:
         """Commit one privacy event to the run's population ledger, in its own transaction.
@@ -274,6 +293,18 @@ class RunWriter(Closing):
             self._logged_bytes = 0
         except sqlite3.Error as exc:
             log.warning("checkpoint after a commit failed, the round is committed: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedRound:
+    """A round encoded before its transaction opens: the lock is held only for the writes."""
+
+    round: int
+    record_json: str
+    sampler_json: str
+    frame: bytes
+    pets: list[tuple[str, str, bytes, bytes]]  # name, encoding, value, SHA-256
+    committed_at: float
 
 
 def load_snapshot(connection: sqlite3.Connection, run_id: str) -> RunSnapshot:
