@@ -72,17 +72,10 @@ class RoundRecord:
         error code, reason and kind; :meth:`from_json_dict` reads it back equal.
         """
         return {
-            "round": self.round,
-            "cohort_size": self.cohort_size,
+            **self.to_dict(),  # what it keeps whole already, then what it summarises
             "participants": list(self.participants),
             "failures": _failures_to_json(self.failures),
             "evaluate_failures": _failures_to_json(self.evaluate_failures),
-            "train_metrics": dict(self.train_metrics),
-            "evaluate_metrics": dict(self.evaluate_metrics),
-            "server_metrics": dict(self.server_metrics),
-            "seconds": self.seconds,
-            "error": self.error,
-            "stopped": self.stopped,
         }
 
     @classmethod
