@@ -200,3 +200,18 @@ def test_history_json_is_lossless(records: list[RoundRecord]) -> None:
     history = History(list(records))
     text = json.dumps(history.to_json_dicts())
     assert History.from_json_dicts(json.loads(text)).rounds == history.rounds
+
+
+def test_reading_what_is_not_there_is_a_typed_refusal(stored_run: StoredRun) -> None:
+    with RunStore(stored_run.path) as store:
+        with pytest.raises(MissingRunError):
+            store.spends("nobody")
+        with pytest.raises(MissingRunError):
+            store.load("no-such-run")
+        writer = store.resume_run(stored_run.run_id)
+        with pytest.raises(ParameterTypeError):
+            writer.record_spend({"sigma": b"\x00"}, round=4)
+        assert len(store.spends("run:run-a")) == 3
+        writer.close()
+        with pytest.raises(ParameterValueError, match="closed"):
+            writer.record_spend({"kind": "gaussian"}, round=4)
