@@ -9,6 +9,10 @@ they were after round 2.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +157,46 @@ def test_a_commit_that_fails_ends_the_run(tmp_path: Path) -> None:
         with store.resume_run("r") as writer, pytest.raises(StoreWriteError):
             simulate(server(writer, shape=(100, 200)))  # 80 kB of arrays: new pages
         assert store.run("r").last_round == 0
+
+
+_KILLED_SERVER = """
+import os, signal, sys
+
+from flowerpets.store import RunStore
+from tests.store.test_resume import ROUNDS, server, simulate
+
+store = RunStore(sys.argv[1])
+writer = store.start_run("r", config={"rounds": ROUNDS})
+
+
+def die_after_round_two(record):
+    if record.round == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+simulate(server(writer), on_round=die_after_round_two)
+"""
+
+
+def test_a_server_process_killed_after_round_two_resumes_to_the_same_model(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "runs.db"
+    root = Path(__file__).resolve().parents[2]
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SERVER, str(path)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with RunStore(path) as store:
+        assert store.run("r").last_round == 2
+        with store.resume_run("r", config={"rounds": ROUNDS}) as writer:
+            resumed = simulate(server(writer))
+    whole = simulate(server())
+    assert same_bits(resumed.arrays, whole.arrays)
+    assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
