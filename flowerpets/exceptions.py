@@ -22,6 +22,7 @@ __all__ = [
     "CorruptStateError",
     "CorruptStoreError",
     "DecryptionError",
+    "DeploymentError",
     "FlowerpetsError",
     "FrameError",
     "IncompatibleModsError",
@@ -294,6 +295,10 @@ class FrameError(CodecError):
     message announced, or a digest that does not match the reassembled bytes.
     The connection that sent it is closed.
     """
+
+
+class DeploymentError(FlowerpetsError, RuntimeError):
+    """A local Flower deployment (SuperLink, SuperNodes) failed to start, run or stop in time."""
 
 
 class TransportError(FlowerpetsError, ConnectionError):

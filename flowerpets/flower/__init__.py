@@ -27,8 +27,13 @@ Or keep a Flower strategy and let our mods aggregate (flwr's FedAvg over SecAgg+
     strategy = secure_strategy(flwr.serverapp.strategy.FedAvg(), mods=[SecAggPlus()])
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
 
+Flower's deployment runtime on this machine (a SuperLink and SuperNodes on loopback,
+for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.LocalDeployment`.
+
 What maps to what, and what is refused: ``docs/flower.md``.
 """
+
+from typing import Any
 
 from flowerpets.flower.client import (
     BRIDGE_RECORD,
@@ -53,6 +58,7 @@ __all__ = [
     "FlowerGrid",
     "FlowerMod",
     "FlowerServerApp",
+    "LocalDeployment",
     "PROTOCOL_MESSAGE_TYPES",
     "SecureStrategy",
     "Settings",
@@ -64,3 +70,12 @@ __all__ = [
     "secure_strategy",
     "server_app",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # LocalDeployment needs psutil and starts processes: a ClientApp process never imports it.
+    if name == "LocalDeployment":
+        from flowerpets.flower.deployment import LocalDeployment
+
+        return LocalDeployment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
