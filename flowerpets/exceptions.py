@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptMessageError",
     "CorruptStateError",
+    "CorruptStoreError",
     "DecryptionError",
     "DeploymentError",
     "FlowerpetsError",
@@ -36,6 +37,7 @@ __all__ = [
     "MessageTooLargeError",
     "MissingDependencyError",
     "MissingKeyError",
+    "MissingRunError",
     "MissingStateError",
     "ModelMismatchError",
     "NotFoundError",
@@ -48,9 +50,15 @@ __all__ = [
     "ReplayError",
     "RequestRefusedError",
     "RoundFailedError",
+    "RoundSequenceError",
+    "RunConfigMismatchError",
+    "RunExistsError",
     "StateError",
     "StateTypeError",
     "StopRunError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreWriteError",
     "TransportError",
     "TruncatedMessageError",
     "UnknownArrayError",
@@ -335,3 +343,47 @@ class AuthenticationError(TransportError):
 
 class ReplayError(AuthenticationError):
     """A signed request that was seen before (same nonce or sequence number) was sent again."""
+
+
+class StoreError(FlowerpetsError, RuntimeError):
+    """The run store cannot do what was asked. The subclasses say why.
+
+    A store that cannot be read is never taken for an empty one: a run whose
+    rounds or privacy ledger cannot be read back is refused, never restarted.
+    """
+
+
+class CorruptStoreError(StoreError):
+    """The store file failed an integrity check.
+
+    SQLite's own check on open, a row whose SHA-256 does not match its bytes,
+    a file that is not a store or was truncated: the reason names the table and
+    row, never the stored values.
+    """
+
+
+class StoreLockedError(StoreError):
+    """Another live server holds this run's lease, so a second one may not write to it."""
+
+
+class StoreWriteError(StoreError):
+    """A commit failed (disk full, an I/O error): nothing of it was stored.
+
+    The previous committed round is intact; the caller may retry or stop.
+    """
+
+
+class MissingRunError(StoreError, LookupError):
+    """The store holds no run with this id."""
+
+
+class RunConfigMismatchError(StoreError, ValueError):
+    """A run was reopened with a configuration whose digest differs from the stored one."""
+
+
+class RunExistsError(StoreError, ValueError):
+    """A new run was started under an id the store already holds (resume it instead)."""
+
+
+class RoundSequenceError(StoreError, ValueError):
+    """A round committed out of order: each commit must be the round after the last one."""

@@ -18,6 +18,7 @@ from flowerpets.core.exchange import (
 )
 from flowerpets.core.grid import Grid, WaitsForNodes
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.journal import Resumption, RunJournal
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
@@ -84,9 +85,11 @@ __all__ = [
     "MetricValue",
     "PoissonSampling",
     "RecordDict",
+    "Resumption",
     "RoundRecord",
     "RoundRequest",
     "RoundResult",
+    "RunJournal",
     "RunResult",
     "SEALED_WEIGHT_KEY",
     "SealedArrays",
