@@ -25,12 +25,32 @@ against and what it does not.
 
 from __future__ import annotations
 
-from flowerpets.dp import accountant
-from flowerpets.dp.accountant import Neighbouring
-from flowerpets.dp.central import AdaptiveClipping, CentralDp, ClipOn
-from flowerpets.dp.clipping import adaptive_clipping_mod, fixed_clipping_mod
-from flowerpets.dp.dpsgd import DpSgd, DpSgdReport
-from flowerpets.dp.local import LocalDpMod
+from typing import TYPE_CHECKING
+
+from flowerpets._lazy import lazy_face
+
+if TYPE_CHECKING:
+    from flowerpets.dp import accountant
+    from flowerpets.dp.accountant import Neighbouring
+    from flowerpets.dp.central import AdaptiveClipping, CentralDp, ClipOn
+    from flowerpets.dp.clipping import adaptive_clipping_mod, fixed_clipping_mod
+    from flowerpets.dp.dpsgd import DpSgd, DpSgdReport
+    from flowerpets.dp.local import LocalDpMod
+
+# Where each name lives, imported on first use: a node loads its client mod only.
+_HOMES = {
+    "AdaptiveClipping": "central",
+    "CentralDp": "central",
+    "ClipOn": "central",
+    "DpSgd": "dpsgd",
+    "DpSgdReport": "dpsgd",
+    "LocalDpMod": "local",
+    "Neighbouring": "accountant",
+    "accountant": "accountant",
+    "adaptive_clipping_mod": "clipping",
+    "fixed_clipping_mod": "clipping",
+}
+__getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
     "AdaptiveClipping",

@@ -33,24 +33,49 @@ for trying an app under ``flwr run``): :class:`~flowerpets.flower.deployment.Loc
 What maps to what, and what is refused: ``docs/flower.md``.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from flowerpets.flower.client import (
-    BRIDGE_RECORD,
-    PROTOCOL_MESSAGE_TYPES,
-    ClientApp,
-    FlowerMod,
-    client_app,
-    mods,
-)
-from flowerpets.flower.grid import FlowerGrid
-from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
-from flowerpets.flower.strategy import (
-    WEIGHTED_MEAN_DECLARATION,
-    WEIGHTED_MEAN_STRATEGIES,
-    SecureStrategy,
-    secure_strategy,
-)
+from flowerpets._lazy import lazy_face
+
+if TYPE_CHECKING:
+    from flowerpets.flower.client import (
+        BRIDGE_RECORD,
+        PROTOCOL_MESSAGE_TYPES,
+        ClientApp,
+        FlowerMod,
+        client_app,
+        mods,
+    )
+    from flowerpets.flower.deployment import LocalDeployment
+    from flowerpets.flower.grid import FlowerGrid
+    from flowerpets.flower.server import FlowerServerApp, Settings, flwr_result, server_app
+    from flowerpets.flower.strategy import (
+        WEIGHTED_MEAN_DECLARATION,
+        WEIGHTED_MEAN_STRATEGIES,
+        SecureStrategy,
+        secure_strategy,
+    )
+
+# Where each name lives, imported on first use: a node's process never loads the server side.
+_HOMES = {
+    "BRIDGE_RECORD": "client",
+    "ClientApp": "client",
+    "FlowerGrid": "grid",
+    "FlowerMod": "client",
+    "FlowerServerApp": "server",
+    "LocalDeployment": "deployment",  # needs psutil, starts processes: never a node's
+    "PROTOCOL_MESSAGE_TYPES": "client",
+    "SecureStrategy": "strategy",
+    "Settings": "server",
+    "WEIGHTED_MEAN_DECLARATION": "strategy",
+    "WEIGHTED_MEAN_STRATEGIES": "strategy",
+    "client_app": "client",
+    "flwr_result": "server",
+    "mods": "client",
+    "secure_strategy": "strategy",
+    "server_app": "server",
+}
+__getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
     "BRIDGE_RECORD",
@@ -70,12 +95,3 @@ __all__ = [
     "secure_strategy",
     "server_app",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # LocalDeployment needs psutil and starts processes: a ClientApp process never imports it.
-    if name == "LocalDeployment":
-        from flowerpets.flower.deployment import LocalDeployment
-
-        return LocalDeployment
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -79,9 +79,11 @@ PROTOCOL_MESSAGE_TYPES: Final = ("he-keys",)
 
 def _update_replier(mod: object) -> str | None:
     """Why a Flower strategy must not average what ``mod`` replies, or None if it may."""
-    from flowerpets.dp.clipping import adaptive_clipping_mod, fixed_clipping_mod
-
-    if mod is fixed_clipping_mod or mod is adaptive_clipping_mod:
+    # A module nobody imported holds no mod of ours: looked up, never imported here.
+    clipping = sys.modules.get("flowerpets.dp.clipping")
+    if clipping is not None and (
+        mod is clipping.fixed_clipping_mod or mod is clipping.adaptive_clipping_mod
+    ):
         name = getattr(mod, "__name__", "the clipping mod")
         return (
             f"{name} replies with a clipped model *update*, which a Flower strategy would "
@@ -91,7 +93,7 @@ def _update_replier(mod: object) -> str | None:
             "or use Flower's own DifferentialPrivacyClientSideFixedClipping with flwr's "
             "fixedclipping_mod"
         )
-    he = sys.modules.get("flowerpets.he.client")  # if it is not imported, no mod is one
+    he = sys.modules.get("flowerpets.he.client")
     if he is not None and isinstance(mod, he.CKKSClientMod):
         return (
             "ckks_mod replies with CKKS ciphertexts, which a Flower strategy would average "

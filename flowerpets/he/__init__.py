@@ -30,17 +30,40 @@ What it protects against, what it does not, the parameter sets and their
 measured precision: ``docs/he.md``.
 """
 
-from flowerpets.he._primitives.params import (
-    COMPACT,
-    MAX_MODULUS_BITS_128,
-    PARAMETER_SETS,
-    WIDE,
-    CKKSParameters,
-)
-from flowerpets.he.client import CKKSClientMod, ckks_mod
-from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
-from flowerpets.he.sealed import EncryptedSum, open_model
-from flowerpets.he.server import HomomorphicAggregation
+from typing import TYPE_CHECKING
+
+from flowerpets._lazy import lazy_face
+
+if TYPE_CHECKING:
+    from flowerpets.he._primitives.params import (
+        COMPACT,
+        MAX_MODULUS_BITS_128,
+        PARAMETER_SETS,
+        WIDE,
+        CKKSParameters,
+    )
+    from flowerpets.he.client import CKKSClientMod, ckks_mod
+    from flowerpets.he.protocol import HE_MESSAGE_TYPE, KEY_GENERATOR_CONFIG, Stage
+    from flowerpets.he.sealed import EncryptedSum, open_model
+    from flowerpets.he.server import HomomorphicAggregation
+
+# Where each name lives, imported on first use: a node loads its client mod only.
+_HOMES = {
+    "CKKSClientMod": "client",
+    "CKKSParameters": "_primitives.params",
+    "COMPACT": "_primitives.params",
+    "EncryptedSum": "sealed",
+    "HE_MESSAGE_TYPE": "protocol",
+    "HomomorphicAggregation": "server",
+    "KEY_GENERATOR_CONFIG": "protocol",
+    "MAX_MODULUS_BITS_128": "_primitives.params",
+    "PARAMETER_SETS": "_primitives.params",
+    "Stage": "protocol",
+    "WIDE": "_primitives.params",
+    "ckks_mod": "client",
+    "open_model": "sealed",
+}
+__getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
     "CKKSClientMod",

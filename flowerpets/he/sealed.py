@@ -17,9 +17,9 @@ implements :class:`~flowerpets.core.SealedArrays`, so
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tenseal as ts
 from numpy.typing import NDArray
 
 from flowerpets.core import SEALED_WEIGHT_KEY, Array, ArrayRecord, Context, is_sealed
@@ -39,6 +39,9 @@ from flowerpets.he._primitives.ciphertexts import (
 from flowerpets.he._primitives.packing import chunk_views, peak
 from flowerpets.he._primitives.params import load_secret_context
 from flowerpets.he._state import ClientKeys, ClientPhase
+
+if TYPE_CHECKING:
+    import tenseal as ts  # for annotations only
 
 __all__ = ["EncryptedSum", "open_model"]
 

@@ -15,11 +15,32 @@ what it does not.
                            mods=[SecAggPlus(dropout_rate=0.1, corrupted_fraction=0.1)])
 """
 
-from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
-from flowerpets.secagg.graph import HararyGraph
-from flowerpets.secagg.parameters import GraphParameters, check_parameters, find_parameters
-from flowerpets.secagg.protocol import RoundConfig, Stage
-from flowerpets.secagg.server import SecAggPlus, ServerPhase
+from typing import TYPE_CHECKING
+
+from flowerpets._lazy import lazy_face
+
+if TYPE_CHECKING:
+    from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
+    from flowerpets.secagg.graph import HararyGraph
+    from flowerpets.secagg.parameters import GraphParameters, check_parameters, find_parameters
+    from flowerpets.secagg.protocol import RoundConfig, Stage
+    from flowerpets.secagg.server import SecAggPlus, ServerPhase
+
+# Where each name lives, imported on first use: a node loads the client mod only.
+_HOMES = {
+    "GraphParameters": "parameters",
+    "HararyGraph": "graph",
+    "Phase": "client",
+    "RoundConfig": "protocol",
+    "SecAggPlus": "server",
+    "SecAggPlusClientMod": "client",
+    "ServerPhase": "server",
+    "Stage": "protocol",
+    "check_parameters": "parameters",
+    "find_parameters": "parameters",
+    "secaggplus_mod": "client",
+}
+__getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
     "GraphParameters",

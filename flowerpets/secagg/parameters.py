@@ -72,7 +72,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import special
 
 from flowerpets._validation import integer, probability
 from flowerpets.exceptions import InfeasibleParametersError, ParameterValueError
@@ -161,6 +160,8 @@ def _log_pmf_array(population: int, successes: int, draws: int) -> np.ndarray:
     out = np.full(draws + 1, -math.inf)
     if lo > hi:
         return out
+    from scipy import special  # imported late: a node's client mod never needs scipy
+
     x = np.arange(lo, hi + 1, dtype=np.float64)
     failures = population - successes
     gl = special.gammaln
@@ -197,6 +198,8 @@ def _log_binomial_cdf(x: int, trials: int, p: float) -> float:
         return -math.inf
     if x >= trials:
         return 0.0
+    from scipy import special
+
     value = float(special.bdtr(x, trials, p))
     return math.log(value) if value > 0 else -math.inf
 

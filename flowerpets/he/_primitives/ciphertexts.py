@@ -31,10 +31,9 @@ import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tenseal as ts
 from numpy.typing import NDArray
 
 from flowerpets._validation import is_integer
@@ -42,6 +41,9 @@ from flowerpets.core import Array, ArrayRecord
 from flowerpets.exceptions import CiphertextError, ParameterValueError
 from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, chunk_views
 from flowerpets.he._primitives.params import CKKSParameters
+
+if TYPE_CHECKING:
+    import tenseal as ts  # imported where used: loading TenSEAL is paid only by CKKS work
 
 __all__ = [
     "HEADER_NAME",
@@ -231,6 +233,8 @@ def _header_bound(expected: Header) -> int:
 # -- encryption ----------------------------------------------------------------------------------
 def encrypt_flat(context: ts.Context, flat: NDArray[np.float64], slots: int) -> list[bytes]:
     """One serialized ciphertext per ``slots`` values of ``flat`` (the last one shorter)."""
+    import tenseal as ts
+
     return [ts.ckks_vector(context, chunk).serialize() for chunk in chunk_views(flat, slots)]
 
 
@@ -293,6 +297,8 @@ def load_vector(
         raise CiphertextError(
             f"a ciphertext whose TenSEAL scale is {scale!r}, expected 2^{params.scale_bits}"
         )
+    import tenseal as ts
+
     try:
         vector = ts.ckks_vector_from(context, blob)
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -38,9 +38,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tenseal as ts
+if TYPE_CHECKING:
+    import tenseal as ts  # imported where used: loading TenSEAL is paid only by CKKS work
 
 from flowerpets._validation import integer, is_integer
 from flowerpets.exceptions import (
@@ -215,6 +216,8 @@ PARAMETER_SETS = MappingProxyType({p.name: p for p in (COMPACT, WIDE)})
 # -- contexts ----------------------------------------------------------------------------------
 def new_secret_context(params: CKKSParameters) -> ts.Context:
     """A fresh context holding a new secret key (symmetric encryption), no other keys."""
+    import tenseal as ts
+
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         params.poly_modulus_degree,
@@ -259,6 +262,8 @@ def _parse(data: bytes, what: str) -> ts.Context:
         raise KeyMaterialError(f"{what} must be bytes, got {type(data).__name__}")
     if not 0 < len(data) <= MAX_CONTEXT_BYTES:
         raise KeyMaterialError(f"{what} of {len(data)} bytes is not a serialized context")
+    import tenseal as ts
+
     try:
         context = ts.context_from(bytes(data))
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -268,6 +273,8 @@ def _parse(data: bytes, what: str) -> ts.Context:
 
 def check_context(context: ts.Context, params: CKKSParameters, what: str) -> None:
     """Raise :class:`KeyMaterialError` unless ``context`` is CKKS of exactly ``params``."""
+    import tenseal as ts
+
     seal = context.seal_context().data
     key_level = seal.key_context_data()
     data_level = seal.first_context_data()
