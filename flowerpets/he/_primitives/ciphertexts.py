@@ -40,6 +40,14 @@ from numpy.typing import NDArray
 from flowerpets._validation import is_integer
 from flowerpets.core import Array, ArrayRecord
 from flowerpets.exceptions import CiphertextError, ParameterValueError
+from flowerpets.he._primitives.canonical import (
+    LENGTH,
+    WORD,
+    Message,
+    canonical_ciphertext,
+    proto_fields,
+    proto_message,
+)
 from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, chunk_views
 from flowerpets.he._primitives.params import CKKSParameters
 
@@ -243,18 +251,17 @@ def _blob(chunk: Array | bytes) -> bytes:
     return data.tobytes()
 
 
-def _varint(blob: bytes, pos: int) -> tuple[int, int]:
-    """A protobuf base-128 varint at ``pos``: its value and the position after it."""
-    value = 0
-    for shift in range(0, 64, 7):
-        if pos >= len(blob):
-            break
-        byte = blob[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise CiphertextError("not a ciphertext: a bad varint in TenSEAL's serialization")
+# TenSEAL's CKKSVectorProto (tenseal/proto/tensors.proto) of one ciphertext: the chunk sizes
+# (packed), the SEAL ciphertext and the scale, each once, in that order, nothing after.
+_VECTOR = {1: LENGTH, 2: LENGTH, 3: WORD}
+_NOT_OURS = "not a ciphertext"
+
+
+def _vector_fields(blob: bytes) -> Message:
+    vector = proto_fields(blob, _VECTOR, CiphertextError, _NOT_OURS)
+    if len(vector.blobs) != len(_VECTOR):
+        raise CiphertextError(f"{_NOT_OURS}: not TenSEAL's form of one CKKS ciphertext")
+    return vector
 
 
 def tenseal_scale(blob: bytes) -> float:
@@ -268,15 +275,7 @@ def tenseal_scale(blob: bytes) -> float:
     ciphertext), length-delimited, then field 3 (the scale), a double, once
     each and nothing after.
     """
-    pos = 0
-    for tag in (0x0A, 0x12):  # (field << 3) | 2: length-delimited
-        if pos >= len(blob) or blob[pos] != tag:
-            raise CiphertextError("not a ciphertext: not TenSEAL's form of one CKKS ciphertext")
-        length, pos = _varint(blob, pos + 1)
-        pos += length
-    if pos + 9 != len(blob) or blob[pos] != 0x19:  # (3 << 3) | 1: a 64-bit double, last
-        raise CiphertextError("not a ciphertext: TenSEAL's scale is not its last and only field")
-    scale: float = struct.unpack_from("<d", blob, pos + 1)[0]
+    scale: float = struct.unpack("<d", _vector_fields(blob).blobs[3])[0]
     return scale
 
 
@@ -288,13 +287,16 @@ def load_vector(
     blob = _blob(chunk)
     if not 0 < len(blob) <= limit:
         raise CiphertextError(f"a ciphertext of {len(blob)} bytes (at most {limit} expected)")
-    scale = tenseal_scale(blob)
+    fields = _vector_fields(blob)
+    scale = struct.unpack("<d", fields.blobs[3])[0]
     if scale != params.scale:
         raise CiphertextError(
             f"a ciphertext whose TenSEAL scale is {scale!r}, expected 2^{params.scale_bits}"
         )
+    # SEAL reads only the flat form: it never inflates a peer's bytes (see canonical.py).
+    fields.blobs[2] = canonical_ciphertext(fields.blobs[2], params)
     try:
-        vector = ts.ckks_vector_from(context, blob)
+        vector = ts.ckks_vector_from(context, proto_message(_VECTOR, fields))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CiphertextError(f"not a ciphertext of these parameters: {exc}") from None
     if vector.size() != size:
