@@ -91,27 +91,6 @@ def _with_nested_header(members: bytes, mode: int, size: int) -> bytes:
     return members[:NESTED] + header + members[NESTED + 16 :]
 
 
-@pytest.fixture(scope="module")
-def secret() -> ts.Context:
-    return new_secret_context(COMPACT)
-
-
-@pytest.fixture(scope="module")
-def public(secret: ts.Context) -> ts.Context:
-    return ts.context_from(public_context_bytes(secret))
-
-
-@pytest.fixture(scope="module")
-def values() -> np.ndarray:
-    return np.linspace(-1, 1, COMPACT.slots)
-
-
-@pytest.fixture(scope="module")
-def blob(secret: ts.Context, values: np.ndarray) -> bytes:
-    data: bytes = ts.ckks_vector(secret, values).serialize()
-    return data
-
-
 # -- the regression: the known crashing input, in a child process ---------------------------------
 _CHILD = r"""
 import struct, sys, zlib

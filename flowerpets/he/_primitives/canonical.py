@@ -44,7 +44,6 @@ __all__ = [
     "canonical_context",
     "proto_fields",
     "proto_message",
-    "proto_varint",
 ]
 
 VARINT, WORD, LENGTH = 0, 1, 2  # protobuf wire types (WORD: 64 bits, a double here)
@@ -63,7 +62,7 @@ _MODULUS = _HEADER.size + 8  # a nested Modulus object: a header and one uint64
 _ZSTD_MAX_WINDOW = 8 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """A protobuf message's fields by number: varints, and the bytes of the others."""
 
@@ -75,7 +74,7 @@ class Message:
 
 
 # -- protobuf: the three wire types TenSEAL's messages use --------------------------------------
-def proto_varint(data: bytes, pos: int, error: type[FlowerpetsError], what: str) -> tuple[int, int]:
+def _varint(data: bytes, pos: int, error: type[FlowerpetsError], what: str) -> tuple[int, int]:
     """A protobuf base-128 varint at ``pos``: its value and the position after it."""
     value = 0
     for shift in range(0, 64, 7):
@@ -100,17 +99,17 @@ def proto_fields(
     message = Message()
     pos, last = 0, 0
     while pos < len(data):
-        key, pos = proto_varint(data, pos, error, what)
+        key, pos = _varint(data, pos, error, what)
         number, wire = key >> 3, key & 7
         if shape.get(number) != wire or number <= last:
             raise error(f"{what}: field {number} (wire type {wire}) unexpected in TenSEAL's form")
         last = number
         if wire == VARINT:
-            message.varints[number], pos = proto_varint(data, pos, error, what)
+            message.varints[number], pos = _varint(data, pos, error, what)
             continue
         length = 8
         if wire == LENGTH:
-            length, pos = proto_varint(data, pos, error, what)
+            length, pos = _varint(data, pos, error, what)
         if pos + length > len(data):
             raise error(f"{what}: field {number} runs past the end of TenSEAL's serialization")
         message.blobs[number] = data[pos : pos + length]

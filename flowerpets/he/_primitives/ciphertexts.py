@@ -12,15 +12,18 @@ The wire form of an encrypted vector inside an :class:`ArrayRecord`:
     one ciphertext of ``slots`` values (the last one the rest).
 
 Loading checks, before anything is added: the byte length (a ciphertext of
-these parameters, not a bomb), that TenSEAL parses it under *our* context
-(SEAL validates the parameters id and the coefficient ranges), that it holds
-exactly one ciphertext of two polynomials, at the data level, at the agreed
-scale (both SEAL's and the one TenSEAL serializes beside it, which plaintext
-additions use), of the expected number of values, and not transparent (a
-"ciphertext" with no encryption). Any failure is a :class:`CiphertextError`. What no check
-can tell is a ciphertext of the right parameters under *another key*: the
-header's key id catches honest mistakes, not forgeries (CKKS has no
-integrity; see ``docs/he.md``).
+these parameters, not a bomb); that its SEAL object is one ciphertext of these
+parameters, read and inflated here and handed to TenSEAL uncompressed (SEAL's
+own inflating of crafted bytes can end the process: see ``canonical.py``);
+that TenSEAL parses it under *our* context (SEAL validates the parameters id
+and the coefficient ranges); that it holds exactly one ciphertext of two
+polynomials, at the data level, at the agreed scale (both SEAL's and the one
+TenSEAL serializes beside it, which plaintext additions use), of the expected
+number of values, and not transparent (a "ciphertext" with no encryption).
+Any failure is a :class:`CiphertextError`. What no check can tell is a
+ciphertext of the right parameters under *another key*: the header's key id
+catches honest mistakes, not forgeries (CKKS has no integrity; see
+``docs/he.md``).
 """
 
 from __future__ import annotations
@@ -275,7 +278,11 @@ def tenseal_scale(blob: bytes) -> float:
     ciphertext), length-delimited, then field 3 (the scale), a double, once
     each and nothing after.
     """
-    scale: float = struct.unpack("<d", _vector_fields(blob).blobs[3])[0]
+    return _scale(_vector_fields(blob))
+
+
+def _scale(vector: Message) -> float:
+    scale: float = struct.unpack("<d", vector.blobs[3])[0]
     return scale
 
 
@@ -288,7 +295,7 @@ def load_vector(
     if not 0 < len(blob) <= limit:
         raise CiphertextError(f"a ciphertext of {len(blob)} bytes (at most {limit} expected)")
     fields = _vector_fields(blob)
-    scale = struct.unpack("<d", fields.blobs[3])[0]
+    scale = _scale(fields)
     if scale != params.scale:
         raise CiphertextError(
             f"a ciphertext whose TenSEAL scale is {scale!r}, expected 2^{params.scale_bits}"
