@@ -21,9 +21,11 @@ __all__ = [
     "CorruptMessageError",
     "CorruptStateError",
     "DecryptionError",
+    "DeploymentError",
     "FlowerpetsError",
     "FrameError",
     "IncompatibleModsError",
+    "IncompatibleStrategyError",
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
@@ -31,6 +33,7 @@ __all__ = [
     "KeySetupError",
     "MessageFieldError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "MissingKeyError",
     "MissingStateError",
     "ModelMismatchError",
@@ -177,6 +180,10 @@ class UnknownArrayError(FlowerpetsError, KeyError):
     """A name that no array of a layout or a sum has (adding to an array that is not there)."""
 
 
+class MissingDependencyError(FlowerpetsError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra."""
+
+
 class MissingKeyError(FlowerpetsError, LookupError):
     """A node holds no key for this data, for example no CKKS secret key to open a sealed model."""
 
@@ -186,6 +193,17 @@ class IncompatibleModsError(ConfigurationError, RuntimeError):
 
     For example, server-side clipping needs every update one by one, which a
     secure-aggregation mod exists to prevent.
+    """
+
+
+class IncompatibleStrategyError(ConfigurationError, TypeError):
+    """A Flower strategy that cannot run over our server mods.
+
+    Its aggregate is not a weighted mean of the replies (a median, Krum, a
+    trimmed mean, per-reply clipping), so it needs the updates one by one,
+    which secure aggregation exists to hide; or it needs what our mods do not
+    produce (a readable sum, one shared request). The message names what to
+    use instead.
     """
 
 
@@ -269,6 +287,10 @@ class FrameError(CodecError):
     message announced, or a digest that does not match the reassembled bytes.
     The connection that sent it is closed.
     """
+
+
+class DeploymentError(FlowerpetsError, RuntimeError):
+    """A local Flower deployment (SuperLink, SuperNodes) failed to start, run or stop in time."""
 
 
 class TransportError(FlowerpetsError, ConnectionError):

@@ -8,9 +8,12 @@ in the clear (``tests/dp/test_refusal_reasons.py`` checks every DP mod's).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from flowerpets.core import ConfigRecord
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.core import RecordDict
+from flowerpets.core.fields import Fields
+from flowerpets.exceptions import MessageFieldError, RequestRefusedError
 
 __all__ = [
     "CLIP_KEY",
@@ -18,6 +21,7 @@ __all__ = [
     "REPLY_MODEL_KEY",
     "RESERVED_PREFIX",
     "read_clip",
+    "read_config",
     "reply_model",
 ]
 
@@ -37,26 +41,36 @@ REPLY_MODEL_KEY = "dp.reply-model"
 INDICATOR = "dp.unclipped"
 
 
-def read_clip(config: ConfigRecord) -> float:
+def read_config(content: RecordDict) -> Fields:
+    """The request's config record; refuses the request if it is not a ConfigRecord."""
+    with _refused_if_malformed():
+        return Fields.of(content, "config")
+
+
+def read_clip(config: Fields) -> float:
     """The clipping norm the server sent; refuses the request if it is missing or nonsense."""
     if CLIP_KEY not in config:
         raise RequestRefusedError(
             f"the request carries no clipping norm ({CLIP_KEY!r}): a DP clipping mod needs "
             "CentralDp(clip_on=ClipOn.CLIENTS) on the server"
         )
-    clip = config[CLIP_KEY]
-    if (
-        isinstance(clip, bool)
-        or not isinstance(clip, int | float)
-        or not (math.isfinite(clip) and clip > 0)
-    ):
+    with _refused_if_malformed():
+        clip = config.get(CLIP_KEY, float)
+    if not (math.isfinite(clip) and clip > 0):
         raise RequestRefusedError(f"the clipping norm {CLIP_KEY!r} must be finite and > 0")
-    return float(clip)
+    return clip
 
 
-def reply_model(config: ConfigRecord) -> bool:
+def reply_model(config: Fields) -> bool:
     """Whether the server asks for a model (received + clipped update) instead of the update."""
-    value = config.get(REPLY_MODEL_KEY, False)
-    if not isinstance(value, bool):
-        raise RequestRefusedError(f"{REPLY_MODEL_KEY!r} must be a bool")
-    return value
+    with _refused_if_malformed():
+        return config.get(REPLY_MODEL_KEY, bool, False)
+
+
+@contextmanager
+def _refused_if_malformed() -> Iterator[None]:
+    # A field of the wrong type is the server's fault: this node refuses the request.
+    try:
+        yield
+    except MessageFieldError as exc:
+        raise RequestRefusedError(str(exc)) from None

@@ -144,7 +144,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     plan.set_defaults(command=_run(_plan_command))
 
 
-class _UsageError(Exception):
+class _UsageError(FlowerpetsError):
     """Arguments that parse but make no sense together: one line, exit status 2."""
 
 
@@ -156,7 +156,7 @@ def _run(
             command(args, sys.stdout)
         # Our typed errors, and what the accountants' configuration refuses, are usage errors;
         # anything else is a bug and keeps its traceback.
-        except (_UsageError, FlowerpetsError, ValueError, TypeError) as exc:
+        except (FlowerpetsError, ValueError, TypeError) as exc:  # _UsageError is ours too
             print(f"flowerpets accountant: error: {one_line(exc)}", file=sys.stderr)
             return 2
         return 0

@@ -37,9 +37,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flowerpets.core import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flowerpets.core import ArrayRecord, Context, Message, MessageType, RecordDict
 from flowerpets.dp._primitives.clip import clip_update, update_between
-from flowerpets.dp._protocol import INDICATOR, read_clip, reply_model
+from flowerpets.dp._protocol import INDICATOR, read_clip, read_config, reply_model
 from flowerpets.exceptions import RequestRefusedError
 
 __all__ = ["adaptive_clipping_mod", "fixed_clipping_mod"]
@@ -59,7 +59,7 @@ def _clip_reply(msg: Message, context: Context, call_next: CallNext, *, adaptive
     body = msg.require_content()
     if "config" not in body or "arrays" not in body:
         raise RequestRefusedError("a DP clipping mod needs a train request with arrays and config")
-    config = body.get_typed("config", ConfigRecord)
+    config = read_config(body)
     clip, as_model = read_clip(config), reply_model(config)
     arrays = body.get_typed("arrays", ArrayRecord)
     if (INDICATOR in arrays) != adaptive:

@@ -27,11 +27,14 @@ the Poisson sampling uses a torch generator seeded from the OS's secure source
 each round (only its secrecy matters for the amplification argument).
 
 Across rounds the node keeps its own accountant state in
-``context.state["dp.sgd"]``: the steps taken at each (noise multiplier,
-sample rate). The reported epsilon composes all of them (PLD by default, see
-:mod:`flowerpets.dp.accountant`), so it is this client's sample-level epsilon
-for the whole run so far. With ``max_epsilon`` a round that would exceed it is
-refused before any training (``REFUSED`` reply).
+``context.state["dp.sgd"]`` (written by :class:`~flowerpets.core.state.StateSlot`):
+the steps taken at each (noise multiplier, sample rate). The reported epsilon
+composes all of them (PLD by default, see :mod:`flowerpets.dp.accountant`), so
+it is this client's sample-level epsilon for the whole run so far. With
+``max_epsilon`` a round that would exceed it is refused before any training
+(``REFUSED`` reply), and so is every round once the state cannot be read (the
+budget is never forgotten). :class:`DpSgd` itself keeps no per-node state: it
+pickles, and builds its secure noise source on first use.
 
 torch and Opacus are imported only when :meth:`DpSgd.train` runs: install the
 ``dpsgd`` extra (``pip install 'flowerpets[dpsgd]'``); the rest of
@@ -50,18 +53,67 @@ from typing import Any
 
 import numpy as np
 
-from flowerpets.core import WEIGHT_KEY, ConfigRecord, Context
-from flowerpets.dp._primitives.noise import GaussianSource, gaussian_source
+from flowerpets._validation import integer, probability, real
+from flowerpets.core import WEIGHT_KEY, Context
+from flowerpets.core.state import StateSlot
+from flowerpets.dp._primitives.noise import GaussianSource, lazy_gaussian_source
 from flowerpets.dp.accountant import (
     AccountantFactory,
     PldAccountant,
     PoissonSampledGaussian,
 )
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.exceptions import (
+    MissingDependencyError,
+    ParameterTypeError,
+    ParameterValueError,
+    RequestRefusedError,
+    StateError,
+)
 
 __all__ = ["DpSgd", "DpSgdReport"]
 
 STATE_KEY = "dp.sgd"
+
+
+@dataclass(frozen=True, slots=True)
+class _Steps:
+    """A node's DP-SGD history: ``steps[i]`` steps at ``noise_multipliers[i]``, ``sample_rates[i]``.
+
+    Read strictly (a negative step count would give budget back); epsilon derives from it.
+    """
+
+    noise_multipliers: tuple[float, ...] = ()
+    sample_rates: tuple[float, ...] = ()
+    steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not len(self.noise_multipliers) == len(self.sample_rates) == len(self.steps):
+            raise ParameterValueError("the DP-SGD history's lists differ in length")
+        # Secret: the sample rate and the steps tell the dataset's size.
+        for z, q, n in zip(self.noise_multipliers, self.sample_rates, self.steps, strict=True):
+            real("a noise multiplier", z, above=0, secret=True)
+            probability("a sample rate", q, zero=False, secret=True)
+            integer("a step count", n, at_least=1, secret=True)
+        if len(set(self._settings())) != len(self.steps):
+            raise ParameterValueError("the DP-SGD history lists a setting twice")
+
+    def _settings(self) -> zip[tuple[float, float]]:
+        return zip(self.noise_multipliers, self.sample_rates, strict=True)
+
+    @classmethod
+    def of(cls, history: dict[tuple[float, float], int]) -> _Steps:
+        keys = list(history)
+        return cls(
+            noise_multipliers=tuple(z for z, _ in keys),
+            sample_rates=tuple(q for _, q in keys),
+            steps=tuple(history[k] for k in keys),
+        )
+
+    def history(self) -> dict[tuple[float, float], int]:
+        return dict(zip(self._settings(), self.steps, strict=True))
+
+
+_SLOT = StateSlot(_Steps, STATE_KEY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +167,9 @@ def _require_torch() -> tuple[Any, Any]:
         import opacus
         import torch
     except ImportError as exc:  # the dpsgd extra is missing
-        raise ImportError("DP-SGD needs torch and opacus: pip install 'flowerpets[dpsgd]'") from exc
+        raise MissingDependencyError(
+            "DP-SGD needs torch and opacus: pip install 'flowerpets[dpsgd]'"
+        ) from exc
     return torch, opacus
 
 
@@ -147,20 +201,6 @@ def _secure_optimizer_class() -> type:
     return SourcedNoiseDPOptimizer
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 class DpSgd:
     """DP-SGD settings for a node's local training; :meth:`train` runs one round of it.
 
@@ -184,20 +224,23 @@ class DpSgd:
         accountant: AccountantFactory = PldAccountant,
         rng: np.random.Generator | None = None,
     ) -> None:
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-        self.max_grad_norm = _positive("max_grad_norm", max_grad_norm)
-        if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        self.delta = float(delta)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.epochs = _positive_int("epochs", epochs)
-        self.learning_rate = _positive("learning_rate", learning_rate)
-        self.max_epsilon = None if max_epsilon is None else _positive("max_epsilon", max_epsilon)
+        self.noise_multiplier = real("noise_multiplier", noise_multiplier, above=0)
+        self.max_grad_norm = real("max_grad_norm", max_grad_norm, above=0)
+        self.delta = probability("delta", delta, zero=False, one=False)
+        self.batch_size = integer("batch_size", batch_size, at_least=1)
+        self.epochs = integer("epochs", epochs, at_least=1)
+        self.learning_rate = real("learning_rate", learning_rate, above=0)
+        if max_epsilon is not None:
+            max_epsilon = real("max_epsilon", max_epsilon, above=0)
+        self.max_epsilon = max_epsilon
         if not callable(accountant):
-            raise TypeError(f"accountant must make an Accountant, got {accountant!r}")
+            raise ParameterTypeError(
+                f"accountant must make an Accountant, got {type(accountant).__name__}"
+            )
         self.accountant = accountant
         self._rng = rng
-        self._noise = gaussian_source(rng, owner="DpSgd")
+        # Built on first use and never pickled (a copy draws under a key of its own).
+        self._noise = lazy_gaussian_source(rng, owner="DpSgd")
 
     def __repr__(self) -> str:
         return (
@@ -209,39 +252,11 @@ class DpSgd:
     @staticmethod
     def history(context: Context) -> dict[tuple[float, float], int]:
         """Steps taken so far on this node, by (noise multiplier, sample rate)."""
-        record = context.state.get(STATE_KEY)
-        if record is None:
-            return {}
-        if not isinstance(record, ConfigRecord):
-            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
-        multipliers, rates, steps = (
-            record.get("noise-multipliers", []),
-            record.get("sample-rates", []),
-            record.get("steps", []),
-        )
-        history: dict[tuple[float, float], int] = {}
-        if isinstance(multipliers, list) and isinstance(rates, list) and isinstance(steps, list):
-            for z, q, n in zip(multipliers, rates, steps, strict=False):
-                if not (
-                    isinstance(z, int | float) and isinstance(q, int | float) and isinstance(n, int)
-                ):
-                    break
-                history[(float(z), float(q))] = n
-            else:
-                if len(multipliers) == len(rates) == len(steps):
-                    return history
-        raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
-
-    @staticmethod
-    def _save(context: Context, history: dict[tuple[float, float], int]) -> None:
-        keys = list(history)
-        context.state[STATE_KEY] = ConfigRecord(
-            {
-                "noise-multipliers": [z for z, _ in keys],
-                "sample-rates": [q for _, q in keys],
-                "steps": [history[k] for k in keys],
-            }
-        )
+        # Corrupt state refuses (the budget is not forgotten); the reason names a field, no value.
+        try:
+            return _SLOT.get(context.state, _Steps()).history()
+        except StateError as exc:
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {exc}") from None
 
     def epsilon_of(self, history: dict[tuple[float, float], int]) -> float:
         """The epsilon at ``delta`` of ``history`` (as :meth:`history` returns it)."""
@@ -282,7 +297,7 @@ class DpSgd:
 
         examples = len(dataset)
         if examples < 1:
-            raise ValueError("DP-SGD needs a non-empty training set")
+            raise ParameterValueError("DP-SGD needs a non-empty training set")
         generator = torch.Generator()
         generator.manual_seed(self._seed())
         loader = DPDataLoader.from_data_loader(
@@ -343,7 +358,7 @@ class DpSgd:
                     losses.append(float(loss.detach()))
         finally:
             wrapped.to_standard_module()  # removes Opacus's hooks; the model stays trained
-        self._save(context, after)
+        _SLOT.store(context.state, _Steps.of(after))
         return DpSgdReport(
             epsilon=epsilon,
             delta=self.delta,

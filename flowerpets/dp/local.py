@@ -17,9 +17,14 @@ client's data against none at all).
 
 Across rounds. Each round is one Gaussian mechanism with noise multiplier
 ``z = sigma / sensitivity``; T of them compose exactly to one Gaussian with
-multiplier ``z / sqrt(T)``. The node's state (``context.state["dp.local"]``)
-keeps the rounds spent and the composed epsilon at ``delta``; with
-``max_epsilon`` the node refuses (``REFUSED``) a round that would exceed it.
+multiplier ``z / sqrt(T)``. The node's state (``context.state["dp.local"]``,
+written by :class:`~flowerpets.core.state.StateSlot`) keeps the rounds spent
+and their summed precision ``sum z^-2``, from which the composed epsilon at
+``delta`` is derived; with ``max_epsilon`` the node refuses (``REFUSED``) a
+round that would exceed it, and a state it cannot read refuses every round
+(the budget is never forgotten). The mod itself keeps no per-run state: one
+instance serves any number of nodes, and it pickles (its secure noise source
+is built on first use, and a copy builds its own).
 
 What it does not protect: the reply's metrics. By default the mod replaces
 them with ``num-examples = 1`` and ``dp-local-epsilon``. The weight is 1
@@ -38,12 +43,14 @@ local DP), or keep it here, knowingly.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
+from flowerpets._validation import instance, integer, probability, real, strings
 from flowerpets.core import (
     WEIGHT_KEY,
     ArrayRecord,
@@ -53,11 +60,12 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
+from flowerpets.core.state import StateSlot
 from flowerpets.dp._primitives.calibration import analytic_gaussian_sigma, gaussian_epsilon
 from flowerpets.dp._primitives.clip import clip_update, update_between
-from flowerpets.dp._primitives.noise import AesCtrGaussian, GaussianSource, gaussian_source
+from flowerpets.dp._primitives.noise import lazy_gaussian_source
 from flowerpets.dp.accountant import Neighbouring
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.exceptions import ParameterValueError, RequestRefusedError, StateError
 
 __all__ = ["LocalDpMod"]
 
@@ -65,23 +73,30 @@ CallNext = Callable[[Message, Context], Message]
 STATE_KEY = "dp.local"
 
 
-def _finite_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    """What a node has spent: its rounds and their precision ``sum z^-2`` (epsilon derives)."""
+
+    rounds: int = 0
+    precision: float = 0.0
+
+    def __post_init__(self) -> None:
+        integer("rounds", self.rounds, at_least=0)
+        real("precision", self.precision, at_least=0)
+
+
+_SLOT = StateSlot(_Spent, STATE_KEY)
 
 
 def _kept_metrics(value: object) -> bool | tuple[str, ...]:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TypeError(f"keep_metrics must be a bool or metric names, got {value!r}")
-    names = tuple(value)
-    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"keep_metrics must name distinct metrics, got {names!r}")
-    return names
+    return strings("keep_metrics", value, unique=True, check=_metric_name)
+
+
+def _metric_name(name: str) -> None:
+    if not name:
+        raise ParameterValueError("keep_metrics must not name the empty metric ''")
 
 
 class LocalDpMod:
@@ -104,21 +119,15 @@ class LocalDpMod:
         rng: np.random.Generator | None = None,
         keep_metrics: bool | Iterable[str] = False,
     ) -> None:
-        self.clipping_norm = _finite_positive("clipping_norm", clipping_norm)
-        self.epsilon = _finite_positive("epsilon", epsilon)
-        if isinstance(delta, bool) or not isinstance(delta, int | float):
-            raise TypeError(f"delta must be a number, got {delta!r}")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        if not isinstance(neighbouring, Neighbouring):
-            raise TypeError(f"neighbouring must be a Neighbouring, got {neighbouring!r}")
-        self.delta = float(delta)
-        self.neighbouring = neighbouring
-        self.max_epsilon = (
-            None if max_epsilon is None else _finite_positive("max_epsilon", max_epsilon)
-        )
+        self.clipping_norm = real("clipping_norm", clipping_norm, above=0)
+        self.epsilon = real("epsilon", epsilon, above=0)
+        self.delta = probability("delta", delta, zero=False, one=False)
+        self.neighbouring = instance("neighbouring", neighbouring, Neighbouring)
+        if max_epsilon is not None:
+            max_epsilon = real("max_epsilon", max_epsilon, above=0)
+        self.max_epsilon = max_epsilon
         if self.max_epsilon is not None and self.max_epsilon < self.epsilon:
-            raise ValueError(
+            raise ParameterValueError(
                 f"max_epsilon={self.max_epsilon} is below one round's epsilon={self.epsilon}: "
                 "no round could run"
             )
@@ -127,9 +136,7 @@ class LocalDpMod:
         self.keep_metrics: bool | tuple[str, ...] = _kept_metrics(keep_metrics)
         # The secure source (an AES-CTR key) is built on first use and never pickled, so the
         # mod can be sent to a node process without its key; a seeded test source is kept.
-        self._noise: GaussianSource | None = (
-            None if rng is None else gaussian_source(rng, owner="LocalDpMod")
-        )
+        self._noise = lazy_gaussian_source(rng, owner="LocalDpMod")
         if self.keep_metrics:
             named = self.keep_metrics if isinstance(self.keep_metrics, tuple) else None
             which = "" if named is None else f" {list(named)}"
@@ -146,48 +153,31 @@ class LocalDpMod:
             f"delta={self.delta}, neighbouring={self.neighbouring.name}, sigma={self.sigma:.4g})"
         )
 
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        if isinstance(state["_noise"], AesCtrGaussian):
-            state["_noise"] = None  # a new key on the other side, built when first needed
-        return state
-
-    def _noise_source(self) -> GaussianSource:
-        noise = self._noise
-        if noise is None:
-            # Two threads racing here each get a fresh secure source: both are as good.
-            noise = self._noise = gaussian_source(None, owner="LocalDpMod")
-        return noise
-
     @property
     def noise_multiplier(self) -> float:
         """sigma over the sensitivity: what one round is, as a Gaussian mechanism."""
         return self.sigma / self.sensitivity
 
-    def _spent(self, context: Context) -> tuple[int, float]:
-        record = context.state.get(STATE_KEY)
-        if record is None:
-            return 0, 0.0
-        # Corrupt state refuses (the budget is not forgotten); the reason shows none of it.
-        if not isinstance(record, MetricRecord):
-            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
-        rounds, precision = record.get("rounds", 0), record.get("precision", 0.0)
-        if not isinstance(rounds, int) or not isinstance(precision, int | float):
-            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt")
-        return rounds, float(precision)
+    @staticmethod
+    def _spent(context: Context) -> _Spent:
+        # Corrupt state refuses (the budget is not forgotten); the reason names a field, no value.
+        try:
+            return _SLOT.get(context.state, _Spent())
+        except StateError as exc:
+            raise RequestRefusedError(f"the node's {STATE_KEY!r} state is corrupt: {exc}") from None
 
     def _epsilon(self, precision: float) -> float:
         return 0.0 if precision == 0 else gaussian_epsilon(precision**-0.5, self.delta)
 
     def spent(self, context: Context) -> float:
         """This node's composed epsilon so far, at ``delta``."""
-        return self._epsilon(self._spent(context)[1])
+        return self._epsilon(self._spent(context).precision)
 
     def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
         if msg.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        rounds, precision = self._spent(context)
-        precision_after = precision + self.noise_multiplier**-2
+        spent = self._spent(context)
+        precision_after = spent.precision + self.noise_multiplier**-2
         epsilon_after = self._epsilon(precision_after)
         if self.max_epsilon is not None and epsilon_after > self.max_epsilon:
             raise RequestRefusedError(
@@ -202,15 +192,15 @@ class LocalDpMod:
         update = update_between(body.get_typed("arrays", ArrayRecord), received)
         clipped = clip_update(update, self.clipping_norm)
         noised: dict[str, np.ndarray] = {}
-        source = self._noise_source()
         for name, delta in clipped.arrays.items():
             base = received[name].numpy()
-            value = source.normal(self.sigma, delta.shape)
+            value = self._noise.normal(self.sigma, delta.shape)
             value += delta
             value += base
             noised[name] = value.astype(base.dtype if base.dtype.kind == "f" else np.float64)
-        context.state[STATE_KEY] = MetricRecord(
-            {"rounds": rounds + 1, "precision": precision_after, "epsilon": epsilon_after}
+        _SLOT.store(
+            context.state,
+            dataclasses.replace(spent, rounds=spent.rounds + 1, precision=precision_after),
         )
         handler = body.get_typed("metrics", MetricRecord) if "metrics" in body else MetricRecord()
         if self.keep_metrics is True:

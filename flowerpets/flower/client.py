@@ -86,8 +86,10 @@ def _update_replier(mod: object) -> str | None:
         return (
             f"{name} replies with a clipped model *update*, which a Flower strategy would "
             "average as weights. Run the server with flowerpets.flower.server_app(ServerApp("
-            "..., mods=[CentralDp(...)])), or use Flower's own "
-            "DifferentialPrivacyClientSideFixedClipping with flwr's fixedclipping_mod"
+            "..., mods=[CentralDp(...)])), keep your Flower strategy with "
+            "flowerpets.flower.secure_strategy(strategy, mods=[CentralDp(...), SecAggPlus()]), "
+            "or use Flower's own DifferentialPrivacyClientSideFixedClipping with flwr's "
+            "fixedclipping_mod"
         )
     he = sys.modules.get("flowerpets.he.client")  # if it is not imported, no mod is one
     if he is not None and isinstance(mod, he.CKKSClientMod):

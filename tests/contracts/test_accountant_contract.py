@@ -29,7 +29,7 @@ from flowerpets.dp.accountant import (
     PrivacyEvent,
     calibrate_noise_multiplier,
 )
-from flowerpets.exceptions import PrivacyAccountingError
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError, PrivacyAccountingError
 
 DELTA = 1e-5
 EventMaker = Callable[[float], PrivacyEvent]
@@ -151,15 +151,26 @@ def test_an_unsupported_event_is_refused_and_changes_nothing(
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_bad_arguments_are_typed_errors(cls: type[Accountant]) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(ParameterTypeError):
         cls(neighbouring="add-or-remove")  # type: ignore[arg-type]
     accountant = cls()
-    for count in (-1, 1.5, True):
-        with pytest.raises(ValueError):
+    # A wrong type is a TypeError, a wrong value a ValueError; both ours (FlowerpetsError).
+    for count, error in (
+        (-1, ParameterValueError),
+        (1.5, ParameterTypeError),
+        (True, ParameterTypeError),
+    ):
+        with pytest.raises(error):
             accountant.compose(FullParticipationGaussian(1.0), count)  # type: ignore[arg-type]
-    for delta in (0, 1, -0.1, True):
-        with pytest.raises(ValueError):
+    for delta, error in (
+        (0, ParameterValueError),
+        (1, ParameterValueError),
+        (-0.1, ParameterValueError),
+        (True, ParameterTypeError),
+    ):
+        with pytest.raises(error):
             accountant.get_epsilon(delta)
+    assert accountant.ledger == {}  # nothing refused was composed
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -274,8 +274,6 @@ CASES: dict[str, ModCase] = {
 # Where a mod fails a clause today: the file to fix, and why (strict, so a fix is noticed).
 NOT_OURS = {
     "secaggplus_mod": "secagg/client.py raises bare ValueError for bad arguments (issue 10 item 4)",
-    "LocalDpMod": "dp/local.py raises bare TypeError/ValueError (issue 10 item 4: one "
-    "validation module with our TypeError and ValueError)",
 }
 WRONG_BUILTIN = {
     "secaggplus_mod": "secagg/client.py raises ValueError for wrong types (issue 10 item 4)",

@@ -4,7 +4,7 @@ The grids: the simulation's :class:`~flowerpets.simulation.SimulationGrid`, the
 transport's server grid (a real :class:`~flowerpets.transport.TransportServer`
 on 127.0.0.1 with nodes on threads, as ``tests/transport/conftest.py`` starts
 them), the tests' ``ScriptedGrid`` (``tests/conftest.py``), and DP's
-server-side clipping grid (``dp/central.py``) wrapped around a simulation.
+server-side clipping grid (``dp/central/_checking_grid.py``) wrapped around a simulation.
 
 Each runs the same three nodes behind one echo app and must: list its nodes in a
 stable order; carry its run id; deliver any message type and any stage; match
@@ -39,7 +39,7 @@ from flowerpets.core import (
     RecordDict,
     RoundRequest,
 )
-from flowerpets.dp.central import _CheckingGrid
+from flowerpets.dp.central._checking_grid import CheckingGrid
 from flowerpets.exceptions import RequestRefusedError
 from flowerpets.simulation import SimulationGrid
 from tests.conftest import ScriptedGrid
@@ -124,7 +124,7 @@ def _dp_server_clipping(gate: threading.Event) -> Iterator[GridUnderTest]:
             config=ConfigRecord(),
             sampling=FullParticipation(),
         )
-        checking = _CheckingGrid(inner.grid, request, lambda node, arrays: arrays)
+        checking = CheckingGrid(inner.grid, request, lambda node, arrays: arrays)
         yield GridUnderTest(checking, inner.nodes, concurrent=True)
 
 

@@ -78,7 +78,7 @@ def test_gaussian_epsilon_inverts_the_calibration() -> None:
 @pytest.mark.parametrize(
     ("epsilon", "delta", "match"),
     [
-        (0.0, 1e-5, "epsilon must be finite and > 0"),
+        (0.0, 1e-5, "epsilon must be a number > 0"),
         (-1.0, 1e-5, "epsilon"),
         (math.inf, 1e-5, "epsilon"),
         (math.nan, 1e-5, "epsilon"),

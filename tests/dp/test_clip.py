@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from flowerpets.core import ArrayRecord
 from flowerpets.dp._primitives.clip import clip_update, enforce_clip, global_norm, update_between
-from flowerpets.exceptions import InvalidUpdateError
+from flowerpets.exceptions import InvalidUpdateError, ParameterValueError
 
 
 def test_global_norm_concatenates_arrays() -> None:
@@ -21,6 +21,15 @@ def test_global_norm_concatenates_arrays() -> None:
     huge = {"a": np.full(4, 1e200)}  # the squares overflow; the norm does not
     assert global_norm(huge) == pytest.approx(2e200)
     assert global_norm({"a": np.array([np.inf])}) == math.inf
+
+
+def test_global_norm_of_a_tiny_update_is_exact_where_its_squares_underflow() -> None:
+    # The squares of 3.3e-160 fall into the subnormals (their sum was 3.4e-6 off relative);
+    # those of 1e-170 underflow to zero (the norm was 0). Scaled first, both are exact.
+    for value in (3.32470381e-160, 1e-170):
+        assert global_norm({"a": np.array([value]), "b": np.zeros(2)}) == value
+    assert global_norm({"a": np.array([3e-170, 0.0, 4e-170])}) == pytest.approx(5e-170, rel=1e-15)
+    assert global_norm({"a": np.zeros(3)}) == 0.0
 
 
 def test_large_update_is_scaled_to_the_clip_in_its_direction() -> None:
@@ -86,8 +95,9 @@ def test_integer_targets_become_float64() -> None:
 
 @pytest.mark.parametrize("clip", [0.0, -1.0, math.nan, math.inf])
 def test_nonsense_clips_are_refused(clip: float) -> None:
-    with pytest.raises(ValueError, match="clip must be finite and > 0"):
+    with pytest.raises(ParameterValueError, match=r"clip must be a (finite )?number") as refused:
         clip_update({"w": np.ones(2)}, clip)
+    assert "got" not in str(refused.value)  # the clip may be learnt from data: never shown
 
 
 def test_non_finite_updates_are_refused() -> None:

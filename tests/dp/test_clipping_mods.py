@@ -110,8 +110,8 @@ def test_adaptive_mod_reports_the_shifted_unclipped_bit(norm: float, bit: float)
         ({}, "no clipping norm"),
         ({"dp.clip": 0.0}, "finite and > 0"),
         ({"dp.clip": float("nan")}, "finite and > 0"),
-        ({"dp.clip": True}, "finite and > 0"),
-        ({"dp.clip": "1.0"}, "finite and > 0"),
+        ({"dp.clip": True}, "config['dp.clip'] must be a number"),
+        ({"dp.clip": "1.0"}, "config['dp.clip'] must be a number"),
     ],
 )
 def test_requests_without_a_valid_clip_are_refused(config: dict[str, object], match: str) -> None:
@@ -122,6 +122,16 @@ def test_requests_without_a_valid_clip_are_refused(config: dict[str, object], ma
     assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
     assert match in reply.error.reason
     assert calls == []  # refused before training
+
+
+@pytest.mark.parametrize("mod", [fixed_clipping_mod, adaptive_clipping_mod])
+def test_a_config_of_the_wrong_record_kind_is_refused(mod: object) -> None:
+    calls: list[list[str]] = []
+    content = RecordDict({"arrays": ArrayRecord(MODEL), "config": MetricRecord({"dp.clip": 1.0})})
+    msg = Message.create(content, message_type=MessageType.TRAIN, dst_node_id=1, round=1)
+    reply = app_with(mod, {"w": np.zeros(3), "b": np.zeros(1)}, calls)(msg, Context(1))
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
+    assert "'config' record must be a ConfigRecord" in reply.error.reason and calls == []
 
 
 def test_the_wrong_kind_of_clipping_is_refused() -> None:

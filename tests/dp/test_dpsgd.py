@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flowerpets.core import Context
+from flowerpets.core import ConfigRecord, Context
+from flowerpets.core.state import VERSION_KEY
 from flowerpets.dp import DpSgd
 from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian, RdpAccountant
-from flowerpets.exceptions import RequestRefusedError
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError, RequestRefusedError
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
 
@@ -173,18 +175,19 @@ def test_budget_refuses_before_training() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"noise_multiplier": 0.0}, "noise_multiplier"),
-        ({"max_grad_norm": -1.0}, "max_grad_norm"),
-        ({"delta": 1.0}, "delta"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"epochs": 1.5}, "epochs"),
+        ({"noise_multiplier": 0.0}, ParameterValueError, "noise_multiplier"),
+        ({"max_grad_norm": -1.0}, ParameterValueError, "max_grad_norm"),
+        ({"delta": 1.0}, ParameterValueError, "delta"),
+        ({"batch_size": 0}, ParameterValueError, "batch_size"),
+        ({"epochs": 1.5}, ParameterTypeError, "epochs"),
+        ({"accountant": "pld"}, ParameterTypeError, "accountant"),
     ],
 )
-def test_settings_are_validated(kwargs: dict[str, Any], match: str) -> None:
+def test_settings_are_validated(kwargs: dict[str, Any], error: type, match: str) -> None:
     settings = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "batch_size": 8}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         DpSgd(**{**settings, **kwargs})
 
 
@@ -201,3 +204,33 @@ def test_empty_poisson_batches_still_step() -> None:
     assert all(
         np.all(np.isfinite(after[k])) and not np.array_equal(before[k], after[k]) for k in after
     )
+
+
+def test_the_node_state_is_a_versioned_record_and_the_helper_pickles_after_training() -> None:
+    dpsgd = DpSgd(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, batch_size=16)
+    context = Context(1)
+    dpsgd.train(model(), dataset(), context)  # the secure noise source is now in use
+    record = context.state["dp.sgd"]
+    assert isinstance(record, ConfigRecord)
+    assert set(record) == {VERSION_KEY, "noise-multipliers", "sample-rates", "steps"}
+    assert record["steps"] == [4] and record["sample-rates"] == [0.25]
+    clone = pickle.loads(pickle.dumps(dpsgd))
+    assert clone.spent(context) == dpsgd.spent(context) > 0
+    clone.train(model(), dataset(), context)
+    assert DpSgd.history(context) == {(1.0, 0.25): 8}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"noise-multipliers": [1.0], "sample-rates": [0.25], "steps": [-4]},  # gives budget back
+        {"noise-multipliers": [1.0, 1.0], "sample-rates": [0.25, 0.25], "steps": [1, 1]},
+        {"noise-multipliers": [1.0], "sample-rates": [0.25], "steps": []},
+        {"noise-multipliers": [1.0], "sample-rates": [1.5], "steps": [4]},
+    ],
+)
+def test_a_state_it_cannot_read_is_refused(fields: dict[str, Any]) -> None:
+    context = Context(1)
+    context.state["dp.sgd"] = ConfigRecord({VERSION_KEY: 1, **fields})
+    with pytest.raises(RequestRefusedError, match="corrupt"):
+        DpSgd.history(context)

@@ -19,6 +19,7 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
+from flowerpets.core.state import VERSION_KEY
 from flowerpets.dp import LocalDpMod, Neighbouring
 from flowerpets.dp._primitives.calibration import analytic_gaussian_sigma, gaussian_epsilon
 
@@ -101,7 +102,28 @@ def test_spent_epsilon_composes_across_rounds_in_the_node_state() -> None:
         if rnd == 1:
             assert expected == pytest.approx(2.0, rel=1e-6)  # one round is what was asked
     state = context.state["dp.local"]
-    assert isinstance(state, MetricRecord) and state["rounds"] == 3
+    assert isinstance(state, ConfigRecord) and state["rounds"] == 3
+    assert "epsilon" not in state  # derived from the precision, never stored
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rounds": 2, "precision": -1.0},  # a negative precision would give budget back
+        {"rounds": -1, "precision": 0.5},
+        {"rounds": 2, "precision": 0.5, "epsilon": 0.1},  # an unknown field
+        {"rounds": 2},
+    ],
+)
+def test_a_state_record_it_cannot_read_refuses_every_round(fields: dict[str, Any]) -> None:
+    mod = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5, rng=np.random.default_rng(0))
+    calls: list[int] = []
+    context = Context(1)
+    context.state["dp.local"] = ConfigRecord({VERSION_KEY: 1, **fields})
+    reply = trainer(mod, {"w": np.zeros(2)}, calls)(train_request({"w": np.zeros(2)}), context)
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
+    assert "corrupt" in reply.error.reason and calls == []
+    assert dict(context.state["dp.local"]) == {VERSION_KEY: 1, **fields}  # left as it was
 
 
 def test_budget_refuses_the_round_that_would_exceed_it() -> None:
@@ -158,7 +180,7 @@ def test_other_messages_pass_through() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"epsilon": 0.0}, "epsilon must be finite and > 0"),
+        ({"epsilon": 0.0}, "epsilon must be a number > 0"),
         ({"epsilon": -2.0}, "epsilon"),
         ({"epsilon": math.inf}, "epsilon"),
         ({"epsilon": math.nan}, "epsilon"),

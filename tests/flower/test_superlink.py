@@ -1,184 +1,185 @@
-"""Our apps through Flower's deployment runtime: a real SuperLink and 3 SuperNodes on loopback.
+"""Our apps through Flower's deployment runtime: a real SuperLink and 4 SuperNodes on loopback.
 
-The ``superlink`` fixture starts ``flower-superlink --insecure`` and 3
-``flower-supernode`` processes on 127.0.0.1 with free ports, each in its own
-session, and stops every one of them and every child they spawned (the detached
-``flower-superexec`` and ``flwr-clientapp`` processes) by PID, children collected
-before their parent goes, within a hard time limit.
+One :class:`~flowerpets.flower.deployment.LocalDeployment` for the whole module
+(``flower-superlink --insecure`` and 4 ``flower-supernode`` processes on
+127.0.0.1, free ports, every process and child stopped by PID, a hard time
+limit); each test is one ``flwr run`` of an app of ``superlink_app/fpapp``
+(plain, SecAgg+, CentralDp+SecAgg+, CKKS), 1 round, compared with our own
+``run_simulation`` of the very same app objects on the same seeds. 4 nodes: a
+SecAgg+ cohort of 3 cannot lose one (each survivor needs t=2 surviving
+neighbours in a degree-2 graph), a cohort of 4 can.
+
+The SIGKILL test ends a SuperNode for good, so it comes last in this module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 psutil = pytest.importorskip("psutil")
 
-from flowerpets.core import (  # noqa: E402
-    ArrayRecord,
-    ClientApp,
-    FedAvg,
-    History,
-    MetricRecord,
-    RecordDict,
-    ServerApp,
-)
-from flowerpets.simulation import run_simulation  # noqa: E402
+from flowerpets.core import ClientApp, ServerApp  # noqa: E402
+from flowerpets.flower import Settings  # noqa: E402
+from flowerpets.flower.deployment import LocalDeployment, free_port  # noqa: E402
+from flowerpets.secagg.protocol import Stage  # noqa: E402
+from flowerpets.simulation import Dropout, run_simulation  # noqa: E402
+from tests.flower.superlink_app.fpapp import apps  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 APP = Path(__file__).parent / "superlink_app"
-BIN = Path(sys.executable).parent
-N = 3
-HARD_LIMIT = 240.0  # seconds for the whole fixture: start, run, stop
+N = 4
+F32 = float(np.finfo(np.float32).eps)  # each side casts its mean to the float32 model
+
+_free_port = free_port  # test_template's simulation test takes its ports from here
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop every process and all its descendants, by PID; SIGKILL what outlives 5 s."""
-    known: dict[int, psutil.Process] = {}
-    for proc in procs:
-        try:
-            parent = psutil.Process(proc.pid)
-            known[parent.pid] = parent
-            for child in parent.children(recursive=True):
-                known[child.pid] = child
-        except psutil.NoSuchProcess:
-            pass
-    for p in known.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(known.values()), timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.wait(timeout=5)
-
-
-@pytest.fixture
-def superlink(tmp_path: Path) -> Iterator[SimpleNamespace]:
-    deadline = time.monotonic() + HARD_LIMIT
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # flower-superexec
-    }
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> None:
-        out = (logs / f"{name}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        )  # fmt: skip
-
+def _gone(pid: int) -> bool:
     try:
-        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
-              str(port), "--disable-runtime-dependency-installation")  # fmt: skip
-        _wait_port(port, min(deadline, time.monotonic() + 60), procs[0], logs / "superlink.log")
-        for i in range(N):
-            start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink",
-                  f"127.0.0.1:{port}", "--port", str(_free_port()),
-                  "--node-config", f"partition-id={i} num-partitions={N}")  # fmt: skip
-        yield SimpleNamespace(env=env, deadline=deadline, logs=logs, tmp=tmp_path, procs=procs)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def deployment_fixture(n: int, hard_limit: float) -> Callable[..., Iterator[LocalDeployment]]:
+    """A module-scoped fixture: one deployment of ``n`` SuperNodes for the module's tests."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+        deployment = LocalDeployment(
+            n, home=tmp_path_factory.mktemp("superlink"), hard_limit=hard_limit
+        )
+        with deployment:
+            yield deployment
+            seen = deployment.pids()
+        assert seen, "the deployment had no processes left to stop"
+        left = [pid for pid in seen if not _gone(pid)]
+        assert not left, f"processes still running: {left}"
+
+    return fixture
+
+
+superlink = deployment_fixture(3, 240.0)  # test_template's: its app wants 3 participants
+link = deployment_fixture(N, 540.0)
+
+
+def _flwr_run(link: LocalDeployment, module: str, **run_config: Any) -> list[dict[str, Any]]:
+    """``flwr run`` the app of ``fpapp/<module>.py`` for 1 round; its History as dicts."""
+    work = link.home / f"run-{module}"
+    app = work / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("fpapp.apps:", f"fpapp.{module}:"))
+    history = work / "history.json"
+    config = {"history-file": str(history), "min-nodes": N, "num-server-rounds": 1, **run_config}
+    done = link.run(app, run_config=config)
+    (work / "flwr-run.log").write_text(done.stdout + done.stderr)
+    assert history.exists(), (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
+    rounds: list[dict[str, Any]] = json.loads(history.read_text())
+    assert [r["round"] for r in rounds] == [1], rounds
+    return rounds
+
+
+def _ours(module: Any, **kwargs: Any) -> Any:
+    """Our own simulation of ``fpapp/<module>.py``'s very apps, 1 round, same seeds."""
+    server = module.build(Settings(num_rounds=1, seed=1))
+    assert isinstance(server, ServerApp) and isinstance(module.ours, ClientApp)
+    return run_simulation(server, module.ours, N, seed=1, **kwargs).history[0]
+
+
+def _close(got: dict[str, float], want: dict[str, float], atol: float) -> None:
+    assert list(got) == list(want)
+    np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=0, atol=atol)
+
+
+def _f32(values: dict[str, float]) -> float:
+    return F32 * max(abs(v) for v in values.values())
+
+
+def _model(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k[:2] in ("w[", "b[")}
+
+
+def test_plain_fedavg_through_a_superlink(link: LocalDeployment) -> None:
+    got = _flwr_run(link, "apps")[0]
+    assert got["participants"] == N and got["error"] is None, got
+    want = _ours(apps)
+    assert got["train_metrics"] == want.train_metrics
+    # Reply order differs: float64 sums in another order, then the float32 model.
+    _close(got["server_metrics"], dict(want.server_metrics), atol=_f32(want.server_metrics))
+
+
+def test_central_dp_with_secagg_through_a_superlink(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import dp_secagg
+
+    got = _flwr_run(link, "dp_secagg")[0]
+    assert got["participants"] == N and got["error"] is None, got
+    want = _ours(dp_secagg)
+    assert got["train_metrics"]["epsilon"] == want.train_metrics["epsilon"] > 0
+    # Same seeded noise; each side's quantization is within its reported bound.
+    bounds = got["train_metrics"]["secagg-mean-error-bound"]
+    bounds += want.train_metrics["secagg-mean-error-bound"]
+    _close(got["server_metrics"], dict(want.server_metrics), bounds + _f32(want.server_metrics))
+
+
+def test_ckks_through_a_superlink(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import ckks
+
+    got = _flwr_run(link, "ckks")[0]
+    assert got["participants"] == N and got["error"] is None, got
+    want = _ours(ckks)
+    # The sum stays sealed on the server: the node that evaluates opens it and reports it.
+    opened, ours = _model(got["evaluate_metrics"]), _model(dict(want.evaluate_metrics))
+    assert len(opened) == 13
+    _close(opened, ours, 2 * ckks.CKKS_SUM_ERROR + _f32(ours))
+
+
+def test_secagg_survives_a_node_killed_in_the_masked_input_stage(link: LocalDeployment) -> None:
+    from tests.flower.superlink_app.fpapp import secagg
+
+    victim = N - 1
+    marker = link.home / "stalled"
+    killed: dict[str, Any] = {}
+    done = threading.Event()
+
+    def kill_when_stalled() -> None:
+        # The victim's train handler (inside collect-masked-input) writes the marker, then
+        # waits: its SuperNode, superexec and ClientApp die together, mid-stage.
+        while not done.is_set() and not marker.exists():
+            time.sleep(0.05)
+        if marker.exists():
+            killed["clientapp"] = int(marker.read_text())
+            killed["pids"] = link.kill_node(victim)
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer.start()
+    try:
+        # node-timeout 0: after the kill, the evaluate phase asks for the connected nodes,
+        # and min-nodes would have it wait for a 4th that never comes (the deployment
+        # waited for all 4 before the first run, so the round starts with them).
+        stall = {"stall-partition": victim, "stall-marker": str(marker), "node-timeout": 0.0}
+        got = _flwr_run(link, "secagg", **stall)[0]
     finally:
-        _stop(procs)
-        leftovers = [p.pid for p in procs if p.poll() is None]
-        assert not leftovers, f"processes still running: {leftovers}"
-
-
-def _values(round: int, arrays: ArrayRecord) -> dict[str, float]:  # as fpapp/apps.py
-    return {f"{n}[{i}]": float(v) for n, a in arrays.items() for i, v in enumerate(a.numpy())}
-
-
-def _ours() -> History:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):  # type: ignore[no-untyped-def]  # as superlink_app/fpapp/apps.py
-        pid = int(context.node_config["partition-id"])
-        arrays = msg.require_content().get_typed("arrays", ArrayRecord)
-        rng = np.random.default_rng([7, pid, msg.round])
-        out = {n: (a.numpy() + rng.normal(size=a.shape)).astype(a.dtype) for n, a in arrays.items()}
-        return RecordDict(
-            {
-                "arrays": ArrayRecord.from_numpy(out),
-                "metrics": MetricRecord({"num-examples": pid + 1}),
-            }
-        )
-
-    initial = ArrayRecord.from_numpy(
-        {"w": np.zeros(10, np.float32), "b": np.arange(3, dtype=np.float32)}
-    )
-    server = ServerApp(
-        strategy=FedAvg(evaluate_fn=_values), num_rounds=2, initial_arrays=initial, seed=1
-    )
-    return run_simulation(server, app, N, seed=1).history
-
-
-def test_plain_fedavg_through_a_superlink(superlink: SimpleNamespace) -> None:
-    app = superlink.tmp / "app"
-    shutil.copytree(APP, app)
-    history = superlink.tmp / "history.json"
-    remaining = superlink.deadline - time.monotonic()
-    run = subprocess.run(
-        [str(BIN / "flwr"), "run", str(app), "local", "--stream",
-         "--run-config", f"history-file='{history}'"],
-        env=superlink.env, cwd=superlink.tmp, capture_output=True, timeout=max(remaining - 20, 10),
-    )  # fmt: skip
-    assert history.exists(), (run.stdout.decode()[-3000:], run.stderr.decode()[-3000:])
-    rounds = json.loads(history.read_text())
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["participants"] == N and r["error"] is None for r in rounds)
-    want = _ours()
-    assert [r["train_metrics"] for r in rounds] == [r.train_metrics for r in want.rounds]
-    # The model after each round, as our own simulation computes it with the same seeds
-    # (reply order differs: float64 sums, float32 model, a few ulps at most).
-    for got, ref in zip(rounds, want.rounds, strict=True):
-        assert got["server_metrics"].keys() == ref.server_metrics.keys()
-        np.testing.assert_allclose(
-            list(got["server_metrics"].values()), list(ref.server_metrics.values()), atol=1e-6
-        )
+        done.set()
+        killer.join(timeout=10)
+    assert killed, "the victim's train handler never ran"
+    assert killed["clientapp"] in killed["pids"] and not link.node_alive(victim)
+    assert got["error"] is None and got["participants"] == N - 1, got
+    assert list(got["failures"]) == [str(link.node_ids[victim])], got["failures"]
+    (failure,) = got["failures"].values()
+    assert Stage.COLLECT_MASKED_INPUT.value in failure, failure
+    assert got["train_metrics"]["secagg-unmask-missing"] == 0
+    want = _ours(secagg, faults=[Dropout(victim, round=1, stage=Stage.COLLECT_MASKED_INPUT)])
+    assert len(want.participants) == N - 1 and want.train_metrics["num-examples"] == 6
+    assert got["train_metrics"]["num-examples"] == 6  # weights 1 + 2 + 3: the victim's 4 is out
+    bounds = got["train_metrics"]["secagg-mean-error-bound"]
+    bounds += want.train_metrics["secagg-mean-error-bound"]
+    _close(got["server_metrics"], dict(want.server_metrics), bounds + _f32(want.server_metrics))

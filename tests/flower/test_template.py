@@ -245,10 +245,11 @@ def test_flwr_run_in_simulation(pets: tuple[str, ...], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_flwr_run_through_the_superlink_fixture(superlink: SimpleNamespace) -> None:
-    app = superlink.tmp / "app"
+    app = superlink.home / "app"
     write_app(app, "linkapp", ("dp", "secagg"))
-    history = superlink.tmp / "history.json"
+    history = superlink.home / "history.json"
     remaining = superlink.deadline - time.monotonic()
     _run_flwr(app, superlink.env, history, max(remaining - 20, 10), "local")
     _check(history, ("dp", "secagg"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from flowerpets._validation import probability, real
 from flowerpets.exceptions import InfeasibleParametersError
 
 __all__ = [
@@ -38,21 +39,17 @@ __all__ = [
 ]
 
 
-def _check_epsilon_delta(epsilon: float, delta: float) -> None:
-    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
-    if not (isinstance(delta, int | float) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+def _epsilon_delta(epsilon: object, delta: object) -> tuple[float, float]:
+    return real("epsilon", epsilon, above=0), probability("delta", delta, zero=False, one=False)
 
 
 def analytic_gaussian_sigma(epsilon: float, delta: float, *, sensitivity: float = 1.0) -> float:
     """The smallest sigma for which N(0, sigma^2) noise is (epsilon, delta)-DP (Balle and Wang)."""
-    _check_epsilon_delta(epsilon, delta)
-    if not (math.isfinite(sensitivity) and sensitivity > 0):
-        raise ValueError(f"sensitivity must be finite and > 0, got {sensitivity!r}")
+    epsilon, delta = _epsilon_delta(epsilon, delta)
+    sensitivity = real("sensitivity", sensitivity, above=0)
     from dp_accounting import get_sigma_gaussian  # imported late: dp-accounting loads scipy
 
-    return float(get_sigma_gaussian(float(epsilon), float(delta))) * float(sensitivity)
+    return float(get_sigma_gaussian(epsilon, delta)) * sensitivity
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
@@ -60,13 +57,11 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
 
     By Balle and Wang's condition, through dp-accounting's ``get_epsilon_gaussian``.
     """
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    noise_multiplier = real("noise_multiplier", noise_multiplier, at_least=0)
+    delta = probability("delta", delta, zero=False, one=False)
     if noise_multiplier == 0:
         return math.inf
-    return _gaussian_epsilon(float(noise_multiplier), float(delta))
+    return _gaussian_epsilon(noise_multiplier, delta)
 
 
 @lru_cache(maxsize=4096)  # every node asks for the same few values, round after round
@@ -81,7 +76,7 @@ def classic_gaussian_sigma(epsilon: float, delta: float, *, sensitivity: float =
 
     For comparison only: never calibrate with it.
     """
-    _check_epsilon_delta(epsilon, delta)
+    epsilon, delta = _epsilon_delta(epsilon, delta)
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 
@@ -91,11 +86,8 @@ def split_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
     Raises :class:`~flowerpets.exceptions.InfeasibleParametersError` unless
     ``2 * count_stddev > noise_multiplier``.
     """
-    z, sigma_b = float(noise_multiplier), float(count_stddev)
-    if not (math.isfinite(z) and z > 0):
-        raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
-    if not (math.isfinite(sigma_b) and sigma_b > 0):
-        raise ValueError(f"count_stddev must be finite and > 0, got {count_stddev!r}")
+    z = real("noise_multiplier", noise_multiplier, above=0)
+    sigma_b = real("count_stddev", count_stddev, above=0)
     if not 2.0 * sigma_b > z:
         raise InfeasibleParametersError(
             f"adaptive clipping cannot keep a total noise multiplier of {z}: the count's noise "

@@ -15,25 +15,34 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import real
 from flowerpets.core import ArrayRecord
-from flowerpets.exceptions import InvalidUpdateError
+from flowerpets.exceptions import InvalidUpdateError, ParameterValueError
 
 __all__ = ["ClippedUpdate", "clip_update", "enforce_clip", "global_norm", "update_between"]
 
 
+# A sum of squares at least this large lost nothing that matters to squares that underflowed
+# into the subnormals (each is off by at most 2**-1075, below 2**-107 of the sum); a smaller
+# one may be off by far more than the relative error clip_update allows for.
+_SMALLEST_UNSCALED = 2.0**-968
+
+
 def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
-    """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow for finite input)."""
+    """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow or underflow)."""
     total = 0.0
     with np.errstate(over="ignore"):  # an overflow is handled below
         for array in arrays.values():
             flat = np.asarray(array, dtype=np.float64).reshape(-1)
             total += float(np.dot(flat, flat))
-    if math.isfinite(total):
+    if math.isfinite(total) and total >= _SMALLEST_UNSCALED:
         return math.sqrt(total)
-    # Squares overflowed: scale by the largest magnitude first.
+    # Squares overflowed, or underflowed (a tiny update): scale by the largest magnitude first.
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
     if not math.isfinite(peak):
         return math.inf
+    if peak == 0.0:
+        return 0.0
     scaled = 0.0
     for array in arrays.values():
         flat = np.asarray(array, dtype=np.float64).reshape(-1) / peak
@@ -109,9 +118,7 @@ def clip_update(
     about ``2u`` of the clip is shrunk by that much, and the returned norm is at
     most ``C`` however the rounding falls (a property test checks it).
     """
-    clip = float(clip)
-    if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be finite and > 0, got {clip!r}")
+    clip = real("clip", clip, above=0, secret=True)  # adaptive clipping learns it from data
     norm = global_norm(update)
     if not math.isfinite(norm):
         raise InvalidUpdateError("the update holds NaN or infinite values")
@@ -122,7 +129,9 @@ def clip_update(
     gamma = (size + len(update) + 2) * 2.0**-52
     budget = clip - math.sqrt(size) * tiny
     if budget <= 0:
-        raise ValueError(f"clip {clip!r} is below what the dtypes {set(targets.values())} resolve")
+        raise ParameterValueError(
+            f"clip is below what the dtypes {sorted({t.name for t in targets.values()})} resolve"
+        )
     worst = norm * (1 + gamma) * (1 + roundoff) ** 2
     factor = 1.0 if worst <= budget else budget / worst
     arrays: dict[str, NDArray[Any]] = {}

@@ -46,6 +46,11 @@ operations on cache-sized blocks (``bench/dp.py`` measures it against numpy).
 :class:`GeneratorGaussian` wraps a caller's ``numpy.random.Generator`` for tests
 and reproducible experiments only: it is not a secure source, and
 :func:`gaussian_source` warns when one is chosen.
+
+A mod holds its source through :func:`lazy_gaussian_source`: the secure source
+is then a :class:`LazySecureGaussian`, which builds its cipher on the first
+draw and never pickles it, so a mod can be shipped to another process (a
+simulation's worker) without its key, and draws there under a fresh one.
 """
 
 from __future__ import annotations
@@ -62,16 +67,23 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-from flowerpets.exceptions import InsecureRandomnessWarning
+from flowerpets._validation import instance, integer, real
+from flowerpets.exceptions import InsecureRandomnessWarning, ParameterValueError
 
-__all__ = ["AesCtrGaussian", "GaussianSource", "GeneratorGaussian", "gaussian_source"]
+__all__ = [
+    "AesCtrGaussian",
+    "GaussianSource",
+    "GeneratorGaussian",
+    "LazySecureGaussian",
+    "gaussian_source",
+    "lazy_gaussian_source",
+]
 
 _KEY_BYTES = 32  # AES-256
 _BLOCK_BYTES = 16
 _RETRY_INFO = b"flowerpets dp noise: ziggurat retry stream"
 # Words per block: a few 256 KiB buffers stay in the L2 cache while every step runs over them.
 _BLOCK_WORDS = 1 << 15
-_MAX_ATTEMPTS = 1 << 16  # a word needs a retries with probability below 0.5**a: never reached
 
 # -- the ziggurat (Marsaglia and Tsang 2000; numpy's constants) -------------------------------
 _LAYERS = 256
@@ -154,10 +166,8 @@ class GaussianSource(Protocol):
 
 
 def _check_std(std: float) -> float:
-    value = float(std)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"noise standard deviation must be finite and >= 0, got {std!r}")
-    return value
+    # z C: with adaptive clipping, C is learnt from the data, so the message leaves it out.
+    return real("the noise standard deviation", std, at_least=0, secret=True)
 
 
 class AesCtrGaussian:
@@ -176,14 +186,15 @@ class AesCtrGaussian:
         key: bytes | None = None,
         initial_counter: bytes | None = None,
     ) -> None:
-        if isinstance(summands, bool) or not isinstance(summands, int) or summands < 1:
-            raise ValueError(f"summands must be an integer >= 1, got {summands!r}")
+        summands = integer("summands", summands, at_least=1)
         key = secrets.token_bytes(_KEY_BYTES) if key is None else bytes(key)
         if len(key) != _KEY_BYTES:
-            raise ValueError(f"key must be {_KEY_BYTES} bytes, got {len(key)}")
+            raise ParameterValueError(f"key must be {_KEY_BYTES} bytes, got {len(key)}")
         counter = bytes(_BLOCK_BYTES) if initial_counter is None else bytes(initial_counter)
         if len(counter) != _BLOCK_BYTES:
-            raise ValueError(f"initial_counter must be {_BLOCK_BYTES} bytes, got {len(counter)}")
+            raise ParameterValueError(
+                f"initial_counter must be {_BLOCK_BYTES} bytes, got {len(counter)}"
+            )
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
         retry_key = HKDF(
             algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=_RETRY_INFO
@@ -211,8 +222,7 @@ class AesCtrGaussian:
 
     def keystream(self, nbytes: int) -> bytes:
         """The next ``nbytes`` of the AES-CTR keystream (the encryption of zeros)."""
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        nbytes = integer("nbytes", nbytes, at_least=0)
         with self._lock:
             self._offset += nbytes
             return self._encryptor.update(self._zero_input(nbytes))
@@ -247,9 +257,9 @@ class AesCtrGaussian:
         out = np.empty(words.size)
         word = words.copy()
         pending = np.arange(words.size)
-        for attempt in range(_MAX_ATTEMPTS):
-            if not pending.size:
-                return out
+        attempt = 0
+        # A word needs ``a`` retries with probability below 0.5**a: the loop ends, and soon.
+        while pending.size:
             w = word[pending]
             extra = self.retry_words(offsets[pending], attempt)
             u1 = _uniforms(extra[:, 0])
@@ -277,7 +287,8 @@ class AesCtrGaussian:
             done[again[accepted]] = True
             word[pending[again]] = fresh
             pending = pending[~done]
-        raise RuntimeError("the ziggurat did not finish")  # probability below 2**-65536
+            attempt += 1
+        return out
 
     def _draw(self, out: NDArray[np.float64], scale: float, summands: int) -> None:
         """``out[i] = scale * (sum of summands normals)``, added in summand order.
@@ -391,9 +402,7 @@ class GeneratorGaussian:
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        self._rng = rng
+        self._rng = instance("rng", rng, np.random.Generator)
         self._lock = threading.Lock()
 
     @property
@@ -405,15 +414,58 @@ class GeneratorGaussian:
         with self._lock:
             return np.asarray(self._rng.normal(0.0, std, size=shape), dtype=np.float64)
 
+    # A copy carries the generator's state (a test replays it); a lock cannot be pickled.
+    def __getstate__(self) -> np.random.Generator:
+        return self._rng
+
+    def __setstate__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._lock = threading.Lock()
+
+
+class LazySecureGaussian:
+    """The secure source (:class:`AesCtrGaussian`, default settings), built on the first draw.
+
+    It pickles as a new, unused source: the key never leaves the process, and a
+    copy draws under a fresh key of its own.
+    """
+
+    __slots__ = ("_source",)
+
+    def __init__(self) -> None:
+        self._source: AesCtrGaussian | None = None
+
+    @property
+    def secure(self) -> bool:
+        return True
+
+    def normal(self, std: float, shape: tuple[int, ...]) -> NDArray[np.float64]:
+        source = self._source
+        if source is None:
+            # Two threads racing here each get a fresh secure source: both are as good.
+            source = self._source = AesCtrGaussian()
+        return source.normal(std, shape)
+
+    def __reduce__(self) -> tuple[type[LazySecureGaussian], tuple[()]]:
+        return (LazySecureGaussian, ())
+
 
 def gaussian_source(rng: np.random.Generator | None, *, owner: str) -> GaussianSource:
     """The secure source when ``rng`` is None; else ``rng``, with a warning naming ``owner``."""
-    if rng is None:
-        return AesCtrGaussian()
+    return AesCtrGaussian() if rng is None else _seeded(rng, owner)
+
+
+def lazy_gaussian_source(rng: np.random.Generator | None, *, owner: str) -> GaussianSource:
+    """As :func:`gaussian_source`, with the secure source built on first use (see the module)."""
+    return LazySecureGaussian() if rng is None else _seeded(rng, owner)
+
+
+def _seeded(rng: np.random.Generator, owner: str) -> GeneratorGaussian:
+    source = GeneratorGaussian(rng)  # refuses anything but a Generator before warning
     warnings.warn(
         f"{owner}: noise drawn from the numpy Generator you passed is not cryptographically "
         "secure; use rng= for tests and reproducible experiments only",
         InsecureRandomnessWarning,
-        stacklevel=3,
+        stacklevel=4,  # the code that built the mod (or called gaussian_source)
     )
-    return GeneratorGaussian(rng)
+    return source

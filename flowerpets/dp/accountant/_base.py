@@ -17,6 +17,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any, ClassVar, Self
 
+from flowerpets._validation import instance, integer, probability, real
 from flowerpets.dp.accountant.events import Neighbouring, PrivacyEvent
 from flowerpets.exceptions import PrivacyAccountingError
 
@@ -53,9 +54,7 @@ def _relation(neighbouring: Neighbouring) -> Any:
 
 
 def _check_delta(delta: float) -> float:
-    if isinstance(delta, bool) or not (isinstance(delta, int | float) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return float(delta)
+    return probability("delta", delta, zero=False, one=False)
 
 
 class Accountant(ABC):
@@ -79,9 +78,7 @@ class Accountant(ABC):
     _WHY_NOT: ClassVar[Mapping[type, str]]
 
     def __init__(self, *, neighbouring: Neighbouring = ADD) -> None:
-        if not isinstance(neighbouring, Neighbouring):
-            raise TypeError(f"neighbouring must be a Neighbouring, got {neighbouring!r}")
-        self._neighbouring = neighbouring
+        self._neighbouring = instance("neighbouring", neighbouring, Neighbouring)
         self._counts: dict[PrivacyEvent, int] = {}
         self._library: Any = None  # built from _counts on demand
 
@@ -109,8 +106,7 @@ class Accountant(ABC):
 
     def compose(self, event: PrivacyEvent, count: int = 1) -> Self:
         """Add ``count`` repetitions of ``event``; returns this accountant."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"count must be an integer >= 0, got {count!r}")
+        count = integer("count", count, at_least=0)
         self._convert(event)  # refuse an unsupported event before changing anything
         if count:
             self._counts[event] = self._counts.get(event, 0) + count
@@ -139,13 +135,12 @@ class Accountant(ABC):
 
     def get_delta(self, epsilon: float) -> float:
         """The delta of everything composed so far, at ``epsilon``."""
-        if not (isinstance(epsilon, int | float) and epsilon >= 0):
-            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+        epsilon = real("epsilon", epsilon, at_least=0, finite=False)
         if self._noiseless:
             return 1.0
         if not self._counts:
             return 0.0
-        return float(self._composed().get_delta(float(epsilon)))
+        return float(self._composed().get_delta(epsilon))
 
     def copy(self) -> Self:
         """An independent copy: composing into it leaves this one unchanged."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
 
+from flowerpets._validation import real
 from flowerpets.dp.accountant._base import (
     ADD,
     REPLACE,
@@ -121,12 +122,9 @@ class PldAccountant(Accountant):
     def __init__(
         self, *, neighbouring: Neighbouring = ADD, value_discretization_interval: float = 1e-4
     ) -> None:
-        if not (math.isfinite(value_discretization_interval) and value_discretization_interval > 0):
-            raise ValueError(
-                "value_discretization_interval must be finite and > 0, "
-                f"got {value_discretization_interval!r}"
-            )
-        self._interval = float(value_discretization_interval)
+        self._interval = real(
+            "value_discretization_interval", value_discretization_interval, above=0
+        )
         super().__init__(neighbouring=neighbouring)
 
     def _composed(self) -> Any:

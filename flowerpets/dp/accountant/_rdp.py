@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
 
+from flowerpets._validation import instance, real
 from flowerpets.dp.accountant._base import (
     ADD,
     REPLACE,
@@ -27,6 +28,7 @@ from flowerpets.dp.accountant.events import (
     PoissonSampledGaussian,
     PrivacyEvent,
 )
+from flowerpets.exceptions import ParameterValueError
 
 _RDP_CONVERT: dict[tuple[type, Neighbouring], _Converter] = {
     (FullParticipationGaussian, ADD): lambda dpa, e: _gaussian(dpa, e.noise_multiplier),
@@ -92,8 +94,12 @@ class RdpAccountant(Accountant):
     def __init__(
         self, *, neighbouring: Neighbouring = ADD, orders: tuple[float, ...] | None = None
     ) -> None:
-        if orders is not None and not (orders and all(o > 1 for o in orders)):
-            raise ValueError(f"orders must be a non-empty sequence of numbers > 1, got {orders!r}")
+        if orders is not None:
+            orders = tuple(instance("orders", orders, (tuple, list)))
+            if not orders:
+                raise ParameterValueError("orders must not be empty")
+            for order in orders:
+                real("every RDP order", order, above=1)
         self._orders = orders
         super().__init__(neighbouring=neighbouring)
 

@@ -28,10 +28,10 @@ dp-accounting's divergences to discretize, by a cited theorem).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from flowerpets._validation import integer, is_integer, real
 from flowerpets.core.sampling import (
     CohortSampling,
     FixedSizeSampling,
@@ -114,9 +114,9 @@ def event_for_round(
             f"cannot tell how much {sampling!r} amplifies privacy: use FullParticipation, "
             "FixedSizeSampling or PoissonSampling"
         )
-    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+    if not is_integer(population) or population < 1:
         raise PrivacyAccountingError(f"a round needs a population >= 1, got {population!r}")
-    return make(sampling, population, noise_multiplier)
+    return make(sampling, int(population), noise_multiplier)
 
 
 def calibrate_noise_multiplier(
@@ -137,13 +137,10 @@ def calibrate_noise_multiplier(
     event), by dp-accounting's ``calibrate_dp_mechanism`` (Brent's method, then
     a check on the safe side) asking our accountant for each candidate's epsilon.
     """
-    if not (isinstance(target_epsilon, int | float) and 0 < target_epsilon < math.inf):
-        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
+    target_epsilon = real("target_epsilon", target_epsilon, above=0)
     delta = _check_delta(delta)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
-    if not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be finite and > 0, got {tol!r}")
+    count = integer("count", count, at_least=1)
+    tol = real("tol", tol, above=0)
     probe = make_event(1.0)
     relation = neighbouring if neighbouring is not None else default_neighbouring(probe)
     template = (

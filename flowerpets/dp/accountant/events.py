@@ -9,9 +9,11 @@ relation in use (see :class:`Neighbouring`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
+
+from flowerpets._validation import integer, probability, real
+from flowerpets.exceptions import ParameterValueError
 
 __all__ = [
     "FixedSizeSampledGaussian",
@@ -45,10 +47,7 @@ class Neighbouring(Enum):
 
 
 def _check_noise(kind: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{kind}: noise_multiplier must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{kind}: noise_multiplier must be finite and >= 0, got {value!r}")
+    real(f"{kind}.noise_multiplier", value, at_least=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +69,7 @@ class PoissonSampledGaussian:
 
     def __post_init__(self) -> None:
         _check_noise("PoissonSampledGaussian", self.noise_multiplier)
-        if isinstance(self.sample_rate, bool) or not (
-            isinstance(self.sample_rate, int | float) and 0 < self.sample_rate <= 1
-        ):
-            raise ValueError(
-                f"PoissonSampledGaussian: sample_rate must be in (0, 1], got {self.sample_rate!r}"
-            )
+        probability("PoissonSampledGaussian.sample_rate", self.sample_rate, zero=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +87,9 @@ class FixedSizeSampledGaussian:
     def __post_init__(self) -> None:
         _check_noise("FixedSizeSampledGaussian", self.noise_multiplier)
         for name in ("sample_size", "population"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"FixedSizeSampledGaussian: {name} must be an integer >= 1, got {value!r}"
-                )
+            integer(f"FixedSizeSampledGaussian.{name}", getattr(self, name), at_least=1)
         if self.sample_size > self.population:
-            raise ValueError(
+            raise ParameterValueError(
                 f"FixedSizeSampledGaussian: sample_size {self.sample_size} exceeds the "
                 f"population {self.population}"
             )

@@ -1,0 +1,162 @@
+"""A run's privacy state: the ledger of events and the clip, kept in the run's context.
+
+The state is a :class:`RunState` in ``context.state["dp.central"]``, written by
+:class:`~flowerpets.core.state.StateSlot`: each distinct event with its count,
+as explicit JSON, and the clip. Everything else is derived from it: the
+accountant (chosen by the first event, or made by the mod's factory), the
+epsilon spent and the rounds counted. Nothing lives in the mod, so one
+:class:`~flowerpets.dp.CentralDp` may serve any number of runs, and a run's
+budget lasts as long as its context. A state that cannot be read stops the run
+rather than restart the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+from flowerpets._validation import integer, real
+from flowerpets.core import ServerContext
+from flowerpets.core.state import StateSlot, convert
+from flowerpets.dp.accountant import (
+    Accountant,
+    AccountantFactory,
+    PrivacyEvent,
+    default_accountant,
+    default_neighbouring,
+)
+from flowerpets.exceptions import ParameterValueError, StateError, StateTypeError, StopRunError
+
+__all__ = ["STATE_KEY", "Ledger", "RunState", "accountant_for", "charged", "load", "spent", "store"]
+
+STATE_KEY = "dp.central"
+
+Ledger = tuple[tuple[PrivacyEvent, int], ...]
+
+_EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(PrivacyEvent)}
+
+
+def _ledger_texts(ledger: Ledger) -> list[str]:
+    """Each distinct event and its count as explicit JSON, the form it takes in the run state."""
+    return [
+        json.dumps(
+            {
+                "count": count,
+                "event": {"type": type(event).__name__, **_fields(event)},
+            },
+            sort_keys=True,
+        )
+        for event, count in ledger
+    ]
+
+
+def _fields(event: PrivacyEvent) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def _ledger_from_texts(texts: Any) -> Ledger:
+    if not isinstance(texts, list):
+        raise StateTypeError("the ledger is a list of JSON texts")
+    ledger = []
+    for text in texts:
+        entry = json.loads(text)
+        fields = dict(entry["event"])
+        cls = _EVENT_TYPES[fields.pop("type")]
+        ledger.append((cls(**fields), entry["count"]))
+    return tuple(ledger)
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """One run's privacy state: the clip and the ledger (each distinct event with its count)."""
+
+    clip: float
+    ledger: Ledger = field(default=(), metadata=convert(_ledger_texts, _ledger_from_texts))
+
+    def __post_init__(self) -> None:
+        # A negative or infinite clip would scale the noise with it: never continue on one.
+        real("the clip", self.clip, above=0, secret=True)  # adaptive clipping learns it from data
+        for _, count in self.ledger:
+            integer("a ledger count", count, at_least=1)
+        if len({event for event, _ in self.ledger}) != len(self.ledger):
+            raise ParameterValueError("the ledger lists an event twice")
+
+    @property
+    def rounds(self) -> int:
+        return sum(count for _, count in self.ledger)
+
+
+_SLOT = StateSlot(RunState, STATE_KEY)
+
+
+def load(context: ServerContext, clip: float) -> RunState:
+    """This run's state; only a context with no record starts a new run, at ``clip``.
+
+    State that cannot be read stops the run: continuing would forget the budget spent.
+    """
+    try:
+        return _SLOT.get(context.state, RunState(clip=clip))
+    except StateError as exc:
+        raise StopRunError(
+            f"the run's {STATE_KEY!r} state is unreadable ({exc}): CentralDp will not "
+            "continue a run whose privacy ledger it cannot read"
+        ) from None
+
+
+def store(context: ServerContext, run: RunState) -> None:
+    """Write ``run`` to the run's context (replacing the state it held)."""
+    _SLOT.store(context.state, run)
+
+
+def accountant_for(
+    run: RunState, event: PrivacyEvent, factory: AccountantFactory | None
+) -> Accountant:
+    """The run's accountant, derived from its ledger (``event`` chooses it in a new run).
+
+    ``factory`` makes the accountant for the first event's neighbouring relation;
+    None: :func:`~flowerpets.dp.accountant.default_accountant`'s choice.
+    """
+    first = run.ledger[0][0] if run.ledger else event
+    accountant = (
+        default_accountant(first)
+        if factory is None
+        else factory(neighbouring=default_neighbouring(first))
+    )
+    for past, count in run.ledger:
+        accountant.compose(past, count)
+    return accountant
+
+
+def spent(run: RunState, factory: AccountantFactory | None, delta: float) -> float:
+    """The epsilon (at ``delta``) the run's ledger has spent."""
+    if not run.ledger:
+        return 0.0
+    return accountant_for(run, run.ledger[0][0], factory).get_epsilon(delta)
+
+
+def charged(
+    run: RunState,
+    event: PrivacyEvent,
+    *,
+    factory: AccountantFactory | None,
+    delta: float,
+    max_epsilon: float | None,
+    round: int,
+) -> tuple[RunState, float]:
+    """``run`` with ``event`` composed, and its epsilon; refuses a round over the budget.
+
+    The refusal is a :class:`~flowerpets.exceptions.StopRunError`, raised before
+    anything changes (the caller stores the state it returns only).
+    """
+    accountant = accountant_for(run, event, factory)
+    before = accountant.copy()
+    epsilon = accountant.compose(event).get_epsilon(delta)
+    if max_epsilon is not None and epsilon > max_epsilon:
+        raise StopRunError(
+            f"privacy budget: round {round} would raise epsilon to {epsilon:.4g} at "
+            f"delta={delta:g}, above max_epsilon={max_epsilon:g} "
+            f"(spent {before.get_epsilon(delta):.4g} in {run.rounds} round(s))"
+        )
+    return dataclasses.replace(run, ledger=tuple(accountant.ledger.items())), epsilon
