@@ -23,6 +23,7 @@ parses flat bytes of a size known in advance, and runs its own checks
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ _MODULUS = _HEADER.size + 8  # a nested Modulus object: a header and one uint64
 # The largest window a zstd frame may ask of the decoder (the format's recommended decoder
 # limit): it bounds what libzstd allocates, whatever a frame claims.
 _ZSTD_MAX_WINDOW = 8 << 20
+_PER_THREAD = threading.local()
 
 
 @dataclass(slots=True)
@@ -155,6 +157,15 @@ def _inflate_zlib(payload: bytes, size: int, error: type[FlowerpetsError], what:
     return raw
 
 
+def _zstd() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one costs three times inflating a ciphertext, and one
+    is not to be used by two threads at once (each ``decompress`` starts afresh)."""
+    inflater: zstandard.ZstdDecompressor | None = getattr(_PER_THREAD, "zstd", None)
+    if inflater is None:
+        inflater = _PER_THREAD.zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+    return inflater
+
+
 def _inflate_zstd(payload: bytes, size: int, error: type[FlowerpetsError], what: str) -> bytes:
     """One zstd frame inflated to exactly ``size`` bytes; never more than that in memory."""
     try:
@@ -162,8 +173,7 @@ def _inflate_zstd(payload: bytes, size: int, error: type[FlowerpetsError], what:
         claimed = zstandard.get_frame_parameters(payload).content_size
         if claimed not in (size, zstandard.CONTENTSIZE_UNKNOWN):
             raise error(f"{what}: its zstd frame claims {claimed} bytes, expected {size}")
-        inflater = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        raw = inflater.decompress(payload, max_output_size=size, allow_extra_data=False)
+        raw = _zstd().decompress(payload, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError:
         raise error(f"{what}: its zstd stream is not one frame of {size} bytes") from None
     if len(raw) != size:
