@@ -47,6 +47,7 @@ from flowerpets.he._primitives.params import (
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = struct.Struct("<HBBBBHQ")  # SEAL's SEALHeader
 VECTOR = {1: LENGTH, 2: LENGTH, 3: 1}  # TenSEAL's CKKSVectorProto: sizes, ciphertext, scale
+CONTEXT = {1: LENGTH, 2: LENGTH, 3: LENGTH, 4: VARINT}  # TenSEALContextProto
 NESTED = 73  # where a SEAL 4 ciphertext's coefficient array (a nested object) starts
 # Two bit flips in a COMPACT ciphertext of 2,048 values: they land in the zstd stream, on the
 # coefficient array's header, which then claims zstd (and 2^38 bytes). TenSEAL aborts on it.
@@ -91,41 +92,74 @@ def _with_nested_header(members: bytes, mode: int, size: int) -> bytes:
     return members[:NESTED] + header + members[NESTED + 16 :]
 
 
-# -- the regression: the known crashing input, in a child process ---------------------------------
+def _nested_in(blob: bytes, outer: int, inner: int, size: int) -> bytes:
+    """``blob`` stored in mode ``outer``, its coefficient array claiming ``inner`` and ``size``."""
+    members = _with_nested_header(_members(_ciphertext(blob)), inner, size)
+    return _vector(blob, _seal_object(members, outer))
+
+
+def _with_nested_prime(public: bytes, mode: int, size: int) -> bytes:
+    """A public context whose first prime (a nested object) claims ``mode`` and ``size``."""
+    fields = proto_fields(public, CONTEXT, KeyMaterialError, "test")
+    members = _members(fields.blobs[1])
+    start = 17  # scheme, degree, number of primes; then the primes' Modulus objects
+    magic, hsize, major, minor, _, reserved, _ = HEADER.unpack_from(members, start)
+    header = HEADER.pack(magic, hsize, major, minor, mode, reserved, size)
+    forged = members[:start] + header + members[start + 16 :]
+    fields.blobs[1] = _seal_object(forged, mode)
+    return proto_message(CONTEXT, fields)
+
+
+# -- the regression: the known crashing inputs, in a child process --------------------------------
 _CHILD = r"""
-import struct, sys, zlib
-import numpy as np, tenseal as ts, zstandard
-from flowerpets.exceptions import CiphertextError
+import sys
+import numpy as np, tenseal as ts
+from flowerpets.exceptions import FlowerpetsError
 from flowerpets.he import COMPACT
 from flowerpets.he._primitives.ciphertexts import load_vector
-from flowerpets.he._primitives.params import new_secret_context, public_context_bytes
+from flowerpets.he._primitives.params import (
+    load_public_context, new_secret_context, public_context_bytes,
+)
 sys.path.insert(0, sys.argv[1])
 import test_canonical as t
 
 secret = new_secret_context(COMPACT)
-public = ts.context_from(public_context_bytes(secret))
+public_bytes = public_context_bytes(secret)
+public = ts.context_from(public_bytes)
 blob = ts.ckks_vector(secret, np.linspace(-1, 1, COMPACT.slots)).serialize()
-members = t._members(t._ciphertext(blob))
 huge = 1 << 38
+
+
+def vector(data):
+    load_vector(public, data, COMPACT, COMPACT.slots)
+
+
+def context(data):
+    load_public_context(data, COMPACT)
+
+
 cases = {
-    "known flips": t._flip(blob, t.KNOWN_CRASH),
-    "zstd in zstd": t._vector(blob, t._seal_object(t._with_nested_header(members, 2, huge), 2)),
-    "zlib in zlib": t._vector(blob, t._seal_object(t._with_nested_header(members, 1, huge), 1)),
-    "zstd in flat": t._vector(blob, t._seal_object(t._with_nested_header(members, 2, 1000), 0)),
+    "known flips": (vector, t._flip(blob, t.KNOWN_CRASH)),
+    "zstd in zstd": (vector, t._nested_in(blob, 2, 2, huge)),
+    "zlib in zlib": (vector, t._nested_in(blob, 1, 1, huge)),
+    "zstd in flat": (vector, t._nested_in(blob, 0, 2, 999)),
+    "context zlib in zlib": (context, t._with_nested_prime(public_bytes, 1, huge)),
+    "context zstd in zstd": (context, t._with_nested_prime(public_bytes, 2, huge)),
 }
-for name, data in cases.items():
+for name, (load, data) in cases.items():
     try:
-        load_vector(public, data, COMPACT, COMPACT.slots)
+        load(data)
         print(name, "loaded", flush=True)
-    except CiphertextError:
-        print(name, "CiphertextError", flush=True)
+    except FlowerpetsError as exc:
+        print(name, type(exc).__name__, flush=True)
 print("control", flush=True)  # TenSEAL itself, unguarded: this ends the process
-ts.ckks_vector_from(public, cases["known flips"])
+ts.ckks_vector_from(public, cases["known flips"][1])
 print("control survived", flush=True)
 """
 
 
-def test_crafted_ciphertexts_are_refused_where_tenseal_aborts() -> None:
+def test_crafted_objects_are_refused_where_tenseal_aborts() -> None:
+    """A ciphertext or a public context with an object compressed inside a compressed one."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -139,15 +173,17 @@ def test_crafted_ciphertexts_are_refused_where_tenseal_aborts() -> None:
         timeout=300,
     )
     lines = run.stdout.splitlines()
-    assert lines[:4] == [
+    assert lines[:6] == [
         "known flips CiphertextError",
         "zstd in zstd CiphertextError",
         "zlib in zlib CiphertextError",
         "zstd in flat CiphertextError",
+        "context zlib in zlib KeyMaterialError",
+        "context zstd in zstd KeyMaterialError",
     ], run.stdout + run.stderr  # a guard that lets one through: the child aborts first
-    # The control: the same bytes given to TenSEAL directly still end the process, so the
-    # input above is the crashing one (if TenSEAL ever stops aborting, this says so).
-    assert lines[4:] == ["control"] and run.returncode == -signal.SIGABRT, run.stderr
+    # The control: the same ciphertext given to TenSEAL directly still ends the process, so
+    # the input above is the crashing one (if TenSEAL ever stops aborting, this says so).
+    assert lines[6:] == ["control"] and run.returncode == -signal.SIGABRT, run.stderr
 
 
 # -- what reaches TenSEAL ----------------------------------------------------------------------
@@ -312,7 +348,6 @@ def test_bit_flipped_flat_ciphertexts_load_or_fail_typed(
 
 
 # -- contexts -----------------------------------------------------------------------------------
-CONTEXT = {1: LENGTH, 2: LENGTH, 3: LENGTH, 4: VARINT}
 
 
 def _context_fields(data: bytes) -> Message:
@@ -377,18 +412,13 @@ def test_contexts_with_keys_or_asking_for_them_are_refused() -> None:
 
 def test_context_objects_compressed_inside_are_refused() -> None:
     public = public_context_bytes(new_secret_context(COMPACT))
+    for mode in (1, 2):  # refused before SEAL reads it (TenSEAL's own load: in the child above)
+        with pytest.raises(KeyMaterialError, match=f"compression mode {mode} where"):
+            canonical_context(_with_nested_prime(public, mode, 24), COMPACT, "public context")
     fields = _context_fields(public)
-    members = _members(fields.blobs[1])
-    mode = 17 + 5  # the compression mode of the first prime's Modulus object, in the parameters
-    for compressed in (1, 2):
-        forged = members[:mode] + bytes([compressed]) + members[mode + 1 :]
-        fields.blobs[1] = _seal_object(forged, compressed)
-        with pytest.raises(KeyMaterialError, match=f"compression mode {compressed} where"):
-            load_public_context(proto_message(CONTEXT, fields), COMPACT)
-    fields.blobs[1] = _seal_object(members, 1)  # zlib, flat inside: fine
-    assert (
-        load_public_context(proto_message(CONTEXT, fields), COMPACT).global_scale == COMPACT.scale
-    )
+    fields.blobs[1] = _seal_object(_members(fields.blobs[1]), 1)  # zlib, flat inside: fine
+    context = load_public_context(proto_message(CONTEXT, fields), COMPACT)
+    assert context.global_scale == COMPACT.scale
 
 
 @settings(max_examples=100, deadline=None)
