@@ -336,6 +336,21 @@ def test_bit_flipped_ciphertexts_reach_tenseal_flat_or_not_at_all(
     _is_flat_or_refused(_flip(_seal_object(_members(obj), 0), flips))  # sent uncompressed
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_the_guard_as_another_error(data: bytes) -> None:
+    with contextlib.suppress(CiphertextError):
+        canonical_ciphertext(data, COMPACT)
+    with contextlib.suppress(KeyMaterialError):
+        canonical_context(data, COMPACT, "public context")
+
+
+def test_varints_wider_than_64_bits_are_refused() -> None:
+    wide = b"\x20" + b"\xff" * 9 + b"\x7f"  # field 4: a varint of 70 bits
+    with pytest.raises(KeyMaterialError, match="bad varint"):
+        canonical_context(wide, COMPACT, "public context")
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 65_700), st.integers(0, 7)), min_size=1, max_size=8))
 def test_bit_flipped_flat_ciphertexts_load_or_fail_typed(

@@ -86,6 +86,8 @@ def _varint(data: bytes, pos: int, error: type[FlowerpetsError], what: str) -> t
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if value >> 64:  # ten bytes can carry 70 bits; protobuf's varints have 64
+                break
             return value, pos
     raise error(f"{what}: a bad varint in TenSEAL's serialization")
 
