@@ -376,7 +376,7 @@ def make_server_workload(n: int, params: int, dropout_fraction: float, seed: int
     server_round = ServerRound(mod, request, _NoGrid(), config=config)  # type: ignore[arg-type]
     server_round.s_pks = {i: keys.public_bytes(s_private[i]) for i in ids}
     server_round.survivors, server_round.dropped = survivors, dropped
-    server_round.layout = Layout(names=("x",), shapes=((params,),), kinds=(INTEGER,))
+    server_round.layout = Layout.of_kinds(("x",), ((params,),), (INTEGER,))
     return ServerWorkload(
         round=server_round,
         masked_sum=masked,

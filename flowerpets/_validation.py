@@ -40,6 +40,7 @@ __all__ = [
     "one_of",
     "probability",
     "real",
+    "string",
     "strings",
 ]
 
@@ -210,6 +211,15 @@ def one_of(name: str, value: T, choices: Collection[T]) -> T:
     if not known:
         listed = ", ".join(repr(c) for c in sorted(choices, key=repr))
         raise ParameterValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value
+
+
+def string(name: str, value: object, *, non_empty: bool = False) -> str:
+    """``value`` if it is a ``str`` (``non_empty``: and not ``""``)."""
+    if not isinstance(value, str):
+        raise ParameterTypeError(f"{name} must be a str, got {type(value).__name__}")
+    if non_empty and not value:
+        raise ParameterValueError(f"{name} must be a non-empty str")
     return value
 
 

@@ -14,12 +14,14 @@ if TYPE_CHECKING:  # the core imports this module; this module needs the core's 
     from flowerpets.core.round import Failure
 
 __all__ = [
+    "AppLoadError",
     "AuthenticationError",
     "CiphertextError",
     "CodecError",
     "ConfigurationError",
     "CorruptMessageError",
     "CorruptStateError",
+    "CorruptStoreError",
     "DecryptionError",
     "DeploymentError",
     "FlowerpetsError",
@@ -35,23 +37,33 @@ __all__ = [
     "MessageTooLargeError",
     "MissingDependencyError",
     "MissingKeyError",
+    "MissingRunError",
     "MissingStateError",
     "ModelMismatchError",
+    "NotFoundError",
     "ParameterTypeError",
     "ParameterValueError",
+    "PathExistsError",
     "PrivacyAccountingError",
     "ProtocolViolationError",
     "RecordTypeError",
     "ReplayError",
     "RequestRefusedError",
     "RoundFailedError",
+    "RoundSequenceError",
+    "RunConfigMismatchError",
+    "RunExistsError",
     "StateError",
     "StateTypeError",
     "StopRunError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreWriteError",
     "TransportError",
     "TruncatedMessageError",
     "UnknownArrayError",
     "UnsupportedVersionError",
+    "UsageError",
 ]
 
 
@@ -68,6 +80,30 @@ class RequestRefusedError(FlowerpetsError, RuntimeError):
 
     A client mod raises it to say no; the node's reply then carries an error with
     code ``REFUSED`` and this exception's message as the reason.
+    """
+
+
+class UsageError(FlowerpetsError, RuntimeError):
+    """An object used out of order: a server started twice, a server context with no grid."""
+
+
+class NotFoundError(FlowerpetsError, KeyError):
+    """A lookup found nothing under that name or number.
+
+    No such round in a history, record in a message, array in a round's sum,
+    or node in a simulation; the message says what there is instead.
+    """
+
+
+class PathExistsError(FlowerpetsError, FileExistsError):
+    """A file or folder flowerpets would write exists, and overwriting it was not asked for."""
+
+
+class AppLoadError(FlowerpetsError, ImportError):
+    """A ``MODULE:ATTRIBUTE`` spec names nothing that loads.
+
+    The module does not import, or it has no such attribute (as Python's own
+    ``from module import name`` says with an ImportError).
     """
 
 
@@ -307,3 +343,47 @@ class AuthenticationError(TransportError):
 
 class ReplayError(AuthenticationError):
     """A signed request that was seen before (same nonce or sequence number) was sent again."""
+
+
+class StoreError(FlowerpetsError, RuntimeError):
+    """The run store cannot do what was asked. The subclasses say why.
+
+    A store that cannot be read is never taken for an empty one: a run whose
+    rounds or privacy ledger cannot be read back is refused, never restarted.
+    """
+
+
+class CorruptStoreError(StoreError):
+    """The store file failed an integrity check.
+
+    SQLite's own check on open, a row whose SHA-256 does not match its bytes,
+    a file that is not a store or was truncated: the reason names the table and
+    row, never the stored values.
+    """
+
+
+class StoreLockedError(StoreError):
+    """Another live server holds this run's lease, so a second one may not write to it."""
+
+
+class StoreWriteError(StoreError):
+    """A commit failed (disk full, an I/O error): nothing of it was stored.
+
+    The previous committed round is intact; the caller may retry or stop.
+    """
+
+
+class MissingRunError(StoreError, LookupError):
+    """The store holds no run with this id."""
+
+
+class RunConfigMismatchError(StoreError, ValueError):
+    """A run was reopened with a configuration whose digest differs from the stored one."""
+
+
+class RunExistsError(StoreError, ValueError):
+    """A new run was started under an id the store already holds (resume it instead)."""
+
+
+class RoundSequenceError(StoreError, ValueError):
+    """A round committed out of order: each commit must be the round after the last one."""

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from string import Template
 
+from flowerpets.exceptions import PathExistsError
+
 __all__ = ["PETS", "add_parser", "package_name", "parse_pets", "render", "write_app"]
 
 #: The PETs ``--pets`` accepts, in update-flow order (privacy before protection).
@@ -421,9 +423,9 @@ def write_app(target: Path, name: str, pets: tuple[str, ...], *, force: bool = F
     """
     files = render(name, pets)
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
+        raise PathExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
-        raise FileExistsError(f"{target} is not empty (use --force to write into it)")
+        raise PathExistsError(f"{target} is not empty (use --force to write into it)")
     for path, text in files.items():
         file = target / path
         file.parent.mkdir(parents=True, exist_ok=True)

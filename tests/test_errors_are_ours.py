@@ -6,8 +6,10 @@ The test reads each module of the package and looks at every ``raise``:
   except where a Python protocol demands that very class (``AttributeError``
   from a module's ``__getattr__``, ``KeyError`` from ``__getitem__``,
   ``NotImplementedError`` from an abstract method, ``SystemExit`` from a
-  command line);
-* any other class raised by name must resolve, in its module, to a subclass of
+  command line), and ``argparse.ArgumentTypeError`` (what argparse wants from
+  a ``type=`` callable, and catches);
+* any other class raised by name or by attribute (``raise module.Error(...)``)
+  must resolve, in its module, to a subclass of
   :class:`~flowerpets.exceptions.FlowerpetsError`.
 
 So ``except FlowerpetsError`` catches everything we raise, and the bare
@@ -42,6 +44,8 @@ PROTOCOL_RAISES = {
     ("StopIteration", "__next__"),
 }
 ALWAYS_ALLOWED = {"NotImplementedError", "SystemExit", "KeyboardInterrupt"}
+# Raised by attribute where a library's protocol wants its own class.
+FOREIGN_ALLOWED = {"argparse.ArgumentTypeError"}
 BUILTIN_EXCEPTIONS = {
     name
     for name, value in vars(builtins).items()
@@ -60,8 +64,22 @@ def _modules() -> list[tuple[str, Path]]:
     return found
 
 
+def _dotted(node: ast.expr) -> str | None:
+    """``"a.b.C"`` for ``a.b.C`` (names and attributes only), else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return None if head is None else f"{head}.{node.attr}"
+    return None
+
+
 def _raised(tree: ast.AST) -> list[tuple[str, str, int]]:
-    """(class name, enclosing function, line) of every ``raise Name`` / ``raise Name(...)``."""
+    """(class name, enclosing function, line) of every ``raise C`` / ``raise C(...)``.
+
+    ``C`` is a name or a dotted attribute whose last part is capitalised (a
+    class); ``raise exc`` and ``raise self._error`` re-raise an instance.
+    """
     out: list[tuple[str, str, int]] = []
 
     def visit(node: ast.AST, function: str) -> None:
@@ -71,8 +89,9 @@ def _raised(tree: ast.AST) -> list[tuple[str, str, int]]:
                 inner = child.name
             if isinstance(child, ast.Raise) and child.exc is not None:
                 target = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
-                if isinstance(target, ast.Name) and target.id[:1].isupper():
-                    out.append((target.id, function, child.lineno))
+                name = _dotted(target)
+                if name is not None and name.rpartition(".")[2][:1].isupper():
+                    out.append((name, function, child.lineno))
             visit(child, inner)
 
     visit(tree, "<module>")
@@ -88,18 +107,39 @@ def test_the_scan_sees_the_whole_package() -> None:
     assert sum(len(_raised(ast.parse(p.read_text()))) for _, p in MODULES) > 300
 
 
+def _lazy_imports(tree: ast.AST) -> dict[str, object]:
+    """What the ``from flowerpets... import X`` inside functions bind (a lazy import is no
+    module attribute, so the scan looks the class up where it comes from)."""
+    found: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.partition(".")[0] != "flowerpets":
+                continue
+            source = importlib.import_module(node.module)
+            for alias in node.names:
+                found[alias.asname or alias.name] = getattr(source, alias.name, None)
+    return found
+
+
 @pytest.mark.parametrize("module_name, path", MODULES, ids=[name for name, _ in MODULES])
 def test_every_error_raised_on_purpose_is_ours(module_name: str, path: Path) -> None:
     module = importlib.import_module(module_name)
+    tree = ast.parse(path.read_text())
+    lazy = _lazy_imports(tree)
     wrong = []
-    for name, function, line in _raised(ast.parse(path.read_text())):
+    for name, function, line in _raised(tree):
         where = f"{path.relative_to(PACKAGE.parent)}:{line} ({function})"
         if name in BUILTIN_EXCEPTIONS:
             if name in ALWAYS_ALLOWED or (name, function) in PROTOCOL_RAISES:
                 continue
             wrong.append(f"{where}: raises the built-in {name}")
             continue
-        cls = getattr(module, name, None)
+        if name in FOREIGN_ALLOWED:
+            continue
+        head, *rest = name.split(".")
+        cls: object = getattr(module, head, lazy.get(head))
+        for part in rest:
+            cls = getattr(cls, part, None)
         if not (isinstance(cls, type) and issubclass(cls, FlowerpetsError)):
             wrong.append(f"{where}: raises {name}, which is not a FlowerpetsError")
     assert not wrong, "\n".join(wrong)
@@ -111,11 +151,16 @@ def test_the_scan_would_catch_a_bare_builtin_and_a_foreign_class() -> None:
         "def __getattr__(name):\n    raise AttributeError(name)\n"
         "class Foreign(Exception): ...\n"
         "def g():\n    raise Foreign\n"
+        "def h(exc):\n    raise exc\n"
+        "def i():\n    raise argparse.ArgumentTypeError('x')\n"
+        "def j():\n    raise builtins.ValueError('x')\n"
     )
     assert [(n, f) for n, f, _ in _raised(tree)] == [
         ("ValueError", "f"),
         ("AttributeError", "__getattr__"),
         ("Foreign", "g"),
+        ("argparse.ArgumentTypeError", "i"),
+        ("builtins.ValueError", "j"),
     ]
 
 
@@ -132,6 +177,8 @@ def test_the_scan_would_catch_a_bare_builtin_and_a_foreign_class() -> None:
         (lambda: _validation.probability("q", 0.0, zero=False), ParameterValueError),
         (lambda: _validation.probability("q", 1.5), ParameterValueError),
         (lambda: _validation.boolean("b", 1), ParameterTypeError),
+        (lambda: _validation.string("s", b"abc"), ParameterTypeError),
+        (lambda: _validation.string("s", "", non_empty=True), ParameterValueError),
         (lambda: _validation.strings("s", "abc"), ParameterTypeError),
         (lambda: _validation.strings("s", ["a", 1]), ParameterTypeError),
         (lambda: _validation.strings("s", ["a", "a"], unique=True), ParameterValueError),
@@ -154,6 +201,7 @@ def test_validation_returns_the_value_as_its_type() -> None:
     assert _validation.real("x", float("inf"), finite=False) == float("inf")
     assert _validation.probability("q", 1.0) == 1.0
     assert _validation.strings("s", ["a", "b"]) == ("a", "b")
+    assert _validation.string("s", "", non_empty=False) == ""
 
 
 def test_a_secret_value_stays_out_of_the_message() -> None:

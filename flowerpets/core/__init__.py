@@ -16,8 +16,9 @@ from flowerpets.core.exchange import (
     reply_weight,
     request_messages,
 )
-from flowerpets.core.grid import Grid
+from flowerpets.core.grid import Grid, WaitsForNodes
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.journal import Resumption, RunJournal
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
@@ -84,9 +85,11 @@ __all__ = [
     "MetricValue",
     "PoissonSampling",
     "RecordDict",
+    "Resumption",
     "RoundRecord",
     "RoundRequest",
     "RoundResult",
+    "RunJournal",
     "RunResult",
     "SEALED_WEIGHT_KEY",
     "SealedArrays",
@@ -98,6 +101,7 @@ __all__ = [
     "StageExchange",
     "Strategy",
     "WEIGHT_KEY",
+    "WaitsForNodes",
     "WeightedSum",
     "aggregate_round",
     "chain",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import is_real
 from flowerpets.core.layout import Shape
 from flowerpets.core.records import Array, ArrayRecord, MetricRecord
 from flowerpets.exceptions import InvalidUpdateError
@@ -101,7 +102,7 @@ class WeightedSum:
         refuse several parts of one reply together (HE: a plain and an encrypted
         part) checks them all first, then adds them with :meth:`add_checked`.
         """
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if not is_real(weight):
             raise InvalidUpdateError(f"weight must be a number, got {type(weight).__name__}")
         if not math.isfinite(weight) or weight < 0:
             raise InvalidUpdateError(f"weight must be finite and >= 0, got {weight!r}")

@@ -22,11 +22,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from flowerpets._validation import string
 from flowerpets.core.context import Context
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType
 from flowerpets.core.mods import chain
 from flowerpets.core.records import RecordDict
-from flowerpets.exceptions import FlowerpetsError, RequestRefusedError
+from flowerpets.exceptions import (
+    FlowerpetsError,
+    ParameterTypeError,
+    ParameterValueError,
+    RequestRefusedError,
+)
 
 __all__ = ["ClientApp", "ClientMod", "Handler", "as_reply", "failure_reason", "failure_reply"]
 
@@ -89,7 +95,7 @@ class ClientApp:
     def __init__(self, *, mods: Sequence[ClientMod] = ()) -> None:
         for mod in mods:
             if not callable(mod):
-                raise TypeError(f"ClientApp mods must be callable, got {mod!r}")
+                raise ParameterTypeError(f"ClientApp mods must be callable, got {mod!r}")
         self._mods = tuple(mods)
         self._handlers: dict[str, Callable[[Message, Context], Message]] = {}
         self._chain = chain(self._mods, self._dispatch)
@@ -108,12 +114,11 @@ class ClientApp:
         self, message_type: str, *, mods: Sequence[ClientMod] = ()
     ) -> Callable[[Handler], Handler]:
         """Register a handler for ``message_type`` behind ``mods`` (inside the app's mods)."""
-        if not message_type:
-            raise ValueError("message_type must be a non-empty string")
+        string("message_type", message_type, non_empty=True)
 
         def register(fn: Handler) -> Handler:
             if message_type in self._handlers:
-                raise ValueError(f"a handler for {message_type!r} is already registered")
+                raise ParameterValueError(f"a handler for {message_type!r} is already registered")
             self._handlers[message_type] = chain(tuple(mods), as_reply(fn))
             return fn
 

@@ -35,6 +35,8 @@ from flowerpets.core.round import (
 )
 from flowerpets.exceptions import (
     InvalidUpdateError,
+    MessageFieldError,
+    ParameterValueError,
     ProtocolViolationError,
     RecordTypeError,
     RoundFailedError,
@@ -58,9 +60,15 @@ _NO_REPLY = frozenset({ErrorCode.TIMEOUT, ErrorCode.NODE_UNAVAILABLE})
 Accept = Callable[[int, RecordDict], object]
 """``accept(node, content)``: check one reply whole, then fold it in; raise to refuse it."""
 
-INVALID_REPLY_ERRORS: tuple[type[Exception], ...] = (InvalidUpdateError, RecordTypeError, KeyError)
+INVALID_REPLY_ERRORS: tuple[type[Exception], ...] = (
+    InvalidUpdateError,
+    MessageFieldError,
+    RecordTypeError,
+    KeyError,
+)
 """What an ``accept`` raises for a reply it cannot use, by default (the node is recorded
-``INVALID_REPLY``; anything else it raises is a bug and fails the round)."""
+``INVALID_REPLY``; anything else it raises is a bug and fails the round). A field read
+through :class:`~flowerpets.core.fields.Fields` raises ``MessageFieldError``."""
 
 
 def request_messages(
@@ -176,7 +184,9 @@ class StageExchange:
         pairs = list(requests.items() if isinstance(requests, Mapping) else requests)
         nodes = [node for node, _ in pairs]
         if len(set(nodes)) != len(nodes):
-            raise ValueError(f"{stage or kind}: a stage addresses each node once, got {nodes}")
+            raise ParameterValueError(
+                f"{stage or kind}: a stage addresses each node once, got {nodes}"
+            )
         messages = [
             Message.create(
                 content,

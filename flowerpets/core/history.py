@@ -7,7 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowerpets.core.round import Failure
+from flowerpets._validation import one_of
+from flowerpets.core.message import Error, ErrorCode
+from flowerpets.core.round import Failure, FailureKind
+from flowerpets.exceptions import NotFoundError
 
 __all__ = ["History", "RoundRecord"]
 
@@ -64,6 +67,59 @@ class RoundRecord:
             "stopped": self.stopped,
         }
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """Every field, losslessly, as JSON-able values (``to_dict`` summarises for tables).
+
+        Node ids become string keys (JSON's only kind), each failure its stage,
+        error code, reason and kind; :meth:`from_json_dict` reads it back equal.
+        """
+        return {
+            **self.to_dict(),  # what it keeps whole already, then what it summarises
+            "participants": list(self.participants),
+            "failures": _failures_to_json(self.failures),
+            "evaluate_failures": _failures_to_json(self.evaluate_failures),
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """The record :meth:`to_json_dict` wrote (KeyError or TypeError if it is malformed)."""
+        return cls(
+            round=int(data["round"]),
+            cohort_size=int(data["cohort_size"]),
+            participants=tuple(int(n) for n in data["participants"]),
+            failures=_failures_from_json(data["failures"]),
+            evaluate_failures=_failures_from_json(data["evaluate_failures"]),
+            train_metrics={str(k): float(v) for k, v in data["train_metrics"].items()},
+            evaluate_metrics={str(k): float(v) for k, v in data["evaluate_metrics"].items()},
+            server_metrics={str(k): float(v) for k, v in data["server_metrics"].items()},
+            seconds=float(data["seconds"]),
+            error=None if data["error"] is None else str(data["error"]),
+            stopped=bool(data["stopped"]),
+        )
+
+
+def _failures_to_json(failures: Mapping[int, Failure]) -> dict[str, dict[str, Any]]:
+    return {
+        str(node): {
+            "stage": f.stage,
+            "code": int(f.error.code),
+            "reason": f.error.reason,
+            "kind": f.kind.value,
+        }
+        for node, f in failures.items()
+    }
+
+
+def _failures_from_json(data: Mapping[str, Mapping[str, Any]]) -> dict[int, Failure]:
+    return {
+        int(node): Failure(
+            stage=str(f["stage"]),
+            error=Error(ErrorCode(int(f["code"])), str(f["reason"])),
+            kind=FailureKind(str(f["kind"])),
+        )
+        for node, f in data.items()
+    }
+
 
 _SOURCES = ("train_metrics", "evaluate_metrics", "server_metrics")
 
@@ -98,7 +154,7 @@ class History:
         for record in self.rounds:
             if record.round == number:
                 return record
-        raise KeyError(f"no round {number} in this history (it has {len(self.rounds)})")
+        raise NotFoundError(f"no round {number} in this history (it has {len(self.rounds)})")
 
     def metric(self, name: str, *, source: str = "server_metrics") -> list[tuple[int, float]]:
         """``(round, value)`` for every round that reported ``name`` in ``source``.
@@ -106,8 +162,7 @@ class History:
         ``source`` is one of ``train_metrics``, ``evaluate_metrics`` or
         ``server_metrics``.
         """
-        if source not in _SOURCES:
-            raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+        one_of("source", source, _SOURCES)
         out = []
         for record in self.rounds:
             values: dict[str, float] = getattr(record, source)
@@ -122,3 +177,12 @@ class History:
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [record.to_dict() for record in self.rounds]
+
+    def to_json_dicts(self) -> list[dict[str, Any]]:
+        """Every round, losslessly (:meth:`RoundRecord.to_json_dict`)."""
+        return [record.to_json_dict() for record in self.rounds]
+
+    @classmethod
+    def from_json_dicts(cls, data: list[Mapping[str, Any]]) -> History:
+        """The history :meth:`to_json_dicts` wrote."""
+        return cls([RoundRecord.from_json_dict(item) for item in data])

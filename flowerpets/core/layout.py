@@ -22,6 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from flowerpets._validation import is_integer
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
+
 __all__ = ["ArrayLayout", "Shape"]
 
 Shape = tuple[int, ...]
@@ -49,21 +52,21 @@ class ArrayLayout:
 
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.shapes) == len(self.dtypes):
-            raise ValueError(
+            raise ParameterValueError(
                 f"a layout has one shape and one dtype per name: {len(self.names)} names, "
                 f"{len(self.shapes)} shapes, {len(self.dtypes)} dtypes"
             )
         if len(set(self.names)) != len(self.names):
-            raise ValueError(f"a layout names each array once, got {list(self.names)[:8]}")
+            raise ParameterValueError(f"a layout names each array once, got {list(self.names)[:8]}")
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
             if not isinstance(name, str):
-                raise TypeError(f"array names are str, got {type(name).__name__}")
+                raise ParameterTypeError(f"array names are str, got {type(name).__name__}")
             if not isinstance(dtype, str):
-                raise TypeError(f"array {name!r}: a dtype is numpy's dtype.str, got {dtype!r}")
-            if not isinstance(shape, tuple) or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape
-            ):
-                raise ValueError(f"array {name!r} has an invalid shape {shape!r}")
+                raise ParameterTypeError(
+                    f"array {name!r}: a dtype is numpy's dtype.str, got {dtype!r}"
+                )
+            if not isinstance(shape, tuple) or any(not is_integer(d) or d < 0 for d in shape):
+                raise ParameterValueError(f"array {name!r} has an invalid shape {shape!r}")
 
     @classmethod
     def of(
@@ -119,7 +122,7 @@ class ArrayLayout:
     def from_json(cls, value: Any) -> ArrayLayout:
         """Parse :meth:`to_json`'s output; anything else raises ValueError."""
         if not isinstance(value, list):
-            raise ValueError("a layout is a list of [name, dtype, shape]")
+            raise ParameterValueError("a layout is a list of [name, dtype, shape]")
         names: list[str] = []
         dtypes: list[str] = []
         shapes: list[Shape] = []
@@ -131,7 +134,7 @@ class ArrayLayout:
                 or not isinstance(item[1], str)
                 or not isinstance(item[2], list)
             ):
-                raise ValueError(f"a layout entry is [name, dtype, shape], got {item!r}")
+                raise ParameterValueError(f"a layout entry is [name, dtype, shape], got {item!r}")
             names.append(item[0])
             dtypes.append(item[1])
             shapes.append(tuple(item[2]))

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
+from flowerpets._validation import string
 from flowerpets.core.records import RecordDict
-from flowerpets.exceptions import RecordTypeError
+from flowerpets.exceptions import MessageFieldError, ParameterValueError, RecordTypeError
 
 __all__ = ["Error", "ErrorCode", "Message", "MessageType", "Metadata"]
 
@@ -88,7 +89,7 @@ class Message:
 
     def __post_init__(self) -> None:
         if (self.content is None) == (self.error is None):
-            raise ValueError("a Message holds exactly one of content or error")
+            raise ParameterValueError("a Message holds exactly one of content or error")
         if self.content is not None and not isinstance(self.content, RecordDict):
             raise RecordTypeError(
                 f"Message content must be a RecordDict, got {type(self.content).__name__}"
@@ -109,8 +110,7 @@ class Message:
         src_node_id: int = SERVER_NODE_ID,
     ) -> Message:
         """A new request from the server to ``dst_node_id``."""
-        if not message_type:
-            raise ValueError("message_type must be a non-empty string")
+        string("message_type", message_type, non_empty=True)
         metadata = Metadata(
             run_id=run_id,
             message_id=new_message_id(),
@@ -138,7 +138,7 @@ class Message:
     def require_content(self) -> RecordDict:
         """The content; a clear error if the message is an error reply."""
         if self.content is None:
-            raise ValueError(
+            raise MessageFieldError(
                 f"message {self.metadata.message_id} from node {self.metadata.src_node_id} "
                 f"carries an error, not content: {self.error}"
             )

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
+from flowerpets.exceptions import ParameterTypeError
+
 __all__ = ["chain"]
 
 In = TypeVar("In")
@@ -36,6 +38,8 @@ def chain(
     call = innermost
     for mod in reversed(mods):
         if not callable(mod):
-            raise TypeError(f"a mod must be callable as mod(x, context, call_next), got {mod!r}")
+            raise ParameterTypeError(
+                f"a mod must be callable as mod(x, context, call_next), got {mod!r}"
+            )
         call = partial(_call_mod, mod, call)
     return call

@@ -21,6 +21,8 @@ import enum
 import re
 from collections.abc import Iterable
 
+from flowerpets.exceptions import ParameterValueError
+
 __all__ = ["NAMESPACE", "STAGE", "StageName", "check_stage_names"]
 
 NAMESPACE = re.compile(r"[a-z][a-z0-9+]*")
@@ -36,10 +38,12 @@ def check_stage_names(stages: Iterable[str]) -> str:
     for stage in stages:
         namespace, slash, name = stage.partition("/")
         if not (slash and NAMESPACE.fullmatch(namespace) and STAGE.fullmatch(name)):
-            raise ValueError(f"stage name {stage!r} is not '<namespace>/<kebab-case-stage>'")
+            raise ParameterValueError(
+                f"stage name {stage!r} is not '<namespace>/<kebab-case-stage>'"
+            )
         namespaces.add(namespace)
     if len(namespaces) != 1:
-        raise ValueError(f"a PET's stages share one namespace, got {sorted(namespaces)}")
+        raise ParameterValueError(f"a PET's stages share one namespace, got {sorted(namespaces)}")
     return namespaces.pop()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from flowerpets.core.layout import ArrayLayout
-from flowerpets.exceptions import RecordTypeError
+from flowerpets.exceptions import NotFoundError, RecordTypeError
 
 __all__ = [
     "Array",
@@ -341,7 +341,7 @@ class RecordDict(_TypedRecord[Record]):
         try:
             record = self._items[key]
         except KeyError:
-            raise KeyError(
+            raise NotFoundError(
                 f"message content has no {cls.__name__} named {key!r} "
                 f"(it has {sorted(self._items)!r})"
             ) from None

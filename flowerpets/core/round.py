@@ -22,6 +22,13 @@ from flowerpets.core.records import (
     RecordDict,
 )
 from flowerpets.core.sampling import CohortSampling, FullParticipation
+from flowerpets.exceptions import (
+    InvalidUpdateError,
+    NotFoundError,
+    ParameterTypeError,
+    ParameterValueError,
+    UsageError,
+)
 
 __all__ = [
     "SEALED_WEIGHT_KEY",
@@ -187,12 +194,12 @@ class RoundResult:
         plain = {n: a for n, a in arrays.items() if n in self.aggregate}
         rest = {n: a for n, a in arrays.items() if n not in self.aggregate}
         if rest and self.sealed is None:
-            raise KeyError(f"the round's sum has no arrays named {sorted(rest)}")
+            raise NotFoundError(f"the round's sum has no arrays named {sorted(rest)}")
         aggregate = ArrayRecord(self.aggregate)
         for name, extra in plain.items():
             current = self.aggregate[name].numpy()
             if np.shape(extra) != current.shape:
-                raise ValueError(
+                raise InvalidUpdateError(
                     f"cannot add shape {np.shape(extra)} to {name!r} of shape {current.shape}"
                 )
             aggregate[name] = np.asarray(current, dtype=np.float64) + extra
@@ -210,7 +217,7 @@ class RoundResult:
         shapes = self.aggregate.layout().shape_map()
         if self.sealed is not None:
             if not isinstance(self.sealed, SealedArrays):
-                raise TypeError(
+                raise ParameterTypeError(
                     f"the sealed sum ({type(self.sealed).__name__}) does not say which arrays "
                     "it seals: it does not implement SealedArrays"
                 )
@@ -220,7 +227,9 @@ class RoundResult:
     def mean(self) -> dict[str, np.ndarray[Any, Any]]:
         """``aggregate / total_weight`` as float64 numpy arrays."""
         if self.total_weight <= 0:
-            raise ValueError(f"round {self.round}: total weight is {self.total_weight}, no mean")
+            raise ParameterValueError(
+                f"round {self.round}: total weight is {self.total_weight}, no mean"
+            )
         return {
             name: np.asarray(a.numpy(), dtype=np.float64) / self.total_weight
             for name, a in self.aggregate.items()
@@ -254,7 +263,7 @@ class ServerContext(Context):
 
     def require_grid(self) -> Grid:
         if self.grid is None:
-            raise RuntimeError("this server context has no grid: run the app through a runtime")
+            raise UsageError("this server context has no grid: run the app through a runtime")
         return self.grid
 
 

@@ -18,6 +18,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from flowerpets._validation import integer, probability
+from flowerpets.exceptions import ParameterValueError
+
 __all__ = ["CohortSampling", "FixedSizeSampling", "FullParticipation", "PoissonSampling"]
 
 
@@ -50,12 +53,11 @@ class FixedSizeSampling:
     size: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"FixedSizeSampling size must be an integer >= 1, got {self.size!r}")
+        integer("FixedSizeSampling size", self.size, at_least=1)
 
     def sample(self, node_ids: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
         if self.size > len(node_ids):
-            raise ValueError(
+            raise ParameterValueError(
                 f"cannot sample a cohort of {self.size} from {len(node_ids)} available nodes"
             )
         picked = rng.choice(len(node_ids), size=self.size, replace=False)
@@ -72,8 +74,7 @@ class PoissonSampling:
     rate: float
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.rate) <= 1.0:
-            raise ValueError(f"PoissonSampling rate must be in (0, 1], got {self.rate!r}")
+        probability("PoissonSampling rate", self.rate, zero=False)
 
     def sample(self, node_ids: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
         keep = rng.random(len(node_ids)) < self.rate

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowerpets._validation import instance, integer
 from flowerpets.core.exchange import aggregate_round
-from flowerpets.core.grid import Grid
+from flowerpets.core.grid import Grid, round_nodes
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.journal import RunJournal
 from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
 from flowerpets.core.round import (
@@ -35,7 +37,12 @@ from flowerpets.core.round import (
     ServerMod,
 )
 from flowerpets.core.strategy import Strategy
-from flowerpets.exceptions import ConfigurationError, RoundFailedError, StopRunError
+from flowerpets.exceptions import (
+    ConfigurationError,
+    ParameterTypeError,
+    RoundFailedError,
+    StopRunError,
+)
 
 __all__ = ["RunResult", "ServerApp"]
 
@@ -77,6 +84,12 @@ class ServerApp:
     ``stop_on_failure`` it ends the run with ``RoundFailedError`` instead (the
     original exception as its cause). ``History.every_round_failed`` tells a
     run in which no round changed the model.
+
+    With a ``store`` (a :class:`~flowerpets.core.journal.RunJournal`, such as
+    :class:`flowerpets.store.RunWriter`) every round is committed to it before
+    the next one starts, and a run the store already holds rounds of continues
+    after its last committed round, with its model, history and cohort generator.
+    A commit that fails ends the run with the store's error.
     """
 
     def __init__(
@@ -88,19 +101,18 @@ class ServerApp:
         mods: Sequence[ServerMod] = (),
         seed: int | None = None,
         stop_on_failure: bool = False,
+        store: RunJournal | None = None,
     ) -> None:
-        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-            raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
-        if not isinstance(initial_arrays, ArrayRecord):
-            raise TypeError(
-                f"initial_arrays must be an ArrayRecord, got {type(initial_arrays).__name__}"
-            )
+        integer("num_rounds", num_rounds, at_least=1)
+        instance("initial_arrays", initial_arrays, ArrayRecord)
         if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must implement the Strategy protocol, got {strategy!r}")
+            raise ParameterTypeError(
+                f"strategy must implement the Strategy protocol, got {strategy!r}"
+            )
         for mod in mods:
             if getattr(mod, "secure_aggregation", False) and not isinstance(mod, SecureAggregator):
                 # The old ad-hoc declaration: refused loudly, never silently ignored.
-                raise TypeError(
+                raise ParameterTypeError(
                     f"{mod!r} says secure_aggregation = True but is no SecureAggregator: "
                     "declare it by subclassing flowerpets.core.SecureAggregator"
                 )
@@ -110,6 +122,7 @@ class ServerApp:
         self.mods = tuple(mods)
         self.seed = seed
         self.stop_on_failure = stop_on_failure
+        self.store = None if store is None else instance("store", store, RunJournal)
         self._train = chain(self.mods, aggregate_round)
 
     def run(
@@ -134,7 +147,15 @@ class ServerApp:
             secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),
         )
         result = RunResult(arrays=self.initial_arrays)
-        for rnd in range(1, self.num_rounds + 1):
+        resumed = None if self.store is None else self.store.resumption()
+        if resumed is not None:
+            rng = resumed.rng
+            result = RunResult(arrays=resumed.arrays, history=resumed.history)
+            last = resumed.history.rounds[-1] if resumed.history.rounds else None
+            if last is not None and last.stopped:  # a mod ended this run: it stays ended
+                result.stopped = last.error
+                return result
+        for rnd in range((resumed.round + 1) if resumed else 1, self.num_rounds + 1):
             started = time.perf_counter()
             record = RoundRecord(round=rnd)
             try:
@@ -146,13 +167,19 @@ class ServerApp:
                 record.stopped = True
                 record.seconds = time.perf_counter() - started
                 result.history.append(record)
+                self._commit(record, result.arrays, rng)
                 break
             self._evaluate(rnd, result.arrays, rng, context, record)
             record.seconds = time.perf_counter() - started
             result.history.append(record)
+            self._commit(record, result.arrays, rng)
             if on_round is not None:
                 on_round(record)
         return result
+
+    def _commit(self, record: RoundRecord, arrays: ArrayRecord, rng: np.random.Generator) -> None:
+        if self.store is not None:
+            self.store.commit_round(record, arrays=arrays, sampler=rng)
 
     def _train_round(
         self,
@@ -165,8 +192,9 @@ class ServerApp:
         try:
             # Inside the try: in deployment the live nodes change between rounds, so a
             # cohort the strategy cannot draw (a fixed size above the nodes left) fails
-            # this round rather than the run.
-            node_ids = list(context.require_grid().node_ids())
+            # this round rather than the run. A deployment's grid waits here, bounded,
+            # for enough nodes to be back (its round-start hook, WaitsForNodes).
+            node_ids = round_nodes(context.require_grid())
             request: RoundRequest = self.strategy.configure_train(rnd, arrays, node_ids, rng)
             record.cohort_size = len(request.cohort)
             outcome: RoundResult = self._train(request, context)
@@ -205,7 +233,7 @@ class ServerApp:
         context: ServerContext,
         record: RoundRecord,
     ) -> None:
-        node_ids = list(context.require_grid().node_ids())
+        node_ids = round_nodes(context.require_grid())
         request = self.strategy.configure_evaluate(rnd, arrays, node_ids, rng)
         if request is not None:
             outcome = aggregate_round(request, context)

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
+from flowerpets._validation import is_integer
 from flowerpets.core.records import ConfigRecord, ConfigValue, RecordDict
 from flowerpets.exceptions import (
     CorruptStateError,
@@ -128,7 +129,7 @@ def _encode_scalar(kind: type, value: Any, where: str) -> ConfigValue:
         if not isinstance(value, kind):
             raise RecordTypeError(f"{where} must be a {kind.__name__}, got {type(value).__name__}")
         return value.value  # type: ignore[no-any-return]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and is_integer(value):
         return float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise RecordTypeError(f"{where} must be a {kind.__name__}, got {type(value).__name__}")
@@ -164,7 +165,7 @@ class StateSlot(Generic[T]):
             raise RecordTypeError(f"{cls.__name__}: a state dataclass must be frozen")
         if not isinstance(key, str) or not key:
             raise RecordTypeError(f"a state's key is a non-empty string, got {key!r}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        if not is_integer(version) or version < 1:
             raise RecordTypeError(f"a state's version is an integer >= 1, got {version!r}")
         hints = typing.get_type_hints(cls)
         self.cls, self.key, self.version = cls, key, version

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from flowerpets._validation import integer, real
 from flowerpets.core.message import MessageType
 from flowerpets.core.records import Array, ArrayRecord, ConfigRecord, ConfigValue
 from flowerpets.core.round import (
@@ -20,7 +21,7 @@ from flowerpets.core.round import (
     is_sealed,
 )
 from flowerpets.core.sampling import CohortSampling, FullParticipation
-from flowerpets.exceptions import RoundFailedError
+from flowerpets.exceptions import ParameterTypeError, RoundFailedError
 
 __all__ = ["EvaluateFn", "FedAvg", "Strategy"]
 
@@ -89,13 +90,12 @@ class FedAvg:
         weight_key: str | None = WEIGHT_KEY,
         round_timeout: float | None = None,
     ) -> None:
-        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
-            raise ValueError(f"min_nodes must be an integer >= 1, got {min_nodes!r}")
-        if round_timeout is not None and not round_timeout > 0:
-            raise ValueError(f"round_timeout must be > 0 seconds or None, got {round_timeout!r}")
+        integer("min_nodes", min_nodes, at_least=1)
+        if round_timeout is not None:
+            real("round_timeout", round_timeout, above=0, finite=False)
         for name, value in (("sampling", sampling), ("evaluate_sampling", evaluate_sampling)):
             if value is not None and not isinstance(value, CohortSampling):
-                raise TypeError(f"{name} must be a CohortSampling, got {value!r}")
+                raise ParameterTypeError(f"{name} must be a CohortSampling, got {value!r}")
         self.sampling: CohortSampling = sampling if sampling is not None else FullParticipation()
         self.evaluate_sampling = evaluate_sampling
         self.min_nodes = min_nodes

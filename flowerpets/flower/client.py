@@ -47,7 +47,7 @@ from flwr.clientapp.typing import Mod
 from flowerpets.core import ClientApp as OurClientApp
 from flowerpets.core import ClientMod, Context, Error, ErrorCode, Message, MessageType, chain
 from flowerpets.core.client_app import as_reply, failure_reply
-from flowerpets.exceptions import FlowerpetsError
+from flowerpets.exceptions import FlowerpetsError, ParameterTypeError, ParameterValueError
 from flowerpets.flower.messages import (
     context_from_flwr,
     error_to_flwr,
@@ -168,10 +168,10 @@ class FlowerMod:
 
     def __init__(self, *client_mods: ClientMod) -> None:
         if not client_mods:
-            raise ValueError("flowerpets.flower.mods() needs at least one client mod")
+            raise ParameterValueError("flowerpets.flower.mods() needs at least one client mod")
         for mod in client_mods:
             if not callable(mod) or isinstance(mod, FlowerMod):
-                raise TypeError(f"expected a flowerpets client mod, got {mod!r}")
+                raise ParameterTypeError(f"expected a flowerpets client mod, got {mod!r}")
         self.mods: tuple[ClientMod, ...] = tuple(client_mods)
 
     def __repr__(self) -> str:
@@ -270,7 +270,9 @@ class ClientApp(flwr.clientapp.ClientApp):
 def client_app(app: OurClientApp) -> flwr.clientapp.ClientApp:
     """Our whole ClientApp (handlers and mods) as a flwr ClientApp."""
     if not isinstance(app, OurClientApp):
-        raise TypeError(f"client_app() takes a flowerpets ClientApp, got {type(app).__name__}")
+        raise ParameterTypeError(
+            f"client_app() takes a flowerpets ClientApp, got {type(app).__name__}"
+        )
     out = flwr.clientapp.ClientApp()
     handler = _OurApp(app)
     for our_type in dict.fromkeys((*app.message_types, *PROTOCOL_MESSAGE_TYPES)):

@@ -18,7 +18,9 @@ from collections.abc import Iterator, Sequence
 from flwr import app as fl
 from flwr.serverapp import Grid as FlwrGrid
 
-from flowerpets.core import Error, ErrorCode, Message
+from flowerpets._validation import integer, real
+from flowerpets.core import Error, ErrorCode, Message, WaitsForNodes
+from flowerpets.exceptions import ParameterValueError
 from flowerpets.flower.client import BRIDGE_RECORD
 from flowerpets.flower.messages import error_from_flwr, group_id, message_type_to_flwr
 from flowerpets.flower.records import Session, recorddict_from_flwr, recorddict_to_flwr
@@ -30,13 +32,14 @@ log = logging.getLogger(__name__)
 _MAX_PAUSE = 0.1  # seconds: the longest wait between two pulls that brought nothing
 
 
-class FlowerGrid:
+class FlowerGrid(WaitsForNodes):
     """Our :class:`~flowerpets.core.Grid` protocol over a flwr ``Grid``.
 
-    ``min_nodes``: :meth:`node_ids` waits (up to ``node_timeout`` seconds) until
-    that many nodes are connected, as flwr's SuperNodes connect after the
-    ServerApp starts. ``poll_interval`` is the first pause after a pull that
-    brought nothing; it doubles while nothing arrives, up to 0.1 s.
+    ``min_nodes``: a round starts with :meth:`wait_for_nodes`, which waits (up
+    to ``node_timeout`` seconds) until that many nodes are connected, as flwr's
+    SuperNodes connect after the ServerApp starts; :meth:`node_ids` never waits.
+    ``poll_interval`` is the first pause after a pull that brought nothing; it
+    doubles while nothing arrives, up to 0.1 s.
     """
 
     def __init__(
@@ -48,13 +51,11 @@ class FlowerGrid:
         poll_interval: float = 0.01,
         ttl: float | None = None,
     ) -> None:
-        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
-            raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
+        integer("min_nodes", min_nodes, at_least=0)
         for name, value in (("node_timeout", node_timeout), ("poll_interval", poll_interval)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
-            raise ValueError(f"ttl must be a number > 0 or None, got {ttl!r}")
+            real(name, value, at_least=0, finite=False)
+        if ttl is not None:
+            real("ttl", ttl, above=0, finite=False)
         self.grid = grid
         self.min_nodes = min_nodes
         self.node_timeout = float(node_timeout)
@@ -67,9 +68,13 @@ class FlowerGrid:
         return int(self.grid.run.run_id)
 
     def node_ids(self) -> Sequence[int]:
+        return sorted(int(n) for n in self.grid.get_node_ids())
+
+    def wait_for_nodes(self) -> Sequence[int]:
+        """The connected nodes, once ``min_nodes`` are (waiting up to ``node_timeout`` s)."""
         deadline = time.monotonic() + self.node_timeout
         while True:
-            nodes = sorted(int(n) for n in self.grid.get_node_ids())
+            nodes = list(self.node_ids())
             if len(nodes) >= self.min_nodes or time.monotonic() >= deadline:
                 if len(nodes) < self.min_nodes:
                     log.warning(
@@ -90,7 +95,7 @@ class FlowerGrid:
             body = converted.get(id(content))
             if body is None:
                 if BRIDGE_RECORD in content:
-                    raise ValueError(f"{BRIDGE_RECORD!r} is a reserved record name")
+                    raise ParameterValueError(f"{BRIDGE_RECORD!r} is a reserved record name")
                 body = recorddict_to_flwr(content, session)
                 body[BRIDGE_RECORD] = fl.ConfigRecord({"version": 1})
                 converted[id(content)] = body

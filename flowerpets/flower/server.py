@@ -44,7 +44,9 @@ from flwr import app as fl
 from flwr.serverapp import Grid as FlwrGrid
 from flwr.serverapp.strategy import Result
 
+from flowerpets._validation import is_integer, is_real
 from flowerpets.core import ConfigValue, RoundRecord, RunResult, ServerApp
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 from flowerpets.flower.grid import FlowerGrid
 from flowerpets.flower.records import array_to_flwr
 
@@ -58,17 +60,17 @@ def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> 
     value = config.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"run config {key!r} must be an integer >= {low}, got {value!r}")
-    return value
+    if not is_integer(value) or value < low:
+        raise ParameterValueError(f"run config {key!r} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"run config {key!r} must be a number >= 0, got {value!r}")
+    if not is_real(value) or not value >= 0:
+        raise ParameterValueError(f"run config {key!r} must be a number >= 0, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"run config {key!r} must be finite, got {value!r}")
+        raise ParameterValueError(f"run config {key!r} must be finite, got {value!r}")
     return float(value)
 
 
@@ -92,7 +94,7 @@ class Settings:
         config = {**(defaults or {}), **run_config}
         history = config.get("history-file")
         if history is not None and not isinstance(history, str):
-            raise ValueError(f"run config 'history-file' must be a path, got {history!r}")
+            raise ParameterValueError(f"run config 'history-file' must be a path, got {history!r}")
         return cls(
             num_rounds=_int(config, "num-server-rounds", None, 1),
             seed=_int(config, "seed", None, 0),
@@ -159,7 +161,9 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
     def __init__(self, app: AppOrFactory, *, defaults: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if not (isinstance(app, ServerApp) or callable(app)):
-            raise TypeError(f"server_app() takes a flowerpets ServerApp or a factory, got {app!r}")
+            raise ParameterTypeError(
+                f"server_app() takes a flowerpets ServerApp or a factory, got {app!r}"
+            )
         self._app = app
         self._defaults = dict(defaults or {})
         Settings.from_run_config({}, self._defaults)  # fail now on a bad default
@@ -175,7 +179,9 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
         else:
             ours = self._app(settings)
             if not isinstance(ours, ServerApp):
-                raise TypeError(f"the factory returned {type(ours).__name__}, not a ServerApp")
+                raise ParameterTypeError(
+                    f"the factory returned {type(ours).__name__}, not a ServerApp"
+                )
         bridge = FlowerGrid(
             grid,
             min_nodes=settings.min_nodes,

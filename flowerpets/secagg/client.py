@@ -9,7 +9,9 @@ in the ``ClientApp``'s mods, outside any mod that post-processes updates
     app = ClientApp(mods=[secaggplus_mod, fixed_clipping_mod])
 
 Per node and round the mod is an explicit state machine whose every transition
-is checked against one table (:data:`TRANSITIONS`)::
+is checked against one table (:data:`TRANSITIONS`, in
+:mod:`flowerpets.secagg._node_state`; the stages themselves are in
+:mod:`flowerpets.secagg._node_stages`)::
 
     NEW (no round) --advertise-keys--> ADVERTISED --share-keys--> SHARED
         --collect-masked-input--> MASKED --unmask--> DONE
@@ -49,186 +51,57 @@ through untouched.
 
 from __future__ import annotations
 
-import enum
-import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Callable, Iterable
 
-import numpy as np
-from numpy.typing import NDArray
-
+from flowerpets._validation import boolean, integer, strings
 from flowerpets.core import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
     Context,
     Error,
     ErrorCode,
     Message,
     MessageType,
-    MetricRecord,
-    RecordDict,
 )
-from flowerpets.core.state import StateSlot
 from flowerpets.exceptions import (
     DecryptionError,
+    InfeasibleParametersError,
     InvalidUpdateError,
-    RecordTypeError,
+    MessageFieldError,
+    ParameterTypeError,
+    ParameterValueError,
+    ProtocolViolationError,
     RequestRefusedError,
+    StateError,
 )
-from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
-from flowerpets.secagg.parameters import check_threshold
+from flowerpets.secagg._node_stages import STAGES, DownstreamError, StageRequest
+from flowerpets.secagg._node_state import TRANSITIONS, ClientState, Phase, abort, load, transition
 from flowerpets.secagg.protocol import (
-    FLOAT,
-    MASKED_ARRAY,
-    MASKED_RECORD,
-    RECORD,
-    SHARE_BYTES,
-    SHARE_CIPHERTEXT_BYTES,
-    SHARE_PLAINTEXT_BYTES,
-    Layout,
     RoundConfig,
     Stage,
-    bytes_list,
-    elements_to_share,
-    int_list,
-    pair_mask_seed,
-    protocol_record,
-    share_key,
+    fields_of,
 )
-from flowerpets.secagg.protocol import field as get_field
 
 __all__ = ["Phase", "SecAggPlusClientMod", "TRANSITIONS", "secaggplus_mod", "transition"]
-
-log = logging.getLogger(__name__)
 
 Randomness = Callable[[int], bytes]
 CallNext = Callable[[Message, Context], Message]
 
-SHAMIR = shamir.Shamir()
-
-_STATE = "secagg+/client-state"
-_STATE_CONFIG = "secagg+/client-round"
-
-
-class Phase(enum.StrEnum):
-    """Where a node's round stands; :data:`TRANSITIONS` says which stage moves it on."""
-
-    NEW = "new"  # no state for this round yet (never stored: the round starts at advertise-keys)
-    ADVERTISED = "advertised"
-    SHARED = "shared"
-    MASKED = "masked"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
-TRANSITIONS: Mapping[tuple[Phase, str], Phase] = MappingProxyType(
-    {
-        (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
-        (Phase.ADVERTISED, Stage.SHARE_KEYS): Phase.SHARED,
-        (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
-        (Phase.MASKED, Stage.UNMASK): Phase.DONE,
-    }
+# What a server's stage request can get wrong, and so what the node refuses (REFUSED): a
+# field missing or mistyped, a value the protocol forbids, a share that fails
+# authentication, a threshold below the node's safe minimum. Anything else raised in a
+# stage is a bug of the node's own code and is reported as one, never as the server's fault.
+_REFUSABLE = (
+    MessageFieldError,
+    ProtocolViolationError,
+    DecryptionError,
+    InfeasibleParametersError,
 )
-"""(phase of the message's round, stage) -> the phase after it; every other pair is refused.
-
-A refused pair aborts the round (ABORTED: its secrets are wiped), except where the
-node has nothing to abort: a round it never started (NEW) or one it finished (DONE).
-"""
 
 
-def transition(phase: Phase, stage: str) -> Phase:
-    """The phase after ``stage``; a stage this phase does not allow is refused."""
-    try:
-        return TRANSITIONS[(phase, stage)]
-    except KeyError:
-        needs = [p.value for (p, s), _ in TRANSITIONS.items() if s == stage]
-        raise RequestRefusedError(
-            f"{stage}: out of order (the round is {phase.value}, this stage needs "
-            f"{' or '.join(needs) or 'nothing: it is no SecAgg+ stage'})"
-        ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class ClientState:
-    """One node's state for its current round, kept in ``context.state[_STATE]``.
-
-    The round's :class:`RoundConfig` is kept beside it (``_STATE_CONFIG``), written
-    once per round in the wire format the node received it in.
-    """
-
-    run_id: int
-    round: int
-    phase: Phase
-    c_sk: bytes = b""
-    s_sk: bytes = b""
-    self_seed: bytes = b""
-    neighbours: tuple[int, ...] = ()  # told at share-keys: got my shares
-    share_keys: tuple[bytes, ...] = ()  # AES-GCM keys, per neighbour
-    s_pks: tuple[bytes, ...] = ()
-    senders: tuple[int, ...] = ()  # delivered shares to me: I mask with them
-    b_shares: tuple[bytes, ...] = ()
-    s_shares: tuple[bytes, ...] = ()
-    released_b: tuple[int, ...] = ()
-    released_s: tuple[int, ...] = ()
-
-    def after(self, stage: str, **changes: Any) -> ClientState:
-        """This state after ``stage`` (checked against :data:`TRANSITIONS`), with ``changes``."""
-        return replace(self, phase=transition(self.phase, stage), **changes)
-
-    def wiped(self, phase: Phase) -> ClientState:
-        """The round ended: every secret forgotten (what was released stays recorded)."""
-        return replace(self, phase=phase, **_SECRETS_WIPED)
-
-
-_SECRETS_WIPED: dict[str, Any] = {
-    **dict.fromkeys(("c_sk", "s_sk", "self_seed"), b""),
-    **dict.fromkeys(("share_keys", "b_shares", "s_shares"), ()),
-}
-
-
-_SLOT = StateSlot(ClientState, _STATE)
-
-
-def _load(context: Context) -> tuple[ClientState, RoundConfig] | None:
-    state = _SLOT.get(context.state)
-    if state is None:
-        return None
-    config = RoundConfig.from_record(context.state.get_typed(_STATE_CONFIG, ConfigRecord))
-    return state, config
-
-
-@dataclass(frozen=True, slots=True)
-class _StageRequest:
-    """One stage message, parsed as far as every stage needs."""
-
-    msg: Message
-    context: Context
-    body: ConfigRecord
-    round: tuple[ClientState, RoundConfig] | None  # None only for advertise-keys: it starts one
-    call_next: CallNext
-
-    def unpack(self) -> tuple[Message, Context, ConfigRecord, ClientState, RoundConfig]:
-        if self.round is None:
-            raise RuntimeError("this stage needs a round in progress")
-        return self.msg, self.context, self.body, *self.round
-
-
-class _DownstreamError(Exception):
-    """Carries what the mods and handler after this one raised past this mod's own checks."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(type(error).__name__)
-        self.error = error
-
-
-def _unique(values: Sequence[Any], what: str) -> None:
-    if len(set(values)) != len(values):
-        raise ValueError(f"{what} lists an entry twice")
+def _message_type(name: str) -> None:
+    if not name:
+        raise ParameterValueError("every item of protected_types must be a non-empty str")
 
 
 class SecAggPlusClientMod:
@@ -257,33 +130,20 @@ class SecAggPlusClientMod:
         min_threshold: int = 2,
         randomness: Randomness = os.urandom,
     ) -> None:
-        types = tuple(protected_types)
-        if not all(isinstance(t, str) and t for t in types):
-            raise ValueError(f"protected_types must be non-empty strings, got {types!r}")
-        if not isinstance(refuse_plaintext, bool):
-            raise ValueError(f"refuse_plaintext must be a bool, got {refuse_plaintext!r}")
-        if not refuse_plaintext:
+        types = strings("protected_types", protected_types, check=_message_type)
+        if not boolean("refuse_plaintext", refuse_plaintext):
             warnings.warn(
                 "SecAggPlusClientMod(refuse_plaintext=False): this node will send its "
                 f"{'/'.join(types)} replies in the clear to a server that does not run SecAgg+",
                 stacklevel=2,
             )
-        if isinstance(min_threshold, bool) or not isinstance(min_threshold, int):
-            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
-        if min_threshold < 2:
-            raise ValueError(f"min_threshold must be an integer >= 2, got {min_threshold!r}")
+        min_threshold = integer("min_threshold", min_threshold, at_least=2)
         if not callable(randomness):
-            raise ValueError(
+            raise ParameterTypeError(
                 f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
             )
         self.protected_types = types
         self.refuse_plaintext = refuse_plaintext
-        self._handlers: dict[str, Callable[[_StageRequest], Message]] = {
-            Stage.ADVERTISE_KEYS: self._advertise,
-            Stage.SHARE_KEYS: self._share_keys,
-            Stage.COLLECT_MASKED_INPUT: self._collect_masked_input,
-            Stage.UNMASK: self._unmask,
-        }
         self.min_threshold = min_threshold
         self.randomness = randomness
 
@@ -315,20 +175,23 @@ class SecAggPlusClientMod:
         current = self._check_transition(stage, msg, context)
         state = None if current is None else current[0]
         try:
-            body = protocol_record(msg.require_content())
-            if current is not None and get_field(body, "session", bytes) != current[1].session:
-                raise ValueError("the message belongs to another session")
-            handler = self._handlers[stage]
-            return handler(_StageRequest(msg, context, body, current, call_next))
-        except _DownstreamError as wrapped:
+            body = fields_of(msg.content)
+            if current is not None and body.get("session", bytes) != current[1].session:
+                raise ProtocolViolationError("the message belongs to another session")
+            return STAGES[stage](self, StageRequest(msg, context, body, current, call_next))
+        except DownstreamError as wrapped:
             downstream = wrapped.error
         except InvalidUpdateError as exc:
             # The node's own update cannot be masked: not a refusal, an invalid reply.
-            _abort(state, context)
+            abort(state, context)
             return msg.error_reply(Error(ErrorCode.INVALID_REPLY, str(exc)))
-        except (ValueError, KeyError, RecordTypeError, DecryptionError) as exc:
-            _abort(state, context)
+        except _REFUSABLE as exc:
+            abort(state, context)
             raise RequestRefusedError(f"{stage}: {exc}") from None
+        except BaseException:
+            # A bug of this node's own code: the round cannot go on, but nothing is refused.
+            abort(state, context)
+            raise
         # What the mods and handler after this one raised is not this mod's refusal (its
         # message may hold anything): it goes on as it is, and the ClientApp reports it
         # as it would without this mod.
@@ -339,8 +202,8 @@ class SecAggPlusClientMod:
     ) -> tuple[ClientState, RoundConfig] | None:
         """The round this stage goes on with (None: it starts one), or a refusal saying why not."""
         try:
-            loaded = _load(context)
-        except (ValueError, KeyError, RecordTypeError) as exc:  # StateError is a ValueError
+            loaded = load(context)
+        except StateError as exc:
             raise RequestRefusedError(
                 f"{stage}: the node's SecAgg+ state is unreadable: {exc}"
             ) from None
@@ -361,300 +224,9 @@ class SecAggPlusClientMod:
         try:
             transition(state.phase, stage)
         except RequestRefusedError as exc:
-            _abort(state, context)
+            abort(state, context)
             raise RequestRefusedError(f"{exc}; the round is aborted") from None
         return current
-
-    # -- stage 0: advertise keys -------------------------------------------------
-    def _advertise(self, request: _StageRequest) -> Message:
-        msg, context, body = request.msg, request.context, request.body
-        config = RoundConfig.from_record(body)
-        if context.node_id not in config.graph:
-            raise ValueError(f"node {context.node_id} is not in the round's cohort")
-        if config.threshold < self.min_threshold:
-            raise ValueError(
-                f"threshold {config.threshold} is below this node's minimum {self.min_threshold}"
-            )
-        check_threshold(len(config.order), config.degree, config.threshold)
-        c_sk = keys.generate_private_key(self.randomness)
-        s_sk = keys.generate_private_key(self.randomness)
-        state = ClientState(
-            run_id=msg.metadata.run_id,
-            round=msg.round,
-            phase=transition(Phase.NEW, Stage.ADVERTISE_KEYS),
-            c_sk=keys.private_bytes(c_sk),
-            s_sk=keys.private_bytes(s_sk),
-        )
-        context.state[_STATE_CONFIG] = config.to_record()
-        _SLOT.store(context.state, state)
-        reply = ConfigRecord(
-            {
-                "session": config.session,
-                "c-pk": keys.public_bytes(c_sk),
-                "s-pk": keys.public_bytes(s_sk),
-            }
-        )
-        return msg.reply(RecordDict({RECORD: reply}))
-
-    # -- stage 1: share keys -----------------------------------------------------
-    def _share_keys(self, request: _StageRequest) -> Message:
-        msg, context, body, state, config = request.unpack()
-        me, graph = context.node_id, config.graph
-        nodes = int_list(body, "nodes")
-        c_pks = bytes_list(body, "c-pks", size=keys.KEY_BYTES)
-        s_pks = bytes_list(body, "s-pks", size=keys.KEY_BYTES)
-        if not len(nodes) == len(c_pks) == len(s_pks):
-            raise ValueError("nodes, c-pks and s-pks differ in length")
-        _unique(nodes, "the neighbour list")
-        strangers = [
-            j for j in nodes if j == me or j not in graph or not graph.are_neighbours(me, j)
-        ]
-        if strangers:
-            raise ValueError(f"nodes {strangers[:5]} are not this node's neighbours")
-        own = {keys.public_key_of(state.c_sk), keys.public_key_of(state.s_sk)}
-        for what, pks in (("c-pks", c_pks), ("s-pks", s_pks)):
-            _unique(pks, what)
-            if own & set(pks):
-                raise ValueError(f"{what} holds this node's own public key")
-        if len(nodes) < config.threshold:
-            raise ValueError(
-                f"only {len(nodes)} of this node's {config.degree} neighbours advertised keys, "
-                f"fewer than the threshold t={config.threshold}"
-            )
-        self_seed = self.randomness(prg.SEED_BYTES)
-        secret = np.concatenate(
-            [shamir.bytes_to_elements(self_seed), shamir.bytes_to_elements(state.s_sk)]
-        )
-        points = [graph.share_point(me, j) for j in nodes]
-        shares = SHAMIR.split(secret, config.threshold, points, self.randomness)
-        half = shares.shape[1] // 2
-        c_private = keys.load_private_key(state.c_sk)
-        # One AES-GCM key per pair, both directions (the associated data tells them apart).
-        pair_keys = [share_key(c_private, c_pk, session=config.session) for c_pk in c_pks]
-        ciphertexts = []
-        for j, key, row in zip(nodes, pair_keys, shares, strict=True):
-            plaintext = elements_to_share(row[:half]) + elements_to_share(row[half:])
-            associated = aead.associated_data(
-                session=config.session, round=state.round, sender=me, receiver=j
-            )
-            ciphertexts.append(aead.encrypt(key, plaintext, associated, self.randomness))
-        state = state.after(
-            Stage.SHARE_KEYS,
-            self_seed=self_seed,
-            c_sk=b"",  # the encryption key pair has done its job
-            neighbours=tuple(nodes),
-            share_keys=tuple(pair_keys),
-            s_pks=tuple(s_pks),
-        )
-        _SLOT.store(context.state, state)
-        reply = ConfigRecord(
-            {"session": config.session, "receivers": nodes, "ciphertexts": ciphertexts}
-        )
-        return msg.reply(RecordDict({RECORD: reply}))
-
-    # -- stage 2: collect masked input ---------------------------------------------
-    def _collect_masked_input(self, request: _StageRequest) -> Message:
-        msg, context, body, state, config = request.unpack()
-        call_next, me = request.call_next, context.node_id
-        senders = int_list(body, "senders")
-        ciphertexts = bytes_list(body, "ciphertexts", size=SHARE_CIPHERTEXT_BYTES)
-        if len(senders) != len(ciphertexts):
-            raise ValueError("senders and ciphertexts differ in length")
-        _unique(senders, "the sender list")
-        index = {j: i for i, j in enumerate(state.neighbours)}
-        strangers = [j for j in senders if j not in index]
-        if strangers:
-            raise ValueError(f"nodes {strangers[:5]} never received this node's keys")
-        if len(senders) < config.threshold:
-            raise ValueError(
-                f"only {len(senders)} neighbours delivered shares, fewer than the threshold "
-                f"t={config.threshold}"
-            )
-        b_shares, s_shares = [], []
-        for j, ciphertext in zip(senders, ciphertexts, strict=True):
-            key = state.share_keys[index[j]]
-            associated = aead.associated_data(
-                session=config.session, round=state.round, sender=j, receiver=me
-            )
-            plaintext = aead.decrypt(key, ciphertext, associated)
-            if len(plaintext) != SHARE_PLAINTEXT_BYTES:
-                raise ValueError(f"the shares from node {j} have the wrong length")
-            b_shares.append(plaintext[:SHARE_BYTES])
-            s_shares.append(plaintext[SHARE_BYTES:])
-        state = replace(
-            state, senders=tuple(senders), b_shares=tuple(b_shares), s_shares=tuple(s_shares)
-        )
-
-        content = msg.require_content()
-        inner = Message(
-            metadata=replace(msg.metadata, stage=""),
-            content=RecordDict({k: content[k] for k in ("arrays", "config") if k in content}),
-        )
-        try:
-            reply = call_next(inner, context)
-        except Exception as exc:
-            _abort(state, context)
-            raise _DownstreamError(exc) from exc
-        except BaseException:
-            _abort(state, context)
-            raise
-        if reply.error is not None:
-            _abort(state, context)
-            return msg.error_reply(reply.error)
-        vector, layout = self._masked_vector(reply.require_content(), state, config, context)
-        _SLOT.store(context.state, state.after(Stage.COLLECT_MASKED_INPUT))
-        record = ConfigRecord({"session": config.session})
-        layout.write(record)
-        masked = ArrayRecord({MASKED_ARRAY: Array(vector, copy=False)})
-        return msg.reply(RecordDict({RECORD: record, MASKED_RECORD: masked}))
-
-    def _masked_vector(
-        self, reply: RecordDict, state: ClientState, config: RoundConfig, context: Context
-    ) -> tuple[NDArray[np.uint32], Layout]:
-        me = context.node_id
-        try:
-            arrays = reply.get_typed("arrays", ArrayRecord) if "arrays" in reply else ArrayRecord()
-            metrics = (
-                reply.get_typed("metrics", MetricRecord) if "metrics" in reply else MetricRecord()
-            )
-            layout = Layout.of_arrays(arrays, config.secure_metrics)
-        except (ValueError, RecordTypeError) as exc:
-            raise InvalidUpdateError(f"the handler's reply cannot be masked: {exc}") from None
-        weight = _weight(metrics, config.weight_key, config.max_weight)
-        quant = config.quantization
-        vector = np.zeros(layout.length, dtype=np.uint32)
-        uniform = prg.UniformStream(
-            self.randomness(prg.SEED_BYTES), block_words=quantize.BLOCK_WORDS
-        )
-        factor, limit = quant.float_factor(weight), quant.float_limit(weight)
-        clipped, at = 0, 0
-        for (name, array), kind in zip(arrays.items(), layout.kinds, strict=True):
-            data = array.numpy()
-            out = vector[at : at + data.size]
-            if kind == FLOAT:
-                clipped += quantize.quantize_into(
-                    out, data, factor=factor, limit=limit, uniform=uniform
-                )
-            else:
-                try:
-                    quantize.encode_integers_into(
-                        out, data, weight=weight, limit=quant.integer_limit(weight)
-                    )
-                except InvalidUpdateError as exc:
-                    raise InvalidUpdateError(f"array {name!r}: {exc}") from None
-            at += data.size
-        vector[layout.weight_index] = weight
-        values = np.array([_metric(metrics, key) for key in config.secure_metrics], np.float64)
-        tail = vector[layout.weight_index + 1 : layout.clip_index]
-        clipped += quantize.quantize_into(tail, values, factor=factor, limit=limit, uniform=uniform)
-        vector[layout.clip_index] = 1 if clipped else 0
-        if clipped:
-            log.warning(
-                "node %s: %d value(s) outside the clipping range +-%g were clipped before masking",
-                me,
-                clipped,
-                config.clipping_range,
-            )
-        # Masks: the self mask, and one pairwise mask per neighbour that delivered shares,
-        # added by the smaller node id and subtracted by the larger one.
-        s_private = keys.load_private_key(state.s_sk)
-        index = {j: i for i, j in enumerate(state.neighbours)}
-        add, subtract = [state.self_seed], list[bytes]()
-        for j in state.senders:
-            seed = pair_mask_seed(
-                s_private, state.s_pks[index[j]], session=config.session, round=state.round
-            )
-            (add if me < j else subtract).append(seed)
-        prg.apply_masks(vector, add=add, subtract=subtract)
-        return vector, layout
-
-    # -- stage 3: unmask -----------------------------------------------------------
-    def _unmask(self, request: _StageRequest) -> Message:
-        msg, context, body, state, config = request.unpack()
-        me = context.node_id
-        survivors = set(int_list(body, "survivors"))
-        dropped = set(int_list(body, "dropped"))
-        if survivors & dropped:
-            raise ValueError(
-                f"nodes {sorted(survivors & dropped)[:5]} are listed as both survivors and dropped"
-            )
-        if me in dropped:
-            raise ValueError("this node is listed as dropped")
-        if me not in survivors:
-            raise ValueError("this node is not listed as a survivor")
-        mine = set(config.graph.neighbours(me))
-        listed = (survivors | dropped) & mine
-        unknown = listed - set(state.senders)
-        if unknown:
-            raise ValueError(f"neighbours {sorted(unknown)[:5]} never shared keys with this node")
-        alive = survivors & mine
-        if len(alive) < config.threshold:
-            raise ValueError(
-                f"only {len(alive)} of this node's neighbours survive, fewer than the threshold "
-                f"t={config.threshold}"
-            )
-        b_nodes, b_shares, s_nodes, s_shares = [], [], [], []
-        for j, b_share, s_share in zip(state.senders, state.b_shares, state.s_shares, strict=True):
-            if j in survivors:
-                b_nodes.append(j)
-                b_shares.append(b_share)
-            elif j in dropped:
-                s_nodes.append(j)
-                s_shares.append(s_share)
-        # Never both kinds for one neighbour, whatever earlier requests asked.
-        both = (set(b_nodes) | set(state.released_b)) & (set(s_nodes) | set(state.released_s))
-        if both:
-            raise ValueError(f"releasing both kinds of share for nodes {sorted(both)[:5]}")
-        state = state.after(
-            Stage.UNMASK,
-            released_b=tuple(sorted(set(state.released_b) | set(b_nodes))),
-            released_s=tuple(sorted(set(state.released_s) | set(s_nodes))),
-        )
-        _SLOT.store(context.state, state.wiped(Phase.DONE))
-        reply = ConfigRecord(
-            {
-                "session": config.session,
-                "b-nodes": b_nodes,
-                "b-shares": b_shares,
-                "s-nodes": s_nodes,
-                "s-shares": s_shares,
-            }
-        )
-        return msg.reply(RecordDict({RECORD: reply}))
-
-
-def _abort(state: ClientState | None, context: Context) -> None:
-    if state is not None and state.phase != Phase.DONE:
-        _SLOT.store(context.state, state.wiped(Phase.ABORTED))
-
-
-def _weight(metrics: MetricRecord, key: str | None, max_weight: int) -> int:
-    if key is None:
-        return 1
-    if key not in metrics:
-        raise InvalidUpdateError(f"the reply lacks the weight metric {key!r}")
-    # The reasons below travel in the clear: they say what is wrong, never the value (a
-    # server may name any metric as the weight key, or send max_weight=1 to read it).
-    value = metrics[key]
-    if isinstance(value, list) or not float(value).is_integer():
-        raise InvalidUpdateError(
-            f"the weight metric {key!r} must be a whole number under SecAgg+; it is not"
-        )
-    weight = int(value)
-    if not 0 <= weight <= max_weight:
-        raise InvalidUpdateError(
-            f"the weight metric {key!r} is outside [0, max_weight={max_weight}]"
-        )
-    return weight
-
-
-def _metric(metrics: MetricRecord, key: str) -> float:
-    if key not in metrics:
-        raise InvalidUpdateError(f"the reply lacks the secure metric {key!r}")
-    value = metrics[key]
-    if isinstance(value, list):
-        raise InvalidUpdateError(f"the secure metric {key!r} must be a number, got a list")
-    return float(value)
 
 
 secaggplus_mod = SecAggPlusClientMod()

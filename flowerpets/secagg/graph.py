@@ -16,9 +16,11 @@ same Lagrange coefficients.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from functools import cached_property
+
+from flowerpets._validation import integer, is_integer
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 
 __all__ = ["HararyGraph"]
 
@@ -29,20 +31,17 @@ class HararyGraph:
     def __init__(self, order: Sequence[int], degree: int) -> None:
         # Node ids are integers as given: a float or a string is refused, never coerced (a
         # server's 1.5 must not quietly become node 1).
-        if isinstance(order, str | bytes) or not all(
-            isinstance(node, numbers.Integral) and not isinstance(node, bool) for node in order
-        ):
-            raise ValueError("the ring order must list integer node ids")
+        if isinstance(order, str | bytes) or not all(is_integer(node) for node in order):
+            raise ParameterTypeError("the ring order must list integer node ids")
         nodes = tuple(int(node) for node in order)
         n = len(nodes)
         if n < 2:
-            raise ValueError(f"a graph needs at least 2 nodes, got {n}")
+            raise ParameterValueError(f"a graph needs at least 2 nodes, got {n}")
         if len(set(nodes)) != n:
-            raise ValueError("the ring order lists a node twice")
-        if isinstance(degree, bool) or not isinstance(degree, int):
-            raise ValueError(f"degree must be an integer, got {degree!r}")
+            raise ParameterValueError("the ring order lists a node twice")
+        degree = integer("degree", degree)
         if degree != n - 1 and not (2 <= degree < n - 1 and degree % 2 == 0):
-            raise ValueError(
+            raise ParameterValueError(
                 f"degree must be even with 2 <= degree < n - 1 = {n - 1}, or n - 1 "
                 f"(the complete graph), got {degree}"
             )
@@ -70,7 +69,7 @@ class HararyGraph:
         try:
             return self._positions[node]
         except KeyError:
-            raise KeyError(f"node {node} is not in the graph") from None
+            raise ParameterValueError(f"node {node} is not in the graph") from None
 
     def neighbours(self, node: int) -> tuple[int, ...]:
         """The node's neighbours, clockwise first (``x = 1, 2, ...``), then counter-clockwise."""
@@ -93,5 +92,5 @@ class HararyGraph:
         n = len(self.order)
         d = (self.position(holder) - self.position(dealer)) % n
         if d == 0 or not self.are_neighbours(dealer, holder):
-            raise ValueError(f"node {holder} is not a neighbour of node {dealer}")
+            raise ParameterValueError(f"node {holder} is not a neighbour of node {dealer}")
         return d if d <= self.degree // 2 else d - (n - 1 - self.degree)

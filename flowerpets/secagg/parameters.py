@@ -74,13 +74,12 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from flowerpets.exceptions import InfeasibleParametersError
+from flowerpets._validation import integer, probability
+from flowerpets.exceptions import InfeasibleParametersError, ParameterValueError
 
 __all__ = [
     "GraphParameters",
-    "check_bits",
     "check_parameters",
-    "check_rate",
     "check_size",
     "check_threshold",
     "find_parameters",
@@ -93,6 +92,7 @@ _LN2 = math.log(2.0)
 _SMALL = 1e-12  # keeps floor(0.1 * 10) at 1 despite floating point
 _DEFAULT_CORRUPTED = 0.1
 _DEFAULT_SECURITY_BITS = 40
+MAX_BITS = 128  # security_bits and correctness_bits are in [1, MAX_BITS]
 # What a node assumes when it checks a server's threshold: no collusion level, since the
 # round configuration does not declare the server's, and a server assuming less than the
 # node would otherwise have every round refused. t > k/2 then, whatever the server chose.
@@ -132,23 +132,9 @@ class GraphParameters:
         return self.degree - self.threshold
 
 
-def check_rate(name: str, value: float) -> float:
-    """``value`` as a float in [0, 1) (ValueError naming ``name`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_bits(name: str, value: int) -> int:
-    """``value`` as a number of bits in [1, 128] (ValueError naming ``name`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
-        raise ValueError(f"{name} must be an integer in [1, 128], got {value!r}")
-    return value
-
-
 def check_size(cohort_size: int) -> int:
-    """``cohort_size`` if it is an int of at least 2 (InfeasibleParametersError otherwise)."""
-    if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 2:
+    """``cohort_size`` if it is an int of at least 2 (InfeasibleParametersError if smaller)."""
+    if integer("cohort_size", cohort_size) < 2:
         raise InfeasibleParametersError(
             f"secure aggregation needs a cohort of at least 2 nodes, got {cohort_size!r}"
         )
@@ -266,10 +252,10 @@ def find_parameters(
 ) -> GraphParameters:
     """The smallest degree, with its threshold, meeting the inequalities above."""
     n = check_size(cohort_size)
-    delta = check_rate("dropout_rate", dropout_rate)
-    gamma = check_rate("corrupted_fraction", corrupted_fraction)
-    sigma = check_bits("security_bits", security_bits)
-    eta = check_bits("correctness_bits", correctness_bits)
+    delta = probability("dropout_rate", dropout_rate, one=False)
+    gamma = probability("corrupted_fraction", corrupted_fraction, one=False)
+    sigma = integer("security_bits", security_bits, at_least=1, at_most=MAX_BITS)
+    eta = integer("correctness_bits", correctness_bits, at_least=1, at_most=MAX_BITS)
     corrupted = _corrupted(gamma, n)
     p = 1.0 - delta
     log_n = math.log(n)
@@ -388,10 +374,9 @@ def minimum_threshold(
 
 def _node_bound(n: int, degree: int, gamma: float, sigma: int) -> tuple[int, int]:
     n = check_size(n)
-    gamma = check_rate("corrupted_fraction", gamma)
-    sigma = check_bits("security_bits", sigma)
-    if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= n - 1:
-        raise ValueError(f"degree must be an integer in [1, n - 1 = {n - 1}], got {degree!r}")
+    gamma = probability("corrupted_fraction", gamma, one=False)
+    sigma = integer("security_bits", sigma, at_least=1, at_most=MAX_BITS)
+    degree = integer("degree", degree, at_least=1, at_most=n - 1)
     return _least_threshold(n, degree, gamma, sigma)
 
 
@@ -403,15 +388,16 @@ def check_threshold(
     corrupted_fraction: float = _NODE_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
 ) -> None:
-    """Raise ``ValueError`` if ``threshold`` is below :func:`minimum_threshold`.
+    """Raise :class:`~flowerpets.exceptions.InfeasibleParametersError` if ``threshold`` is
+    below :func:`minimum_threshold`.
 
     A node calls this on the round configuration a server sends: at or below
     ``(k + c) / 2``, a server that relays shares selectively can rebuild an
     honest node's input from its honest neighbours' shares alone.
     """
     least, c = _node_bound(cohort_size, degree, corrupted_fraction, security_bits)
-    if threshold < least:
-        raise ValueError(
+    if integer("threshold", threshold) < least:
+        raise InfeasibleParametersError(
             f"threshold {threshold} is below {least}, the least that keeps a node's inputs "
             f"private in a cohort of {cohort_size} with degree {degree}: it must exceed "
             f"(k + c) / 2 with c = {c} corrupted neighbours (corrupted_fraction="
@@ -428,12 +414,11 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
     contacted.
     """
     n = check_size(cohort_size)
-    for name, value in (("degree", degree), ("threshold", threshold)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    integer("degree", degree, at_least=2)
+    integer("threshold", threshold, at_least=2)
     k = min(degree, n - 1)
     if k != n - 1 and k % 2:
-        raise ValueError(f"degree must be even (a Harary graph), got {degree}")
+        raise ParameterValueError(f"degree must be even (a Harary graph), got {degree}")
     if threshold > k:
         raise InfeasibleParametersError(
             f"threshold={threshold} exceeds the degree {k} for a cohort of {n}: no node could "
@@ -441,6 +426,6 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
         )
     try:
         check_threshold(n, k, threshold)
-    except ValueError as exc:
+    except InfeasibleParametersError as exc:
         raise InfeasibleParametersError(f"{exc}; the nodes would refuse it") from None
     return GraphParameters(cohort_size=n, degree=k, threshold=threshold)

@@ -16,14 +16,24 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
+from flowerpets._validation import instance, integer, one_of, strings
 from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
+from flowerpets.core.fields import Fields
+from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.protocol import StageName
+from flowerpets.exceptions import (
+    ConfigurationError,
+    InvalidUpdateError,
+    ParameterTypeError,
+    ParameterValueError,
+    ProtocolViolationError,
+)
 from flowerpets.secagg._primitives import aead, keys, shamir
 from flowerpets.secagg._primitives.quantize import Quantization
 from flowerpets.secagg.graph import HararyGraph
@@ -92,54 +102,14 @@ class Stage(StageName):
     PREFIX = enum.nonmember("secagg+/")
 
 
-T = TypeVar("T")
+def fields_of(content: RecordDict | None) -> Fields:
+    """The :data:`RECORD` of a stage message or reply, read through core
+    :class:`~flowerpets.core.fields.Fields` (MessageFieldError if it is missing)."""
+    return Fields.of(content, RECORD)
 
 
-def field(record: ConfigRecord, key: str, kind: type[T]) -> T:
-    """``record[key]``, checked to be of ``kind`` (ValueError naming the field otherwise)."""
-    if key not in record:
-        raise ValueError(f"the {RECORD!r} record lacks {key!r}")
-    value = record[key]
-    if kind is int and isinstance(value, bool):
-        raise ValueError(f"{RECORD}[{key!r}] must be an int, got a bool")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind):
-        raise ValueError(f"{RECORD}[{key!r}] must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def int_list(record: ConfigRecord, key: str) -> list[int]:
-    values = field(record, key, list)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of ints")
-    return [int(v) for v in values]
-
-
-def bytes_list(record: ConfigRecord, key: str, *, size: int | None = None) -> list[bytes]:
-    values = field(record, key, list)
-    if not all(isinstance(v, bytes) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of bytes")
-    if size is not None and any(len(v) != size for v in values):
-        raise ValueError(f"every item of {RECORD}[{key!r}] must be {size} bytes")
-    return list(values)
-
-
-def str_list(record: ConfigRecord, key: str) -> list[str]:
-    values = field(record, key, list)
-    if not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{RECORD}[{key!r}] must be a list of str")
-    return list(values)
-
-
-def protocol_record(content: RecordDict) -> ConfigRecord:
-    """The :data:`RECORD` of a stage message or reply (ValueError if it is missing)."""
-    if RECORD not in content:
-        raise ValueError(f"the message carries no {RECORD!r} record")
-    record = content[RECORD]
-    if not isinstance(record, ConfigRecord):
-        raise ValueError(f"{RECORD!r} must be a ConfigRecord, got {type(record).__name__}")
-    return record
+def _fields(record: ConfigRecord | Fields) -> Fields:
+    return record if isinstance(record, Fields) else Fields(record, RECORD)
 
 
 @dataclass(frozen=True)
@@ -162,16 +132,14 @@ class RoundConfig:
     secure_metrics: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.session, bytes) or len(self.session) != SESSION_BYTES:
-            raise ValueError(f"the session id must be {SESSION_BYTES} bytes")
+        if len(instance("session", self.session, bytes)) != SESSION_BYTES:
+            raise ParameterValueError(f"the session id must be {SESSION_BYTES} bytes")
         self.graph  # noqa: B018  (validates order and degree)
-        if not 2 <= self.threshold <= self.degree:
-            raise ValueError(
-                f"threshold must be in [2, degree={self.degree}], got {self.threshold}"
-            )
+        integer("threshold", self.threshold, at_least=2, at_most=self.degree)
         self.quantization  # noqa: B018  (validates the encoding, refuses overflow)
-        if len(set(self.secure_metrics)) != len(self.secure_metrics):
-            raise ValueError("secure_metrics lists a metric twice")
+        if self.weight_key is not None:
+            instance("weight_key", self.weight_key, str)
+        strings("secure_metrics", self.secure_metrics, unique=True)
 
     @cached_property
     def graph(self) -> HararyGraph:
@@ -201,25 +169,33 @@ class RoundConfig:
         )
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> RoundConfig:
-        """Parse and validate; anything malformed raises ``ValueError`` naming it."""
-        version = field(record, "version", int)
+    def from_record(cls, record: ConfigRecord | Fields) -> RoundConfig:
+        """Parse and validate a peer's configuration.
+
+        A field missing or mistyped raises MessageFieldError; well-typed values
+        that no round can use raise ProtocolViolationError naming what is wrong.
+        """
+        fields = _fields(record)
+        version = fields.get("version", int)
         if version != PROTOCOL_VERSION:
-            raise ValueError(f"unsupported SecAgg+ protocol version {version}")
-        clipping = field(record, "clipping-range", float)
+            raise ProtocolViolationError(f"unsupported SecAgg+ protocol version {version}")
+        clipping = fields.get("clipping-range", float)
         if not (math.isfinite(clipping) and clipping > 0):
-            raise ValueError(f"clipping-range must be finite and > 0, got {clipping}")
-        weight_key = field(record, "weight-key", str)
-        return cls(
-            session=field(record, "session", bytes),
-            order=tuple(int_list(record, "order")),
-            degree=field(record, "degree", int),
-            threshold=field(record, "threshold", int),
-            clipping_range=clipping,
-            max_weight=field(record, "max-weight", int),
-            weight_key=weight_key or None,
-            secure_metrics=tuple(str_list(record, "secure-metrics")),
-        )
+            raise ProtocolViolationError(f"clipping-range must be finite and > 0, got {clipping}")
+        weight_key = fields.get("weight-key", str)
+        try:
+            return cls(
+                session=fields.get("session", bytes),
+                order=tuple(fields.items("order", int)),
+                degree=fields.get("degree", int),
+                threshold=fields.get("threshold", int),
+                clipping_range=clipping,
+                max_weight=fields.get("max-weight", int),
+                weight_key=weight_key or None,
+                secure_metrics=tuple(fields.items("secure-metrics", str)),
+            )
+        except (ParameterTypeError, ParameterValueError, ConfigurationError) as exc:
+            raise ProtocolViolationError(f"the round configuration: {exc}") from None
 
 
 # Array kinds as the vector encodes them: quantized floats, or exact integers.
@@ -231,44 +207,83 @@ def kind_of(dtype_kind: str, name: str) -> str:
     try:
         return _KINDS[dtype_kind]
     except KeyError:
-        raise ValueError(
+        raise InvalidUpdateError(
             f"array {name!r} of dtype kind {dtype_kind!r} cannot be securely aggregated "
             "(only float, integer and bool arrays can)"
         ) from None
+
+
+# The dtype each kind is released in by the server's sum: the kinds map one-to-one to them.
+_DTYPE_OF_KIND = {FLOAT: np.dtype(np.float64).str, INTEGER: np.dtype(np.int64).str}
+_KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
     """How a masked vector is laid out: the arrays (flattened, in order), then a tail.
 
-    Not a core :class:`~flowerpets.core.ArrayLayout`: the wire carries each
-    array's kind (quantized float or exact integer), never its dtype.
+    The arrays are a core :class:`~flowerpets.core.ArrayLayout` (names and
+    shapes), whose dtypes are those the server's sum releases them in: float64
+    for quantized floats, int64 for exact integers. The wire carries each
+    array's kind (``"f"`` or ``"i"``), which maps one-to-one to those, never
+    the dtype a node's update had.
 
     The tail is the weight (an exact integer), the secure metrics (quantized
     like float arrays) and a clipping flag (1 if the node clipped anything).
     """
 
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    kinds: tuple[str, ...]
+    arrays: ArrayLayout
     metrics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        instance("arrays", self.arrays, ArrayLayout)
+        for name, _, dtype in self.arrays.items():
+            if dtype not in _KIND_OF_DTYPE:
+                raise ParameterValueError(
+                    f"array {name!r}: a masked vector sums float64 or int64 arrays, got {dtype}"
+                )
+        strings("metrics", self.metrics)
+
+    @classmethod
+    def of_kinds(
+        cls,
+        names: Sequence[str],
+        shapes: Sequence[tuple[int, ...]],
+        kinds: Sequence[str],
+        metrics: Sequence[str] = (),
+    ) -> Layout:
+        """The layout of arrays of these names, shapes and kinds (``FLOAT`` or ``INTEGER``)."""
+        dtypes = tuple(_DTYPE_OF_KIND[one_of("kind", k, _DTYPE_OF_KIND)] for k in kinds)
+        return cls(ArrayLayout(tuple(names), tuple(shapes), dtypes), tuple(metrics))
 
     @classmethod
     def of_arrays(cls, arrays: ArrayRecord, metrics: Sequence[str] = ()) -> Layout:
-        return cls(
-            names=tuple(arrays),
-            shapes=tuple(a.shape for a in arrays.values()),
-            kinds=tuple(kind_of(a.dtype.kind, name) for name, a in arrays.items()),
-            metrics=tuple(metrics),
+        return cls.of_kinds(
+            tuple(arrays),
+            tuple(a.shape for a in arrays.values()),
+            tuple(kind_of(a.dtype.kind, name) for name, a in arrays.items()),
+            metrics,
         )
 
     @property
+    def names(self) -> tuple[str, ...]:
+        return self.arrays.names
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.arrays.shapes
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(_KIND_OF_DTYPE[dtype] for dtype in self.arrays.dtypes)
+
+    @property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(shape) for shape in self.shapes)
+        return self.arrays.sizes
 
     @property
     def weight_index(self) -> int:
-        return sum(self.sizes)
+        return self.arrays.size
 
     @property
     def clip_index(self) -> int:
@@ -279,7 +294,7 @@ class Layout:
         return self.clip_index + 1
 
     def signature(self) -> tuple[Any, ...]:
-        return (self.names, self.shapes, self.kinds, self.metrics)
+        return (self.arrays, self.metrics)
 
     def write(self, record: ConfigRecord) -> None:
         record["names"] = list(self.names)
@@ -289,20 +304,24 @@ class Layout:
         record["length"] = self.length
 
     @classmethod
-    def read(cls, record: ConfigRecord, metrics: Sequence[str]) -> Layout:
-        names = str_list(record, "names")
-        ndims = int_list(record, "ndims")
-        dims = int_list(record, "dims")
-        kinds = str_list(record, "kinds")
+    def read(cls, record: ConfigRecord | Fields, metrics: Sequence[str]) -> Layout:
+        """A peer's layout; one whose parts do not fit together is an InvalidUpdateError."""
+        fields = _fields(record)
+        names = fields.items("names", str)
+        ndims = fields.items("ndims", int)
+        dims = fields.items("dims", int)
+        kinds = fields.items("kinds", str)
         if not len(names) == len(ndims) == len(kinds) or sum(ndims) != len(dims):
-            raise ValueError("the layout's names, ndims, dims and kinds do not match")
-        if any(d < 0 for d in dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
-            raise ValueError("the layout has a negative dimension or an unknown kind")
+            raise InvalidUpdateError("the layout's names, ndims, dims and kinds do not match")
+        if any(d < 0 for d in ndims + dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
+            raise InvalidUpdateError("the layout has a negative dimension or an unknown kind")
+        if len(set(names)) != len(names):
+            raise InvalidUpdateError("the layout names an array twice")
         shapes, at = [], 0
         for ndim in ndims:
             shapes.append(tuple(dims[at : at + ndim]))
             at += ndim
-        layout = cls(tuple(names), tuple(shapes), tuple(kinds), tuple(metrics))
-        if field(record, "length", int) != layout.length:
-            raise ValueError("the layout's length does not match its arrays")
+        layout = cls.of_kinds(names, shapes, kinds, metrics)
+        if fields.get("length", int) != layout.length:
+            raise InvalidUpdateError("the layout's length does not match its arrays")
         return layout

@@ -19,16 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from flowerpets._validation import integer, real
 from flowerpets.core import Metadata
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 
 __all__ = ["Delay", "Dropout", "ErrorReply", "Fault", "FaultPlan", "step_of"]
 
 
 def _check_node_round(kind: str, node: int, round: int) -> None:
-    if isinstance(node, bool) or not isinstance(node, int) or node < 0:
-        raise ValueError(f"{kind}: node must be a node index >= 0, got {node!r}")
-    if isinstance(round, bool) or not isinstance(round, int) or round < 1:
-        raise ValueError(f"{kind}: round must be an integer >= 1, got {round!r}")
+    integer(f"{kind} node (an index)", node, at_least=0)
+    integer(f"{kind} round", round, at_least=1)
 
 
 def step_of(metadata: Metadata) -> str:
@@ -71,8 +71,7 @@ class Delay:
 
     def __post_init__(self) -> None:
         _check_node_round("Delay", self.node, self.round)
-        if not self.seconds >= 0:
-            raise ValueError(f"Delay: seconds must be >= 0, got {self.seconds!r}")
+        real("Delay seconds", self.seconds, at_least=0, finite=False)
 
     def triggers(self, metadata: Metadata) -> bool:
         return metadata.round == self.round and _step_matches(self.stage, metadata)
@@ -107,7 +106,9 @@ class FaultPlan:
         self._by_node: dict[int, list[Fault]] = {}
         for fault in faults:
             if not isinstance(fault, Dropout | Delay | ErrorReply):
-                raise TypeError(f"not a fault: {fault!r} (use Dropout, Delay or ErrorReply)")
+                raise ParameterTypeError(
+                    f"not a fault: {fault!r} (use Dropout, Delay or ErrorReply)"
+                )
             self._by_node.setdefault(fault.node, []).append(fault)
 
     def __bool__(self) -> bool:
@@ -120,7 +121,7 @@ class FaultPlan:
         """Refuse faults that name a node the simulation does not have."""
         bad = sorted(n for n in self._by_node if n >= num_nodes)
         if bad:
-            raise ValueError(
+            raise ParameterValueError(
                 f"faults name node indices {bad}, but there are only {num_nodes} nodes"
             )
 

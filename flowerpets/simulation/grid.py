@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
-from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message
+from flowerpets.core import ClientApp, Context, Error, ErrorCode, Message, WaitsForNodes
 from flowerpets.core.client_app import failure_reason
+from flowerpets.exceptions import ParameterValueError
 from flowerpets.simulation.faults import Delay, Dropout, ErrorReply, FaultPlan
 
 __all__ = ["SimulationGrid"]
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 _Delivery = tuple[float, int, Message]  # (deliver at, tie-breaker, reply)
 
 
-class SimulationGrid:
+class SimulationGrid(WaitsForNodes):
     """Runs a ClientApp for many nodes in one process.
 
     Each node has its own :class:`Context`, kept across rounds, and handles one
@@ -37,6 +38,8 @@ class SimulationGrid:
     A node that has dropped out (see :mod:`flowerpets.simulation.faults`) is no
     longer listed by :meth:`node_ids`, and messages to it yield no reply: the
     runtime knows at once what a deployment learns from a missed heartbeat.
+    A round never waits for nodes (the inherited :meth:`wait_for_nodes`): every
+    node is there from the start, and one that dropped out does not come back.
     """
 
     def __init__(
@@ -49,10 +52,10 @@ class SimulationGrid:
         max_workers: int | None = None,
     ) -> None:
         if not contexts:
-            raise ValueError("a simulation needs at least one node")
+            raise ParameterValueError("a simulation needs at least one node")
         ids = [c.node_id for c in contexts]
         if len(set(ids)) != len(ids) or 0 in ids:
-            raise ValueError("node ids must be unique and non-zero (0 is the server)")
+            raise ParameterValueError("node ids must be unique and non-zero (0 is the server)")
         self._app = client_app
         self._run_id = run_id
         self._contexts = {c.node_id: c for c in contexts}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flowerpets._validation import integer
 from flowerpets.core import (
     ArrayRecord,
     ClientApp,
@@ -17,6 +18,7 @@ from flowerpets.core import (
     RoundRecord,
     ServerApp,
 )
+from flowerpets.exceptions import NotFoundError
 from flowerpets.simulation.faults import Fault, FaultPlan
 from flowerpets.simulation.grid import SimulationGrid
 
@@ -48,7 +50,7 @@ class SimulationResult:
         for index, context in enumerate(self.contexts):
             if context.node_id == node_id:
                 return index
-        raise KeyError(f"no node with id {node_id} in this simulation")
+        raise NotFoundError(f"no node with id {node_id} in this simulation")
 
 
 def _node_ids(num_nodes: int, rng: np.random.Generator) -> list[int]:
@@ -81,8 +83,7 @@ def run_simulation(
     ``run_config["seed"]`` for its own generators. Without a seed, all of these
     come from the OS's secure source.
     """
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
+    integer("num_nodes", num_nodes, at_least=1)
     plan = faults if isinstance(faults, FaultPlan) else FaultPlan(faults or ())
     rng = np.random.default_rng(seed)
     config = dict(run_config or {})

@@ -39,7 +39,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from flowerpets.exceptions import AuthenticationError, ReplayError
+from flowerpets.exceptions import (
+    AuthenticationError,
+    ParameterTypeError,
+    ParameterValueError,
+    ReplayError,
+)
 from flowerpets.transport._frames import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -97,7 +102,9 @@ class NodeKey:
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):
-            raise TypeError(f"a node key is an Ed25519 private key, got {type(private_key)}")
+            raise ParameterTypeError(
+                f"a node key is an Ed25519 private key, got {type(private_key)}"
+            )
         self._private = private_key
         self.public_bytes = private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -119,9 +126,11 @@ class NodeKey:
             else:
                 key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: not an unencrypted Ed25519 private key: {exc}") from None
+            raise ParameterValueError(
+                f"{path}: not an unencrypted Ed25519 private key: {exc}"
+            ) from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: node keys are Ed25519, got {type(key).__name__}")
+            raise ParameterValueError(f"{path}: node keys are Ed25519, got {type(key).__name__}")
         return cls(key)
 
     def private_pem(self) -> bytes:
@@ -290,7 +299,7 @@ class Authenticator:
 # -- public key files -----------------------------------------------------------------------------
 def _public_raw(key: object, where: str) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{where}: node keys are Ed25519, got {type(key).__name__}")
+        raise ParameterValueError(f"{where}: node keys are Ed25519, got {type(key).__name__}")
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -305,7 +314,7 @@ def _keys_in_file(path: Path) -> dict[bytes, str]:
             try:
                 key = serialization.load_pem_public_key(pem.encode("ascii"))
             except ValueError as exc:
-                raise ValueError(f"{where}: not a public key: {exc}") from None
+                raise ParameterValueError(f"{where}: not a public key: {exc}") from None
             keys[_public_raw(key, where)] = f"{path.name}#{index + 1}"
         return keys
     for number, line in enumerate(text.splitlines(), start=1):
@@ -316,7 +325,7 @@ def _keys_in_file(path: Path) -> dict[bytes, str]:
         try:
             key = serialization.load_ssh_public_key(line.encode("ascii"))
         except (ValueError, UnicodeEncodeError) as exc:
-            raise ValueError(f"{where}: not an OpenSSH public key line: {exc}") from None
+            raise ParameterValueError(f"{where}: not an OpenSSH public key line: {exc}") from None
         parts = line.split(maxsplit=2)
         keys[_public_raw(key, where)] = parts[2] if len(parts) == 3 else f"{path.name}:{number}"
     return keys
@@ -336,14 +345,14 @@ def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> dict[bytes, str
         if path.is_dir():
             files = sorted(path.glob("*.pub"))
             if not files:
-                raise ValueError(f"{path}: the directory holds no *.pub node key files")
+                raise ParameterValueError(f"{path}: the directory holds no *.pub node key files")
         elif path.is_file():
             files = [path]
         else:
-            raise ValueError(f"{path}: no such node key file or directory")
+            raise ParameterValueError(f"{path}: no such node key file or directory")
         for file in files:
             found = _keys_in_file(file)
             if not found:
-                raise ValueError(f"{file}: holds no node public keys")
+                raise ParameterValueError(f"{file}: holds no node public keys")
             keys.update(found)
     return keys

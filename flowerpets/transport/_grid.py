@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from flowerpets.core import Message
+from flowerpets.core import Message, WaitsForNodes
 from flowerpets.exceptions import StopRunError
 from flowerpets.transport._sessions import _TICK, _Exchange, _Gone
 
@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowerpets.transport.server")
 
 
-class TransportGrid:
+class TransportGrid(WaitsForNodes):
     """The :class:`~flowerpets.core.Grid` of a :class:`TransportServer`.
 
-    :meth:`node_ids` lists the connected nodes (sorted by id). A message to a
+    :meth:`node_ids` lists the connected nodes (sorted by id); a round starts
+    with :meth:`wait_for_nodes`, which waits for ``settings.min_nodes``. A message to a
     node that is not connected, or that leaves before answering, yields no
     reply. ``timeout=None`` waits for as long as the nodes stay connected (or
     the server's ``message_timeout``, if set).
@@ -36,10 +37,14 @@ class TransportGrid:
         return self._server.run_id
 
     def node_ids(self) -> list[int]:
+        """The nodes connected now (no wait: a mod listing the nodes mid-round gets these)."""
+        return self._server.node_ids()
+
+    def wait_for_nodes(self) -> list[int]:
         """The connected nodes, once ``settings.min_nodes`` are (waiting for them, bounded).
 
-        A round asks for its nodes here: after an outage (every node missed its
-        heartbeats, or the server was paused and they reconnect) it waits up to
+        A round starts here: after an outage (every node missed its heartbeats,
+        or the server was paused and they reconnect) it waits up to
         ``settings.wait_for_nodes`` seconds for ``settings.min_nodes`` nodes to
         be back, rather than fail at once with none. A wait in vain is not
         repeated before the next exchange, so a round waits once at most.

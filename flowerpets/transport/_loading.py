@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from flowerpets.core import ConfigValue
+from flowerpets.exceptions import AppLoadError, ParameterValueError
 
 __all__ = ["load_object", "parse_config", "parse_value"]
 
@@ -19,17 +20,17 @@ def load_object(spec: str) -> Any:
     """The object named by ``package.module:attribute`` (the attribute may be dotted)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"an app is given as MODULE:ATTRIBUTE, got {spec!r}")
+        raise ParameterValueError(f"an app is given as MODULE:ATTRIBUTE, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"cannot import {module_name!r} (from {spec!r}): {exc}") from exc
+        raise AppLoadError(f"cannot import {module_name!r} (from {spec!r}): {exc}") from exc
     target: Any = module
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise AttributeError(f"{module_name!r} has no attribute {attribute!r}") from None
+            raise AppLoadError(f"{module_name!r} has no attribute {attribute!r}") from None
     return target
 
 
@@ -57,6 +58,6 @@ def parse_config(items: Iterable[str]) -> dict[str, ConfigValue]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"configuration is given as KEY=VALUE, got {item!r}")
+            raise ParameterValueError(f"configuration is given as KEY=VALUE, got {item!r}")
         config[key] = parse_value(value.strip())
     return config

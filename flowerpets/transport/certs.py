@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flowerpets._validation import integer
+from flowerpets.exceptions import ParameterValueError, PathExistsError
 from flowerpets.transport._auth import NodeKey
 
 __all__ = [
@@ -74,7 +76,7 @@ def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
+        raise PathExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
     try:
         os.fchmod(fd, mode)  # the umask can only have taken bits away: make the mode exact
         with os.fdopen(fd, "wb") as out:
@@ -117,7 +119,9 @@ def _check_names(names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for name in [*DEFAULT_NAMES, *names]:
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise ValueError(f"a server name must be a non-empty host name or IP, got {name!r}")
+            raise ParameterValueError(
+                f"a server name must be a non-empty host name or IP, got {name!r}"
+            )
         if name not in out:
             out.append(name)
     return out
@@ -134,12 +138,10 @@ def create_credentials(
     now: datetime.datetime | None = None,
 ) -> Credentials:
     """Write a development CA, a server certificate and ``nodes`` node key pairs into ``out``."""
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError(f"days must be an integer >= 1, got {days!r}")
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 0:
-        raise ValueError(f"nodes must be an integer >= 0, got {nodes!r}")
+    integer("days", days, at_least=1)
+    integer("nodes", nodes, at_least=0)
     if not tls and nodes == 0:
-        raise ValueError("nothing to create: tls=False and nodes=0")
+        raise ParameterValueError("nothing to create: tls=False and nodes=0")
     all_names = _check_names(names)
     directory = _directory(Path(out))
     ca_cert = ca_key = server_cert = server_key = None
@@ -148,7 +150,7 @@ def create_credentials(
         server_cert, server_key = directory / "server.pem", directory / "server.key"
         for path in (ca_cert, ca_key, server_cert, server_key):
             if path.exists() and not force:
-                raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
+                raise PathExistsError(f"{path} exists; pass force=True (--force) to overwrite")
         start = (now or datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
         end = start + datetime.timedelta(days=days)
         ca_private = ec.generate_private_key(ec.SECP256R1())

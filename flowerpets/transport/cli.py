@@ -132,8 +132,8 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=60.0,
         metavar="SECONDS",
-        help="when fewer than --round-min-nodes nodes are connected as a round asks for its "
-        "nodes (after an outage), wait up to this long for them to (re)connect "
+        help="when fewer than --round-min-nodes nodes are connected as a round starts "
+        "(after an outage), wait up to this long for them to (re)connect "
         "(default 60; 0: never wait)",
     )
     run.add_argument(
@@ -142,7 +142,7 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="the nodes --wait-for-nodes waits for (default 1: wait only when none is "
-        "connected; more makes rounds, and SecAgg+ stages, wait for nodes that left)",
+        "connected; more makes rounds wait for nodes that left)",
     )
     run.add_argument(
         "--run-config",
@@ -191,6 +191,7 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def _server_app(spec: Any, run_config: Any) -> ServerApp:
     from flowerpets.core import ServerApp
+    from flowerpets.exceptions import ParameterTypeError
 
     if isinstance(spec, ServerApp):
         return spec
@@ -198,8 +199,10 @@ def _server_app(spec: Any, run_config: Any) -> ServerApp:
         app = spec(run_config)
         if isinstance(app, ServerApp):
             return app
-        raise TypeError(f"the app factory returned {type(app).__name__}, not a ServerApp")
-    raise TypeError(f"--app must name a ServerApp or a function returning one, got {spec!r}")
+        raise ParameterTypeError(f"the app factory returned {type(app).__name__}, not a ServerApp")
+    raise ParameterTypeError(
+        f"--app must name a ServerApp or a function returning one, got {spec!r}"
+    )
 
 
 def _install_logging(level: str) -> CoreLogRouter:
@@ -237,6 +240,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from flowerpets.core import ConfigRecord
+    from flowerpets.exceptions import ParameterValueError
     from flowerpets.transport._auth import load_public_keys
     from flowerpets.transport._loading import load_object, parse_config
     from flowerpets.transport.server import TransportServer
@@ -248,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
             run_config.setdefault("seed", args.seed)
         app = _server_app(load_object(args.app), ConfigRecord(run_config))
         if (args.cert is None) != (args.key is None):
-            raise ValueError("give both --cert and --key, or neither")
+            raise ParameterValueError("give both --cert and --key, or neither")
         tls = ServerTls.from_files(args.cert, args.key) if args.cert else None
         node_keys = load_public_keys(args.node_keys) if args.node_keys else None
         settings = ServerSettings(

@@ -43,7 +43,7 @@ import grpc
 from flowerpets.core import ClientApp, ConfigRecord, ConfigValue, Context, Error, ErrorCode, Message
 from flowerpets.core.client_app import failure_reason
 from flowerpets.core.codec import CodecLimits
-from flowerpets.exceptions import CodecError, FrameError
+from flowerpets.exceptions import CodecError, FrameError, ParameterTypeError, ParameterValueError
 from flowerpets.transport._auth import NodeKey, sign_frame
 from flowerpets.transport._frames import (
     FRAME_ROOM,
@@ -136,11 +136,13 @@ class NodeClient:
         insecure: bool = False,
     ) -> None:
         if not isinstance(app, ClientApp) and not callable(app):
-            raise TypeError(f"app must be a ClientApp or a function of a Context, got {app!r}")
+            raise ParameterTypeError(
+                f"app must be a ClientApp or a function of a Context, got {app!r}"
+            )
         split_address(server)
         if tls is None and not is_loopback(server):
             if not insecure:
-                raise ValueError(
+                raise ParameterValueError(
                     f"refusing to connect in plain text to {server}, which is not a loopback "
                     "address: give the CA certificate (--root-cert), or pass insecure=True "
                     "(--insecure) to accept eavesdropping"
@@ -289,7 +291,9 @@ class NodeClient:
         if app is None:
             app = self._spec(context)
             if not isinstance(app, ClientApp):
-                raise TypeError(f"the app factory returned {type(app).__name__}, not a ClientApp")
+                raise ParameterTypeError(
+                    f"the app factory returned {type(app).__name__}, not a ClientApp"
+                )
             self._apps[context.run_id] = app
         return app
 

@@ -31,7 +31,8 @@ What the server guarantees:
   :meth:`TransportGrid.node_ids` again, so it joins the next round;
 * a round that finds fewer than ``settings.min_nodes`` nodes (an outage: every
   node missed its heartbeats) waits up to ``settings.wait_for_nodes`` seconds
-  for them in :meth:`TransportGrid.node_ids`, instead of failing at once; a
+  for them in :meth:`TransportGrid.wait_for_nodes` (the grid's round-start
+  hook), instead of failing at once; a
   paused server does not count its own pause as its nodes' silence;
 * :meth:`TransportServer.request_stop` (the CLI calls it on SIGTERM) makes the
   current exchange raise :class:`~flowerpets.exceptions.StopRunError`, which
@@ -53,9 +54,10 @@ from typing import Final
 
 import grpc
 
+from flowerpets._validation import integer
 from flowerpets.core import ConfigRecord, ConfigValue, Message
 from flowerpets.core.codec import CodecLimits
-from flowerpets.exceptions import CodecError
+from flowerpets.exceptions import CodecError, ParameterValueError, TransportError, UsageError
 from flowerpets.transport._auth import Authenticator
 from flowerpets.transport._frames import (
     FRAME_ROOM,
@@ -137,15 +139,15 @@ def _welcome_size(run_config: ConfigRecord, settings: ServerSettings) -> int:
     try:
         frame = Welcome(0, 0, bytes(SESSION_BYTES), 0, 0, 0, 0, run_config).encode()
     except CodecError as exc:
-        raise ValueError(f"the run config cannot be encoded: {exc}") from None
+        raise ParameterValueError(f"the run config cannot be encoded: {exc}") from None
     size, limit = len(frame), settings.max_chunk_bytes + FRAME_ROOM
     if size <= limit:
         try:
             decode_frame(frame, max_frame=limit)  # as every node will
         except CodecError as exc:
-            raise ValueError(f"no node could read the run config: {exc}") from None
+            raise ParameterValueError(f"no node could read the run config: {exc}") from None
     else:
-        raise ValueError(
+        raise ParameterValueError(
             f"the run config takes {size} bytes, and the WELCOME frame that carries it to "
             f"every node may take at most {limit} (max_chunk_bytes={settings.max_chunk_bytes} "
             f"plus {FRAME_ROOM}): no node could join. Send large data in messages, not in the "
@@ -180,7 +182,7 @@ class TransportServer(_Routes):
         loopback = is_loopback(address)
         if tls is None and not loopback:
             if not insecure:
-                raise ValueError(
+                raise ParameterValueError(
                     f"refusing to serve plain text on {address}, which is not a loopback "
                     "address: give a certificate and key (flowerpets certs makes development "
                     "ones), or pass insecure=True (--insecure) to accept eavesdropping"
@@ -192,7 +194,7 @@ class TransportServer(_Routes):
             )
         if node_keys is None and not loopback:
             if not insecure:
-                raise ValueError(
+                raise ParameterValueError(
                     f"refusing to accept any node on {address}, which is not a loopback "
                     "address: give the nodes' public keys (--node-keys), or pass insecure=True "
                     "(--insecure) to let anyone join"
@@ -201,11 +203,10 @@ class TransportServer(_Routes):
         elif node_keys is None:
             log.info("node authentication is off (loopback only): any node key is accepted")
         if node_keys is not None and not node_keys:
-            raise ValueError("node_keys is empty: no node could join")
+            raise ParameterValueError("node_keys is empty: no node could join")
         if run_id is None:
             run_id = secrets.randbits(63) or 1
-        if isinstance(run_id, bool) or not isinstance(run_id, int) or not 0 < run_id < 2**63:
-            raise ValueError(f"run_id must be an integer in [1, 2**63), got {run_id!r}")
+        integer("run_id", run_id, at_least=1, below=2**63)
         self.address = address
         self.run_id = run_id
         self.run_config = ConfigRecord(dict(run_config or {}))
@@ -237,7 +238,7 @@ class TransportServer(_Routes):
 
     def start(self) -> TransportServer:
         if self._server is not None:
-            raise RuntimeError("the server is already started")
+            raise UsageError("the server is already started")
         limit = self.settings.max_connections
         server = grpc.server(
             ThreadPoolExecutor(max_workers=limit + 4, thread_name_prefix="fp-stream"),
@@ -264,9 +265,11 @@ class TransportServer(_Routes):
             else:
                 self._port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {self.address}: {exc}") from None
+            raise TransportError(f"cannot listen on {self.address}: {exc}") from None
         if self._port == 0:
-            raise OSError(f"cannot listen on {self.address} (in use, or not a local address?)")
+            raise TransportError(
+                f"cannot listen on {self.address} (in use, or not a local address?)"
+            )
         server.start()
         self._server = server
         self._monitor = threading.Thread(target=self._watch, name="fp-monitor", daemon=True)

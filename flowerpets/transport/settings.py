@@ -10,13 +10,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from flowerpets._validation import integer, real
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 
 __all__ = [
     "ClientSettings",
@@ -34,17 +36,21 @@ MB = 1 << 20
 
 def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` (or ``"[v6]:port"``) as ``(host, port)``; a clear ValueError otherwise."""
-    if not isinstance(address, str) or ":" not in address:
-        raise ValueError(f"an address is HOST:PORT, got {address!r}")
+    if not isinstance(address, str):
+        raise ParameterTypeError(f"an address is a HOST:PORT str, got {type(address).__name__}")
+    if ":" not in address:
+        raise ParameterValueError(f"an address is HOST:PORT, got {address!r}")
     host, _, port_text = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"the port in {address!r} is not a number") from None
+        raise ParameterValueError(f"the port in {address!r} is not a number") from None
     if not host or not 0 <= port <= 65535:
-        raise ValueError(f"an address is HOST:PORT with a port in [0, 65535], got {address!r}")
+        raise ParameterValueError(
+            f"an address is HOST:PORT with a port in [0, 65535], got {address!r}"
+        )
     return host, port
 
 
@@ -67,20 +73,11 @@ def _positive(owner: object, name: str, *, allow_none: bool = False) -> None:
     value = getattr(owner, name)
     if value is None and allow_none:
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"{type(owner).__name__}.{name} must be a number > 0, got {value!r}")
+    real(f"{type(owner).__name__}.{name}", value, above=0)
 
 
 def _positive_int(owner: object, name: str, minimum: int = 1) -> None:
-    value = getattr(owner, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{type(owner).__name__}.{name} must be an integer >= {minimum}, got {value!r}"
-        )
+    integer(f"{type(owner).__name__}.{name}", getattr(owner, name), at_least=minimum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +112,15 @@ class ServerSettings:
     ``shutdown_grace``
         Seconds the server waits for nodes to receive its goodbye. Default 3.
     ``min_nodes`` / ``wait_for_nodes``
-        When fewer than ``min_nodes`` nodes are connected, the grid's
-        ``node_ids()`` (which a round calls to pick its cohort) waits up to
-        ``wait_for_nodes`` seconds for them to connect or reconnect, so that a
-        short outage delays the run instead of failing its rounds. After a
-        wait in vain it does not wait again until the next exchange. Defaults 1
-        (wait only when no node is connected) and 60 seconds; 0 seconds never
-        waits. More than 1 also makes a round wait for nodes that left for
-        good, and mods that list the nodes mid-round (SecAgg+) wait too.
+        When fewer than ``min_nodes`` nodes are connected as a round starts,
+        the grid's round-start hook (``wait_for_nodes()``, which the ServerApp
+        calls before it picks a cohort) waits up to ``wait_for_nodes`` seconds
+        for them to connect or reconnect, so that a short outage delays the run
+        instead of failing its rounds. After a wait in vain it does not wait
+        again until the next exchange. Defaults 1 (wait only when no node is
+        connected) and 60 seconds; 0 seconds never waits. More than 1 also
+        makes a round wait for nodes that left for good; mods that list the
+        nodes mid-round (SecAgg+) get the nodes connected then, without a wait.
     """
 
     heartbeat_interval: float = 5.0
@@ -144,24 +142,16 @@ class ServerSettings:
             elif f.name == "min_nodes":
                 _positive_int(self, f.name, 0)
             elif f.name == "wait_for_nodes":
-                value = self.wait_for_nodes
-                if (
-                    isinstance(value, bool)
-                    or not isinstance(value, int | float)
-                    or not (math.isfinite(value) and value >= 0)
-                ):
-                    raise ValueError(
-                        f"ServerSettings.wait_for_nodes must be a number >= 0, got {value!r}"
-                    )
+                real("ServerSettings.wait_for_nodes", self.wait_for_nodes, at_least=0)
             else:
                 _positive(self, f.name, allow_none=f.name == "message_timeout")
         if self.heartbeat_timeout <= self.heartbeat_interval:
-            raise ValueError(
+            raise ParameterValueError(
                 f"ServerSettings.heartbeat_timeout ({self.heartbeat_timeout}) must be longer than "
                 f"heartbeat_interval ({self.heartbeat_interval})"
             )
         if self.max_chunk_bytes >= 1 << 31:
-            raise ValueError("ServerSettings.max_chunk_bytes must be below 2 GiB")
+            raise ParameterValueError("ServerSettings.max_chunk_bytes must be below 2 GiB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,14 +184,14 @@ class ClientSettings:
         _positive(self, "retry_max")
         _positive(self, "retry_for", allow_none=True)
         if self.max_chunk_bytes >= 1 << 31:
-            raise ValueError("ClientSettings.max_chunk_bytes must be below 2 GiB")
+            raise ParameterValueError("ClientSettings.max_chunk_bytes must be below 2 GiB")
 
 
 def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise ValueError(f"{where}: not a PEM certificate: {exc}") from None
+        raise ParameterValueError(f"{where}: not a PEM certificate: {exc}") from None
     return certificates
 
 
@@ -235,7 +225,7 @@ class ServerTls:
         try:
             loaded = serialization.load_pem_private_key(private, password=None)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{key}: not an unencrypted PEM private key: {exc}") from None
+            raise ParameterValueError(f"{key}: not an unencrypted PEM private key: {exc}") from None
         mine = loaded.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -243,7 +233,9 @@ class ServerTls:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         if mine != theirs:
-            raise ValueError(f"{key} is not the private key of the certificate {certificate}")
+            raise ParameterValueError(
+                f"{key} is not the private key of the certificate {certificate}"
+            )
         _warn_if_expired(first, str(certificate))
         return cls(certificate_chain=chain, private_key=private)
 

@@ -38,7 +38,9 @@ from flowerpets.core import (
     MessageType,
     RecordDict,
     RoundRequest,
+    WaitsForNodes,
 )
+from flowerpets.core.grid import round_nodes
 from flowerpets.dp.central._checking_grid import CheckingGrid
 from flowerpets.exceptions import RequestRefusedError
 from flowerpets.simulation import SimulationGrid
@@ -208,6 +210,18 @@ def test_is_a_grid_with_stable_node_ids_and_a_run_id(under_test: GridUnderTest) 
     assert ids == list(grid.node_ids()) == under_test.nodes  # stable, and the nodes there are
     assert len(set(ids)) == NODES and all(isinstance(n, int) and n > 0 for n in ids)
     assert isinstance(grid.run_id, int) and grid.run_id == grid.run_id
+
+
+def test_a_round_starts_with_every_connected_node(under_test: GridUnderTest) -> None:
+    # The round-start hook (WaitsForNodes, where a grid has it) returns at once when every
+    # node is there, with the nodes node_ids() lists; run under the guard, like an exchange.
+    grid, started = under_test.grid, []
+    thread = threading.Thread(target=lambda: started.append(round_nodes(grid)), daemon=True)
+    thread.start()
+    thread.join(GUARD)
+    assert started == [list(grid.node_ids())] == [under_test.nodes]
+    declared = isinstance(grid, WaitsForNodes)
+    assert declared == (type(grid).__name__ in {"SimulationGrid", "TransportGrid"})
 
 
 def test_any_message_type_and_stage_reaches_its_node(under_test: GridUnderTest) -> None:

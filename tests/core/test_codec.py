@@ -39,6 +39,8 @@ from flowerpets.exceptions import (
     CodecError,
     CorruptMessageError,
     MessageTooLargeError,
+    ParameterTypeError,
+    ParameterValueError,
     TruncatedMessageError,
     UnsupportedVersionError,
 )
@@ -705,9 +707,18 @@ def test_non_zero_padding_is_corrupt() -> None:
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(CodecLimits)])
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1"])
-def test_limits_are_validated(field: str, bad: Any) -> None:
-    with pytest.raises(ValueError, match=f"CodecLimits.{field} must be a positive int"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (0, ParameterValueError),
+        (-1, ParameterValueError),
+        (1.5, ParameterTypeError),
+        (True, ParameterTypeError),
+        ("1", ParameterTypeError),
+    ],
+)
+def test_limits_are_validated(field: str, bad: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"CodecLimits.{field} must be an int"):
         CodecLimits(**{field: bad})
 
 

@@ -28,7 +28,9 @@ from flowerpets import (
     SecureAggregator,
     ServerApp,
     ServerContext,
+    WaitsForNodes,
 )
+from flowerpets.core.grid import round_nodes
 from flowerpets.exceptions import (
     IncompatibleModsError,
     InfeasibleParametersError,
@@ -64,6 +66,30 @@ def server(**kwargs: object) -> ServerApp:
         initial_arrays=ArrayRecord({"w": np.zeros(3, np.float32)}),
         **kwargs,
     )  # type: ignore[arg-type]
+
+
+def test_each_round_starts_with_the_grids_round_start_wait(scripted_grid: Any) -> None:
+    # A deployment's grid (WaitsForNodes) waits as a round starts; node_ids() never waits.
+    app = update_app(lambda pid: np.full(3, pid, np.float32), lambda pid: 1)
+    waits: list[int] = []
+
+    class Deployment(scripted_grid, WaitsForNodes):  # type: ignore[misc, valid-type]
+        connected: tuple[int, ...] = (1, 2)  # node 3 connects in the first round-start wait
+
+        def node_ids(self) -> list[int]:
+            return list(self.connected)
+
+        def wait_for_nodes(self) -> list[int]:
+            waits.append(len(self.connected))
+            self.connected = (1, 2, 3)
+            return self.node_ids()
+
+    grid = Deployment(app, 3)
+    result = server(num_rounds=2).run(grid, seed=0)
+    assert [r.participants for r in result.history.rounds] == [(1, 2, 3), (1, 2, 3)]
+    # Each round's training and evaluation start asked the grid; only the first had to wait.
+    assert waits == [2, 3, 3, 3]
+    assert round_nodes(grid) == [1, 2, 3] and round_nodes(scripted_grid(app, 2)) == [1, 2]
 
 
 def test_fedavg_weights_by_examples_and_keeps_dtype(scripted_grid: Any) -> None:
@@ -388,7 +414,8 @@ def test_a_cohort_the_strategy_cannot_draw_fails_its_round_not_the_run(scripted_
     for record in result.history.rounds:
         assert record.failed
         assert record.error == (
-            f"round {record.round}: ValueError: cannot sample a cohort of 3 from 2 available nodes"
+            f"round {record.round}: ParameterValueError: "
+            "cannot sample a cohort of 3 from 2 available nodes"
         )
     assert result.history.every_round_failed
 

@@ -24,6 +24,7 @@ from flowerpets import (
     StageExchange,
     request_messages,
 )
+from flowerpets.core.fields import Fields
 from flowerpets.exceptions import InvalidUpdateError, ProtocolViolationError, RoundFailedError
 
 # What a node does with a request: a reply, or None for silence.
@@ -155,6 +156,24 @@ def test_a_failing_accept_marks_only_that_node_invalid() -> None:
     assert set(exchange.failures) == {2, 9}
     assert exchange.failures[2].kind is FailureKind.INVALID_REPLY
     assert exchange.failures[9].error == Error(ErrorCode.REFUSED, "left out before this stage")
+
+
+def test_a_reply_field_of_the_wrong_type_marks_the_node_invalid() -> None:
+    # Fields raises MessageFieldError for a peer's bad field: the node's fault, by default.
+    folded: list[int] = []
+
+    def accept(node: int, body: RecordDict) -> None:
+        folded.append(Fields.of(body, "config").get("value", int))
+
+    def a_str(msg: Message) -> Message:
+        return msg.reply(RecordDict({"config": ConfigRecord({"value": "ten"})}))
+
+    exchange = StageExchange(ArrivalGrid({1: answer(10), 2: a_str}), round=1)
+    assert exchange.send("s", requests([1, 2]), accept) == (1,)
+    assert folded == [10]
+    failure = exchange.failures[2]
+    assert failure.kind is FailureKind.INVALID_REPLY
+    assert failure.error.reason == "config['value'] must be an int, got str"
 
 
 def test_a_bug_in_accept_is_not_blamed_on_the_node() -> None:

@@ -16,7 +16,9 @@ import pytest
 from flowerpets.core import ConfigRecord, ErrorCode
 from flowerpets.exceptions import RequestRefusedError, StateError
 from flowerpets.secagg import Phase, Stage
-from flowerpets.secagg.client import _SLOT, _STATE, TRANSITIONS, ClientState, transition
+from flowerpets.secagg._node_state import SLOT as _SLOT
+from flowerpets.secagg._node_state import STATE as _STATE
+from flowerpets.secagg._node_state import TRANSITIONS, ClientState, transition
 
 ALLOWED = {
     (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,

@@ -25,7 +25,11 @@ from flowerpets.core import (
     RecordDict,
     ServerApp,
 )
-from flowerpets.exceptions import InfeasibleParametersError
+from flowerpets.exceptions import (
+    InfeasibleParametersError,
+    ParameterTypeError,
+    ParameterValueError,
+)
 from flowerpets.secagg import (
     HararyGraph,
     SecAggPlus,
@@ -82,13 +86,24 @@ def test_harary_neighbours_are_the_ring_around_the_node() -> None:
         ([1, 2, 3, 4, 5], 3, "even"),
         ([1, 2, 3, 4, 5], 5, "even"),
         ([1, 2, 3, 4, 5], 0, "even"),
-        ([1, 2.5, 3, 4, 5], 2, "integer node ids"),
-        ([1, "2", 3, 4, 5], 2, "integer node ids"),
-        ([1, True, 3, 4, 5], 2, "integer node ids"),
     ],
 )
 def test_harary_graph_refuses_bad_shapes(order: list[int], degree: int, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ParameterValueError, match=match):
+        HararyGraph(order, degree)
+
+
+@pytest.mark.parametrize(
+    ("order", "degree", "match"),
+    [
+        ([1, 2.5, 3, 4, 5], 2, "integer node ids"),
+        ([1, "2", 3, 4, 5], 2, "integer node ids"),
+        ([1, True, 3, 4, 5], 2, "integer node ids"),
+        ([1, 2, 3, 4, 5], 2.0, "degree"),
+    ],
+)
+def test_harary_graph_refuses_bad_types(order: list[int], degree: int, match: str) -> None:
+    with pytest.raises(ParameterTypeError, match=match):
         HararyGraph(order, degree)
 
 
@@ -396,7 +411,7 @@ def test_below_the_minimum_selective_forwarding_would_succeed(
 ) -> None:
     """The attack is real: with the node's check switched off, k = 2t hands the server t
     shares of the target's seed and t of each forwarded neighbour's key."""
-    monkeypatch.setattr("flowerpets.secagg.client.check_threshold", lambda *args: None)
+    monkeypatch.setattr("flowerpets.secagg._node_stages.check_threshold", lambda *args: None)
     fed = federation(n=9, degree=4, threshold=2)
     b_count, s_count = selective_forwarding(fed, fed.ids[0])
     assert b_count >= 2 and all(count >= 2 for count in s_count.values())

@@ -32,7 +32,7 @@ from flowerpets.core import (
 from flowerpets.exceptions import RoundFailedError
 from flowerpets.secagg import RoundConfig, SecAggPlus, Stage, secaggplus_mod
 from flowerpets.secagg._primitives import shamir
-from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, protocol_record
+from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, fields_of
 from flowerpets.simulation import run_simulation
 
 N, PARAMS, MAX_WEIGHT = 6, 20, 1000
@@ -57,9 +57,7 @@ class Malicious:
         me = context.node_config["partition-id"] == 0 and msg.round == 1
         stage = msg.metadata.stage
         if stage == Stage.ADVERTISE_KEYS:
-            self.configs[context.node_id] = RoundConfig.from_record(
-                protocol_record(msg.require_content())
-            )
+            self.configs[context.node_id] = RoundConfig.from_record(fields_of(msg.content))
         reply = call_next(msg, context)
         if not me or reply.error is not None:
             return reply
@@ -68,7 +66,7 @@ class Malicious:
         if stage == Stage.UNMASK and self.attack == "shares":
             return self._shift_shares(reply, context.node_id)
         if stage == Stage.ADVERTISE_KEYS and self.attack in ADVERT_ATTACKS:
-            body = ConfigRecord(protocol_record(reply.require_content()))
+            body = ConfigRecord(fields_of(reply.content).record)
             if self.attack == "session":
                 body["session"] = bytes(len(body["session"]))  # type: ignore[arg-type]
             elif self.attack == "reuse-key":
@@ -100,7 +98,7 @@ class Malicious:
         config = self.configs[me]
         graph, t = config.graph, config.threshold
         weights = SHAMIR.lagrange_at_zero(range(1, t + 1))
-        body = ConfigRecord(protocol_record(reply.require_content()))
+        body = ConfigRecord(fields_of(reply.content).record)
         shares = []
         for dealer, share in zip(body["b-nodes"], body["b-shares"], strict=True):  # type: ignore[arg-type]
             x = graph.share_point(dealer, me)

@@ -28,7 +28,12 @@ from flowerpets.core import (
     aggregate_round,
 )
 from flowerpets.core.codec import decode_message, encode_message
-from flowerpets.exceptions import RoundFailedError
+from flowerpets.exceptions import (
+    ParameterTypeError,
+    ParameterValueError,
+    RoundFailedError,
+    UsageError,
+)
 from flowerpets.secagg import SecAggPlus, SecAggPlusClientMod, ServerPhase, Stage, secaggplus_mod
 from flowerpets.secagg.server import ServerRound
 from flowerpets.simulation import Dropout, SimulationGrid, run_simulation
@@ -478,13 +483,13 @@ def test_the_server_state_machine_refuses_stages_out_of_order() -> None:
             server_round.collect_masked_inputs,
             server_round.unmask,
         ):
-            with pytest.raises(RuntimeError, match="cannot run in phase 'new'"):
+            with pytest.raises(UsageError, match="cannot run in phase 'new'"):
                 step()
-        with pytest.raises(RuntimeError, match="no result"):
+        with pytest.raises(UsageError, match="no result"):
             server_round.result()
         server_round.advertise_keys()
         assert server_round.phase == ServerPhase.ADVERTISED
-        with pytest.raises(RuntimeError, match="cannot run in phase 'advertised'"):
+        with pytest.raises(UsageError, match="cannot run in phase 'advertised'"):
             server_round.advertise_keys()
         server_round.share_keys()
         server_round.collect_masked_inputs()
@@ -516,18 +521,41 @@ def test_cohorts_too_small_or_infeasible_fail_the_round_clearly() -> None:
         ({"clipping_range": 0}, "clipping_range"),
         ({"max_weight": 0}, "max_weight"),
         ({"secure_metrics": ["a", "a"]}, "secure_metrics"),
-        ({"rng": 3}, "rng"),
+        ({"secure_metrics": [""]}, "secure_metrics"),
     ],
 )
 def test_server_mod_validates_its_configuration(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ParameterValueError, match=match):
+        SecAggPlus(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"degree": "4", "threshold": 2}, "degree"),
+        ({"degree": 4, "threshold": 2.0}, "threshold"),
+        ({"dropout_rate": True}, "dropout_rate"),
+        ({"security_bits": 40.0}, "security_bits"),
+        ({"clipping_range": "8"}, "clipping_range"),
+        ({"max_weight": True}, "max_weight"),
+        ({"secure_metrics": "loss"}, "secure_metrics"),
+        ({"rng": 3}, "rng"),
+        ({"randomness": b"seed"}, "randomness"),
+    ],
+)
+def test_server_mod_refuses_wrong_types_with_a_type_error(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ParameterTypeError, match=match):
         SecAggPlus(**kwargs)
 
 
 def test_client_mod_validates_its_configuration_and_warns_when_weakened() -> None:
-    with pytest.raises(ValueError, match="min_threshold"):
+    with pytest.raises(ParameterValueError, match="min_threshold"):
         SecAggPlusClientMod(min_threshold=1)
-    with pytest.raises(ValueError, match="protected_types"):
+    with pytest.raises(ParameterTypeError, match="min_threshold"):
+        SecAggPlusClientMod(min_threshold=True)
+    with pytest.raises(ParameterValueError, match="protected_types"):
         SecAggPlusClientMod(protected_types=[""])
     with pytest.warns(UserWarning, match="in the clear"):
         SecAggPlusClientMod(refuse_plaintext=False)

@@ -19,6 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from flowerpets.core import ClientApp
+from flowerpets.exceptions import (
+    AppLoadError,
+    ParameterTypeError,
+    ParameterValueError,
+    PathExistsError,
+)
 from flowerpets.transport import (
     ClientSettings,
     ClientTls,
@@ -67,7 +73,7 @@ def test_credentials_are_a_ca_a_server_certificate_and_node_keys(tmp_path: Path)
 def test_credentials_are_never_overwritten_without_force(tmp_path: Path) -> None:
     create_credentials(tmp_path)
     before = (tmp_path / "ca.pem").read_bytes()
-    with pytest.raises(FileExistsError, match=r"ca\.pem exists"):
+    with pytest.raises(PathExistsError, match=r"ca\.pem exists"):
         create_credentials(tmp_path)
     assert (tmp_path / "ca.pem").read_bytes() == before
     create_credentials(tmp_path, force=True)
@@ -174,7 +180,8 @@ def test_plain_text_or_open_enrolment_off_loopback_needs_insecure(
     ],
 )
 def test_server_settings_are_validated(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="ServerSettings"):
+    # A value of the wrong type (1.5 for an int) is a TypeError, one out of range a ValueError.
+    with pytest.raises((ParameterTypeError, ParameterValueError), match="ServerSettings"):
         ServerSettings(**kwargs)  # type: ignore[arg-type]
 
 
@@ -182,7 +189,7 @@ def test_server_settings_are_validated(kwargs: dict[str, object]) -> None:
     "kwargs", [{"retry_initial": 0}, {"retry_for": -1}, {"max_chunk_bytes": 1 << 31}]
 )
 def test_client_settings_are_validated(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="ClientSettings"):
+    with pytest.raises(ParameterValueError, match="ClientSettings"):
         ClientSettings(**kwargs)  # type: ignore[arg-type]
 
 
@@ -209,9 +216,9 @@ def test_app_specs_name_module_and_attribute() -> None:
     assert load_object("flowerpets.core:ClientApp.train") is ClientApp.train
     with pytest.raises(ValueError, match="MODULE:ATTRIBUTE"):
         load_object("flowerpets.core")
-    with pytest.raises(ImportError, match="cannot import 'no_such_module'"):
+    with pytest.raises(AppLoadError, match="cannot import 'no_such_module'"):
         load_object("no_such_module:x")
-    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+    with pytest.raises(AppLoadError, match="has no attribute 'Nope'"):
         load_object("flowerpets.core:Nope")
 
 

@@ -136,14 +136,16 @@ def test_the_grid_waits_for_min_nodes_and_a_wait_in_vain_is_not_repeated_before_
     federation = federation_factory(settings=settings)
     grid = federation.server.grid
     first = federation.add(ClientApp(), 0)
-    assert grid.node_ids() == [first.node_id]  # one of two after a wait in vain
-    assert grid.node_ids() == [first.node_id]  # no second wait before an exchange
+    assert grid.node_ids() == [first.node_id]  # listing the nodes never waits
+    assert "for nodes to (re)connect" not in caplog.text
+    assert grid.wait_for_nodes() == [first.node_id]  # one of two after a wait in vain
+    assert grid.wait_for_nodes() == [first.node_id]  # no second wait before an exchange
     assert caplog.text.count("waiting up to 1 s for nodes to (re)connect") == 1
     assert "still 1 of 2 node(s) after 1 s; going on" in caplog.text
     list(grid.send_and_receive([]))  # an exchange: the next round waits again
     federation.server.settings = replace(settings, wait_for_nodes=30.0)
     joined: list[list[int]] = []
-    waiter = threading.Thread(target=lambda: joined.append(grid.node_ids()))
+    waiter = threading.Thread(target=lambda: joined.append(grid.wait_for_nodes()))
     waiter.start()
     wait_until(lambda: caplog.text.count("for nodes to (re)connect") == 2, what="the wait")
     second = federation.add(ClientApp(), 1)

@@ -12,6 +12,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from flowerpets._validation import integer
+from flowerpets.exceptions import ParameterValueError
+
 FORMAT_VERSION: Final = 1
 
 _MAGIC_MESSAGE: Final = b"FPMG"
@@ -110,8 +113,7 @@ class CodecLimits:
             value = getattr(self, f.name)
             if value is None and f.name == "max_decoded_bytes":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CodecLimits.{f.name} must be a positive int, got {value!r}")
+            integer(f"CodecLimits.{f.name}", value, above=0)
         # These are written as u32 counts/lengths (max_ndim as a u8 and numpy's bound).
         for name in (
             "max_records",
@@ -121,9 +123,9 @@ class CodecLimits:
             "max_list_items",
         ):
             if getattr(self, name) > _U32_MAX:
-                raise ValueError(f"CodecLimits.{name} must be at most {_U32_MAX}")
+                raise ParameterValueError(f"CodecLimits.{name} must be at most {_U32_MAX}")
         if self.max_ndim > _NUMPY_MAX_DIMS:
-            raise ValueError(
+            raise ParameterValueError(
                 f"CodecLimits.max_ndim must be at most {_NUMPY_MAX_DIMS} (numpy's limit), "
                 f"got {self.max_ndim}"
             )

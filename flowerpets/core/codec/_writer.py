@@ -8,6 +8,7 @@ from typing import Any, Final, NoReturn
 
 import numpy as np
 
+from flowerpets._validation import is_integer, is_real
 from flowerpets.core.codec._format import (
     _CONTENT_ERROR,
     _CONTENT_RECORDS,
@@ -95,7 +96,7 @@ class _Writer:
         self.raw(_U32.pack(value))
 
     def u64(self, value: int, what: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
+        if not is_integer(value) or not 0 <= value <= _U64_MAX:
             raise CodecError(f"{what} must be an int in [0, 2**64), got {value!r}")
         self.raw(_U64.pack(value))
 
@@ -105,7 +106,7 @@ class _Writer:
         self.raw(_I64.pack(value))
 
     def f64(self, value: float, what: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_real(value):
             raise CodecError(f"{what} must be a float, got {value!r}")
         try:
             self.raw(_F64.pack(float(value)))

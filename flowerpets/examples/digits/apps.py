@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import integer
 from flowerpets.core import (
     ArrayRecord,
     ClientApp,
@@ -76,9 +77,7 @@ def _params(arrays: ArrayRecord) -> Params:
 
 def _partition_id(context: Context, num_nodes: int) -> int:
     pid = context.node_config["partition-id"]
-    if not isinstance(pid, int) or not 0 <= pid < num_nodes:
-        raise ValueError(f"node config partition-id {pid!r} is not in [0, {num_nodes})")
-    return pid
+    return integer("node config partition-id", pid, at_least=0, below=num_nodes)
 
 
 def _seed(context: Context, round: int, pid: int) -> list[int]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from flowerpets._validation import integer, real
+from flowerpets.exceptions import MissingDependencyError, ParameterValueError
 
 __all__ = ["DigitsData", "load_digits_split", "partition_dirichlet", "partition_iid"]
 
@@ -42,13 +44,12 @@ class DigitsData:
 
 def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsData:
     """Load the digits bundled with scikit-learn and split them, stratified by label."""
-    if not 0.0 < test_fraction < 1.0:  # also rejects NaN
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    real("test_fraction", test_fraction, above=0, below=1)  # NaN never passes
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "the digits example needs scikit-learn; install the examples extra with "
             "pip install 'flowerpets[examples]'"
         ) from exc
@@ -74,11 +75,10 @@ def partition_iid(
 
     Part sizes differ by at most one.
     """
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    integer("num_partitions", num_partitions, at_least=1)
     # An empty partition would be a client with nothing to train on.
     if num_examples < num_partitions:
-        raise ValueError(
+        raise ParameterValueError(
             f"num_examples ({num_examples}) must be >= num_partitions ({num_partitions})"
         )
     order = rng.permutation(num_examples).astype(np.int64)
@@ -101,16 +101,13 @@ def partition_dirichlet(
     """
     labels_arr = np.asarray(labels)
     if labels_arr.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels_arr.shape}")
-    if not (alpha > 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+        raise ParameterValueError(f"labels must be 1-D, got shape {labels_arr.shape}")
+    real("alpha", alpha, above=0)
+    integer("num_partitions", num_partitions, at_least=1)
+    integer("min_size", min_size, at_least=0)
     num_examples = labels_arr.shape[0]
     if num_partitions * min_size > num_examples:
-        raise ValueError(
+        raise ParameterValueError(
             f"num_partitions * min_size = {num_partitions} * {min_size} exceeds the "
             f"{num_examples} labels"
         )
@@ -131,7 +128,7 @@ def partition_dirichlet(
         merged = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
         if min(m.size for m in merged) >= min_size:
             return merged
-    raise ValueError(
+    raise ParameterValueError(
         f"partition_dirichlet: alpha={alpha} with min_size={min_size} looks infeasible: no draw "
         f"in {_MAX_DIRICHLET_TRIES} tries gave all {num_partitions} partitions of "
         f"{num_examples} examples at least min_size each; raise alpha or lower min_size"

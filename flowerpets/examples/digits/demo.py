@@ -44,6 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flowerpets._argtypes import OneLineParser, checked, integer, number, one_line
+from flowerpets._validation import one_of
 from flowerpets.core import (
     ClientApp,
     FixedSizeSampling,
@@ -69,7 +70,7 @@ from flowerpets.examples.digits.model import MODELS
 from flowerpets.examples.digits.pets import FEATURES
 from flowerpets.examples.digits.pets.dp import DELTA
 from flowerpets.examples.digits.server_view import ServerView
-from flowerpets.exceptions import FlowerpetsError
+from flowerpets.exceptions import FlowerpetsError, ParameterValueError
 from flowerpets.secagg import SecAggPlus, secaggplus_mod
 from flowerpets.simulation import run_simulation
 from flowerpets.simulation.run import SimulationResult
@@ -136,8 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_pets: str = NONE) 
     ``flowerpets demo`` passes :data:`RECOMMENDED`; the default, :data:`NONE`,
     keeps a library caller's run plain unless its flags say otherwise.
     """
-    if default_pets not in (RECOMMENDED, NONE):
-        raise ValueError(f"default_pets must be {RECOMMENDED!r} or {NONE!r}, got {default_pets!r}")
+    one_of("default_pets", default_pets, (RECOMMENDED, NONE))
     parser.set_defaults(default_pets=default_pets)
     parser.add_argument("--clients", type=_positive_int, default=20, help="number of nodes")
     parser.add_argument("--rounds", type=_positive_int, default=10, help="rounds of FedAvg")
@@ -210,7 +210,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     chosen = [flag for flag, name in _PET_FLAGS.items() if getattr(args, name, None)]
     pets = getattr(args, "pets", None)
     if pets is not None and chosen:
-        raise ValueError(
+        raise ParameterValueError(
             f"--pets {pets} is a whole composition, and {', '.join(chosen)} pick PETs one by "
             "one: give one or the other"
         )
@@ -226,7 +226,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             resolved.sample_rate = RECOMMENDED_SAMPLE_RATE
     resolved.composition = pets
     if args.cohort_size is not None and args.cohort_size > args.clients:
-        raise ValueError(
+        raise ParameterValueError(
             f"--cohort-size {args.cohort_size} exceeds the number of clients "
             f"(--clients {args.clients})"
         )

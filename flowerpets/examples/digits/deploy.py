@@ -36,6 +36,7 @@ from typing import NoReturn
 
 from flowerpets.core import ClientApp, ConfigValue, Context, ServerApp
 from flowerpets.examples.digits.demo import add_arguments, build_apps
+from flowerpets.exceptions import ParameterValueError
 
 __all__ = ["build", "client_app", "demo_arguments", "server_app"]
 
@@ -66,14 +67,16 @@ def demo_arguments(run_config: Mapping[str, ConfigValue]) -> argparse.Namespace:
     try:
         return parser.parse_args(flags)
     except ValueError as exc:
-        raise ValueError(f"the run config {dict(run_config)!r} is not valid: {exc}") from None
+        raise ParameterValueError(
+            f"the run config {dict(run_config)!r} is not valid: {exc}"
+        ) from None
 
 
 class _Parser(argparse.ArgumentParser):
     """The demo's parser, raising instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise ValueError(message)
+        raise ParameterValueError(message)
 
 
 def build(run_config: Mapping[str, ConfigValue]) -> tuple[ServerApp, ClientApp]:

@@ -11,6 +11,9 @@ from typing import Protocol, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import integer, real
+from flowerpets.exceptions import ParameterValueError
+
 __all__ = [
     "MLP",
     "MODELS",
@@ -103,8 +106,7 @@ class MLP:
 
     def __post_init__(self) -> None:
         _check_dims(num_features=self.num_features, num_classes=self.num_classes, l2=self.l2)
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        integer("hidden", self.hidden, at_least=1)
 
     def init_params(self, rng: np.random.Generator) -> Params:
         """He-normal weights (suited to ReLU) and zero biases."""
@@ -186,17 +188,14 @@ def train(
     Returns the trained parameters and the example-weighted mean training loss over the last
     epoch, each batch's loss taken just before its update.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not (learning_rate > 0.0 and math.isfinite(learning_rate)):
-        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+    integer("epochs", epochs, at_least=1)
+    integer("batch_size", batch_size, at_least=1)
+    real("learning_rate", learning_rate, above=0)
     num_examples = len(x)
     if num_examples == 0:
-        raise ValueError("cannot train on an empty dataset")
+        raise ParameterValueError("cannot train on an empty dataset")
     if len(y) != num_examples:
-        raise ValueError(f"x has {num_examples} rows but y has {len(y)} labels")
+        raise ParameterValueError(f"x has {num_examples} rows but y has {len(y)} labels")
 
     # Updates below are in place, so they must land on copies, never on the caller's arrays.
     current: Params = {name: np.array(value, copy=True) for name, value in params.items()}
@@ -232,32 +231,28 @@ def _normal(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> _
 
 
 def _check_dims(*, num_features: int, num_classes: int, l2: float) -> None:
-    if num_features < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if not (l2 >= 0.0 and math.isfinite(l2)):
-        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    integer("num_features", num_features, at_least=1)
+    integer("num_classes", num_classes, at_least=2)
+    real("l2", l2, at_least=0)
 
 
 def _check_x(x: NDArray[np.floating], num_features: int, dtype: np.dtype[np.float32]) -> _Array:
     # Compute in the parameters' dtype, so float64 parameters give a float64 gradient check.
     xs = np.asarray(x, dtype=dtype)
     if xs.ndim != 2 or xs.shape[1] != num_features:
-        raise ValueError(f"x must have shape (n, {num_features}), got {xs.shape}")
+        raise ParameterValueError(f"x must have shape (n, {num_features}), got {xs.shape}")
     if xs.shape[0] == 0:
-        raise ValueError("x has no rows")
+        raise ParameterValueError("x has no rows")
     return xs
 
 
 def _check_y(y: NDArray[np.integer], num_examples: int, num_classes: int) -> NDArray[np.intp]:
     labels = np.asarray(y)
     if labels.shape != (num_examples,):
-        raise ValueError(f"y must have shape ({num_examples},), got {labels.shape}")
+        raise ParameterValueError(f"y must have shape ({num_examples},), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"y must hold integer labels, got dtype {labels.dtype}")
+        raise ParameterValueError(f"y must hold integer labels, got dtype {labels.dtype}")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}"
-        )
+        # Not which labels: a node's error reply would carry them off its data.
+        raise ParameterValueError(f"labels must be in [0, {num_classes})")
     return labels.astype(np.intp, copy=False)

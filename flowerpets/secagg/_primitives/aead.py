@@ -20,7 +20,7 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from flowerpets.exceptions import DecryptionError
+from flowerpets.exceptions import DecryptionError, ParameterValueError
 
 __all__ = ["NONCE_BYTES", "OVERHEAD", "TAG_BYTES", "associated_data", "decrypt", "encrypt"]
 
@@ -43,7 +43,7 @@ def encrypt(
 ) -> bytes:
     nonce = randomness(NONCE_BYTES)
     if len(nonce) != NONCE_BYTES:
-        raise ValueError("the randomness source returned too few bytes")
+        raise ParameterValueError("the randomness source returned too few bytes")
     return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 

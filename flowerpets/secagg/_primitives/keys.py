@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from flowerpets.exceptions import DecryptionError
+from flowerpets.exceptions import DecryptionError, KeyMaterialError
 
 __all__ = [
     "KEY_BYTES",
@@ -37,7 +37,7 @@ def generate_private_key(randomness: Callable[[int], bytes]) -> X25519PrivateKey
 
 def load_private_key(raw: bytes) -> X25519PrivateKey:
     if not isinstance(raw, bytes | bytearray) or len(raw) != KEY_BYTES:
-        raise ValueError(f"an X25519 private key is {KEY_BYTES} bytes")
+        raise KeyMaterialError(f"an X25519 private key is {KEY_BYTES} bytes")
     return X25519PrivateKey.from_private_bytes(bytes(raw))
 
 

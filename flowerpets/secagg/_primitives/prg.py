@@ -23,6 +23,8 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from numpy.typing import NDArray
 
+from flowerpets.exceptions import ParameterValueError
+
 __all__ = [
     "SEED_BYTES",
     "WORD",
@@ -43,9 +45,9 @@ _SLACK = 16
 
 def _encryptor(seed: bytes, counter: bytes = _ZERO_COUNTER) -> CipherContext:
     if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-        raise ValueError(f"a PRG seed is {SEED_BYTES} bytes, got {_describe(seed)}")
+        raise ParameterValueError(f"a PRG seed is {SEED_BYTES} bytes, got {_describe(seed)}")
     if len(counter) != 16:
-        raise ValueError(f"the initial counter block is 16 bytes, got {len(counter)}")
+        raise ParameterValueError(f"the initial counter block is 16 bytes, got {len(counter)}")
     return Cipher(algorithms.AES(bytes(seed)), modes.CTR(counter)).encryptor()
 
 
@@ -58,14 +60,14 @@ def _describe(value: Any) -> str:
 def keystream(seed: bytes, nbytes: int, *, counter: bytes = _ZERO_COUNTER) -> bytes:
     """The first ``nbytes`` of the stream (``counter`` is for known-answer tests only)."""
     if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        raise ParameterValueError(f"nbytes must be >= 0, got {nbytes}")
     return _encryptor(seed, counter).update(bytes(nbytes))
 
 
 def expand(seed: bytes, words: int) -> NDArray[np.uint32]:
     """The first ``words`` words of the stream, as a new array."""
     if words < 0:
-        raise ValueError(f"words must be >= 0, got {words}")
+        raise ParameterValueError(f"words must be >= 0, got {words}")
     buffer = np.empty(4 * words + _SLACK, dtype=np.uint8)
     _encryptor(seed).update_into(bytes(4 * words), buffer.data)
     out: NDArray[np.uint32] = buffer[: 4 * words].view(WORD).astype(np.uint32, copy=True)
@@ -77,7 +79,7 @@ class _Blocks:
 
     def __init__(self, block_words: int) -> None:
         if block_words < 1:
-            raise ValueError(f"block_words must be >= 1, got {block_words}")
+            raise ParameterValueError(f"block_words must be >= 1, got {block_words}")
         self.words = block_words
         self.zeros = memoryview(bytes(4 * block_words))
         raw = np.empty(4 * block_words + _SLACK, dtype=np.uint8)
@@ -102,7 +104,7 @@ def apply_masks(
     In place, one block at a time, with one open AES context per seed.
     """
     if vector.dtype != np.uint32 or vector.ndim != 1 or not vector.flags.c_contiguous:
-        raise ValueError("apply_masks works on a contiguous 1-d uint32 vector")
+        raise ParameterValueError("apply_masks works on a contiguous 1-d uint32 vector")
     adders = [_encryptor(seed) for seed in add]
     subtractors = [_encryptor(seed) for seed in subtract]
     if not adders and not subtractors:
@@ -135,5 +137,5 @@ class UniformStream:
     def next(self, count: int) -> NDArray[np.uint32]:
         """The next ``count`` words (at most ``block_words``), valid until the next call."""
         if not 0 <= count <= self._blocks.words:
-            raise ValueError(f"count must be in [0, {self._blocks.words}], got {count}")
+            raise ParameterValueError(f"count must be in [0, {self._blocks.words}], got {count}")
         return self._blocks.next(self._encryptor, count)

@@ -35,7 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from flowerpets.exceptions import InfeasibleParametersError, InvalidUpdateError
+from flowerpets._validation import integer, real
+from flowerpets.exceptions import (
+    InfeasibleParametersError,
+    InvalidUpdateError,
+    ParameterValueError,
+)
 from flowerpets.secagg._primitives.prg import UniformStream
 
 __all__ = [
@@ -64,19 +69,9 @@ class Quantization:
     max_weight: int
 
     def __post_init__(self) -> None:
-        n = self.cohort_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"cohort_size must be an integer >= 1, got {n!r}")
-        c = self.clipping_range
-        if (
-            isinstance(c, bool)
-            or not isinstance(c, int | float)
-            or not (math.isfinite(c) and c > 0)
-        ):
-            raise ValueError(f"clipping_range must be a finite number > 0, got {c!r}")
-        w = self.max_weight
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"max_weight must be an integer >= 1, got {w!r}")
+        n = integer("cohort_size", self.cohort_size, at_least=1)
+        real("clipping_range", self.clipping_range, above=0)
+        w = integer("max_weight", self.max_weight, at_least=1)
         if self.level < 2:
             raise InfeasibleParametersError(
                 f"a cohort of {n} cannot be summed in {MODULUS_BITS} bits: each node's values "
@@ -138,10 +133,12 @@ def quantize_into(
     """
     flat = values.reshape(-1)
     if out.shape != (flat.size,) or out.dtype != np.uint32:
-        raise ValueError(f"out must be uint32 of shape ({flat.size},), got {out.dtype} {out.shape}")
+        raise ParameterValueError(
+            f"out must be uint32 of shape ({flat.size},), got {out.dtype} {out.shape}"
+        )
     if not 0 <= limit < SUM_BOUND:
         # No value: the limit is proportional to the node's private weight.
-        raise ValueError("limit must be in [0, 2**31 - 1)")
+        raise ParameterValueError("limit must be in [0, 2**31 - 1)")
     signed_out = out.view(np.int32)  # two's complement: the same bits as the value mod 2**32
     block = uniform.block_words
     scaled = np.empty(block, dtype=np.float64)
@@ -174,7 +171,7 @@ def encode_integers_into(
     """``out = weight * values mod 2**32``, refusing any ``|value| > limit`` (never clipped)."""
     flat = values.reshape(-1)
     if out.shape != (flat.size,):
-        raise ValueError(f"out has shape {out.shape}, values have {flat.size} elements")
+        raise ParameterValueError(f"out has shape {out.shape}, values have {flat.size} elements")
     if flat.size == 0:
         return
     low, high = int(flat.min()), int(flat.max())

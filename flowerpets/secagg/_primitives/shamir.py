@@ -28,6 +28,9 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpets._validation import integer
+from flowerpets.exceptions import ParameterValueError, ProtocolViolationError
+
 __all__ = [
     "CHUNK_BITS",
     "DEFAULT_PRIME",
@@ -48,7 +51,7 @@ Elements = NDArray[np.uint64]
 def bytes_to_elements(secret: bytes) -> Elements:
     """A 32-byte secret as 16 field elements (its little-endian 16-bit chunks)."""
     if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_BYTES:
-        raise ValueError(f"a secret is {SECRET_BYTES} bytes")
+        raise ParameterValueError(f"a secret is {SECRET_BYTES} bytes")
     return np.frombuffer(bytes(secret), dtype="<u2").astype(np.uint64)
 
 
@@ -61,9 +64,11 @@ def elements_to_bytes(elements: Elements) -> bytes:
     """
     values = np.asarray(elements)
     if values.shape != (_CHUNKS,):
-        raise ValueError(f"a secret is {_CHUNKS} elements, got shape {values.shape}")
+        raise ParameterValueError(f"a secret is {_CHUNKS} elements, got shape {values.shape}")
     if int(values.max(initial=0)) >= 1 << CHUNK_BITS:
-        raise ValueError("the shares are inconsistent: an element is not a 16-bit chunk")
+        raise ProtocolViolationError(
+            "the shares are inconsistent: an element is not a 16-bit chunk"
+        )
     return values.astype("<u2").tobytes()
 
 
@@ -71,10 +76,9 @@ class Shamir:
     """``threshold``-out-of-``n`` sharing of vectors of elements of GF(``prime``)."""
 
     def __init__(self, prime: int = DEFAULT_PRIME) -> None:
-        if isinstance(prime, bool) or not isinstance(prime, int) or not 2 < prime < 2**31:
-            raise ValueError(f"prime must be an odd prime below 2**31, got {prime!r}")
+        integer("prime", prime, above=2, below=2**31)
         if not _is_prime(prime):
-            raise ValueError(f"{prime} is not prime")
+            raise ParameterValueError(f"prime must be an odd prime below 2**31, got {prime}")
         self.prime = prime
         # Largest multiple of p below 2**64: rejection sampling makes coefficients exactly uniform.
         self._accept_below = (2**64 // prime) * prime
@@ -98,10 +102,11 @@ class Shamir:
         """
         values = self._elements(secret, "secret")
         xs = self._points(points)
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ValueError(f"threshold must be an integer >= 1, got {threshold!r}")
+        integer("threshold", threshold, at_least=1)
         if threshold > len(xs):
-            raise ValueError(f"threshold {threshold} exceeds the number of shares {len(xs)}")
+            raise ParameterValueError(
+                f"threshold {threshold} exceeds the number of shares {len(xs)}"
+            )
         p = np.uint64(self.prime)
         # Coefficients of x^1 .. x^(t-1) for every element, uniform in GF(p).
         coefficients = self._uniform((threshold - 1, values.size), randomness)
@@ -135,11 +140,11 @@ class Shamir:
         xs = self._points(points)
         ys = np.asarray(shares, dtype=np.uint64)
         if ys.ndim != 3 or ys.shape[1] != len(xs):
-            raise ValueError(
+            raise ParameterValueError(
                 f"shares must have shape (secrets, {len(xs)}, elements), got {ys.shape}"
             )
         if ys.size and int(ys.max()) >= self.prime:
-            raise ValueError(f"a share is not an element of GF({self.prime})")
+            raise ParameterValueError(f"a share is not an element of GF({self.prime})")
         weights = self._lagrange(tuple(xs))
         p = np.uint64(self.prime)
         acc = np.zeros((ys.shape[0], ys.shape[2]), dtype=np.uint64)
@@ -169,19 +174,21 @@ class Shamir:
     def _points(self, points: Sequence[int]) -> list[int]:
         xs = [int(x) for x in points]
         if not xs:
-            raise ValueError("at least one share point is needed")
+            raise ParameterValueError("at least one share point is needed")
         if any(not 0 < x < self.prime for x in xs):
-            raise ValueError(f"share points must be in [1, {self.prime}), got {xs[:8]}")
+            raise ParameterValueError(f"share points must be in [1, {self.prime}), got {xs[:8]}")
         if len(set(xs)) != len(xs):
-            raise ValueError(f"share points must be distinct, got {xs[:8]}")
+            raise ParameterValueError(f"share points must be distinct, got {xs[:8]}")
         return xs
 
     def _elements(self, values: object, what: str, ndim: int = 1) -> Elements:
         array = np.asarray(values)
         if array.ndim != ndim or array.dtype.kind not in "iu":
-            raise ValueError(f"{what} must be a {ndim}-d array of integers, got {array.dtype}")
+            raise ParameterValueError(
+                f"{what} must be a {ndim}-d array of integers, got {array.dtype}"
+            )
         if array.size and (int(array.min()) < 0 or int(array.max()) >= self.prime):
-            raise ValueError(f"{what} must hold elements of GF({self.prime})")
+            raise ParameterValueError(f"{what} must hold elements of GF({self.prime})")
         out: Elements = array.astype(np.uint64)
         return out
 
@@ -193,7 +200,7 @@ class Shamir:
             need = count - filled
             raw = np.frombuffer(randomness(8 * need), dtype="<u8")
             if raw.size != need:
-                raise ValueError("the randomness source returned too few bytes")
+                raise ParameterValueError("the randomness source returned too few bytes")
             kept = raw[raw < np.uint64(self._accept_below)] % np.uint64(self.prime)
             out[filled : filled + kept.size] = kept
             filled += kept.size

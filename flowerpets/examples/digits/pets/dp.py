@@ -44,6 +44,7 @@ from flowerpets.dp.accountant import (
 )
 from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
+from flowerpets.exceptions import ParameterValueError
 
 __all__ = ["DpFeature"]
 
@@ -100,7 +101,7 @@ def _or(value: float | None, default: float) -> float:
 
 def _central(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
-        raise ValueError(
+        raise ParameterValueError(
             "--dp central needs exactly one of --noise-multiplier and --target-epsilon"
         )
     if args.target_quantile is not None and not args.adaptive_clip:
@@ -108,7 +109,7 @@ def _central(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     clip_on = ClipOn(args.clip_on or ClipOn.CLIENTS.value)
     secure = [flag for flag in ("secagg", "he") if getattr(args, flag, False)]
     if clip_on is ClipOn.SERVER and secure:
-        raise ValueError(
+        raise ParameterValueError(
             f"--clip-on server needs every update one by one, but --{secure[0]} sums them "
             "without showing any: clip on the clients (the default)"
         )
@@ -165,7 +166,7 @@ def _check_adaptive(adaptive: AdaptiveClipping, z: float, expected_cohort: float
     """Adaptive clipping spends part of the noise on the count: refuse a split that cannot work."""
     count_noise = adaptive.count_noise(expected_cohort)
     if not 2 * count_noise > z:
-        raise ValueError(
+        raise ParameterValueError(
             f"--adaptive-clip cannot keep a noise multiplier of {z:.3g}: with about "
             f"{expected_cohort:g} nodes per round the noise on the clipping count is "
             f"{count_noise:g}, and it must exceed half the noise multiplier; use a noise "
@@ -178,7 +179,7 @@ def _check_budget(max_epsilon: float, event: PrivacyEvent, delta: float) -> None
     """Refuse a budget that even the first round would exceed: nothing would train."""
     first = default_accountant(event).compose(event).get_epsilon(delta)
     if first > max_epsilon:
-        raise ValueError(
+        raise ParameterValueError(
             f"--max-epsilon {max_epsilon:g} is below the epsilon of a single round "
             f"({first:.4g} at delta {delta:g}): no round could run; raise --max-epsilon, "
             "or add noise (--noise-multiplier, --target-epsilon)"
@@ -187,16 +188,16 @@ def _check_budget(max_epsilon: float, event: PrivacyEvent, delta: float) -> None
 
 def _local(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     if args.target_epsilon is None:
-        raise ValueError("--dp local needs --target-epsilon (each round's epsilon)")
+        raise ParameterValueError("--dp local needs --target-epsilon (each round's epsilon)")
     central = _given(args, _CENTRAL_ONLY)
     if central:
-        raise ValueError(
+        raise ParameterValueError(
             "--dp local calibrates its noise from --target-epsilon and clips on each client: "
             f"drop {' and '.join(central)}"
         )
     clip, delta = _or(args.clip, CLIP), _or(args.delta, DELTA)
     if args.max_epsilon is not None and args.max_epsilon < args.target_epsilon:
-        raise ValueError(
+        raise ParameterValueError(
             f"--max-epsilon {args.max_epsilon:g} is below one round's epsilon "
             f"(--target-epsilon {args.target_epsilon:g}): no node could train a single round"
         )

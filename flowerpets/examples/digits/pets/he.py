@@ -18,6 +18,7 @@ import numpy as np
 
 from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
+from flowerpets.exceptions import ParameterValueError
 from flowerpets.he import PARAMETER_SETS, CKKSClientMod, HomomorphicAggregation
 
 __all__ = ["HEFeature"]
@@ -57,7 +58,7 @@ class HEFeature:
                 if v
             ]
             if given:
-                raise ValueError(
+                raise ParameterValueError(
                     f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --he"
                 )
             return FeatureMods()
@@ -81,7 +82,7 @@ def _check_patterns(patterns: tuple[str, ...], task: DigitsTask) -> None:
     names = list(task.model.init_params(np.random.default_rng(0)))
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        raise ValueError(
+        raise ParameterValueError(
             f"--he-encrypt {' '.join(unmatched)} matches none of the model's arrays "
             f"({', '.join(names)})"
         )

@@ -17,7 +17,7 @@ from typing import Any
 from flowerpets._argtypes import checked
 from flowerpets.examples.digits.apps import DigitsTask
 from flowerpets.examples.digits.features import FeatureMods
-from flowerpets.exceptions import InfeasibleParametersError
+from flowerpets.exceptions import InfeasibleParametersError, ParameterValueError
 from flowerpets.secagg import SecAggPlus, secaggplus_mod
 
 __all__ = ["SecAggFeature"]
@@ -102,15 +102,17 @@ class SecAggFeature:
             ]
             if given:
                 verb = "needs" if len(given) == 1 else "need"
-                raise ValueError(f"{', '.join(given)} {verb} --secagg")
+                raise ParameterValueError(f"{', '.join(given)} {verb} --secagg")
             return FeatureMods()
         if getattr(args, "he", False):
-            raise ValueError(
+            raise ParameterValueError(
                 "--secagg and --he both replace the round's exchange (masked sums vs. encrypted "
                 "sums): choose one"
             )
         if (args.secagg_k is None) != (args.secagg_t is None):
-            raise ValueError("--secagg-k and --secagg-t go together (give both or neither)")
+            raise ParameterValueError(
+                "--secagg-k and --secagg-t go together (give both or neither)"
+            )
         # Under local DP every node weighs 1 and sends no train-loss (the noise does not
         # cover it, so LocalDpMod drops it): SecAgg+ then sums no metric, and a weight
         # bound of 1 keeps the quantization's resolution for the update itself.

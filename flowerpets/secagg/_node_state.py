@@ -1,0 +1,149 @@
+"""A node's SecAgg+ round state: its phases, the transition table, and the context record.
+
+Per node and round the client mod is an explicit state machine whose every
+transition is checked against one table (:data:`TRANSITIONS`). The state (a
+frozen :class:`ClientState`, with the round's private keys and self-mask seed)
+lives in ``context.state`` through :class:`~flowerpets.core.state.StateSlot`
+(a record it cannot read raises :class:`~flowerpets.exceptions.StateError`,
+never reads as a new round), beside the round's configuration in the wire
+format the node received it in; it is wiped when the round ends.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from flowerpets.core import (
+    ConfigRecord,
+    Context,
+)
+from flowerpets.core.fields import Fields
+from flowerpets.core.state import StateSlot
+from flowerpets.exceptions import (
+    CorruptStateError,
+    MessageFieldError,
+    ProtocolViolationError,
+    RequestRefusedError,
+)
+from flowerpets.secagg.protocol import (
+    RoundConfig,
+    Stage,
+)
+
+__all__ = [
+    "SLOT",
+    "STATE",
+    "STATE_CONFIG",
+    "TRANSITIONS",
+    "ClientState",
+    "Phase",
+    "abort",
+    "load",
+    "transition",
+]
+
+STATE = "secagg+/client-state"
+STATE_CONFIG = "secagg+/client-round"
+
+
+class Phase(enum.StrEnum):
+    """Where a node's round stands; :data:`TRANSITIONS` says which stage moves it on."""
+
+    NEW = "new"  # no state for this round yet (never stored: the round starts at advertise-keys)
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+TRANSITIONS: Mapping[tuple[Phase, str], Phase] = MappingProxyType(
+    {
+        (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
+        (Phase.ADVERTISED, Stage.SHARE_KEYS): Phase.SHARED,
+        (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
+        (Phase.MASKED, Stage.UNMASK): Phase.DONE,
+    }
+)
+"""(phase of the message's round, stage) -> the phase after it; every other pair is refused.
+
+A refused pair aborts the round (ABORTED: its secrets are wiped), except where the
+node has nothing to abort: a round it never started (NEW) or one it finished (DONE).
+"""
+
+
+def transition(phase: Phase, stage: str) -> Phase:
+    """The phase after ``stage``; a stage this phase does not allow is refused."""
+    after = TRANSITIONS.get((phase, stage))
+    if after is None:
+        needs = [p.value for (p, s), _ in TRANSITIONS.items() if s == stage]
+        raise RequestRefusedError(
+            f"{stage}: out of order (the round is {phase.value}, this stage needs "
+            f"{' or '.join(needs) or 'nothing: it is no SecAgg+ stage'})"
+        )
+    return after
+
+
+@dataclass(frozen=True, slots=True)
+class ClientState:
+    """One node's state for its current round, kept in ``context.state[STATE]``.
+
+    The round's :class:`RoundConfig` is kept beside it (``STATE_CONFIG``), written
+    once per round in the wire format the node received it in.
+    """
+
+    run_id: int
+    round: int
+    phase: Phase
+    c_sk: bytes = b""
+    s_sk: bytes = b""
+    self_seed: bytes = b""
+    neighbours: tuple[int, ...] = ()  # told at share-keys: got my shares
+    share_keys: tuple[bytes, ...] = ()  # AES-GCM keys, per neighbour
+    s_pks: tuple[bytes, ...] = ()
+    senders: tuple[int, ...] = ()  # delivered shares to me: I mask with them
+    b_shares: tuple[bytes, ...] = ()
+    s_shares: tuple[bytes, ...] = ()
+    released_b: tuple[int, ...] = ()
+    released_s: tuple[int, ...] = ()
+
+    def after(self, stage: str, **changes: Any) -> ClientState:
+        """This state after ``stage`` (checked against :data:`TRANSITIONS`), with ``changes``."""
+        return replace(self, phase=transition(self.phase, stage), **changes)
+
+    def wiped(self, phase: Phase) -> ClientState:
+        """The round ended: every secret forgotten (what was released stays recorded)."""
+        return replace(self, phase=phase, **_SECRETS_WIPED)
+
+
+_SECRETS_WIPED: dict[str, Any] = {
+    **dict.fromkeys(("c_sk", "s_sk", "self_seed"), b""),
+    **dict.fromkeys(("share_keys", "b_shares", "s_shares"), ()),
+}
+
+
+SLOT = StateSlot(ClientState, STATE)
+
+
+def load(context: Context) -> tuple[ClientState, RoundConfig] | None:
+    state = SLOT.get(context.state)
+    if state is None:
+        return None
+    record = context.state.get(STATE_CONFIG)
+    if not isinstance(record, ConfigRecord):
+        raise CorruptStateError(f"state {STATE_CONFIG!r} holds no ConfigRecord")
+    try:
+        config = RoundConfig.from_record(Fields(record, STATE_CONFIG))
+    except (MessageFieldError, ProtocolViolationError) as exc:
+        raise CorruptStateError(f"state {STATE_CONFIG!r} cannot be read: {exc}") from None
+    return state, config
+
+
+def abort(state: ClientState | None, context: Context) -> None:
+    """The round ends unfinished: its secrets are wiped (nothing to do after DONE)."""
+    if state is not None and state.phase != Phase.DONE:
+        SLOT.store(context.state, state.wiped(Phase.ABORTED))

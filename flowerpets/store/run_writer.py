@@ -1,0 +1,393 @@
+"""Writing one run: a round commits whole or not at all, and spent budget commits first.
+
+A :class:`RunWriter` holds the run's lease (see
+:mod:`flowerpets.store.database.lease`), so it is the only live writer of the
+run. :meth:`RunWriter.commit_round` writes everything a round produced in one
+``BEGIN IMMEDIATE`` transaction under ``synchronous=FULL``: the round's record
+(the history grows by it), the cohort generator's state, the global arrays
+(thinned to every ``keep_arrays_every``-th round plus the last), the PETs'
+server states and the round counter. If anything fails, nothing of the round
+is stored and the previous round is intact. :meth:`RunWriter.record_spend`
+commits a privacy event in a transaction of its own, to call *before* the
+noised result it pays for is released.
+
+The arrays are encoded before the transaction opens, and hashed on a helper
+thread while SQLite copies them into their pages; the log is checkpointed into
+the main file after the commit, once the round is already durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flowerpets import _validation as check
+from flowerpets.core.history import RoundRecord
+from flowerpets.core.journal import Resumption
+from flowerpets.core.records import ArrayRecord
+from flowerpets.exceptions import CorruptStoreError, ParameterValueError, RoundSequenceError
+from flowerpets.store.closing import Closing
+from flowerpets.store.database import LeaseOwner, translate, write_transaction
+from flowerpets.store.database.lease import check_held, release
+from flowerpets.store.encoding import (
+    canonical_json,
+    encode_arrays,
+    generator_from_state,
+    generator_state,
+)
+from flowerpets.store.ledger import SpendRecord, append_spend
+from flowerpets.store.rows import (
+    arrays_digest,
+    pet_state_digest,
+    read_arrays,
+    read_history,
+    read_info,
+    read_pet_states,
+    read_sampler_state,
+    round_digest,
+    run_digest,
+)
+from flowerpets.store.snapshot import PetState, RunInfo, RunSnapshot
+
+__all__ = ["RunWriter"]
+
+log = logging.getLogger(__name__)
+
+_BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
+_PENDING_DIGEST = (
+    b""  # an arrays row's digest until its thread delivers it, in the same transaction
+)
+_BASE_CACHE_KIB = 2000  # SQLite's default page cache, for everything but a round's arrays
+
+
+class RunWriter(Closing):
+    """The lease-holding writer of one run of a :class:`~flowerpets.store.RunStore`.
+
+    Made by ``RunStore.start_run`` or ``RunStore.resume_run``; use it as a
+    context manager (or call :meth:`close`) to give the lease back.
+    ``last_commit_seconds`` holds how long the parts of the last commit took
+    (``encode``, ``write``, ``digest``: the wait for the arrays' SHA-256 once
+    the write is done, ``commit``, ``checkpoint``).
+    """
+
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        run_id: str,
+        owner: LeaseOwner,
+        *,
+        checkpoint_bytes: int = 0,
+    ) -> None:
+        self._connection = connection
+        self._checkpoint_bytes = checkpoint_bytes
+        self._logged_bytes = 0  # written to the log since the last checkpoint
+        self.run_id = run_id
+        self._owner = owner
+        self._closed = False
+        self._digests: ThreadPoolExecutor | None = None
+        self.last_commit_seconds: dict[str, float] = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def info(self) -> RunInfo:
+        """The run's stored row (its configuration, population and round counter)."""
+        return read_info(self._connection, self.run_id)
+
+    @property
+    def last_round(self) -> int:
+        return self.info.last_round
+
+    def snapshot(self) -> RunSnapshot:
+        """The run as of its last committed round (see :class:`RunSnapshot`)."""
+        return load_snapshot(self._connection, self.run_id)
+
+    def resumption(self) -> Resumption | None:
+        """Where a ServerApp continues this run (None before the first committed round).
+
+        This makes the writer a :class:`~flowerpets.core.journal.RunJournal`:
+        ``ServerApp(..., store=writer)`` commits every round here and resumes
+        after the last one.
+        """
+        snapshot = self.snapshot()
+        if snapshot.round == 0:
+            return None
+        if snapshot.arrays is None or snapshot.sampler_state is None:
+            raise CorruptStoreError(f"run {self.run_id!r} lacks the state of its last round")
+        return Resumption(
+            round=snapshot.round,
+            arrays=snapshot.arrays,
+            history=snapshot.history,
+            rng=generator_from_state(snapshot.sampler_state),
+        )
+
+    # -- writing ---------------------------------------------------------------------------------
+    def commit_round(
+        self,
+        record: RoundRecord,
+        *,
+        arrays: ArrayRecord,
+        sampler: np.random.Generator | Mapping[str, Any],
+        pet_states: Mapping[str, PetState] | None = None,
+    ) -> None:
+        """Commit round ``record.round``: it must be the round after the last one committed.
+
+        ``arrays`` are the global arrays after the round, ``sampler`` the cohort
+        generator (or its :func:`~flowerpets.store.encoding.generator_state`)
+        after it, ``pet_states`` the PETs' server states to replace (by name;
+        bytes or a JSON value). Raises :class:`RoundSequenceError` out of order,
+        :class:`StoreLockedError` if the lease was lost and
+        :class:`StoreWriteError` if the disk refused; in every case nothing of
+        the round was stored.
+        """
+        self._require_open()
+        check.instance("record", record, RoundRecord)
+        check.instance("arrays", arrays, ArrayRecord)
+        rnd = check.integer("record.round", record.round, at_least=1)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        state = (
+            sampler
+            if isinstance(sampler, Mapping)
+            else generator_state(check.instance("sampler", sampler, np.random.Generator))
+        )
+        pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
+        prepared = _PreparedRound(
+            round=rnd,
+            record_json=canonical_json(record.to_json_dict(), name="record"),
+            sampler_json=canonical_json(dict(state), name="sampler"),
+            frame=encode_arrays(arrays),
+            pets=[
+                (name, encoding, value, pet_state_digest(self.run_id, name, rnd, encoding, value))
+                for name, encoding, value in pets
+            ],
+            committed_at=time.time(),
+        )
+        timings["encode"] = time.perf_counter() - started
+        self._hold_in_cache(len(prepared.frame))
+        try:
+            with write_transaction(self._connection, f"the commit of round {rnd}") as db:
+                started = time.perf_counter()
+                timings["digest"] = self._write_round(db, prepared)
+                timings["write"] = time.perf_counter() - started - timings["digest"]
+                started = time.perf_counter()
+            timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
+            started = time.perf_counter()
+            self._logged_bytes += len(prepared.frame)
+            if self._logged_bytes >= self._checkpoint_bytes:
+                self._checkpoint()
+            timings["checkpoint"] = time.perf_counter() - started
+        finally:
+            self._release_cache()
+        self.last_commit_seconds = timings
+
+    def _write_round(self, db: sqlite3.Connection, prepared: _PreparedRound) -> float:
+        """Every row of the round, inside the caller's transaction; the seconds spent
+        waiting for the arrays' SHA-256 once they were written."""
+        rnd = prepared.round
+        # The arrays' SHA-256 is computed on another thread while SQLite copies them into
+        # their pages (both release the GIL); the row gets it before COMMIT.
+        frame_digest = self._hasher().submit(arrays_digest, self.run_id, rnd, prepared.frame)
+        check_held(db, self.run_id, self._owner)
+        info = read_info(db, self.run_id)
+        if rnd != info.last_round + 1:
+            raise RoundSequenceError(
+                f"run {self.run_id!r} committed round {info.last_round} last; "
+                f"round {rnd} cannot follow it"
+            )
+        db.execute(
+            "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
+            "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self.run_id,
+                rnd,
+                prepared.record_json,
+                prepared.sampler_json,
+                prepared.committed_at,
+                round_digest(
+                    self.run_id,
+                    rnd,
+                    prepared.record_json,
+                    prepared.sampler_json,
+                    prepared.committed_at,
+                ),
+            ),
+        )
+        # Thinned first: the new arrays then reuse the freed pages instead of growing
+        # the file (and the log) by a round.
+        _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
+        row_id = _write_frame(db, self.run_id, rnd, prepared.frame, _PENDING_DIGEST)
+        waited = time.perf_counter()
+        db.execute("UPDATE arrays SET sha256 = ? WHERE id = ?", (frame_digest.result(), row_id))
+        waited = time.perf_counter() - waited
+        for name, encoding, value, digest in prepared.pets:
+            db.execute(
+                "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
+                "round = excluded.round, encoding = excluded.encoding, "
+                "value = excluded.value, sha256 = excluded.sha256",
+                (self.run_id, name, rnd, encoding, value, digest),
+            )
+        _set_last_round(db, info, rnd)
+        return waited
+
+    def record_spend(self, event: Mapping[str, Any], *, round: int) -> SpendRecord:
+        """Commit one privacy event to the run's population ledger, in its own transaction.
+
+        Call it before the noised result the event pays for is released: once it
+        returns the spend is on disk, so a crash after it over-counts and a
+        restart can never spend the same budget again.
+        """
+        self._require_open()
+        rnd = check.integer("round", round, at_least=0)
+        check.instance("event", event, Mapping)
+        with write_transaction(self._connection, f"recording a spend of round {rnd}") as db:
+            check_held(db, self.run_id, self._owner)
+            info = read_info(db, self.run_id)
+            return append_spend(db, info.population_id, run_id=self.run_id, round=rnd, event=event)
+
+    def close(self) -> None:
+        """Give the lease back (the store stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._digests is not None:
+            self._digests.shutdown(wait=True)
+        try:
+            with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
+                release(self._connection, self.run_id, self._owner)
+        except sqlite3.Error as exc:  # pragma: no cover - translated by write_transaction
+            raise translate(exc, "cannot release the lease") from exc
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._digests is None:
+            self._digests = ThreadPoolExecutor(1, thread_name_prefix="fp-store-digest")
+        return self._digests
+
+    def _hold_in_cache(self, frame_bytes: int) -> None:
+        # A page cache too small for the round spills its pages to the log mid-transaction,
+        # writing them twice; sized for the frame, they are written once, at COMMIT.
+        kib = (frame_bytes + frame_bytes // 8) // 1024 + _BASE_CACHE_KIB
+        self._connection.execute(f"PRAGMA cache_size = -{kib}")
+
+    def _release_cache(self) -> None:
+        # The round is on disk: give its pages' memory back rather than hold a model's worth.
+        self._connection.execute(f"PRAGMA cache_size = -{_BASE_CACHE_KIB}")
+        self._connection.execute("PRAGMA shrink_memory")
+
+    def _checkpoint(self) -> None:
+        # The round is durable in the log already; a checkpoint that fails (another reader,
+        # a full disk) only leaves the log longer, and the next one copies it.
+        try:
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._logged_bytes = 0
+        except sqlite3.Error as exc:
+            log.warning("checkpoint after a commit failed, the round is committed: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedRound:
+    """A round encoded before its transaction opens: the lock is held only for the writes."""
+
+    round: int
+    record_json: str
+    sampler_json: str
+    frame: bytes
+    pets: list[tuple[str, str, bytes, bytes]]  # name, encoding, value, SHA-256
+    committed_at: float
+
+
+def load_snapshot(connection: sqlite3.Connection, run_id: str) -> RunSnapshot:
+    """Everything stored about ``run_id`` as of its last committed round, every row checked."""
+    info = read_info(connection, run_id)
+    history = read_history(connection, run_id, info.last_round)
+    arrays = read_arrays(connection, run_id, info.last_round)
+    if arrays is None and info.last_round > 0:
+        raise CorruptStoreError(f"run {run_id!r} lacks the arrays of its last round")
+    sampler = None
+    if info.last_round > 0:
+        sampler = read_sampler_state(connection, run_id, info.last_round)
+    return RunSnapshot(
+        info=info,
+        round=info.last_round,
+        arrays=arrays,
+        history=history,
+        sampler_state=sampler,
+        pet_states=read_pet_states(connection, run_id),
+    )
+
+
+def _encode_pet_state(name: object, value: PetState) -> tuple[str, str, bytes]:
+    if not isinstance(name, str) or not name:
+        raise ParameterValueError("every PET state needs a non-empty str name")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return name, "bytes", bytes(value)
+    return name, "json", canonical_json(value, name=f"pet_states[{name!r}]").encode("ascii")
+
+
+def _write_frame(db: sqlite3.Connection, run_id: str, rnd: int, frame: bytes, digest: bytes) -> int:
+    """The arrays row: space reserved, then the frame copied into it in chunks.
+
+    Binding a 40 MB value would copy it once more into SQLite's own buffer.
+    """
+    cursor = db.execute(
+        "INSERT INTO arrays (run_id, round, frame, nbytes, sha256) "
+        "VALUES (?, ?, zeroblob(?), ?, ?) "
+        "ON CONFLICT (run_id, round) DO UPDATE SET frame = excluded.frame, "
+        "nbytes = excluded.nbytes, sha256 = excluded.sha256 RETURNING id",
+        (run_id, rnd, len(frame), len(frame), digest),
+    )
+    row_id = cursor.fetchone()[0]
+    cursor.close()
+    view = memoryview(frame)
+    with db.blobopen("arrays", "frame", row_id) as blob:
+        for start in range(0, len(view), _BLOB_CHUNK):
+            blob.write(view[start : start + _BLOB_CHUNK])
+    return int(row_id)
+
+
+def _thin_arrays(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:
+    """Drop earlier rounds' arrays off the keep-every grid (the initial arrays stay).
+
+    ``every`` = 0 keeps no earlier round's (``keep_arrays_every=None``).
+    """
+    if every == 0:
+        db.execute("DELETE FROM arrays WHERE run_id = ? AND round > 0 AND round < ?", (run_id, rnd))
+        return
+    db.execute(
+        "DELETE FROM arrays WHERE run_id = ? AND round > 0 AND round < ? AND round % ? != 0",
+        (run_id, rnd, every),
+    )
+
+
+def _set_last_round(db: sqlite3.Connection, info: RunInfo, rnd: int) -> None:
+    # The stored text, not a re-encoding of it: the digest covers the bytes on disk.
+    config_json = db.execute(
+        "SELECT config_json FROM runs WHERE run_id = ?", (info.run_id,)
+    ).fetchone()[0]
+    db.execute(
+        "UPDATE runs SET last_round = ?, row_digest = ? WHERE run_id = ?",
+        (
+            rnd,
+            run_digest(
+                info.run_id,
+                config_json,
+                info.config_digest,
+                info.population_id,
+                info.keep_arrays_every,
+                rnd,
+                info.created_at,
+            ),
+            info.run_id,
+        ),
+    )

@@ -1,0 +1,151 @@
+"""A damaged store is refused with a typed error, never read as a shorter or fresher run.
+
+SQLite's check on open catches a damaged file structure; the rows' SHA-256
+catches damaged values SQLite never looks at; the ledger's hash chain and the
+run's round counter catch rows that went missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowerpets.exceptions import CorruptStoreError, StoreError
+from flowerpets.store import RunStore
+from tests.store.stored_runs import StoredRun, model, same_bits, write_run
+
+
+def damage(path: Path, sql: str, *args: object) -> None:
+    """Change a row behind the store's back, as a bit flip or a careless operator would."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(sql, args)
+    connection.close()
+
+
+def read_everything(path: Path, run_id: str) -> None:
+    with RunStore(path) as store:
+        store.load(run_id)
+        for info in store.runs():
+            store.spends(info.population_id)
+
+
+def test_a_flipped_byte_in_the_arrays_is_refused_on_read(stored_run: StoredRun) -> None:
+    needle = model(3)["dense.weight"].numpy().tobytes()[:64]
+    data = bytearray(stored_run.path.read_bytes())
+    at = data.find(needle)
+    assert at > 0  # the arrays are stored as the codec wrote them: raw little-endian bytes
+    data[at + 10] ^= 0x01
+    stored_run.path.write_bytes(bytes(data))
+    store = RunStore(stored_run.path)  # SQLite's structure is intact: the open succeeds
+    with store, pytest.raises(CorruptStoreError, match="arrays of round 3"):
+        store.load(stored_run.run_id)
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        (
+            "UPDATE rounds SET record_json = replace(record_json, '\"cohort_size\":3', "
+            "'\"cohort_size\":4') WHERE round = 2",
+            "round 2",
+        ),
+        ('UPDATE runs SET config_json = \'{"lr":0.5,"rounds":3}\'', "run 'run-a'"),
+        ("UPDATE pet_states SET value = x'00' WHERE name = 'he/public'", "he/public"),
+        ("UPDATE arrays SET round = 9 WHERE round = 3", "arrays of its last round"),
+        ("DELETE FROM rounds WHERE round = 3", "rounds were lost"),
+        ("UPDATE runs SET last_round = 2", "run 'run-a'"),
+        ("DELETE FROM privacy_ledger WHERE seq = 2", "lacks entry 2"),
+        ("DELETE FROM privacy_ledger WHERE seq = 3", "truncated"),
+        ('UPDATE privacy_ledger SET event_json = \'{"kind":"none"}\' WHERE seq = 1', "entry 1"),
+        ("DELETE FROM populations", "no ledger"),
+    ],
+)
+def test_a_damaged_row_is_refused(stored_run: StoredRun, sql: str, match: str) -> None:
+    damage(stored_run.path, sql)
+    with pytest.raises(CorruptStoreError, match=match):
+        read_everything(stored_run.path, stored_run.run_id)
+
+
+def test_a_damaged_ledger_refuses_the_resume(stored_run: StoredRun) -> None:
+    damage(stored_run.path, "DELETE FROM privacy_ledger WHERE seq = 3")
+    with RunStore(stored_run.path) as store, pytest.raises(CorruptStoreError):
+        store.resume_run(stored_run.run_id)
+
+
+def test_a_damaged_page_is_refused_on_open(stored_run: StoredRun) -> None:
+    data = bytearray(stored_run.path.read_bytes())
+    page = 65536
+    data[page * 1] = 0x2A  # page 2's b-tree page type: no valid type
+    stored_run.path.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError):
+        RunStore(stored_run.path)
+
+
+def test_a_file_that_is_no_store_is_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database, just bytes" * 100)
+    with pytest.raises(CorruptStoreError):
+        RunStore(garbage)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    with pytest.raises(StoreError, match="tables of its own"):
+        RunStore(other)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1])
+def test_a_truncated_file_is_refused(stored_run: StoredRun, keep: float) -> None:
+    size = stored_run.path.stat().st_size
+    with stored_run.path.open("r+b") as f:
+        f.truncate(int(size * keep))
+    with pytest.raises(CorruptStoreError):
+        read_everything(stored_run.path, stored_run.run_id)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> StoredRun:
+    return write_run(tmp_path_factory.mktemp("pristine") / "runs.db", rounds=2)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_damage_is_refused_or_harmless(
+    pristine: StoredRun, tmp_path: Path, data: st.DataObject
+) -> None:
+    """Flip a byte anywhere, or cut the file anywhere: the store refuses, or reads the truth."""
+    size = pristine.path.stat().st_size
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(pristine.path, copy)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    if data.draw(st.booleans(), label="truncate"):
+        with copy.open("r+b") as f:
+            f.truncate(data.draw(st.integers(0, size - 1), label="length"))
+    else:
+        # Most of a fresh file is zeros no reader looks at: flip where something is written.
+        used = np.flatnonzero(np.frombuffer(pristine.path.read_bytes(), dtype=np.uint8))
+        at = int(used[data.draw(st.integers(0, len(used) - 1), label="written byte")])
+        bit = data.draw(st.integers(0, 7), label="bit")
+        raw = bytearray(copy.read_bytes())
+        raw[at] ^= 1 << bit
+        copy.write_bytes(bytes(raw))
+    try:
+        with RunStore(copy, check="full") as store:
+            snapshot = store.load(pristine.run_id)
+            spends = store.spends(snapshot.info.population_id)
+    except StoreError:
+        return  # refused: what damage must lead to
+    assert snapshot.round == 2 and snapshot.arrays is not None
+    assert same_bits(snapshot.arrays, pristine.arrays[2])
+    assert snapshot.history.rounds == pristine.records
+    assert snapshot.sampler_state == pristine.sampler_states[-1]
+    assert len(spends) == 2
