@@ -1,6 +1,7 @@
 """Shared helpers for the HE tests: a small federation whose every message is recorded.
 
-Exposed through the ``kit`` fixture (test modules cannot import each other).
+Exposed through the ``kit`` fixture (test modules cannot import each other), beside
+``secret``, ``public`` and ``blob``: a key, the server's context and one ciphertext.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tenseal as ts
 
 from flowerpets import (
     ArrayRecord,
@@ -28,6 +30,8 @@ from flowerpets import (
     ServerApp,
     ServerMod,
 )
+from flowerpets.he import COMPACT
+from flowerpets.he._primitives.params import new_secret_context, public_context_bytes
 from flowerpets.simulation import FaultPlan, SimulationGrid
 from flowerpets.simulation.faults import Fault, step_of
 
@@ -198,6 +202,23 @@ def run(
 class _Discard(list):  # type: ignore[type-arg]
     def append(self, item: object) -> None:
         return None
+
+
+# One COMPACT key, the server's context of it, and a ciphertext of 2,048 values under it.
+@pytest.fixture(scope="module")
+def secret() -> ts.Context:
+    return new_secret_context(COMPACT)
+
+
+@pytest.fixture(scope="module")
+def public(secret: ts.Context) -> ts.Context:
+    return ts.context_from(public_context_bytes(secret))
+
+
+@pytest.fixture(scope="module")
+def blob(secret: ts.Context) -> bytes:
+    data: bytes = ts.ckks_vector(secret, np.linspace(-1, 1, COMPACT.slots)).serialize()
+    return data
 
 
 @pytest.fixture(scope="session")

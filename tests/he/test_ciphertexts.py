@@ -32,26 +32,9 @@ from flowerpets.he._primitives.ciphertexts import (
 from flowerpets.he._primitives.packing import Layout
 from flowerpets.he._primitives.params import (
     new_secret_context,
-    public_context_bytes,
 )
 
 KEY = "0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def secret() -> ts.Context:
-    return new_secret_context(COMPACT)
-
-
-@pytest.fixture(scope="module")
-def public(secret: ts.Context) -> ts.Context:
-    return ts.context_from(public_context_bytes(secret))
-
-
-@pytest.fixture(scope="module")
-def blob(secret: ts.Context) -> bytes:
-    data: bytes = ts.ckks_vector(secret, np.linspace(-1, 1, COMPACT.slots)).serialize()
-    return data
 
 
 def _layout(size: int) -> Layout:

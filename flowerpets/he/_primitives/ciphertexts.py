@@ -12,15 +12,18 @@ The wire form of an encrypted vector inside an :class:`ArrayRecord`:
     one ciphertext of ``slots`` values (the last one the rest).
 
 Loading checks, before anything is added: the byte length (a ciphertext of
-these parameters, not a bomb), that TenSEAL parses it under *our* context
-(SEAL validates the parameters id and the coefficient ranges), that it holds
-exactly one ciphertext of two polynomials, at the data level, at the agreed
-scale (both SEAL's and the one TenSEAL serializes beside it, which plaintext
-additions use), of the expected number of values, and not transparent (a
-"ciphertext" with no encryption). Any failure is a :class:`CiphertextError`. What no check
-can tell is a ciphertext of the right parameters under *another key*: the
-header's key id catches honest mistakes, not forgeries (CKKS has no
-integrity; see ``docs/he.md``).
+these parameters, not a bomb); that its SEAL object is one ciphertext of these
+parameters, read and inflated here and handed to TenSEAL uncompressed (SEAL's
+own inflating of crafted bytes can end the process: see ``canonical.py``);
+that TenSEAL parses it under *our* context (SEAL validates the parameters id
+and the coefficient ranges); that it holds exactly one ciphertext of two
+polynomials, at the data level, at the agreed scale (both SEAL's and the one
+TenSEAL serializes beside it, which plaintext additions use), of the expected
+number of values, and not transparent (a "ciphertext" with no encryption).
+Any failure is a :class:`CiphertextError`. What no check can tell is a
+ciphertext of the right parameters under *another key*: the header's key id
+catches honest mistakes, not forgeries (CKKS has no integrity; see
+``docs/he.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ from numpy.typing import NDArray
 from flowerpets._validation import is_integer
 from flowerpets.core import Array, ArrayRecord
 from flowerpets.exceptions import CiphertextError, ParameterValueError
+from flowerpets.he._primitives.canonical import (
+    LENGTH,
+    WORD,
+    Message,
+    canonical_ciphertext,
+    proto_fields,
+    proto_message,
+)
 from flowerpets.he._primitives.packing import RESERVED_PREFIX, Layout, chunk_views
 from flowerpets.he._primitives.params import CKKSParameters
 
@@ -247,18 +258,17 @@ def _blob(chunk: Array | bytes) -> bytes:
     return data.tobytes()
 
 
-def _varint(blob: bytes, pos: int) -> tuple[int, int]:
-    """A protobuf base-128 varint at ``pos``: its value and the position after it."""
-    value = 0
-    for shift in range(0, 64, 7):
-        if pos >= len(blob):
-            break
-        byte = blob[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise CiphertextError("not a ciphertext: a bad varint in TenSEAL's serialization")
+# TenSEAL's CKKSVectorProto (tenseal/proto/tensors.proto) of one ciphertext: the chunk sizes
+# (packed), the SEAL ciphertext and the scale, each once, in that order, nothing after.
+_VECTOR = {1: LENGTH, 2: LENGTH, 3: WORD}
+_NOT_OURS = "not a ciphertext"
+
+
+def _vector_fields(blob: bytes) -> Message:
+    vector = proto_fields(blob, _VECTOR, CiphertextError, _NOT_OURS)
+    if len(vector.blobs) != len(_VECTOR):
+        raise CiphertextError(f"{_NOT_OURS}: not TenSEAL's form of one CKKS ciphertext")
+    return vector
 
 
 def tenseal_scale(blob: bytes) -> float:
@@ -272,15 +282,11 @@ def tenseal_scale(blob: bytes) -> float:
     ciphertext), length-delimited, then field 3 (the scale), a double, once
     each and nothing after.
     """
-    pos = 0
-    for tag in (0x0A, 0x12):  # (field << 3) | 2: length-delimited
-        if pos >= len(blob) or blob[pos] != tag:
-            raise CiphertextError("not a ciphertext: not TenSEAL's form of one CKKS ciphertext")
-        length, pos = _varint(blob, pos + 1)
-        pos += length
-    if pos + 9 != len(blob) or blob[pos] != 0x19:  # (3 << 3) | 1: a 64-bit double, last
-        raise CiphertextError("not a ciphertext: TenSEAL's scale is not its last and only field")
-    scale: float = struct.unpack_from("<d", blob, pos + 1)[0]
+    return _scale(_vector_fields(blob))
+
+
+def _scale(vector: Message) -> float:
+    scale: float = struct.unpack("<d", vector.blobs[3])[0]
     return scale
 
 
@@ -292,15 +298,18 @@ def load_vector(
     blob = _blob(chunk)
     if not 0 < len(blob) <= limit:
         raise CiphertextError(f"a ciphertext of {len(blob)} bytes (at most {limit} expected)")
-    scale = tenseal_scale(blob)
+    fields = _vector_fields(blob)
+    scale = _scale(fields)
     if scale != params.scale:
         raise CiphertextError(
             f"a ciphertext whose TenSEAL scale is {scale!r}, expected 2^{params.scale_bits}"
         )
     import tenseal as ts
 
+    # SEAL reads only the flat form: it never inflates a peer's bytes (see canonical.py).
+    fields.blobs[2] = canonical_ciphertext(fields.blobs[2], params)
     try:
-        vector = ts.ckks_vector_from(context, blob)
+        vector = ts.ckks_vector_from(context, proto_message(_VECTOR, fields))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CiphertextError(f"not a ciphertext of these parameters: {exc}") from None
     if vector.size() != size:

@@ -50,6 +50,7 @@ from flowerpets.exceptions import (
     ParameterTypeError,
     ParameterValueError,
 )
+from flowerpets.he._primitives.canonical import canonical_context
 
 __all__ = [
     "COMPACT",
@@ -257,15 +258,16 @@ def context_digest(public_bytes: bytes) -> bytes:
     return hashlib.sha256(public_bytes).digest()
 
 
-def _parse(data: bytes, what: str) -> ts.Context:
+def _parse(data: bytes, params: CKKSParameters, what: str) -> ts.Context:
     if not isinstance(data, bytes | bytearray):
         raise KeyMaterialError(f"{what} must be bytes, got {type(data).__name__}")
     if not 0 < len(data) <= MAX_CONTEXT_BYTES:
         raise KeyMaterialError(f"{what} of {len(data)} bytes is not a serialized context")
     import tenseal as ts
 
+    flat = canonical_context(bytes(data), params, what)  # SEAL never inflates a peer's bytes
     try:
-        context = ts.context_from(bytes(data))
+        context = ts.context_from(flat)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise KeyMaterialError(f"{what} does not parse as a TenSEAL context: {exc}") from None
     return context
@@ -307,7 +309,7 @@ def check_context(context: ts.Context, params: CKKSParameters, what: str) -> Non
 
 def load_public_context(data: bytes, params: CKKSParameters) -> ts.Context:
     """Load a context the server may hold; refuse one that carries a secret key."""
-    context = _parse(data, "public context")
+    context = _parse(data, params, "public context")
     if context.is_private():
         raise KeyMaterialError(
             "the public context holds a secret key: refusing to load it as public"
@@ -318,7 +320,7 @@ def load_public_context(data: bytes, params: CKKSParameters) -> ts.Context:
 
 def load_secret_context(data: bytes, params: CKKSParameters) -> ts.Context:
     """Load a node's secret context; refuse one without a secret key or of other parameters."""
-    context = _parse(data, "secret context")
+    context = _parse(data, params, "secret context")
     if not context.is_private():
         raise MissingKeyError("the secret context holds no secret key")
     check_context(context, params, "secret context")
