@@ -221,8 +221,8 @@ def restored(
         )
     later = [spend for spend in mine if spend.seq > last]
     if any(spend.round <= round for spend in later):
-        raise PrivacyLedgerMismatchError(
-            f"{where}'s ledger holds spends of committed rounds its state does not count"
+        raise TruncatedPrivacyLedgerError(
+            f"{where}'s state lacks spends of rounds it committed: the state was cut short"
         )
     ledger = run.ledger
     for spend in later:  # an interrupted round's spend: released or not, it stays counted
