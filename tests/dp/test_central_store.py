@@ -4,7 +4,11 @@ follows the population across runs, and a stored ledger that cannot be continued
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +271,61 @@ def test_a_population_needs_a_store_and_one_state_name_per_app(grid: Any) -> Non
         ServerApp(
             strategy=FedAvg(), num_rounds=1, initial_arrays=ArrayRecord(MODEL), mods=[dp(), dp()]
         )
+
+
+# -- a real server process killed -----------------------------------------------------------------
+_KILLED_SERVER = """
+import os, signal, sys
+
+from flowerpets.dp.central import _mod
+from flowerpets.store import RunStore
+from tests.conftest import ScriptedGrid
+from tests.dp.conftest import UpdateApp
+from tests.dp.test_central_store import DELTAS, app, dp
+from flowerpets.dp import fixed_clipping_mod
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+phase = sys.argv[2]
+if phase == "releasing-round-3":
+    released = _mod.noised
+    def noised(result, *args):
+        if result.round == 3:
+            die()
+        return released(result, *args)
+    _mod.noised = noised
+store = RunStore(sys.argv[1])
+writer = store.start_run("r", config={})
+grid = ScriptedGrid(UpdateApp(lambda pid, rnd: DELTAS[pid], mods=[fixed_clipping_mod]).build(), 5)
+app(dp(), writer).run(grid, on_round=lambda r: die() if phase == f"after-round-{r.round}" else None)
+"""
+
+
+@pytest.mark.parametrize(("phase", "extra"), [("after-round-2", 0), ("releasing-round-3", 1)])
+def test_a_killed_server_resumes_with_the_budget_it_spent(
+    tmp_path: Path, grid: Any, phase: str, extra: int
+) -> None:
+    path = tmp_path / "runs.db"
+    root = Path(__file__).resolve().parents[2]
+    killed = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _KILLED_SERVER, str(path), phase],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with RunStore(path) as store:
+        assert store.run("r").last_round == 2
+        assert len(store.spends("run:r")) == 2 + extra  # round 3's spend, if it was made
+        with store.resume_run("r") as writer:
+            resumed = app(dp(), writer).run(grid())
+    whole = PldAccountant().compose(FullParticipationGaussian(Z), ROUNDS + extra)
+    assert epsilons(resumed)[-1] == whole.get_epsilon(DELTA)
+    if not extra:
+        assert epsilons(resumed) == epsilons(app(dp(), None).run(grid()))
