@@ -4,11 +4,7 @@ follows the population across runs, and a stored ledger that cannot be continued
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +25,11 @@ from flowerpets.exceptions import (
 )
 from flowerpets.store import RunStore, RunWriter
 from flowerpets.store.rows import pet_state_digest
+from tests.dp.test_central import DELTAS, MODEL
+from tests.store.processes import killed_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
 
-MODEL = {"w": np.array([0.5, -1.0, 2.0, 0.0]), "b": np.array([0.25, 0.75])}
-DELTAS = {
-    0: {"w": np.array([3.0, 0.0, 4.0, 0.0]), "b": np.array([0.0, 0.0])},
-    1: {"w": np.array([0.1, 0.2, 0.0, 0.0]), "b": np.array([0.0, -0.3])},
-    2: {"w": np.array([0.0, 0.0, 0.0, 10.0]), "b": np.array([10.0, 0.0])},
-    3: {"w": np.array([-0.5, 0.5, 0.5, -0.5]), "b": np.array([0.0, 0.0])},
-    4: {"w": np.array([0.0, 2.0, 0.0, 0.0]), "b": np.array([1.0, 1.0])},
-}
 ROUNDS, Z, DELTA = 4, 2.0, 1e-5
 
 
@@ -309,17 +299,7 @@ def test_a_killed_server_resumes_with_the_budget_it_spent(
     tmp_path: Path, grid: Any, phase: str, extra: int
 ) -> None:
     path = tmp_path / "runs.db"
-    root = Path(__file__).resolve().parents[2]
-    killed = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _KILLED_SERVER, str(path), phase],
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_server(_KILLED_SERVER, str(path), phase)
     with RunStore(path) as store:
         assert store.run("r").last_round == 2
         assert len(store.spends("run:r")) == 2 + extra  # round 3's spend, if it was made

@@ -87,3 +87,19 @@ def kill_mid_commit(path: Path) -> StoredRun:
     expected = write_run(path.with_name("expected.db"))
     expected.path = path
     return expected
+
+
+def killed_server(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (Python, from the repository root) in a server process that must SIGKILL
+    itself; fails the caller's test otherwise, with the child's stderr."""
+    killed = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return killed

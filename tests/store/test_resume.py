@@ -9,10 +9,6 @@ they were after round 2.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +30,7 @@ from flowerpets.core import (
 from flowerpets.exceptions import StopRunError, StoreWriteError
 from flowerpets.simulation import SimulationResult, run_simulation
 from flowerpets.store import RunStore, RunWriter
+from tests.store.processes import killed_server
 from tests.store.stored_runs import same_bits
 
 NODES, ROUNDS, SEED = 6, 4, 11
@@ -182,17 +179,7 @@ def test_a_server_process_killed_after_round_two_resumes_to_the_same_model(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "runs.db"
-    root = Path(__file__).resolve().parents[2]
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_SERVER, str(path)],
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_server(_KILLED_SERVER, str(path))
     with RunStore(path) as store:
         assert store.run("r").last_round == 2
         with store.resume_run("r", config={"rounds": ROUNDS}) as writer:
