@@ -117,15 +117,18 @@ def population_ledger(spends: Sequence[SpendRecord]) -> Ledger:
 
 
 def _entry_event(spend: SpendRecord) -> PrivacyEvent:
-    try:
-        if spend.event["mechanism"] != MECHANISM:
-            raise KeyError("mechanism")
-        return event_from_json(spend.event["event"])
-    except (KeyError, TypeError, ValueError):
+    event = None
+    if spend.event.get("mechanism") == MECHANISM:
+        try:
+            event = event_from_json(spend.event["event"])
+        except (KeyError, TypeError, ValueError):
+            event = None
+    if event is None:
         raise PrivacyLedgerMismatchError(
             f"entry {spend.seq} of population {spend.population_id!r}'s ledger is not an event "
             "CentralDp can compose"
-        ) from None
+        )
+    return event
 
 
 def encode_state(run: RunState, settings: Mapping[str, Any]) -> bytes:
@@ -142,22 +145,28 @@ def encode_state(run: RunState, settings: Mapping[str, Any]) -> bytes:
 
 def decode_state(state: bytes, where: str) -> tuple[dict[str, Any], RunState]:
     """The settings and run state :func:`encode_state` wrote; refuses anything else."""
+    malformed = PrivacyLedgerError(f"the stored privacy state of {where} is malformed")
     try:
         value = json.loads(state)
-        if set(value) != {"version", "settings", "clip", "ledger", "spend_seq"}:
-            raise KeyError("fields")
-        if value["version"] != _VERSION or not isinstance(value["settings"], dict):
-            raise ValueError("version")
+    except ValueError:
+        raise malformed from None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"version", "settings", "clip", "ledger", "spend_seq"}
+        or value["version"] != _VERSION
+        or not isinstance(value["settings"], dict)
+        or type(value["clip"]) is not float
+    ):
+        raise malformed
+    try:
         run = RunState(
             clip=value["clip"],
             ledger=_ledger_from_texts(value["ledger"]),
             spend_seq=value["spend_seq"],
         )
-        settings: dict[str, Any] = value["settings"]
     except (KeyError, TypeError, ValueError, StateError):
-        raise PrivacyLedgerError(f"the stored privacy state of {where} is malformed") from None
-    if isinstance(run.clip, bool) or not isinstance(run.clip, float):
-        raise PrivacyLedgerError(f"the stored privacy state of {where} is malformed")
+        raise malformed from None
+    settings: dict[str, Any] = value["settings"]
     return settings, run
 
 
