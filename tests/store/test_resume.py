@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from flowerpets.core import (
     ArrayRecord,
     ClientApp,
+    ClientMod,
     Context,
     FedAvg,
     FixedSizeSampling,
@@ -39,9 +41,9 @@ from tests.store.stored_runs import same_bits
 NODES, ROUNDS, SEED = 6, 4, 11
 
 
-def local_training() -> ClientApp:
+def local_training(mods: Sequence[ClientMod] = ()) -> ClientApp:
     """Each node moves the model by noise drawn from its partition, the round and the seed."""
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> RecordDict:
@@ -69,8 +71,11 @@ def server(store: object = None, shape: tuple[int, ...] = (4, 5)) -> ServerApp:
     )
 
 
-def simulate(app: ServerApp, *, seed: int = SEED, **options: Any) -> SimulationResult:
-    return run_simulation(app, local_training(), NODES, seed=seed, max_workers=1, **options)
+def simulate(
+    app: ServerApp, *, seed: int = SEED, client: ClientApp | None = None, **options: Any
+) -> SimulationResult:
+    nodes = local_training() if client is None else client
+    return run_simulation(app, nodes, NODES, seed=seed, max_workers=1, **options)
 
 
 class CrashError(Exception):

@@ -1,0 +1,72 @@
+"""A server process SIGKILLed in any phase of a round resumes to the uninterrupted run's model.
+
+Each test runs :mod:`tests.store.faulty_runs` in a child process that kills
+itself at one phase of round 3 (of 4), then resumes the run from the store in
+this process. Whatever the phase, the store holds round 2 and nothing of round 3,
+and the resumed run ends with the uninterrupted run's model bit for bit and each
+round once in its history.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowerpets.simulation import SimulationResult
+from flowerpets.store import RunStore
+from tests.store.faulty_runs import KILL_ROUND, PHASES, run
+from tests.store.stored_runs import same_bits
+from tests.store.test_resume import ROUNDS, comparable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def server_process(
+    path: Path, kind: str, phase: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the faulty server to its end (its death, for a phase) in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.store.faulty_runs", str(path), kind, phase, *extra],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> SimulationResult:
+    whole = run("plain")
+    assert [r.round for r in whole.history.rounds] == list(range(1, ROUNDS + 1))
+    assert all(r.ok for r in whole.history.rounds)
+    return whole
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_server_killed_in_any_phase_resumes_to_the_uninterrupted_model(
+    tmp_path: Path, phase: str, uninterrupted: SimulationResult
+) -> None:
+    path = tmp_path / "runs.db"
+    killed = server_process(path, "plain", phase)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with RunStore(path, check="full") as store:
+        assert store.run("r").last_round == KILL_ROUND - 1  # nothing of the killed round
+        assert [r.round for r in store.load("r").history.rounds] == list(range(1, KILL_ROUND))
+        with store.resume_run("r") as writer:
+            resumed = run("plain", writer)
+        stored = store.load("r")
+    assert same_bits(resumed.arrays, uninterrupted.arrays)
+    assert [r.round for r in resumed.history.rounds] == list(
+        range(1, ROUNDS + 1)
+    )  # each round once
+    assert comparable(resumed.history.rounds) == comparable(uninterrupted.history.rounds)
+    assert stored.round == ROUNDS and stored.arrays is not None
+    assert same_bits(stored.arrays, uninterrupted.arrays)
+    assert comparable(stored.history.rounds) == comparable(uninterrupted.history.rounds)
