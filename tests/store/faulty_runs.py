@@ -16,9 +16,12 @@ starts run ``"r"`` in the store at ``STORE`` and runs the seeded simulation of
 ``mid-commit``
     inside SQLite's transaction, every row of the round written (the previous
     round's arrays deleted, the counter moved), before ``COMMIT``;
-``none``
-    never: with ``MAX_BYTES`` capping the store, the commit that does not fit
-    fails and the process exits with the name of the error it raised.
+``disk-full``
+    never: once round :data:`KILL_ROUND` - 1 is committed the store's file may
+    not grow (as if the disk were full), and the model is big enough that the
+    next round needs new pages: that commit fails.
+
+A run that ends with an error instead prints the error's type and exits with 3.
 
 The phase is reached by code, not by timing: each hook kills at a fixed point.
 """
@@ -43,6 +46,7 @@ from flowerpets.core import (
     FixedSizeSampling,
     Message,
     RoundRequest,
+    RoundRecord,
     RoundResult,
     ServerApp,
     ServerContext,
@@ -55,6 +59,7 @@ from tests.store.test_resume import ROUNDS, local_training, simulate
 KILL_ROUND = 3
 PHASES = ("before-send", "mid-collection", "after-aggregation", "mid-commit")
 SHAPE = (4, 5)
+BIG_SHAPE = (100, 200)  # 80 kB a round: more than a page of the store
 
 
 def die() -> None:
@@ -104,7 +109,13 @@ def _kill_inside_the_commit() -> None:
     run_writer._set_last_round = write_all_then_die
 
 
-def server(kind: str, store: RunWriter | None = None, *, phase: str = "none") -> ServerApp:
+def server(
+    kind: str,
+    store: RunWriter | None = None,
+    *,
+    phase: str = "none",
+    shape: tuple[int, int] = SHAPE,
+) -> ServerApp:
     """The run's server; with ``phase``, one that dies there in round :data:`KILL_ROUND`."""
     mods: list[ServerMod] = [_kill_before_send] if phase == "before-send" else []
     if kind == "he":
@@ -115,7 +126,7 @@ def server(kind: str, store: RunWriter | None = None, *, phase: str = "none") ->
     return ServerApp(
         strategy=strategy_type(sampling=FixedSizeSampling(3)),
         num_rounds=ROUNDS,
-        initial_arrays=ArrayRecord({"w": np.zeros(SHAPE, np.float32)}),
+        initial_arrays=ArrayRecord({"w": np.zeros(shape, np.float32)}),
         mods=mods,
         store=store,
     )
@@ -130,20 +141,46 @@ def client(kind: str, *, phase: str = "none") -> ClientApp:
     return local_training(mods)
 
 
-def run(kind: str, store: RunWriter | None = None, *, phase: str = "none") -> SimulationResult:
-    return simulate(server(kind, store, phase=phase), client=client(kind, phase=phase))
+def run(
+    kind: str,
+    store: RunWriter | None = None,
+    *,
+    phase: str = "none",
+    shape: tuple[int, int] = SHAPE,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> SimulationResult:
+    return simulate(
+        server(kind, store, phase=phase, shape=shape),
+        client=client(kind, phase=phase),
+        on_round=on_round,
+    )
+
+
+def _fill_the_disk_after(rnd: int, store: RunStore) -> Callable[[RoundRecord], None]:
+    def fill(record: RoundRecord) -> None:
+        if record.round == rnd:  # committed: from now on the file cannot grow
+            store._connection.execute("PRAGMA max_page_count = 1")  # noqa: SLF001 - the cap
+
+    return fill
 
 
 def main(argv: list[str]) -> None:
     path, kind, phase = Path(argv[0]), argv[1], argv[2]
-    max_bytes = int(argv[3]) if len(argv) > 3 else None
     if phase == "mid-commit":
         _kill_inside_the_commit()
-    with RunStore(path, max_bytes=max_bytes) as store, store.start_run("r", config={}) as writer:
+    with RunStore(path) as store, store.start_run("r", config={}) as writer:
         try:
-            run(kind, writer, phase=phase)
+            if phase == "disk-full":
+                run(
+                    kind,
+                    writer,
+                    shape=BIG_SHAPE,
+                    on_round=_fill_the_disk_after(KILL_ROUND - 1, store),
+                )
+            else:
+                run(kind, writer, phase=phase)
         except Exception as exc:  # the parent reads which error ended the run
-            print(type(exc).__name__, flush=True)
+            print(f"{type(exc).__name__}: {exc}", flush=True)
             raise SystemExit(3) from exc
     print("finished", flush=True)
 

@@ -19,7 +19,7 @@ import pytest
 
 from flowerpets.simulation import SimulationResult
 from flowerpets.store import RunStore
-from tests.store.faulty_runs import KILL_ROUND, PHASES, run
+from tests.store.faulty_runs import BIG_SHAPE, KILL_ROUND, PHASES, run
 from tests.store.stored_runs import same_bits
 from tests.store.test_resume import ROUNDS, comparable
 
@@ -70,3 +70,29 @@ def test_a_server_killed_in_any_phase_resumes_to_the_uninterrupted_model(
     assert stored.round == ROUNDS and stored.arrays is not None
     assert same_bits(stored.arrays, uninterrupted.arrays)
     assert comparable(stored.history.rounds) == comparable(uninterrupted.history.rounds)
+
+
+def test_a_disk_full_during_a_commit_stops_the_run_and_keeps_the_last_round(
+    tmp_path: Path,
+) -> None:
+    expected_path = tmp_path / "expected.db"
+    with RunStore(expected_path) as store:
+        with store.start_run("r", config={}) as writer:
+            whole = run("plain", writer, shape=BIG_SHAPE)
+        before = store.arrays_at("r", KILL_ROUND - 1)
+        history_before = comparable(store.load("r").history.rounds[: KILL_ROUND - 1])
+
+    path = tmp_path / "runs.db"
+    full = server_process(path, "plain", "disk-full")
+    assert full.returncode == 3, full.stdout + full.stderr
+    error, _, reason = full.stdout.strip().partition(": ")
+    assert error == "StoreWriteError" and "full" in reason, full.stdout
+    with RunStore(path, check="full") as store:
+        snapshot = store.load("r")
+        assert snapshot.round == KILL_ROUND - 1 and snapshot.arrays is not None
+        assert same_bits(snapshot.arrays, before)
+        assert comparable(snapshot.history.rounds) == history_before
+        with store.resume_run("r") as writer:  # room again: the run goes on from there
+            resumed = run("plain", writer, shape=BIG_SHAPE)
+    assert same_bits(resumed.arrays, whole.arrays)
+    assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
