@@ -45,8 +45,8 @@ from flowerpets.core import (
     FedAvg,
     FixedSizeSampling,
     Message,
-    RoundRequest,
     RoundRecord,
+    RoundRequest,
     RoundResult,
     ServerApp,
     ServerContext,
@@ -158,8 +158,8 @@ def run(
 
 def _fill_the_disk_after(rnd: int, store: RunStore) -> Callable[[RoundRecord], None]:
     def fill(record: RoundRecord) -> None:
-        if record.round == rnd:  # committed: from now on the file cannot grow
-            store._connection.execute("PRAGMA max_page_count = 1")  # noqa: SLF001 - the cap
+        if record.round == rnd:  # committed: the file may not grow from now on
+            store._connection.execute("PRAGMA max_page_count = 1")
 
     return fill
 
