@@ -1,10 +1,10 @@
 """A server process that SIGKILLs itself at one phase of a round, for the fault tests.
 
-Run as ``python -m tests.store.faulty_runs STORE KIND PHASE [MAX_BYTES]``: it
+Run as ``python -m tests.store.faulty_runs STORE KIND PHASE [ROUND]``: it
 starts run ``"r"`` in the store at ``STORE`` and runs the seeded simulation of
 :mod:`tests.store.test_resume` (``KIND`` ``plain``, or ``he`` behind
-:class:`~flowerpets.he.HomomorphicAggregation`), and in round
-:data:`KILL_ROUND` kills itself at ``PHASE``, one of :data:`PHASES`:
+:class:`~flowerpets.he.HomomorphicAggregation`), and in round ``ROUND``
+(default :data:`KILL_ROUND`) kills itself at ``PHASE``, one of :data:`PHASES`:
 
 ``before-send``
     the round's request is made, nothing was sent (the outermost server mod);
@@ -14,10 +14,10 @@ starts run ``"r"`` in the store at ``STORE`` and runs the seeded simulation of
 ``after-aggregation``
     the strategy aggregated the round, nothing of it is committed;
 ``mid-commit``
-    inside SQLite's transaction, every row of the round written (the previous
-    round's arrays deleted, the counter moved), before ``COMMIT``;
+    inside SQLite's transaction, every row of the round written and the round
+    counter moved, before ``COMMIT``;
 ``disk-full``
-    never: once round :data:`KILL_ROUND` - 1 is committed the store's file may
+    never: once round ``ROUND`` - 1 is committed the store's file may
     not grow (as if the disk were full), and the model is big enough that the
     next round needs new pages: that commit fails.
 
@@ -165,7 +165,9 @@ def _fill_the_disk_after(rnd: int, store: RunStore) -> Callable[[RoundRecord], N
 
 
 def main(argv: list[str]) -> None:
+    global KILL_ROUND  # the hooks read it when they fire
     path, kind, phase = Path(argv[0]), argv[1], argv[2]
+    KILL_ROUND = int(argv[3]) if len(argv) > 3 else KILL_ROUND
     if phase == "mid-commit":
         _kill_inside_the_commit()
     with RunStore(path) as store, store.start_run("r", config={}) as writer:

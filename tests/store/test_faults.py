@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flowerpets.simulation import SimulationResult
@@ -96,3 +97,80 @@ def test_a_disk_full_during_a_commit_stops_the_run_and_keeps_the_last_round(
             resumed = run("plain", writer, shape=BIG_SHAPE)
     assert same_bits(resumed.arrays, whole.arrays)
     assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
+
+
+# -- HE --------------------------------------------------------------------------------------------
+# After round 1 the global model is sealed: CKKS ciphertexts under a key that only the nodes hold
+# (in their contexts, which die with a simulation's process). The server keeps the key's public
+# parameters, its id and the model's layout in memory; the store keeps none of them and no key.
+# A new server process can therefore neither open the sealed model nor make a new key for it:
+# resuming is refused with a typed error that ends the run, and the store keeps the last round.
+
+
+def he_key_holders_secrets(result: SimulationResult) -> list[bytes]:
+    from flowerpets.he._state import ClientKeys
+
+    secrets = [ClientKeys.load(c.state).secret_context for c in result.contexts]
+    return [s for s in secrets if s]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_an_he_run_killed_after_its_model_was_sealed_is_refused_on_resume(
+    tmp_path: Path, phase: str
+) -> None:
+    from flowerpets.exceptions import ConfigurationError, IncompatibleModsError
+
+    path = tmp_path / "runs.db"
+    killed = server_process(path, "he", phase)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with RunStore(path, check="full") as store:
+        before = store.load("r")
+        assert before.round == KILL_ROUND - 1 and before.arrays is not None
+        with store.resume_run("r") as writer, pytest.raises(IncompatibleModsError, match="sealed"):
+            run("he", writer)
+        after = store.load("r")
+    assert issubclass(IncompatibleModsError, ConfigurationError)  # the ServerApp ends the run
+    assert after.round == KILL_ROUND - 1  # no round failed on top of it: it can be resumed later
+    assert after.arrays is not None and same_bits(after.arrays, before.arrays)
+    assert [r.round for r in after.history.rounds] == list(range(1, KILL_ROUND))
+    assert all(r.ok for r in after.history.rounds)
+
+
+def test_an_he_run_killed_before_any_round_committed_resumes_with_a_new_key(
+    tmp_path: Path,
+) -> None:
+    from flowerpets.he import open_model
+
+    whole = run("he")
+    path = tmp_path / "runs.db"
+    killed = server_process(path, "he", "after-aggregation", "1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with RunStore(path) as store:
+        assert store.run("r").last_round == 0
+        with store.resume_run("r") as writer:
+            resumed = run("he", writer)
+        stored = store.load("r")
+    assert [r.round for r in resumed.history.rounds] == list(range(1, ROUNDS + 1))
+    assert all(r.ok for r in resumed.history.rounds)
+    assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
+    # CKKS is approximate and its encryption randomized: equal to its precision, not bit for bit.
+    expected = open_model(whole.arrays, whole.contexts[0])["w"].numpy()
+    got = open_model(resumed.arrays, resumed.contexts[0])["w"].numpy()
+    assert np.allclose(got, expected, atol=1e-4, rtol=0)
+    assert stored.arrays is not None and same_bits(stored.arrays, resumed.arrays)
+
+
+def test_the_store_of_an_he_run_holds_no_secret_key(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    with RunStore(path, checkpoint_bytes=1 << 30) as store:
+        with store.start_run("r", config={}) as writer:
+            result = run("he", writer)
+        secrets = he_key_holders_secrets(result)
+        stored = path.read_bytes() + Path(f"{path}-wal").read_bytes()  # before the checkpoint
+    assert len(secrets) == len(result.contexts)
+    sealed = max((a.numpy().tobytes() for a in result.arrays.values()), key=len)
+    assert sealed[len(sealed) // 2 :][:32] in stored  # the search finds what is stored
+    for secret in secrets:
+        # Any 32 bytes of the serialized secret context, at 16 places across it.
+        for at in range(0, len(secret) - 32, max(1, (len(secret) - 32) // 16)):
+            assert secret[at : at + 32] not in stored
