@@ -21,7 +21,14 @@ starts run ``"r"`` in the store at ``STORE`` and runs the seeded simulation of
     not grow (as if the disk were full), and the model is big enough that the
     next round needs new pages: that commit fails.
 
-A run that ends with an error instead prints the error's type and exits with 3.
+``hold``
+    never: before sending round ``ROUND`` it prints ``holding`` and waits for
+    a line on stdin, holding the run's lease;
+``resume``
+    never: it resumes run ``"r"`` (instead of starting it) and runs it to the end.
+
+A run that ends with an error instead prints the error's type and reason and
+exits with 3; one that ends prints ``finished``.
 
 The phase is reached by code, not by timing: each hook kills at a fixed point.
 """
@@ -82,6 +89,13 @@ def _kill_before_send(request: RoundRequest, context: ServerContext, call_next: 
     return call_next(request, context)
 
 
+def _hold_before_send(request: RoundRequest, context: ServerContext, call_next: Any) -> Any:
+    if request.round == KILL_ROUND:
+        print("holding", flush=True)
+        sys.stdin.readline()
+    return call_next(request, context)
+
+
 def _kill_at_the_second_update() -> ClientMod:
     updates = 0
 
@@ -117,7 +131,11 @@ def server(
     shape: tuple[int, int] = SHAPE,
 ) -> ServerApp:
     """The run's server; with ``phase``, one that dies there in round :data:`KILL_ROUND`."""
-    mods: list[ServerMod] = [_kill_before_send] if phase == "before-send" else []
+    mods: list[ServerMod] = []
+    if phase == "before-send":
+        mods.append(_kill_before_send)
+    if phase == "hold":
+        mods.append(_hold_before_send)
     if kind == "he":
         from flowerpets.he import HomomorphicAggregation
 
@@ -170,20 +188,18 @@ def main(argv: list[str]) -> None:
     KILL_ROUND = int(argv[3]) if len(argv) > 3 else KILL_ROUND
     if phase == "mid-commit":
         _kill_inside_the_commit()
-    with RunStore(path) as store, store.start_run("r", config={}) as writer:
-        try:
-            if phase == "disk-full":
-                run(
-                    kind,
-                    writer,
-                    shape=BIG_SHAPE,
-                    on_round=_fill_the_disk_after(KILL_ROUND - 1, store),
-                )
-            else:
-                run(kind, writer, phase=phase)
-        except Exception as exc:  # the parent reads which error ended the run
-            print(f"{type(exc).__name__}: {exc}", flush=True)
-            raise SystemExit(3) from exc
+    try:
+        with RunStore(path) as store:
+            writer = store.resume_run("r") if phase == "resume" else store.start_run("r", config={})
+            with writer:
+                if phase == "disk-full":
+                    fill = _fill_the_disk_after(KILL_ROUND - 1, store)
+                    run(kind, writer, shape=BIG_SHAPE, on_round=fill)
+                else:
+                    run(kind, writer, phase=phase)
+    except Exception as exc:  # the parent reads which error ended the run
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+        raise SystemExit(3) from exc
     print("finished", flush=True)
 
 

@@ -174,3 +174,39 @@ def test_the_store_of_an_he_run_holds_no_secret_key(tmp_path: Path) -> None:
         # Any 32 bytes of the serialized secret context, at 16 places across it.
         for at in range(0, len(secret) - 32, max(1, (len(secret) - 32) // 16)):
             assert secret[at : at + 32] not in stored
+
+
+# -- one server per run ----------------------------------------------------------------------------
+def test_a_second_server_process_for_a_live_run_is_refused(
+    tmp_path: Path, uninterrupted: SimulationResult
+) -> None:
+    path = tmp_path / "runs.db"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tests.store.faulty_runs", str(path), "plain", "hold"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdin is not None and first.stdout is not None
+        assert first.stdout.readline().strip() == "holding"  # mid-run, lease held
+        second = server_process(path, "plain", "resume")
+        assert second.returncode == 3, second.stdout + second.stderr
+        error, _, reason = second.stdout.strip().partition(": ")
+        assert error == "StoreLockedError" and f"pid {first.pid}" in reason
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "finished"
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(timeout=30)
+    with RunStore(path) as store:
+        stored = store.load("r")
+    assert stored.arrays is not None and same_bits(stored.arrays, uninterrupted.arrays)
+    assert [r.round for r in stored.history.rounds] == list(range(1, ROUNDS + 1))
+    again = server_process(path, "plain", "resume")  # the lease was released: allowed
+    assert (again.returncode, again.stdout.strip()) == (0, "finished"), again.stderr
