@@ -9,11 +9,11 @@ round once in its history.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -21,25 +21,14 @@ import pytest
 from flowerpets.simulation import SimulationResult
 from flowerpets.store import RunStore
 from tests.store.faulty_runs import BIG_SHAPE, KILL_ROUND, PHASES, run
+from tests.store.processes import ROOT, child_env, run_python
 from tests.store.stored_runs import same_bits
 from tests.store.test_resume import ROUNDS, comparable
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def server_process(
-    path: Path, kind: str, phase: str, *extra: str
-) -> subprocess.CompletedProcess[str]:
+def server_process(path: Path, kind: str, phase: str, *extra: str) -> CompletedProcess[str]:
     """Run the faulty server to its end (its death, for a phase) in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "tests.store.faulty_runs", str(path), kind, phase, *extra],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_python("-m", "tests.store.faulty_runs", str(path), kind, phase, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +172,7 @@ def test_a_second_server_process_for_a_live_run_is_refused(
     path = tmp_path / "runs.db"
     first = subprocess.Popen(
         [sys.executable, "-m", "tests.store.faulty_runs", str(path), "plain", "hold"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=child_env(),
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

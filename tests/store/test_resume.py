@@ -9,10 +9,7 @@ they were after round 2.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from flowerpets.core import (
 from flowerpets.exceptions import StopRunError, StoreWriteError
 from flowerpets.simulation import SimulationResult, run_simulation
 from flowerpets.store import RunStore, RunWriter
+from tests.store.processes import run_python
 from tests.store.stored_runs import same_bits
 
 NODES, ROUNDS, SEED = 6, 4, 11
@@ -187,16 +185,7 @@ def test_a_server_process_killed_after_round_two_resumes_to_the_same_model(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "runs.db"
-    root = Path(__file__).resolve().parents[2]
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_SERVER, str(path)],
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    killed = run_python("-c", _KILLED_SERVER, str(path))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with RunStore(path) as store:
         assert store.run("r").last_round == 2
