@@ -70,6 +70,11 @@ class HomomorphicAggregation(SecureAggregator):
     set (default :data:`~flowerpets.he.COMPACT`). ``max_keygen_attempts``
     bounds how many nodes are asked in turn to generate (or share) the key in
     one round before the round fails.
+
+    A run resumed from a store by a new server process whose stored model is
+    already sealed ends with :class:`~flowerpets.exceptions.IncompatibleModsError`:
+    the key state lives in this process's memory and the key only in the nodes
+    (``docs/he.md``, "A run resumed from a store").
     """
 
     def __init__(
