@@ -4,6 +4,7 @@ follows the population across runs, and a stored ledger that cannot be continued
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from flowerpets.exceptions import (
 from flowerpets.store import RunStore, RunWriter
 from flowerpets.store.rows import pet_state_digest
 from tests.dp.test_central import DELTAS, MODEL
-from tests.store.processes import killed_server
+from tests.store.processes import run_python
 
 pytestmark = pytest.mark.filterwarnings("ignore::flowerpets.exceptions.InsecureRandomnessWarning")
 
@@ -299,7 +300,8 @@ def test_a_killed_server_resumes_with_the_budget_it_spent(
     tmp_path: Path, grid: Any, phase: str, extra: int
 ) -> None:
     path = tmp_path / "runs.db"
-    killed_server(_KILLED_SERVER, str(path), phase)
+    killed = run_python("-W", "ignore", "-c", _KILLED_SERVER, str(path), phase)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     with RunStore(path) as store:
         assert store.run("r").last_round == 2
         assert len(store.spends("run:r")) == 2 + extra  # round 3's spend, if it was made
