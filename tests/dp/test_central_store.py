@@ -22,6 +22,7 @@ from flowerpets.exceptions import (
     ParameterValueError,
     PrivacyLedgerError,
     PrivacyLedgerMismatchError,
+    StoreLockedError,
     TruncatedPrivacyLedgerError,
 )
 from flowerpets.store import RunStore, RunWriter
@@ -311,3 +312,21 @@ def test_a_killed_server_resumes_with_the_budget_it_spent(
     assert epsilons(resumed)[-1] == whole.get_epsilon(DELTA)
     if not extra:
         assert epsilons(resumed) == epsilons(app(dp(), None).run(grid()))
+
+
+def test_a_spend_the_store_refuses_ends_the_run_before_the_release(
+    tmp_path: Path, grid: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    releases: list[int] = []
+    release = _mod.noised
+
+    def counted(result: Any, *args: Any) -> Any:
+        releases.append(result.round)
+        return release(result, *args)
+
+    monkeypatch.setattr(_mod, "noised", counted)
+    with RunStore(tmp_path / "runs.db") as store, store.start_run("r", config={}) as writer:
+        with pytest.raises(StoreLockedError):  # the lease is gone: round 2 cannot spend
+            app(dp(), writer).run(grid(), on_round=lambda record: store.break_lease("r"))
+        assert len(store.spends("run:r")) == 1 and store.run("r").last_round == 1
+    assert releases == [1]
