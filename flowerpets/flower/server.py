@@ -32,8 +32,9 @@ the keys that change no result (``store``, ``store-run``, ``history-file``,
 ``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's rounds and seed;
 resuming with another is refused. A server mod whose state the store does not keep
 yet (``CentralDp``, ``HomomorphicAggregation``) is refused with ``store``. The
-interrupted round is run again from scratch: SecAgg+ starts a new session (but a
-node that kept its state refuses to run a round it already started twice).
+interrupted round is run again from scratch with a new SecAgg+ session, which a
+node that kept its state refuses (it never runs one round twice): that round
+fails with the model unchanged and the run goes on with the next.
 
 The whole run config is also passed to our ``ServerApp.run`` as its run config.
 What comes back: :attr:`FlowerServerApp.last_result` (our ``RunResult`` with the

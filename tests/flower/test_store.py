@@ -94,3 +94,46 @@ def test_a_store_refuses_central_dp_whose_budget_it_does_not_keep(
     with pytest.raises(ParameterValueError, match="count its epsilon from 0 again"):
         kit.run_bridge(kit.numpy_server([dp]), grid, {"store": str(tmp_path / "run.db")})
     assert not (tmp_path / "run.db").exists()  # refused before anything was written
+
+
+def test_nodes_that_kept_their_state_refuse_the_abandoned_secagg_round_and_the_run_goes_on(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Flower's nodes outlive a ServerApp: SecAgg+ state is theirs, never resumed by the server.
+
+    The server dies in round 3 before collecting the masked inputs; the resumed
+    server starts round 3 again with a new session, which every node that began
+    round 3 refuses (a node never runs one round twice). The round fails with the
+    model unchanged, and round 4 runs as usual.
+    """
+    from flowerpets.secagg import SecAggPlus, Stage, secaggplus_mod
+
+    class DyingGrid(kit.LocalFlwrGrid):  # type: ignore[name-defined,misc]
+        die = True
+
+        def push_messages(self, messages: Iterable[fl.Message]) -> Iterable[str]:
+            messages = list(messages)
+            stage = f"3:{Stage.COLLECT_MASKED_INPUT}"
+            if self.die and any(m.metadata.group_id == stage for m in messages):
+                raise ServerKilled
+            return super().push_messages(messages)
+
+    grid = DyingGrid(client_app(kit.numpy_client([secaggplus_mod])), 5)
+    path = tmp_path / "run.db"
+    config = {"store": str(path), "num-server-rounds": ROUNDS}
+
+    def server() -> object:
+        return kit.numpy_server([SecAggPlus(degree=4, threshold=3)], rounds=ROUNDS)
+
+    with pytest.raises(ServerKilled):
+        kit.run_bridge(server(), grid, config)
+    grid.die = False  # the same nodes, their contexts kept: a new ServerApp process
+    resumed = kit.run_bridge(server(), grid, config).last_result  # type: ignore[attr-defined]
+
+    rounds = resumed.history.rounds
+    assert [r.ok for r in rounds] == [True, True, False, True]
+    refusals = rounds[2].failures.values()
+    assert len(refusals) == 5 and all("a stale or repeated round" in str(f) for f in refusals)
+    with RunStore(path) as store:
+        assert same_bits(store.arrays_at("flower", 3), store.arrays_at("flower", 2))
+        assert not same_bits(store.arrays_at("flower", 4), store.arrays_at("flower", 3))
