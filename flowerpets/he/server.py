@@ -37,7 +37,7 @@ from flowerpets.core import (
     ServerContext,
     is_sealed,
 )
-from flowerpets.exceptions import ModelMismatchError, RoundFailedError
+from flowerpets.exceptions import IncompatibleModsError, ModelMismatchError
 from flowerpets.he._aggregation import ModelLayout, aggregate_encrypted
 from flowerpets.he._keysetup import KeySetup
 from flowerpets.he._primitives.packing import Layout, encryption_patterns, select_names
@@ -70,6 +70,11 @@ class HomomorphicAggregation(SecureAggregator):
     set (default :data:`~flowerpets.he.COMPACT`). ``max_keygen_attempts``
     bounds how many nodes are asked in turn to generate (or share) the key in
     one round before the round fails.
+
+    A run resumed from a store by a new server process whose stored model is
+    already sealed ends with :class:`~flowerpets.exceptions.IncompatibleModsError`:
+    the key state lives in this process's memory and the key only in the nodes
+    (``docs/he.md``, "A run resumed from a store").
     """
 
     def __init__(
@@ -116,9 +121,13 @@ class HomomorphicAggregation(SecureAggregator):
         stored = ModelLayout.load(context.state)
         if is_sealed(request.arrays):
             if stored is None:
-                raise RoundFailedError(
+                # Every later round would fail alike (and commit as failed): end the run. A run
+                # resumed from a store lands here: the server's key state and layout live in
+                # memory only, and the key that opens the model only in the nodes.
+                raise IncompatibleModsError(
                     f"round {request.round}: the model is sealed, but this server never saw it "
-                    "in the clear: HomomorphicAggregation must run from the first round"
+                    "in the clear: HomomorphicAggregation must run from the first round, and a "
+                    "run with a sealed model cannot be resumed by a new server process"
                 )
             return stored
         names = list(request.arrays)

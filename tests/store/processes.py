@@ -50,16 +50,33 @@ _CHILD = textwrap.dedent(
 )
 
 
+def child_env() -> dict[str, str]:
+    """The environment a child process imports this checkout's flowerpets and tests in."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a process of its own, run to its end (or its death)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @contextmanager
 def server_holding_lease(path: Path) -> Iterator[subprocess.Popen[str]]:
     """A live server process holding the lease of the stored run at ``path``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=child_env(),
         cwd=ROOT,
     )
     try:

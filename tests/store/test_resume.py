@@ -9,10 +9,8 @@ they were after round 2.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 from flowerpets.core import (
     ArrayRecord,
     ClientApp,
+    ClientMod,
     Context,
     FedAvg,
     FixedSizeSampling,
@@ -34,14 +33,15 @@ from flowerpets.core import (
 from flowerpets.exceptions import StopRunError, StoreWriteError
 from flowerpets.simulation import SimulationResult, run_simulation
 from flowerpets.store import RunStore, RunWriter
+from tests.store.processes import run_python
 from tests.store.stored_runs import same_bits
 
 NODES, ROUNDS, SEED = 6, 4, 11
 
 
-def local_training() -> ClientApp:
+def local_training(mods: Sequence[ClientMod] = ()) -> ClientApp:
     """Each node moves the model by noise drawn from its partition, the round and the seed."""
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> RecordDict:
@@ -69,8 +69,11 @@ def server(store: object = None, shape: tuple[int, ...] = (4, 5)) -> ServerApp:
     )
 
 
-def simulate(app: ServerApp, *, seed: int = SEED, **options: Any) -> SimulationResult:
-    return run_simulation(app, local_training(), NODES, seed=seed, max_workers=1, **options)
+def simulate(
+    app: ServerApp, *, seed: int = SEED, client: ClientApp | None = None, **options: Any
+) -> SimulationResult:
+    nodes = local_training() if client is None else client
+    return run_simulation(app, nodes, NODES, seed=seed, max_workers=1, **options)
 
 
 class CrashError(Exception):
@@ -182,16 +185,7 @@ def test_a_server_process_killed_after_round_two_resumes_to_the_same_model(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "runs.db"
-    root = Path(__file__).resolve().parents[2]
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_SERVER, str(path)],
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    killed = run_python("-c", _KILLED_SERVER, str(path))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with RunStore(path) as store:
         assert store.run("r").last_round == 2
