@@ -1,6 +1,7 @@
 """The ``flowerpets`` command: one entry point, one subcommand per tool.
 
-``flowerpets demo`` runs the federated digits demo; ``flowerpets accountant``
+``flowerpets demo`` runs the federated digits demo (``--store`` keeps its
+rounds, ``flowerpets resume`` continues it after a crash); ``flowerpets accountant``
 answers privacy-budget questions (epsilon, noise, plans); ``flowerpets
 server``, ``client`` and ``certs`` run a federation as separate processes over
 gRPC; ``flowerpets new`` writes a Flower app that uses the PETs. Subcommands
@@ -35,6 +36,7 @@ def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
 
 def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from flowerpets.examples.digits.demo import DESCRIPTION, RECOMMENDED, add_arguments
+    from flowerpets.examples.digits.stored import add_store_arguments
 
     parser = subparsers.add_parser(
         "demo",
@@ -42,7 +44,30 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description=DESCRIPTION,
     )
     add_arguments(parser, default_pets=RECOMMENDED)
+    add_store_arguments(parser)
     parser.set_defaults(command=lambda args: _demo(parser)(args))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from flowerpets.examples.digits.stored import resume
+
+    return resume(args)
+
+
+def _add_resume(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "resume",
+        help="continue a demo run stored with --store from its last committed round",
+        description="Continue a run that 'flowerpets demo --store PATH' stored, after its "
+        "last committed round: the run's options are read from the store and the same apps "
+        "rebuilt from them, so the run ends where the uninterrupted run would have.",
+    )
+    parser.add_argument("--store", required=True, metavar="PATH", help="the run store")
+    parser.add_argument(
+        "--run", metavar="ID", help="the run to continue (default: the last demo run started)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the history as JSON")
+    parser.set_defaults(command=_resume)
 
 
 def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,6 +78,7 @@ def _add_accountant(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 SUBCOMMANDS = [
     _add_demo,
+    _add_resume,
     _add_accountant,
     add_server_parser,
     add_client_parser,

@@ -20,7 +20,21 @@ of a Flower app, or ``flwr run --run-config``) maps to :class:`Settings`:
 ``node-timeout``       how long to wait for them, seconds (default 60)
 ``poll-interval``      pause between two empty pulls, seconds (default 0.01)
 ``history-file``       write our History as JSON there when the run ends
+``store``              commit every round to the run store (an SQLite file) at this
+                       path, and resume the run from it if it holds it already
+``store-run``          the run's id in that store (default ``"flower"``)
 =====================  ===============================================================
+
+With ``store``, a ServerApp process that died (or a run started again with
+``flwr run``) continues after the last committed round, with the stored model,
+history and cohort generator. The stored configuration is the run config without
+the keys that change no result (``store``, ``store-run``, ``history-file``,
+``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's rounds and seed;
+resuming with another is refused. A server mod whose state the store does not keep
+yet (``CentralDp``, ``HomomorphicAggregation``) is refused with ``store``. The
+interrupted round is run again from scratch with a new SecAgg+ session, which a
+node that kept its state refuses (it never runs one round twice): that round
+fails with the model unchanged and the run goes on with the next.
 
 The whole run config is also passed to our ``ServerApp.run`` as its run config.
 What comes back: :attr:`FlowerServerApp.last_result` (our ``RunResult`` with the
@@ -35,6 +49,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +64,7 @@ from flowerpets.core import ConfigValue, RoundRecord, RunResult, ServerApp
 from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 from flowerpets.flower.grid import FlowerGrid
 from flowerpets.flower.records import array_to_flwr
+from flowerpets.store.serving import stored_app
 
 __all__ = ["FlowerServerApp", "Settings", "flwr_result", "server_app"]
 
@@ -84,6 +100,8 @@ class Settings:
     node_timeout: float = 60.0
     poll_interval: float = 0.01
     history_file: str | None = None
+    store: str | None = None
+    store_run: str = "flower"
     run_config: Mapping[str, ConfigValue] = field(default_factory=dict)
 
     @classmethod
@@ -92,9 +110,9 @@ class Settings:
     ) -> Settings:
         """Validated settings; a bad value raises ``ValueError`` naming its key."""
         config = {**(defaults or {}), **run_config}
-        history = config.get("history-file")
-        if history is not None and not isinstance(history, str):
-            raise ParameterValueError(f"run config 'history-file' must be a path, got {history!r}")
+        history = _text(config, "history-file", "a path")
+        store = _text(config, "store", "a path")
+        store_run = _text(config, "store-run", "a run id") or "flower"
         return cls(
             num_rounds=_int(config, "num-server-rounds", None, 1),
             seed=_int(config, "seed", None, 0),
@@ -102,8 +120,33 @@ class Settings:
             node_timeout=_seconds(config, "node-timeout", 60.0),
             poll_interval=_seconds(config, "poll-interval", 0.01),
             history_file=history or None,
+            store=store or None,
+            store_run=store_run,
             run_config=config,
         )
+
+    def stored_config(self, app: ServerApp) -> dict[str, Any]:
+        """What identifies the run in a store: the run config's keys that change results."""
+        relevant = {k: v for k, v in self.run_config.items() if k not in _OPERATIONAL}
+        return {
+            "program": "flowerpets.flower",
+            "run_config": relevant,
+            "num_rounds": app.num_rounds,
+            "seed": app.seed if app.seed is not None else self.seed,
+        }
+
+
+# Run-config keys that say how to run, not what is computed: not part of a stored run's identity.
+_OPERATIONAL = frozenset(
+    {"store", "store-run", "history-file", "min-nodes", "node-timeout", "poll-interval"}
+)
+
+
+def _text(config: Mapping[str, Any], key: str, what: str) -> str | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ParameterValueError(f"run config {key!r} must be {what}, got {value!r}")
+    return value
 
 
 AppOrFactory = ServerApp | Callable[[Settings], ServerApp]
@@ -189,9 +232,15 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
             poll_interval=settings.poll_interval,
         )
         self.last_grid = bridge
-        result = ours.run(
-            bridge, run_config=settings.run_config, on_round=_log_round, seed=settings.seed
-        )
+        with ExitStack() as stored:
+            if settings.store is not None:
+                config = settings.stored_config(ours)
+                ours = stored.enter_context(
+                    stored_app(ours, settings.store, settings.store_run, config)
+                )
+            result = ours.run(
+                bridge, run_config=settings.run_config, on_round=_log_round, seed=settings.seed
+            )
         self.last_result = result
         self.last_flwr_result = flwr_result(result)
         if result.stopped:

@@ -7,8 +7,13 @@ cryptography, the rest of the transport and the apps are imported when a
 command runs (``python -X importtime`` shows it; the ``flowerpets`` package
 itself still loads the core, and with it numpy).
 
+With ``--store PATH`` the server commits every round to a run store and, started
+again with the same app, run config and seed, continues after the last committed
+round (:mod:`flowerpets.store.serving`; a store that is damaged, held by a live
+server or holds the run with another configuration is refused at start).
+
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
-1 if the ServerApp failed and 2 for bad arguments; a client returns its
+1 if the ServerApp failed and 2 for bad arguments (and a refused store); a client returns its
 :class:`~flowerpets.transport.client.ExitCode` (0: the run is over or the server
 let it go; 1: server unreachable; 2: refused; 3: protocol error; 4: replaced).
 """
@@ -23,6 +28,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -154,6 +160,19 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, help="seed of the run (also run_config['seed'])")
     run.add_argument("--run-id", type=int, help="the run's id (default: random)")
+    run.add_argument(
+        "--store",
+        metavar="PATH",
+        help="commit every round to the run store (an SQLite file) at PATH; a server started "
+        "again with the same --app, --run-config and --seed continues after the last "
+        "committed round",
+    )
+    run.add_argument(
+        "--store-run",
+        default="server",
+        metavar="ID",
+        help="the run's id in the store (default: server)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--history", metavar="FILE", help="write the history as JSON here")
     output.add_argument(
@@ -239,8 +258,13 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    with ExitStack() as stored:
+        return _serve_stored(args, stored)
+
+
+def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
     from flowerpets.core import ConfigRecord
-    from flowerpets.exceptions import ParameterValueError
+    from flowerpets.exceptions import ParameterValueError, StoreError
     from flowerpets.transport._auth import load_public_keys
     from flowerpets.transport._loading import load_object, parse_config
     from flowerpets.transport.server import TransportServer
@@ -251,6 +275,17 @@ def _serve(args: argparse.Namespace) -> int:
         if args.seed is not None:
             run_config.setdefault("seed", args.seed)
         app = _server_app(load_object(args.app), ConfigRecord(run_config))
+        if args.store is not None:
+            from flowerpets.store.serving import stored_app
+
+            identity = {
+                "program": "flowerpets server",
+                "app": args.app,
+                "run_config": run_config,
+                "seed": args.seed,
+                "num_rounds": app.num_rounds,
+            }
+            app = stored.enter_context(stored_app(app, args.store, args.store_run, identity))
         if (args.cert is None) != (args.key is None):
             raise ParameterValueError("give both --cert and --key, or neither")
         tls = ServerTls.from_files(args.cert, args.key) if args.cert else None
@@ -274,7 +309,7 @@ def _serve(args: argparse.Namespace) -> int:
             insecure=args.insecure,
         )
         server.start()
-    except (ValueError, TypeError, ImportError, AttributeError, OSError) as exc:
+    except (ValueError, TypeError, ImportError, AttributeError, OSError, StoreError) as exc:
         log.error("cannot start the server: %s", exc)
         return EXIT_BAD_ARGUMENTS
     if args.port_file:

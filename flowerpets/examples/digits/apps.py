@@ -26,6 +26,7 @@ from flowerpets.core import (
     Message,
     MetricRecord,
     RecordDict,
+    RunJournal,
     ServerApp,
     ServerMod,
 )
@@ -138,12 +139,14 @@ def make_server_app(
     central_evaluation: bool = True,
     mods: Sequence[ServerMod] = (),
     seed: int | None = None,
+    store: RunJournal | None = None,
 ) -> ServerApp:
     """FedAvg over the task's nodes, evaluated on the whole test set after each round.
 
     ``central_evaluation=False`` leaves the server's evaluation out, for a
     server that cannot read the model (it stays encrypted): only the nodes'
-    federated evaluation measures it then.
+    federated evaluation measures it then. ``store`` is where the app commits
+    every round and resumes from (see :class:`~flowerpets.core.ServerApp`).
     """
     data = task.data
 
@@ -163,4 +166,5 @@ def make_server_app(
         initial_arrays=ArrayRecord.from_numpy(initial, copy=False),
         mods=mods,
         seed=seed,
+        store=store,
     )

@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -50,6 +50,7 @@ from flowerpets.core import (
     FixedSizeSampling,
     PoissonSampling,
     RoundRecord,
+    RunJournal,
     ServerApp,
 )
 from flowerpets.core.sampling import CohortSampling
@@ -70,6 +71,7 @@ from flowerpets.examples.digits.model import MODELS
 from flowerpets.examples.digits.pets import FEATURES
 from flowerpets.examples.digits.pets.dp import DELTA
 from flowerpets.examples.digits.server_view import ServerView
+from flowerpets.examples.digits.stored import add_store_arguments, check_storable, open_runs
 from flowerpets.exceptions import FlowerpetsError, ParameterValueError
 from flowerpets.secagg import SecAggPlus, secaggplus_mod
 from flowerpets.simulation import run_simulation
@@ -382,7 +384,11 @@ class DemoApps:
 
 
 def build_apps(
-    args: argparse.Namespace, *, with_pets: bool = True, view: ServerView | None = None
+    args: argparse.Namespace,
+    *,
+    with_pets: bool = True,
+    view: ServerView | None = None,
+    store: RunJournal | None = None,
 ) -> DemoApps:
     """The task and apps that ``args`` describe; ``ValueError`` for flags that clash.
 
@@ -390,7 +396,8 @@ def build_apps(
     (:mod:`flowerpets.examples.digits.deploy`) both build their apps here, so
     the same options compute the same thing in both. ``with_pets=False``
     builds the same run without any PET (the demo's comparison); ``view``
-    records what the server sees of a SecAgg+ round.
+    records what the server sees of a SecAgg+ round; ``store`` is where the
+    server app commits each round (and resumes from).
     """
     args = resolve(args)
     data = load_digits_split(seed=args.seed)
@@ -416,12 +423,13 @@ def build_apps(
         central_evaluation=not sealed,
         mods=server_mods,
         seed=args.seed,
+        store=store,
     )
     return DemoApps(task=task, client_app=client_app, server_app=server_app, pets=pets)
 
 
-def _error(exc: BaseException) -> int:
-    print(f"flowerpets demo: error: {one_line(exc)}", file=sys.stderr)
+def _error(exc: BaseException, prog: str = "flowerpets demo") -> int:
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
     return 2
 
 
@@ -519,35 +527,66 @@ def _header(args: argparse.Namespace, apps: DemoApps) -> str:
 
 def _simulate(apps: DemoApps, args: argparse.Namespace, label: str = "") -> SimulationResult:
     progress = None if args.json else ProgressBar(args.rounds, label=label)
+    # A stored run sums the replies in one order (one worker thread), so that a resumed
+    # run ends bit for bit where the uninterrupted one does.
+    workers = None if apps.server_app.store is None else 1
     try:
         return run_simulation(
-            apps.server_app, apps.client_app, args.clients, seed=args.seed, on_round=progress
+            apps.server_app,
+            apps.client_app,
+            args.clients,
+            seed=args.seed,
+            on_round=progress,
+            max_workers=workers,
         )
     finally:
         if progress is not None:
             progress.close()
 
 
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    *,
+    resume: bool = False,
+    prog: str = "flowerpets demo",
+) -> int:
     """Run the demo as ``args`` say, printing to ``out`` (stdout); returns an exit code.
 
     0: the run trained; 1: every round failed; 2: flags that do not go
-    together (one line on stderr).
+    together, or a run store that refuses the run (one line on stderr, as
+    ``prog: error: ...``). With ``args.store`` every round is committed to
+    the run store there (:mod:`flowerpets.examples.digits.stored`);
+    ``resume`` continues the stored run ``args.run`` instead of starting one.
     """
     out = sys.stdout if out is None else out
     view = ServerView()
     # What the library logs while the apps are built (the header says it better) and run
     # is collected and printed once, after the table.
-    with _library_logs() as logs:
+    with _library_logs() as logs, ExitStack() as stores:
         try:
             args = resolve(args)
-            apps = build_apps(args, view=view)
-            baseline = build_apps(args, with_pets=False) if args.composition != NONE else None
-        # Configuration refuses bad flags with our typed errors or ValueError / TypeError.
+            check_storable(args)
+            runs = None
+            if getattr(args, "store", None) is not None:
+                with_baseline = args.composition != NONE
+                runs = stores.enter_context(
+                    open_runs(args, with_baseline=with_baseline, resume=resume)
+                )
+            apps = build_apps(args, view=view, store=None if runs is None else runs.main)
+            baseline = (
+                build_apps(args, with_pets=False, store=None if runs is None else runs.baseline)
+                if args.composition != NONE
+                else None
+            )
+        # Configuration refuses bad flags with our typed errors or ValueError / TypeError;
+        # the store refuses a missing, locked or damaged run with a StoreError.
         except (FlowerpetsError, ValueError, TypeError) as exc:
-            return _error(exc)
+            return _error(exc, prog)
         if not args.json:
             print(_header(args, apps), file=out, flush=True)
+            if runs is not None:
+                print(runs.describe(args.rounds), file=out, flush=True)
         try:
             result = _simulate(apps, args)
             records = result.history.rounds
@@ -556,7 +595,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             if baseline is not None and trained:  # nothing to compare with an untrained run
                 plain = _simulate(baseline, args, label="without PETs ")
         except FlowerpetsError as exc:  # a combination that only the run itself refuses
-            return _error(exc)
+            return _error(exc, prog)
     snapshot = view.snapshot()
     if args.json:
         payload: dict[str, Any] = {
@@ -564,6 +603,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             "stopped": result.stopped,
             "baseline": None if plain is None else {"history": plain.history.to_dicts()},
             "server_view": None if snapshot is None else _view_dict(snapshot),
+            "stored": None
+            if runs is None
+            else {"store": str(runs.path), "run": runs.run_id, "resumed_after": runs.resumed_after},
         }
         json.dump(payload, out)
         out.write("\n")
@@ -583,7 +625,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"run stopped early: {one_line(result.stopped)}", file=sys.stderr)
     if not trained:
         print(
-            "flowerpets demo: every round failed, the model was never trained "
+            f"{prog}: every round failed, the model was never trained "
             f"(round 1: {one_line(records[0].error) if records else 'no round ran'})",
             file=sys.stderr,
         )
@@ -629,6 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flowerpets.examples.digits.demo``: the same as ``flowerpets demo``."""
     parser = OneLineParser(prog="flowerpets demo", description=DESCRIPTION)
     add_arguments(parser, default_pets=RECOMMENDED)
+    add_store_arguments(parser)
     return run(parser.parse_args(argv))
 
 

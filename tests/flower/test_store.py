@@ -1,0 +1,139 @@
+"""The bridge's ``store`` run-config key: the flwr ServerApp commits each round and resumes.
+
+A ServerApp process that dies before round 3 and is started again with the
+same run config continues after round 2, over nodes it never saw, and ends with
+the uninterrupted run's model bit for bit (``LocalFlwrGrid`` answers in the
+order messages were pushed, so the seeds fix the order of the sum too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr import app as fl
+
+from flowerpets.dp import CentralDp
+from flowerpets.exceptions import ParameterValueError, RunConfigMismatchError
+from flowerpets.flower import client_app
+from flowerpets.store import RunStore
+from tests.store.stored_runs import same_bits
+
+N, ROUNDS = 4, 4
+
+
+class ServerKilled(BaseException):
+    """The ServerApp process dies: nothing catches it."""
+
+
+def _grid(kit: SimpleNamespace, *, die_at: int | None = None) -> object:
+    class DyingGrid(kit.LocalFlwrGrid):  # type: ignore[name-defined,misc]
+        def push_messages(self, messages: Iterable[fl.Message]) -> Iterable[str]:
+            messages = list(messages)
+            if die_at is not None and any(m.metadata.group_id == str(die_at) for m in messages):
+                raise ServerKilled
+            return super().push_messages(messages)
+
+    return DyingGrid(client_app(kit.numpy_client()), N)
+
+
+def _run(kit: SimpleNamespace, grid: object, path: Path, **config: object) -> object:
+    run_config = {"store": str(path), "num-server-rounds": ROUNDS, **config}
+    return kit.run_bridge(kit.numpy_server(rounds=ROUNDS), grid, run_config)
+
+
+def test_a_bridged_run_killed_before_round_three_resumes_to_the_same_model(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    whole = _run(kit, _grid(kit), tmp_path / "whole.db")
+    path = tmp_path / "run.db"
+    with pytest.raises(ServerKilled):
+        _run(kit, _grid(kit, die_at=3), path)
+    with RunStore(path) as store:
+        assert store.run("flower").last_round == 2
+    resumed_grid = _grid(kit)
+
+    resumed = _run(kit, resumed_grid, path, **{"node-timeout": 9})  # how to run: not identity
+
+    pushed_rounds = {int(m.metadata.group_id) for m in resumed_grid.pushed}  # type: ignore[attr-defined]
+    assert pushed_rounds == {3, 4}  # rounds 1 and 2 came from the store
+    ours, want = resumed.last_result, whole.last_result  # type: ignore[attr-defined]
+    assert same_bits(ours.arrays, want.arrays)
+    assert [r.to_json_dict() | {"seconds": 0} for r in ours.history] == [
+        r.to_json_dict() | {"seconds": 0} for r in want.history
+    ]
+    assert not np.array_equal(ours.arrays["w"].numpy(), kit.initial()["w"].numpy())
+    with RunStore(path) as store:
+        assert store.run("flower").last_round == ROUNDS
+        stored = store.load("flower").arrays
+    assert stored is not None and same_bits(stored, want.arrays)
+
+
+def test_a_stored_run_resumed_with_another_configuration_is_refused(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    path = tmp_path / "run.db"
+    with pytest.raises(ServerKilled):
+        _run(kit, _grid(kit, die_at=2), path, lr=0.1)
+    with pytest.raises(RunConfigMismatchError):
+        _run(kit, _grid(kit), path, lr=0.2)
+    _run(kit, _grid(kit), path, **{"store-run": "another", "lr": 0.2})  # its own run
+    with RunStore(path) as store:
+        assert [r.run_id for r in store.runs()] == ["flower", "another"]
+        assert store.run("flower").last_round == 1
+
+
+def test_a_store_refuses_central_dp_whose_budget_it_does_not_keep(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    dp = CentralDp(noise_multiplier=1.0, clipping_norm=1.0)
+    grid = _grid(kit)
+    with pytest.raises(ParameterValueError, match="count its epsilon from 0 again"):
+        kit.run_bridge(kit.numpy_server([dp]), grid, {"store": str(tmp_path / "run.db")})
+    assert not (tmp_path / "run.db").exists()  # refused before anything was written
+
+
+def test_nodes_that_kept_their_state_refuse_the_abandoned_secagg_round_and_the_run_goes_on(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Flower's nodes outlive a ServerApp: SecAgg+ state is theirs, never resumed by the server.
+
+    The server dies in round 3 before collecting the masked inputs; the resumed
+    server starts round 3 again with a new session, which every node that began
+    round 3 refuses (a node never runs one round twice). The round fails with the
+    model unchanged, and round 4 runs as usual.
+    """
+    from flowerpets.secagg import SecAggPlus, Stage, secaggplus_mod
+
+    class DyingGrid(kit.LocalFlwrGrid):  # type: ignore[name-defined,misc]
+        die = True
+
+        def push_messages(self, messages: Iterable[fl.Message]) -> Iterable[str]:
+            messages = list(messages)
+            stage = f"3:{Stage.COLLECT_MASKED_INPUT}"
+            if self.die and any(m.metadata.group_id == stage for m in messages):
+                raise ServerKilled
+            return super().push_messages(messages)
+
+    grid = DyingGrid(client_app(kit.numpy_client([secaggplus_mod])), 5)
+    path = tmp_path / "run.db"
+    config = {"store": str(path), "num-server-rounds": ROUNDS}
+
+    def server() -> object:
+        return kit.numpy_server([SecAggPlus(degree=4, threshold=3)], rounds=ROUNDS)
+
+    with pytest.raises(ServerKilled):
+        kit.run_bridge(server(), grid, config)
+    grid.die = False  # the same nodes, their contexts kept: a new ServerApp process
+    resumed = kit.run_bridge(server(), grid, config).last_result  # type: ignore[attr-defined]
+
+    rounds = resumed.history.rounds
+    assert [r.ok for r in rounds] == [True, True, False, True]
+    refusals = rounds[2].failures.values()
+    assert len(refusals) == 5 and all("a stale or repeated round" in str(f) for f in refusals)
+    with RunStore(path) as store:
+        assert same_bits(store.arrays_at("flower", 3), store.arrays_at("flower", 2))
+        assert not same_bits(store.arrays_at("flower", 4), store.arrays_at("flower", 3))
