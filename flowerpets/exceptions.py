@@ -37,6 +37,7 @@ __all__ = [
     "MessageTooLargeError",
     "MissingDependencyError",
     "MissingKeyError",
+    "MissingPrivacyLedgerError",
     "MissingRunError",
     "MissingStateError",
     "ModelMismatchError",
@@ -45,6 +46,8 @@ __all__ = [
     "ParameterValueError",
     "PathExistsError",
     "PrivacyAccountingError",
+    "PrivacyLedgerError",
+    "PrivacyLedgerMismatchError",
     "ProtocolViolationError",
     "RecordTypeError",
     "ReplayError",
@@ -61,6 +64,7 @@ __all__ = [
     "StoreWriteError",
     "TransportError",
     "TruncatedMessageError",
+    "TruncatedPrivacyLedgerError",
     "UnknownArrayError",
     "UnsupportedVersionError",
     "UsageError",
@@ -248,6 +252,30 @@ class PrivacyAccountingError(ConfigurationError, ValueError):
 
     For example, an RDP accountant asked for a fixed-size cohort under the
     add/remove relation, or a sampling scheme whose amplification is unknown.
+    """
+
+
+class PrivacyLedgerError(PrivacyAccountingError):
+    """A run's stored privacy ledger cannot be continued: it is never taken for epsilon 0.
+
+    Raised when a run resumes from a store. The subclasses say why; the reason
+    names the run, the population and the field, never a stored value.
+    """
+
+
+class MissingPrivacyLedgerError(PrivacyLedgerError, LookupError):
+    """A run with committed rounds has no stored privacy state to continue from."""
+
+
+class TruncatedPrivacyLedgerError(PrivacyLedgerError):
+    """A run's stored privacy state counts fewer events than it spent, or the reverse."""
+
+
+class PrivacyLedgerMismatchError(PrivacyLedgerError):
+    """A run's stored privacy state does not match the mod resuming it.
+
+    Another noise multiplier, clip, delta, budget or accountant, another
+    population, or events that are not the ones the population's ledger holds.
     """
 
 

@@ -18,7 +18,7 @@ from flowerpets.core.exchange import (
 )
 from flowerpets.core.grid import Grid, WaitsForNodes
 from flowerpets.core.history import History, RoundRecord
-from flowerpets.core.journal import Resumption, RunJournal
+from flowerpets.core.journal import DurableState, Resumption, RunJournal
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
@@ -65,6 +65,7 @@ __all__ = [
     "ConfigRecord",
     "ConfigValue",
     "Context",
+    "DurableState",
     "Error",
     "ErrorCode",
     "EvaluateFn",

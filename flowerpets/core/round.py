@@ -6,7 +6,7 @@ import abc
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +29,9 @@ from flowerpets.exceptions import (
     ParameterValueError,
     UsageError,
 )
+
+if TYPE_CHECKING:  # the journal's module imports this one
+    from flowerpets.core.journal import RunJournal
 
 __all__ = [
     "SEALED_WEIGHT_KEY",
@@ -243,10 +246,13 @@ class ServerContext(Context):
     sends them through ``context.grid``. ``secure_aggregation`` is true when one
     of the app's server mods sums updates so the server never sees them one by
     one (it is a :class:`SecureAggregator`); a mod that needs individual
-    updates (server-side clipping) must refuse to run then.
+    updates (server-side clipping) must refuse to run then. ``journal`` is the
+    run's store when the ServerApp has one (None otherwise): a
+    :class:`~flowerpets.core.journal.DurableState` mod writes what must be on
+    disk before a release through it.
     """
 
-    __slots__ = ("grid", "secure_aggregation")
+    __slots__ = ("grid", "journal", "secure_aggregation")
 
     def __init__(
         self,
@@ -256,10 +262,12 @@ class ServerContext(Context):
         run_id: int = 0,
         run_config: Mapping[str, ConfigValue] | None = None,
         state: RecordDict | None = None,
+        journal: RunJournal | None = None,
     ) -> None:
         super().__init__(0, run_id=run_id, run_config=run_config, state=state)
         self.grid = grid
         self.secure_aggregation = secure_aggregation
+        self.journal = journal
 
     def require_grid(self) -> Grid:
         if self.grid is None:

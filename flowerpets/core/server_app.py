@@ -26,7 +26,7 @@ from flowerpets._validation import instance, integer
 from flowerpets.core.exchange import aggregate_round
 from flowerpets.core.grid import Grid, round_nodes
 from flowerpets.core.history import History, RoundRecord
-from flowerpets.core.journal import RunJournal
+from flowerpets.core.journal import DurableState, RunJournal
 from flowerpets.core.mods import chain
 from flowerpets.core.records import ArrayRecord, ConfigValue, MetricRecord
 from flowerpets.core.round import (
@@ -40,8 +40,10 @@ from flowerpets.core.strategy import Strategy
 from flowerpets.exceptions import (
     ConfigurationError,
     ParameterTypeError,
+    ParameterValueError,
     RoundFailedError,
     StopRunError,
+    StoreError,
 )
 
 __all__ = ["RunResult", "ServerApp"]
@@ -89,7 +91,10 @@ class ServerApp:
     :class:`flowerpets.store.RunWriter`) every round is committed to it before
     the next one starts, and a run the store already holds rounds of continues
     after its last committed round, with its model, history and cohort generator.
-    A commit that fails ends the run with the store's error.
+    A mod that declares :class:`~flowerpets.core.journal.DurableState` has its
+    state restored before the first round and committed with every round, and
+    reaches the store through ``context.journal``. A commit that fails, or a
+    store error inside a round, ends the run with the store's error.
     """
 
     def __init__(
@@ -123,6 +128,11 @@ class ServerApp:
         self.seed = seed
         self.stop_on_failure = stop_on_failure
         self.store = None if store is None else instance("store", store, RunJournal)
+        declared: tuple[object, ...] = self.mods  # a DurableState is declared by its class
+        self._durable = [mod for mod in declared if isinstance(mod, DurableState)]
+        names = [mod.state_name for mod in self._durable]
+        if len(set(names)) != len(names):
+            raise ParameterValueError(f"two mods keep their state under one name: {names}")
         self._train = chain(self.mods, aggregate_round)
 
     def run(
@@ -145,9 +155,14 @@ class ServerApp:
             run_config=run_config,
             grid=grid,
             secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),
+            journal=self.store,
         )
         result = RunResult(arrays=self.initial_arrays)
         resumed = None if self.store is None else self.store.resumption()
+        if self.store is not None:
+            for mod in self._durable:  # a state that cannot be continued refuses the run
+                state = self.store.pet_state(mod.state_name)
+                mod.restore(context, state, round=resumed.round if resumed else 0)
         if resumed is not None:
             rng = resumed.rng
             result = RunResult(arrays=resumed.arrays, history=resumed.history)
@@ -167,19 +182,26 @@ class ServerApp:
                 record.stopped = True
                 record.seconds = time.perf_counter() - started
                 result.history.append(record)
-                self._commit(record, result.arrays, rng)
+                self._commit(record, result.arrays, rng, context)
                 break
             self._evaluate(rnd, result.arrays, rng, context, record)
             record.seconds = time.perf_counter() - started
             result.history.append(record)
-            self._commit(record, result.arrays, rng)
+            self._commit(record, result.arrays, rng, context)
             if on_round is not None:
                 on_round(record)
         return result
 
-    def _commit(self, record: RoundRecord, arrays: ArrayRecord, rng: np.random.Generator) -> None:
+    def _commit(
+        self,
+        record: RoundRecord,
+        arrays: ArrayRecord,
+        rng: np.random.Generator,
+        context: ServerContext,
+    ) -> None:
         if self.store is not None:
-            self.store.commit_round(record, arrays=arrays, sampler=rng)
+            states = {mod.state_name: mod.durable_state(context) for mod in self._durable}
+            self.store.commit_round(record, arrays=arrays, sampler=rng, pet_states=states)
 
     def _train_round(
         self,
@@ -202,8 +224,9 @@ class ServerApp:
             record.failures = dict(outcome.failures)
             record.train_metrics = _scalars(outcome.metrics)
             return self.strategy.aggregate_train(outcome, arrays)
-        except (StopRunError, ConfigurationError):
-            # A stop on purpose, or a configuration that would fail every round alike: the
+        except (StopRunError, ConfigurationError, StoreError):
+            # A stop on purpose, a configuration that would fail every round alike, or a
+            # store that cannot keep what the round must commit first (a privacy spend): the
             # run ends with it rather than repeating it round after round.
             raise
         except RoundFailedError as exc:

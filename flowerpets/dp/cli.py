@@ -7,6 +7,7 @@
     flowerpets accountant noise --target-epsilon 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
     flowerpets accountant plan --population 1000 --clients-per-round 50 --rounds 200 \\
         --noise-multiplier 1.0 --delta 1e-6 [--sampling poisson|fixed] [--plot eps.png]
+    flowerpets accountant ledger --store runs.db [--delta 1e-5] [--json]
 
 ``epsilon`` and ``noise`` describe Poisson-sampled Gaussian steps (a sample
 rate of 1 means every step sees everyone: no amplification). ``plan`` describes
@@ -14,7 +15,11 @@ federated rounds: clients sampled from a population by Poisson sampling at
 rate ``clients / population`` (the default) or as a fixed-size cohort drawn
 without replacement, and prints epsilon after each round. ``--accountant``
 picks PLD (default, tightest, also for fixed-size plans, under replace-one),
-RDP (fast), or ``all`` side by side with the time each took. A table by
+RDP (fast), or ``all`` side by side with the time each took. ``ledger``
+prints what each population of a run store (:mod:`flowerpets.store`) has
+spent: its events, every run's, composed sequentially by the accountant its
+runs counted them with, at the delta they were counted at (the smallest, if
+its runs used several) or at ``--delta``. A table by
 default, one JSON object with ``--json``. Bad arguments print one line on
 stderr and exit with status 2.
 """
@@ -142,6 +147,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     _add_common(plan)
     plan.set_defaults(command=_run(_plan_command))
+
+    ledger = commands.add_parser(
+        "ledger",
+        help="what each population of a run store has spent",
+        description="Print each population's events and epsilon, every run's composed.",
+    )
+    ledger.add_argument("--store", required=True, metavar="PATH", help="the run store file")
+    ledger.add_argument(
+        "--delta",
+        type=_probability,
+        default=None,
+        help="report epsilon at this delta (default: the delta the runs counted at)",
+    )
+    ledger.add_argument("--json", action="store_true", help="print one JSON object")
+    ledger.set_defaults(command=_run(_ledger_command))
 
 
 class _UsageError(FlowerpetsError):
@@ -345,6 +365,64 @@ def _plan_command(args: argparse.Namespace, out: TextIO) -> None:
     if args.plot:
         text += f"\nplot written to {args.plot}"
     _emit(args, out, payload, text)
+
+
+def _population_spent(spends: Sequence[Any], delta: float | None) -> dict[str, Any]:
+    """One population's events (each with its count), runs, and epsilon at its delta."""
+    from flowerpets.dp.central._durable import population_ledger
+
+    ledger = population_ledger(spends)  # an entry that is no event of ours is refused
+    runs = sorted({spend.run_id for spend in spends})
+    row: dict[str, Any] = {
+        "runs": runs,
+        "events": sum(count for _, count in ledger),
+        "distinct_events": [{**_describe(event), "count": count} for event, count in ledger],
+        "accountant": None,
+        "delta": delta,
+        "epsilon": 0.0,
+    }
+    if not ledger:
+        return row
+    first = ledger[0][0]
+    name = spends[0].event.get("accountant")
+    if name not in ACCOUNTANTS:
+        raise _UsageError(
+            f"population {spends[0].population_id!r} was counted by an accountant this command "
+            f"does not know ({name!r})"
+        )
+    accountant = ACCOUNTANTS[name](neighbouring=default_neighbouring(first))
+    for event, count in ledger:
+        accountant.compose(event, count)
+    at = delta if delta is not None else min(float(spend.event["delta"]) for spend in spends)
+    row.update(accountant=name, delta=at, epsilon=accountant.get_epsilon(at))
+    return row
+
+
+def _ledger_command(args: argparse.Namespace, out: TextIO) -> None:
+    path = Path(args.store)
+    if not path.is_file():
+        raise _UsageError(f"--store {args.store}: no such file")
+    from flowerpets.store import RunStore
+
+    with RunStore(path) as store:
+        populations = {
+            p: _population_spent(store.spends(p), args.delta) for p in store.populations()
+        }
+    payload = {"query": "ledger", "store": str(path), "populations": populations}
+    rows = [
+        (
+            name,
+            ", ".join(row["runs"]) or "-",
+            row["events"],
+            row["accountant"] or "-",
+            row["delta"] if row["delta"] is not None else "-",
+            row["epsilon"],
+        )
+        for name, row in populations.items()
+    ]
+    header = f"privacy spent per population in {path}"
+    table = _table(("population", "runs", "events", "accountant", "delta", "epsilon"), rows)
+    _emit(args, out, payload, header + "\n" + table)
 
 
 def _pyplot() -> Any:

@@ -42,7 +42,7 @@ from flowerpets.store.encoding import (
     generator_from_state,
     generator_state,
 )
-from flowerpets.store.ledger import SpendRecord, append_spend
+from flowerpets.store.ledger import SpendRecord, append_spend, read_spends
 from flowerpets.store.rows import (
     arrays_digest,
     pet_state_digest,
@@ -103,6 +103,28 @@ class RunWriter(Closing):
     @property
     def last_round(self) -> int:
         return self.info.last_round
+
+    @property
+    def population_id(self) -> str:
+        """The population whose privacy ledger this run spends from."""
+        return self.info.population_id
+
+    def spends(self) -> list[SpendRecord]:
+        """Every entry of the run's population ledger, every run's, in order, the chain checked."""
+        return read_spends(self._connection, self.info.population_id)
+
+    def pet_state(self, name: str) -> bytes | None:
+        """The state PET ``name`` committed with the last round, as bytes (None if none).
+
+        A JSON state comes back as its canonical JSON text. This and
+        :meth:`commit_round`'s ``pet_states`` are how a
+        :class:`~flowerpets.core.journal.DurableState` mod keeps its state here.
+        """
+        check.instance("name", name, str)
+        state = read_pet_states(self._connection, self.run_id).get(name)
+        if state is None or isinstance(state, bytes):
+            return state
+        return canonical_json(state, name=f"pet_states[{name!r}]").encode("ascii")
 
     def snapshot(self) -> RunSnapshot:
         """The run as of its last committed round (see :class:`RunSnapshot`)."""

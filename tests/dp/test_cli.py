@@ -287,3 +287,69 @@ def test_the_command_runs_as_a_program() -> None:
         check=False,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+# -- ledger: what each population of a run store has spent ---------------------------------------
+def _store_with_two_populations(path: Path) -> None:
+    from flowerpets.dp.accountant import FullParticipationGaussian
+    from flowerpets.dp.central._durable import spend_entry
+    from flowerpets.store import RunStore
+
+    full, poisson = FullParticipationGaussian(2.0), PoissonSampledGaussian(1.1, 0.1)
+    with RunStore(path) as store:
+        for run_id, event, rounds in (("a", full, 2), ("b", poisson, 3)):
+            with store.start_run(run_id, config={}, population_id="hospital") as writer:
+                for rnd in range(1, rounds + 1):
+                    writer.record_spend(spend_entry(event, delta=1e-5, accountant="pld"), round=rnd)
+        with store.start_run("c", config={}, population_id="clinic"):
+            pass
+
+
+def test_ledger_composes_every_run_of_each_population(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowerpets.dp.accountant import FullParticipationGaussian
+
+    path = tmp_path / "runs.db"
+    _store_with_two_populations(path)
+    result = run_json(capsys, "ledger", "--store", str(path))
+    populations = result["populations"]
+    assert isinstance(populations, dict) and set(populations) == {"hospital", "clinic"}
+    hospital = populations["hospital"]
+    both = PldAccountant().compose(FullParticipationGaussian(2.0), 2)
+    both.compose(PoissonSampledGaussian(1.1, 0.1), 3)
+    assert hospital["epsilon"] == both.get_epsilon(1e-5)
+    assert (hospital["runs"], hospital["events"], hospital["delta"]) == (["a", "b"], 5, 1e-5)
+    assert [e["count"] for e in hospital["distinct_events"]] == [2, 3]
+    assert populations["clinic"]["events"] == 0 and populations["clinic"]["epsilon"] == 0.0
+    looser = run_json(capsys, "ledger", "--store", str(path), "--delta", "1e-3")
+    assert looser["populations"]["hospital"]["epsilon"] == both.get_epsilon(1e-3)  # type: ignore[index]
+    assert main(["ledger", "--store", str(path)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("hospital"))
+    assert row.split() == [
+        "hospital",
+        "a,",
+        "b",
+        "5",
+        "pld",
+        "1e-05",
+        f"{both.get_epsilon(1e-5):.6g}",
+    ]
+
+
+def test_ledger_refuses_a_missing_or_damaged_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    assert main(["ledger", "--store", str(tmp_path / "none.db")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # never created by a reader
+    path = tmp_path / "runs.db"
+    _store_with_two_populations(path)
+    with sqlite3.connect(path) as db:  # an entry cut out of the hash chain
+        db.execute("DELETE FROM privacy_ledger WHERE population_id = 'hospital' AND seq = 2")
+    assert main(["ledger", "--store", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hospital" in err

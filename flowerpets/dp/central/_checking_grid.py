@@ -99,6 +99,7 @@ def over(context: ServerContext, grid: CheckingGrid) -> ServerContext:
         run_id=context.run_id,
         run_config=context.run_config,
         state=context.state,
+        journal=context.journal,
     )
 
 

@@ -29,7 +29,20 @@ from flowerpets.dp.accountant import (
 )
 from flowerpets.exceptions import ParameterValueError, StateError, StateTypeError, StopRunError
 
-__all__ = ["STATE_KEY", "Ledger", "RunState", "accountant_for", "charged", "load", "spent", "store"]
+__all__ = [
+    "STATE_KEY",
+    "Ledger",
+    "RunState",
+    "accountant_for",
+    "added",
+    "charged",
+    "event_from_json",
+    "event_json",
+    "ledger_texts",
+    "load",
+    "spent",
+    "store",
+]
 
 STATE_KEY = "dp.central"
 
@@ -38,18 +51,25 @@ Ledger = tuple[tuple[PrivacyEvent, int], ...]
 _EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(PrivacyEvent)}
 
 
-def _ledger_texts(ledger: Ledger) -> list[str]:
+def ledger_texts(ledger: Ledger) -> list[str]:
     """Each distinct event and its count as explicit JSON, the form it takes in the run state."""
     return [
-        json.dumps(
-            {
-                "count": count,
-                "event": {"type": type(event).__name__, **_fields(event)},
-            },
-            sort_keys=True,
-        )
+        json.dumps({"count": count, "event": event_json(event)}, sort_keys=True)
         for event, count in ledger
     ]
+
+
+def event_json(event: PrivacyEvent) -> dict[str, Any]:
+    """An event as JSON: its type's name and its fields (also a store ledger entry's event)."""
+    return {"type": type(event).__name__, **_fields(event)}
+
+
+def event_from_json(value: Any) -> PrivacyEvent:
+    """The event :func:`event_json` describes (KeyError, TypeError or ValueError if none)."""
+    fields = dict(value)
+    cls = _EVENT_TYPES[fields.pop("type")]
+    event: PrivacyEvent = cls(**fields)
+    return event
 
 
 def _fields(event: PrivacyEvent) -> dict[str, Any]:
@@ -62,18 +82,21 @@ def _ledger_from_texts(texts: Any) -> Ledger:
     ledger = []
     for text in texts:
         entry = json.loads(text)
-        fields = dict(entry["event"])
-        cls = _EVENT_TYPES[fields.pop("type")]
-        ledger.append((cls(**fields), entry["count"]))
+        ledger.append((event_from_json(entry["event"]), entry["count"]))
     return tuple(ledger)
 
 
 @dataclass(frozen=True, slots=True)
 class RunState:
-    """One run's privacy state: the clip and the ledger (each distinct event with its count)."""
+    """One run's privacy state: the clip and the ledger (each distinct event with its count).
+
+    ``spend_seq``: with a run store, the population ledger's entry of the run's
+    last spend (None before the first, and without a store).
+    """
 
     clip: float
-    ledger: Ledger = field(default=(), metadata=convert(_ledger_texts, _ledger_from_texts))
+    ledger: Ledger = field(default=(), metadata=convert(ledger_texts, _ledger_from_texts))
+    spend_seq: int | None = None
 
     def __post_init__(self) -> None:
         # A negative or infinite clip would scale the noise with it: never continue on one.
@@ -82,6 +105,8 @@ class RunState:
             integer("a ledger count", count, at_least=1)
         if len({event for event, _ in self.ledger}) != len(self.ledger):
             raise ParameterValueError("the ledger lists an event twice")
+        if self.spend_seq is not None:
+            integer("the last spend's entry", self.spend_seq, at_least=1)
 
     @property
     def rounds(self) -> int:
@@ -111,29 +136,36 @@ def store(context: ServerContext, run: RunState) -> None:
 
 
 def accountant_for(
-    run: RunState, event: PrivacyEvent, factory: AccountantFactory | None
+    ledger: Ledger, event: PrivacyEvent, factory: AccountantFactory | None
 ) -> Accountant:
-    """The run's accountant, derived from its ledger (``event`` chooses it in a new run).
+    """The accountant with ``ledger`` composed (``event`` chooses it for an empty ledger).
 
     ``factory`` makes the accountant for the first event's neighbouring relation;
     None: :func:`~flowerpets.dp.accountant.default_accountant`'s choice.
     """
-    first = run.ledger[0][0] if run.ledger else event
+    first = ledger[0][0] if ledger else event
     accountant = (
         default_accountant(first)
         if factory is None
         else factory(neighbouring=default_neighbouring(first))
     )
-    for past, count in run.ledger:
+    for past, count in ledger:
         accountant.compose(past, count)
     return accountant
 
 
-def spent(run: RunState, factory: AccountantFactory | None, delta: float) -> float:
-    """The epsilon (at ``delta``) the run's ledger has spent."""
-    if not run.ledger:
+def added(ledger: Ledger, event: PrivacyEvent, count: int = 1) -> Ledger:
+    """``ledger`` with ``count`` more of ``event`` (each distinct event listed once, in order)."""
+    counts = dict(ledger)
+    counts[event] = counts.get(event, 0) + count
+    return tuple(counts.items())
+
+
+def spent(ledger: Ledger, factory: AccountantFactory | None, delta: float) -> float:
+    """The epsilon (at ``delta``) of the events ``ledger`` counts."""
+    if not ledger:
         return 0.0
-    return accountant_for(run, run.ledger[0][0], factory).get_epsilon(delta)
+    return accountant_for(ledger, ledger[0][0], factory).get_epsilon(delta)
 
 
 def charged(
@@ -144,19 +176,25 @@ def charged(
     delta: float,
     max_epsilon: float | None,
     round: int,
+    budget: Ledger | None = None,
 ) -> tuple[RunState, float]:
-    """``run`` with ``event`` composed, and its epsilon; refuses a round over the budget.
+    """``run`` with ``event`` added, and the epsilon; refuses a round over the budget.
 
-    The refusal is a :class:`~flowerpets.exceptions.StopRunError`, raised before
-    anything changes (the caller stores the state it returns only).
+    The epsilon is that of ``budget`` (the events the budget counts: a
+    population's, every run's, with a run store; None: the run's own ledger)
+    with ``event`` composed. The refusal is a
+    :class:`~flowerpets.exceptions.StopRunError`, raised before anything
+    changes (the caller stores the state it returns only).
     """
-    accountant = accountant_for(run, event, factory)
+    counted = run.ledger if budget is None else budget
+    accountant = accountant_for(counted, event, factory)
     before = accountant.copy()
     epsilon = accountant.compose(event).get_epsilon(delta)
     if max_epsilon is not None and epsilon > max_epsilon:
+        rounds = sum(count for _, count in counted)
         raise StopRunError(
             f"privacy budget: round {round} would raise epsilon to {epsilon:.4g} at "
             f"delta={delta:g}, above max_epsilon={max_epsilon:g} "
-            f"(spent {before.get_epsilon(delta):.4g} in {run.rounds} round(s))"
+            f"(spent {before.get_epsilon(delta):.4g} in {rounds} round(s))"
         )
-    return dataclasses.replace(run, ledger=tuple(accountant.ledger.items())), epsilon
+    return dataclasses.replace(run, ledger=added(run.ledger, event)), epsilon

@@ -5,7 +5,9 @@ releases and protects; here is the order a round runs in: account (or refuse)
 before any node sees the round, let the inner chain sum the clipped updates
 where :mod:`._sites` says, release the sum noised (:mod:`._release`), report
 epsilon, and with adaptive clipping set the next round's clip
-(:mod:`._adaptive`). The run's state lives in its context (:mod:`._ledger`).
+(:mod:`._adaptive`). The run's state lives in its context (:mod:`._ledger`),
+and with a run store also on disk, its spends on the population's ledger
+(:mod:`._durable`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from flowerpets._validation import boolean, instance, probability, real
 from flowerpets.core import (
     ConfigRecord,
+    DurableState,
     FixedSizeSampling,
     FullParticipation,
     MetricRecord,
@@ -30,11 +33,12 @@ from flowerpets.core.round import is_sealed
 from flowerpets.dp._primitives.noise import GaussianSource, lazy_gaussian_source
 from flowerpets.dp._protocol import REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import AccountantFactory, event_for_round
-from flowerpets.dp.central import _ledger
+from flowerpets.dp.central import _durable, _ledger
 from flowerpets.dp.central._adaptive import AdaptiveClipping, next_clip
 from flowerpets.dp.central._release import noised, noised_models, update_multiplier
 from flowerpets.dp.central._sites import SITES, CallNext, ClipOn
 from flowerpets.exceptions import (
+    ConfigurationError,
     IncompatibleModsError,
     ModelMismatchError,
     ParameterTypeError,
@@ -50,7 +54,7 @@ log = logging.getLogger(__name__)
 _COHORT_FIXED_IN_ADVANCE = frozenset({FullParticipation, FixedSizeSampling})
 
 
-class CentralDp:
+class CentralDp(DurableState):
     """Server mod: user-level central DP for FedAvg (see :mod:`flowerpets.dp.central`).
 
     ``noise_multiplier`` (z) is the total: with adaptive clipping it covers the
@@ -61,6 +65,13 @@ class CentralDp:
     PLD, or RDP for fixed-size cohorts; see
     :func:`~flowerpets.dp.accountant.default_accountant`). ``rng`` replaces the
     secure noise source with a seeded generator, for tests only (it warns).
+
+    With a run store (``ServerApp(..., store=writer)``) the budget is the
+    population's: each round's event is committed to the run's population
+    ledger before any node sees the round, epsilon is that of every run's
+    events on it, and a resume continues the run's stored state or refuses
+    (see :mod:`flowerpets.dp.central._durable`). ``population``, if given,
+    must be the store run's population id; it needs a store.
 
     The mod keeps no per-run state (each run's lives in its context), so one
     instance serves any number of runs; it pickles, and builds its secure noise
@@ -79,6 +90,7 @@ class CentralDp:
         accountant: AccountantFactory | None = None,
         rng: np.random.Generator | None = None,
         keep_client_metrics: bool = False,
+        population: str | None = None,
     ) -> None:
         self.noise_multiplier = real("noise_multiplier", noise_multiplier, at_least=0)
         self.clipping_norm = real("clipping_norm", clipping_norm, above=0)
@@ -100,6 +112,9 @@ class CentralDp:
             )
         self.accountant = accountant
         self.keep_client_metrics = boolean("keep_client_metrics", keep_client_metrics)
+        if population is not None and (not isinstance(population, str) or not population):
+            raise ParameterTypeError("population must be a non-empty str (a population id)")
+        self.population = population
         # The secure source is built on first use and never pickled: the mod pickles.
         self._noise: GaussianSource = lazy_gaussian_source(rng, owner="CentralDp")
         if self.noise_multiplier == 0:
@@ -126,8 +141,63 @@ class CentralDp:
 
     # -- the run's state ------------------------------------------------------------------------
     def spent(self, context: ServerContext) -> float:
-        """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to."""
-        return _ledger.spent(_ledger.load(context, self.clipping_norm), self.accountant, self.delta)
+        """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to.
+
+        With a run store: what the run's population has spent, every run's events.
+        """
+        journal = _durable.spend_journal(context)
+        if journal is not None:
+            ledger = _durable.population_ledger(journal.spends())
+        else:
+            ledger = _ledger.load(context, self.clipping_norm).ledger
+        return _ledger.spent(ledger, self.accountant, self.delta)
+
+    @property
+    def state_name(self) -> str:
+        return _ledger.STATE_KEY
+
+    def durable_state(self, context: ServerContext) -> bytes:
+        """The run's ledger, clip and last spend, with the settings they were spent under."""
+        return _durable.encode_state(_ledger.load(context, self.clipping_norm), self._settings())
+
+    def restore(self, context: ServerContext, state: bytes | None, *, round: int) -> None:
+        """Continue the run's stored privacy state, checked against the store's ledger.
+
+        Raises a :class:`~flowerpets.exceptions.PrivacyLedgerError` if it is
+        missing, does not match the population's ledger, or was spent under
+        other settings; never starts the budget again.
+        """
+        journal = _durable.spend_journal(context)
+        if journal is None:
+            raise ConfigurationError("CentralDp restores its state from a run store only")
+        run = _durable.restored(
+            journal,
+            state,
+            round=round,
+            settings=self._settings(),
+            population=self.population,
+            clip=self.clipping_norm,
+        )
+        _ledger.store(context, run)
+
+    def _settings(self) -> dict[str, object]:
+        """What the budget a run spent depends on: a resume must run with the same."""
+        adaptive = self.adaptive
+        factory = self.accountant
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": self.clipping_norm,
+            "clip_on": self.clip_on.value,
+            "adaptive": None
+            if adaptive is None
+            else [adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev],
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "accountant": None
+            if factory is None
+            else getattr(factory, "__qualname__", type(factory).__qualname__),
+            "population": self.population,
+        }
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(
@@ -154,6 +224,13 @@ class CentralDp:
             )
         multiplier = update_multiplier(self.noise_multiplier, self.adaptive, expected)
         event = event_for_round(request.sampling, request.population, self.noise_multiplier)
+        journal = _durable.spend_journal(context)
+        if journal is None and self.population is not None:
+            raise ConfigurationError(
+                "CentralDp(population=...) keeps the population's budget in a run store: give "
+                "the ServerApp store=..."
+            )
+        budget = None if journal is None else _durable.population_ledger(journal.spends())
         run, epsilon = _ledger.charged(
             run,
             event,
@@ -161,7 +238,17 @@ class CentralDp:
             delta=self.delta,
             max_epsilon=self.max_epsilon,
             round=request.round,
+            budget=budget,
         )
+        if journal is not None:
+            # On disk, in a transaction of its own, before any node sees the round and so
+            # before the noised sum is released: a crash from here on over-counts, never under.
+            counted_by = _ledger.accountant_for(budget or (), event, self.accountant)
+            spend = journal.record_spend(
+                _durable.spend_entry(event, delta=self.delta, accountant=counted_by.name),
+                round=request.round,
+            )
+            run = dataclasses.replace(run, spend_seq=spend.seq)
         _ledger.store(context, run)  # accounted before any node sees the round
 
         clip = run.clip
