@@ -20,6 +20,24 @@ class StoredRun:
     sampler_states: list[dict[str, object]]
 
 
+def arrays_directory(path: Path) -> Path:
+    """Where the store at ``path`` keeps its arrays' files."""
+    return path.with_name(path.name + ".arrays")
+
+
+def array_files(path: Path) -> list[Path]:
+    """The arrays' files of the store at ``path``, by name."""
+    directory = arrays_directory(path)
+    return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+def stored_bytes(path: Path) -> bytes:
+    """Every byte the store at ``path`` holds: its file, its log and its arrays' files."""
+    wal = Path(f"{path}-wal")
+    parts = [path, *([wal] if wal.exists() else []), *array_files(path)]
+    return b"".join(p.read_bytes() for p in parts)
+
+
 def same_bits(a: ArrayRecord, b: ArrayRecord) -> bool:
     """The same names in the same order, each array of the same dtype, shape and bytes."""
     if list(a) != list(b):

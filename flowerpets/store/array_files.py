@@ -1,0 +1,184 @@
+"""The global arrays as content-addressed files next to the store: ``<store>.arrays/<sha256>.fpa``.
+
+A round's arrays (one codec frame, tens of MB) would cost SQLite a copy into
+its pages, the log's fsync and a second copy at the checkpoint. Instead each
+frame is one file named by its SHA-256, written with one ``write`` and one
+``fsync`` (and the directory's fsync once it is renamed into place) *inside*
+the round's transaction and before its ``COMMIT``: a committed round's row
+never names a file that is not on disk. A crash before ``COMMIT`` leaves at
+most a file no row names, which :meth:`ArrayFiles.collect` deletes (on open,
+and after each commit). Files are written and collected only under SQLite's
+write lock, so a collector never deletes a file another writer is about to
+commit. On read the file's SHA-256 must equal its name: a missing, cut or
+altered file is :class:`~flowerpets.exceptions.CorruptStoreError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
+from typing import Final
+
+from flowerpets.exceptions import CorruptStoreError, StoreWriteError
+
+__all__ = ["ArrayFiles"]
+
+_SUFFIX: Final = ".fpa"
+_PARTIAL: Final = ".partial"
+_FULL_DISK: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _sha256(data: memoryview) -> bytes:
+    return hashlib.sha256(data).digest()  # releases the GIL: overlaps the write
+
+
+class ArrayFiles:
+    """The arrays directory of the store at ``store_path``; ``max_bytes`` caps the store."""
+
+    def __init__(self, store_path: Path, *, max_bytes: int | None = None) -> None:
+        self.store_path = store_path
+        self.directory = store_path.with_name(store_path.name + ".arrays")
+        self.max_bytes = max_bytes
+        self._hasher: ThreadPoolExecutor | None = None
+
+    def path(self, digest: bytes) -> Path:
+        return self.directory / f"{digest.hex()}{_SUFFIX}"
+
+    # -- writing (under the write lock, before COMMIT) --------------------------------------------
+    def write(self, frame: bytes) -> tuple[bytes, float]:
+        """Make ``frame`` durable under its SHA-256; the digest and the seconds spent
+        waiting for it once the bytes were on disk.
+
+        A full disk (or ``max_bytes``) raises :class:`StoreWriteError` and leaves
+        no file behind but, at worst, an unnamed partial one the collector removes.
+        """
+        view = memoryview(frame)
+        self._check_room(len(view))
+        self._ensure_directory()
+        digest_future = self._hashing().submit(_sha256, view)
+        partial = self.directory / f"{os.getpid()}-{id(frame):x}{_PARTIAL}"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            waited = time.perf_counter()
+            digest = digest_future.result()
+            waited = time.perf_counter() - waited
+            os.replace(partial, self.path(digest))
+            self._sync_directory()
+        except OSError as exc:
+            digest_future.cancel()
+            partial.unlink(missing_ok=True)
+            raise _write_error(exc) from exc
+        return digest, waited
+
+    def _check_room(self, nbytes: int) -> None:
+        if self.max_bytes is None:
+            return
+        used = sum(
+            _size(p) for p in (self.store_path, Path(f"{self.store_path}-wal"), *self._files())
+        )
+        if used + nbytes > self.max_bytes:
+            raise StoreWriteError(
+                f"the store is full: {nbytes} bytes of arrays do not fit in max_bytes"
+            )
+
+    def _ensure_directory(self) -> None:
+        if self.directory.is_dir():
+            return
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            _fsync_directory(self.directory.parent)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    def _sync_directory(self) -> None:
+        _fsync_directory(self.directory)
+
+    def _hashing(self) -> ThreadPoolExecutor:
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="fp-store-digest")
+        return self._hasher
+
+    def _files(self) -> list[Path]:
+        try:
+            return list(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+
+    # -- collecting (under the write lock) ----------------------------------------------------
+    def collect(self, db: sqlite3.Connection) -> int:
+        """Delete every file no arrays row names (a crashed commit's, a thinned round's).
+
+        Call it inside a write transaction: no other writer is between its file and
+        its ``COMMIT``. Returns how many files went.
+        """
+        named = {row[0] for row in db.execute("SELECT content FROM arrays")}
+        removed = 0
+        for path in self._files():
+            stem = path.name.removesuffix(_SUFFIX)
+            keep = path.name.endswith(_SUFFIX) and _hex_digest(stem) in named
+            if not keep:
+                with suppress(OSError):  # one left behind goes at the next collection
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read(self, digest: bytes, nbytes: int, where: str) -> bytes:
+        """The frame named ``digest``, checked: its length and its SHA-256."""
+        try:
+            frame = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{where} are missing: their file is gone") from None
+        except OSError as exc:
+            raise CorruptStoreError(f"{where} cannot be read: {exc.strerror}") from None
+        if len(frame) != nbytes:
+            raise CorruptStoreError(f"{where} have the wrong length: their file was damaged")
+        if hashlib.sha256(frame).digest() != digest:
+            raise CorruptStoreError(f"{where} do not match their SHA-256: their file was damaged")
+        return frame
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
+
+
+def _hex_digest(stem: str) -> bytes | None:
+    try:
+        return bytes.fromhex(stem)
+    except ValueError:
+        return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(exc: OSError) -> StoreWriteError:
+    if exc.errno in _FULL_DISK:
+        return StoreWriteError(f"the disk is full: cannot write the arrays ({exc.strerror})")
+    return StoreWriteError(f"cannot write the arrays: {exc.strerror}")
