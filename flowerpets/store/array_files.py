@@ -2,9 +2,9 @@
 
 A round's arrays (one codec frame, tens of MB) would cost SQLite a copy into
 its pages, the log's fsync and a second copy at the checkpoint. Instead each
-frame is one file named by its SHA-256, written with one ``write`` and one
-``fsync`` (and the directory's fsync once it is renamed into place) *inside*
-the round's transaction and before its ``COMMIT``: a committed round's row
+frame is one file named by its SHA-256, gathered straight from the arrays'
+buffers with ``writev`` and made durable with one ``fsync`` (and the
+directory's) *inside* the round's transaction and before its ``COMMIT``: a committed round's row
 never names a file that is not on disk. A crash before ``COMMIT`` leaves at
 most a file no row names, which :meth:`ArrayFiles.collect` deletes (on open,
 and after each commit). Files are written and collected only under SQLite's
@@ -18,8 +18,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
@@ -31,11 +33,21 @@ __all__ = ["ArrayFiles"]
 
 _SUFFIX: Final = ".fpa"
 _PARTIAL: Final = ".partial"
+_IOV_MAX: Final = 1024  # parts per writev (Linux's IOV_MAX)
 _FULL_DISK: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def _sha256(data: memoryview) -> bytes:
-    return hashlib.sha256(data).digest()  # releases the GIL: overlaps the write
+def _sha256(views: list[memoryview]) -> bytes:
+    hasher = hashlib.sha256()
+    for view in views:
+        hasher.update(view)  # releases the GIL: overlaps the write
+    return hasher.digest()
+
+
+def byte_views(parts: Sequence[bytes | memoryview]) -> list[memoryview]:
+    """The frame's parts as flat byte views (no copy), empty ones dropped."""
+    views = [memoryview(part).cast("B") for part in parts]
+    return [view for view in views if view.nbytes]
 
 
 class ArrayFiles:
@@ -51,37 +63,52 @@ class ArrayFiles:
         return self.directory / f"{digest.hex()}{_SUFFIX}"
 
     # -- writing (under the write lock, before COMMIT) --------------------------------------------
-    def write(self, frame: bytes) -> tuple[bytes, float]:
-        """Make ``frame`` durable under its SHA-256; the digest and the seconds spent
-        waiting for it once the bytes were on disk.
+    def write(self, parts: Sequence[bytes | memoryview]) -> tuple[bytes, int, float]:
+        """Make the frame ``parts`` concatenate to durable under its SHA-256: the digest,
+        the frame's size, and the seconds spent waiting for the digest once the bytes
+        were written.
 
-        A full disk (or ``max_bytes``) raises :class:`StoreWriteError` and leaves
-        no file behind but, at worst, an unnamed partial one the collector removes.
+        The parts are gathered into the file (``os.writev``) straight from the
+        arrays' buffers while a helper thread hashes them. A full disk (or
+        ``max_bytes``) raises :class:`StoreWriteError` and leaves no file behind.
         """
-        view = memoryview(frame)
-        self._check_room(len(view))
+        views = byte_views(parts)
+        nbytes = sum(view.nbytes for view in views)
+        self._check_room(nbytes)
         self._ensure_directory()
-        digest_future = self._hashing().submit(_sha256, view)
-        partial = self.directory / f"{os.getpid()}-{id(frame):x}{_PARTIAL}"
+        digest_future = self._hashing().submit(_sha256, views)
+        partial = self.directory / f"{secrets.token_hex(8)}{_PARTIAL}"
+        named: Path | None = None
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-                os.fsync(fd)
+                _write_all(fd, list(views))
+                waited = time.perf_counter()
+                digest = digest_future.result()
+                waited = time.perf_counter() - waited
+                final = self.path(digest)
+                if final.exists():
+                    # The same frame is stored already (an unchanged model): make sure
+                    # that copy is on disk rather than write it twice.
+                    partial.unlink()
+                    _fsync_path(final)
+                else:
+                    # Named before the fsync, so the one fsync's journal commit carries the
+                    # name too; no row names the file until its round's COMMIT.
+                    os.rename(partial, final)
+                    named = final
+                    os.fsync(fd)
+                    self._sync_directory()
             finally:
                 os.close(fd)
-            waited = time.perf_counter()
-            digest = digest_future.result()
-            waited = time.perf_counter() - waited
-            os.replace(partial, self.path(digest))
-            self._sync_directory()
         except OSError as exc:
             digest_future.cancel()
-            partial.unlink(missing_ok=True)
+            for path in (partial, named):
+                if path is not None:
+                    with suppress(OSError):
+                        path.unlink(missing_ok=True)
             raise _write_error(exc) from exc
-        return digest, waited
+        return digest, nbytes, waited
 
     def _check_room(self, nbytes: int) -> None:
         if self.max_bytes is None:
@@ -163,6 +190,31 @@ def _hex_digest(stem: str) -> bytes | None:
         return None
 
 
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Every byte of ``views``, in order, in as few ``writev`` calls as the kernel allows."""
+    at = 0
+    while at < len(views):
+        written = os.writev(fd, views[at : at + _IOV_MAX])
+        if written == 0:
+            raise OSError(errno.EIO, "the file accepted no bytes")
+        while written and at < len(views):
+            size = views[at].nbytes
+            if written >= size:
+                written -= size
+                at += 1
+            else:
+                views[at] = views[at][written:]
+                written = 0
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -171,11 +223,7 @@ def _size(path: Path) -> int:
 
 
 def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(directory)
 
 
 def _write_error(exc: OSError) -> StoreWriteError:

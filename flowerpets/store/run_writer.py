@@ -47,7 +47,7 @@ from flowerpets.store.database import LeaseOwner, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
 from flowerpets.store.encoding import (
     canonical_json,
-    encode_arrays,
+    encode_arrays_parts,
     generator_from_state,
     generator_state,
 )
@@ -189,7 +189,7 @@ class RunWriter(Closing):
             round=rnd,
             record_json=canonical_json(record.to_json_dict(), name="record"),
             sampler_json=canonical_json(dict(state), name="sampler"),
-            frame=encode_arrays(arrays),
+            frame=encode_arrays_parts(arrays),
             pets=[
                 (name, encoding, value, pet_state_digest(self.run_id, name, rnd, encoding, value))
                 for name, encoding, value in pets
@@ -201,10 +201,10 @@ class RunWriter(Closing):
             started = time.perf_counter()
             info = self._check_next(db, rnd)
             # The arrays' file is durable before the rows that name it can commit.
-            content, timings["digest"] = self._files.write(prepared.frame)
+            content, nbytes, timings["digest"] = self._files.write(prepared.frame)
             timings["write"] = time.perf_counter() - started - timings["digest"]
             started = time.perf_counter()
-            self._write_round(db, info, prepared, content)
+            self._write_round(db, info, prepared, content, nbytes)
         timings["commit"] = time.perf_counter() - started  # rows + COMMIT: the log's fsync
         started = time.perf_counter()
         self._collect()
@@ -226,10 +226,15 @@ class RunWriter(Closing):
         return info
 
     def _write_round(
-        self, db: sqlite3.Connection, info: RunInfo, prepared: _PreparedRound, content: bytes
+        self,
+        db: sqlite3.Connection,
+        info: RunInfo,
+        prepared: _PreparedRound,
+        content: bytes,
+        nbytes: int,
     ) -> None:
         """Every row of the round, inside the caller's transaction, once its arrays' file
-        (SHA-256 ``content``) is on disk."""
+        (SHA-256 ``content``, ``nbytes`` long) is on disk."""
         rnd = prepared.round
         db.execute(
             "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
@@ -250,7 +255,7 @@ class RunWriter(Closing):
             ),
         )
         _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
-        write_arrays_row(db, self.run_id, rnd, len(prepared.frame), content)
+        write_arrays_row(db, self.run_id, rnd, nbytes, content)
         for name, encoding, value, digest in prepared.pets:
             db.execute(
                 "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
@@ -322,7 +327,7 @@ class _PreparedRound:
     round: int
     record_json: str
     sampler_json: str
-    frame: bytes
+    frame: list[bytes | memoryview]  # the codec frame's parts, the arrays' data as views
     pets: list[tuple[str, str, bytes, bytes]]  # name, encoding, value, SHA-256
     committed_at: float
 

@@ -115,12 +115,12 @@ def test_a_store_killed_mid_commit_resumes_from_the_last_round(tmp_path: Path) -
 def test_a_full_disk_while_writing_the_arrays_file_leaves_the_last_round(
     stored_run: StoredRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_space(fd: int, data: object) -> int:
+    def no_space(fd: int, buffers: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     before = array_files(stored_run.path)
     with RunStore(stored_run.path) as store, store.resume_run(stored_run.run_id) as writer:
-        monkeypatch.setattr(os, "write", no_space)
+        monkeypatch.setattr(os, "writev", no_space)
         with pytest.raises(StoreWriteError, match="full"):
             writer.commit_round(record(4), arrays=model(4), sampler=np.random.default_rng(0))
         monkeypatch.undo()

@@ -181,25 +181,29 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> StoredRun:
 def test_any_damage_is_refused_or_harmless(
     pristine: StoredRun, tmp_path: Path, data: st.DataObject
 ) -> None:
-    """Flip a byte anywhere, or cut the file anywhere: the store refuses, or reads the truth."""
-    size = pristine.path.stat().st_size
+    """Flip a byte anywhere, or cut a file anywhere (the SQLite file or an arrays file):
+    the store refuses, or reads the truth."""
     copy = tmp_path / "copy.db"
     shutil.copyfile(pristine.path, copy)
     shutil.rmtree(arrays_directory(copy), ignore_errors=True)
     shutil.copytree(arrays_directory(pristine.path), arrays_directory(copy))
     for suffix in ("-wal", "-shm"):
         Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    originals = [pristine.path, *array_files(pristine.path)]
+    which = data.draw(st.integers(0, len(originals) - 1), label="file")
+    original, target = originals[which], [copy, *array_files(copy)][which]
+    size = original.stat().st_size
     if data.draw(st.booleans(), label="truncate"):
-        with copy.open("r+b") as f:
+        with target.open("r+b") as f:
             f.truncate(data.draw(st.integers(0, size - 1), label="length"))
     else:
         # Most of a fresh file is zeros no reader looks at: flip where something is written.
-        used = np.flatnonzero(np.frombuffer(pristine.path.read_bytes(), dtype=np.uint8))
+        used = np.flatnonzero(np.frombuffer(original.read_bytes(), dtype=np.uint8))
         at = int(used[data.draw(st.integers(0, len(used) - 1), label="written byte")])
         bit = data.draw(st.integers(0, 7), label="bit")
-        raw = bytearray(copy.read_bytes())
+        raw = bytearray(target.read_bytes())
         raw[at] ^= 1 << bit
-        copy.write_bytes(bytes(raw))
+        target.write_bytes(bytes(raw))
     try:
         with RunStore(copy, check="full") as store:
             snapshot = store.load(pristine.run_id)

@@ -143,14 +143,18 @@ class _Writer:
         if pad:
             self.raw(bytes(pad))
 
-    def finish(self) -> bytes:
+    def finish_parts(self) -> list[bytes | memoryview]:
+        """The frame as parts to concatenate, header and CRC filled in (nothing joined)."""
         total = self.size + _CRC_SIZE
         self.parts[0] = _HEADER.pack(self.magic, FORMAT_VERSION, total)
         crc = 0
         for part in self.parts:
             crc = zlib.crc32(part, crc)
         self.parts.append(_U32.pack(crc))
-        return b"".join(self.parts)
+        return self.parts
+
+    def finish(self) -> bytes:
+        return b"".join(self.finish_parts())
 
 
 def _write_array(w: _Writer, array: Array, what: str) -> None:
@@ -347,6 +351,20 @@ def encode_record_dict(records: RecordDict, *, limits: CodecLimits = DEFAULT_LIM
     w = _Writer(_MAGIC_RECORD_DICT, limits)
     _write_record_dict(w, records)
     return w.finish()
+
+
+def encode_record_dict_parts(
+    records: RecordDict, *, limits: CodecLimits = DEFAULT_LIMITS
+) -> list[bytes | memoryview]:
+    """:func:`encode_record_dict`'s frame as parts whose concatenation is the frame.
+
+    The arrays' data parts are views of the arrays' own buffers, not copies: a
+    writer that gathers them into a file (``os.writev``) copies each byte once.
+    The arrays must not change until the parts are written.
+    """
+    w = _Writer(_MAGIC_RECORD_DICT, limits)
+    _write_record_dict(w, records)
+    return w.finish_parts()
 
 
 def encode_array(array: Array, *, limits: CodecLimits = DEFAULT_LIMITS) -> bytes:

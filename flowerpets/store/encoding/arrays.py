@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from flowerpets.core.codec import decode_record_dict, encode_record_dict
+from flowerpets.core.codec import decode_record_dict, encode_record_dict, encode_record_dict_parts
 from flowerpets.core.records import ArrayRecord, RecordDict
 from flowerpets.exceptions import CodecError, CorruptStoreError
 
-__all__ = ["decode_arrays", "encode_arrays"]
+__all__ = ["decode_arrays", "encode_arrays", "encode_arrays_parts"]
 
 _KEY: Final = "arrays"
 
@@ -23,6 +23,11 @@ _KEY: Final = "arrays"
 def encode_arrays(arrays: ArrayRecord) -> bytes:
     """``arrays`` as one codec frame."""
     return encode_record_dict(RecordDict({_KEY: arrays}))
+
+
+def encode_arrays_parts(arrays: ArrayRecord) -> list[bytes | memoryview]:
+    """The same frame as parts to concatenate; the arrays' data are views, not copies."""
+    return encode_record_dict_parts(RecordDict({_KEY: arrays}))
 
 
 def decode_arrays(frame: bytes, where: str) -> ArrayRecord:
