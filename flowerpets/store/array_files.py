@@ -22,14 +22,16 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
-from flowerpets.exceptions import CorruptStoreError, StoreWriteError
+from flowerpets.core.records import ArrayRecord
+from flowerpets.exceptions import CorruptStoreError, StoreError, StoreWriteError
+from flowerpets.store.encoding import encode_arrays_parts
 
-__all__ = ["ArrayFiles"]
+__all__ = ["ArrayFiles", "Frame"]
 
 _SUFFIX: Final = ".fpa"
 _PARTIAL: Final = ".partial"
@@ -37,17 +39,46 @@ _IOV_MAX: Final = 1024  # parts per writev (Linux's IOV_MAX)
 _FULL_DISK: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def _sha256(views: list[memoryview]) -> bytes:
+def _sha256(views: list[memoryview]) -> hashlib._Hash:
     hasher = hashlib.sha256()
     for view in views:
-        hasher.update(view)  # releases the GIL: overlaps the write
-    return hasher.digest()
+        hasher.update(view)  # releases the GIL: overlaps the CRC and the write
+    return hasher
 
 
 def byte_views(parts: Sequence[bytes | memoryview]) -> list[memoryview]:
     """The frame's parts as flat byte views (no copy), empty ones dropped."""
     views = [memoryview(part).cast("B") for part in parts]
     return [view for view in views if view.nbytes]
+
+
+class Frame:
+    """One round's arrays as a codec frame, its SHA-256 under way on a helper thread.
+
+    The hashing starts on every part but the CRC as soon as the codec has laid
+    them out, so it runs while the codec computes its CRC and while the file is
+    written; :meth:`digest` adds the CRC and waits.
+    """
+
+    def __init__(self, arrays: ArrayRecord, hashing: ThreadPoolExecutor) -> None:
+        self._body: Future[hashlib._Hash] | None = None
+
+        def start(body: list[bytes | memoryview]) -> None:
+            self._body = hashing.submit(_sha256, byte_views(body))
+
+        self.views = byte_views(encode_arrays_parts(arrays, before_crc=start))
+        self.nbytes = sum(view.nbytes for view in self.views)
+
+    def digest(self) -> bytes:
+        if self._body is None:  # pragma: no cover - the codec always calls before_crc
+            raise StoreError("the arrays' frame was never hashed")
+        hasher = self._body.result()
+        hasher.update(self.views[-1])  # the codec's CRC, the frame's last part
+        return hasher.digest()
+
+    def cancel(self) -> None:
+        if self._body is not None:
+            self._body.cancel()
 
 
 class ArrayFiles:
@@ -63,20 +94,25 @@ class ArrayFiles:
         return self.directory / f"{digest.hex()}{_SUFFIX}"
 
     # -- writing (under the write lock, before COMMIT) --------------------------------------------
-    def write(self, parts: Sequence[bytes | memoryview]) -> tuple[bytes, int, float]:
-        """Make the frame ``parts`` concatenate to durable under its SHA-256: the digest,
-        the frame's size, and the seconds spent waiting for the digest once the bytes
-        were written.
+    def encode(self, arrays: ArrayRecord) -> Frame:
+        """``arrays`` as a codec frame (views of their buffers), hashing under way."""
+        return Frame(arrays, self._hashing())
 
-        The parts are gathered into the file (``os.writev``) straight from the
-        arrays' buffers while a helper thread hashes them. A full disk (or
+    def write(self, frame: Frame) -> tuple[bytes, float]:
+        """Make ``frame`` durable under its SHA-256: the digest, and the seconds spent
+        waiting for it once the bytes were written.
+
+        The frame is gathered into the file (``os.writev``) straight from the
+        arrays' buffers while the helper thread hashes it. A full disk (or
         ``max_bytes``) raises :class:`StoreWriteError` and leaves no file behind.
         """
-        views = byte_views(parts)
-        nbytes = sum(view.nbytes for view in views)
-        self._check_room(nbytes)
-        self._ensure_directory()
-        digest_future = self._hashing().submit(_sha256, views)
+        views = frame.views
+        try:
+            self._check_room(frame.nbytes)
+            self._ensure_directory()
+        except StoreWriteError:
+            frame.cancel()
+            raise
         partial = self.directory / f"{secrets.token_hex(8)}{_PARTIAL}"
         named: Path | None = None
         try:
@@ -84,7 +120,7 @@ class ArrayFiles:
             try:
                 _write_all(fd, list(views))
                 waited = time.perf_counter()
-                digest = digest_future.result()
+                digest = frame.digest()
                 waited = time.perf_counter() - waited
                 final = self.path(digest)
                 if final.exists():
@@ -102,13 +138,13 @@ class ArrayFiles:
             finally:
                 os.close(fd)
         except OSError as exc:
-            digest_future.cancel()
+            frame.cancel()
             for path in (partial, named):
                 if path is not None:
                     with suppress(OSError):
                         path.unlink(missing_ok=True)
             raise _write_error(exc) from exc
-        return digest, nbytes, waited
+        return digest, waited
 
     def _check_room(self, nbytes: int) -> None:
         if self.max_bytes is None:

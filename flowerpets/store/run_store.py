@@ -38,7 +38,7 @@ from flowerpets.store.database import (
 )
 from flowerpets.store.database.connection import PAGE_SIZE
 from flowerpets.store.database.lease import acquire
-from flowerpets.store.encoding import canonical_json, encode_arrays_parts, json_digest
+from flowerpets.store.encoding import canonical_json, json_digest
 from flowerpets.store.ledger import SpendRecord, ensure_population, read_spends
 from flowerpets.store.rows import read_arrays, read_info, run_digest
 from flowerpets.store.run_writer import RunWriter, load_snapshot, write_arrays_row
@@ -128,7 +128,7 @@ class RunStore(Closing):
         frame = (
             None
             if initial_arrays is None
-            else encode_arrays_parts(
+            else self._files.encode(
                 validate.instance("initial_arrays", initial_arrays, ArrayRecord)
             )
         )
@@ -154,8 +154,8 @@ class RunStore(Closing):
             )
             ensure_population(db, population)
             if frame is not None:
-                content, nbytes, _ = self._files.write(frame)
-                write_arrays_row(db, run_id, 0, nbytes, content)
+                content, _ = self._files.write(frame)
+                write_arrays_row(db, run_id, 0, frame.nbytes, content)
             acquire(db, run_id, owner)
         return RunWriter(
             self._connection, self._files, run_id, owner, checkpoint_bytes=self._checkpoint_bytes

@@ -41,13 +41,12 @@ from flowerpets.exceptions import (
     RoundSequenceError,
     StoreError,
 )
-from flowerpets.store.array_files import ArrayFiles
+from flowerpets.store.array_files import ArrayFiles, Frame
 from flowerpets.store.closing import Closing
 from flowerpets.store.database import LeaseOwner, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
 from flowerpets.store.encoding import (
     canonical_json,
-    encode_arrays_parts,
     generator_from_state,
     generator_state,
 )
@@ -189,7 +188,7 @@ class RunWriter(Closing):
             round=rnd,
             record_json=canonical_json(record.to_json_dict(), name="record"),
             sampler_json=canonical_json(dict(state), name="sampler"),
-            frame=encode_arrays_parts(arrays),
+            frame=self._files.encode(arrays),
             pets=[
                 (name, encoding, value, pet_state_digest(self.run_id, name, rnd, encoding, value))
                 for name, encoding, value in pets
@@ -201,10 +200,10 @@ class RunWriter(Closing):
             started = time.perf_counter()
             info = self._check_next(db, rnd)
             # The arrays' file is durable before the rows that name it can commit.
-            content, nbytes, timings["digest"] = self._files.write(prepared.frame)
+            content, timings["digest"] = self._files.write(prepared.frame)
             timings["write"] = time.perf_counter() - started - timings["digest"]
             started = time.perf_counter()
-            self._write_round(db, info, prepared, content, nbytes)
+            self._write_round(db, info, prepared, content, prepared.frame.nbytes)
         timings["commit"] = time.perf_counter() - started  # rows + COMMIT: the log's fsync
         started = time.perf_counter()
         self._collect()
@@ -327,7 +326,7 @@ class _PreparedRound:
     round: int
     record_json: str
     sampler_json: str
-    frame: list[bytes | memoryview]  # the codec frame's parts, the arrays' data as views
+    frame: Frame  # the codec frame's parts (the arrays' data as views), being hashed
     pets: list[tuple[str, str, bytes, bytes]]  # name, encoding, value, SHA-256
     committed_at: float
 

@@ -9,6 +9,7 @@ after the row is gone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from flowerpets.core.codec import decode_record_dict, encode_record_dict, encode_record_dict_parts
@@ -25,9 +26,16 @@ def encode_arrays(arrays: ArrayRecord) -> bytes:
     return encode_record_dict(RecordDict({_KEY: arrays}))
 
 
-def encode_arrays_parts(arrays: ArrayRecord) -> list[bytes | memoryview]:
-    """The same frame as parts to concatenate; the arrays' data are views, not copies."""
-    return encode_record_dict_parts(RecordDict({_KEY: arrays}))
+def encode_arrays_parts(
+    arrays: ArrayRecord,
+    *,
+    before_crc: Callable[[list[bytes | memoryview]], None] | None = None,
+) -> list[bytes | memoryview]:
+    """The same frame as parts to concatenate; the arrays' data are views, not copies.
+
+    ``before_crc`` sees every part but the CRC (the last) before the CRC pass.
+    """
+    return encode_record_dict_parts(RecordDict({_KEY: arrays}), before_crc=before_crc)
 
 
 def decode_arrays(frame: bytes, where: str) -> ArrayRecord:
