@@ -34,7 +34,8 @@ from flowerpets.store.encoding import encode_arrays_parts
 __all__ = ["ArrayFiles", "Frame"]
 
 _SUFFIX: Final = ".fpa"
-_PARTIAL: Final = ".partial"
+_PARTIAL: Final = ".partial"  # being written
+_TRASH: Final = ".trash"  # collected, being unlinked
 _IOV_MAX: Final = 1024  # parts per writev (Linux's IOV_MAX)
 _FULL_DISK: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -89,6 +90,7 @@ class ArrayFiles:
         self.directory = store_path.with_name(store_path.name + ".arrays")
         self.max_bytes = max_bytes
         self._hasher: ThreadPoolExecutor | None = None
+        self._deleter: ThreadPoolExecutor | None = None
 
     def path(self, digest: bytes) -> Path:
         return self.directory / f"{digest.hex()}{_SUFFIX}"
@@ -185,18 +187,29 @@ class ArrayFiles:
         """Delete every file no arrays row names (a crashed commit's, a thinned round's).
 
         Call it inside a write transaction: no other writer is between its file and
-        its ``COMMIT``. Returns how many files went.
+        its ``COMMIT``. Each such file is renamed to a name no writer uses, under
+        the lock, and unlinked on a helper thread (freeing a model's worth of
+        blocks takes a while; a new round need not wait for it). Returns how many
+        files went.
         """
         named = {row[0] for row in db.execute("SELECT content FROM arrays")}
-        removed = 0
+        doomed: list[Path] = []
         for path in self._files():
             stem = path.name.removesuffix(_SUFFIX)
-            keep = path.name.endswith(_SUFFIX) and _hex_digest(stem) in named
-            if not keep:
-                with suppress(OSError):  # one left behind goes at the next collection
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+            if path.name.endswith(_SUFFIX) and _hex_digest(stem) in named:
+                continue
+            trash = path.with_name(f"{secrets.token_hex(8)}{_TRASH}")
+            with suppress(OSError):  # one left behind goes at the next collection
+                path.rename(trash)
+                doomed.append(trash)
+        if doomed:
+            self._deleting().submit(_unlink_all, doomed)
+        return len(doomed)
+
+    def _deleting(self) -> ThreadPoolExecutor:
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(1, thread_name_prefix="fp-store-delete")
+        return self._deleter
 
     # -- reading ----------------------------------------------------------------------------------
     def read(self, digest: bytes, nbytes: int, where: str) -> bytes:
@@ -214,9 +227,10 @@ class ArrayFiles:
         return frame
 
     def close(self) -> None:
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True)
-            self._hasher = None
+        for pool in (self._hasher, self._deleter):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._hasher = self._deleter = None
 
 
 def _hex_digest(stem: str) -> bytes | None:
@@ -241,6 +255,12 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
             else:
                 views[at] = views[at][written:]
                 written = 0
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        with suppress(OSError):  # left behind: the next collection takes it
+            path.unlink(missing_ok=True)
 
 
 def _fsync_path(path: Path) -> None:

@@ -26,9 +26,9 @@ def arrays_directory(path: Path) -> Path:
 
 
 def array_files(path: Path) -> list[Path]:
-    """The arrays' files of the store at ``path``, by name."""
+    """The arrays' files of the store at ``path`` (not those being written or deleted)."""
     directory = arrays_directory(path)
-    return sorted(directory.iterdir()) if directory.is_dir() else []
+    return sorted(directory.glob("*.fpa")) if directory.is_dir() else []
 
 
 def stored_bytes(path: Path) -> bytes:
