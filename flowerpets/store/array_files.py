@@ -139,12 +139,14 @@ class ArrayFiles:
                     self._sync_directory()
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except (OSError, StoreWriteError) as exc:
             frame.cancel()
             for path in (partial, named):
                 if path is not None:
                     with suppress(OSError):
                         path.unlink(missing_ok=True)
+            if isinstance(exc, StoreWriteError):
+                raise
             raise _write_error(exc) from exc
         return digest, waited
 
@@ -246,7 +248,7 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
     while at < len(views):
         written = os.writev(fd, views[at : at + _IOV_MAX])
         if written == 0:
-            raise OSError(errno.EIO, "the file accepted no bytes")
+            raise StoreWriteError("cannot write the arrays: the file accepted no bytes")
         while written and at < len(views):
             size = views[at].nbytes
             if written >= size:
