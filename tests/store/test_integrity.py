@@ -18,15 +18,8 @@ from hypothesis import strategies as st
 
 from flowerpets.exceptions import CorruptStoreError, StoreError
 from flowerpets.store import RunStore
-from tests.store.stored_runs import (
-    StoredRun,
-    array_files,
-    arrays_directory,
-    model,
-    record,
-    same_bits,
-    write_run,
-)
+from tests.store import stored_runs as files_of
+from tests.store.stored_runs import StoredRun, model, record, same_bits, write_run
 
 
 def damage(path: Path, sql: str, *args: object) -> None:
@@ -47,7 +40,7 @@ def round_three_file(run: StoredRun) -> Path:
     """The file holding round 3's arrays, found by their bytes."""
     needle = model(3)["dense.weight"].numpy().tobytes()[:64]
     # The arrays are stored as the codec wrote them: raw little-endian bytes.
-    (found,) = [p for p in array_files(run.path) if needle in p.read_bytes()]
+    (found,) = [p for p in files_of.array_files(run.path) if needle in p.read_bytes()]
     return found
 
 
@@ -78,15 +71,15 @@ def test_a_cut_arrays_file_is_refused_on_read(stored_run: StoredRun) -> None:
 
 def test_another_rounds_file_in_place_of_the_arrays_is_refused(stored_run: StoredRun) -> None:
     file = round_three_file(stored_run)
-    (other,) = [p for p in array_files(stored_run.path) if p != file][-1:]
+    (other,) = [p for p in files_of.array_files(stored_run.path) if p != file][-1:]
     file.write_bytes(other.read_bytes())  # a whole, valid frame, but not round 3's
     with RunStore(stored_run.path) as store, pytest.raises(CorruptStoreError, match="SHA-256"):
         store.load(stored_run.run_id)
 
 
 def test_files_no_row_names_are_collected_on_open(stored_run: StoredRun) -> None:
-    kept = array_files(stored_run.path)
-    directory = arrays_directory(stored_run.path)
+    kept = files_of.array_files(stored_run.path)
+    directory = files_of.arrays_directory(stored_run.path)
     strays = [directory / ("ab" * 32 + ".fpa"), directory / "123-4f.partial"]
     for stray in strays:
         stray.write_bytes(b"left by a commit that never reached COMMIT")
@@ -103,9 +96,9 @@ def test_thinned_rounds_files_are_deleted_after_the_commit(tmp_path: Path) -> No
                 writer.commit_round(
                     record(rnd), arrays=model(rnd), sampler=np.random.default_rng(rnd)
                 )
-                assert len(array_files(tmp_path / "runs.db")) == 1
+                assert len(files_of.array_files(tmp_path / "runs.db")) == 1
         assert same_bits(store.load("r").arrays or model(0), model(3))
-    assert len(list(arrays_directory(tmp_path / "runs.db").iterdir())) == 1
+    assert len(list(files_of.arrays_directory(tmp_path / "runs.db").iterdir())) == 1
 
 
 @pytest.mark.parametrize(
@@ -186,13 +179,13 @@ def test_any_damage_is_refused_or_harmless(
     the store refuses, or reads the truth."""
     copy = tmp_path / "copy.db"
     shutil.copyfile(pristine.path, copy)
-    shutil.rmtree(arrays_directory(copy), ignore_errors=True)
-    shutil.copytree(arrays_directory(pristine.path), arrays_directory(copy))
+    shutil.rmtree(files_of.arrays_directory(copy), ignore_errors=True)
+    shutil.copytree(files_of.arrays_directory(pristine.path), files_of.arrays_directory(copy))
     for suffix in ("-wal", "-shm"):
         Path(f"{copy}{suffix}").unlink(missing_ok=True)
-    originals = [pristine.path, *array_files(pristine.path)]
+    originals = [pristine.path, *files_of.array_files(pristine.path)]
     which = data.draw(st.integers(0, len(originals) - 1), label="file")
-    original, target = originals[which], [copy, *array_files(copy)][which]
+    original, target = originals[which], [copy, *files_of.array_files(copy)][which]
     size = original.stat().st_size
     if data.draw(st.booleans(), label="truncate"):
         with target.open("r+b") as f:
