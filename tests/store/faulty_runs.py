@@ -67,10 +67,12 @@ from flowerpets.core import (
     ArrayRecord,
     ClientApp,
     ClientMod,
+    CohortSampling,
     ConfigRecord,
     Context,
     FedAvg,
     FixedSizeSampling,
+    FullParticipation,
     Message,
     RoundRecord,
     RoundRequest,
@@ -296,9 +298,13 @@ def server(
 
         mods.append(SecAggPlus())
     strategy_type = _KillingFedAvg if phase == "after-aggregation" else FedAvg
-    cohort = SECAGG_COHORT if kind.endswith("secagg") else 3
+    sampling: CohortSampling = FixedSizeSampling(SECAGG_COHORT if kind == "secagg" else 3)
+    if kind.startswith("dp"):
+        # Every node, every round: the accountant's event is a Gaussian without sampling,
+        # which PLD accounts in milliseconds (fixed-size sampling needs RDP: a second a round).
+        sampling = FullParticipation()
     return ServerApp(
-        strategy=strategy_type(sampling=FixedSizeSampling(cohort)),
+        strategy=strategy_type(sampling=sampling),
         num_rounds=ROUNDS,
         initial_arrays=ArrayRecord({"w": np.zeros(shape, np.float32)}),
         mods=mods,
