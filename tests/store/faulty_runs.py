@@ -84,7 +84,7 @@ from flowerpets.core import (
 from flowerpets.exceptions import InsecureRandomnessWarning
 from flowerpets.simulation import SimulationResult
 from flowerpets.store import RunStore, RunWriter, run_writer
-from tests.store.test_resume import ROUNDS, local_training, simulate
+from tests.store.test_resume import NODES, ROUNDS, local_training, simulate
 
 KILL_ROUND = 3
 KINDS = ("plain", "he", "secagg", "dp", "dp-secagg")
@@ -358,6 +358,15 @@ def run(
         client=client(kind, phase=phase, recorder=recorder),
         on_round=on_round,
     )
+
+
+def uninterrupted(kind: str) -> SimulationResult:
+    """The run that nothing kills: each round once, every one ok with its whole cohort."""
+    whole = run(kind)
+    cohort = server(kind).strategy.sampling.expected_size(NODES)
+    assert [r.round for r in whole.history.rounds] == list(range(1, ROUNDS + 1))
+    assert all(r.ok and len(r.participants) == cohort for r in whole.history.rounds)
+    return whole
 
 
 def _fill_the_disk_after(rnd: int, store: RunStore) -> Callable[[RoundRecord], None]:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from flowerpets.core import RoundRecord
 from flowerpets.simulation import SimulationResult
 from flowerpets.store import RunStore
 from tests.store.faulty_runs import (
@@ -31,26 +30,24 @@ from tests.store.faulty_runs import (
     SecAggRecorder,
     run,
     secrets_path,
+    uninterrupted,
 )
 from tests.store.processes import run_python
 from tests.store.stored_runs import same_bits
-from tests.store.test_resume import ROUNDS
+from tests.store.test_resume import ROUNDS, comparable
 
 # The phases a node's mod kills in: the round's session began before the kill.
 _STARTED = {"after-share-keys", "mid-collection", "mid-unmask", "after-aggregation", "mid-commit"}
 
 
-def timeless(records: Sequence[Any]) -> list[dict[str, Any]]:
-    """The records without timings; participants in node order (SecAgg+'s ring is random)."""
+def timeless(records: list[RoundRecord]) -> list[dict[str, object]]:
+    """:func:`comparable` records, without SecAgg+'s timing of each stage."""
     out = []
-    for record in records:
-        data = record.to_json_dict()
-        data["seconds"] = 0
-        data["participants"] = sorted(data["participants"])
-        data["train_metrics"] = {
-            k: v for k, v in data["train_metrics"].items() if not k.startswith("secagg-seconds")
-        }
-        out.append(data)
+    for data in comparable(records):
+        metrics = data["train_metrics"]
+        assert isinstance(metrics, dict)
+        kept = {k: v for k, v in metrics.items() if not k.startswith("secagg-seconds")}
+        out.append({**data, "train_metrics": kept})
     return out
 
 
@@ -61,16 +58,13 @@ def on_disk(path: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted() -> SimulationResult:
-    whole = run("secagg")
-    assert [r.round for r in whole.history.rounds] == list(range(1, ROUNDS + 1))
-    assert all(r.ok and len(r.participants) == SECAGG_COHORT for r in whole.history.rounds)
-    return whole
+def whole() -> SimulationResult:
+    return uninterrupted("secagg")
 
 
 @pytest.mark.parametrize("phase", SECAGG_PHASES)
 def test_a_secagg_server_killed_in_any_phase_resumes_with_a_new_session_to_the_same_model(
-    tmp_path: Path, phase: str, uninterrupted: SimulationResult
+    tmp_path: Path, phase: str, whole: SimulationResult
 ) -> None:
     path = tmp_path / "runs.db"
     killed = run_python("-m", "tests.store.faulty_runs", str(path), "secagg", phase)
@@ -85,11 +79,12 @@ def test_a_secagg_server_killed_in_any_phase_resumes_with_a_new_session_to_the_s
         stored = store.load("r")
     stored_at_the_end = on_disk(path)
 
-    assert same_bits(resumed.arrays, uninterrupted.arrays)
-    assert stored.arrays is not None and same_bits(stored.arrays, uninterrupted.arrays)
-    assert timeless(resumed.history.rounds) == timeless(uninterrupted.history.rounds)
-    assert timeless(stored.history.rounds) == timeless(uninterrupted.history.rounds)
+    assert same_bits(resumed.arrays, whole.arrays)
+    assert stored.arrays is not None and same_bits(stored.arrays, whole.arrays)
+    assert timeless(resumed.history.rounds) == timeless(whole.history.rounds)
+    assert timeless(stored.history.rounds) == timeless(whole.history.rounds)
     assert sorted(recorder.sessions) == [KILL_ROUND, ROUNDS]  # rounds 1 and 2 not run again
+    assert len(recorder.secrets[KILL_ROUND]) >= 2 * SECAGG_COHORT  # the round run again
     secrets = [bytes.fromhex(s) for s in abandoned["secrets"]] + recorder.secrets[KILL_ROUND]
     if phase in _STARTED:
         session = bytes.fromhex(abandoned["session"])
@@ -99,7 +94,7 @@ def test_a_secagg_server_killed_in_any_phase_resumes_with_a_new_session_to_the_s
     else:
         assert abandoned == {"session": None, "secrets": []}  # killed before the round began
     # The search finds what is stored: the final model's bytes are there.
-    assert uninterrupted.arrays["w"].numpy().tobytes()[:32] in stored_at_the_end
+    assert whole.arrays["w"].numpy().tobytes()[:32] in stored_at_the_end
     for secret in secrets:
         assert secret[:32] not in stored_at_the_kill
         assert secret[:32] not in stored_at_the_end
