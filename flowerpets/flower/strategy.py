@@ -46,12 +46,14 @@ on the epsilon.
 Run stores: flwr's ``Strategy.start`` loop always starts at round 1 from the
 initial arrays, so a :class:`SecureStrategy` run cannot be resumed, and its
 server context has no run store: ``CentralDp`` keeps its ledger in memory for
-that one ``start``. A run whose config names a ``store`` (``flwr run
---run-config 'store="run.db"'``) is refused with
-:class:`~flowerpets.exceptions.IncompatibleStrategyError` rather than run
-unstored (for ``CentralDp``, a budget that a restart would count from 0 again):
-a durable run is our ServerApp through :func:`flowerpets.flower.server_app`,
-whose ``store`` run-config key commits every round and ``CentralDp``'s spends.
+that one ``start``. A run whose config overrides name a ``store`` (``flwr run
+--run-config 'store="run.db"'``, which the grid's ``run.override_config`` holds)
+is refused with :class:`~flowerpets.exceptions.IncompatibleStrategyError` rather
+than run unstored (for ``CentralDp``, a budget that a restart would count from 0
+again). The strategy sees only the grid, not the app's own defaults
+(``[tool.flwr.app.config]``): a ``store`` set there alone is not seen. A durable
+run is our ServerApp through :func:`flowerpets.flower.server_app`, whose ``store``
+run-config key commits every round and ``CentralDp``'s spends.
 """
 
 from __future__ import annotations
