@@ -30,8 +30,10 @@ With ``store``, a ServerApp process that died (or a run started again with
 history and cohort generator. The stored configuration is the run config without
 the keys that change no result (``store``, ``store-run``, ``history-file``,
 ``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's rounds and seed;
-resuming with another is refused. A server mod whose state the store does not keep
-yet (``CentralDp``, ``HomomorphicAggregation``) is refused with ``store``. The
+resuming with another is refused. ``CentralDp`` keeps its budget in the store (spent
+before each release, continued on resume: the same epsilon per round as an
+uninterrupted run); ``HomomorphicAggregation``, whose state the store does not keep,
+is refused with ``store``. The
 interrupted round is run again from scratch with a new SecAgg+ session, which a
 node that kept its state refuses (it never runs one round twice): that round
 fails with the model unchanged and the run goes on with the next.

@@ -42,6 +42,18 @@ strategies draw their cohort with Python's ``random`` module, not a secret draw,
 so no amplification by subsampling is claimed; each round is accounted as the
 full participation of its cohort (``population = len(cohort)``), an upper bound
 on the epsilon.
+
+Run stores: flwr's ``Strategy.start`` loop always starts at round 1 from the
+initial arrays, so a :class:`SecureStrategy` run cannot be resumed, and its
+server context has no run store: ``CentralDp`` keeps its ledger in memory for
+that one ``start``. A run whose config overrides name a ``store`` (``flwr run
+--run-config 'store="run.db"'``, which the grid's ``run.override_config`` holds)
+is refused with :class:`~flowerpets.exceptions.IncompatibleStrategyError` rather
+than run unstored (for ``CentralDp``, a budget that a restart would count from 0
+again). The strategy sees only the grid, not the app's own defaults
+(``[tool.flwr.app.config]``): a ``store`` set there alone is not seen. A durable
+run is our ServerApp through :func:`flowerpets.flower.server_app`, whose ``store``
+run-config key commits every round and ``CentralDp``'s spends.
 """
 
 from __future__ import annotations
@@ -87,6 +99,7 @@ from flowerpets.core import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    DurableState,
     Error,
     ErrorCode,
     FullParticipation,
@@ -221,6 +234,26 @@ def _refuse_sealing(mods: Sequence[ServerMod]) -> None:
             "flowerpets.FedAvg(), mods=[HomomorphicAggregation()])), whose FedAvg sends the "
             "sealed model on"
         )
+
+
+def _refuse_store(grid: FlwrGrid, mods: Sequence[ServerMod]) -> None:
+    """Refuse a run whose config asks for a run store: this loop could keep nothing there."""
+    override = getattr(getattr(grid, "run", None), "override_config", None) or {}
+    if "store" not in override:
+        return
+    budget = [type(m).__name__ for m in mods if isinstance(m, DurableState)]
+    lost = (
+        f"{budget[0]}'s privacy budget (a restart would count it from 0 again)"
+        if budget
+        else "its model and history"
+    )
+    raise IncompatibleStrategyError(
+        "the run config names a run store, but secure_strategy runs flwr's Strategy.start "
+        f"loop, which cannot resume and would store nothing, losing {lost}: for a durable "
+        "run use flowerpets.flower.server_app(ServerApp(strategy=flowerpets.FedAvg(), "
+        "mods=[CentralDp(...), SecAggPlus()])), whose store run-config key commits every "
+        "round and the budget"
+    )
 
 
 @dataclass(slots=True)
@@ -388,7 +421,11 @@ class SecureStrategy(Strategy):
         evaluate_config: fl.ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """flwr's ``Strategy.start``, with every training round run through our mods."""
+        """flwr's ``Strategy.start``, with every training round run through our mods.
+
+        A run config that names a ``store`` is refused (see the module docstring).
+        """
+        _refuse_store(grid, self.mods)
         context = ServerContext(
             grid=FlowerGrid(grid, min_nodes=0, node_timeout=0),
             secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),

@@ -2,9 +2,10 @@
 
 :func:`stored_app` opens the store, starts the run or, if the store holds it
 already, resumes it (its configuration must be the stored one), and gives back
-the ServerApp rebuilt to commit each round there. Server mods whose state the
-store does not keep yet are refused before anything is written: resuming them
-would lose it, and for DP that is a fresh privacy budget.
+the ServerApp rebuilt to commit each round there. ``CentralDp`` keeps its budget
+there (it declares :class:`~flowerpets.core.DurableState`). Server mods whose state
+the store does not keep are refused before anything is written: HE, whose run a new
+server process could not continue once its model is sealed.
 """
 
 from __future__ import annotations
@@ -26,15 +27,10 @@ __all__ = ["refuse_unstored_state", "stored_app", "with_store"]
 # is loaded, since no mod of a class never imported can exist (and HE stays unloaded).
 _UNSTORED = (
     (
-        "flowerpets.dp.central._mod",
-        "CentralDp",
-        "its privacy accounting is not kept in the store yet, and a resumed run would count "
-        "its epsilon from 0 again",
-    ),
-    (
         "flowerpets.he.server",
         "HomomorphicAggregation",
-        "the nodes' CKKS keys are never stored, so a resumed run could not decrypt its model",
+        "the nodes' CKKS keys are never stored, so a resumed run could not decrypt its model "
+        "(and the mod refuses to resume a sealed model)",
     ),
 )
 

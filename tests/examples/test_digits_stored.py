@@ -5,6 +5,8 @@ SIGKILL would leave nothing of the process) right after a round committed, or
 in the middle of a SecAgg+ round. The resumed run must end with the
 uninterrupted run's model, bit for bit: a stored demo run is simulated on one
 worker thread, so the seeds fix everything, the order replies are summed in too.
+With central DP (the default composition) the epsilon per round is the
+uninterrupted run's; the model is not, as its noise is drawn from a secure source.
 """
 
 from __future__ import annotations
@@ -123,6 +125,46 @@ def test_killed_in_the_comparison_run_the_resume_finishes_only_that(
     )
 
 
+# The recommended composition (SecAgg+ with central DP), on fewer clients and rounds.
+DEFAULT = ["--clients", "8", "--rounds", "4", "--seed", "3"]
+
+
+def epsilons(history: list[dict[str, Any]]) -> list[float]:
+    return [record["train_metrics"]["epsilon"] for record in history]
+
+
+def test_the_default_demo_killed_after_round_two_resumes_with_the_same_epsilon_per_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Central DP's budget is in the store: the resumed run spends on from the stored ledger.
+
+    Its model is not the uninterrupted run's bit for bit: the noise comes from a secure
+    source whose state is never stored. The cohorts (the stored sampler's) and every
+    epsilon are the same.
+    """
+    whole = cli_json(capsys, "demo", *DEFAULT, "--store", str(tmp_path / "whole.db"))
+    path = tmp_path / "run.db"
+    with monkeypatch.context() as patch, pytest.raises(ServerKilled):
+        killed_after_round(patch, 2)
+        main(["demo", *DEFAULT, "--store", str(path), "--json"])
+    with RunStore(path) as store:
+        assert store.run("demo-1").last_round == 2
+        assert [s.round for s in store.spends("run:demo-1")] == [1, 2]
+
+    resumed = cli_json(capsys, "resume", "--store", str(path))
+
+    assert resumed["stored"]["resumed_after"] == 2
+    assert len(resumed["history"]) == len(whole["history"]) == 4
+    assert all(r["error"] is None for r in resumed["history"])
+    assert epsilons(resumed["history"]) == epsilons(whole["history"])
+    assert epsilons(whole["history"]) == sorted(set(epsilons(whole["history"])))  # it grows
+    cohorts = [[r["cohort_size"], r["participants"]] for r in resumed["history"]]
+    assert cohorts == [[r["cohort_size"], r["participants"]] for r in whole["history"]]
+    with RunStore(path) as store:  # one spend per round: rounds 1 and 2 were not spent again
+        assert [s.round for s in store.spends("run:demo-1")] == [1, 2, 3, 4]
+        assert store.run("demo-1/without-pets").last_round == 4
+
+
 # -- refusals: one line on stderr, exit status 2 ---------------------------------------------------
 @pytest.fixture
 def stored_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
@@ -172,12 +214,11 @@ def test_the_demo_refuses_what_it_cannot_store_in_one_line(
     store = str(stored_demo)
     line = one_line_error(capsys, "demo", *PLAIN, "--store", store, "--run", "demo-1")
     assert f"continue it with flowerpets resume --store {store} --run demo-1" in line
-    assert "would count its epsilon from 0 again" in one_line_error(
-        capsys,
-        "demo",
-        "--store",
-        store,  # the recommended composition: central DP
+    local = one_line_error(
+        capsys, "demo", "--dp", "local", "--target-epsilon", "2", "--store", store
     )
+    assert "each node keeps its budget in its own context" in local
+    assert "would count every node's epsilon from 0 again" in local
     assert "could not decrypt its model" in one_line_error(capsys, "demo", "--he", "--store", store)
     assert "--run names a run in a store: it needs --store" in one_line_error(
         capsys, "demo", *PLAIN, "--run", "x"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -288,6 +289,38 @@ def test_central_dp_with_secagg_under_flwr_fedavg_equals_our_server_app(
         np.testing.assert_allclose(
             secure.arrays[name].numpy(), want.arrays[name].numpy(), rtol=0, atol=1e-3
         )
+
+
+@pytest.mark.parametrize(
+    ("make_mods", "client_mods", "lost"),
+    [
+        (
+            lambda: [_central_dp(), SecAggPlus()],
+            [secaggplus_mod, fixed_clipping_mod],
+            "CentralDp's privacy budget",
+        ),
+        (lambda: [SecAggPlus()], [secaggplus_mod], "its model and history"),
+    ],
+    ids=["central-dp", "secagg"],
+)
+def test_a_run_config_naming_a_store_is_refused_before_any_node_hears_of_it(
+    kit: SimpleNamespace,
+    tmp_path: Path,
+    make_mods: Callable[[], list[Any]],
+    client_mods: list[Any],
+    lost: str,
+) -> None:
+    grid = loop_grid(kit, client(*client_mods))
+    path = tmp_path / "run.db"
+    grid.set_run(SimpleNamespace(run_id=7, override_config={"store": str(path)}))
+    strategy = secure_strategy(fs.FedAvg(fraction_evaluate=0.0), mods=make_mods())
+    with pytest.raises(IncompatibleStrategyError, match="cannot resume") as refused:
+        start(strategy, grid, rounds=2)
+    assert lost in str(refused.value)
+    assert "flowerpets.flower.server_app(ServerApp(" in str(refused.value)  # what to use
+    assert grid.pushed == [] and not path.exists()
+    grid.set_run(SimpleNamespace(run_id=7, override_config={"lr": 0.1}))  # no store: it runs
+    assert len(start(strategy, grid, rounds=1).train_metrics_clientapp) == 1
 
 
 def test_a_spent_budget_stops_training_before_any_node_hears_of_it(

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from flwr import app as fl
 
-from flowerpets.dp import CentralDp
-from flowerpets.exceptions import ParameterValueError, RunConfigMismatchError
+from flowerpets.core import RoundRecord
+from flowerpets.dp import CentralDp, fixed_clipping_mod
+from flowerpets.exceptions import RunConfigMismatchError
 from flowerpets.flower import client_app
+from flowerpets.flower import server as server_module
 from flowerpets.store import RunStore
 from tests.store.stored_runs import same_bits
 
@@ -29,7 +31,7 @@ class ServerKilled(BaseException):
     """The ServerApp process dies: nothing catches it."""
 
 
-def _grid(kit: SimpleNamespace, *, die_at: int | None = None) -> object:
+def _grid_of(kit: SimpleNamespace, app: object, *, die_at: int | None = None) -> object:
     class DyingGrid(kit.LocalFlwrGrid):  # type: ignore[name-defined,misc]
         def push_messages(self, messages: Iterable[fl.Message]) -> Iterable[str]:
             messages = list(messages)
@@ -37,7 +39,11 @@ def _grid(kit: SimpleNamespace, *, die_at: int | None = None) -> object:
                 raise ServerKilled
             return super().push_messages(messages)
 
-    return DyingGrid(client_app(kit.numpy_client()), N)
+    return DyingGrid(app, N)
+
+
+def _grid(kit: SimpleNamespace, *, die_at: int | None = None) -> object:
+    return _grid_of(kit, client_app(kit.numpy_client()), die_at=die_at)
 
 
 def _run(kit: SimpleNamespace, grid: object, path: Path, **config: object) -> object:
@@ -86,14 +92,69 @@ def test_a_stored_run_resumed_with_another_configuration_is_refused(
         assert store.run("flower").last_round == 1
 
 
-def test_a_store_refuses_central_dp_whose_budget_it_does_not_keep(
-    kit: SimpleNamespace, tmp_path: Path
+def _epsilons(app: object) -> list[float]:
+    history = app.last_result.history  # type: ignore[attr-defined]
+    return [value for _, value in history.metric("epsilon", source="train_metrics")]
+
+
+@pytest.mark.parametrize("killed", ["after-round-2", "sending-round-3"])
+def test_central_dp_keeps_its_budget_through_the_store_key_and_resumes_with_it(
+    kit: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: str
 ) -> None:
-    dp = CentralDp(noise_multiplier=1.0, clipping_norm=1.0)
-    grid = _grid(kit)
-    with pytest.raises(ParameterValueError, match="count its epsilon from 0 again"):
-        kit.run_bridge(kit.numpy_server([dp]), grid, {"store": str(tmp_path / "run.db")})
-    assert not (tmp_path / "run.db").exists()  # refused before anything was written
+    """The ``store`` run-config key takes CentralDp: a killed ServerApp spends on from its ledger.
+
+    Killed after round 2 committed, the resumed run reports the uninterrupted run's
+    epsilon in every round. Killed sending round 3 (its spend committed, as it is before
+    any node sees the round), that spend stays counted: round 3 run again counts four
+    events, never fewer. The noise is CentralDp's secure source, whose state is never
+    stored: the model is not the uninterrupted run's bit for bit.
+    """
+    client = client_app(kit.numpy_client([fixed_clipping_mod]))
+
+    def run(path: Path, **grid: object) -> object:
+        server = kit.numpy_server([CentralDp(noise_multiplier=1.0, clipping_norm=1.0)], rounds=4)
+        return kit.run_bridge(
+            server,
+            grid.get("grid") or kit.LocalFlwrGrid(client, N),
+            {
+                "store": str(path),
+                "num-server-rounds": ROUNDS,
+            },
+        )
+
+    whole = _epsilons(run(tmp_path / "whole.db"))
+    assert len(whole) == ROUNDS and whole == sorted(set(whole))  # it grows every round
+    path = tmp_path / "run.db"
+    with monkeypatch.context() as patch, pytest.raises(ServerKilled):
+        if killed == "after-round-2":  # the bridge logs a round once it committed
+            logged = server_module._log_round
+
+            def log_then_die(record: RoundRecord) -> None:
+                logged(record)
+                if record.round == 2:
+                    raise ServerKilled
+
+            patch.setattr(server_module, "_log_round", log_then_die)
+            run(path)
+        else:
+            run(path, grid=_grid_of(kit, client, die_at=3))
+    spent = [1, 2] if killed == "after-round-2" else [1, 2, 3]
+    with RunStore(path) as store:
+        assert store.run("flower").last_round == 2
+        assert [s.round for s in store.spends("run:flower")] == spent
+    grid = kit.LocalFlwrGrid(client, N)
+
+    resumed = _epsilons(run(path, grid=grid))
+
+    assert {int(m.metadata.group_id) for m in grid.pushed} == {3, 4}
+    if killed == "after-round-2":
+        assert resumed == whole
+    else:
+        assert resumed[:2] == whole[:2]
+        assert resumed[2] == whole[3]  # round 3 again: four events, as whole's round 4
+        assert resumed[3] > whole[3]
+    with RunStore(path) as store:
+        assert [s.round for s in store.spends("run:flower")] == [*spent, 3, 4]
 
 
 def test_nodes_that_kept_their_state_refuse_the_abandoned_secagg_round_and_the_run_goes_on(

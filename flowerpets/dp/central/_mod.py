@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from flowerpets._validation import boolean, instance, probability, real
+from flowerpets._validation import boolean, instance, integer, probability, real
 from flowerpets.core import (
     ConfigRecord,
     DurableState,
@@ -30,7 +30,11 @@ from flowerpets.core import (
     ServerContext,
 )
 from flowerpets.core.round import is_sealed
-from flowerpets.dp._primitives.noise import GaussianSource, lazy_gaussian_source
+from flowerpets.dp._primitives.noise import (
+    GaussianSource,
+    GeneratorGaussian,
+    lazy_gaussian_source,
+)
 from flowerpets.dp._protocol import REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import AccountantFactory, event_for_round
 from flowerpets.dp.central import _durable, _ledger
@@ -40,6 +44,7 @@ from flowerpets.dp.central._sites import SITES, CallNext, ClipOn
 from flowerpets.exceptions import (
     ConfigurationError,
     IncompatibleModsError,
+    InsecureRandomnessWarning,
     ModelMismatchError,
     ParameterTypeError,
     ParameterValueError,
@@ -65,6 +70,11 @@ class CentralDp(DurableState):
     PLD, or RDP for fixed-size cohorts; see
     :func:`~flowerpets.dp.accountant.default_accountant`). ``rng`` replaces the
     secure noise source with a seeded generator, for tests only (it warns).
+    ``noise_seed``, also for tests only (it warns), draws each round's noise
+    from ``numpy.random.default_rng([noise_seed, round])`` instead: the noise of
+    a round depends on nothing drawn before it, so a run resumed from a store
+    draws the noise the uninterrupted run drew (a generator's state is never
+    stored). Give ``rng`` or ``noise_seed``, not both.
 
     With a run store (``ServerApp(..., store=writer)``) the budget is the
     population's: each round's event is committed to the run's population
@@ -91,6 +101,7 @@ class CentralDp(DurableState):
         rng: np.random.Generator | None = None,
         keep_client_metrics: bool = False,
         population: str | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.noise_multiplier = real("noise_multiplier", noise_multiplier, at_least=0)
         self.clipping_norm = real("clipping_norm", clipping_norm, above=0)
@@ -115,6 +126,17 @@ class CentralDp(DurableState):
         if population is not None and (not isinstance(population, str) or not population):
             raise ParameterTypeError("population must be a non-empty str (a population id)")
         self.population = population
+        if noise_seed is not None:
+            noise_seed = integer("noise_seed", noise_seed, at_least=0)
+            if rng is not None:
+                raise ParameterValueError("give rng or noise_seed, not both")
+            warnings.warn(
+                "CentralDp: noise drawn from numpy generators seeded by noise_seed and the round "
+                "is not cryptographically secure; use noise_seed= for tests only",
+                InsecureRandomnessWarning,
+                stacklevel=2,
+            )
+        self._noise_seed = noise_seed
         # The secure source is built on first use and never pickled: the mod pickles.
         self._noise: GaussianSource = lazy_gaussian_source(rng, owner="CentralDp")
         if self.noise_multiplier == 0:
@@ -252,15 +274,16 @@ class CentralDp(DurableState):
         _ledger.store(context, run)  # accounted before any node sees the round
 
         clip = run.clip
+        noise = self._round_noise(request.round)
         site = SITES[self.clip_on]
         inner = request.replace(weight_key=None)
         if sealed_model:
             inner = inner.replace(config=ConfigRecord({**request.config, REPLY_MODEL_KEY: True}))
         result, unclipped = site(inner, context, call_next, clip, self.adaptive is not None)
         if sealed_model:
-            result = noised_models(result, multiplier * clip, self._noise)
+            result = noised_models(result, multiplier * clip, noise)
         else:
-            result = noised(result, request.arrays, multiplier * clip, expected, self._noise)
+            result = noised(result, request.arrays, multiplier * clip, expected, noise)
 
         metrics = MetricRecord(result.metrics) if self.keep_client_metrics else MetricRecord()
         metrics["epsilon"] = epsilon
@@ -270,11 +293,17 @@ class CentralDp(DurableState):
         metrics["dp-expected-cohort"] = expected
         if self.adaptive is not None:
             following, fraction = next_clip(
-                self.adaptive, clip, unclipped, expected=expected, noise=self._noise
+                self.adaptive, clip, unclipped, expected=expected, noise=noise
             )
             metrics["dp-unclipped-fraction"] = fraction
             _ledger.store(context, dataclasses.replace(run, clip=following))
         return result.replace(metrics=metrics)
+
+    def _round_noise(self, rnd: int) -> GaussianSource:
+        """Where round ``rnd``'s noise comes from: the mod's source, or one of the round's."""
+        if self._noise_seed is None:
+            return self._noise
+        return GeneratorGaussian(np.random.default_rng([self._noise_seed, rnd]))
 
     def _check_sealed_model(self, request: RoundRequest) -> None:
         """A sealed global model is supported only where the number of replies is public."""

@@ -13,11 +13,17 @@ the replies are summed in too, so a resumed run ends bit for bit where the
 uninterrupted one does (with more threads, float sums may differ in the last
 place from one run to the next, resumed or not).
 
-Runs whose server state the store does not keep yet are refused before they
-start: central or local DP (a resumed run would count its epsilon from 0
-again) and CKKS (the nodes' keys are never stored, so a resumed run could not
-decrypt its model). SecAgg+ keeps no state across rounds: a round interrupted
-mid-protocol is abandoned and the resumed run starts a new session.
+Central DP (the recommended composition's) keeps its budget in the store: every
+round's spend is committed before the round's noised sum is released, and a
+resumed run continues the stored ledger, so it reports the epsilon per round an
+uninterrupted run does. Its model is not the uninterrupted run's bit for bit: the
+noise comes from a secure source whose state is never stored (by design).
+Refused before they start: local DP, whose budget each node keeps in its own
+context, which the store does not hold (a resumed simulation rebuilds its nodes,
+so each would count its epsilon from 0 again), and CKKS (the nodes' keys are
+never stored, so a resumed run could not decrypt its model). SecAgg+ keeps no
+state across rounds: a round interrupted mid-protocol is abandoned and the
+resumed run starts a new session.
 """
 
 from __future__ import annotations
@@ -93,16 +99,17 @@ def _options(info: RunInfo) -> dict[str, Any]:
 
 
 def check_storable(args: argparse.Namespace) -> None:
-    """Refuse (``ParameterValueError``) the PETs whose server state the store does not keep."""
+    """Refuse (``ParameterValueError``) the PETs whose state the store does not keep."""
     if getattr(args, "run", None) is not None and getattr(args, "store", None) is None:
         raise ParameterValueError("--run names a run in a store: it needs --store")
     if getattr(args, "store", None) is None:
         return
-    if getattr(args, "dp", None):
+    if getattr(args, "dp", None) == "local":
         raise ParameterValueError(
-            f"--store cannot keep {args.dp} DP's privacy accounting yet, and a resumed run "
-            "would count its epsilon from 0 again: store a run without DP (--pets none, or "
-            "--secagg)"
+            "--store cannot keep local DP's privacy accounting: each node keeps its budget in "
+            "its own context, which the store does not hold, so a resumed run would count "
+            "every node's epsilon from 0 again; store a run with --dp central (the default "
+            "composition) instead"
         )
     if getattr(args, "he", False):
         raise ParameterValueError(
