@@ -32,9 +32,12 @@ def array_files(path: Path) -> list[Path]:
 
 
 def stored_bytes(path: Path) -> bytes:
-    """Every byte the store at ``path`` holds: its file, its log and its arrays' files."""
+    """Every byte the store at ``path`` holds: its file, its log and every file of its
+    arrays directory (one being written or deleted too)."""
     wal = Path(f"{path}-wal")
-    parts = [path, *([wal] if wal.exists() else []), *array_files(path)]
+    directory = arrays_directory(path)
+    files = sorted(directory.iterdir()) if directory.is_dir() else []
+    parts = [path, *([wal] if wal.exists() else []), *files]
     return b"".join(p.read_bytes() for p in parts)
 
 
