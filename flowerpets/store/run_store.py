@@ -1,4 +1,4 @@
-"""A run store: one SQLite file holding runs, their rounds, and the populations' privacy ledgers.
+"""A run store: one SQLite file (and its arrays' files) holding runs, rounds and privacy ledgers.
 
 Open it with :class:`RunStore` (the file is created if missing, and checked
 with SQLite's ``quick_check`` if not). Start a run with :meth:`RunStore.start_run`
@@ -54,15 +54,15 @@ class RunStore(Closing):
 
     ``check`` is the integrity check on open: ``"quick"`` (default,
     ``PRAGMA quick_check``), ``"full"`` (``PRAGMA integrity_check``) or
-    ``"none"``. ``max_bytes`` caps the file's size: a commit that would grow it
-    further fails with :class:`~flowerpets.exceptions.StoreWriteError` like a
-    full disk, leaving the previous round intact. The write-ahead log is
-    copied into the main file (checkpointed) once commits have added
-    ``checkpoint_bytes`` of arrays to it (0: after every commit), and when the
-    store is closed: a round is durable in the log already, and a page that
-    later rounds rewrote (the last round's arrays, when older ones are not
-    kept) is copied once rather than once per round. The log takes up to about
-    that much disk on top of the file.
+    ``"none"``. The global arrays are files in ``<path>.arrays/``, named by
+    their SHA-256 (:mod:`flowerpets.store.array_files`). ``max_bytes`` caps the
+    store's size (the file, its log and the arrays' files): a commit that would
+    grow it further fails with :class:`~flowerpets.exceptions.StoreWriteError`
+    like a full disk, leaving the previous round intact. The write-ahead log is
+    copied into the main file (checkpointed) once it holds ``checkpoint_bytes``
+    (0: after every commit), and when the store is closed: a round is durable
+    in the log already. The log takes up to about that much disk on top of the
+    file.
     """
 
     def __init__(
