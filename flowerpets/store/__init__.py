@@ -1,6 +1,7 @@
 """Durable runs: a run store on SQLite, so a server that crashes loses nothing.
 
-A :class:`RunStore` is one SQLite file (WAL mode, ``synchronous=FULL``). Per
+A :class:`RunStore` is one SQLite file (WAL mode, ``synchronous=FULL``) and a
+directory of the global arrays' files, each fsynced before the commit naming it. Per
 run it holds the configuration and its SHA-256, each committed round's record,
 the global arrays (in the core's codec, never pickle; every N rounds plus the
 last), the cohort sampler's state, each PET's server state and a monotone

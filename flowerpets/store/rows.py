@@ -14,6 +14,7 @@ from typing import Any
 from flowerpets.core.history import History, RoundRecord
 from flowerpets.core.records import ArrayRecord
 from flowerpets.exceptions import CorruptStoreError, MissingRunError
+from flowerpets.store.array_files import ArrayFiles
 from flowerpets.store.database import fetch, reading
 from flowerpets.store.encoding import (
     check_digest,
@@ -65,10 +66,9 @@ def round_digest(
     return row_digest("rounds", run_id, rnd, record_json, sampler_json, committed_at)
 
 
-def arrays_digest(run_id: str, rnd: int, frame: bytes | memoryview) -> bytes:
-    hasher = row_hasher("arrays", (run_id, rnd, len(frame)))
-    hasher.update(frame)
-    return hasher.digest()
+def arrays_digest(run_id: str, rnd: int, nbytes: int, content: bytes) -> bytes:
+    """The arrays row's digest: its keys, and the size and SHA-256 of the file it names."""
+    return row_digest("arrays", run_id, rnd, nbytes, content)
 
 
 def pet_state_digest(run_id: str, name: str, rnd: int, encoding: str, value: bytes) -> bytes:
@@ -161,23 +161,26 @@ def read_sampler_state(connection: sqlite3.Connection, run_id: str, rnd: int) ->
     return parse_json(sampler_json, f"the sampler state of {where}")
 
 
-def read_arrays(connection: sqlite3.Connection, run_id: str, rnd: int) -> ArrayRecord | None:
-    """The global arrays stored for round ``rnd`` (None if none were kept), checked."""
+def read_arrays(
+    connection: sqlite3.Connection, files: ArrayFiles, run_id: str, rnd: int
+) -> ArrayRecord | None:
+    """The global arrays stored for round ``rnd`` (None if none were kept), checked:
+    the row's digest, then the file's length and SHA-256."""
     rows = fetch(
         connection,
         f"the arrays of run {run_id!r}",
-        "SELECT frame, nbytes, sha256 FROM arrays WHERE run_id = ? AND round = ?",
+        "SELECT content, nbytes, sha256 FROM arrays WHERE run_id = ? AND round = ?",
         run_id,
         rnd,
     )
     if not rows:
         return None
-    frame, nbytes, digest = rows[0]
+    content, nbytes, digest = rows[0]
     where = f"the arrays of round {rnd} of run {run_id!r}"
-    if not isinstance(frame, bytes) or len(frame) != nbytes:
-        raise CorruptStoreError(f"{where} have the wrong length: the row was damaged")
-    check_digest(digest, arrays_digest(run_id, rnd, frame), where)
-    return decode_arrays(frame, where)
+    if not isinstance(content, bytes) or len(content) != 32 or not isinstance(nbytes, int):
+        raise CorruptStoreError(f"{where} are malformed: the row was damaged")
+    check_digest(digest, arrays_digest(run_id, rnd, nbytes, content), where)
+    return decode_arrays(files.read(content, nbytes, where), where)
 
 
 def read_pet_states(connection: sqlite3.Connection, run_id: str) -> dict[str, PetState]:

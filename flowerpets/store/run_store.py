@@ -1,4 +1,4 @@
-"""A run store: one SQLite file holding runs, their rounds, and the populations' privacy ledgers.
+"""A run store: one SQLite file (and its arrays' files) holding runs, rounds and privacy ledgers.
 
 Open it with :class:`RunStore` (the file is created if missing, and checked
 with SQLite's ``quick_check`` if not). Start a run with :meth:`RunStore.start_run`
@@ -26,6 +26,7 @@ from flowerpets.exceptions import (
     RunConfigMismatchError,
     RunExistsError,
 )
+from flowerpets.store.array_files import ArrayFiles
 from flowerpets.store.closing import Closing
 from flowerpets.store.database import (
     IntegrityCheck,
@@ -37,10 +38,10 @@ from flowerpets.store.database import (
 )
 from flowerpets.store.database.connection import PAGE_SIZE
 from flowerpets.store.database.lease import acquire
-from flowerpets.store.encoding import canonical_json, encode_arrays, json_digest
+from flowerpets.store.encoding import canonical_json, json_digest
 from flowerpets.store.ledger import SpendRecord, ensure_population, read_spends
-from flowerpets.store.rows import arrays_digest, read_arrays, read_info, run_digest
-from flowerpets.store.run_writer import RunWriter, _write_frame, load_snapshot
+from flowerpets.store.rows import read_arrays, read_info, run_digest
+from flowerpets.store.run_writer import RunWriter, load_snapshot, write_arrays_row
 from flowerpets.store.snapshot import RunInfo, RunSnapshot
 
 __all__ = ["RunStore"]
@@ -53,15 +54,15 @@ class RunStore(Closing):
 
     ``check`` is the integrity check on open: ``"quick"`` (default,
     ``PRAGMA quick_check``), ``"full"`` (``PRAGMA integrity_check``) or
-    ``"none"``. ``max_bytes`` caps the file's size: a commit that would grow it
-    further fails with :class:`~flowerpets.exceptions.StoreWriteError` like a
-    full disk, leaving the previous round intact. The write-ahead log is
-    copied into the main file (checkpointed) once commits have added
-    ``checkpoint_bytes`` of arrays to it (0: after every commit), and when the
-    store is closed: a round is durable in the log already, and a page that
-    later rounds rewrote (the last round's arrays, when older ones are not
-    kept) is copied once rather than once per round. The log takes up to about
-    that much disk on top of the file.
+    ``"none"``. The global arrays are files in ``<path>.arrays/``, named by
+    their SHA-256 (:mod:`flowerpets.store.array_files`). ``max_bytes`` caps the
+    store's size (the file, its log and the arrays' files): a commit that would
+    grow it further fails with :class:`~flowerpets.exceptions.StoreWriteError`
+    like a full disk, leaving the previous round intact. The write-ahead log is
+    copied into the main file (checkpointed) once it holds ``checkpoint_bytes``
+    (0: after every commit), and when the store is closed: a round is durable
+    in the log already. The log takes up to about that much disk on top of the
+    file.
     """
 
     def __init__(
@@ -76,12 +77,21 @@ class RunStore(Closing):
         self._checkpoint_bytes = validate.integer("checkpoint_bytes", checkpoint_bytes, at_least=0)
         self.path = Path(path)
         validate.one_of("check", check, ("quick", "full", "none"))
+        limit = (
+            None
+            if max_bytes is None
+            else validate.integer("max_bytes", max_bytes, at_least=PAGE_SIZE)
+        )
         self._connection = open_connection(self.path, check=check)
+        self._files = ArrayFiles(self.path, max_bytes=limit)
         try:
             ensure_schema(self._connection)
-            if max_bytes is not None:
-                limit = validate.integer("max_bytes", max_bytes, at_least=PAGE_SIZE)
+            if limit is not None:
                 self._connection.execute(f"PRAGMA max_page_count = {limit // PAGE_SIZE}")
+            # A crash between an arrays file's fsync and its round's COMMIT left a file no
+            # row names: it goes now.
+            with write_transaction(self._connection, "collecting unnamed array files") as db:
+                self._files.collect(db)
         except BaseException:
             self._connection.close()
             raise
@@ -118,7 +128,9 @@ class RunStore(Closing):
         frame = (
             None
             if initial_arrays is None
-            else encode_arrays(validate.instance("initial_arrays", initial_arrays, ArrayRecord))
+            else self._files.encode(
+                validate.instance("initial_arrays", initial_arrays, ArrayRecord)
+            )
         )
         owner = LeaseOwner.this_process()
         created_at = time.time()
@@ -142,9 +154,12 @@ class RunStore(Closing):
             )
             ensure_population(db, population)
             if frame is not None:
-                _write_frame(db, run_id, 0, frame, arrays_digest(run_id, 0, frame))
+                content, _ = self._files.write(frame)
+                write_arrays_row(db, run_id, 0, frame.nbytes, content)
             acquire(db, run_id, owner)
-        return RunWriter(self._connection, run_id, owner, checkpoint_bytes=self._checkpoint_bytes)
+        return RunWriter(
+            self._connection, self._files, run_id, owner, checkpoint_bytes=self._checkpoint_bytes
+        )
 
     def resume_run(self, run_id: str, *, config: Mapping[str, Any] | None = None) -> RunWriter:
         """Take the lease of a stored run to continue it from its last committed round.
@@ -171,7 +186,9 @@ class RunStore(Closing):
                 )
             read_spends(db, info.population_id)  # a damaged ledger refuses the resume
             acquire(db, run_id, owner)
-        return RunWriter(self._connection, run_id, owner, checkpoint_bytes=self._checkpoint_bytes)
+        return RunWriter(
+            self._connection, self._files, run_id, owner, checkpoint_bytes=self._checkpoint_bytes
+        )
 
     def break_lease(self, run_id: str) -> None:
         """Drop a run's lease whoever holds it: for an operator who knows its holder is dead.
@@ -203,14 +220,14 @@ class RunStore(Closing):
 
     def load(self, run_id: str) -> RunSnapshot:
         """Run ``run_id`` as of its last committed round, every row checked."""
-        return load_snapshot(self._connection, _run_id(run_id))
+        return load_snapshot(self._connection, self._files, _run_id(run_id))
 
     def arrays_at(self, run_id: str, round: int) -> ArrayRecord:
         """The global arrays kept for round ``round`` (:class:`MissingRunError` if not kept)."""
         run_id = _run_id(run_id)
         rnd = validate.integer("round", round, at_least=0)
         read_info(self._connection, run_id)
-        arrays = read_arrays(self._connection, run_id, rnd)
+        arrays = read_arrays(self._connection, self._files, run_id, rnd)
         if arrays is None:
             raise MissingRunError(f"run {run_id!r} keeps no arrays of round {rnd}")
         return arrays
@@ -250,6 +267,7 @@ class RunStore(Closing):
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the file (a clean close checkpoints the log into it)."""
+        self._files.close()
         self._connection.close()
 
 

@@ -11,9 +11,12 @@ is stored and the previous round is intact. :meth:`RunWriter.record_spend`
 commits a privacy event in a transaction of its own, to call *before* the
 noised result it pays for is released.
 
-The arrays are encoded before the transaction opens, and hashed on a helper
-thread while SQLite copies them into their pages; the log is checkpointed into
-the main file after the commit, once the round is already durable.
+The arrays are encoded before the transaction opens; inside it, their frame
+is written to its own file (:mod:`flowerpets.store.array_files`, hashed on a
+helper thread while it is written) and made durable before the small rows
+naming it are written and committed. After the commit, the files no row names
+any more are deleted, and the log is checkpointed into the main file once it
+holds ``checkpoint_bytes``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,13 +35,18 @@ from flowerpets import _validation as check
 from flowerpets.core.history import RoundRecord
 from flowerpets.core.journal import Resumption
 from flowerpets.core.records import ArrayRecord
-from flowerpets.exceptions import CorruptStoreError, ParameterValueError, RoundSequenceError
+from flowerpets.exceptions import (
+    CorruptStoreError,
+    ParameterValueError,
+    RoundSequenceError,
+    StoreError,
+)
+from flowerpets.store.array_files import ArrayFiles, Frame
 from flowerpets.store.closing import Closing
 from flowerpets.store.database import LeaseOwner, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
 from flowerpets.store.encoding import (
     canonical_json,
-    encode_arrays,
     generator_from_state,
     generator_state,
 )
@@ -60,12 +68,6 @@ __all__ = ["RunWriter"]
 
 log = logging.getLogger(__name__)
 
-_BLOB_CHUNK = 1 << 22  # arrays are copied into their row 4 MiB at a time
-_PENDING_DIGEST = (
-    b""  # an arrays row's digest until its thread delivers it, in the same transaction
-)
-_BASE_CACHE_KIB = 2000  # SQLite's default page cache, for everything but a round's arrays
-
 
 class RunWriter(Closing):
     """The lease-holding writer of one run of a :class:`~flowerpets.store.RunStore`.
@@ -73,25 +75,27 @@ class RunWriter(Closing):
     Made by ``RunStore.start_run`` or ``RunStore.resume_run``; use it as a
     context manager (or call :meth:`close`) to give the lease back.
     ``last_commit_seconds`` holds how long the parts of the last commit took
-    (``encode``, ``write``, ``digest``: the wait for the arrays' SHA-256 once
-    the write is done, ``commit``, ``checkpoint``).
+    (``encode``, ``write``: the arrays' file, ``digest``: the wait for their
+    SHA-256 once the file is on disk, ``commit``: the rows and ``COMMIT``,
+    ``collect``: deleting files no row names, ``checkpoint``).
     """
 
     def __init__(
         self,
         connection: sqlite3.Connection,
+        files: ArrayFiles,
         run_id: str,
         owner: LeaseOwner,
         *,
         checkpoint_bytes: int = 0,
     ) -> None:
         self._connection = connection
+        self._files = files
+        self._wal = Path(f"{files.store_path}-wal")
         self._checkpoint_bytes = checkpoint_bytes
-        self._logged_bytes = 0  # written to the log since the last checkpoint
         self.run_id = run_id
         self._owner = owner
         self._closed = False
-        self._digests: ThreadPoolExecutor | None = None
         self.last_commit_seconds: dict[str, float] = {}
 
     # -- reading ---------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class RunWriter(Closing):
 
     def snapshot(self) -> RunSnapshot:
         """The run as of its last committed round (see :class:`RunSnapshot`)."""
-        return load_snapshot(self._connection, self.run_id)
+        return load_snapshot(self._connection, self._files, self.run_id)
 
     def resumption(self) -> Resumption | None:
         """Where a ServerApp continues this run (None before the first committed round).
@@ -184,7 +188,7 @@ class RunWriter(Closing):
             round=rnd,
             record_json=canonical_json(record.to_json_dict(), name="record"),
             sampler_json=canonical_json(dict(state), name="sampler"),
-            frame=encode_arrays(arrays),
+            frame=self._files.encode(arrays),
             pets=[
                 (name, encoding, value, pet_state_digest(self.run_id, name, rnd, encoding, value))
                 for name, encoding, value in pets
@@ -192,30 +196,25 @@ class RunWriter(Closing):
             committed_at=time.time(),
         )
         timings["encode"] = time.perf_counter() - started
-        self._hold_in_cache(len(prepared.frame))
-        try:
-            with write_transaction(self._connection, f"the commit of round {rnd}") as db:
-                started = time.perf_counter()
-                timings["digest"] = self._write_round(db, prepared)
-                timings["write"] = time.perf_counter() - started - timings["digest"]
-                started = time.perf_counter()
-            timings["commit"] = time.perf_counter() - started  # COMMIT: the log's fsync
+        with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
-            self._logged_bytes += len(prepared.frame)
-            if self._logged_bytes >= self._checkpoint_bytes:
-                self._checkpoint()
-            timings["checkpoint"] = time.perf_counter() - started
-        finally:
-            self._release_cache()
+            info = self._check_next(db, rnd)
+            # The arrays' file is durable before the rows that name it can commit.
+            content, timings["digest"] = self._files.write(prepared.frame)
+            timings["write"] = time.perf_counter() - started - timings["digest"]
+            started = time.perf_counter()
+            self._write_round(db, info, prepared, content, prepared.frame.nbytes)
+        timings["commit"] = time.perf_counter() - started  # rows + COMMIT: the log's fsync
+        started = time.perf_counter()
+        self._collect()
+        timings["collect"] = time.perf_counter() - started
+        started = time.perf_counter()
+        if self._log_bytes() >= self._checkpoint_bytes:
+            self._checkpoint()
+        timings["checkpoint"] = time.perf_counter() - started
         self.last_commit_seconds = timings
 
-    def _write_round(self, db: sqlite3.Connection, prepared: _PreparedRound) -> float:
-        """Every row of the round, inside the caller's transaction; the seconds spent
-        waiting for the arrays' SHA-256 once they were written."""
-        rnd = prepared.round
-        # The arrays' SHA-256 is computed on another thread while SQLite copies them into
-        # their pages (both release the GIL); the row gets it before COMMIT.
-        frame_digest = self._hasher().submit(arrays_digest, self.run_id, rnd, prepared.frame)
+    def _check_next(self, db: sqlite3.Connection, rnd: int) -> RunInfo:
         check_held(db, self.run_id, self._owner)
         info = read_info(db, self.run_id)
         if rnd != info.last_round + 1:
@@ -223,6 +222,19 @@ class RunWriter(Closing):
                 f"run {self.run_id!r} committed round {info.last_round} last; "
                 f"round {rnd} cannot follow it"
             )
+        return info
+
+    def _write_round(
+        self,
+        db: sqlite3.Connection,
+        info: RunInfo,
+        prepared: _PreparedRound,
+        content: bytes,
+        nbytes: int,
+    ) -> None:
+        """Every row of the round, inside the caller's transaction, once its arrays' file
+        (SHA-256 ``content``, ``nbytes`` long) is on disk."""
+        rnd = prepared.round
         db.execute(
             "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
             "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
@@ -241,13 +253,8 @@ class RunWriter(Closing):
                 ),
             ),
         )
-        # Thinned first: the new arrays then reuse the freed pages instead of growing
-        # the file (and the log) by a round.
         _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
-        row_id = _write_frame(db, self.run_id, rnd, prepared.frame, _PENDING_DIGEST)
-        waited = time.perf_counter()
-        db.execute("UPDATE arrays SET sha256 = ? WHERE id = ?", (frame_digest.result(), row_id))
-        waited = time.perf_counter() - waited
+        write_arrays_row(db, self.run_id, rnd, nbytes, content)
         for name, encoding, value, digest in prepared.pets:
             db.execute(
                 "INSERT INTO pet_states (run_id, name, round, encoding, value, sha256) "
@@ -257,7 +264,6 @@ class RunWriter(Closing):
                 (self.run_id, name, rnd, encoding, value, digest),
             )
         _set_last_round(db, info, rnd)
-        return waited
 
     def record_spend(self, event: Mapping[str, Any], *, round: int) -> SpendRecord:
         """Commit one privacy event to the run's population ledger, in its own transaction.
@@ -279,8 +285,6 @@ class RunWriter(Closing):
         if self._closed:
             return
         self._closed = True
-        if self._digests is not None:
-            self._digests.shutdown(wait=True)
         try:
             with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
                 release(self._connection, self.run_id, self._owner)
@@ -291,28 +295,26 @@ class RunWriter(Closing):
         if self._closed:
             raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
 
-    def _hasher(self) -> ThreadPoolExecutor:
-        if self._digests is None:
-            self._digests = ThreadPoolExecutor(1, thread_name_prefix="fp-store-digest")
-        return self._digests
+    def _collect(self) -> None:
+        # The round is committed; the files no row names any more (a thinned round's) go.
+        # A collection that fails only leaves them for the next one.
+        try:
+            with write_transaction(self._connection, "collecting unnamed array files") as db:
+                self._files.collect(db)
+        except (StoreError, OSError) as exc:
+            log.warning("collecting array files after a commit failed: %s", exc)
 
-    def _hold_in_cache(self, frame_bytes: int) -> None:
-        # A page cache too small for the round spills its pages to the log mid-transaction,
-        # writing them twice; sized for the frame, they are written once, at COMMIT.
-        kib = (frame_bytes + frame_bytes // 8) // 1024 + _BASE_CACHE_KIB
-        self._connection.execute(f"PRAGMA cache_size = -{kib}")
-
-    def _release_cache(self) -> None:
-        # The round is on disk: give its pages' memory back rather than hold a model's worth.
-        self._connection.execute(f"PRAGMA cache_size = -{_BASE_CACHE_KIB}")
-        self._connection.execute("PRAGMA shrink_memory")
+    def _log_bytes(self) -> int:
+        try:
+            return self._wal.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _checkpoint(self) -> None:
         # The round is durable in the log already; a checkpoint that fails (another reader,
         # a full disk) only leaves the log longer, and the next one copies it.
         try:
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self._logged_bytes = 0
+            self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("checkpoint after a commit failed, the round is committed: %s", exc)
 
@@ -324,16 +326,16 @@ class _PreparedRound:
     round: int
     record_json: str
     sampler_json: str
-    frame: bytes
+    frame: Frame  # the codec frame's parts (the arrays' data as views), being hashed
     pets: list[tuple[str, str, bytes, bytes]]  # name, encoding, value, SHA-256
     committed_at: float
 
 
-def load_snapshot(connection: sqlite3.Connection, run_id: str) -> RunSnapshot:
+def load_snapshot(connection: sqlite3.Connection, files: ArrayFiles, run_id: str) -> RunSnapshot:
     """Everything stored about ``run_id`` as of its last committed round, every row checked."""
     info = read_info(connection, run_id)
     history = read_history(connection, run_id, info.last_round)
-    arrays = read_arrays(connection, run_id, info.last_round)
+    arrays = read_arrays(connection, files, run_id, info.last_round)
     if arrays is None and info.last_round > 0:
         raise CorruptStoreError(f"run {run_id!r} lacks the arrays of its last round")
     sampler = None
@@ -357,25 +359,16 @@ def _encode_pet_state(name: object, value: PetState) -> tuple[str, str, bytes]:
     return name, "json", canonical_json(value, name=f"pet_states[{name!r}]").encode("ascii")
 
 
-def _write_frame(db: sqlite3.Connection, run_id: str, rnd: int, frame: bytes, digest: bytes) -> int:
-    """The arrays row: space reserved, then the frame copied into it in chunks.
-
-    Binding a 40 MB value would copy it once more into SQLite's own buffer.
-    """
-    cursor = db.execute(
-        "INSERT INTO arrays (run_id, round, frame, nbytes, sha256) "
-        "VALUES (?, ?, zeroblob(?), ?, ?) "
-        "ON CONFLICT (run_id, round) DO UPDATE SET frame = excluded.frame, "
-        "nbytes = excluded.nbytes, sha256 = excluded.sha256 RETURNING id",
-        (run_id, rnd, len(frame), len(frame), digest),
+def write_arrays_row(
+    db: sqlite3.Connection, run_id: str, rnd: int, nbytes: int, content: bytes
+) -> None:
+    """The arrays row of round ``rnd``: the size and SHA-256 of the file written for it."""
+    db.execute(
+        "INSERT INTO arrays (run_id, round, content, nbytes, sha256) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (run_id, round) DO UPDATE SET content = excluded.content, "
+        "nbytes = excluded.nbytes, sha256 = excluded.sha256",
+        (run_id, rnd, content, nbytes, arrays_digest(run_id, rnd, nbytes, content)),
     )
-    row_id = cursor.fetchone()[0]
-    cursor.close()
-    view = memoryview(frame)
-    with db.blobopen("arrays", "frame", row_id) as blob:
-        for start in range(0, len(view), _BLOB_CHUNK):
-            blob.write(view[start : start + _BLOB_CHUNK])
-    return int(row_id)
 
 
 def _thin_arrays(db: sqlite3.Connection, run_id: str, rnd: int, every: int) -> None:

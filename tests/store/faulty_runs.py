@@ -25,9 +25,9 @@ behind :class:`~flowerpets.secagg.SecAggPlus`; ``dp`` behind
     inside SQLite's transaction, every row of the round written and the round
     counter moved, before ``COMMIT``;
 ``disk-full``
-    never: once round ``ROUND`` - 1 is committed the store's file may
-    not grow (as if the disk were full), and the model is big enough that the
-    next round needs new pages: that commit fails.
+    never: once round ``ROUND`` - 1 is committed neither the store's file nor
+    its arrays directory may grow (as if the disk were full): the next round's
+    arrays file does not fit, and that commit fails.
 
 ``hold``
     never: before sending round ``ROUND`` it prints ``holding`` and waits for
@@ -371,8 +371,9 @@ def uninterrupted(kind: str) -> SimulationResult:
 
 def _fill_the_disk_after(rnd: int, store: RunStore) -> Callable[[RoundRecord], None]:
     def fill(record: RoundRecord) -> None:
-        if record.round == rnd:  # committed: the file may not grow from now on
+        if record.round == rnd:  # committed: the store may not grow from now on
             store._connection.execute("PRAGMA max_page_count = 1")
+            store._files.max_bytes = 1  # nor its arrays directory
 
     return fill
 

@@ -20,6 +20,27 @@ class StoredRun:
     sampler_states: list[dict[str, object]]
 
 
+def arrays_directory(path: Path) -> Path:
+    """Where the store at ``path`` keeps its arrays' files."""
+    return path.with_name(path.name + ".arrays")
+
+
+def array_files(path: Path) -> list[Path]:
+    """The arrays' files of the store at ``path`` (not those being written or deleted)."""
+    directory = arrays_directory(path)
+    return sorted(directory.glob("*.fpa")) if directory.is_dir() else []
+
+
+def stored_bytes(path: Path) -> bytes:
+    """Every byte the store at ``path`` holds: its file, its log and every file of its
+    arrays directory (one being written or deleted too)."""
+    wal = Path(f"{path}-wal")
+    directory = arrays_directory(path)
+    files = sorted(directory.iterdir()) if directory.is_dir() else []
+    parts = [path, *([wal] if wal.exists() else []), *files]
+    return b"".join(p.read_bytes() for p in parts)
+
+
 def same_bits(a: ArrayRecord, b: ArrayRecord) -> bool:
     """The same names in the same order, each array of the same dtype, shape and bytes."""
     if list(a) != list(b):

@@ -3,6 +3,9 @@ process leaves the last committed round exactly as it was."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -12,7 +15,17 @@ import pytest
 from flowerpets.core import ArrayRecord
 from flowerpets.exceptions import StoreError, StoreWriteError
 from flowerpets.store import RunInfo, RunStore, run_writer
-from tests.store.stored_runs import StoredRun, model, record, same_bits
+from flowerpets.store.array_files import ArrayFiles
+from flowerpets.store.encoding import encode_arrays
+from tests.store.stored_runs import (
+    StoredRun,
+    array_files,
+    arrays_directory,
+    model,
+    record,
+    same_bits,
+    stored_bytes,
+)
 
 
 def assert_round_three_intact(run: StoredRun) -> None:
@@ -62,7 +75,7 @@ def test_a_failure_mid_commit_leaves_the_last_round(
 
 
 def test_a_full_disk_leaves_the_last_round(stored_run: StoredRun) -> None:
-    size = stored_run.path.stat().st_size
+    size = len(stored_bytes(stored_run.path))
     big = ArrayRecord.from_numpy({"w": np.ones(1_000_000, np.float32)})  # 4 MB: does not fit
     capped = RunStore(stored_run.path, max_bytes=size + 65536)
     with capped as store, store.resume_run(stored_run.run_id) as writer:
@@ -92,7 +105,29 @@ def test_a_store_killed_mid_commit_resumes_from_the_last_round(tmp_path: Path) -
     from tests.store.processes import kill_mid_commit
 
     run = kill_mid_commit(tmp_path / "runs.db")
+    # Killed after round 4's arrays file was fsynced, before its COMMIT: the file is there...
+    orphan = ArrayFiles(run.path).path(hashlib.sha256(encode_arrays(model(4))).digest())
+    assert orphan.is_file()
     assert_round_three_intact(run)
+    assert not orphan.exists()  # ...and opening the store collected it
+    assert len(array_files(run.path)) == 4  # rounds 0 to 3, each still read back above
+
+
+def test_a_full_disk_while_writing_the_arrays_file_leaves_the_last_round(
+    stored_run: StoredRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(fd: int, buffers: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = sorted(arrays_directory(stored_run.path).iterdir())
+    with RunStore(stored_run.path) as store, store.resume_run(stored_run.run_id) as writer:
+        monkeypatch.setattr(os, "writev", no_space)
+        with pytest.raises(StoreWriteError, match="full"):
+            writer.commit_round(record(4), arrays=model(4), sampler=np.random.default_rng(0))
+        monkeypatch.undo()
+        assert writer.last_round == 3
+    assert sorted(arrays_directory(stored_run.path).iterdir()) == before  # no partial file
+    assert_round_three_intact(stored_run)
 
 
 @pytest.mark.parametrize(("checkpoint_bytes", "in_main_file"), [(0, [1]), (1 << 30, [])])

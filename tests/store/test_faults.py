@@ -22,7 +22,7 @@ from flowerpets.simulation import SimulationResult
 from flowerpets.store import RunStore
 from tests.store.faulty_runs import BIG_SHAPE, KILL_ROUND, PHASES, run
 from tests.store.processes import ROOT, child_env, run_python
-from tests.store.stored_runs import same_bits
+from tests.store.stored_runs import same_bits, stored_bytes
 from tests.store.test_resume import ROUNDS, comparable
 
 
@@ -155,7 +155,7 @@ def test_the_store_of_an_he_run_holds_no_secret_key(tmp_path: Path) -> None:
         with store.start_run("r", config={}) as writer:
             result = run("he", writer)
         secrets = he_key_holders_secrets(result)
-        stored = path.read_bytes() + Path(f"{path}-wal").read_bytes()  # before the checkpoint
+        stored = stored_bytes(path)  # the file, its log before the checkpoint, the arrays
     assert len(secrets) == len(result.contexts)
     sealed = max((a.numpy().tobytes() for a in result.arrays.values()), key=len)
     assert sealed[len(sealed) // 2 :][:32] in stored  # the search finds what is stored

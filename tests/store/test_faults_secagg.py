@@ -33,7 +33,7 @@ from tests.store.faulty_runs import (
     uninterrupted,
 )
 from tests.store.processes import run_python
-from tests.store.stored_runs import same_bits
+from tests.store.stored_runs import same_bits, stored_bytes
 from tests.store.test_resume import ROUNDS, comparable
 
 # The phases a node's mod kills in: the round's session began before the kill.
@@ -51,12 +51,6 @@ def timeless(records: list[RoundRecord]) -> list[dict[str, object]]:
     return out
 
 
-def on_disk(path: Path) -> bytes:
-    """Every byte of the store: its file and, if there is one, its write-ahead log."""
-    wal = Path(f"{path}-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
-
-
 @pytest.fixture(scope="module")
 def whole() -> SimulationResult:
     return uninterrupted("secagg")
@@ -70,14 +64,14 @@ def test_a_secagg_server_killed_in_any_phase_resumes_with_a_new_session_to_the_s
     killed = run_python("-m", "tests.store.faulty_runs", str(path), "secagg", phase)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     abandoned = json.loads(secrets_path(path).read_text())
-    stored_at_the_kill = on_disk(path)  # before anything opens it again
+    stored_at_the_kill = stored_bytes(path)  # before anything opens it again
     recorder = SecAggRecorder()
     with RunStore(path, check="full") as store:
         assert store.run("r").last_round == KILL_ROUND - 1  # nothing of the killed round
         with store.resume_run("r") as writer:
             resumed = run("secagg", writer, recorder=recorder)
         stored = store.load("r")
-    stored_at_the_end = on_disk(path)
+    stored_at_the_end = stored_bytes(path)
 
     assert same_bits(resumed.arrays, whole.arrays)
     assert stored.arrays is not None and same_bits(stored.arrays, whole.arrays)

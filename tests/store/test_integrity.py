@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from flowerpets.exceptions import CorruptStoreError, StoreError
 from flowerpets.store import RunStore
-from tests.store.stored_runs import StoredRun, model, same_bits, write_run
+from tests.store import stored_runs as files_of
+from tests.store.stored_runs import StoredRun, model, record, same_bits, write_run
 
 
 def damage(path: Path, sql: str, *args: object) -> None:
@@ -35,16 +36,69 @@ def read_everything(path: Path, run_id: str) -> None:
             store.spends(info.population_id)
 
 
-def test_a_flipped_byte_in_the_arrays_is_refused_on_read(stored_run: StoredRun) -> None:
+def round_three_file(run: StoredRun) -> Path:
+    """The file holding round 3's arrays, found by their bytes."""
     needle = model(3)["dense.weight"].numpy().tobytes()[:64]
-    data = bytearray(stored_run.path.read_bytes())
-    at = data.find(needle)
-    assert at > 0  # the arrays are stored as the codec wrote them: raw little-endian bytes
-    data[at + 10] ^= 0x01
-    stored_run.path.write_bytes(bytes(data))
+    # The arrays are stored as the codec wrote them: raw little-endian bytes.
+    (found,) = [p for p in files_of.array_files(run.path) if needle in p.read_bytes()]
+    return found
+
+
+def test_a_flipped_byte_in_the_arrays_is_refused_on_read(stored_run: StoredRun) -> None:
+    file = round_three_file(stored_run)
+    data = bytearray(file.read_bytes())
+    data[data.find(model(3)["dense.weight"].numpy().tobytes()[:64]) + 10] ^= 0x01
+    file.write_bytes(bytes(data))
     store = RunStore(stored_run.path)  # SQLite's structure is intact: the open succeeds
-    with store, pytest.raises(CorruptStoreError, match="arrays of round 3"):
+    with store, pytest.raises(CorruptStoreError, match=r"arrays of round 3 .* SHA-256"):
         store.load(stored_run.run_id)
+
+
+def test_a_missing_arrays_file_is_refused_on_read(stored_run: StoredRun) -> None:
+    round_three_file(stored_run).unlink()
+    with RunStore(stored_run.path) as store:
+        with pytest.raises(CorruptStoreError, match=r"arrays of round 3 .* missing"):
+            store.load(stored_run.run_id)
+        assert same_bits(store.arrays_at(stored_run.run_id, 2), stored_run.arrays[2])
+
+
+def test_a_cut_arrays_file_is_refused_on_read(stored_run: StoredRun) -> None:
+    file = round_three_file(stored_run)
+    file.write_bytes(file.read_bytes()[:-1])
+    with RunStore(stored_run.path) as store, pytest.raises(CorruptStoreError, match="length"):
+        store.load(stored_run.run_id)
+
+
+def test_another_rounds_file_in_place_of_the_arrays_is_refused(stored_run: StoredRun) -> None:
+    file = round_three_file(stored_run)
+    (other,) = [p for p in files_of.array_files(stored_run.path) if p != file][-1:]
+    file.write_bytes(other.read_bytes())  # a whole, valid frame, but not round 3's
+    with RunStore(stored_run.path) as store, pytest.raises(CorruptStoreError, match="SHA-256"):
+        store.load(stored_run.run_id)
+
+
+def test_files_no_row_names_are_collected_on_open(stored_run: StoredRun) -> None:
+    kept = files_of.array_files(stored_run.path)
+    directory = files_of.arrays_directory(stored_run.path)
+    strays = [directory / ("ab" * 32 + ".fpa"), directory / "123-4f.partial"]
+    for stray in strays:
+        stray.write_bytes(b"left by a commit that never reached COMMIT")
+    with RunStore(stored_run.path) as store:
+        snapshot = store.load(stored_run.run_id)
+    assert sorted(directory.iterdir()) == kept  # closed: the deletions are done
+    assert snapshot.arrays is not None and same_bits(snapshot.arrays, stored_run.arrays[3])
+
+
+def test_thinned_rounds_files_are_deleted_after_the_commit(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}, keep_arrays_every=None) as writer:
+            for rnd in (1, 2, 3):
+                writer.commit_round(
+                    record(rnd), arrays=model(rnd), sampler=np.random.default_rng(rnd)
+                )
+                assert len(files_of.array_files(tmp_path / "runs.db")) == 1
+        assert same_bits(store.load("r").arrays or model(0), model(3))
+    assert len(list(files_of.arrays_directory(tmp_path / "runs.db").iterdir())) == 1
 
 
 @pytest.mark.parametrize(
@@ -121,23 +175,29 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> StoredRun:
 def test_any_damage_is_refused_or_harmless(
     pristine: StoredRun, tmp_path: Path, data: st.DataObject
 ) -> None:
-    """Flip a byte anywhere, or cut the file anywhere: the store refuses, or reads the truth."""
-    size = pristine.path.stat().st_size
+    """Flip a byte anywhere, or cut a file anywhere (the SQLite file or an arrays file):
+    the store refuses, or reads the truth."""
     copy = tmp_path / "copy.db"
     shutil.copyfile(pristine.path, copy)
+    shutil.rmtree(files_of.arrays_directory(copy), ignore_errors=True)
+    shutil.copytree(files_of.arrays_directory(pristine.path), files_of.arrays_directory(copy))
     for suffix in ("-wal", "-shm"):
         Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    originals = [pristine.path, *files_of.array_files(pristine.path)]
+    which = data.draw(st.integers(0, len(originals) - 1), label="file")
+    original, target = originals[which], [copy, *files_of.array_files(copy)][which]
+    size = original.stat().st_size
     if data.draw(st.booleans(), label="truncate"):
-        with copy.open("r+b") as f:
+        with target.open("r+b") as f:
             f.truncate(data.draw(st.integers(0, size - 1), label="length"))
     else:
         # Most of a fresh file is zeros no reader looks at: flip where something is written.
-        used = np.flatnonzero(np.frombuffer(pristine.path.read_bytes(), dtype=np.uint8))
+        used = np.flatnonzero(np.frombuffer(original.read_bytes(), dtype=np.uint8))
         at = int(used[data.draw(st.integers(0, len(used) - 1), label="written byte")])
         bit = data.draw(st.integers(0, 7), label="bit")
-        raw = bytearray(copy.read_bytes())
+        raw = bytearray(target.read_bytes())
         raw[at] ^= 1 << bit
-        copy.write_bytes(bytes(raw))
+        target.write_bytes(bytes(raw))
     try:
         with RunStore(copy, check="full") as store:
             snapshot = store.load(pristine.run_id)

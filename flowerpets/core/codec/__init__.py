@@ -111,7 +111,12 @@ inputs give equal bytes, and any change to this layout bumps
 
 from flowerpets.core.codec._format import DEFAULT_LIMITS, FORMAT_VERSION, CodecLimits
 from flowerpets.core.codec._reader import decode_array, decode_message, decode_record_dict
-from flowerpets.core.codec._writer import encode_array, encode_message, encode_record_dict
+from flowerpets.core.codec._writer import (
+    encode_array,
+    encode_message,
+    encode_record_dict,
+    encode_record_dict_parts,
+)
 
 __all__ = [
     "CodecLimits",
@@ -123,4 +128,5 @@ __all__ = [
     "encode_array",
     "encode_message",
     "encode_record_dict",
+    "encode_record_dict_parts",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 import numpy as np
@@ -143,14 +144,23 @@ class _Writer:
         if pad:
             self.raw(bytes(pad))
 
-    def finish(self) -> bytes:
+    def finish_parts(
+        self, before_crc: Callable[[list[bytes | memoryview]], None] | None = None
+    ) -> list[bytes | memoryview]:
+        """The frame as parts to concatenate, header and CRC filled in (nothing joined);
+        ``before_crc`` sees every part but the CRC before the CRC pass."""
         total = self.size + _CRC_SIZE
         self.parts[0] = _HEADER.pack(self.magic, FORMAT_VERSION, total)
+        if before_crc is not None:
+            before_crc(list(self.parts))
         crc = 0
         for part in self.parts:
             crc = zlib.crc32(part, crc)
         self.parts.append(_U32.pack(crc))
-        return b"".join(self.parts)
+        return self.parts
+
+    def finish(self) -> bytes:
+        return b"".join(self.finish_parts())
 
 
 def _write_array(w: _Writer, array: Array, what: str) -> None:
@@ -347,6 +357,25 @@ def encode_record_dict(records: RecordDict, *, limits: CodecLimits = DEFAULT_LIM
     w = _Writer(_MAGIC_RECORD_DICT, limits)
     _write_record_dict(w, records)
     return w.finish()
+
+
+def encode_record_dict_parts(
+    records: RecordDict,
+    *,
+    limits: CodecLimits = DEFAULT_LIMITS,
+    before_crc: Callable[[list[bytes | memoryview]], None] | None = None,
+) -> list[bytes | memoryview]:
+    """:func:`encode_record_dict`'s frame as parts whose concatenation is the frame.
+
+    The arrays' data parts are views of the arrays' own buffers, not copies: a
+    writer that gathers them into a file (``os.writev``) copies each byte once.
+    The arrays must not change until the parts are written. ``before_crc`` is
+    called with every part but the last (the CRC) before the CRC is computed,
+    so a caller can start on the bytes (hash them on another thread) meanwhile.
+    """
+    w = _Writer(_MAGIC_RECORD_DICT, limits)
+    _write_record_dict(w, records)
+    return w.finish_parts(before_crc)
 
 
 def encode_array(array: Array, *, limits: CodecLimits = DEFAULT_LIMITS) -> bytes:

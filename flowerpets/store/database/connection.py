@@ -22,7 +22,7 @@ __all__ = ["APPLICATION_ID", "IntegrityCheck", "PAGE_SIZE", "open_connection"]
 IntegrityCheck = Literal["quick", "full", "none"]
 
 APPLICATION_ID: Final = 0x46504753  # b"FPGS": a flowerpets store, in the file's header
-PAGE_SIZE: Final = 65536  # large pages: a 40 MB blob is 610 pages, not 9,766
+PAGE_SIZE: Final = 65536  # set when a store is created; max_bytes counts in pages
 BUSY_TIMEOUT_MS: Final = 5000
 
 

@@ -1,5 +1,7 @@
 """The store's tables, created in one transaction when a file is new.
 
+The global arrays are files next to the store (:mod:`flowerpets.store.array_files`);
+an ``arrays`` row names its file by SHA-256 (``content``) and size.
 Every row that holds data carries a SHA-256 (``row_digest`` or ``sha256``)
 over its own fields and the keys that place it (run, round, name), so a row
 damaged, moved or swapped is refused on read. SQLite's own check on open covers
@@ -24,7 +26,7 @@ from flowerpets.store.database.errors import translate
 
 __all__ = ["SCHEMA_VERSION", "ensure_schema"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: the arrays live in files the rows name
 
 _TABLES: Final = (
     """
@@ -55,9 +57,9 @@ _TABLES: Final = (
         id     INTEGER PRIMARY KEY,
         run_id TEXT NOT NULL REFERENCES runs (run_id),
         round  INTEGER NOT NULL CHECK (round >= 0),
-        frame  BLOB NOT NULL,
-        nbytes INTEGER NOT NULL,
-        sha256 BLOB NOT NULL,
+        content BLOB NOT NULL,
+        nbytes  INTEGER NOT NULL CHECK (nbytes >= 0),
+        sha256  BLOB NOT NULL,
         UNIQUE (run_id, round)
     ) STRICT
     """,

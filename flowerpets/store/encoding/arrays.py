@@ -9,13 +9,14 @@ after the row is gone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
-from flowerpets.core.codec import decode_record_dict, encode_record_dict
+from flowerpets.core.codec import decode_record_dict, encode_record_dict, encode_record_dict_parts
 from flowerpets.core.records import ArrayRecord, RecordDict
 from flowerpets.exceptions import CodecError, CorruptStoreError
 
-__all__ = ["decode_arrays", "encode_arrays"]
+__all__ = ["decode_arrays", "encode_arrays", "encode_arrays_parts"]
 
 _KEY: Final = "arrays"
 
@@ -23,6 +24,18 @@ _KEY: Final = "arrays"
 def encode_arrays(arrays: ArrayRecord) -> bytes:
     """``arrays`` as one codec frame."""
     return encode_record_dict(RecordDict({_KEY: arrays}))
+
+
+def encode_arrays_parts(
+    arrays: ArrayRecord,
+    *,
+    before_crc: Callable[[list[bytes | memoryview]], None] | None = None,
+) -> list[bytes | memoryview]:
+    """The same frame as parts to concatenate; the arrays' data are views, not copies.
+
+    ``before_crc`` sees every part but the CRC (the last) before the CRC pass.
+    """
+    return encode_record_dict_parts(RecordDict({_KEY: arrays}), before_crc=before_crc)
 
 
 def decode_arrays(frame: bytes, where: str) -> ArrayRecord:
