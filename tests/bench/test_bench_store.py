@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-PARTS = {"encode", "digest", "write", "commit", "checkpoint"}
+PARTS = {"encode", "digest", "write", "commit", "collect", "checkpoint"}
 
 
 def test_store_bench_reports_each_size_against_the_limit(
