@@ -48,9 +48,7 @@ _LIMITS = CodecLimits(max_message_bytes=16 << 20)
 
 
 def _settings(params: CKKSParameters, encrypt: Sequence[str]) -> ConfigRecord:
-    return ConfigRecord(
-        {"version": _VERSION, "params": params.to_list(), "encrypt": list(encrypt)}
-    )
+    return ConfigRecord({"version": _VERSION, "params": params.to_list(), "encrypt": list(encrypt)})
 
 
 def encode_state(context: ServerContext, params: CKKSParameters, encrypt: Sequence[str]) -> bytes:

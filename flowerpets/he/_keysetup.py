@@ -102,6 +102,13 @@ class KeySetup:
         connected = list(self.exchange.grid.node_ids())
         sealed = is_sealed(request.arrays)
         if keys.phase is not ServerPhase.NO_KEY and not any(h in connected for h in keys.holders):
+            if sealed and keys.phase is ServerPhase.RESUMED:
+                raise KeyHoldersGoneError(
+                    f"round {request.round}: the model is sealed under CKKS key {keys.key_id}, "
+                    f"but none of the {len(keys.holders)} node(s) that held it is connected and "
+                    "no other key can open the model: the run cannot be resumed until they are "
+                    "back; the store keeps its last round"
+                )
             if sealed:
                 raise KeySetupError(
                     f"round {request.round}: no connected node holds the key of the sealed "

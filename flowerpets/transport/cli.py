@@ -285,7 +285,16 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
                 "seed": args.seed,
                 "num_rounds": app.num_rounds,
             }
-            app = stored.enter_context(stored_app(app, args.store, args.store_run, identity))
+            # A node keeps its context (an HE key) per run id: a restart must keep the id.
+            lost = (
+                None
+                if args.run_id is not None
+                else "a server started again without --run-id draws a new run id, under which "
+                "the nodes hold no context: give --run-id"
+            )
+            app = stored.enter_context(
+                stored_app(app, args.store, args.store_run, identity, nodes_lose_state=lost)
+            )
         if (args.cert is None) != (args.key is None):
             raise ParameterValueError("give both --cert and --key, or neither")
         tls = ServerTls.from_files(args.cert, args.key) if args.cert else None
