@@ -8,6 +8,12 @@ every node's reason is kept across the stages (and travels on the
 key state, :class:`~flowerpets.he._state.ServerKeys`, lives in the context
 and changes only through its transition table. The server relays wrapped keys
 and keeps the parameters alone: nothing it holds can decrypt.
+
+A run resumed from a store (:mod:`flowerpets.he._durable`) starts ``RESUMED``:
+no key is made again; its first round advertises to every connected node, keeps
+as holders those that answer with the run's key id and onboards the others,
+and refuses with :class:`~flowerpets.exceptions.KeyHoldersGoneError` if none of
+the key's holders is connected or holds it while the model is sealed.
 """
 
 from __future__ import annotations
@@ -97,7 +103,12 @@ class KeySetup:
         return self.exchange.failures
 
     def run(self, request: RoundRequest, context: ServerContext) -> ServerKeys:
-        """The run's keys after this round's set-up (stored in ``context.state``)."""
+        """The run's keys after this round's set-up (stored in ``context.state``).
+
+        Raises :class:`KeySetupError` (the round fails) if no node could make
+        the key or none holding a sealed model's key is connected, and
+        :class:`KeyHoldersGoneError` (the run ends) if a resumed run's key is gone.
+        """
         keys = ServerKeys.load(context.state)
         connected = list(self.exchange.grid.node_ids())
         sealed = is_sealed(request.arrays)

@@ -17,7 +17,10 @@ Stages (``Metadata.stage`` of the messages, so fault injection can hit one):
     server -> each recipient: the wrapped key, its sender and the public
     context; the node unwraps, checks and keeps it.
 
-Every transition is checked against a table; anything else is refused. Both
+The server's phase is ``no-key`` or ``keyed``, and ``resumed`` for a key state
+read back from a run store until nodes confirm they still hold the key (a
+resumed run runs no stage again but an advertise). Every transition is checked
+against a table; anything else is refused. Both
 sides' state is a frozen dataclass written to the context by one
 :class:`~flowerpets.core.state.StateSlot` each: a record that cannot be read
 raises a :class:`~flowerpets.exceptions.StateError`, never a fresh state.

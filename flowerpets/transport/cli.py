@@ -10,7 +10,9 @@ itself still loads the core, and with it numpy).
 With ``--store PATH`` the server commits every round to a run store and, started
 again with the same app, run config and seed, continues after the last committed
 round (:mod:`flowerpets.store.serving`; a store that is damaged, held by a live
-server or holds the run with another configuration is refused at start).
+server or holds the run with another configuration is refused at start). A CKKS
+run resumes with the nodes that kept its key: they keep a context per run id, so
+``--store`` with ``HomomorphicAggregation`` needs ``--run-id``.
 
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
 1 if the ServerApp failed and 2 for bad arguments (and a refused store); a client returns its
@@ -159,7 +161,12 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="the run config, sent to every node (values: int, float, true/false, or string)",
     )
     run.add_argument("--seed", type=int, help="seed of the run (also run_config['seed'])")
-    run.add_argument("--run-id", type=int, help="the run's id (default: random)")
+    run.add_argument(
+        "--run-id",
+        type=int,
+        help="the run's id (default: random; give it with --store for a CKKS run, whose "
+        "nodes keep its key per run id)",
+    )
     run.add_argument(
         "--store",
         metavar="PATH",
