@@ -24,21 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from flowerpets.core import (
-    ArrayRecord,
-    ClientApp,
-    ConfigRecord,
-    Context,
-    FedAvg,
-    FullParticipation,
-    Message,
-    MetricRecord,
-    RecordDict,
-    RoundRequest,
-    ServerApp,
-    ServerContext,
-    ServerMod,
-)
+from flowerpets import core
+from flowerpets.core import ArrayRecord, Context, Message, RecordDict
 from tests.store import faulty_runs
 
 ROUNDS, SIZE = 4, 6
@@ -56,10 +43,10 @@ def opened(metrics: dict[str, float]) -> np.ndarray:
     return np.array([metrics[f"w-{i}"] for i in range(SIZE)])
 
 
-def client_app(context: Context | None = None) -> ClientApp:
+def client_app(context: Context | None = None) -> core.ClientApp:
     from flowerpets.he import ckks_mod
 
-    app = ClientApp(mods=[ckks_mod])
+    app = core.ClientApp(mods=[ckks_mod])
 
     def model(msg: Message) -> np.ndarray:
         return msg.require_content().get_typed("arrays", ArrayRecord)["w"].numpy()
@@ -71,14 +58,14 @@ def client_app(context: Context | None = None) -> ClientApp:
         return RecordDict(
             {
                 "arrays": ArrayRecord({"w": update.astype(np.float32)}),
-                "metrics": MetricRecord({"num-examples": weight}),
+                "metrics": core.MetricRecord({"num-examples": weight}),
             }
         )
 
     @app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> RecordDict:
         values = {f"w-{i}": float(v) for i, v in enumerate(model(msg))}
-        return RecordDict({"metrics": MetricRecord({"num-examples": 1, **values})})
+        return RecordDict({"metrics": core.MetricRecord({"num-examples": 1, **values})})
 
     return app
 
@@ -105,17 +92,19 @@ class _KillingGrid:
             yield reply
 
 
-def _kill_mid_collection(request: RoundRequest, context: ServerContext, call_next: Any) -> Any:
+def _kill_mid_collection(
+    request: core.RoundRequest, context: core.ServerContext, call_next: Any
+) -> Any:
     if request.round == faulty_runs.KILL_ROUND:
         context.grid = _KillingGrid(context.require_grid())
     return call_next(request, context)
 
 
-def server_app(run_config: ConfigRecord) -> ServerApp:
+def server_app(run_config: core.ConfigRecord) -> core.ServerApp:
     from flowerpets.he import HomomorphicAggregation
 
     phase = os.environ.get(KILL_ENV, "none")
-    mods: list[ServerMod] = []
+    mods: list[core.ServerMod] = []
     if phase == "before-send":
         mods.append(faulty_runs._kill_before_send)
     if phase == "mid-collection":
@@ -123,9 +112,9 @@ def server_app(run_config: ConfigRecord) -> ServerApp:
     if phase == "mid-commit":
         faulty_runs._kill_inside_the_commit()
     mods.append(HomomorphicAggregation())
-    strategy = faulty_runs._KillingFedAvg if phase == "after-aggregation" else FedAvg
-    return ServerApp(
-        strategy=strategy(evaluate_sampling=FullParticipation(), round_timeout=60.0),
+    strategy = faulty_runs._KillingFedAvg if phase == "after-aggregation" else core.FedAvg
+    return core.ServerApp(
+        strategy=strategy(evaluate_sampling=core.FullParticipation(), round_timeout=60.0),
         num_rounds=ROUNDS,
         initial_arrays=ArrayRecord({"w": np.zeros(SIZE, np.float32)}),
         mods=mods,
