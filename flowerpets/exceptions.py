@@ -306,6 +306,8 @@ class KeyHoldersGoneError(StoredKeyStateError, LookupError):
     The model is sealed under that key, and only those nodes could open it: a
     new key cannot, so the run ends instead of going on from another model. The
     store keeps its last round; a resume once the nodes are back can continue.
+    The reason names the key id and the ids the nodes answered with (public:
+    every round's request carries its key id), never key material.
     """
 
 
