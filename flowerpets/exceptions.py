@@ -31,6 +31,7 @@ __all__ = [
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
+    "KeyHoldersGoneError",
     "KeyMaterialError",
     "KeySetupError",
     "MessageFieldError",
@@ -62,6 +63,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "StoredKeyStateError",
     "TransportError",
     "TruncatedMessageError",
     "TruncatedPrivacyLedgerError",
@@ -284,6 +286,28 @@ class ModelMismatchError(ConfigurationError, ValueError):
 
     It uses a name the mod keeps for its own wire format, or an encryption
     pattern matches none of its arrays.
+    """
+
+
+class StoredKeyStateError(ConfigurationError, ValueError):
+    """A run's stored HE key state cannot be continued by the mod resuming it.
+
+    Raised when a run resumes from a store: the state is missing although rounds
+    were committed, cannot be read, holds a context that is not the public
+    parameters alone, or was kept under other parameters or another selection
+    of encrypted arrays. The reason names the run's record and field, never a
+    stored value.
+    """
+
+
+class KeyHoldersGoneError(StoredKeyStateError, LookupError):
+    """None of the nodes that held a resumed run's CKKS key holds it any more.
+
+    The model is sealed under that key, and only those nodes could open it: a
+    new key cannot, so the run ends instead of going on from another model. The
+    store keeps its last round; a resume once the nodes are back can continue.
+    The reason names the key id and the ids the nodes answered with (public:
+    every round's request carries its key id), never key material.
     """
 
 

@@ -32,8 +32,9 @@ the keys that change no result (``store``, ``store-run``, ``history-file``,
 ``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's rounds and seed;
 resuming with another is refused. ``CentralDp`` keeps its budget in the store (spent
 before each release, continued on resume: the same epsilon per round as an
-uninterrupted run); ``HomomorphicAggregation``, whose state the store does not keep,
-is refused with ``store``. The
+uninterrupted run); ``HomomorphicAggregation`` is refused with ``store``: its CKKS key
+lives only in the nodes' contexts, and a resumed run is a new flwr run whose nodes start
+new ones. The
 interrupted round is run again from scratch with a new SecAgg+ session, which a
 node that kept its state refuses (it never runs one round twice): that round
 fails with the model unchanged and the run goes on with the next.
@@ -72,6 +73,12 @@ __all__ = ["FlowerServerApp", "Settings", "flwr_result", "server_app"]
 
 log = logging.getLogger(__name__)
 flwr_log = logging.getLogger("flwr")
+
+# Why a HE run cannot be resumed here (the store's refusal says it).
+_NEW_FLWR_RUN = (
+    "a resumed Flower run is a new flwr run, in which every node starts a new context "
+    "(a SuperNode keeps one per run)"
+)
 
 
 def _int(config: Mapping[str, Any], key: str, default: int | None, low: int) -> int | None:
@@ -238,7 +245,13 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
             if settings.store is not None:
                 config = settings.stored_config(ours)
                 ours = stored.enter_context(
-                    stored_app(ours, settings.store, settings.store_run, config)
+                    stored_app(
+                        ours,
+                        settings.store,
+                        settings.store_run,
+                        config,
+                        nodes_lose_state=_NEW_FLWR_RUN,
+                    )
                 )
             result = ours.run(
                 bridge, run_config=settings.run_config, on_round=_log_round, seed=settings.seed

@@ -43,7 +43,10 @@ from flowerpets.he.protocol import (
 )
 from flowerpets.he.sealed import CiphertextSum
 
-__all__ = ["ModelLayout", "aggregate_encrypted"]
+__all__ = ["MODEL_RECORD", "ModelLayout", "aggregate_encrypted"]
+
+MODEL_RECORD = "he.model"
+"""The server context's state record of the model's layout."""
 
 
 def _layout_text(layout: Layout) -> str:
@@ -80,7 +83,7 @@ class ModelLayout:
         _MODEL_SLOT.store(state, self)
 
 
-_MODEL_SLOT = StateSlot(ModelLayout, "he.model")
+_MODEL_SLOT = StateSlot(ModelLayout, MODEL_RECORD)
 
 
 def aggregate_encrypted(

@@ -8,13 +8,19 @@ every node's reason is kept across the stages (and travels on the
 key state, :class:`~flowerpets.he._state.ServerKeys`, lives in the context
 and changes only through its transition table. The server relays wrapped keys
 and keeps the parameters alone: nothing it holds can decrypt.
+
+A run resumed from a store (:mod:`flowerpets.he._durable`) starts ``RESUMED``:
+no key is made again; its first round advertises to every connected node, keeps
+as holders those that answer with the run's key id and onboards the others,
+and refuses with :class:`~flowerpets.exceptions.KeyHoldersGoneError` if none of
+the key's holders is connected or holds it while the model is sealed.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -32,6 +38,7 @@ from flowerpets.core import (
 from flowerpets.core.fields import Fields
 from flowerpets.exceptions import (
     InvalidUpdateError,
+    KeyHoldersGoneError,
     KeyMaterialError,
     KeySetupError,
     MessageFieldError,
@@ -66,6 +73,10 @@ def _unique(nodes: Iterable[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(nodes))
 
 
+def _reset(keys: ServerKeys) -> ServerKeys:
+    return keys.after(ServerEvent.RESET, key_id="", params=None, public_context=b"", holders=())
+
+
 class KeySetup:
     """One round's key set-up over ``grid``: gives the connected nodes the run's CKKS key.
 
@@ -92,28 +103,87 @@ class KeySetup:
         return self.exchange.failures
 
     def run(self, request: RoundRequest, context: ServerContext) -> ServerKeys:
-        """The run's keys after this round's set-up (stored in ``context.state``)."""
+        """The run's keys after this round's set-up (stored in ``context.state``).
+
+        Raises :class:`KeySetupError` (the round fails) if no node could make
+        the key or none holding a sealed model's key is connected, and
+        :class:`KeyHoldersGoneError` (the run ends) if a resumed run's key is gone.
+        """
         keys = ServerKeys.load(context.state)
         connected = list(self.exchange.grid.node_ids())
-        if keys.phase is ServerPhase.KEYED and not any(h in connected for h in keys.holders):
-            if is_sealed(request.arrays):
+        sealed = is_sealed(request.arrays)
+        if keys.phase is not ServerPhase.NO_KEY and not any(h in connected for h in keys.holders):
+            if sealed and keys.phase is ServerPhase.RESUMED:
+                raise KeyHoldersGoneError(
+                    f"round {request.round}: the model is sealed under CKKS key {keys.key_id}, "
+                    f"but none of the {len(keys.holders)} node(s) that held it is connected and "
+                    "no other key can open the model: the run cannot be resumed until they are "
+                    "back; the store keeps its last round"
+                )
+            if sealed:
                 raise KeySetupError(
                     f"round {request.round}: no connected node holds the key of the sealed "
                     f"model (holders {list(keys.holders)}); the round fails until one returns"
                 )
             log.warning("every holder of the CKKS key is gone before any sealed model: new key")
-            keys = keys.after(
-                ServerEvent.RESET, key_id="", params=None, public_context=b"", holders=()
-            )
+            keys = _reset(keys)
+            keys.store(context.state)
+        adverts: dict[int, _Advert] | None = None
+        if keys.phase is ServerPhase.RESUMED:
+            adverts = self._advertise(connected)
+            keys = self._confirmed(request, keys, adverts, sealed=sealed)
             keys.store(context.state)
         if keys.phase is ServerPhase.NO_KEY:
             keys = self._generate(request, connected)
         else:
             missing = [n for n in connected if n not in keys.holders]
             if missing:
-                keys = self._onboard(request, keys, connected, missing)
+                keys = self._onboard(request, keys, connected, missing, adverts)
         keys.store(context.state)
         return keys
+
+    def _confirmed(
+        self, request: RoundRequest, keys: ServerKeys, adverts: dict[int, _Advert], *, sealed: bool
+    ) -> ServerKeys:
+        """A resumed run's keys once the nodes said which key they hold; refused if none holds it.
+
+        The nodes that answer with the run's key id are its holders from now
+        on; the others are onboarded like newcomers. If no node holds it any
+        more (a simulation's nodes die with the server's process; a node that
+        was reset holds another key or none), a sealed model can never be
+        opened again: :class:`KeyHoldersGoneError` ends the run, the store
+        unchanged. Without a sealed model the run makes a new key instead.
+        """
+        answered = [h for h in keys.holders if h in adverts]
+        if not answered:
+            raise KeySetupError(
+                f"round {request.round}: none of the key's holders {list(keys.holders)} answered "
+                "whether it still holds the key; the round fails until one does",
+                failures=self.exchange.failures,
+            )
+        kept = [n for n, advert in adverts.items() if advert.key_id == keys.key_id]
+        if kept:
+            log.info(
+                "round %d: %d node(s) still hold the resumed run's CKKS key %s",
+                request.round,
+                len(kept),
+                keys.key_id,
+            )
+            ordered = _unique((*(h for h in keys.holders if h in kept), *kept))
+            return keys.after(ServerEvent.CONFIRMED, holders=ordered)
+        if not sealed:
+            log.warning("no node holds the resumed run's CKKS key before any sealed model: new key")
+            return _reset(keys)
+        others = sorted({adverts[n].key_id for n in answered} - {""})
+        held = f"{sum(not adverts[n].key_id for n in answered)} of {len(answered)} hold no key"
+        if others:
+            held += f", the others hold key(s) {', '.join(others[:3])}"
+        raise KeyHoldersGoneError(
+            f"round {request.round}: the model is sealed under CKKS key {keys.key_id}, but none "
+            f"of the nodes that held it holds it any more ({held}): the nodes that held the key "
+            "are gone (a simulation's nodes die with its process) and no other key can open the "
+            "model, so the run cannot be resumed; the store keeps its last round"
+        )
 
     # -- the one path of every stage -----------------------------------------------------------
     def _stage(
@@ -227,8 +297,13 @@ class KeySetup:
         keys: ServerKeys,
         connected: Sequence[int],
         missing: Sequence[int],
+        known: Mapping[int, _Advert] | None = None,
     ) -> ServerKeys:
-        adverts = self._advertise(missing)
+        """Give the key to the ``missing`` nodes (``known``: their adverts, if already asked)."""
+        if known is None:
+            adverts = self._advertise(missing)
+        else:
+            adverts = {n: known[n] for n in missing if n in known}
         # A node that already holds this key (its install reply was lost) needs nothing.
         already = [n for n, a in adverts.items() if a.key_id == keys.key_id]
         newcomers = [n for n in adverts if n not in already]

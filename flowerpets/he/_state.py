@@ -17,7 +17,10 @@ Stages (``Metadata.stage`` of the messages, so fault injection can hit one):
     server -> each recipient: the wrapped key, its sender and the public
     context; the node unwraps, checks and keeps it.
 
-Every transition is checked against a table; anything else is refused. Both
+The server's phase is ``no-key`` or ``keyed``, and ``resumed`` for a key state
+read back from a run store until nodes confirm they still hold the key (a
+resumed run runs no stage again but an advertise). Every transition is checked
+against a table; anything else is refused. Both
 sides' state is a frozen dataclass written to the context by one
 :class:`~flowerpets.core.state.StateSlot` each: a record that cannot be read
 raises a :class:`~flowerpets.exceptions.StateError`, never a fresh state.
@@ -41,6 +44,7 @@ __all__ = [
     "CLIENT_TRANSITIONS",
     "HE_MESSAGE_TYPE",
     "KEY_GENERATOR_CONFIG",
+    "SERVER_RECORD",
     "SERVER_TRANSITIONS",
     "ClientKeys",
     "ClientPhase",
@@ -51,7 +55,7 @@ __all__ = [
 ]
 
 _CLIENT_RECORD = "he.client"
-_SERVER_RECORD = "he.server"
+SERVER_RECORD = "he.server"
 
 
 # -- the node's side -----------------------------------------------------------------------------
@@ -125,12 +129,15 @@ class ClientKeys:
 class ServerPhase(enum.StrEnum):
     NO_KEY = "no-key"
     KEYED = "keyed"
+    RESUMED = "resumed"  # keyed, read from a run store: its holders not yet asked again
 
 
 class ServerEvent(enum.StrEnum):
     GENERATED = "generated"  # a node made the key and (some) others installed it
     ONBOARDED = "onboarded"  # newcomers installed it from a holder
     RESET = "reset"  # every holder is gone before any sealed model existed: start over
+    RESUMED = "resumed"  # a new server process read the state from the run's store
+    CONFIRMED = "confirmed"  # nodes of the resumed run answered that they hold its key
 
 
 SERVER_TRANSITIONS: Mapping[tuple[ServerPhase, ServerEvent], ServerPhase] = MappingProxyType(
@@ -138,6 +145,11 @@ SERVER_TRANSITIONS: Mapping[tuple[ServerPhase, ServerEvent], ServerPhase] = Mapp
         (ServerPhase.NO_KEY, ServerEvent.GENERATED): ServerPhase.KEYED,
         (ServerPhase.KEYED, ServerEvent.ONBOARDED): ServerPhase.KEYED,
         (ServerPhase.KEYED, ServerEvent.RESET): ServerPhase.NO_KEY,
+        (ServerPhase.KEYED, ServerEvent.RESUMED): ServerPhase.RESUMED,
+        # Killed again before its holders were asked: still to be asked.
+        (ServerPhase.RESUMED, ServerEvent.RESUMED): ServerPhase.RESUMED,
+        (ServerPhase.RESUMED, ServerEvent.CONFIRMED): ServerPhase.KEYED,
+        (ServerPhase.RESUMED, ServerEvent.RESET): ServerPhase.NO_KEY,
     }
 )
 
@@ -147,7 +159,8 @@ class ServerKeys:
     """What the server keeps in ``context.state["he.server"]``: nothing that can decrypt.
 
     The public context is the parameters alone (no key of any kind); the
-    holders are the nodes that installed the key (the generator first).
+    holders are the nodes that installed the key (the generator first). A run
+    resumed from a store is ``RESUMED`` until nodes confirm they still hold it.
     """
 
     phase: ServerPhase = ServerPhase.NO_KEY
@@ -161,6 +174,11 @@ class ServerKeys:
     def load(cls, state: RecordDict) -> ServerKeys:
         """The run's key state; a new run's if it has none (a corrupt record raises StateError)."""
         return _SERVER_SLOT.get(state, cls())
+
+    @classmethod
+    def require(cls, state: RecordDict) -> ServerKeys:
+        """The key state ``state`` holds; MissingStateError if it holds none."""
+        return _SERVER_SLOT.load(state)
 
     def store(self, state: RecordDict) -> None:
         _SERVER_SLOT.store(state, self)
@@ -178,4 +196,4 @@ class ServerKeys:
 
 
 _CLIENT_SLOT = StateSlot(ClientKeys, _CLIENT_RECORD)
-_SERVER_SLOT = StateSlot(ServerKeys, _SERVER_RECORD)
+_SERVER_SLOT = StateSlot(ServerKeys, SERVER_RECORD)

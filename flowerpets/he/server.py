@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from flowerpets._validation import instance, integer
 from flowerpets.core import (
     SEALED_WEIGHT_KEY,
+    DurableState,
     Error,
     ErrorCode,
     Failure,
@@ -38,6 +39,7 @@ from flowerpets.core import (
     is_sealed,
 )
 from flowerpets.exceptions import IncompatibleModsError, ModelMismatchError
+from flowerpets.he import _durable
 from flowerpets.he._aggregation import ModelLayout, aggregate_encrypted
 from flowerpets.he._keysetup import KeySetup
 from flowerpets.he._primitives.packing import Layout, encryption_patterns, select_names
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 Next = Callable[[RoundRequest, ServerContext], RoundResult]
 
 
-class HomomorphicAggregation(SecureAggregator):
+class HomomorphicAggregation(SecureAggregator, DurableState):
     """Sums CKKS-encrypted updates; the server never holds a key that can decrypt.
 
     Before its first round (and whenever connected nodes lack the key) it runs
@@ -71,10 +73,14 @@ class HomomorphicAggregation(SecureAggregator):
     bounds how many nodes are asked in turn to generate (or share) the key in
     one round before the round fails.
 
-    A run resumed from a store by a new server process whose stored model is
-    already sealed ends with :class:`~flowerpets.exceptions.IncompatibleModsError`:
-    the key state lives in this process's memory and the key only in the nodes
-    (``docs/he.md``, "A run resumed from a store").
+    With a run store (``ServerApp(..., store=writer)``) it commits, with every
+    round, the key's public side (parameters, public context, key id, holders)
+    and the sealed model's layout, never a key (:mod:`flowerpets.he._durable`). A
+    resumed run continues from them without a new key set-up: its first round
+    asks the nodes whether they still hold the key, and ends the run with
+    :class:`~flowerpets.exceptions.KeyHoldersGoneError` if none does (a
+    simulation's nodes die with its process; ``docs/he.md``, "A run resumed from
+    a store").
     """
 
     def __init__(
@@ -92,6 +98,26 @@ class HomomorphicAggregation(SecureAggregator):
     def __repr__(self) -> str:
         return (
             f"HomomorphicAggregation(encrypt={self.encrypt!r}, params={self.params.describe()!r})"
+        )
+
+    # -- its state in a run store --------------------------------------------------------------
+    @property
+    def state_name(self) -> str:
+        return _durable.STATE_NAME
+
+    def durable_state(self, context: ServerContext) -> bytes:
+        """The key's public side and the model's layout, with the settings they were made under."""
+        return _durable.encode_state(context, self.params, self.encrypt)
+
+    def restore(self, context: ServerContext, state: bytes | None, *, round: int) -> None:
+        """Continue the stored key state (its holders asked again at the next round), or refuse.
+
+        Raises :class:`~flowerpets.exceptions.StoredKeyStateError` if the state is
+        missing although rounds were committed, cannot be read, or was made
+        under other parameters or encryption patterns.
+        """
+        _durable.restore_state(
+            context, state, round=round, params=self.params, encrypt=self.encrypt
         )
 
     # -- one round -----------------------------------------------------------------------------
@@ -121,13 +147,12 @@ class HomomorphicAggregation(SecureAggregator):
         stored = ModelLayout.load(context.state)
         if is_sealed(request.arrays):
             if stored is None:
-                # Every later round would fail alike (and commit as failed): end the run. A run
-                # resumed from a store lands here: the server's key state and layout live in
-                # memory only, and the key that opens the model only in the nodes.
+                # Every later round would fail alike (and commit as failed): end the run. (A run
+                # resumed from a store has its layout back from the store: see restore.)
                 raise IncompatibleModsError(
                     f"round {request.round}: the model is sealed, but this server never saw it "
-                    "in the clear: HomomorphicAggregation must run from the first round, and a "
-                    "run with a sealed model cannot be resumed by a new server process"
+                    "in the clear: HomomorphicAggregation must run from the first round (or "
+                    "resume from the run store its state was committed to)"
                 )
             return stored
         names = list(request.arrays)

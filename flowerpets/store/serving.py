@@ -3,9 +3,10 @@
 :func:`stored_app` opens the store, starts the run or, if the store holds it
 already, resumes it (its configuration must be the stored one), and gives back
 the ServerApp rebuilt to commit each round there. ``CentralDp`` keeps its budget
-there (it declares :class:`~flowerpets.core.DurableState`). Server mods whose state
-the store does not keep are refused before anything is written: HE, whose run a new
-server process could not continue once its model is sealed.
+there and ``HomomorphicAggregation`` its key's public side (both declare
+:class:`~flowerpets.core.DurableState`). What a store cannot keep is refused
+before anything is written: HE where the entry point's nodes would not keep
+their contexts across a restart, for its CKKS key lives there only.
 """
 
 from __future__ import annotations
@@ -23,27 +24,38 @@ from flowerpets.store.run_writer import RunWriter
 
 __all__ = ["refuse_unstored_state", "stored_app", "with_store"]
 
-# (defining module, class, why a resume would be wrong): only looked up once the module
-# is loaded, since no mod of a class never imported can exist (and HE stays unloaded).
-_UNSTORED = (
+# (defining module, class, why a resume would be wrong where the nodes lose their contexts):
+# only looked up once the module is loaded, since no mod of a class never imported can exist
+# (and HE stays unloaded).
+_NODE_STATE = (
     (
         "flowerpets.he.server",
         "HomomorphicAggregation",
-        "the nodes' CKKS keys are never stored, so a resumed run could not decrypt its model "
-        "(and the mod refuses to resume a sealed model)",
+        "the run's CKKS key lives only in the nodes' contexts (the store keeps its public side, "
+        "never a key), so a resumed run could not open its sealed model",
     ),
 )
 
 
-def refuse_unstored_state(mods: Sequence[ServerMod]) -> None:
-    """Refuse (``ParameterValueError``) a server mod whose state a resumed run would lose."""
-    for module_name, class_name, why in _UNSTORED:
+def refuse_unstored_state(mods: Sequence[ServerMod], *, nodes_lose_state: str | None) -> None:
+    """Refuse (``ParameterValueError``) a server mod whose state a resumed run would lose.
+
+    ``nodes_lose_state`` says why the entry point's nodes would not keep their
+    contexts across a server's restart (None: they keep them, as long-lived
+    deployment nodes do).
+    """
+    if nodes_lose_state is None:
+        return
+    for module_name, class_name, why in _NODE_STATE:
         module = sys.modules.get(module_name)
         if module is None:
             continue
         cls = getattr(module, class_name)
         if any(isinstance(mod, cls) for mod in mods):
-            raise ParameterValueError(f"a run store cannot resume a run with {class_name}: {why}")
+            raise ParameterValueError(
+                f"a run store cannot resume a run with {class_name} here: {why}, and "
+                f"{nodes_lose_state}"
+            )
 
 
 def with_store(app: ServerApp, store: RunWriter) -> ServerApp:
@@ -65,15 +77,19 @@ def stored_app(
     path: str | os.PathLike[str],
     run_id: str,
     config: Mapping[str, Any],
+    *,
+    nodes_lose_state: str | None,
 ) -> Iterator[ServerApp]:
     """``app`` committing each round to run ``run_id`` of the store at ``path``.
 
     The run is started with ``config`` if the store lacks it, and resumed
     otherwise (refused with ``RunConfigMismatchError`` if its stored
     configuration is another, ``StoreLockedError`` while another live server
-    holds it). The run's lease is given back on exit.
+    holds it). The run's lease is given back on exit. ``nodes_lose_state``
+    (see :func:`refuse_unstored_state`) refuses the mods that need the nodes'
+    contexts to outlive the server.
     """
-    refuse_unstored_state(app.mods)
+    refuse_unstored_state(app.mods, nodes_lose_state=nodes_lose_state)
     with RunStore(path) as store:
         try:
             store.run(run_id)

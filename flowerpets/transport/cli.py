@@ -10,7 +10,9 @@ itself still loads the core, and with it numpy).
 With ``--store PATH`` the server commits every round to a run store and, started
 again with the same app, run config and seed, continues after the last committed
 round (:mod:`flowerpets.store.serving`; a store that is damaged, held by a live
-server or holds the run with another configuration is refused at start).
+server or holds the run with another configuration is refused at start). A CKKS
+run resumes with the nodes that kept its key: they keep a context per run id, so
+``--store`` with ``HomomorphicAggregation`` needs ``--run-id``.
 
 Exit codes: the server returns 0 when the run ended (also early, on SIGTERM),
 1 if the ServerApp failed and 2 for bad arguments (and a refused store); a client returns its
@@ -159,7 +161,12 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="the run config, sent to every node (values: int, float, true/false, or string)",
     )
     run.add_argument("--seed", type=int, help="seed of the run (also run_config['seed'])")
-    run.add_argument("--run-id", type=int, help="the run's id (default: random)")
+    run.add_argument(
+        "--run-id",
+        type=int,
+        help="the run's id (default: random; give it with --store for a CKKS run, whose "
+        "nodes keep its key per run id)",
+    )
     run.add_argument(
         "--store",
         metavar="PATH",
@@ -285,7 +292,16 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
                 "seed": args.seed,
                 "num_rounds": app.num_rounds,
             }
-            app = stored.enter_context(stored_app(app, args.store, args.store_run, identity))
+            # A node keeps its context (an HE key) per run id: a restart must keep the id.
+            lost = (
+                None
+                if args.run_id is not None
+                else "a server started again without --run-id draws a new run id, under which "
+                "the nodes hold no context: give --run-id"
+            )
+            app = stored.enter_context(
+                stored_app(app, args.store, args.store_run, identity, nodes_lose_state=lost)
+            )
         if (args.cert is None) != (args.key is None):
             raise ParameterValueError("give both --cert and --key, or neither")
         tls = ServerTls.from_files(args.cert, args.key) if args.cert else None

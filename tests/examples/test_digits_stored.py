@@ -219,7 +219,9 @@ def test_the_demo_refuses_what_it_cannot_store_in_one_line(
     )
     assert "each node keeps its budget in its own context" in local
     assert "would count every node's epsilon from 0 again" in local
-    assert "could not decrypt its model" in one_line_error(capsys, "demo", "--he", "--store", store)
+    he = one_line_error(capsys, "demo", "--he", "--store", store)
+    assert "lives only in the simulated nodes' contexts" in he
+    assert "could not decrypt its model" in he
     assert "--run names a run in a store: it needs --store" in one_line_error(
         capsys, "demo", *PLAIN, "--run", "x"
     )

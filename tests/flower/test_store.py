@@ -198,3 +198,20 @@ def test_nodes_that_kept_their_state_refuse_the_abandoned_secagg_round_and_the_r
     with RunStore(path) as store:
         assert same_bits(store.arrays_at("flower", 3), store.arrays_at("flower", 2))
         assert not same_bits(store.arrays_at("flower", 4), store.arrays_at("flower", 3))
+
+
+def test_an_he_run_is_refused_with_a_store_before_any_node_hears_of_it(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A resumed Flower run is a new flwr run, whose nodes start new contexts: no CKKS key."""
+    from flowerpets.exceptions import ParameterValueError
+    from flowerpets.he import HomomorphicAggregation
+
+    grid = _grid(kit)
+    app = kit.numpy_server([HomomorphicAggregation()], rounds=ROUNDS)
+    path = tmp_path / "run.db"
+    with pytest.raises(ParameterValueError, match="a SuperNode keeps one per run") as refused:
+        kit.run_bridge(app, grid, {"store": str(path), "num-server-rounds": ROUNDS})
+    assert "CKKS key lives only in the nodes' contexts" in str(refused.value)
+    assert not path.exists()
+    assert not grid.pushed  # type: ignore[attr-defined]

@@ -68,6 +68,10 @@ def test_every_server_transition_is_in_the_table_or_refused(
         (ServerPhase.NO_KEY, ServerEvent.GENERATED): ServerPhase.KEYED,
         (ServerPhase.KEYED, ServerEvent.ONBOARDED): ServerPhase.KEYED,
         (ServerPhase.KEYED, ServerEvent.RESET): ServerPhase.NO_KEY,
+        (ServerPhase.KEYED, ServerEvent.RESUMED): ServerPhase.RESUMED,
+        (ServerPhase.RESUMED, ServerEvent.RESUMED): ServerPhase.RESUMED,
+        (ServerPhase.RESUMED, ServerEvent.CONFIRMED): ServerPhase.KEYED,
+        (ServerPhase.RESUMED, ServerEvent.RESET): ServerPhase.NO_KEY,
     }
 
 

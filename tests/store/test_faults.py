@@ -90,10 +90,12 @@ def test_a_disk_full_during_a_commit_stops_the_run_and_keeps_the_last_round(
 
 # -- HE --------------------------------------------------------------------------------------------
 # After round 1 the global model is sealed: CKKS ciphertexts under a key that only the nodes hold
-# (in their contexts, which die with a simulation's process). The server keeps the key's public
-# parameters, its id and the model's layout in memory; the store keeps none of them and no key.
-# A new server process can therefore neither open the sealed model nor make a new key for it:
-# resuming is refused with a typed error that ends the run, and the store keeps the last round.
+# (in their contexts, which die with a simulation's process). The store keeps the key's public
+# side (parameters, public context, key id, holders) and the model's layout, never a key. A new
+# server process restores them and asks the nodes whether they still hold the key; a simulation's
+# new nodes hold none, and no new key can open the sealed model: the resume is refused with a
+# typed error that ends the run, and the store keeps the last round. (Nodes that outlive the
+# server, in a deployment, let it resume: tests/transport/test_he_store.py.)
 
 
 def he_key_holders_secrets(result: SimulationResult) -> list[bytes]:
@@ -107,7 +109,7 @@ def he_key_holders_secrets(result: SimulationResult) -> list[bytes]:
 def test_an_he_run_killed_after_its_model_was_sealed_is_refused_on_resume(
     tmp_path: Path, phase: str
 ) -> None:
-    from flowerpets.exceptions import ConfigurationError, IncompatibleModsError
+    from flowerpets.exceptions import ConfigurationError, KeyHoldersGoneError
 
     path = tmp_path / "runs.db"
     killed = server_process(path, "he", phase)
@@ -115,10 +117,11 @@ def test_an_he_run_killed_after_its_model_was_sealed_is_refused_on_resume(
     with RunStore(path, check="full") as store:
         before = store.load("r")
         assert before.round == KILL_ROUND - 1 and before.arrays is not None
-        with store.resume_run("r") as writer, pytest.raises(IncompatibleModsError, match="sealed"):
+        gone = "none of the nodes that held it holds it any more .6 of 6 hold no key.: the nodes"
+        with store.resume_run("r") as writer, pytest.raises(KeyHoldersGoneError, match=gone):
             run("he", writer)
         after = store.load("r")
-    assert issubclass(IncompatibleModsError, ConfigurationError)  # the ServerApp ends the run
+    assert issubclass(KeyHoldersGoneError, ConfigurationError)  # the ServerApp ends the run
     assert after.round == KILL_ROUND - 1  # no round failed on top of it: it can be resumed later
     assert after.arrays is not None and same_bits(after.arrays, before.arrays)
     assert [r.round for r in after.history.rounds] == list(range(1, KILL_ROUND))
@@ -150,19 +153,43 @@ def test_an_he_run_killed_before_any_round_committed_resumes_with_a_new_key(
 
 
 def test_the_store_of_an_he_run_holds_no_secret_key(tmp_path: Path) -> None:
+    from flowerpets.core import RecordDict
+    from flowerpets.core.codec import decode_record_dict
+    from flowerpets.he._primitives.params import COMPACT, load_public_context
+    from flowerpets.he._state import ClientKeys, ServerKeys, ServerPhase
+
     path = tmp_path / "runs.db"
     with RunStore(path, checkpoint_bytes=1 << 30) as store:
         with store.start_run("r", config={}) as writer:
             result = run("he", writer)
         secrets = he_key_holders_secrets(result)
         stored = stored_bytes(path)  # the file, its log before the checkpoint, the arrays
+        state = store.load("r").pet_states["he"]
     assert len(secrets) == len(result.contexts)
     sealed = max((a.numpy().tobytes() for a in result.arrays.values()), key=len)
     assert sealed[len(sealed) // 2 :][:32] in stored  # the search finds what is stored
+
+    # The HE state: the key's public side and the layout, with the settings; nothing else.
+    assert isinstance(state, bytes)
+    record = decode_record_dict(state)
+    assert set(record) == {"he.server", "he.model", "he.settings"}
+    keys = ServerKeys.require(RecordDict({"he.server": record["he.server"]}))
+    node = ClientKeys.load(result.contexts[0].state)
+    assert (keys.phase, keys.key_id, keys.params) == (ServerPhase.KEYED, node.key_id, COMPACT)
+    assert sorted(keys.holders) == sorted(c.node_id for c in result.contexts)
+    assert not load_public_context(keys.public_context, COMPACT).is_private()
+    assert keys.public_context in stored and state in stored
+
     for secret in secrets:
-        # Any 32 bytes of the serialized secret context, at 16 places across it.
-        for at in range(0, len(secret) - 32, max(1, (len(secret) - 32) // 16)):
-            assert secret[at : at + 32] not in stored
+        # Any 32 bytes of the serialized secret context, at 64 places across it, but those it
+        # shares with the public context (the parameters' header both serializations begin with).
+        step = max(1, (len(secret) - 32) // 64)
+        windows = [secret[at : at + 32] for at in range(0, len(secret) - 32, step)]
+        secret_only = [w for w in windows if w not in keys.public_context]
+        assert len(secret_only) >= len(windows) - 2
+        for window in secret_only:
+            assert window not in stored
+            assert window not in state
 
 
 # -- one server per run ----------------------------------------------------------------------------

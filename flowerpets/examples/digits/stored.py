@@ -20,8 +20,9 @@ uninterrupted run does. Its model is not the uninterrupted run's bit for bit: th
 noise comes from a secure source whose state is never stored (by design).
 Refused before they start: local DP, whose budget each node keeps in its own
 context, which the store does not hold (a resumed simulation rebuilds its nodes,
-so each would count its epsilon from 0 again), and CKKS (the nodes' keys are
-never stored, so a resumed run could not decrypt its model). SecAgg+ keeps no
+so each would count its epsilon from 0 again), and CKKS (the key lives only in the
+nodes' contexts, which the simulation rebuilds, so a resumed run could not decrypt
+its model; ``flowerpets server --store`` resumes one, its nodes outlive it). SecAgg+ keeps no
 state across rounds: a round interrupted mid-protocol is abandoned and the
 resumed run starts a new session.
 """
@@ -113,8 +114,10 @@ def check_storable(args: argparse.Namespace) -> None:
         )
     if getattr(args, "he", False):
         raise ParameterValueError(
-            "--store cannot resume a --he run: the nodes' CKKS keys are never stored, so a "
-            "resumed run could not decrypt its model"
+            "--store cannot resume a --he run: its CKKS key lives only in the simulated nodes' "
+            "contexts, which die with the demo's process (the store keeps the key's public "
+            "side, never a key), so a resumed run could not decrypt its model; nodes that "
+            "outlive their server can resume one (flowerpets server --store --run-id)"
         )
 
 
