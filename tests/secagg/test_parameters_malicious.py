@@ -1,0 +1,342 @@
+"""The finder against an actively malicious server: ``Threat`` and rule (3M), ``4t > 3k + 2c``.
+
+Run as a script, it prints the table of docs/secagg.md's "Parameters in the
+malicious setting" (a test checks that the docs hold exactly that text).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import special, stats
+
+from flowerpets.exceptions import (
+    InfeasibleParametersError,
+    ParameterTypeError,
+    ParameterValueError,
+)
+from flowerpets.secagg import HararyGraph, Threat, check_parameters, find_parameters
+from flowerpets.secagg.parameters import check_threshold, least_summed, minimum_threshold
+
+MAL = Threat.MALICIOUS
+SEMI = Threat.SEMI_HONEST
+
+
+# -- the switch --------------------------------------------------------------------------------
+def test_threat_takes_the_member_or_its_value_and_defaults_to_semi_honest() -> None:
+    assert [t.value for t in Threat] == ["semi-honest", "malicious"]
+    by_name = find_parameters(1000, threat="malicious")
+    assert by_name == find_parameters(1000, threat=MAL) and by_name.threat is MAL
+    assert find_parameters(1000) == find_parameters(1000, threat="semi-honest")
+    assert find_parameters(1000).threat is SEMI
+    assert minimum_threshold(100, 10, threat="malicious") == minimum_threshold(100, 10, threat=MAL)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda v: find_parameters(100, threat=v), ParameterValueError, "'malicious'"),
+        (lambda v: minimum_threshold(100, 10, threat=v), ParameterValueError, "semi-honest"),
+        (lambda v: check_threshold(100, 10, 9, threat=v), ParameterValueError, "threat"),
+        (lambda v: check_parameters(100, 10, 9, threat=v), ParameterValueError, "threat"),
+    ],
+)
+def test_an_unknown_threat_is_refused_by_every_entry_point(
+    call: Callable[[object], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call("byzantine")
+    with pytest.raises(ParameterTypeError, match="threat must be str"):
+        call(1)
+    with pytest.raises(ParameterValueError, match="got 'MALICIOUS'"):
+        call("MALICIOUS")  # the value, not the member's name
+
+
+# -- rule 3M by hand ---------------------------------------------------------------------------
+def test_known_small_answers_by_hand() -> None:
+    # n = 5, nobody corrupted: the only sparse degree, k = 2, leaves the survivors
+    # connected with probability 1 - 5 * 2 / 2 * 0.1**2 only, so the complete graph
+    # k = 4; rule 3M: 4t > 12, t = 4; the round fails when 2 or more of the 5 drop.
+    p = find_parameters(5, dropout_rate=0.1, corrupted_fraction=0.0, threat=MAL)
+    assert (p.degree, p.threshold, p.corrupted_neighbours) == (4, 4, 0)
+    assert p.log2_failure == pytest.approx(math.log2(1 - 0.9**5))
+    assert (find_parameters(5, dropout_rate=0.1, corrupted_fraction=0.0).threshold) == 3
+    # n = 10, C = 1: k = 9, 4t > 27 + 2, t = 8; fails when 3 or more drop.
+    p = find_parameters(10, dropout_rate=0.05, corrupted_fraction=0.1, threat=MAL)
+    assert (p.degree, p.threshold, p.corrupted_neighbours) == (9, 8, 1)
+    fail = 1 - 0.95**10 - 10 * 0.05 * 0.95**9
+    assert p.log2_failure == pytest.approx(math.log2(fail))
+    # The node's rule with no corrupted neighbour: t > 3k/4.
+    assert [minimum_threshold(1000, k, threat=MAL) for k in (2, 4, 6, 8, 100)] == [
+        2,
+        4,
+        5,
+        7,
+        76,
+    ]
+    assert [minimum_threshold(1000, k) for k in (2, 4, 6, 8, 100)] == [2, 3, 4, 5, 51]
+
+
+def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
+    """Bell et al.'s abstract: at 10,000 clients with 5% corrupted and 5% dropouts, each
+    talks to about 3% of the cohort in their malicious setting (a sanity check of the
+    order of magnitude, not of the exact bound, which is for another graph)."""
+    p = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05, threat=MAL)
+    semi = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05)
+    assert 0.02 <= p.degree / 10_000 <= 0.05 and semi.degree / 10_000 < 0.01
+    assert p.least_summed == 3330  # a third of the cohort (Bell et al.: half, another graph)
+    assert semi.least_summed is None
+
+
+# -- the refusals ------------------------------------------------------------------------------
+def test_infeasible_malicious_settings_say_what_to_change() -> None:
+    # (1 - 2 * 0.1) / 4 = 20%: at 25% no degree keeps 3/4 + c/2k of the neighbours.
+    find_parameters(100_000, dropout_rate=0.25, corrupted_fraction=0.1)  # semi-honest: fine
+    with pytest.raises(InfeasibleParametersError) as caught:
+        find_parameters(100_000, dropout_rate=0.25, corrupted_fraction=0.1, threat=MAL)
+    text = str(caught.value)
+    assert "malicious server" in text and "(1 - 2 corrupted_fraction) / 4" in text
+    assert "lower the rates" in text and "grow the cohort" in text and "semi-honest" in text
+    with pytest.raises(InfeasibleParametersError, match=r"more than \(3 \(n - 1\) \+ 2 C\) / 4"):
+        find_parameters(10, dropout_rate=0.3, corrupted_fraction=0.3, threat=MAL)
+
+
+def test_a_threshold_secure_only_semi_honestly_is_refused_with_the_reason() -> None:
+    semi = find_parameters(1000)  # k = 148, t = 98, c = 46 at 10%
+    check_threshold(1000, semi.degree, semi.threshold, corrupted_fraction=0.1)
+    with pytest.raises(InfeasibleParametersError) as caught:
+        check_threshold(1000, semi.degree, semi.threshold, corrupted_fraction=0.1, threat=MAL)
+    text = str(caught.value)
+    least = minimum_threshold(1000, semi.degree, corrupted_fraction=0.1, threat=MAL)
+    assert least == (3 * 148 + 2 * 46) // 4 + 1 == 135
+    assert f"threshold 98 is below {least}" in text and "(3k + 2c) / 4" in text
+    assert "meets the semi-honest rule" in text and "learn their sum" in text
+    # Below even the semi-honest rule, the message does not claim it meets it.
+    with pytest.raises(InfeasibleParametersError) as caught:
+        check_threshold(1000, 148, 60, threat=MAL)
+    assert "meets the semi-honest rule" not in str(caught.value)
+    # Hand-picked parameters: what a semi-honest round accepts, a malicious one refuses.
+    assert check_parameters(10, 4, 3).threat is SEMI
+    with pytest.raises(InfeasibleParametersError, match=r"threshold 3 is below 4.*would refuse"):
+        check_parameters(10, 4, 3, threat="malicious")
+    assert check_parameters(10, 4, 4, threat=MAL).threat is MAL
+
+
+# -- properties --------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(3, 50_000),
+    half=st.integers(1, 400),
+    gamma=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.3]),
+)
+def test_the_malicious_threshold_is_never_below_the_semi_honest_one(
+    n: int, half: int, gamma: float
+) -> None:
+    k = min(2 * half, n - 1)
+    semi = minimum_threshold(n, k, corrupted_fraction=gamma)
+    mal = minimum_threshold(n, k, corrupted_fraction=gamma, threat=MAL)
+    assert mal >= semi
+    if k >= 4:
+        assert mal > semi
+    # Both are the least with their inequality for one corrupted-neighbour count c, here
+    # recomputed with scipy: the least c with n P[Hyp(n - 1, C, k) > c] <= 2**-41.
+    corrupted = math.floor(gamma * n + 1e-12)
+    c = corrupted if k == n - 1 else corrupted_tail(n, corrupted, k)
+    assert semi == max((k + c) // 2 + 1, 2) and mal == max((3 * k + 2 * c) // 4 + 1, 2)
+
+
+def corrupted_tail(n: int, corrupted: int, k: int) -> int:
+    """The least c with n P[Hyp(n - 1, C, k) > c] <= 2**-41 (tails summed from the end)."""
+    pmf = stats.hypergeom(n - 1, corrupted, k).pmf(np.arange(k + 1))
+    above = n * np.append(np.cumsum(pmf[::-1])[::-1][1:], 0.0)  # above[c] = n P[X > c]
+    return int(np.argmax(above <= 2.0**-41))  # above[k] = 0: one always passes
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(3, 200_000),
+    delta=st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.15]),
+    gamma=st.sampled_from([0.0, 0.02, 0.05, 0.1]),
+    more=st.sampled_from(["delta", "gamma", "sigma", "eta"]),
+)
+def test_asking_for_more_never_lowers_the_malicious_degree(
+    n: int, delta: float, gamma: float, more: str
+) -> None:
+    step = {"delta": (0.03, 0.0), "gamma": (0.0, 0.03)}.get(more, (0.0, 0.0))
+    bits = {"sigma": (50, 40), "eta": (40, 50)}.get(more, (40, 40))
+    try:
+        hard = find_parameters(
+            n,
+            dropout_rate=delta + step[0],
+            corrupted_fraction=gamma + step[1],
+            security_bits=bits[0],
+            correctness_bits=bits[1],
+            threat=MAL,
+        )
+    except InfeasibleParametersError:
+        return
+    easy = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    assert easy.degree <= hard.degree
+    if easy.degree == hard.degree and more in ("gamma", "sigma"):
+        assert easy.threshold <= hard.threshold
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(3, 200_000),
+    delta=st.sampled_from([0.0, 0.05, 0.1, 0.15]),
+    gamma=st.sampled_from([0.0, 0.05, 0.1]),
+)
+def test_every_malicious_choice_meets_rule_3m_exactly_and_the_nodes_accept_it(
+    n: int, delta: float, gamma: float
+) -> None:
+    try:
+        p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    except InfeasibleParametersError:
+        with pytest.raises(InfeasibleParametersError):
+            find_parameters(n, dropout_rate=delta + 0.05, corrupted_fraction=gamma, threat=MAL)
+        return
+    k, t, c = p.degree, p.threshold, p.corrupted_neighbours
+    assert c is not None and t <= k
+    assert 4 * t > 3 * k + 2 * c and (t == 2 or 4 * (t - 1) <= 3 * k + 2 * c)
+    assert 2 * t > k + c  # rule 3 too
+    check_threshold(n, k, t, threat=MAL)  # a node assumes no corrupted neighbour
+    check_threshold(n, k, t, corrupted_fraction=gamma, threat=MAL)
+    check_threshold(n, k, t, corrupted_fraction=gamma)
+    # Every degree rule 3M accepts, rule 3 accepts (its t is smaller): k only grows.
+    semi = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma)
+    if not p.is_complete:
+        assert not semi.is_complete and semi.degree <= p.degree
+
+
+# -- the group lemma, exhaustively -------------------------------------------------------------
+def smallest_cut_off_group(n: int, k: int, t: int, c: int) -> int | None:
+    """The fewest honest nodes whose sum a malicious server can learn on ``H(n, k)``, every
+    node having ``c`` corrupted neighbours: over every node set ``K`` (bitmasks), members
+    that answer need ``t - c`` neighbours in ``K``, the others ``2t - k - c`` answering
+    neighbours in ``K``, and someone answers (module docstring of parameters, rule 3M)."""
+    graph = HararyGraph(list(range(n)), k)
+    nbr = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        for j in graph.neighbours(i):
+            nbr[i] |= 1 << j
+    masks = np.arange(1, 1 << n, dtype=np.int64)
+    bits = (masks[:, None] >> np.arange(n)) & 1  # member i of K?
+    inside = np.stack([np.bitwise_count(masks & nbr[i]) for i in range(n)], axis=1)
+    answers = (bits == 1) & (inside >= t - c)
+    core = (answers * (1 << np.arange(n))).sum(1)
+    core_inside = np.stack([np.bitwise_count(core & nbr[i]) for i in range(n)], axis=1)
+    silent_ok = (bits == 0) | answers | (core_inside >= 2 * t - k - c)
+    valid = (core > 0) & silent_ok.all(1)
+    return int(bits[valid].sum(1).min()) if valid.any() else None
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "c"), [(10, 4, 0), (12, 4, 0), (12, 6, 0), (14, 6, 0), (14, 8, 1), (15, 6, 1)]
+)
+def test_under_3m_no_small_group_can_be_cut_off_under_3_one_can(n: int, k: int, c: int) -> None:
+    mal, semi = (3 * k + 2 * c) // 4 + 1, (k + c) // 2 + 1
+    assert mal <= k  # feasible
+    smallest = smallest_cut_off_group(n, k, mal, c)
+    assert smallest is not None and smallest >= least_summed(n, k)
+    # Negative control: at rule (3)'s threshold the server learns the sum of a smaller group
+    # (on these small rings least_summed is loose, so compare with the exhaustive answer).
+    weak = smallest_cut_off_group(n, k, semi, c)
+    assert weak is not None and weak < smallest
+    if c == 0:
+        assert weak == k // 2 + 2
+    if (n, k) == (12, 4):
+        assert weak < least_summed(n, k) == 8 <= smallest
+
+
+def test_least_summed_formula() -> None:
+    assert least_summed(10, 9) == 4 + 2  # complete: floor(9 / 2) + 2
+    assert least_summed(16, 4) == ((16 - 5) // 6 + 1) * 4 == 8
+    assert least_summed(10_000, 366) == (9633 // 549 + 1) * 185 == 3330
+    with pytest.raises(ValueError, match="degree"):
+        least_summed(10, 10)
+
+
+# -- the claimed bounds, recomputed independently ----------------------------------------------
+def bounds(n: int, k: int, t: int, c: int, gamma: float, delta: float) -> tuple[float, ...]:
+    """log2 of (disconnected, leak, failure) from scipy.stats' hypergeometric and binomial
+    laws (the first in log space: it underflows a float at large k)."""
+    corrupted = math.floor(gamma * n + 1e-12)
+    x = np.arange(k + 1)
+    log_pmf = stats.hypergeom(n, corrupted, k).logpmf(x)
+    log_all_bad = special.logsumexp(log_pmf + (k - x) * math.log(delta))
+    disconnected = (math.log(n * (n - k - 1) / 2) + log_all_bad) / math.log(2)
+    with np.errstate(divide="ignore"):  # a tail of 0 (c = C) is -inf, as the finder says
+        leak = float(np.log2(n * stats.hypergeom(n - 1, corrupted, k).sf(c)))
+    return disconnected, leak, log2_failure(n, k, t, delta)
+
+
+def log2_failure(n: int, k: int, t: int, delta: float) -> float:
+    return math.log2(n * stats.binom(k, 1 - delta).cdf(t - 1))
+
+
+@pytest.mark.parametrize(
+    ("n", "gamma", "delta"),
+    [(1000, 0.05, 0.05), (1000, 0.1, 0.1), (10_000, 0.05, 0.05), (5000, 0.0, 0.1)],
+)
+def test_the_claimed_union_bounds_match_an_independent_computation(
+    n: int, gamma: float, delta: float
+) -> None:
+    p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    k, t, c = p.degree, p.threshold, p.corrupted_neighbours
+    assert c is not None and not p.is_complete
+    disconnected, leak, failure = bounds(n, k, t, c, gamma, delta)
+    assert disconnected <= -41 and leak <= -41 and failure <= -40
+    assert p.log2_disconnected == pytest.approx(disconnected, abs=1e-6)
+    assert p.log2_leak == pytest.approx(leak, abs=1e-6)
+    assert p.log2_failure == pytest.approx(failure, abs=1e-6)
+    # c is the least count that meets the budget; and k the least degree.
+    assert bounds(n, k, t, c - 1, gamma, delta)[1] > -41
+    corrupted = math.floor(gamma * n + 1e-12)
+    assert c == corrupted_tail(n, corrupted, k)
+    for smaller in range(2, k, 2):
+        # t only grows with c: where even c = 0 fails (4), the degree fails.
+        if log2_failure(n, smaller, (3 * smaller) // 4 + 1, delta) > -40:
+            continue
+        t_small = max((3 * smaller + 2 * corrupted_tail(n, corrupted, smaller)) // 4 + 1, 2)
+        d, _, fail = bounds(n, smaller, t_small, 0, gamma, delta)
+        assert d > -41 or t_small > smaller or fail > -40, smaller
+
+
+# -- the docs' table ---------------------------------------------------------------------------
+TABLE_N = (100, 1000, 10_000)
+TABLE_RATES = ((0.05, 0.05), (0.1, 0.1))
+
+
+def table_markdown() -> str:
+    rows = [
+        "| n | `gamma` | `delta` | semi-honest `k` | `t` | malicious `k` | `t` | `c` "
+        "| `log2` failure | fewest summed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in TABLE_N:
+        for gamma, delta in TABLE_RATES:
+            semi = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma)
+            mal = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+            assert mal.log2_failure is not None
+            rows.append(
+                f"| {n:,} | {gamma} | {delta} | {semi.degree} | {semi.threshold} "
+                f"| {mal.degree} | {mal.threshold} | {mal.corrupted_neighbours} "
+                f"| {mal.log2_failure:.1f} | {mal.least_summed:,} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def test_the_docs_table_is_the_code_output() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "secagg.md").read_text()
+    assert table_markdown() in docs, "regenerate: python tests/secagg/test_parameters_malicious.py"
+
+
+if __name__ == "__main__":
+    print(table_markdown(), end="")
