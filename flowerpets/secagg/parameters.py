@@ -343,8 +343,10 @@ def least_summed(cohort_size: int, degree: int) -> int:
     k = integer("degree", degree, at_least=1, at_most=n - 1)
     if k == n - 1:
         return k // 2 + 2
+    # Disjoint windows of k + 1 places, each centred on a member: the next centre is the
+    # first member at least k + 1 places on, and at most 3k/2 (no gap of k/2 places).
     windows = (n - k - 1) // (3 * k // 2) + 1
-    return min(windows * (k // 2 + 2), n)
+    return windows * (k // 2 + 2)
 
 
 def _first_passing(lo: int, hi: int, passes: Callable[[np.ndarray], np.ndarray]) -> int | None:
@@ -576,10 +578,11 @@ def check_threshold(
     )[0]
     if model is Threat.MALICIOUS and threshold >= semi_honest:
         reason += (
-            "; it meets the semi-honest rule t > (k + c) / 2, but a malicious server, which "
-            "chooses whose shares it forwards and which nodes it lists as dropped, could then "
-            f"cut off a group of fewer than {least_summed(cohort_size, degree)} honest nodes "
-            "(the fewest rule (3M) guarantees) and learn their sum"
+            "; it meets the semi-honest rule t > (k + c) / 2, but against a malicious server, "
+            "which chooses whose shares it forwards and which nodes it lists as dropped, only "
+            "rule (3M) guarantees that every sum it can learn covers at least "
+            f"{least_summed(cohort_size, degree)} honest nodes (below it, a small group cut "
+            "off from the rest can be enough)"
         )
     raise InfeasibleParametersError(reason)
 

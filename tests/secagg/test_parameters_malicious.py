@@ -116,7 +116,7 @@ def test_a_threshold_secure_only_semi_honestly_is_refused_with_the_reason() -> N
     least = minimum_threshold(1000, semi.degree, corrupted_fraction=0.1, threat=MAL)
     assert least == (3 * 148 + 2 * 46) // 4 + 1 == 135
     assert f"threshold 98 is below {least}" in text and "(3k + 2c) / 4" in text
-    assert "meets the semi-honest rule" in text and "learn their sum" in text
+    assert "meets the semi-honest rule" in text and "at least 3" in text
     # Below even the semi-honest rule, the message does not claim it meets it.
     with pytest.raises(InfeasibleParametersError) as caught:
         check_threshold(1000, 148, 60, threat=MAL)
@@ -253,6 +253,16 @@ def test_under_3m_no_small_group_can_be_cut_off_under_3_one_can(n: int, k: int, 
         assert weak == k // 2 + 2
     if (n, k) == (12, 4):
         assert weak < least_summed(n, k) == 8 <= smallest
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(4, 10**6), half=st.integers(1, 5000))
+def test_least_summed_fits_the_ring(n: int, half: int) -> None:
+    """The windows it counts are disjoint: m (k + 1) places fit in the ring of n."""
+    k = min(2 * half, (n - 2) // 2 * 2) if n >= 4 else n - 1
+    least = least_summed(n, k)
+    m = (n - k - 1) // (3 * k // 2) + 1
+    assert least == m * (k // 2 + 2) and m * (k + 1) <= n and k // 2 + 2 <= least <= n
 
 
 def test_least_summed_formula() -> None:
