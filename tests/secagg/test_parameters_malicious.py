@@ -280,7 +280,9 @@ def bounds(n: int, k: int, t: int, c: int, gamma: float, delta: float) -> tuple[
     corrupted = math.floor(gamma * n + 1e-12)
     x = np.arange(k + 1)
     log_pmf = stats.hypergeom(n, corrupted, k).logpmf(x)
-    log_all_bad = special.logsumexp(log_pmf + (k - x) * math.log(delta))
+    log_delta = math.log(delta) if delta > 0 else -math.inf  # no dropouts: all k corrupted
+    with np.errstate(invalid="ignore"):  # 0 * -inf where x = k, replaced by 0
+        log_all_bad = special.logsumexp(log_pmf + np.where(x == k, 0.0, (k - x) * log_delta))
     disconnected = (math.log(n * (n - k - 1) / 2) + log_all_bad) / math.log(2)
     with np.errstate(divide="ignore"):  # a tail of 0 (c = C) is -inf, as the finder says
         leak = float(np.log2(n * stats.hypergeom(n - 1, corrupted, k).sf(c)))
@@ -288,7 +290,8 @@ def bounds(n: int, k: int, t: int, c: int, gamma: float, delta: float) -> tuple[
 
 
 def log2_failure(n: int, k: int, t: int, delta: float) -> float:
-    return math.log2(n * stats.binom(k, 1 - delta).cdf(t - 1))
+    with np.errstate(divide="ignore"):  # no dropouts: -inf
+        return float(np.log2(n * stats.binom(k, 1 - delta).cdf(t - 1)))
 
 
 @pytest.mark.parametrize(
@@ -306,17 +309,63 @@ def test_the_claimed_union_bounds_match_an_independent_computation(
     assert p.log2_disconnected == pytest.approx(disconnected, abs=1e-6)
     assert p.log2_leak == pytest.approx(leak, abs=1e-6)
     assert p.log2_failure == pytest.approx(failure, abs=1e-6)
-    # c is the least count that meets the budget; and k the least degree.
+    # c is the least count that meets the budget, and k - 2 fails a rule (the exhaustive
+    # comparison below checks every smaller degree, for small cohorts).
     assert bounds(n, k, t, c - 1, gamma, delta)[1] > -41
+    assert reference(n, delta, gamma, first=k - 2) != (k - 2,)
+
+
+def reference(n: int, delta: float, gamma: float, first: int = 2) -> tuple[int, ...] | None:
+    """Rule 3M's choice by scanning every even degree from ``first`` with scipy's tails:
+    ``(k, t, c)``, ``(k,)`` if only ``first`` was asked and it qualifies, None to refuse."""
     corrupted = math.floor(gamma * n + 1e-12)
-    assert c == corrupted_tail(n, corrupted, k)
-    for smaller in range(2, k, 2):
-        # t only grows with c: where even c = 0 fails (4), the degree fails.
-        if log2_failure(n, smaller, (3 * smaller) // 4 + 1, delta) > -40:
+    for k in range(first, n - 1, 2):
+        t0 = max((3 * k) // 4 + 1, 2)  # t only grows with c: if even t0 fails (4), k fails
+        if t0 > k or log2_failure(n, k, t0, delta) > -40:
             continue
-        t_small = max((3 * smaller + 2 * corrupted_tail(n, corrupted, smaller)) // 4 + 1, 2)
-        d, _, fail = bounds(n, smaller, t_small, 0, gamma, delta)
-        assert d > -41 or t_small > smaller or fail > -40, smaller
+        c = corrupted_tail(n, corrupted, k)
+        t = max((3 * k + 2 * c) // 4 + 1, 2)
+        disconnected, _, fail = bounds(n, k, t, c, gamma, delta)
+        if disconnected <= -41 and t <= k and fail <= -40:
+            return (k,) if first > 2 else (k, t, c)
+        if first > 2:
+            return None
+    t = max((3 * (n - 1) + 2 * corrupted) // 4 + 1, 2)
+    if first == 2 and t <= n - 1 and stats.binom(n, 1 - delta).cdf(t) <= 0.5:
+        return n - 1, t, corrupted
+    return None
+
+
+SCAN_N = (3, 4, 5, 6, 9, 10, 16, 25, 40, 64, 101, 128)
+SCAN_RATES = ((0.05, 0.05), (0.1, 0.0), (0.02, 0.1), (0.0, 0.2), (0.1, 0.3))
+
+
+@pytest.mark.parametrize("n", SCAN_N)
+@pytest.mark.parametrize("rates", SCAN_RATES)
+def test_the_malicious_finder_matches_an_exhaustive_scan(
+    n: int, rates: tuple[float, float]
+) -> None:
+    delta, gamma = rates
+    expected = reference(n, delta, gamma)
+    if expected is None:
+        with pytest.raises(InfeasibleParametersError):
+            find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+        return
+    p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    assert (p.degree, p.threshold, p.corrupted_neighbours) == expected
+
+
+def test_the_exhaustive_scan_covers_sparse_complete_and_refused() -> None:
+    kinds = set()
+    for n in SCAN_N:
+        for delta, gamma in SCAN_RATES:
+            try:
+                p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+            except InfeasibleParametersError:
+                kinds.add("refused")
+                continue
+            kinds.add("complete" if p.is_complete else "sparse")
+    assert kinds == {"sparse", "complete", "refused"}
 
 
 # -- the docs' table ---------------------------------------------------------------------------
