@@ -86,11 +86,11 @@ def test_known_small_answers_by_hand() -> None:
 def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
     """Bell et al.'s abstract: at 10,000 clients with 5% corrupted and 5% dropouts, each
     talks to about 3% of the cohort in their malicious setting (a sanity check of the
-    order of magnitude, not of the exact bound, which is for another graph)."""
+    order of magnitude: their bound is not this one)."""
     p = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05, threat=MAL)
     semi = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05)
     assert 0.02 <= p.degree / 10_000 <= 0.05 and semi.degree / 10_000 < 0.01
-    assert p.least_summed == 3330  # a third of the cohort (Bell et al.: half, another graph)
+    assert p.least_summed == 3330  # a third of the cohort (Bell et al. quote half)
     assert semi.least_summed is None
 
 
