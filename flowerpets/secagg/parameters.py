@@ -51,45 +51,43 @@ protocol with signed key advertisements and a consistency round, so that every
 honest node that releases shares was shown the same survivor set ``S``), rule
 (3) becomes
 
-3M. **Threshold** ``t = floor((3 k + 2 c) / 4) + 1``, the smallest ``t`` with
-   ``4 t > 3 k + 2 c`` (which implies ``2 t > k + c``, so 3M's ``t`` is never
-   below 3's). Such a server picks which honest nodes appear dropped and whose
-   round-1 shares it forwards to whom, so it need not attack one node's two
-   secrets: it can try to cut a group ``K`` of honest survivors off the rest
-   and learn ``sum(K)``. For the pairwise masks inside ``sum(K)`` to be
-   removable, no member of ``K`` may have masked with an honest survivor
-   outside ``K`` (``S`` is the same everywhere, so no honest node releases
-   the key shares of a survivor). A member ``r`` that answers the unmasking
-   request lists only survivors it masked with (the node's own check), and has
-   ``t`` of them, so it has at least ``t - c_r`` honest neighbours in ``K``. A
-   member ``i`` that does not answer still needs ``t`` neighbours it masked
-   with (in ``K``, dropped, or corrupted) and ``t`` holders of its self-mask
-   seed's shares (answering members of ``K``, survivors outside ``K`` it did
-   not mask with, or corrupted); adding the two counts, it has at least
-   ``2 t - k - c_i`` answering neighbours in ``K``. With ``4 t > 3 k + 2 c``
-   both counts exceed ``k / 2`` (``t <= k`` forces ``c < k / 2``), and in
-   ``H(n, k)`` a set whose every member has more than ``k / 2`` neighbours
-   inside it leaves no ``k / 2`` consecutive ring places out (the last member
-   before such a gap would have at most ``k / 2`` inside). Hence
-   ``|K| >= m (k / 2 + 2)`` with ``m = floor((n - k - 1) / (3 k / 2)) + 1``
-   disjoint windows of ``k + 1`` places, each around a member with its
-   ``k / 2 + 1`` inside neighbours (:func:`least_summed`; for the complete
-   graph ``floor(k / 2) + 2``). At rule (3)'s threshold, with no corrupted
-   node, ``k / 2 + 2`` consecutive honest nodes already qualify (an
-   exhaustive search over small rings in the tests finds no smaller group,
-   and none below :func:`least_summed` under 3M). (4) then needs
-   ``1 - delta > 3/4 + c / (2 k)``: the dropout rate must stay below about
-   ``(1 - 2 gamma) / 4``. (1), (2) and (4) are unchanged: (2) still assumes
-   the ring order is uniformly random and independent of which nodes are
+3M. **Threshold** ``t = floor(k / 2) + c + 1``, the smallest ``t`` with
+   ``2 t > k + 2 c`` (so ``2 t > k + c`` too: 3M's ``t`` is never below 3's,
+   and above it once ``c >= 1`` at an even ``k``). Such a server picks which honest nodes
+   appear dropped and whose round-1 shares it forwards to whom, so it need not
+   attack one node's two secrets: it can try to cut a group ``K`` of honest
+   survivors off the rest and learn ``sum(K)``. The pairwise masks inside
+   ``sum(K)`` cancel only if no member of ``K`` masked with an honest survivor
+   outside ``K`` (``S`` is the same everywhere, so no honest node releases the
+   key shares of a survivor). A member ``r`` of ``K`` that answers the
+   unmasking request lists only neighbours it masked with (a node refuses a
+   list naming one that never shared keys with it), so its honest surviving
+   neighbours are all in ``K``; the holders of its self-mask seed's shares
+   that answer are then answering members of ``K``, and it needs ``t`` holders
+   of which at most ``c_r`` are corrupted. So the answering members ``A`` of
+   ``K`` (someone must answer, or no seed is rebuilt) each have at least
+   ``t - c_r`` neighbours in ``A``; under 3M, more than ``k / 2``. In
+   ``H(n, k)`` such a set leaves no ``k / 2`` consecutive ring places out (the
+   last member before such a gap would have at most ``k / 2`` neighbours in
+   it), and two of them cannot be cut apart (the last member of one before
+   the other would again see at most ``k / 2``): the server learns one sum at
+   most, over ``|K| >= |A| >= m (k / 2 + 2)`` honest nodes: ``A`` holds
+   ``m = floor((n - k - 1) / (3 k / 2)) + 1`` disjoint windows of ``k + 1``
+   places, each around a member and its ``k / 2 + 1`` neighbours in ``A``
+   (:func:`least_summed`; ``floor(k / 2) + 2`` for the complete graph). One
+   below 3M, at ``t = k / 2 + c``, a run of ``k / 2 + 1`` consecutive honest
+   nodes, each with ``c`` corrupted neighbours, already qualifies. (4) then
+   needs
+   ``1 - delta > 1/2 + c / k``: the dropout rate must stay below about
+   ``1/2 - gamma``. (1), (2) and (4) are unchanged: (2) still assumes the
+   ring order is uniformly random and independent of which nodes are
    corrupted (a server choosing the order could surround a node with all
    ``C``), and (4) is correctness against honest dropouts (a malicious server
    can always fail a round). This is a derivation for the Harary graph and
    this protocol's checks, not a bound copied from Bell et al., whose
-   malicious-setting guarantee has the same shape (the server learns sums of
-   large groups of honest nodes only; their abstract quotes about 3% of a
-   cohort of 10,000 as neighbours at 5% corrupted and 5% dropouts, where
-   this finder picks ``k = 366``). fcp's finder has no such mode (its
-   semi-malicious mode is rule 3).
+   malicious-setting guarantee has the same shape (the server learns the sum
+   of one large group of honest nodes only). fcp's finder has no such mode
+   (its semi-malicious mode is rule 3).
 
 If no ``k <= n - 2`` meets them (small cohorts), the complete graph
 ``k = n - 1`` is used with ``c = C`` and ``t = max(floor((n - 1 + C) / 2) + 1, 2)``,
@@ -150,7 +148,7 @@ class Threat(enum.StrEnum):
     """What the server may do: the rule (3) or (3M) the threshold must meet."""
 
     SEMI_HONEST = "semi-honest"  # follows the protocol; t > (k + c) / 2
-    MALICIOUS = "malicious"  # actively malicious, with the consistency round; t > (3k + 2c) / 4
+    MALICIOUS = "malicious"  # actively malicious, with the consistency round; t > k/2 + c
 
 
 # A StrEnum member hashes and compares as its value: one mapping takes both spellings.
@@ -310,20 +308,17 @@ def _majority_bound_passes(h: int, p: float, log_budget: float) -> Callable[[int
 
 
 # -- the finder ------------------------------------------------------------------------------
-# Rule (3) and rule (3M): the smallest t with 2t > k + c, and with 4t > 3k + 2c.
+# Rule (3) and rule (3M): the smallest t with 2t > k + c, and with 2t > k + 2c.
 _RULES: dict[Threat, Callable[[int, int], int]] = {
     Threat.SEMI_HONEST: lambda k, c: (k + c) // 2 + 1,
-    Threat.MALICIOUS: lambda k, c: (3 * k + 2 * c) // 4 + 1,
+    Threat.MALICIOUS: lambda k, c: k // 2 + c + 1,
 }
-_RULE_TEXT = {Threat.SEMI_HONEST: "(k + c) / 2", Threat.MALICIOUS: "(3k + 2c) / 4"}
-_COMPLETE_RULE_TEXT = {
-    Threat.SEMI_HONEST: "(n - 1 + C) / 2",
-    Threat.MALICIOUS: "(3 (n - 1) + 2 C) / 4",
-}
+_RULE_TEXT = {Threat.SEMI_HONEST: "(k + c) / 2", Threat.MALICIOUS: "k / 2 + c"}
+_COMPLETE_RULE_TEXT = {Threat.SEMI_HONEST: "(n - 1 + C) / 2", Threat.MALICIOUS: "(n - 1) / 2 + C"}
 # The dropout rate (4) tolerates at most, asymptotically, for the infeasibility message.
 _DROPOUT_LIMIT = {
     Threat.SEMI_HONEST: "(1 - corrupted_fraction) / 2",
-    Threat.MALICIOUS: "(1 - 2 corrupted_fraction) / 4",
+    Threat.MALICIOUS: "1/2 - corrupted_fraction",
 }
 
 
@@ -332,12 +327,12 @@ def _threshold(k: int, c: int, threat: Threat = Threat.SEMI_HONEST) -> int:
 
 
 def least_summed(cohort_size: int, degree: int) -> int:
-    """The fewest honest nodes in any sum a malicious server learns, under rule (3M).
+    """The fewest honest nodes in the sum a malicious server learns, under rule (3M).
 
     ``m (k / 2 + 2)`` with ``m = floor((n - k - 1) / (3 k / 2)) + 1`` for an
-    even ``k <= n - 2``, ``floor(k / 2) + 2`` for the complete graph: a group
-    whose every member has more than ``k / 2`` neighbours inside it (module
-    docstring, rule 3M).
+    even ``k <= n - 2``, ``floor(k / 2) + 2`` for the complete graph: the least
+    size of a set whose every member has more than ``k / 2`` neighbours inside
+    it (module docstring, rule 3M).
     """
     n = check_size(cohort_size)
     k = integer("degree", degree, at_least=1, at_most=n - 1)
@@ -370,7 +365,7 @@ def _malicious_bound_passes(
     from scipy import special
 
     def passes(ks: np.ndarray) -> np.ndarray:
-        t = np.maximum((3 * ks + 2 * c) // 4 + 1, 2)
+        t = np.maximum(ks // 2 + c + 1, 2)
         with np.errstate(divide="ignore"):
             fail = np.log(special.bdtr(t - 1, ks, p))
         ok: np.ndarray = (t <= ks) & (fail <= log_budget)
@@ -525,13 +520,13 @@ def minimum_threshold(
 ) -> int:
     """The smallest threshold :func:`find_parameters` would pair with ``degree`` for the cohort.
 
-    ``floor((k + c) / 2) + 1`` (``floor((3k + 2c) / 4) + 1`` for
+    ``floor((k + c) / 2) + 1`` (``floor(k / 2) + c + 1`` for
     ``threat=Threat.MALICIOUS``) with ``c`` the corrupted-neighbour tail of (2)
     (``C = floor(corrupted_fraction * n)`` for the complete graph ``k = n - 1``).
     It does not depend on the dropout rate. By default ``corrupted_fraction`` is
     0, what a node can check without knowing the server's assumption: ``t > k/2``
-    (``t > 3k/4`` against a malicious server), which every threshold the finder
-    picks for that threat meets. It may exceed ``degree``: then no threshold is safe.
+    (both rules agree at ``c = 0``), which every threshold the finder picks meets.
+    It may exceed ``degree``: then no threshold is safe.
     """
     return _node_bound(cohort_size, degree, corrupted_fraction, security_bits, threat)[0]
 
@@ -559,7 +554,7 @@ def check_threshold(
     A node calls this on the round configuration a server sends: at or below
     ``(k + c) / 2``, a server that relays shares selectively can rebuild an
     honest node's input from its honest neighbours' shares alone; at or below
-    ``(3k + 2c) / 4``, a malicious one (``threat=Threat.MALICIOUS``) can learn the
+    ``k / 2 + c``, a malicious one (``threat=Threat.MALICIOUS``) can learn the
     sum of a small group of honest nodes it cuts off by claiming their
     neighbours dropped.
     """
@@ -580,7 +575,7 @@ def check_threshold(
         reason += (
             "; it meets the semi-honest rule t > (k + c) / 2, but against a malicious server, "
             "which chooses whose shares it forwards and which nodes it lists as dropped, only "
-            "rule (3M) guarantees that every sum it can learn covers at least "
+            "rule (3M), t > k / 2 + c, guarantees that the sum it can learn covers at least "
             f"{least_summed(cohort_size, degree)} honest nodes (below it, a small group cut "
             "off from the rest can be enough)"
         )

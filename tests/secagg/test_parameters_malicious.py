@@ -1,4 +1,4 @@
-"""The finder against an actively malicious server: ``Threat`` and rule (3M), ``4t > 3k + 2c``.
+"""The finder against an actively malicious server: ``Threat`` and rule (3M), ``2t > k + 2c``.
 
 Run as a script, it prints the table of docs/secagg.md's "Parameters in the
 malicious setting" (a test checks that the docs hold exactly that text).
@@ -60,27 +60,25 @@ def test_an_unknown_threat_is_refused_by_every_entry_point(
 
 # -- rule 3M by hand ---------------------------------------------------------------------------
 def test_known_small_answers_by_hand() -> None:
-    # n = 5, nobody corrupted: the only sparse degree, k = 2, leaves the survivors
-    # connected with probability 1 - 5 * 2 / 2 * 0.1**2 only, so the complete graph
-    # k = 4; rule 3M: 4t > 12, t = 4; the round fails when 2 or more of the 5 drop.
-    p = find_parameters(5, dropout_rate=0.1, corrupted_fraction=0.0, threat=MAL)
-    assert (p.degree, p.threshold, p.corrupted_neighbours) == (4, 4, 0)
-    assert p.log2_failure == pytest.approx(math.log2(1 - 0.9**5))
-    assert (find_parameters(5, dropout_rate=0.1, corrupted_fraction=0.0).threshold) == 3
-    # n = 10, C = 1: k = 9, 4t > 27 + 2, t = 8; fails when 3 or more drop.
-    p = find_parameters(10, dropout_rate=0.05, corrupted_fraction=0.1, threat=MAL)
-    assert (p.degree, p.threshold, p.corrupted_neighbours) == (9, 8, 1)
-    fail = 1 - 0.95**10 - 10 * 0.05 * 0.95**9
+    # n = 5, C = 1: no sparse degree (k = 2 leaves the survivors connected with
+    # probability 1 - 5 * 2 / 2 * 0.25**2 only), so k = 4; rule 3M: 2t > 4 + 2, t = 4
+    # (rule 3: 2t > 5, t = 3); the round fails when 1 or more of the 5 drop.
+    p = find_parameters(5, dropout_rate=0.05, corrupted_fraction=0.2, threat=MAL)
+    assert (p.degree, p.threshold, p.corrupted_neighbours) == (4, 4, 1)
+    assert p.log2_failure == pytest.approx(math.log2(1 - 0.95**5))
+    assert find_parameters(5, dropout_rate=0.05, corrupted_fraction=0.2).threshold == 3
+    # n = 20, C = 2: k = 19, t = 9 + 2 + 1 = 12 (rule 3: 11); fails when 8 or more drop.
+    p = find_parameters(20, dropout_rate=0.05, corrupted_fraction=0.1, threat=MAL)
+    assert (p.degree, p.threshold, p.corrupted_neighbours) == (19, 12, 2)
+    fail = sum(math.comb(20, x) * 0.95**x * 0.05 ** (20 - x) for x in range(13))
     assert p.log2_failure == pytest.approx(math.log2(fail))
-    # The node's rule with no corrupted neighbour: t > 3k/4.
-    assert [minimum_threshold(1000, k, threat=MAL) for k in (2, 4, 6, 8, 100)] == [
-        2,
-        4,
-        5,
-        7,
-        76,
-    ]
-    assert [minimum_threshold(1000, k) for k in (2, 4, 6, 8, 100)] == [2, 3, 4, 5, 51]
+    assert find_parameters(20, dropout_rate=0.05, corrupted_fraction=0.1).threshold == 11
+    # The node's rule: with no corrupted neighbour both rules say t > k/2; with c, 3M
+    # adds all of c where rule 3 adds half (k = 148 at n = 1,000 and 10%: c = 46).
+    for threat in Threat:
+        assert [minimum_threshold(1000, k, threat=threat) for k in (2, 4, 6, 100)] == [2, 3, 4, 51]
+    assert minimum_threshold(1000, 148, corrupted_fraction=0.1, threat=MAL) == 74 + 46 + 1
+    assert minimum_threshold(1000, 148, corrupted_fraction=0.1) == (148 + 46) // 2 + 1
 
 
 def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
@@ -89,21 +87,21 @@ def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
     order of magnitude: their bound is not this one)."""
     p = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05, threat=MAL)
     semi = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05)
-    assert 0.02 <= p.degree / 10_000 <= 0.05 and semi.degree / 10_000 < 0.01
-    assert p.least_summed == 3330  # a third of the cohort (Bell et al. quote half)
+    assert 0.01 <= p.degree / 10_000 <= 0.05 and semi.degree < p.degree
+    assert p.least_summed == 3388  # a third of the cohort (Bell et al. quote half)
     assert semi.least_summed is None
 
 
 # -- the refusals ------------------------------------------------------------------------------
 def test_infeasible_malicious_settings_say_what_to_change() -> None:
-    # (1 - 2 * 0.1) / 4 = 20%: at 25% no degree keeps 3/4 + c/2k of the neighbours.
-    find_parameters(100_000, dropout_rate=0.25, corrupted_fraction=0.1)  # semi-honest: fine
+    # 1/2 - 0.1 = 40%: at 42% no degree keeps 1/2 + c/k of the neighbours (rule 3: 45%).
+    find_parameters(100_000, dropout_rate=0.42, corrupted_fraction=0.1)  # semi-honest: fine
     with pytest.raises(InfeasibleParametersError) as caught:
-        find_parameters(100_000, dropout_rate=0.25, corrupted_fraction=0.1, threat=MAL)
+        find_parameters(100_000, dropout_rate=0.42, corrupted_fraction=0.1, threat=MAL)
     text = str(caught.value)
-    assert "malicious server" in text and "(1 - 2 corrupted_fraction) / 4" in text
+    assert "malicious server" in text and "1/2 - corrupted_fraction" in text
     assert "lower the rates" in text and "grow the cohort" in text and "semi-honest" in text
-    with pytest.raises(InfeasibleParametersError, match=r"more than \(3 \(n - 1\) \+ 2 C\) / 4"):
+    with pytest.raises(InfeasibleParametersError, match=r"more than \(n - 1\) / 2 \+ C\)"):
         find_parameters(10, dropout_rate=0.3, corrupted_fraction=0.3, threat=MAL)
 
 
@@ -114,18 +112,19 @@ def test_a_threshold_secure_only_semi_honestly_is_refused_with_the_reason() -> N
         check_threshold(1000, semi.degree, semi.threshold, corrupted_fraction=0.1, threat=MAL)
     text = str(caught.value)
     least = minimum_threshold(1000, semi.degree, corrupted_fraction=0.1, threat=MAL)
-    assert least == (3 * 148 + 2 * 46) // 4 + 1 == 135
-    assert f"threshold 98 is below {least}" in text and "(3k + 2c) / 4" in text
+    assert least == 148 // 2 + 46 + 1 == 121
+    assert f"threshold 98 is below {least}" in text and "exceed k / 2 + c with c = 46" in text
     assert "meets the semi-honest rule" in text and "at least 3" in text
     # Below even the semi-honest rule, the message does not claim it meets it.
     with pytest.raises(InfeasibleParametersError) as caught:
         check_threshold(1000, 148, 60, threat=MAL)
     assert "meets the semi-honest rule" not in str(caught.value)
-    # Hand-picked parameters: what a semi-honest round accepts, a malicious one refuses.
+    # Hand-picked parameters are checked by the node's rule (no corrupted neighbour
+    # assumed), where both rules agree; the result says which threat they are for.
     assert check_parameters(10, 4, 3).threat is SEMI
-    with pytest.raises(InfeasibleParametersError, match=r"threshold 3 is below 4.*would refuse"):
-        check_parameters(10, 4, 3, threat="malicious")
-    assert check_parameters(10, 4, 4, threat=MAL).threat is MAL
+    assert check_parameters(10, 4, 3, threat="malicious").threat is MAL
+    with pytest.raises(InfeasibleParametersError, match=r"threshold 2 is below 3.*would refuse"):
+        check_parameters(10, 4, 2, threat=MAL)
 
 
 # -- properties --------------------------------------------------------------------------------
@@ -142,13 +141,13 @@ def test_the_malicious_threshold_is_never_below_the_semi_honest_one(
     semi = minimum_threshold(n, k, corrupted_fraction=gamma)
     mal = minimum_threshold(n, k, corrupted_fraction=gamma, threat=MAL)
     assert mal >= semi
-    if k >= 4:
-        assert mal > semi
     # Both are the least with their inequality for one corrupted-neighbour count c, here
     # recomputed with scipy: the least c with n P[Hyp(n - 1, C, k) > c] <= 2**-41.
     corrupted = math.floor(gamma * n + 1e-12)
     c = corrupted if k == n - 1 else corrupted_tail(n, corrupted, k)
-    assert semi == max((k + c) // 2 + 1, 2) and mal == max((3 * k + 2 * c) // 4 + 1, 2)
+    assert semi == max((k + c) // 2 + 1, 2) and mal == max(k // 2 + c + 1, 2)
+    if c >= 2 or (c == 1 and k % 2 == 0):
+        assert mal > semi
 
 
 def corrupted_tail(n: int, corrupted: int, k: int) -> int:
@@ -198,7 +197,7 @@ def test_every_malicious_choice_meets_rule_3m_exactly_and_the_nodes_accept_it(
         return
     k, t, c = p.degree, p.threshold, p.corrupted_neighbours
     assert c is not None and t <= k
-    assert 4 * t > 3 * k + 2 * c and (t == 2 or 4 * (t - 1) <= 3 * k + 2 * c)
+    assert 2 * t > k + 2 * c and (t == 2 or 2 * (t - 1) <= k + 2 * c)
     assert 2 * t > k + c  # rule 3 too
     check_threshold(n, k, t, threat=MAL)  # a node assumes no corrupted neighbour
     check_threshold(n, k, t, corrupted_fraction=gamma, threat=MAL)
@@ -210,43 +209,33 @@ def test_every_malicious_choice_meets_rule_3m_exactly_and_the_nodes_accept_it(
 
 
 # -- the group lemma, exhaustively -------------------------------------------------------------
-def smallest_cut_off_group(n: int, k: int, t: int, c: int) -> int | None:
-    """The fewest honest nodes whose sum a malicious server can learn on ``H(n, k)``, every
-    node having ``c`` corrupted neighbours: over every node set ``K`` (bitmasks), members
-    that answer need ``t - c`` neighbours in ``K``, the others ``2t - k - c`` answering
-    neighbours in ``K``, and someone answers (module docstring of parameters, rule 3M)."""
+def smallest_dense_set(n: int, k: int, inside: int) -> int:
+    """The fewest nodes of ``H(n, k)`` in a nonempty set whose every member has at least
+    ``inside`` neighbours in it: the answering members of a group whose sum a malicious
+    server learns need ``t - c_r`` (module docstring of parameters, rule 3M). All node
+    sets, as bitmasks."""
     graph = HararyGraph(list(range(n)), k)
-    nbr = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        for j in graph.neighbours(i):
-            nbr[i] |= 1 << j
+    nbr = [sum(1 << j for j in graph.neighbours(i)) for i in range(n)]
     masks = np.arange(1, 1 << n, dtype=np.int64)
-    bits = (masks[:, None] >> np.arange(n)) & 1  # member i of K?
-    inside = np.stack([np.bitwise_count(masks & nbr[i]) for i in range(n)], axis=1)
-    answers = (bits == 1) & (inside >= t - c)
-    core = (answers * (1 << np.arange(n))).sum(1)
-    core_inside = np.stack([np.bitwise_count(core & nbr[i]) for i in range(n)], axis=1)
-    silent_ok = (bits == 0) | answers | (core_inside >= 2 * t - k - c)
-    valid = (core > 0) & silent_ok.all(1)
-    return int(bits[valid].sum(1).min()) if valid.any() else None
+    bits = (masks[:, None] >> np.arange(n)) & 1
+    degrees = np.stack([np.bitwise_count(masks & nbr[i]) for i in range(n)], axis=1)
+    dense = np.all((bits == 0) | (degrees >= inside), axis=1)
+    return int(bits[dense].sum(1).min())
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "c"), [(10, 4, 0), (12, 4, 0), (12, 6, 0), (14, 6, 0), (14, 8, 1), (15, 6, 1)]
+    ("n", "k", "c"), [(12, 4, 1), (12, 6, 1), (14, 6, 2), (14, 8, 1), (16, 8, 3), (16, 6, 0)]
 )
-def test_under_3m_no_small_group_can_be_cut_off_under_3_one_can(n: int, k: int, c: int) -> None:
-    mal, semi = (3 * k + 2 * c) // 4 + 1, (k + c) // 2 + 1
-    assert mal <= k  # feasible
-    smallest = smallest_cut_off_group(n, k, mal, c)
-    assert smallest is not None and smallest >= least_summed(n, k)
-    # Negative control: at rule (3)'s threshold the server learns the sum of a smaller group
-    # (on these small rings least_summed is loose, so compare with the exhaustive answer).
-    weak = smallest_cut_off_group(n, k, semi, c)
-    assert weak is not None and weak < smallest
-    if c == 0:
-        assert weak == k // 2 + 2
-    if (n, k) == (12, 4):
-        assert weak < least_summed(n, k) == 8 <= smallest
+def test_under_3m_no_small_group_is_cut_off_one_below_a_run_is(n: int, k: int, c: int) -> None:
+    t = k // 2 + c + 1  # rule 3M
+    assert t <= k and 2 * t > k + c
+    smallest = smallest_dense_set(n, k, t - c)
+    assert smallest >= least_summed(n, k) > k // 2 + 1
+    # Negative control, one below 3M (rule 3 still holds there once c >= 1): a run of
+    # k/2 + 1 consecutive honest nodes, each with c corrupted neighbours, qualifies.
+    weak = t - 1
+    assert c == 0 or 2 * weak > k + c
+    assert smallest_dense_set(n, k, weak - c) == k // 2 + 1
 
 
 @settings(max_examples=80, deadline=None)
@@ -314,24 +303,24 @@ def reference(n: int, delta: float, gamma: float, first: int = 2) -> tuple[int, 
     ``(k, t, c)``, ``(k,)`` if only ``first`` was asked and it qualifies, None to refuse."""
     corrupted = math.floor(gamma * n + 1e-12)
     for k in range(first, n - 1, 2):
-        t0 = max((3 * k) // 4 + 1, 2)  # t only grows with c: if even t0 fails (4), k fails
+        t0 = max(k // 2 + 1, 2)  # t only grows with c: if even t0 fails (4), k fails
         if t0 > k or log2_failure(n, k, t0, delta) > -40:
             continue
         c = corrupted_tail(n, corrupted, k)
-        t = max((3 * k + 2 * c) // 4 + 1, 2)
+        t = max(k // 2 + c + 1, 2)
         disconnected, _, fail = bounds(n, k, t, c, gamma, delta)
         if disconnected <= -41 and t <= k and fail <= -40:
             return (k,) if first > 2 else (k, t, c)
         if first > 2:
             return None
-    t = max((3 * (n - 1) + 2 * corrupted) // 4 + 1, 2)
+    t = max((n - 1) // 2 + corrupted + 1, 2)
     if first == 2 and t <= n - 1 and stats.binom(n, 1 - delta).cdf(t) <= 0.5:
         return n - 1, t, corrupted
     return None
 
 
 SCAN_N = (3, 4, 5, 6, 9, 10, 16, 25, 40, 64, 101, 128)
-SCAN_RATES = ((0.05, 0.05), (0.1, 0.0), (0.02, 0.1), (0.0, 0.2), (0.1, 0.3))
+SCAN_RATES = ((0.05, 0.05), (0.1, 0.0), (0.02, 0.1), (0.0, 0.2), (0.1, 0.3), (0.4, 0.15))
 
 
 @pytest.mark.parametrize("n", SCAN_N)
