@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,8 +22,11 @@ from flowerpets.exceptions import (
     ParameterTypeError,
     ParameterValueError,
 )
-from flowerpets.secagg import HararyGraph, Threat, check_parameters, find_parameters
+from flowerpets.secagg import HararyGraph, Stage, Threat, check_parameters, find_parameters
+from flowerpets.secagg._node_state import SLOT
+from flowerpets.secagg._primitives import keys, prg, shamir
 from flowerpets.secagg.parameters import check_threshold, least_summed, minimum_threshold
+from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, pair_mask_seed
 
 MAL = Threat.MALICIOUS
 SEMI = Threat.SEMI_HONEST
@@ -224,7 +228,8 @@ def smallest_dense_set(n: int, k: int, inside: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "c"), [(12, 4, 1), (12, 6, 1), (14, 6, 2), (14, 8, 1), (16, 8, 3), (16, 6, 0)]
+    ("n", "k", "c"),
+    [(12, 4, 1), (12, 6, 1), (14, 6, 2), (14, 8, 1), (16, 8, 3), (16, 6, 0), (16, 6, 1)],
 )
 def test_under_3m_no_small_group_is_cut_off_one_below_a_run_is(n: int, k: int, c: int) -> None:
     t = k // 2 + c + 1  # rule 3M
@@ -254,6 +259,93 @@ def test_least_summed_formula() -> None:
     assert least_summed(10_000, 366) == (9633 // 549 + 1) * 185 == 3330
     with pytest.raises(ValueError, match="degree"):
         least_summed(10, 10)
+
+
+# -- the group attack, through real nodes ------------------------------------------------------
+def cut_off_a_run(fed: Any) -> tuple[list[int], np.ndarray] | str:
+    """A malicious server with one survivor list for everyone (what the consistency round
+    enforces) cuts off a run of ``k/2 + 1`` consecutive honest nodes whose ring ends touch
+    one corrupted node each (every honest node has at most one corrupted neighbour): it
+    forwards to the run only the shares of the run and of the corrupted nodes, lists the
+    run and the corrupted nodes as survivors (their other neighbours are neither listed
+    nor masked with), rebuilds the run's self-mask seeds from the run's replies and the
+    corrupted nodes' shares, and removes the masks with the corrupted nodes, whose keys
+    it has. Returns the run and its unmasked sum, or the refusal that stopped it."""
+    k, n = fed.config.degree, len(fed.ids)
+    order = list(fed.config.order)
+    run = [order[i] for i in range(k // 2 + 1)]
+    # Just before the run, and k/2 - 1 after it: each run member sees exactly one of them,
+    # and no node sees both (they are more than k apart).
+    corrupted = [order[-1], order[k + 0]]
+    assert n > 2 * k + 2 and not set(corrupted) & set(run)
+    seen = {i: len(set(fed.graph.neighbours(i)) & set(corrupted)) for i in fed.ids}
+    assert max(seen.values()) == 1 and all(seen[i] == 1 for i in run)
+    fed.advertise()
+    fed.share()
+    inside = set(run) | set(corrupted)
+    masked = {}
+    for node in run:
+        senders = [j for j in fed.graph.neighbours(node) if j in inside]
+        fields = fed.collect_fields(node, senders=senders)
+        reply = fed.ask(node, Stage.COLLECT_MASKED_INPUT, fields, extra=fed.train_content())
+        if reply.error is not None:
+            return reply.error.reason
+        masked[node] = fed.ok(reply)[MASKED_RECORD][MASKED_ARRAY].numpy().copy()
+    fed.collect(corrupted)  # the corrupted nodes decrypt their shares: the server reads them
+    stolen = {j: SLOT.get(fed.contexts[j].state) for j in corrupted}
+    b_shares: dict[int, dict[int, bytes]] = {i: {} for i in run}
+    for node in run:
+        body = fed.ok(fed.unmask(node, survivors=run + corrupted, dropped=[]))[RECORD]
+        for owner, share in zip(body["b-nodes"], body["b-shares"], strict=True):
+            if owner in b_shares:
+                b_shares[owner][node] = share
+    for j, state in stolen.items():
+        for owner, share in zip(state.senders, state.b_shares, strict=True):
+            if owner in b_shares:
+                b_shares[owner][j] = share
+    field, t = shamir.Shamir(), fed.config.threshold
+    total = np.sum(np.stack(list(masked.values())), axis=0, dtype=np.uint32)
+    add, subtract = [], []
+    for owner, shares in b_shares.items():
+        holders = sorted(shares)[:t]
+        assert len(holders) == t, "too few self-mask shares"
+        ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
+        points = [fed.graph.share_point(owner, m) for m in holders]
+        subtract.append(shamir.elements_to_bytes(field.combine(points, ys)))
+        for j, state in stolen.items():
+            if j in fed.graph.neighbours(owner):
+                key = keys.load_private_key(state.s_sk)
+                seed = pair_mask_seed(key, fed.pks[owner][1], session=fed.config.session, round=1)
+                (subtract if owner < j else add).append(seed)  # undo what the owner applied
+    prg.apply_masks(total, add=add, subtract=subtract)
+    return run, total
+
+
+def test_one_below_3m_a_malicious_server_learns_a_small_groups_sum(federation: Any) -> None:
+    """n = 16, k = 6, at most one corrupted neighbour per node (c = 1): rule 3's t = 4
+    (which the nodes accept) lets the server read the sum of 4 honest nodes, exactly."""
+    fed = federation(n=16, degree=6, threshold=4, seed=3)
+    assert 2 * 4 > 6 + 1 and minimum_threshold(16, 6) == 4  # rule 3 at c = 1, the node's rule
+    result = cut_off_a_run(fed)
+    assert not isinstance(result, str), result
+    run, total = result
+    rows = [fed.index[i] for i in run]
+    weight = sum(fed.weights[i] for i in rows)
+    assert int(total[-2]) == weight  # the run's total weight, exactly
+    scale = fed.config.quantization.scale
+    words = total.view(np.int32).astype(np.float64)[:-2] / scale
+    expected = sum(fed.weights[i] * fed.updates[i].astype(np.float64) for i in rows)
+    np.testing.assert_allclose(words, expected, atol=len(run) / scale)
+
+
+def test_at_3m_the_same_server_is_refused(federation: Any) -> None:
+    """Rule 3M at c = 1 (t = k/2 + 2 = 5): a run member now needs 5 neighbours' shares, and
+    its run and corrupted neighbours are only 4: it refuses before masking anything (that no
+    other cut works either is the exhaustive search above, at n = 16, k = 6, c = 1)."""
+    assert minimum_threshold(16, 6, corrupted_fraction=2 / 16, threat=MAL) >= 5
+    fed = federation(n=16, degree=6, threshold=5, seed=3)
+    reason = cut_off_a_run(fed)
+    assert isinstance(reason, str) and "fewer than the threshold" in reason
 
 
 # -- the claimed bounds, recomputed independently ----------------------------------------------
