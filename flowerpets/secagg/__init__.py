@@ -22,7 +22,12 @@ from flowerpets._lazy import lazy_face
 if TYPE_CHECKING:
     from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
     from flowerpets.secagg.graph import HararyGraph
-    from flowerpets.secagg.parameters import GraphParameters, check_parameters, find_parameters
+    from flowerpets.secagg.parameters import (
+        GraphParameters,
+        Threat,
+        check_parameters,
+        find_parameters,
+    )
     from flowerpets.secagg.protocol import RoundConfig, Stage
     from flowerpets.secagg.server import SecAggPlus, ServerPhase
 
@@ -36,6 +41,7 @@ _HOMES = {
     "SecAggPlusClientMod": "client",
     "ServerPhase": "server",
     "Stage": "protocol",
+    "Threat": "parameters",
     "check_parameters": "parameters",
     "find_parameters": "parameters",
     "secaggplus_mod": "client",
@@ -51,6 +57,7 @@ __all__ = [
     "SecAggPlusClientMod",
     "ServerPhase",
     "Stage",
+    "Threat",
     "check_parameters",
     "find_parameters",
     "secaggplus_mod",

@@ -46,6 +46,49 @@ the probability that the round fails by ``2**-eta`` (``correctness_bits``,
 default 40). (4) needs ``1 - delta > (1 + gamma) / 2`` asymptotically: the
 dropout rate must stay below ``(1 - gamma) / 2``.
 
+**Against an actively malicious server** (``threat=Threat.MALICIOUS``, for the
+protocol with signed key advertisements and a consistency round, so that every
+honest node that releases shares was shown the same survivor set ``S``), rule
+(3) becomes
+
+3M. **Threshold** ``t = floor(k / 2) + c + 1``, the smallest ``t`` with
+   ``2 t > k + 2 c`` (so ``2 t > k + c`` too: 3M's ``t`` is never below 3's,
+   and above it once ``c >= 1`` at an even ``k``). Such a server picks which honest nodes
+   appear dropped and whose round-1 shares it forwards to whom, so it need not
+   attack one node's two secrets: it can try to cut a group ``K`` of honest
+   survivors off the rest and learn ``sum(K)``. The pairwise masks inside
+   ``sum(K)`` cancel only if no member of ``K`` masked with an honest survivor
+   outside ``K`` (``S`` is the same everywhere, so no honest node releases the
+   key shares of a survivor). A member ``r`` of ``K`` that answers the
+   unmasking request lists only neighbours it masked with (a node refuses a
+   list naming one that never shared keys with it), so its honest surviving
+   neighbours are all in ``K``; the holders of its self-mask seed's shares
+   that answer are then answering members of ``K``, and it needs ``t`` holders
+   of which at most ``c_r`` are corrupted. So the answering members ``A`` of
+   ``K`` (someone must answer, or no seed is rebuilt) each have at least
+   ``t - c_r`` neighbours in ``A``; under 3M, more than ``k / 2``. In
+   ``H(n, k)`` such a set leaves no ``k / 2`` consecutive ring places out (the
+   last member before such a gap would have at most ``k / 2`` neighbours in
+   it), and two of them cannot be cut apart (the last member of one before
+   the other would again see at most ``k / 2``): the server learns one sum at
+   most, over ``|K| >= |A| >= m (k / 2 + 2)`` honest nodes: ``A`` holds
+   ``m = floor((n - k - 1) / (3 k / 2)) + 1`` disjoint windows of ``k + 1``
+   places, each around a member and its ``k / 2 + 1`` neighbours in ``A``
+   (:func:`least_summed`; ``floor(k / 2) + 2`` for the complete graph). One
+   below 3M, at ``t = k / 2 + c``, a run of ``k / 2 + 1`` consecutive honest
+   nodes, each with ``c`` corrupted neighbours, already qualifies. (4) then
+   needs
+   ``1 - delta > 1/2 + c / k``: the dropout rate must stay below about
+   ``1/2 - gamma``. (1), (2) and (4) are unchanged: (2) still assumes the
+   ring order is uniformly random and independent of which nodes are
+   corrupted (a server choosing the order could surround a node with all
+   ``C``), and (4) is correctness against honest dropouts (a malicious server
+   can always fail a round). This is a derivation for the Harary graph and
+   this protocol's checks, not a bound copied from Bell et al., whose
+   malicious-setting guarantee has the same shape (the server learns the sum
+   of one large group of honest nodes only). fcp's finder has no such mode
+   (its semi-malicious mode is rule 3).
+
 If no ``k <= n - 2`` meets them (small cohorts), the complete graph
 ``k = n - 1`` is used with ``c = C`` and ``t = max(floor((n - 1 + C) / 2) + 1, 2)``,
 which needs ``t <= n - 1``; it fails exactly when at most ``t`` nodes survive.
@@ -65,6 +108,7 @@ every degree before the first ``k'`` where that lower bound passes fails too
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import Callable
@@ -73,15 +117,17 @@ from functools import lru_cache
 
 import numpy as np
 
-from flowerpets._validation import integer, probability
+from flowerpets._validation import instance, integer, one_of, probability
 from flowerpets.exceptions import InfeasibleParametersError, ParameterValueError
 
 __all__ = [
     "GraphParameters",
+    "Threat",
     "check_parameters",
     "check_size",
     "check_threshold",
     "find_parameters",
+    "least_summed",
     "minimum_threshold",
 ]
 
@@ -96,6 +142,22 @@ MAX_BITS = 128  # security_bits and correctness_bits are in [1, MAX_BITS]
 # round configuration does not declare the server's, and a server assuming less than the
 # node would otherwise have every round refused. t > k/2 then, whatever the server chose.
 _NODE_CORRUPTED = 0.0
+
+
+class Threat(enum.StrEnum):
+    """What the server may do: the rule (3) or (3M) the threshold must meet."""
+
+    SEMI_HONEST = "semi-honest"  # follows the protocol; t > (k + c) / 2
+    MALICIOUS = "malicious"  # actively malicious, with the consistency round; t > k/2 + c
+
+
+# A StrEnum member hashes and compares as its value: one mapping takes both spellings.
+_THREATS = {threat.value: threat for threat in Threat}
+
+
+def threat_model(threat: object) -> Threat:
+    """``threat`` as a :class:`Threat`: a member or its value (``"malicious"``)."""
+    return _THREATS[one_of("threat", instance("threat", threat, str), _THREATS)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +182,7 @@ class GraphParameters:
     log2_leak: float | None = None
     log2_failure: float | None = None
     corrupted_neighbours: int | None = None
+    threat: Threat = Threat.SEMI_HONEST
 
     @property
     def is_complete(self) -> bool:
@@ -129,6 +192,15 @@ class GraphParameters:
     def tolerated_dropouts(self) -> int:
         """How many dropouts the round survives whichever nodes they hit: ``k - t``."""
         return self.degree - self.threshold
+
+    @property
+    def least_summed(self) -> int | None:
+        """For ``threat=Threat.MALICIOUS``, the fewest honest nodes in any sum the server
+        can learn (:func:`least_summed`); ``None`` for a semi-honest server, which learns
+        only the sum of the honest survivors."""
+        if self.threat is not Threat.MALICIOUS:
+            return None
+        return least_summed(self.cohort_size, self.degree)
 
 
 def check_size(cohort_size: int) -> int:
@@ -236,8 +308,70 @@ def _majority_bound_passes(h: int, p: float, log_budget: float) -> Callable[[int
 
 
 # -- the finder ------------------------------------------------------------------------------
-def _threshold(k: int, c: int) -> int:
-    return max((k + c) // 2 + 1, 2)
+# Rule (3) and rule (3M): the smallest t with 2t > k + c, and with 2t > k + 2c.
+_RULES: dict[Threat, Callable[[int, int], int]] = {
+    Threat.SEMI_HONEST: lambda k, c: (k + c) // 2 + 1,
+    Threat.MALICIOUS: lambda k, c: k // 2 + c + 1,
+}
+_RULE_TEXT = {Threat.SEMI_HONEST: "(k + c) / 2", Threat.MALICIOUS: "k / 2 + c"}
+_COMPLETE_RULE_TEXT = {Threat.SEMI_HONEST: "(n - 1 + C) / 2", Threat.MALICIOUS: "(n - 1) / 2 + C"}
+# The dropout rate (4) tolerates at most, asymptotically, for the infeasibility message.
+_DROPOUT_LIMIT = {
+    Threat.SEMI_HONEST: "(1 - corrupted_fraction) / 2",
+    Threat.MALICIOUS: "1/2 - corrupted_fraction",
+}
+
+
+def _threshold(k: int, c: int, threat: Threat = Threat.SEMI_HONEST) -> int:
+    return max(_RULES[threat](k, c), 2)
+
+
+def least_summed(cohort_size: int, degree: int) -> int:
+    """The fewest honest nodes in the sum a malicious server learns, under rule (3M).
+
+    ``m (k / 2 + 2)`` with ``m = floor((n - k - 1) / (3 k / 2)) + 1`` for an
+    even ``k <= n - 2``, ``floor(k / 2) + 2`` for the complete graph: the least
+    size of a set whose every member has more than ``k / 2`` neighbours inside
+    it (module docstring, rule 3M).
+    """
+    n = check_size(cohort_size)
+    k = integer("degree", degree, at_least=1, at_most=n - 1)
+    if k == n - 1:
+        return k // 2 + 2
+    # Disjoint windows of k + 1 places, each centred on a member: the next centre is the
+    # first member at least k + 1 places on, and at most 3k/2 (no gap of k/2 places).
+    windows = (n - k - 1) // (3 * k // 2) + 1
+    return windows * (k // 2 + 2)
+
+
+def _first_passing(lo: int, hi: int, passes: Callable[[np.ndarray], np.ndarray]) -> int | None:
+    """The smallest even ``k`` in ``[lo, hi]`` where a vectorised test passes (no monotonicity
+    assumed): chunks that double, so a near answer costs little and a far one O(n)."""
+    size = 64
+    while lo <= hi:
+        ks = np.arange(lo, min(lo + 2 * size, hi + 2), 2)
+        hits = np.flatnonzero(passes(ks))
+        if hits.size:
+            return int(ks[hits[0]])
+        lo, size = int(ks[-1]) + 2, size * 2
+    return None
+
+
+def _malicious_bound_passes(
+    c: int, p: float, log_budget: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``k -> log P[Bin(k, p) < t(k, c)] <= log_budget`` for rule (3M) at a fixed ``c``: a
+    necessary condition for (4) at every ``k`` whose own tail ``c' >= c``."""
+    from scipy import special
+
+    def passes(ks: np.ndarray) -> np.ndarray:
+        t = np.maximum(ks // 2 + c + 1, 2)
+        with np.errstate(divide="ignore"):
+            fail = np.log(special.bdtr(t - 1, ks, p))
+        ok: np.ndarray = (t <= ks) & (fail <= log_budget)
+        return ok
+
+    return passes
 
 
 # The failure exponents (2**-eta) whose small cohorts were warned about.
@@ -252,9 +386,15 @@ def find_parameters(
     corrupted_fraction: float = _DEFAULT_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
     correctness_bits: int = 40,
+    threat: Threat | str = Threat.SEMI_HONEST,
 ) -> GraphParameters:
-    """The smallest degree, with its threshold, meeting the inequalities above."""
+    """The smallest degree, with its threshold, meeting the inequalities above.
+
+    ``threat=Threat.MALICIOUS`` (or ``"malicious"``) applies rule (3M) instead of
+    (3): a larger threshold, and so a larger degree for the same rates.
+    """
     n = check_size(cohort_size)
+    model = threat_model(threat)
     delta = probability("dropout_rate", dropout_rate, one=False)
     gamma = probability("corrupted_fraction", corrupted_fraction, one=False)
     sigma = integer("security_bits", security_bits, at_least=1, at_most=MAX_BITS)
@@ -267,7 +407,7 @@ def find_parameters(
     found = None
     last_even = (n - 2) // 2 * 2
     # With p <= 1/2, P[Bin(k, p) <= k/2] >= 1/2 for every even k: (4) never holds.
-    if last_even >= 2 and p > 0.5:
+    if last_even >= 2 and p > 0.5:  # (3M) asks more than (3): the same holds there
         # E[delta ** (k - X)] <= q ** k (Hoeffding 1963, Theorem 4: sampling without
         # replacement is dominated in convex order), a closed form that bounds the search.
         q = corrupted / n + delta * (1 - corrupted / n)
@@ -284,14 +424,12 @@ def find_parameters(
         )
         while k is not None:
             c, leak = _corrupted_tail(n, corrupted, k, secure_budget)
-            t = _threshold(k, c)
+            t = _threshold(k, c, model)
             fail = _log_binomial_cdf(t - 1, k, p)
             if t <= k and fail <= fail_budget:
                 found = (k, c, t, leak, fail)
                 break
-            # For k' > k, c only grows, so t' - 1 >= k'/2 + h and (4) at k' fails while
-            # P[Bin(k', p) <= k'/2 + h] does; that bound decreases in k'. Skip to where it passes.
-            k = _first_even(k + 2, last_even, _majority_bound_passes(c // 2, p, fail_budget))
+            k = _next_degree(model, k, c, p, last_even, fail_budget)
     if found is not None:
         k, c, t, leak, fail = found
         return GraphParameters(
@@ -304,10 +442,11 @@ def find_parameters(
             log2_leak=leak / _LN2,
             log2_failure=(log_n + fail) / _LN2,
             corrupted_neighbours=c,
+            threat=model,
         )
     # The complete graph: every honest node has the C corrupted nodes as neighbours, and
     # the round fails exactly when at most t nodes survive (a survivor then has < t others).
-    t = _threshold(n - 1, corrupted)
+    t = _threshold(n - 1, corrupted, model)
     log_fail = _log_binomial_cdf(t, n, p)
     if t <= n - 1 and log_fail <= -_LN2:
         if log_fail > -eta * _LN2 and eta not in _WARNED_COMPLETE:
@@ -337,23 +476,38 @@ def find_parameters(
             log2_leak=-math.inf,
             log2_failure=log_fail / _LN2,
             corrupted_neighbours=corrupted,
+            threat=model,
         )
+    rule = _COMPLETE_RULE_TEXT[model]
     raise InfeasibleParametersError(
         f"no degree and threshold for a cohort of {n} with up to {corrupted} corrupted node(s) "
-        f"(corrupted_fraction={gamma}) at dropout_rate={delta}: even the complete graph would "
-        f"need a threshold of {t} (more than (n - 1 + C) / 2) and fail more often than not; "
-        "lower the rates (dropout_rate must stay below (1 - corrupted_fraction) / 2) or grow "
-        "the cohort"
+        f"(corrupted_fraction={gamma}) at dropout_rate={delta} against a {model} server: even "
+        f"the complete graph would need a threshold of {t} (more than {rule}) and fail more "
+        f"often than not; lower the rates (dropout_rate must stay below "
+        f"{_DROPOUT_LIMIT[model]}) or grow the cohort"
+        + (", or assume a semi-honest server" if model is Threat.MALICIOUS else "")
     )
+
+
+def _next_degree(
+    model: Threat, k: int, c: int, p: float, last_even: int, fail_budget: float
+) -> int | None:
+    """The next even degree after ``k`` where (4) can hold, given that ``c`` only grows."""
+    if model is Threat.SEMI_HONEST:
+        # For k' > k, t' - 1 >= k'/2 + h and (4) at k' fails while P[Bin(k', p) <= k'/2 + h]
+        # does; that bound decreases in k'. Skip (bisecting) to where it passes.
+        return _first_even(k + 2, last_even, _majority_bound_passes(c // 2, p, fail_budget))
+    # (3M): t' >= t(k', c); scan for the first k' where even that threshold survives (4).
+    return _first_passing(k + 2, last_even, _malicious_bound_passes(c, p, fail_budget))
 
 
 # -- what a node accepts -----------------------------------------------------------------------
 @lru_cache(maxsize=1024)
-def _least_threshold(n: int, k: int, gamma: float, sigma: int) -> tuple[int, int]:
-    """``(t, c)``: rule (3)'s threshold for ``degree = k`` and the corrupted tail behind it."""
+def _least_threshold(n: int, k: int, gamma: float, sigma: int, threat: Threat) -> tuple[int, int]:
+    """``(t, c)``: rule (3)'s or (3M)'s threshold for ``degree = k`` and the tail behind it."""
     corrupted = _corrupted(gamma, n)
     c = corrupted if k == n - 1 else _corrupted_tail(n, corrupted, k, -(sigma + 1) * _LN2)[0]
-    return _threshold(k, c), c
+    return _threshold(k, c, threat), c
 
 
 def minimum_threshold(
@@ -362,25 +516,27 @@ def minimum_threshold(
     *,
     corrupted_fraction: float = _NODE_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
+    threat: Threat | str = Threat.SEMI_HONEST,
 ) -> int:
     """The smallest threshold :func:`find_parameters` would pair with ``degree`` for the cohort.
 
-    ``floor((k + c) / 2) + 1`` with ``c`` the corrupted-neighbour tail of (2)
+    ``floor((k + c) / 2) + 1`` (``floor(k / 2) + c + 1`` for
+    ``threat=Threat.MALICIOUS``) with ``c`` the corrupted-neighbour tail of (2)
     (``C = floor(corrupted_fraction * n)`` for the complete graph ``k = n - 1``).
     It does not depend on the dropout rate. By default ``corrupted_fraction`` is
-    0, what a node can check without knowing the server's assumption: ``t > k/2``,
-    which every threshold the finder picks meets. It may exceed ``degree``: then
-    no threshold is safe.
+    0, what a node can check without knowing the server's assumption: ``t > k/2``
+    (both rules agree at ``c = 0``), which every threshold the finder picks meets.
+    It may exceed ``degree``: then no threshold is safe.
     """
-    return _node_bound(cohort_size, degree, corrupted_fraction, security_bits)[0]
+    return _node_bound(cohort_size, degree, corrupted_fraction, security_bits, threat)[0]
 
 
-def _node_bound(n: int, degree: int, gamma: float, sigma: int) -> tuple[int, int]:
+def _node_bound(n: int, degree: int, gamma: float, sigma: int, threat: object) -> tuple[int, int]:
     n = check_size(n)
     gamma = probability("corrupted_fraction", gamma, one=False)
     sigma = integer("security_bits", sigma, at_least=1, at_most=MAX_BITS)
     degree = integer("degree", degree, at_least=1, at_most=n - 1)
-    return _least_threshold(n, degree, gamma, sigma)
+    return _least_threshold(n, degree, gamma, sigma, threat_model(threat))
 
 
 def check_threshold(
@@ -390,33 +546,58 @@ def check_threshold(
     *,
     corrupted_fraction: float = _NODE_CORRUPTED,
     security_bits: int = _DEFAULT_SECURITY_BITS,
+    threat: Threat | str = Threat.SEMI_HONEST,
 ) -> None:
     """Raise :class:`~flowerpets.exceptions.InfeasibleParametersError` if ``threshold`` is
     below :func:`minimum_threshold`.
 
     A node calls this on the round configuration a server sends: at or below
     ``(k + c) / 2``, a server that relays shares selectively can rebuild an
-    honest node's input from its honest neighbours' shares alone.
+    honest node's input from its honest neighbours' shares alone; at or below
+    ``k / 2 + c``, a malicious one (``threat=Threat.MALICIOUS``) can learn the
+    sum of a small group of honest nodes it cuts off by claiming their
+    neighbours dropped.
     """
-    least, c = _node_bound(cohort_size, degree, corrupted_fraction, security_bits)
-    if integer("threshold", threshold) < least:
-        raise InfeasibleParametersError(
-            f"threshold {threshold} is below {least}, the least that keeps a node's inputs "
-            f"private in a cohort of {cohort_size} with degree {degree}: it must exceed "
-            f"(k + c) / 2 with c = {c} corrupted neighbours (corrupted_fraction="
-            f"{corrupted_fraction})"
+    model = threat_model(threat)
+    least, c = _node_bound(cohort_size, degree, corrupted_fraction, security_bits, model)
+    if integer("threshold", threshold) >= least:
+        return
+    reason = (
+        f"threshold {threshold} is below {least}, the least that keeps a node's inputs "
+        f"private against a {model} server in a cohort of {cohort_size} with degree {degree}: "
+        f"it must exceed {_RULE_TEXT[model]} with c = {c} corrupted neighbours "
+        f"(corrupted_fraction={corrupted_fraction})"
+    )
+    semi_honest = _node_bound(
+        cohort_size, degree, corrupted_fraction, security_bits, Threat.SEMI_HONEST
+    )[0]
+    if model is Threat.MALICIOUS and threshold >= semi_honest:
+        reason += (
+            "; it meets the semi-honest rule t > (k + c) / 2, but against a malicious server, "
+            "which chooses whose shares it forwards and which nodes it lists as dropped, only "
+            "rule (3M), t > k / 2 + c, guarantees that the sum it can learn covers at least "
+            f"{least_summed(cohort_size, degree)} honest nodes (below it, a small group cut "
+            "off from the rest can be enough)"
         )
+    raise InfeasibleParametersError(reason)
 
 
-def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphParameters:
+def check_parameters(
+    cohort_size: int,
+    degree: int,
+    threshold: int,
+    *,
+    threat: Threat | str = Threat.SEMI_HONEST,
+) -> GraphParameters:
     """Hand-picked ``degree`` and ``threshold`` made to fit a cohort, or a clear error.
 
     A degree of ``cohort_size - 1`` or more means the complete graph. No
     probability is claimed for hand-picked values, but a threshold the nodes
-    would refuse (:func:`check_threshold`) is refused here, before any node is
-    contacted.
+    would refuse (:func:`check_threshold`, for ``threat``) is refused here,
+    before any node is contacted.
     """
     n = check_size(cohort_size)
+    model = threat_model(threat)
     integer("degree", degree, at_least=2)
     integer("threshold", threshold, at_least=2)
     k = min(degree, n - 1)
@@ -428,7 +609,7 @@ def check_parameters(cohort_size: int, degree: int, threshold: int) -> GraphPara
             "ever collect enough shares"
         )
     try:
-        check_threshold(n, k, threshold)
+        check_threshold(n, k, threshold, threat=model)
     except InfeasibleParametersError as exc:
         raise InfeasibleParametersError(f"{exc}; the nodes would refuse it") from None
-    return GraphParameters(cohort_size=n, degree=k, threshold=threshold)
+    return GraphParameters(cohort_size=n, degree=k, threshold=threshold, threat=model)
