@@ -14,6 +14,7 @@ epsilon, and the calibration keeps its promise for the clients it counts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -187,9 +188,7 @@ def test_skellam_bound_tends_to_the_gaussian() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    st.floats(0.5, 1e4), st.floats(1.1, 100.0), st.floats(1.0, 30.0), st.integers(1, 20)
-)
+@given(st.floats(0.5, 1e4), st.floats(1.1, 100.0), st.floats(1.0, 30.0), st.integers(1, 20))
 def test_skellam_epsilon_is_monotone(variance: float, growth: float, l2: float, rounds: int):
     def eps(v: float, sensitivity: float, n: int) -> float:
         event = skellam(v, sensitivity, sensitivity * 3)
@@ -232,7 +231,7 @@ def test_more_discrete_gaussian_shares_never_raise_the_bound() -> None:
     values = [
         curve(DistributedDiscreteGaussianEvent(0.25, n, 1.0, 1.0, 1))[3] for n in range(1, 40)
     ]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     below_half = DistributedDiscreteGaussianEvent(0.2, 100, 1.0, 1.0, 1)
     assert np.isinf(curve(below_half)).all()  # the theorem needs sigma >= 1/2
     assert RdpAccountant(neighbouring=ZERO).compose(below_half).get_epsilon(DELTA) == math.inf
@@ -283,7 +282,7 @@ def test_a_random_cohort_amplifies_and_a_bigger_one_less() -> None:
         return RdpAccountant(neighbouring=ZERO).compose(event, 100).get_epsilon(DELTA)
 
     values = [eps(c) for c in (20, 50, 200, 1000)]
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(eps(None))  # everyone sampled: no amplification
     event = SkellamEvent(4.0, 20, 30.0, 200.0, 64, cohort_size=20, population=1000)
     assert event.unamplified() == SkellamEvent(4.0, 20, 30.0, 200.0, 64)
@@ -398,9 +397,7 @@ PIPELINE = {"clip": 0.5, "scale": 200.0, "dimension": 128, "beta": math.exp(-0.5
 
 
 def spent(kind, share: float, clients: int, rounds: int, **sampling) -> float:
-    event = kind.from_pipeline(
-        **PIPELINE, local_variance=share, clients_in_sum=clients, **sampling
-    )
+    event = kind.from_pipeline(**PIPELINE, local_variance=share, clients_in_sum=clients, **sampling)
     return default_accountant(event).compose(event, rounds).get_epsilon(DELTA)
 
 
