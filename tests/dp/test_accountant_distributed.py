@@ -404,15 +404,9 @@ def spent(kind, share: float, clients: int, rounds: int, **sampling) -> float:
 @pytest.mark.parametrize("kind", [SkellamEvent, DistributedDiscreteGaussianEvent])
 def test_worst_case_calibration_holds_for_every_survivor_count(kind) -> None:
     target, rounds, expected, minimum = 4.0, 30, 50, 35
-    share = calibrate_distributed_noise(
-        target_epsilon=target,
-        delta=DELTA,
-        rounds=rounds,
-        expected_clients=expected,
-        min_clients=minimum,
-        mechanism=kind,
-        **PIPELINE,
-    )
+    args = {"target_epsilon": target, "delta": DELTA, "rounds": rounds, "mechanism": kind}
+    clients = {"expected_clients": expected, "min_clients": minimum}
+    share = calibrate_distributed_noise(**args, **clients, **PIPELINE)
     for survivors in (minimum, 40, expected):
         assert spent(kind, share, survivors, rounds) <= target
     assert spent(kind, share, minimum, rounds) > target * 0.99  # and not much more noise
@@ -420,14 +414,7 @@ def test_worst_case_calibration_holds_for_every_survivor_count(kind) -> None:
     # Calibrating for the survivors expected gives each client less noise, and dropouts then
     # overspend the target.
     hopeful = calibrate_distributed_noise(
-        target_epsilon=target,
-        delta=DELTA,
-        rounds=rounds,
-        expected_clients=expected,
-        min_clients=minimum,
-        mechanism=kind,
-        dropout=DropoutPolicy.SURVIVORS,
-        **PIPELINE,
+        **args, **clients, **PIPELINE, dropout=DropoutPolicy.SURVIVORS
     )
     assert hopeful < share
     assert spent(kind, hopeful, expected, rounds) <= target < spent(kind, hopeful, minimum, rounds)
