@@ -441,3 +441,56 @@ def test_calibration_with_a_cohort_and_through_the_accountant_it_names() -> None
         calibrate_distributed_noise(**{**args, "min_clients": 46})
     with pytest.raises(ParameterTypeError):
         calibrate_distributed_noise(**args, mechanism=FullParticipationGaussian)  # type: ignore[arg-type]
+
+
+# --- the same bounds written in model units, as the papers' experiments state them -----------
+
+
+def test_the_bounds_in_model_units_match_the_integer_domain() -> None:
+    # The papers' experiments keep the clip c and the noise's standard deviation in model units
+    # and scale by s = 1 / gamma inside the bound. Writing the two bounds that way, from the
+    # theorems, and comparing with the events built by from_pipeline checks the scale's handling.
+    c, s, d, n, sigma = 0.3, 40.0, 64, 25, 0.05  # sigma: one client's std in model units
+    l2 = rounded_l2_bound(c * s, dimension=d) / s  # model units
+    l1 = rounded_l1_bound(l2 * s, dimension=d) / s
+    alphas = np.array([2.0, 3.0, 5.0, 9.0, 33.0])
+    central_var = n * sigma**2  # the sum's variance, model units
+
+    skellam_model = alphas * l2**2 / (2 * central_var) + np.minimum(
+        ((2 * alphas - 1) * s * l2**2 + 6 * l1) / (4 * s**3 * central_var**2),
+        3 * l1 / (2 * s * central_var),
+    )
+    event = SkellamEvent.from_pipeline(
+        clip=c, scale=s, dimension=d, local_variance=(sigma * s) ** 2, clients_in_sum=n
+    )
+    assert curve(event, orders=alphas) == pytest.approx(skellam_model, rel=1e-12)
+
+    tau = 10 * sum(math.exp(-2 * (math.pi * sigma * s) ** 2 * k / (k + 1)) for k in range(1, n))
+    l1_scale, l2_scale = l1 / math.sqrt(central_var), l2 / math.sqrt(central_var)
+    dgauss_model = np.minimum.reduce(
+        [
+            alphas / 2 * l2_scale**2 + tau * d,
+            alphas / 2 * l2_scale**2 + alphas * tau * d / 4,
+            alphas / 2 * (l2_scale**2 + 2 * l1_scale * tau + tau**2 * d),
+            alphas / 2 * (l2_scale + math.sqrt(d) * tau) ** 2,
+        ]
+    )
+    event = DistributedDiscreteGaussianEvent.from_pipeline(
+        clip=c, scale=s, dimension=d, local_variance=(sigma * s) ** 2, clients_in_sum=n
+    )
+    # At most the n-client bound (fewer shares can only give a smaller one), and here tau is
+    # tiny (sigma * s = 2), so equal to it.
+    ours = curve(event, orders=alphas)
+    assert (ours <= dgauss_model * (1 + 1e-12)).all()
+    assert ours == pytest.approx(dgauss_model, rel=1e-9)
+
+
+def test_the_brute_force_catches_a_bound_that_is_too_small() -> None:
+    # Negative controls: the brute-force divergences reject the bounds one mistake away.
+    # Skellam with the variance and the Poissons' mean confused (alpha D^2 / (4 V)):
+    pmf = skellam_pmf(40.0, half_width=200)
+    assert both_ways(pmf, 1, 2.0) > 2 * 1**2 / (4 * 40.0)
+    # The sum of two discrete Gaussians at sigma = 1/2 without KLS21's tau terms (as if it were
+    # one discrete Gaussian of twice the variance):
+    pmf = summed_discrete_gaussian_pmf(0.25, 2, half_width=40)
+    assert both_ways(pmf, 1, 4.0) > 4 * 1**2 / (2 * 2 * 0.25)
