@@ -144,7 +144,7 @@ class _ComposedRdp:
         )
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=256)  # a run that counts its survivors has an event per count
 def _single_event_rdp(
     event: PrivacyEvent, neighbouring: Neighbouring, orders: tuple[float, ...] | None
 ) -> tuple[Any, Any]:
