@@ -51,7 +51,7 @@ ZERO, REPLACE, ADD = (
     Neighbouring.ADD_OR_REMOVE,
 )
 DELTA = 1e-5
-ORDERS = np.array([1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0])
+ORDERS = np.array([1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0])
 
 
 def curve(event: SkellamEvent | DistributedDiscreteGaussianEvent, relation=ZERO, orders=ORDERS):
@@ -235,6 +235,18 @@ def test_more_discrete_gaussian_shares_never_raise_the_bound() -> None:
     below_half = DistributedDiscreteGaussianEvent(0.2, 100, 1.0, 1.0, 1)
     assert np.isinf(curve(below_half)).all()  # the theorem needs sigma >= 1/2
     assert RdpAccountant(neighbouring=ZERO).compose(below_half).get_epsilon(DELTA) == math.inf
+
+
+def test_discrete_gaussian_theorem_1_holds_at_fractional_orders() -> None:
+    # KLS21's Theorem 1 is stated for every real order, so with tiny tau a distributed discrete
+    # Gaussian's epsilon is the Gaussian's even where the best order is below 2 (Skellam's bound,
+    # known at integers, is only interpolated there).
+    event = DistributedDiscreteGaussianEvent.from_pipeline(
+        clip=1.0, scale=1e4, dimension=256, local_variance=0.0, clients_in_sum=100
+    ).with_noise_multiplier(1.0)
+    distributed = RdpAccountant(neighbouring=ZERO).compose(event, 100).get_epsilon(DELTA)
+    central = RdpAccountant().compose(FullParticipationGaussian(1.0), 100).get_epsilon(DELTA)
+    assert distributed == pytest.approx(central, rel=1e-6)
 
 
 def test_discrete_gaussian_with_much_noise_matches_skellam_and_gaussian() -> None:

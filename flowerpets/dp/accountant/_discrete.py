@@ -32,10 +32,10 @@ one: with ``s^2 = n sigma^2`` and
 
 for every ``alpha >= 1``, ``eps(alpha)`` is at most each of
 
-    alpha Delta_2^2 / (2 s^2) + tau d
     alpha Delta_2^2 / (2 s^2) + alpha tau d / 4           (Theorem 1, first branch)
-    alpha / 2 (Delta_2^2 / s^2 + 2 tau Delta_1 / s + tau^2 d)
     alpha / 2 (Delta_2 / s + tau sqrt(d))^2               (Theorem 1, second branch)
+    alpha Delta_2^2 / (2 s^2) + tau d                     (Proposition 14)
+    alpha / 2 (Delta_2^2 / s^2 + 2 tau Delta_1 / s + tau^2 d)   (Proposition 14)
 
 in dimension ``d``. ``tau`` grows with ``n`` while the Gaussian term shrinks,
 so at tiny ``sigma`` the bound for ``n`` clients can exceed the bound for
@@ -44,8 +44,9 @@ independent noise (post-processing), so the bound for any ``m <= n`` holds for
 ``n`` too, and the smallest over a few ``m`` is used. Below ``sigma = 1/2`` the
 theorem says nothing, and the divergence is reported as infinite.
 
-Both are evaluated at integer orders (as the Skellam theorem is stated). At a
-fractional order ``alpha`` the cumulant ``(alpha - 1) eps(alpha)`` is convex in
+Both are evaluated at integer orders (as the Skellam theorem is stated);
+Theorem 1, stated for every real order, is also evaluated at the fractional
+ones. At a fractional order ``alpha`` the cumulant ``(alpha - 1) eps(alpha)`` is convex in
 ``alpha`` (it is the log of a moment generating function), so interpolating it
 linearly between the integers around ``alpha`` is again an upper bound (as
 Wang, Balle and Kasiviswanathan, AISTATS 2019, Corollary 10, do for sampling).
@@ -105,9 +106,20 @@ def _counts_to_try(clients: int) -> list[int]:
 
 
 def distributed_discrete_gaussian_rdp(
-    sigma_squared: float, clients: int, l2: float, l1: float, dimension: int
-) -> IntegerRdp:
-    """KLS21's bound for ``clients`` discrete Gaussian shares ``N_Z(0, sigma_squared)``."""
+    sigma_squared: float,
+    clients: int,
+    l2: float,
+    l1: float,
+    dimension: int,
+    *,
+    theorem_1_only: bool = False,
+) -> Callable[[NDArray[np.generic]], Floats]:
+    """KLS21's bound for ``clients`` discrete Gaussian shares ``N_Z(0, sigma_squared)``.
+
+    ``theorem_1_only``: only Theorem 1's two branches, which the paper states
+    for every real ``alpha >= 1`` (so they may be evaluated at fractional orders
+    directly); otherwise all four bounds, at integer orders.
+    """
 
     def one_count(a: Floats, count: int) -> Floats:
         s2 = count * sigma_squared
@@ -115,19 +127,15 @@ def distributed_discrete_gaussian_rdp(
         tau = _tau(sigma_squared, count)
         d = float(dimension)
         gaussian = a * l2**2 / (2 * s2)
-        return np.asarray(
-            np.minimum.reduce(
-                [
-                    gaussian + tau * d,
-                    gaussian + a * tau * d / 4,
-                    a / 2 * (l2**2 / s2 + 2 * tau * l1 / s + tau**2 * d),
-                    a / 2 * (l2 / s + tau * math.sqrt(d)) ** 2,
-                ]
-            ),
-            dtype=np.float64,
-        )
+        theorem_1 = [gaussian + a * tau * d / 4, a / 2 * (l2 / s + tau * math.sqrt(d)) ** 2]
+        proposition_14 = [
+            gaussian + tau * d,
+            a / 2 * (l2**2 / s2 + 2 * tau * l1 / s + tau**2 * d),
+        ]
+        bounds = theorem_1 if theorem_1_only else theorem_1 + proposition_14
+        return np.asarray(np.minimum.reduce(bounds), dtype=np.float64)
 
-    def rdp(alphas: NDArray[np.int64]) -> Floats:
+    def rdp(alphas: NDArray[np.generic]) -> Floats:
         a = alphas.astype(np.float64)
         if sigma_squared < _DG_MIN_SIGMA_SQUARED:
             return np.full_like(a, np.inf)

@@ -100,8 +100,9 @@ class _Tabulated:
 
     def __call__(self, orders: NDArray[np.float64]) -> NDArray[np.float64]:
         same = _bound(self.event, self.neighbouring.sensitivity_factor)
+        direct = self._at_any_order(orders)
         if self.event.cohort_size is None:
-            return at_orders(same, orders)
+            return np.minimum(at_orders(same, orders), direct)
         gamma = self.event.sample_rate
         replaced = without_replacement_rdp(_bound(self.event, REPLACE.sensitivity_factor), gamma)
         mixed = mixed_cohort_rdp(same, gamma)
@@ -109,7 +110,24 @@ class _Tabulated:
         def smallest(alphas: NDArray[np.int64]) -> NDArray[np.float64]:
             return np.asarray(np.minimum.reduce([same(alphas), replaced(alphas), mixed(alphas)]))
 
-        return at_orders(smallest, orders)
+        # The unamplified bound holds for the sampled mechanism too.
+        return np.minimum(at_orders(smallest, orders), direct)
+
+    def _at_any_order(self, orders: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The unamplified bound where it is stated for every real order (else infinity)."""
+        event = self.event
+        if not isinstance(event, DistributedDiscreteGaussianEvent):
+            return np.full(orders.shape, np.inf)
+        factor = self.neighbouring.sensitivity_factor
+        theorem_1 = distributed_discrete_gaussian_rdp(
+            event.local_variance,
+            event.clients_in_sum,
+            factor * event.l2_sensitivity,
+            factor * event.l1_sensitivity,
+            event.dimension,
+            theorem_1_only=True,
+        )
+        return theorem_1(orders)
 
 
 def _tabulated(neighbouring: Neighbouring) -> _Converter:
