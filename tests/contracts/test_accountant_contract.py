@@ -21,12 +21,14 @@ import pytest
 from flowerpets.dp import accountant as acc
 from flowerpets.dp.accountant import (
     Accountant,
+    DistributedDiscreteGaussianEvent,
     FixedSizeSampledGaussian,
     FullParticipationGaussian,
     Laplace,
     Neighbouring,
     PoissonSampledGaussian,
     PrivacyEvent,
+    SkellamEvent,
     calibrate_noise_multiplier,
 )
 from flowerpets.exceptions import ParameterTypeError, ParameterValueError, PrivacyAccountingError
@@ -34,12 +36,23 @@ from flowerpets.exceptions import ParameterTypeError, ParameterValueError, Priva
 DELTA = 1e-5
 EventMaker = Callable[[float], PrivacyEvent]
 
+# A distributed sum of 10 clients' shares, rounded updates of L2 norm <= 20 in dimension 64, alone
+# and from a random cohort of 12 of 200.
+SUM = {"clients_in_sum": 10, "l2_sensitivity": 20.0, "l1_sensitivity": 160.0, "dimension": 64}
+COHORT = {"cohort_size": 12, "population": 200}
+
 # One event of each kind, as a function of its noise multiplier.
 EVENTS: dict[str, EventMaker] = {
     "full": FullParticipationGaussian,
     "poisson": lambda z: PoissonSampledGaussian(z, 0.05),
     "fixed-size": lambda z: FixedSizeSampledGaussian(z, 10, 200),
     "laplace": Laplace,
+    "skellam": lambda z: SkellamEvent(0.0, **SUM).with_noise_multiplier(z),
+    "skellam-cohort": lambda z: SkellamEvent(0.0, **SUM, **COHORT).with_noise_multiplier(z),
+    "dgauss": lambda z: DistributedDiscreteGaussianEvent(0.0, **SUM).with_noise_multiplier(z),
+    "dgauss-cohort": lambda z: DistributedDiscreteGaussianEvent(
+        0.0, **SUM, **COHORT
+    ).with_noise_multiplier(z),
 }
 
 # Every accountant the package offers, found through its public registry (a new one joins the
@@ -194,7 +207,8 @@ CALIBRATED = [
     pytest.param(cls, relation, kind, id=f"{cls.__name__}-{relation.name}-{kind}")
     for cls in CLASSES
     for relation in Neighbouring
-    for kind in ("full", "poisson")  # the sampled-without-replacement PLD is slow to search
+    # The sampled-without-replacement PLD is slow to search.
+    for kind in ("full", "poisson", "skellam", "dgauss", "skellam-cohort")
     if cls(neighbouring=relation).supports(EVENTS[kind](1.0))
 ]
 

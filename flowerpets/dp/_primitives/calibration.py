@@ -21,6 +21,27 @@ indicators ``b_i - 1/2`` (sensitivity 1/2, noise sigma_b). Together they are one
 Gaussian mechanism with noise multiplier ``z`` where
 ``z^-2 = z_update^-2 + (2 sigma_b)^-2``, so for a total ``z`` the update's share is
 ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)``, which exists only if ``2 sigma_b > z``.
+
+**A client's norm after conditional randomized rounding** (Kairouz, Liu and
+Steinke, "The distributed discrete Gaussian mechanism for federated learning
+with secure aggregation", ICML 2021, Section 4.1). Distributed DP scales a
+clipped update (L2 norm at most ``c`` once scaled: the clip times the scale
+``1 / gamma``) and rounds each coordinate up or down at random, unbiased. The
+rounded integer vector of dimension ``d`` always has
+
+    ||x~||_2 <= c + sqrt(d),
+
+and *conditional* randomized rounding (rounding again until the norm is within
+the bound, which with ``beta > 0`` fails with probability at most ``beta`` each
+try) also guarantees
+
+    ||x~||_2^2 <= c^2 + d / 4 + sqrt(2 log(1 / beta)) (c + sqrt(d) / 2).
+
+The sensitivity of the sum is the smaller of the two (only the first when
+``beta = 0``, plain randomized rounding). An integer vector's L1 norm is at
+most ``sqrt(d)`` times its L2 norm and at most its L2 norm squared (every
+non-zero coordinate has ``|x_j| <= x_j^2``), which is the L1 sensitivity the
+Skellam bound also needs (Agarwal, Kairouz and Liu, NeurIPS 2021).
 """
 
 from __future__ import annotations
@@ -28,13 +49,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from flowerpets._validation import probability, real
+from flowerpets._validation import integer, probability, real
 from flowerpets.exceptions import InfeasibleParametersError
 
 __all__ = [
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
     "gaussian_epsilon",
+    "rounded_l1_bound",
+    "rounded_l2_bound",
     "split_noise_multiplier",
 ]
 
@@ -94,3 +117,31 @@ def split_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
             f"sigma_b = {sigma_b} must exceed z / 2 = {z / 2} (raise count_stddev, or lower z)"
         )
     return float((z**-2 - (2.0 * sigma_b) ** -2) ** -0.5)
+
+
+def rounded_l2_bound(norm: float, *, dimension: int, beta: float = 0.0) -> float:
+    """The L2 norm bound after (conditional) randomized rounding of a vector of L2 norm ``norm``.
+
+    ``norm`` is already scaled (the clip times the scale); ``beta`` in [0, 1) is
+    the conditional rounding's parameter (0: plain randomized rounding). See
+    the module docstring (Kairouz, Liu and Steinke 2021).
+    """
+    norm = real("norm", norm, at_least=0)
+    dimension = integer("dimension", dimension, at_least=1)
+    beta = probability("beta", beta, one=False)
+    always = norm + math.sqrt(dimension)
+    if beta == 0:
+        return always
+    conditional = (
+        norm**2
+        + dimension / 4
+        + math.sqrt(2 * math.log(1 / beta)) * (norm + math.sqrt(dimension) / 2)
+    )
+    return min(always, math.sqrt(conditional))
+
+
+def rounded_l1_bound(l2_bound: float, *, dimension: int) -> float:
+    """L1 bound of an integer vector, ``dimension`` coordinates, L2 norm at most ``l2_bound``."""
+    l2_bound = real("l2_bound", l2_bound, at_least=0)
+    dimension = integer("dimension", dimension, at_least=1)
+    return l2_bound * min(math.sqrt(dimension), l2_bound)

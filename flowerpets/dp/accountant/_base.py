@@ -23,6 +23,7 @@ from flowerpets.exceptions import PrivacyAccountingError
 
 ADD = Neighbouring.ADD_OR_REMOVE
 REPLACE = Neighbouring.REPLACE_ONE
+ZERO = Neighbouring.ZERO_OUT
 
 _Converter = Callable[[ModuleType, Any], Any]
 
@@ -49,8 +50,21 @@ def _dpa() -> Any:
 
 
 def _relation(neighbouring: Neighbouring) -> Any:
-    names = {ADD: "ADD_OR_REMOVE_ONE", REPLACE: "REPLACE_ONE"}
+    # A central event's pair of outputs is the same under zero-out as under add-or-remove.
+    names = {ADD: "ADD_OR_REMOVE_ONE", REPLACE: "REPLACE_ONE", ZERO: "ADD_OR_REMOVE_ONE"}
     return getattr(_dpa().NeighboringRelation, names[neighbouring])
+
+
+def _same_under_zero_out(
+    table: Mapping[tuple[type, Neighbouring], _Converter], kinds: tuple[type, ...]
+) -> dict[tuple[type, Neighbouring], _Converter]:
+    """``table`` with each central event of ``kinds`` under zero-out as under add-or-remove.
+
+    The server's noise does not depend on who takes part, so replacing one
+    participant's contribution by zeros gives the same two output laws as
+    removing it (with or without Poisson sampling).
+    """
+    return {**table, **{(kind, ZERO): table[(kind, ADD)] for kind in kinds}}
 
 
 def _check_delta(delta: float) -> float:

@@ -21,15 +21,18 @@ from flowerpets.dp.accountant._base import (
     _dpa,
     _gaussian,
     _relation,
+    _same_under_zero_out,
 )
 from flowerpets.dp.accountant._without_replacement import sampled_without_replacement_gaussian_pld
 from flowerpets.dp.accountant.events import (
+    DistributedDiscreteGaussianEvent,
     FixedSizeSampledGaussian,
     FullParticipationGaussian,
     Laplace,
     Neighbouring,
     PoissonSampledGaussian,
     PrivacyEvent,
+    SkellamEvent,
 )
 from flowerpets.exceptions import PrivacyAccountingError
 
@@ -49,6 +52,15 @@ _PLD_CONVERT: dict[tuple[type, Neighbouring], _Converter] = {
     ),
     (Laplace, ADD): lambda dpa, e: dpa.LaplaceDpEvent(e.noise_multiplier),
 }
+_PLD_CONVERT = _same_under_zero_out(
+    _PLD_CONVERT, (FullParticipationGaussian, PoissonSampledGaussian, Laplace)
+)
+
+_NO_EXACT_PLD = (
+    "no exact PLD of a sum of discrete noise shares is known: in d dimensions the worst "
+    "case over every update of bounded L1 and L2 norm has no closed form (the papers' "
+    "bounds are RDP bounds), so use RdpAccountant, the default for this event"
+)
 
 
 class _ComposedPld:
@@ -117,6 +129,8 @@ class PldAccountant(Accountant):
             "use PldAccountant(neighbouring=Neighbouring.REPLACE_ONE)"
         ),
         Laplace: "the Laplace PLD is defined under add-or-remove neighbouring only",
+        SkellamEvent: _NO_EXACT_PLD,
+        DistributedDiscreteGaussianEvent: _NO_EXACT_PLD,
     }
 
     def __init__(

@@ -21,34 +21,45 @@ sensitivity (2C), as does its sampled-without-replacement bound. The tables of
 :mod:`._pld` and :mod:`._rdp` do that translation, and a test checks that both agree with the exact
 Gaussian formula.
 
-Every mathematical step is dp-accounting's; nothing here computes a privacy
-loss itself (for fixed-size cohorts this package chooses which of
-dp-accounting's divergences to discretize, by a cited theorem).
+Every mathematical step for the central events is dp-accounting's; nothing
+here computes a privacy loss itself (for fixed-size cohorts this package
+chooses which of dp-accounting's divergences to discretize, by a cited
+theorem). The distributed events (:class:`~.events.SkellamEvent`,
+:class:`~.events.DistributedDiscreteGaussianEvent`) are the exception: their
+RDP curves are the papers' bounds (:mod:`._discrete`) amplified by general
+published bounds (:mod:`._amplification`), since dp-accounting has neither;
+dp-accounting still converts the composed curve to epsilon.
+:func:`calibrate_distributed_noise` finds the per-client noise for them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from flowerpets._validation import integer, is_integer, real
+from flowerpets._validation import instance, integer, is_integer, real
 from flowerpets.core.sampling import (
     CohortSampling,
     FixedSizeSampling,
     FullParticipation,
     PoissonSampling,
 )
-from flowerpets.dp.accountant._base import ADD, REPLACE, Accountant, _check_delta, _dpa
+from flowerpets.dp.accountant._base import ADD, REPLACE, ZERO, Accountant, _check_delta, _dpa
 from flowerpets.dp.accountant._pld import PldAccountant
 from flowerpets.dp.accountant._rdp import RdpAccountant
 from flowerpets.dp.accountant.events import (
+    DistributedDiscreteGaussianEvent,
+    DistributedEvent,
+    DropoutPolicy,
     FixedSizeSampledGaussian,
     FullParticipationGaussian,
     Neighbouring,
     PoissonSampledGaussian,
     PrivacyEvent,
+    SkellamEvent,
 )
-from flowerpets.exceptions import PrivacyAccountingError
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError, PrivacyAccountingError
 
 __all__ = [
     "ACCOUNTANTS",
@@ -56,6 +67,7 @@ __all__ = [
     "AccountantFactory",
     "PldAccountant",
     "RdpAccountant",
+    "calibrate_distributed_noise",
     "calibrate_noise_multiplier",
     "default_accountant",
     "default_neighbouring",
@@ -77,7 +89,11 @@ ACCOUNTANTS: dict[str, AccountantFactory] = {
 
 
 def default_neighbouring(event: PrivacyEvent) -> Neighbouring:
-    """Replace-one for fixed-size cohorts (their population is public), else add-or-remove."""
+    """Replace-one for fixed-size cohorts (their population is public), zero-out for a
+    distributed sum (each client's noise share is in it whatever its data), else add-or-remove.
+    """
+    if isinstance(event, DistributedEvent):
+        return ZERO
     return REPLACE if isinstance(event, FixedSizeSampledGaussian) else ADD
 
 
@@ -203,3 +219,91 @@ def calibrate_noise_multiplier(
         tol=tol,
     )
     return float(result)
+
+
+def calibrate_distributed_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    clip: float,
+    scale: float,
+    dimension: int,
+    expected_clients: int,
+    min_clients: int,
+    beta: float = 0.0,
+    mechanism: type[SkellamEvent] | type[DistributedDiscreteGaussianEvent] = SkellamEvent,
+    dropout: DropoutPolicy = DropoutPolicy.WORST_CASE,
+    sampling: CohortSampling | None = None,
+    population: int | None = None,
+    accountant: AccountantFactory | None = None,
+    neighbouring: Neighbouring | None = None,
+    tol: float = 1e-3,
+) -> float:
+    """Each client's noise (``local_variance``) for ``rounds`` rounds within ``target_epsilon``.
+
+    ``mechanism`` is :class:`~.events.SkellamEvent` (the default; the result is
+    the Skellam share's variance ``mu``) or
+    :class:`~.events.DistributedDiscreteGaussianEvent` (the result is the
+    discrete Gaussian's ``sigma^2``). ``clip``, ``scale``, ``dimension`` and
+    ``beta`` are the pipeline's (see
+    :meth:`~.events.DistributedEvent.from_pipeline`); ``expected_clients`` is
+    how many clients are expected in each sum, ``min_clients`` the fewest
+    survivors the secure sum still releases a sum for (SecAgg+'s threshold),
+    less any client that may collude with the server.
+
+    ``dropout`` decides how many shares the calibration counts on:
+    ``WORST_CASE`` (the default) ``min_clients``, so the target holds however
+    many drop out; ``SURVIVORS`` ``expected_clients``, so fewer survivors
+    overspend the target (see :class:`~.events.DropoutPolicy`). ``sampling``
+    and ``population`` give the amplification: fixed-size sampling at its
+    size, Poisson sampling at its expected cohort (rounded up), none by
+    default. Amplification holds only against whoever does not see who took
+    part, which excludes the server: give no sampling for the epsilon against it.
+
+    The search is :func:`calibrate_noise_multiplier`'s, over the summed noise's
+    standard deviation in units of the rounded L2 sensitivity, through
+    ``accountant`` (default: :func:`default_accountant`'s choice, RDP).
+    """
+    rounds = integer("rounds", rounds, at_least=1)
+    expected_clients = integer("expected_clients", expected_clients, at_least=1)
+    min_clients = integer("min_clients", min_clients, at_least=1, at_most=expected_clients)
+    dropout = instance("dropout", dropout, DropoutPolicy)
+    if not (isinstance(mechanism, type) and issubclass(mechanism, DistributedEvent)):
+        raise ParameterTypeError(
+            f"mechanism must be SkellamEvent or DistributedDiscreteGaussianEvent, got {mechanism!r}"
+        )
+    counted = dropout.counted(expected_clients, min_clients)
+    cohort_size = None
+    if isinstance(sampling, PoissonSampling) and population is not None:
+        cohort_size = max(expected_clients, math.ceil(sampling.expected_size(population)))
+    probe = mechanism.from_pipeline(
+        clip=clip,
+        scale=scale,
+        dimension=dimension,
+        local_variance=0.0,
+        clients_in_sum=counted,
+        beta=beta,
+        sampling=sampling,
+        population=population,
+        cohort_size=cohort_size,
+    )
+    if probe.cohort_size is not None and expected_clients > probe.cohort_size:
+        raise ParameterValueError(
+            f"{expected_clients} clients expected in a sum from a cohort of {probe.cohort_size}"
+        )
+
+    def event(z: float) -> PrivacyEvent:
+        made: PrivacyEvent = probe.with_noise_multiplier(z)
+        return made
+
+    z = calibrate_noise_multiplier(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        make_event=event,
+        count=rounds,
+        accountant=accountant,
+        neighbouring=neighbouring,
+        tol=tol,
+    )
+    return probe.with_noise_multiplier(z).local_variance
