@@ -78,6 +78,9 @@ _POISSON_REACH = 64  # added to Poisson's window: its right tail is heavier than
 _MAX_SIGMA_SQUARED = 1 << 34  # sigma <= 131072: a table of 2.6 million entries
 _MAX_MU = 1 << 33  # a Poisson table of 1.9 million entries; a larger mean is split
 _CACHED_TABLES = 8
+_BLOCK = 1 << 16  # words per block of the fast path
+_GUIDE_BITS = 20  # at most 2**20 buckets of the words' top bits
+_GUIDE_STEPS = 8  # a bucket with more cells than this is searched by bisection
 
 
 @runtime_checkable
@@ -103,11 +106,32 @@ class _Weights:
 
 @dataclass(frozen=True)
 class _Table:
-    """``F(first - 1 + i)`` enclosed in ``[low[i], high[i]] / 2**64`` (the fast path's table)."""
+    """``F(first - 1 + i)`` enclosed in ``[low[i], high[i]] / 2**64`` (the fast path's table).
+
+    ``guide[h]`` is the first ``i`` with ``low[i]`` above ``h 2**(64 - guide_bits)``: a
+    word's top bits narrow its search to a few entries.
+    """
 
     first: int
     low: NDArray[np.uint64]
     high: NDArray[np.uint64]
+    guide: NDArray[np.intp]
+    guide_bits: int
+
+    def search(self, u: NDArray[np.uint64]) -> NDArray[np.intp]:
+        """``searchsorted(low, u, side="right")``: from the guide, then a few steps forward."""
+        h = u >> np.uint64(_WORD_BITS - self.guide_bits)
+        i: NDArray[np.intp] = self.guide[h]
+        end = self.guide[h + np.uint64(1)]  # the answer lies in [i, end]
+        wide = np.flatnonzero(end - i > _GUIDE_STEPS)  # a bucket in a tail, full of tiny cells
+        i[wide] = np.searchsorted(self.low, u[wide], side="right")
+        end[wide] = i[wide]
+        todo = np.flatnonzero(i < end)
+        while todo.size:
+            todo = todo[self.low[i[todo]] <= u[todo]]
+            i[todo] += 1
+            todo = todo[i[todo] < end[todo]]
+        return i
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -233,10 +257,17 @@ def _table(family: str, parameter: Fraction) -> _Table:
     top = (1 << _WORD_BITS) - 1
     # Capping an upper bound at 2**64 - 1 decides nothing wrongly: a cell that ends there has
     # no word u with u + 1 <= its lower edge's bound.
+    low = np.array([min(v, top) for v in lower], dtype=np.uint64)
+    bits = min(_GUIDE_BITS, low.size.bit_length() + 4)  # buckets far narrower than most cells
+    starts = np.arange((1 << bits) + 1, dtype=np.uint64) << np.uint64(_WORD_BITS - bits)
+    guide = np.searchsorted(low, starts, side="right")
+    guide[-1] = low.size  # the last bucket's end: 2**64, above every word
     return _Table(
         first=weights.first,
-        low=np.array([min(v, top) for v in lower], dtype=np.uint64),
+        low=low,
         high=np.array([min(v, top) for v in upper], dtype=np.uint64),
+        guide=guide,
+        guide_bits=bits,
     )
 
 
@@ -260,12 +291,16 @@ def _invert(
 ) -> NDArray[np.int64]:
     """One output per word: the fast path for all, then the slow path where it did not decide."""
     table = _table(family, parameter)
-    i = np.searchsorted(table.low, words, side="right")
-    below = table.high[np.maximum(i, 1) - 1]
-    decided = (i > 0) & (i < table.low.size) & (below <= words)
-    out = i.astype(np.int64)
-    out += table.first - 1
-    for j in np.flatnonzero(~decided).tolist():
+    out = np.empty(words.size, dtype=np.int64)
+    undecided = []
+    for start in range(0, words.size, _BLOCK):  # blocks: the temporaries stay in the cache
+        u = words[start : start + _BLOCK]
+        i = table.search(u)
+        below = table.high[np.maximum(i, 1) - 1]
+        decided = (i > 0) & (i < table.low.size) & (below <= u)
+        np.add(i, table.first - 1, out=out[start : start + u.size])
+        undecided.append(np.flatnonzero(~decided) + start)
+    for j in np.concatenate(undecided or [np.empty(0, np.intp)]).tolist():
         out[j] = _refine(family, parameter, int(words[j]), source)
     return out
 
