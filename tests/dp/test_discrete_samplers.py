@@ -115,6 +115,18 @@ def edge_words(table: discrete._Table, rng: np.random.Generator, count: int) -> 
     return out
 
 
+def words_at(
+    cdf: Callable[[int], mpmath.mpf], ks: Iterable[int], count: int = 4
+) -> list[list[int]]:
+    """The first ``count`` words of each ``F(k)``'s binary digits: ``U`` within 2**-256 of an
+    edge, finer than the window's tails at 64 bits (a slow path that never widens never ends)."""
+    out = []
+    for k in ks:
+        v = int(mpmath.floor(cdf(k) * mpmath.mpf(2) ** (64 * count)))
+        out.append([(v >> (64 * (count - 1 - j))) & TOP for j in range(count)])
+    return out
+
+
 GAUSSIAN_CASES = [Fraction(7, 3), Fraction(2000, 3)]
 POISSON_CASES = [Fraction(5, 2), Fraction(400)]
 
@@ -128,6 +140,7 @@ def test_every_gaussian_output_is_the_exact_cell_of_its_words(sigma_squared: Fra
     firsts += [[w] for w in edge_words(table, rng, 12)]
     # The far tails, beyond the window: the slow path must widen it.
     firsts += [[0], [TOP], [0, 0], [TOP, TOP], [0, 0, 0, 5]]
+    firsts += words_at(cdf, [-3, 0, 2, int(3 * float(sigma_squared) ** 0.5), 12])
     slow = 0
     for seed, first in enumerate(firsts):
         source = Scripted(first, seed)
@@ -144,6 +157,7 @@ def test_every_poisson_output_is_the_exact_cell_of_its_words(mu: Fraction) -> No
     table = discrete._table("poisson", mu)
     firsts = [[w] for w in rng.integers(0, TOP, size=400, endpoint=True, dtype=np.uint64).tolist()]
     firsts += [[w] for w in edge_words(table, rng, 12)] + [[0], [TOP], [TOP, TOP, TOP]]
+    firsts += words_at(cdf, [0, 1, int(float(mu)), int(float(mu) + 4 * float(mu) ** 0.5)])
     slow = 0
     for seed, first in enumerate(firsts):
         source = Scripted(first, seed)
@@ -328,6 +342,18 @@ def test_each_draw_reads_one_word_and_continues_the_stream() -> None:
 # -- properties ------------------------------------------------------------------------------------
 variances = st.builds(Fraction, st.integers(1, 10**4), st.integers(1, 64))
 words64 = st.integers(0, TOP)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from([Fraction(1, 3), Fraction(50), Fraction(10**5)]), st.lists(words64, max_size=40)
+)
+def test_the_guided_search_is_searchsorted(sigma_squared: Fraction, extra: list[int]) -> None:
+    table = discrete._table("gaussian", sigma_squared)
+    # Random words, the extremes, and every edge's neighbours: tail buckets go to bisection.
+    edges = np.concatenate([table.low, table.low - np.uint64(1), table.low + np.uint64(1)])
+    u = np.concatenate([np.array([*extra, 0, TOP], dtype=np.uint64), edges])
+    assert table.search(u).tolist() == np.searchsorted(table.low, u, side="right").tolist()
 
 
 @settings(max_examples=40, deadline=None)

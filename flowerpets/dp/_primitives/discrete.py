@@ -21,18 +21,21 @@ certified enclosures:
    discrete Gaussian ``w(k) = exp(-k^2 / (2 sigma^2))`` comes from
    ``w(k + 1) = w(k) exp(-(2k + 1) / (2 sigma^2))`` and an enclosure of
    ``exp(-1 / (2 sigma^2))`` by its alternating Taylor series; for Poisson
-   ``w(k + 1) = w(k) mu / (k + 1)``, rational. The window holds about 10
-   standard deviations each side; a geometric series bounds the mass beyond it.
+   ``w(k + 1) = w(k) mu / (k + 1)``, rational. A geometric series bounds
+   the mass beyond a window wide enough for that mass to blur no cell edge at
+   the precision in use (about 10.6 standard deviations each side at 64 bits).
 2. **Distribution function.** ``F(k)`` is enclosed from those sums, and
    rounded outwards to 64 bits: two ``uint64`` per ``k``, cached per parameter.
 3. **Fast path.** One word ``u`` puts ``U`` in ``[u, u + 1) / 2**64``. When the
    enclosures show that interval inside one cell ``[F(k - 1), F(k))``, the
-   output is ``k``: a ``searchsorted`` and a compare per output.
+   output is ``k``: a look-up in a guide table indexed by the word's top bits,
+   a step or two forward, and a compare per output.
 4. **Slow path.** Otherwise (``u`` within an enclosure's width of a cell's
    edge, or in a tail beyond the window: below 1e-12 per word) the sampler
    reads 64 more bits of ``U`` and recomputes the enclosures with 64 more bits
-   of precision (and a window twice as wide if ``U`` may lie beyond it), until
-   the interval fits in one cell; it ends with probability 1.
+   of precision and a window wide enough for them (twice as wide again if ``U``
+   may lie beyond it), until the interval fits in one cell: each round fails
+   again with probability about ``2**-60``, so it ends with probability 1.
 
 No step ever picks an output that exact inversion of ``U`` would not, so each
 output has exactly the claimed distribution, given uniform keystream words
@@ -41,11 +44,14 @@ Poisson(mu) - Poisson(mu), two inversions from two words; a mean above
 ``_MAX_MU`` is split into equal parts whose Skellam draws are summed (Poisson
 is additive, so the sum is exact too).
 
-Costs and limits. Building a table takes about ``20 sigma`` (the discrete
-Gaussian) or ``20 sqrt(mu)`` (Poisson) steps of Python integer arithmetic, and
-is cached for the last few parameters; ``bench/dp.py --parts discrete`` measures
-it and the draws against numpy. ``sigma_squared`` is capped at
-``_MAX_SIGMA_SQUARED`` (a table of about 7 million entries). The samplers are
+Costs and limits. Building a table takes about ``21 sigma`` (the discrete
+Gaussian) or ``21 sqrt(mu)`` (Poisson) steps of Python integer arithmetic
+(about 0.3 s at sigma = 10,000), and is cached for the last few parameters; a
+slow-path draw rebuilds it at higher precision (about a second at sigma =
+10,000, once in about 1e13 draws). ``bench/dp.py --parts discrete`` measures
+the draws and the builds against numpy. ``sigma_squared`` is capped at
+``2**34`` (sigma = 131,072: a table of 2.8 million entries, built in about
+6 s). The samplers are
 not constant time: the table look-ups' cache footprint and the rare slow path
 depend on the values drawn, like every sampler in this package; they assume an
 attacker who cannot time the process's memory accesses.
@@ -71,12 +77,9 @@ from flowerpets.dp._primitives.noise import AesCtrGaussian
 __all__ = ["RandomWords", "sample_discrete_gaussian", "sample_skellam"]
 
 _WORD_BITS = 64
-# The window reaches sqrt(_WINDOW * variance) from the centre, about 10 standard deviations: the
-# mass beyond is below 2**-70, so the slow path is all but never needed for a tail.
-_WINDOW = 100
-_POISSON_REACH = 64  # added to Poisson's window: its right tail is heavier than a normal's
-_MAX_SIGMA_SQUARED = 1 << 34  # sigma <= 131072: a table of 2.6 million entries
-_MAX_MU = 1 << 33  # a Poisson table of 1.9 million entries; a larger mean is split
+_TAIL_MARGIN = 16  # the mass beyond a window is below 2**-(bits + 16) of the output's bits
+_MAX_SIGMA_SQUARED = 1 << 34  # sigma <= 131072: a table of 2.8 million entries
+_MAX_MU = 1 << 33  # a Poisson table of 2 million entries; a larger mean is split
 _CACHED_TABLES = 8
 _BLOCK = 1 << 16  # words per block of the fast path
 _GUIDE_BITS = 20  # at most 2**20 buckets of the words' top bits
@@ -148,6 +151,19 @@ def _precision(bits: int, entries: int) -> int:
     return bits + _WORD_BITS + 3 * entries.bit_length()
 
 
+def _reach(variance: Fraction, bits: int) -> int:
+    """How far from the centre a window must reach for ``bits`` bits of output.
+
+    The tail bounds then hold less than ``2**-(bits + _TAIL_MARGIN)`` of the mass, so
+    they blur no cell edge by more than that: with ``L = ln(2) (bits + margin) <
+    0.7 (bits + margin)`` nats, the normal's ``exp(-d^2 / (2 var))`` needs ``d =
+    sqrt(2 L var)``, and Poisson's Chernoff bound ``exp(-d^2 / (2 (mu + d / 3)))``
+    needs ``2 L / 3`` more (the second term).
+    """
+    nats = Fraction(7, 10) * (bits + _TAIL_MARGIN)
+    return math.isqrt(math.ceil(2 * nats * variance)) + math.ceil(2 * nats / 3) + 2
+
+
 def _exp_neg(x: Fraction, p: int) -> tuple[int, int]:
     """``(lo, hi)`` with ``lo <= exp(-x) 2**p <= hi``, for a rational ``x > 0``.
 
@@ -182,7 +198,7 @@ def _exp_neg(x: Fraction, p: int) -> tuple[int, int]:
 def _gaussian_weights(sigma_squared: Fraction, spread: int, bits: int) -> _Weights:
     """``w(k) = exp(-k^2 / (2 sigma^2))`` for ``|k| <= half``, with the ratio of neighbours
     ``g(k) = w(k + 1) / w(k) = f**(2k + 1)``, ``f = exp(-1 / (2 sigma^2))``."""
-    half = spread * (math.isqrt(math.ceil(_WINDOW * sigma_squared)) + 2)
+    half = spread * _reach(sigma_squared, bits)
     p = _precision(bits, 2 * half + 1)
     one = 1 << p
     f_lo, f_hi = _exp_neg(1 / (2 * sigma_squared), p)
@@ -206,7 +222,7 @@ def _poisson_weights(mu: Fraction, spread: int, bits: int) -> _Weights:
     """``w(k) = mu**k / k!`` over ``w(mode)``, from ``w(k + 1) = w(k) mu / (k + 1)``."""
     a, b = mu.numerator, mu.denominator
     mode = a // b
-    reach = spread * (math.isqrt(math.ceil(_WINDOW * mu)) + _POISSON_REACH)
+    reach = spread * _reach(mu, bits)
     first, last = max(0, mode - reach), mode + reach
     p = _precision(bits, last - first + 1)
     one = 1 << p
