@@ -127,6 +127,21 @@ def words_at(
     return out
 
 
+def slow_paths(
+    cdf: Callable[[int], mpmath.mpf],
+    firsts: list[list[int]],
+    draw: Callable[[Scripted], NDArray[np.int64]],
+) -> int:
+    """Each draw from words starting with ``first`` is the exact cell: how many read more."""
+    slow = 0
+    for seed, first in enumerate(firsts):
+        source = Scripted(first, seed)
+        (k,) = draw(source).tolist()
+        assert_cell(cdf, k, source.given)
+        slow += len(source.given) > 1
+    return slow
+
+
 GAUSSIAN_CASES = [Fraction(7, 3), Fraction(2000, 3)]
 POISSON_CASES = [Fraction(5, 2), Fraction(400)]
 
@@ -141,13 +156,8 @@ def test_every_gaussian_output_is_the_exact_cell_of_its_words(sigma_squared: Fra
     # The far tails, beyond the window: the slow path must widen it.
     firsts += [[0], [TOP], [0, 0], [TOP, TOP], [0, 0, 0, 5]]
     firsts += words_at(cdf, [-3, 0, 2, int(3 * float(sigma_squared) ** 0.5), 12])
-    slow = 0
-    for seed, first in enumerate(firsts):
-        source = Scripted(first, seed)
-        (k,) = sample_discrete_gaussian(sigma_squared, 1, source=source).tolist()
-        assert_cell(cdf, k, source.given)
-        slow += len(source.given) > 1
-    assert slow >= 10  # the edges and tails went through the slow path
+    draw = lambda source: sample_discrete_gaussian(sigma_squared, 1, source=source)  # noqa: E731
+    assert slow_paths(cdf, firsts, draw) >= 10  # the edges and tails went through the slow path
 
 
 @pytest.mark.parametrize("mu", POISSON_CASES)
@@ -158,13 +168,8 @@ def test_every_poisson_output_is_the_exact_cell_of_its_words(mu: Fraction) -> No
     firsts = [[w] for w in rng.integers(0, TOP, size=400, endpoint=True, dtype=np.uint64).tolist()]
     firsts += [[w] for w in edge_words(table, rng, 12)] + [[0], [TOP], [TOP, TOP, TOP]]
     firsts += words_at(cdf, [0, 1, int(float(mu)), int(float(mu) + 4 * float(mu) ** 0.5)])
-    slow = 0
-    for seed, first in enumerate(firsts):
-        source = Scripted(first, seed)
-        (k,) = discrete._invert("poisson", mu, source.words(1), source).tolist()
-        assert_cell(cdf, k, source.given)
-        slow += len(source.given) > 1
-    assert slow >= 10
+    draw = lambda source: discrete._invert("poisson", mu, source.words(1), source)  # noqa: E731
+    assert slow_paths(cdf, firsts, draw) >= 10
 
 
 def test_skellam_is_the_difference_of_two_poisson_inversions() -> None:
