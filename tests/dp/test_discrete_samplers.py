@@ -146,15 +146,22 @@ GAUSSIAN_CASES = [Fraction(7, 3), Fraction(2000, 3)]
 POISSON_CASES = [Fraction(5, 2), Fraction(400)]
 
 
+def words_to_try(
+    family: str, parameter: Fraction, cdf: Callable[[int], mpmath.mpf], seed: int
+) -> list[list[int]]:
+    """Random first words, words on and around the table's edges, and the far tails (the slow
+    path must widen the window for those)."""
+    rng = np.random.default_rng(seed)
+    table = discrete._table(family, parameter)
+    firsts = [[w] for w in rng.integers(0, TOP, size=400, endpoint=True, dtype=np.uint64).tolist()]
+    firsts += [[w] for w in edge_words(table, rng, 12)]
+    return [*firsts, [0], [TOP], [0, 0], [TOP, TOP], [0, 0, 0, 5], [TOP, TOP, TOP]]
+
+
 @pytest.mark.parametrize("sigma_squared", GAUSSIAN_CASES)
 def test_every_gaussian_output_is_the_exact_cell_of_its_words(sigma_squared: Fraction) -> None:
     cdf = gaussian_cdf(sigma_squared)
-    rng = np.random.default_rng(1)
-    table = discrete._table("gaussian", sigma_squared)
-    firsts = [[w] for w in rng.integers(0, TOP, size=400, endpoint=True, dtype=np.uint64).tolist()]
-    firsts += [[w] for w in edge_words(table, rng, 12)]
-    # The far tails, beyond the window: the slow path must widen it.
-    firsts += [[0], [TOP], [0, 0], [TOP, TOP], [0, 0, 0, 5]]
+    firsts = words_to_try("gaussian", sigma_squared, cdf, 1)
     firsts += words_at(cdf, [-3, 0, 2, int(3 * float(sigma_squared) ** 0.5), 12])
     draw = lambda source: sample_discrete_gaussian(sigma_squared, 1, source=source)  # noqa: E731
     assert slow_paths(cdf, firsts, draw) >= 10  # the edges and tails went through the slow path
@@ -163,10 +170,7 @@ def test_every_gaussian_output_is_the_exact_cell_of_its_words(sigma_squared: Fra
 @pytest.mark.parametrize("mu", POISSON_CASES)
 def test_every_poisson_output_is_the_exact_cell_of_its_words(mu: Fraction) -> None:
     cdf = poisson_cdf(mu)
-    rng = np.random.default_rng(2)
-    table = discrete._table("poisson", mu)
-    firsts = [[w] for w in rng.integers(0, TOP, size=400, endpoint=True, dtype=np.uint64).tolist()]
-    firsts += [[w] for w in edge_words(table, rng, 12)] + [[0], [TOP], [TOP, TOP, TOP]]
+    firsts = words_to_try("poisson", mu, cdf, 2)
     firsts += words_at(cdf, [0, 1, int(float(mu)), int(float(mu) + 4 * float(mu) ** 0.5)])
     draw = lambda source: discrete._invert("poisson", mu, source.words(1), source)  # noqa: E731
     assert slow_paths(cdf, firsts, draw) >= 10
