@@ -434,6 +434,7 @@ sk: Any = sample_skellam
         (lambda: sk(1.5, 3), ParameterTypeError),
         (lambda: sk(0, 3), ParameterValueError),
         (lambda: sk(Fraction(-3), 3), ParameterValueError),
+        (lambda: sk(2**40 + 1, 3), ParameterValueError),
         (lambda: sk(3, -2), ParameterValueError),
         (lambda: sk(3, 2, source="key"), ParameterTypeError),
     ],

@@ -80,6 +80,7 @@ _WORD_BITS = 64
 _TAIL_MARGIN = 16  # the mass beyond a window is below 2**-(bits + 16) of the output's bits
 _MAX_SIGMA_SQUARED = 1 << 34  # sigma <= 131072: a table of 2.8 million entries
 _MAX_MU = 1 << 33  # a Poisson table of 2 million entries; a larger mean is split
+_MAX_SKELLAM_MU = 1 << 40  # at most 128 parts, 256 words a draw
 _CACHED_TABLES = 8
 _BLOCK = 1 << 16  # words per block of the fast path
 _GUIDE_BITS = 20  # at most 2**20 buckets of the words' top bits
@@ -361,10 +362,10 @@ def sample_skellam(
     ``2 parts`` words per draw.
 
     ``mu`` is an ``int`` or a :class:`fractions.Fraction` (a float is refused),
-    ``mu > 0``. ``source`` defaults to a fresh :class:`~.noise.AesCtrGaussian`;
+    ``0 < mu <= 2**40``. ``source`` defaults to a fresh :class:`~.noise.AesCtrGaussian`;
     pass a seeded one (``key=``) for tests.
     """
-    mean = rational("mu", mu, above=0)
+    mean = rational("mu", mu, above=0, at_most=_MAX_SKELLAM_MU)
     size = integer("size", size, at_least=0)
     words = _source(source)
     parts = -(-mean // _MAX_MU)
