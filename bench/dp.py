@@ -27,6 +27,17 @@ Three parts (``--parts``), each a table of medians and ratios measured in the sa
       per normal, 32 bytes per value): the limit of any AES-CTR-based sampler;
     * ``clip_update``: what a client's clipping mod does: the float64 difference of two
       float32 models, its norm, and the scaled float32 result.
+``discrete``
+    The exact integer samplers distributed DP adds on the clients, on ``--params`` values,
+    for each ``--sigmas`` (default 100 and 10,000), against numpy's floating-point
+    samplers of the same variance (fast, *not* secure, not exact on the integers):
+
+    * ``numpy_normal``: ``Generator.normal(0, sigma)`` (the baseline of the Gaussian rows);
+    * ``discrete_gaussian``: ``sample_discrete_gaussian(sigma^2)``, its table cached;
+    * ``numpy_skellam``: ``Generator.poisson(mu) - Generator.poisson(mu)``, ``mu = sigma^2 / 2``
+      (the baseline of the Skellam rows);
+    * ``skellam``: ``sample_skellam(mu)``, its table cached;
+    * ``*_table``: building the table (once per parameter and process; 1 value drawn).
 ``accountant``
     Seconds per epsilon query for ``--steps`` Poisson-sampled Gaussian steps
     (q = 0.01, z = 1.1), for each accountant: ``cold`` builds everything from
@@ -36,7 +47,7 @@ Three parts (``--parts``), each a table of medians and ratios measured in the sa
 
 Run from the repository root::
 
-    PYTHONPATH=src python bench/dp.py [--parts round noise accountant] [--repeats 5]
+    PYTHONPATH=src python bench/dp.py [--parts round noise discrete accountant] [--repeats 5]
     PYTHONPATH=src python bench/dp.py --json
 """
 
@@ -47,6 +58,7 @@ import itertools
 import sys
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -72,6 +84,7 @@ from flowerpets.core import (
     ServerApp,
 )
 from flowerpets.dp import CentralDp, fixed_clipping_mod
+from flowerpets.dp._primitives import discrete
 from flowerpets.dp._primitives.clip import clip_update, update_between
 from flowerpets.dp._primitives.noise import AesCtrGaussian
 from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian, RdpAccountant
@@ -81,7 +94,8 @@ NAME = "params"
 NOISE_MULTIPLIER, CLIP = 1.0, 1.0
 ACCOUNTANT_EVENT = PoissonSampledGaussian(1.1, 0.01)
 DELTA = 1e-5
-PARTS = ("round", "noise", "accountant")
+PARTS = ("round", "noise", "discrete", "accountant")
+SKELLAM_ROWS = ("numpy_skellam", "skellam", "poisson_table")  # measured against numpy_skellam
 SECURE_NOISE_TARGET = 3.0  # secure noise within this factor of numpy's standard_normal
 
 
@@ -188,6 +202,66 @@ def noise_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     }
 
 
+# -- discrete -------------------------------------------------------------------------------------
+def _build_table(family: str, parameter: Fraction) -> Any:
+    return discrete._table.__wrapped__(family, parameter)  # past the cache, which stays warm
+
+
+def discrete_cases(
+    sigma: int, n: int, pcg: np.random.Generator, source: AesCtrGaussian
+) -> list[Case]:
+    variance = Fraction(sigma * sigma)
+    mu = variance / 2
+    return [
+        Case("numpy_normal", lambda: pcg.normal(0.0, sigma, n), "float normal, not secure"),
+        Case(
+            "discrete_gaussian",
+            lambda: discrete.sample_discrete_gaussian(variance, n, source=source),
+            "exact N_Z(0, sigma^2), AES-CTR",
+        ),
+        Case(
+            "numpy_skellam",
+            lambda: pcg.poisson(float(mu), n) - pcg.poisson(float(mu), n),
+            "float Poisson difference, not secure",
+        ),
+        Case(
+            "skellam",
+            lambda: discrete.sample_skellam(mu, n, source=source),
+            "exact Skellam(mu, mu), AES-CTR",
+        ),
+        Case(
+            "gaussian_table",
+            lambda: _build_table("gaussian", variance),
+            "table build, once per sigma",
+        ),
+        Case("poisson_table", lambda: _build_table("poisson", mu), "table build, once per mu"),
+    ]
+
+
+def discrete_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    n = args.params
+    pcg = np.random.default_rng(args.seed)
+    source = AesCtrGaussian()
+    rows: dict[int, dict[str, Any]] = {}
+    for sigma in args.sigmas:
+        variance = Fraction(sigma * sigma)
+        mu = variance / 2
+        cases = discrete_cases(sigma, n, pcg, source)
+        results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+        gaussian = discrete.sample_discrete_gaussian(variance, n, source=source)
+        skellam = discrete.sample_skellam(mu, n, source=source)
+        rows[sigma] = {
+            "results": results,
+            "mu": float(mu),
+            "gaussian_vs_numpy": ratio(results["discrete_gaussian"], results["numpy_normal"]),
+            "skellam_vs_numpy": ratio(results["skellam"], results["numpy_skellam"]),
+            # The sampled variance over sigma^2: a sanity check, 1 within a few sqrt(2 / n).
+            "gaussian_variance_ratio": float(np.var(gaussian)) / sigma**2,
+            "skellam_variance_ratio": float(np.var(skellam)) / sigma**2,
+        }
+    return {"sigmas": rows}
+
+
 # -- accountant -----------------------------------------------------------------------------------
 _fresh_events = itertools.count(1)
 
@@ -223,7 +297,12 @@ def accountant_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     return {"results": results, "baseline": "rdp_cold", "epsilon": epsilons}
 
 
-RUNNERS = {"round": round_part, "noise": noise_part, "accountant": accountant_part}
+RUNNERS = {
+    "round": round_part,
+    "noise": noise_part,
+    "discrete": discrete_part,
+    "accountant": accountant_part,
+}
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -237,12 +316,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=positive_int, default=1000, help="steps the accountants compose"
     )
+    parser.add_argument(
+        "--sigmas",
+        type=positive_int,
+        nargs="+",
+        default=[100, 10_000],
+        help="noise standard deviations of the discrete part",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, repeats=5)
     return parser.parse_args(argv)
 
 
+def _public_discrete(part: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for sigma, row in part["sigmas"].items():
+        results: dict[str, Measurement] = row["results"]
+        entry = {k: v for k, v in row.items() if k != "results"}
+        entry["results"] = {
+            name: m.to_json(results["numpy_skellam" if name in SKELLAM_ROWS else "numpy_normal"])
+            for name, m in results.items()
+        }
+        out[str(sigma)] = entry
+    return {"sigmas": out}
+
+
 def _public(part: dict[str, Any]) -> dict[str, Any]:
+    if "sigmas" in part:
+        return _public_discrete(part)
     results: dict[str, Measurement] = part["results"]
     base = results[part["baseline"]]
     out = {k: v for k, v in part.items() if k != "results"}
@@ -272,6 +373,22 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
             f"secure noise (4 summands) / numpy standard_normal: {part['secure_vs_numpy']:.2f}x "
             f"(target: within {SECURE_NOISE_TARGET:g}x)",
         ]
+    if "discrete" in parts:
+        for sigma, row in parts["discrete"]["sigmas"].items():
+            results = row["results"]
+            gaussian = [results[k] for k in ("numpy_normal", "discrete_gaussian", "gaussian_table")]
+            skellam = [results[k] for k in SKELLAM_ROWS]
+            lines += [
+                "",
+                f"exact discrete noise, {args.params:,} values, sigma {sigma:,} "
+                f"(Skellam mu {row['mu']:,.0f}), against numpy's floating-point samplers:",
+                measurement_table(gaussian, baseline="numpy_normal"),
+                measurement_table(skellam, baseline="numpy_skellam"),
+                f"discrete Gaussian / numpy normal: {row['gaussian_vs_numpy']:.2f}x; "
+                f"Skellam / numpy Poisson difference: {row['skellam_vs_numpy']:.2f}x; "
+                f"sampled variance / sigma^2: {row['gaussian_variance_ratio']:.4f} and "
+                f"{row['skellam_variance_ratio']:.4f}",
+            ]
     if "accountant" in parts:
         part = parts["accountant"]
         rows = [(m.name, format_seconds(m.median), m.note) for m in part["results"].values()]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Collection, Iterable
+from fractions import Fraction
 from typing import Any, TypeVar
 
 from flowerpets.exceptions import ParameterTypeError, ParameterValueError
@@ -39,6 +40,7 @@ __all__ = [
     "is_real",
     "one_of",
     "probability",
+    "rational",
     "real",
     "string",
     "strings",
@@ -91,7 +93,7 @@ def _range_text(
 
 def _check_range(
     name: str,
-    value: float,
+    value: float | Fraction,
     noun: str,
     *,
     above: float | None,
@@ -167,6 +169,37 @@ def real(
         above=above,
         at_least=at_least,
         below=below,
+        at_most=at_most,
+        secret=secret,
+    )
+    return number
+
+
+def rational(
+    name: str,
+    value: object,
+    *,
+    above: int | None = None,
+    at_most: int | None = None,
+    secret: bool = False,
+) -> Fraction:
+    """``value``, an ``int`` or a :class:`~fractions.Fraction`, as a ``Fraction`` within the bounds.
+
+    A float is refused, although it is a rational number: where a check wants
+    an exact rational, ``0.1`` (which is not 1/10) is more likely a mistake.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Rational):
+        raise ParameterTypeError(
+            f"{name} must be an int or a fractions.Fraction{_type_shown(value, secret)}"
+        )
+    number = Fraction(value)
+    _check_range(
+        name,
+        number,
+        "a rational",
+        above=above,
+        at_least=None,
+        below=None,
         at_most=at_most,
         secret=secret,
     )

@@ -9,7 +9,7 @@ import pytest
 
 TINY = [
     "--params", "2000", "--nodes", "3", "--steps", "20", "--repeats", "1", "--settle", "0",
-    "--quiet",
+    "--sigmas", "30", "300", "--quiet",
 ]  # fmt: skip
 
 
@@ -20,7 +20,7 @@ def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 def test_the_report_has_every_part(report: dict[str, Any]) -> None:
     assert report["benchmark"] == "dp" and report["ok"] is True and report["failed"] == []
-    assert set(report) >= {"round", "noise", "accountant", "environment"}
+    assert set(report) >= {"round", "noise", "discrete", "accountant", "environment"}
     assert report["config"]["params"] == 2000
 
 
@@ -42,3 +42,24 @@ def test_noise_and_accountant_rows(report: dict[str, Any]) -> None:
     accountant = report["accountant"]
     assert set(accountant["results"]) == {"pld_cold", "rdp_cold", "pld_per_round", "rdp_per_round"}
     assert 0 < accountant["epsilon"]["pld"] <= accountant["epsilon"]["rdp"]
+
+
+def test_discrete_rows_per_sigma_against_numpy(report: dict[str, Any]) -> None:
+    sigmas = report["discrete"]["sigmas"]
+    assert set(sigmas) == {"30", "300"}
+    for sigma, row in sigmas.items():
+        assert row["mu"] == int(sigma) ** 2 / 2
+        assert set(row["results"]) == {
+            "numpy_normal",
+            "discrete_gaussian",
+            "gaussian_table",
+            "numpy_skellam",
+            "skellam",
+            "poisson_table",
+        }
+        assert row["results"]["numpy_normal"]["ratio"] == 1.0
+        assert row["results"]["numpy_skellam"]["ratio"] == 1.0
+        assert row["gaussian_vs_numpy"] > 0 and row["skellam_vs_numpy"] > 0
+        # 2000 draws: the sampled variance is sigma^2 within 8 standard errors (0.032 each).
+        assert abs(row["gaussian_variance_ratio"] - 1) < 0.25
+        assert abs(row["skellam_variance_ratio"] - 1) < 0.25

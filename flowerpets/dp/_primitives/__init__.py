@@ -1,4 +1,4 @@
-"""Raw DP primitives: secure Gaussian noise, L2 clipping, and mechanism calibration.
+"""Raw DP primitives: secure Gaussian noise, exact integer noise, L2 clipping, calibration.
 
 Private: the package face (:mod:`flowerpets.dp`) exposes the mods built on
 these. Each is tested against known answers in ``tests/dp``.

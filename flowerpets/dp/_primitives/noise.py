@@ -414,6 +414,12 @@ class GeneratorGaussian:
         with self._lock:
             return np.asarray(self._rng.normal(0.0, std, size=shape), dtype=np.float64)
 
+    def words(self, n: int) -> NDArray[np.uint64]:
+        """``n`` uniform 64-bit words from the generator (for the discrete samplers' tests)."""
+        n = integer("n", n, at_least=0)
+        with self._lock:
+            return self._rng.integers(0, 1 << 64, size=n, dtype=np.uint64)
+
     # A copy carries the generator's state (a test replays it); a lock cannot be pickled.
     def __getstate__(self) -> np.random.Generator:
         return self._rng
@@ -439,12 +445,19 @@ class LazySecureGaussian:
     def secure(self) -> bool:
         return True
 
-    def normal(self, std: float, shape: tuple[int, ...]) -> NDArray[np.float64]:
+    def _secure(self) -> AesCtrGaussian:
         source = self._source
         if source is None:
             # Two threads racing here each get a fresh secure source: both are as good.
             source = self._source = AesCtrGaussian()
-        return source.normal(std, shape)
+        return source
+
+    def normal(self, std: float, shape: tuple[int, ...]) -> NDArray[np.float64]:
+        return self._secure().normal(std, shape)
+
+    def words(self, n: int) -> NDArray[np.uint64]:
+        """The next ``n`` keystream words (:meth:`AesCtrGaussian.words`)."""
+        return self._secure().words(n)
 
     def __reduce__(self) -> tuple[type[LazySecureGaussian], tuple[()]]:
         return (LazySecureGaussian, ())
