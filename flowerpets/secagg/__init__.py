@@ -3,7 +3,9 @@
 The server learns the (weighted) sum of the cohort's updates and nothing more
 about any one of them, even when up to a chosen fraction of the nodes drop out
 at any stage, and even when it colludes with up to a chosen fraction of
-semi-honest nodes. See ``docs/secagg.md`` for what it protects against and
+semi-honest nodes; with ``threat="malicious"`` and a PKI of node identity keys
+(:func:`enroll`, :class:`NodeIdentities`) also against a server that deviates
+from the protocol (signed keys, a consistency check before unmasking). See ``docs/secagg.md`` for what it protects against and
 what it does not.
 
 .. code-block:: python
@@ -22,36 +24,58 @@ from flowerpets._lazy import lazy_face
 if TYPE_CHECKING:
     from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
     from flowerpets.secagg.graph import HararyGraph
+    from flowerpets.secagg.identity import (
+        Enrolment,
+        IdentityKey,
+        Keyring,
+        NodeConfigKey,
+        NodeIdentities,
+        enroll,
+    )
     from flowerpets.secagg.parameters import GraphParameters, check_parameters, find_parameters
-    from flowerpets.secagg.protocol import RoundConfig, Stage
+    from flowerpets.secagg.protocol import RoundConfig, Stage, Threat
     from flowerpets.secagg.server import SecAggPlus, ServerPhase
 
 # Where each name lives, imported on first use: a node loads the client mod only.
 _HOMES = {
+    "Enrolment": "identity",
     "GraphParameters": "parameters",
     "HararyGraph": "graph",
+    "IdentityKey": "identity",
+    "Keyring": "identity",
+    "NodeConfigKey": "identity",
+    "NodeIdentities": "identity",
     "Phase": "client",
     "RoundConfig": "protocol",
     "SecAggPlus": "server",
     "SecAggPlusClientMod": "client",
     "ServerPhase": "server",
     "Stage": "protocol",
+    "Threat": "protocol",
     "check_parameters": "parameters",
+    "enroll": "identity",
     "find_parameters": "parameters",
     "secaggplus_mod": "client",
 }
 __getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
+    "Enrolment",
     "GraphParameters",
     "HararyGraph",
+    "IdentityKey",
+    "Keyring",
+    "NodeConfigKey",
+    "NodeIdentities",
     "Phase",
     "RoundConfig",
     "SecAggPlus",
     "SecAggPlusClientMod",
     "ServerPhase",
     "Stage",
+    "Threat",
     "check_parameters",
+    "enroll",
     "find_parameters",
     "secaggplus_mod",
 ]
