@@ -5,8 +5,8 @@ about any one of them, even when up to a chosen fraction of the nodes drop out
 at any stage, and even when it colludes with up to a chosen fraction of
 semi-honest nodes; with ``threat="malicious"`` and a PKI of node identity keys
 (:func:`enroll`, :class:`NodeIdentities`) also against a server that deviates
-from the protocol (signed keys, a consistency check before unmasking). See ``docs/secagg.md`` for what it protects against and
-what it does not.
+from the protocol (signed keys, a consistency check before unmasking). See
+``docs/secagg.md`` for what it protects against and what it does not.
 
 .. code-block:: python
 

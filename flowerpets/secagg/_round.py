@@ -6,9 +6,9 @@
 machine (``NEW -> ADVERTISED -> SHARED -> COLLECTED -> UNMASKED``, with
 ``COLLECTED -> CHECKED -> UNMASKED`` in malicious mode: the consistency check)
 that refuses to run out of order; the stages run are those of the mod's threat
-model (:data:`flowerpets.secagg.threat.MODELS`). What the server holds is a running ``uint32`` sum of the
-masked vectors (4 bytes per parameter, whatever the cohort size), never a
-node's vector on its own after it has been added.
+model (:data:`flowerpets.secagg.threat.MODELS`). What the server holds is a
+running ``uint32`` sum of the masked vectors (4 bytes per parameter, whatever
+the cohort size), never a node's vector on its own after it has been added.
 
 Dropouts are survivable at every stage while the threshold conditions hold:
 

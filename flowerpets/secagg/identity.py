@@ -264,7 +264,7 @@ class NodeIdentities(Mapping[int, bytes]):
     def to_text(self) -> str:
         """One line per node: ``<node id> ssh-ed25519 <base64 key>`` (OpenSSH's encoding)."""
         lines = []
-        for node, raw in sorted(self._keys.items()):
+        for node in sorted(self._keys):
             line = self._public[node].public_bytes(
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
             )

@@ -18,8 +18,6 @@ import pytest
 from flowerpets.core import ConfigRecord, ErrorCode
 from flowerpets.exceptions import RequestRefusedError, StateError
 from flowerpets.secagg import Phase, Stage, Threat
-from flowerpets.secagg._node_state import SLOT as _SLOT
-from flowerpets.secagg._node_state import STATE as _STATE
 from flowerpets.secagg._node_state import (
     MALICIOUS_TRANSITIONS,
     TABLES,
@@ -27,6 +25,8 @@ from flowerpets.secagg._node_state import (
     ClientState,
     transition,
 )
+from flowerpets.secagg._node_state import SLOT as _SLOT
+from flowerpets.secagg._node_state import STATE as _STATE
 
 ALLOWED = {
     (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,

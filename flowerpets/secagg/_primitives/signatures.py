@@ -57,7 +57,7 @@ def load_public_key(raw: bytes) -> Ed25519PublicKey:
 
 
 def verify(public: Ed25519PublicKey, signature: bytes, data: bytes, *, what: str) -> None:
-    """Return if ``signature`` is ``public``'s over ``data``; else SignatureError naming ``what``."""
+    """Return if ``signature`` is ``public``'s over ``data``, else SignatureError (``what``)."""
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
         raise SignatureError(f"{what}: a signature is {SIGNATURE_BYTES} bytes")
     try:
