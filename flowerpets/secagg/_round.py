@@ -195,6 +195,7 @@ class ServerRound:
         self.s_pks: dict[int, bytes] = {}
         self.key_signatures: dict[int, bytes] = {}  # malicious mode: each advertisement's
         self.set_signatures: dict[int, bytes] = {}  # ... and each survivor's, of the set
+        self.unmaskers: list[int] = []  # malicious mode: signed, with t neighbours that did
         self.advertised: list[int] = []  # A0 after pruning
         self.shared: list[int] = []  # A1 after pruning: their shares were forwarded
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
@@ -409,11 +410,7 @@ class ServerRound:
             raise self._round_failed(
                 stage, f"none of the {len(self.shared)} nodes that shared keys sent a masked input"
             )
-        alive = set(self.survivors)
-        short = [i for i in self.survivors if self._count(i, alive) < self.t]
-        stranded = [
-            j for j in self.dropped if 0 < self._count(j, alive) < self.t
-        ]  # masked with, and unrecoverable
+        short, stranded = self._unrecoverable(set(self.survivors))
         if short or stranded:
             raise self._round_failed(
                 stage,
@@ -424,6 +421,18 @@ class ServerRound:
 
     def _count(self, node: int, among: set[int]) -> int:
         return sum(1 for j in self.graph.neighbours(node) if j in among)
+
+    def _unrecoverable(self, holders: set[int]) -> tuple[list[int], list[int]]:
+        """The survivors, and the dropped nodes some survivor masked with, that have fewer
+        than ``t`` neighbours among ``holders`` (so their secrets cannot be rebuilt)."""
+        alive = set(self.survivors)
+        short = [i for i in self.survivors if self._count(i, holders) < self.t]
+        stranded = [
+            j
+            for j in self.dropped
+            if self._count(j, alive) > 0 and self._count(j, holders) < self.t
+        ]
+        return short, stranded
 
     def _add_masked_input(self, body: RecordDict) -> None:
         layout = Layout.read(fields_of(body), self.config.secure_metrics)
@@ -468,7 +477,21 @@ class ServerRound:
             self.set_signatures[node] = signature
 
         self._send(stage, ((i, content) for i in self.survivors), accept)
+        signed = set(self.set_signatures)
+        # A node unmasks only with t of its neighbours' signatures: ask no other.
+        self.unmaskers = [
+            i for i in self.survivors if i in signed and self._count(i, signed) >= self.t
+        ]
         self._leave(ServerPhase.CHECKED, stage, started)
+        short, stranded = self._unrecoverable(set(self.unmaskers))
+        if short or stranded:
+            raise self._round_failed(
+                stage,
+                f"{len(signed)} of {len(self.survivors)} survivors signed the survivor set, "
+                f"{len(self.unmaskers)} with t={self.t} neighbours that did; {len(short)} "
+                f"survivor(s) and {len(stranded)} dropped node(s) have fewer than t of those "
+                "neighbours, so their masks cannot be removed",
+            )
 
     def _unmask_requests(self, record: ConfigRecord) -> list[tuple[int, RecordDict]]:
         """Each survivor's unmask request (malicious mode: only those with ``t`` neighbours'
@@ -477,10 +500,8 @@ class ServerRound:
             content = RecordDict({RECORD: record})
             return [(i, content) for i in self.survivors]
         requests = []
-        for i in self.survivors:
+        for i in self.unmaskers:
             signers = [j for j in self.graph.neighbours(i) if j in self.set_signatures]
-            if i not in self.set_signatures or len(signers) < self.t:
-                continue  # it would refuse: it did not sign, or lacks t neighbours' signatures
             signed = ConfigRecord(dict(record.items()))
             signed["signers"] = signers
             signed["signatures"] = [self.set_signatures[j] for j in signers]
