@@ -117,10 +117,11 @@ class Stage(StageName):
     ADVERTISE_KEYS = "secagg+/advertise-keys"
     SHARE_KEYS = "secagg+/share-keys"
     COLLECT_MASKED_INPUT = "secagg+/collect-masked-input"
-    CONSISTENCY_CHECK = "secagg+/consistency-check"
     UNMASK = "secagg+/unmask"
+    # Runs before unmask, listed last: it came in protocol version 2.
+    CONSISTENCY_CHECK = "secagg+/consistency-check"
 
-    # Every stage a node answers; the consistency check is last (it came in version 2).
+    # Every stage a node answers, in the order of their members.
     ALL = enum.nonmember(
         (ADVERTISE_KEYS, SHARE_KEYS, COLLECT_MASKED_INPUT, UNMASK, CONSISTENCY_CHECK)
     )
