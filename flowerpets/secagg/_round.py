@@ -410,21 +410,19 @@ class ServerRound:
             raise self._round_failed(
                 stage, f"none of the {len(self.shared)} nodes that shared keys sent a masked input"
             )
-        short, stranded = self._unrecoverable(set(self.survivors))
-        if short or stranded:
-            raise self._round_failed(
-                stage,
-                f"{len(self.survivors)} of {len(self.shared)} nodes sent masked inputs; "
-                f"{len(short)} survivor(s) and {len(stranded)} dropped node(s) have fewer than "
-                f"t={self.t} surviving neighbours, so their masks cannot be removed",
-            )
+        self._check_recoverable(
+            stage,
+            set(self.survivors),
+            f"{len(self.survivors)} of {len(self.shared)} nodes sent masked inputs",
+            "surviving neighbours",
+        )
 
     def _count(self, node: int, among: set[int]) -> int:
         return sum(1 for j in self.graph.neighbours(node) if j in among)
 
-    def _unrecoverable(self, holders: set[int]) -> tuple[list[int], list[int]]:
-        """The survivors, and the dropped nodes some survivor masked with, that have fewer
-        than ``t`` neighbours among ``holders`` (so their secrets cannot be rebuilt)."""
+    def _check_recoverable(self, stage: str, holders: set[int], summary: str, what: str) -> None:
+        """Fail the round if a survivor, or a dropped node some survivor masked with, has
+        fewer than ``t`` neighbours among ``holders`` (its secret could not be rebuilt)."""
         alive = set(self.survivors)
         short = [i for i in self.survivors if self._count(i, holders) < self.t]
         stranded = [
@@ -432,7 +430,12 @@ class ServerRound:
             for j in self.dropped
             if self._count(j, alive) > 0 and self._count(j, holders) < self.t
         ]
-        return short, stranded
+        if short or stranded:
+            raise self._round_failed(
+                stage,
+                f"{summary}; {len(short)} survivor(s) and {len(stranded)} dropped node(s) have "
+                f"fewer than t={self.t} {what}, so their masks cannot be removed",
+            )
 
     def _add_masked_input(self, body: RecordDict) -> None:
         layout = Layout.read(fields_of(body), self.config.secure_metrics)
@@ -483,15 +486,13 @@ class ServerRound:
             i for i in self.survivors if i in signed and self._count(i, signed) >= self.t
         ]
         self._leave(ServerPhase.CHECKED, stage, started)
-        short, stranded = self._unrecoverable(set(self.unmaskers))
-        if short or stranded:
-            raise self._round_failed(
-                stage,
-                f"{len(signed)} of {len(self.survivors)} survivors signed the survivor set, "
-                f"{len(self.unmaskers)} with t={self.t} neighbours that did; {len(short)} "
-                f"survivor(s) and {len(stranded)} dropped node(s) have fewer than t of those "
-                "neighbours, so their masks cannot be removed",
-            )
+        self._check_recoverable(
+            stage,
+            set(self.unmaskers),
+            f"{len(signed)} of {len(self.survivors)} survivors signed the survivor set, "
+            f"{len(self.unmaskers)} with t={self.t} neighbours that did",
+            "neighbours among those",
+        )
 
     def _unmask_requests(self, record: ConfigRecord) -> list[tuple[int, RecordDict]]:
         """Each survivor's unmask request (malicious mode: only those with ``t`` neighbours'
