@@ -168,13 +168,11 @@ class ClientWorkload:
     SEED = 7
 
     def app(self) -> ClientApp:
-        identity = (
-            {}
-            if self.pki is None
-            else {"identities": self.pki.identities, "identity": self.pki.keyring}
-        )
         mod = SecAggPlusClientMod(
-            randomness=seeded(self.SEED), threat=self.config.threat, **identity
+            randomness=seeded(self.SEED),
+            threat=self.config.threat,
+            identities=None if self.pki is None else self.pki.identities,
+            identity=None if self.pki is None else self.pki.keyring,
         )
         app = ClientApp(mods=[mod])
         update = self.update
