@@ -628,3 +628,49 @@ def test_the_server_excludes_nodes_not_enrolled_and_refuses_bad_signatures() -> 
     assert outcome.failures[6].kind == FailureKind.EXCLUDED
     assert "not enrolled" in outcome.failures[6].error.reason
     assert outcome.total_weight == sum(weights[:5])
+
+
+def test_the_grpc_runtime_node_keys_serve_as_identities(tmp_path: Any) -> None:
+    """docs/secagg.md's recipe: the PKI from the transport's node-keys.pub, each node's key
+    from its node-<i>.key (Ed25519 already); a node checks its key is its enrolment."""
+    from flowerpets.transport import NodeKey, load_public_keys, node_id_of, write_node_keys
+
+    private_files, listing = write_node_keys(tmp_path, 3)
+    pki = NodeIdentities.from_public_keys(load_public_keys([listing]), node_id=node_id_of)
+    assert len(pki) == 3
+    for path in private_files:
+        node_key = NodeKey.load(path)
+        key = IdentityKey.from_pem(node_key.private_pem())
+        pki.check_own(node_key.node_id, key)  # the node's id in the runtime is its enrolment
+        assert pki[node_key.node_id] == node_key.public_bytes
+    with pytest.raises(ConfigurationError, match="not the one enrolled"):
+        pki.check_own(NodeKey.load(private_files[0]).node_id, key)
+
+
+def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
+    """The server verifies what it forwards: a reply whose signature does not verify is a
+    protocol violation, and the round goes on without that node."""
+    updates, weights = protocol.make_data(6, seed=3)
+    pki = enroll(range(1, 7), randomness=seeded_randomness(14))
+    secagg_mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+
+    def tampering(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = secagg_mod(msg, context, call_next)
+        if context.node_id == 6 and msg.metadata.stage == Stage.ADVERTISE_KEYS:
+            body = reply.require_content()[RECORD]
+            body["signature"] = bytes(64)  # type: ignore[index]
+        return reply
+
+    capture = protocol.Capture()
+    server = ServerApp(
+        strategy=FedAvg(),
+        num_rounds=1,
+        initial_arrays=ArrayRecord({"w": np.zeros(protocol.PARAMS, np.float32)}),
+        mods=[capture, protocol.secagg(degree=4, threshold=3, identities=pki.identities)],
+    )
+    app = protocol.make_app(updates, weights, mods=[tampering])
+    result = run_simulation(server, app, 6, node_ids=pki.node_ids, seed=0)
+    outcome = capture.results[0]
+    assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
+    assert outcome.failures[6].kind == FailureKind.PROTOCOL_VIOLATION
+    assert "does not verify" in outcome.failures[6].error.reason
