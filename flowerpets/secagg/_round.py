@@ -502,7 +502,8 @@ class ServerRound:
             return [(i, content) for i in self.survivors]
         requests = []
         for i in self.unmaskers:
-            signers = [j for j in self.graph.neighbours(i) if j in self.set_signatures]
+            # t suffice (a node checks every one it is sent): no more to send or to verify.
+            signers = [j for j in self.graph.neighbours(i) if j in self.set_signatures][: self.t]
             signed = ConfigRecord(dict(record.items()))
             signed["signers"] = signers
             signed["signatures"] = [self.set_signatures[j] for j in signers]

@@ -15,6 +15,7 @@ one purpose passes for another.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import math
 import struct
@@ -177,8 +178,14 @@ def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk:
 
 def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:
     """What a node signs at the consistency check: the set of nodes whose masked inputs the
-    server says it holds (sorted: a set, whatever order it was sent in)."""
-    return transcript(DOMAIN_CONSISTENCY, config.digest, round, node, sorted(survivors))
+    server says it holds (sorted: a set, whatever order it was sent in), then its id."""
+    return _survivors_prefix(config, round, tuple(sorted(survivors))) + _field(node)
+
+
+@functools.lru_cache(maxsize=8)
+def _survivors_prefix(config: RoundConfig, round: int, survivors: tuple[int, ...]) -> bytes:
+    # A node checks t neighbours' signatures of one set: everything but their ids is shared.
+    return transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors)
 
 
 def fields_of(content: RecordDict | None) -> Fields:
