@@ -288,9 +288,10 @@ def make_client_workload(
             for j, c, s in zip(neighbours, c_keys, s_keys, strict=True)
         ]
         workload.later[Stage.CONSISTENCY_CHECK] = {"survivors": list(order)}
-        unmask["signers"] = neighbours
+        signers = neighbours[:t]  # what an honest server forwards: t of them
+        unmask["signers"] = signers
         unmask["signatures"] = [
-            pki.keyring[j].sign(survivor_set(config, 1, j, order)) for j in neighbours
+            pki.keyring[j].sign(survivor_set(config, 1, j, order)) for j in signers
         ]
     workload.later[Stage.UNMASK] = unmask
     # The target's keys come from its seeded randomness: learn them once to encrypt to it.
