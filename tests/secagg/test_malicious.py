@@ -545,26 +545,40 @@ def test_the_round_configuration_digest_binds_every_field() -> None:
 
 
 # -- whole rounds over the simulation ---------------------------------------------------------
-def _malicious_run(
-    n: int, *, faults: Any = (), stop_on_failure: bool = False, **kwargs: Any
+def _run(
+    n: int,
+    client_mod: Any,
+    secagg: SecAggPlus,
+    node_ids: list[int],
+    *,
+    seed: int = 1,
+    faults: Any = (),
+    stop_on_failure: bool = False,
 ) -> tuple[Any, Any, Any]:
-    """A malicious-mode round over the simulation: the nodes enrolled, each with its key."""
-    updates, weights = protocol.make_data(n, seed=1)
-    pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
-    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+    """One round over the simulation with these node ids: its result, the round's outcome
+    (captured) and the nodes' updates and weights."""
+    updates, weights = protocol.make_data(n, seed=seed)
     capture = protocol.Capture()
     server = ServerApp(
         strategy=FedAvg(),
         num_rounds=1,
         initial_arrays=ArrayRecord({"w": np.zeros(protocol.PARAMS, np.float32)}),
-        mods=[capture, protocol.secagg(identities=pki.identities, **kwargs)],
+        mods=[capture, secagg],
         stop_on_failure=stop_on_failure,
     )
-    app = protocol.make_app(updates, weights, mods=[mod])
-    result = run_simulation(
-        server, app, n, node_ids=pki.node_ids, seed=0, faults=faults, max_workers=4
-    )
-    return result, capture, (updates, weights)
+    app = protocol.make_app(updates, weights, mods=[client_mod])
+    result = run_simulation(server, app, n, node_ids=node_ids, seed=0, faults=faults, max_workers=4)
+    return result, capture.results[0] if capture.results else None, (updates, weights)
+
+
+def _malicious_run(
+    n: int, *, faults: Any = (), stop_on_failure: bool = False, **kwargs: Any
+) -> tuple[Any, Any, Any]:
+    """A malicious-mode round over the simulation: the nodes enrolled, each with its key."""
+    pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
+    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+    secagg = protocol.secagg(identities=pki.identities, **kwargs)
+    return _run(n, mod, secagg, pki.node_ids, faults=faults, stop_on_failure=stop_on_failure)
 
 
 # The semi-honest dropout sets (n = 10, k = 8, t = 5), and some at the consistency check.
@@ -586,8 +600,8 @@ LATE = (Stage.CONSISTENCY_CHECK, Stage.UNMASK)  # after their masked input is in
 def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(name: str) -> None:
     plan = MALICIOUS_DROPOUTS[name]
     faults = [Dropout(node=i, round=1, stage=stage) for stage, nodes in plan.items() for i in nodes]
-    result, capture, (updates, weights) = _malicious_run(10, faults=faults)
-    record, outcome = result.history[0], capture.results[0]
+    result, outcome, (updates, weights) = _malicious_run(10, faults=faults)
+    record = result.history[0]
     assert record.ok, record.error
     lost = {i for stage, nodes in plan.items() if stage not in LATE for i in nodes}
     participants = sorted(result.node_index(p) for p in outcome.participants)
@@ -610,20 +624,11 @@ def test_too_few_signatures_fail_the_round_at_the_consistency_check() -> None:
 
 
 def test_the_server_excludes_nodes_not_enrolled_and_refuses_bad_signatures() -> None:
-    updates, weights = protocol.make_data(6, seed=2)
     pki = enroll(range(1, 6), randomness=seeded_randomness(12))  # node 6 is not enrolled
     forger = Keyring({**pki.keyring, 6: IdentityKey.generate(seeded_randomness(13))})
     mod = SecAggPlusClientMod(identities=pki.identities, identity=forger, threat="malicious")
-    capture = protocol.Capture()
-    server = ServerApp(
-        strategy=FedAvg(),
-        num_rounds=1,
-        initial_arrays=ArrayRecord({"w": np.zeros(protocol.PARAMS, np.float32)}),
-        mods=[capture, protocol.secagg(degree=4, threshold=3, identities=pki.identities)],
-    )
-    app = protocol.make_app(updates, weights, mods=[mod])
-    result = run_simulation(server, app, 6, node_ids=[*pki.node_ids, 6], seed=0)
-    outcome = capture.results[0]
+    secagg = protocol.secagg(degree=4, threshold=3, identities=pki.identities)
+    result, outcome, (_, weights) = _run(6, mod, secagg, [*pki.node_ids, 6], seed=2)
     assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
     assert outcome.failures[6].kind == FailureKind.EXCLUDED
     assert "not enrolled" in outcome.failures[6].error.reason
@@ -650,7 +655,6 @@ def test_the_grpc_runtime_node_keys_serve_as_identities(tmp_path: Any) -> None:
 def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
     """The server verifies what it forwards: a reply whose signature does not verify is a
     protocol violation, and the round goes on without that node."""
-    updates, weights = protocol.make_data(6, seed=3)
     pki = enroll(range(1, 7), randomness=seeded_randomness(14))
     secagg_mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
 
@@ -661,16 +665,8 @@ def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
             body["signature"] = bytes(64)  # type: ignore[index]
         return reply
 
-    capture = protocol.Capture()
-    server = ServerApp(
-        strategy=FedAvg(),
-        num_rounds=1,
-        initial_arrays=ArrayRecord({"w": np.zeros(protocol.PARAMS, np.float32)}),
-        mods=[capture, protocol.secagg(degree=4, threshold=3, identities=pki.identities)],
-    )
-    app = protocol.make_app(updates, weights, mods=[tampering])
-    result = run_simulation(server, app, 6, node_ids=pki.node_ids, seed=0)
-    outcome = capture.results[0]
+    secagg = protocol.secagg(degree=4, threshold=3, identities=pki.identities)
+    result, outcome, _ = _run(6, tampering, secagg, pki.node_ids, seed=3)
     assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
     assert outcome.failures[6].kind == FailureKind.PROTOCOL_VIOLATION
     assert "does not verify" in outcome.failures[6].error.reason
