@@ -134,6 +134,17 @@ class DownstreamError(FlowerpetsError):
         self.error = error
 
 
+def _enough(
+    count: int,
+    what: str,
+    config: RoundConfig,
+    error: type[ProtocolViolationError] = ProtocolViolationError,
+) -> None:
+    """At least ``t`` of something, or the server is refused."""
+    if count < config.threshold:
+        raise error(f"only {count} {what}, fewer than the threshold t={config.threshold}")
+
+
 def _unique(values: Sequence[Any], what: str) -> None:
     if len(set(values)) != len(values):
         raise ProtocolViolationError(f"{what} lists an entry twice")
@@ -200,11 +211,7 @@ def share_keys(node: NodeSettings, request: StageRequest) -> Message:
         _unique(pks, what)
         if own & set(pks):
             raise ProtocolViolationError(f"{what} holds this node's own public key")
-    if len(nodes) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(nodes)} of this node's {config.degree} neighbours advertised keys, "
-            f"fewer than the threshold t={config.threshold}"
-        )
+    _enough(len(nodes), f"of this node's {config.degree} neighbours advertised keys", config)
     if node.model.signed:
         _verify_advertisements(_identities(node), body, config, state.round, nodes, c_pks, s_pks)
     self_seed = node.randomness(prg.SEED_BYTES)
@@ -276,11 +283,7 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
     strangers = [j for j in senders if j not in index]
     if strangers:
         raise ProtocolViolationError(f"nodes {strangers[:5]} never received this node's keys")
-    if len(senders) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(senders)} neighbours delivered shares, fewer than the threshold "
-            f"t={config.threshold}"
-        )
+    _enough(len(senders), "neighbours delivered shares", config)
     b_shares, s_shares = [], []
     for j, ciphertext in zip(senders, ciphertexts, strict=True):
         key = state.share_keys[index[j]]
@@ -398,11 +401,7 @@ def _check_survivors(
             f"neighbours {sorted(unknown)[:5]} never shared keys with this node"
         )
     alive = survivors & mine
-    if len(alive) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(alive)} of this node's neighbours survive, fewer than the threshold "
-            f"t={config.threshold}"
-        )
+    _enough(len(alive), "of this node's neighbours survive", config)
 
 
 # -- stage 3 (malicious mode): consistency check ---------------------------------------
@@ -455,11 +454,12 @@ def _verify_consistency(
             survivor_set(config, state.round, j, state.signed_set),
             what=f"node {j}'s signature of the survivor set",
         )
-    if len(signers) < config.threshold:
-        raise InconsistentViewError(
-            f"only {len(signers)} of this node's neighbours signed the survivor set it signed, "
-            f"fewer than the threshold t={config.threshold}"
-        )
+    _enough(
+        len(signers),
+        "of this node's neighbours signed the survivor set it signed",
+        config,
+        InconsistentViewError,
+    )
 
 
 # -- stage 4: unmask -----------------------------------------------------------
