@@ -223,6 +223,10 @@ class NodeIdentities(Mapping[int, bytes]):
         self._keys = MappingProxyType(dict(keys))
         self._public = public
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Public keys only: an app that carries its PKI may be shipped to its workers.
+        return (NodeIdentities, (dict(self._keys),))
+
     @classmethod
     def from_public_keys(
         cls, public_keys: Iterable[bytes], *, node_id: Callable[[bytes], int]

@@ -497,6 +497,9 @@ def test_identity_keys_are_never_pickled_nor_shown() -> None:
             pickle.dumps(thing)
     assert key.private_pem().split(b"\n")[1].decode() not in repr(key) + repr(ring)
     assert repr(ring) == "Keyring(1 nodes)"
+    # The PKI is public: an app that carries it can be shipped to its workers.
+    pki = NodeIdentities({1: key.public_bytes})
+    assert dict(pickle.loads(pickle.dumps(pki))) == {1: key.public_bytes}
 
 
 def test_a_node_config_names_its_key_file(tmp_path: Any) -> None:
