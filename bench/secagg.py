@@ -33,6 +33,16 @@ Three parts (``--parts``), each a table of medians and ratios:
     stage. The model is checked against the plain round within the documented
     quantization bound.
 
+``malicious``
+    The malicious mode (signed keys, the consistency check) against the
+    semi-honest mode, both measured in this run: one node's whole protocol
+    (every stage, unmask included; synthetic neighbours that sign with their
+    own identity keys) in a cohort of ``--client-n``, and whole rounds of
+    ``--malicious-n`` (default 100) nodes through ``run_simulation``, on
+    ``--params`` parameters. The ratios are malicious over semi-honest, per
+    client and per round; each mode uses the degree and threshold the finder
+    picks for its threat.
+
 Peak memory is the tracemalloc peak above the start of one untimed run (numpy
 buffers included; the inputs prepared before are not). For ``round`` it counts
 the clients too, since they run in the same process; the server itself holds
@@ -90,10 +100,13 @@ from flowerpets.core import (
     ServerContext,
 )
 from flowerpets.secagg import (
+    Enrolment,
     RoundConfig,
     SecAggPlus,
     SecAggPlusClientMod,
     Stage,
+    Threat,
+    enroll,
     find_parameters,
     secaggplus_mod,
 )
@@ -105,13 +118,16 @@ from flowerpets.secagg.protocol import (
     RECORD,
     SHARE_PLAINTEXT_BYTES,
     Layout,
+    advertisement,
     pair_mask_seed,
     share_key,
+    survivor_set,
 )
 from flowerpets.secagg.server import ServerPhase, ServerRound
+from flowerpets.secagg.threat import MODELS, with_threat
 from flowerpets.simulation import run_simulation
 
-PARTS = ("client", "server", "round")
+PARTS = ("client", "server", "round", "malicious")
 Randomness = Callable[[int], bytes]
 
 
@@ -146,11 +162,19 @@ class ClientWorkload:
     collect_fields: dict[str, Any]
     update: NDArray[np.float32]
     stages: dict[str, list[float]] = field(default_factory=dict)
+    pki: Enrolment | None = None  # malicious mode: every node's identity key
+    later: dict[str, dict[str, Any]] = field(default_factory=dict)  # consistency, unmask
 
     SEED = 7
 
     def app(self) -> ClientApp:
-        app = ClientApp(mods=[SecAggPlusClientMod(randomness=seeded(self.SEED))])
+        mod = SecAggPlusClientMod(
+            randomness=seeded(self.SEED),
+            threat=self.config.threat,
+            identities=None if self.pki is None else self.pki.identities,
+            identity=None if self.pki is None else self.pki.keyring,
+        )
+        app = ClientApp(mods=[mod])
         update = self.update
 
         @app.train()
@@ -175,8 +199,9 @@ class ClientWorkload:
             stage=stage,
         )
 
-    def run(self, *, record: bool = True) -> NDArray[np.uint32]:
-        """The target node's three stages; their times are recorded."""
+    def run(self, *, record: bool = True, whole: bool = False) -> NDArray[np.uint32]:
+        """The target node's three stages (``whole``: every stage of its threat model, unmask
+        included); their times are recorded."""
         app, context = self.app(), Context(node_id=self.target, run_id=1)
         advertise = self.message(Stage.ADVERTISE_KEYS, self._config_fields(), {})
         share = self.message(Stage.SHARE_KEYS, self.share_fields, {})
@@ -186,8 +211,13 @@ class ClientWorkload:
             self.collect_fields,
             {"arrays": arrays, "config": ConfigRecord({"server-round": 1})},
         )
+        messages = [("advertise-keys", advertise), ("share-keys", share), ("masked-input", collect)]
+        if whole:
+            for stage in MODELS[self.config.threat].stages[3:]:
+                name = stage.removeprefix(Stage.PREFIX)
+                messages.append((name, self.message(stage, self.later[stage], {})))
         times, replies = [], []
-        for msg in (advertise, share, collect):
+        for _, msg in messages:
             started = time.perf_counter()
             replies.append(app(msg, context))
             times.append(time.perf_counter() - started)
@@ -195,9 +225,7 @@ class ClientWorkload:
             if reply.error is not None:
                 raise RuntimeError(f"the client failed: {reply.error}")
         if record:
-            for name, seconds in zip(
-                ("advertise-keys", "share-keys", "masked-input"), times, strict=True
-            ):
+            for (name, _), seconds in zip(messages, times, strict=True):
                 self.stages.setdefault(name, []).append(seconds)
         body = replies[2].require_content()
         vector: NDArray[np.uint32] = body.get_typed(MASKED_RECORD, ArrayRecord)[
@@ -209,8 +237,10 @@ class ClientWorkload:
         return {k: v for k, v in self.config.to_record().items() if k != "session"}
 
 
-def make_client_workload(n: int, params: int, seed: int) -> ClientWorkload:
-    graph_params = find_parameters(n)
+def make_client_workload(
+    n: int, params: int, seed: int, threat: Threat = Threat.SEMI_HONEST
+) -> ClientWorkload:
+    graph_params = with_threat(find_parameters, threat, n)
     k, t = graph_params.degree, graph_params.threshold
     rng = np.random.default_rng(seed)
     ids = [1000 + i for i in range(n)]
@@ -224,12 +254,14 @@ def make_client_workload(n: int, params: int, seed: int) -> ClientWorkload:
         max_weight=10_000,
         weight_key=WEIGHT_KEY,
         secure_metrics=(),
+        threat=threat,
     )
     target = order[0]
     neighbours = list(config.graph.neighbours(target))
     randomness = seeded(seed + 1)
     c_keys = [keys.generate_private_key(randomness) for _ in neighbours]
     s_keys = [keys.generate_private_key(randomness) for _ in neighbours]
+    pki = enroll(ids, randomness=seeded(seed + 2)) if MODELS[threat].signed else None
     workload = ClientWorkload(
         n=n,
         k=k,
@@ -244,7 +276,24 @@ def make_client_workload(n: int, params: int, seed: int) -> ClientWorkload:
         },
         collect_fields={},
         update=rng.uniform(-1, 1, params).astype(np.float32),
+        pki=pki,
     )
+    unmask: dict[str, Any] = {"survivors": list(order), "dropped": []}
+    if pki is not None:
+        # The neighbours sign what an honest neighbour signs: its keys, then the survivors.
+        workload.share_fields["signatures"] = [
+            pki.keyring[j].sign(
+                advertisement(config, 1, j, keys.public_bytes(c), keys.public_bytes(s))
+            )
+            for j, c, s in zip(neighbours, c_keys, s_keys, strict=True)
+        ]
+        workload.later[Stage.CONSISTENCY_CHECK] = {"survivors": list(order)}
+        signers = neighbours[:t]  # what an honest server forwards: t of them
+        unmask["signers"] = signers
+        unmask["signatures"] = [
+            pki.keyring[j].sign(survivor_set(config, 1, j, order)) for j in signers
+        ]
+    workload.later[Stage.UNMASK] = unmask
     # The target's keys come from its seeded randomness: learn them once to encrypt to it.
     probe = workload.app()
     context = Context(node_id=target, run_id=1)
@@ -440,26 +489,34 @@ class Capture:
 
 
 def one_round(
-    args: argparse.Namespace, n: int, app: ClientApp, mods: Sequence[Any]
+    args: argparse.Namespace,
+    n: int,
+    app: ClientApp,
+    mods: Sequence[Any],
+    node_ids: Sequence[int] | None = None,
 ) -> NDArray[np.float32]:
     """One FedAvg round of ``n`` nodes through run_simulation; the new model."""
     initial = ArrayRecord.from_numpy({"w": np.zeros(args.params, np.float32)}, copy=False)
     server = ServerApp(strategy=FedAvg(), num_rounds=1, initial_arrays=initial, mods=mods)
-    result = run_simulation(server, app, n, seed=args.seed)
+    result = run_simulation(server, app, n, seed=args.seed, node_ids=node_ids)
     if not result.history[0].ok:
         raise RuntimeError(f"the round failed: {result.history[0].error}")
     model: NDArray[np.float32] = result.arrays["w"].numpy()
     return model
 
 
+def round_updates(args: argparse.Namespace, n: int) -> tuple[NDArray[np.float32], list[int]]:
+    rng = np.random.default_rng(args.seed + n)
+    updates = rng.random((n, args.params), dtype=np.float32)  # no float64 temporary
+    updates *= 2
+    updates -= 1
+    return updates, [int(w) for w in rng.integers(10, 1000, size=n)]
+
+
 def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in args.round_n:
-        rng = np.random.default_rng(args.seed + n)
-        updates = rng.random((n, args.params), dtype=np.float32)  # no float64 temporary
-        updates *= 2
-        updates -= 1
-        weights = [int(w) for w in rng.integers(10, 1000, size=n)]
+        updates, weights = round_updates(args, n)
         secure_app = update_app(updates, weights, name="w", mods=[secaggplus_mod])
         plain_app = update_app(updates, weights, name="w")
         capture = Capture()
@@ -494,6 +551,62 @@ def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     return out
 
 
+# -- part 4: the malicious mode against the semi-honest one --------------------------------------
+def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    threats = (Threat.SEMI_HONEST, Threat.MALICIOUS)
+    workloads = {
+        threat: make_client_workload(args.client_n, args.params, args.seed, threat)
+        for threat in threats
+    }
+    for workload in workloads.values():
+        workload.run(record=False, whole=True)  # fails loudly now if anything is inconsistent
+    n = args.malicious_n
+    updates, weights = round_updates(args, n)
+    pki = enroll(range(1, n + 1))
+    client_mods = {
+        Threat.SEMI_HONEST: secaggplus_mod,
+        Threat.MALICIOUS: SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring),
+    }
+    servers = {
+        Threat.SEMI_HONEST: SecAggPlus(),
+        Threat.MALICIOUS: SecAggPlus(identities=pki.identities),
+    }
+    cases = []
+    for threat in threats:
+        workload = workloads[threat]
+        cases.append(
+            Case(
+                f"client_{threat.value}",
+                partial(workload.run, whole=True),
+                f"one node, every stage, n = {args.client_n} (k = {workload.k})",
+            )
+        )
+    for threat in threats:
+        app = update_app(updates, weights, name="w", mods=[client_mods[threat]])
+        round_ = partial(one_round, args, n, app, (servers[threat],), pki.node_ids)
+        cases.append(Case(f"round_{threat.value}_n{n}", round_, f"a whole round of {n} nodes"))
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    names = [case.name for case in cases]
+    stages = {
+        threat.value: {name: median(times) for name, times in workloads[threat].stages.items()}
+        for threat in threats
+    }
+    return {
+        "client_n": args.client_n,
+        "round_n": n,
+        "params": args.params,
+        "k_t": {threat.value: [workloads[threat].k, workloads[threat].t] for threat in threats},
+        "results": {  # each against the semi-honest mode's same measurement
+            name: m.to_json(results[names[0] if at < 2 else names[2]])
+            for at, (name, m) in enumerate(results.items())
+        },
+        "client_ratio": ratio(results[names[1]], results[names[0]]),
+        "round_ratio": ratio(results[names[3]], results[names[2]]),
+        "client_stages_s": stages,
+        "_measurements": results,
+    }
+
+
 # -- main --------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="SecAgg+ against its limits.")
@@ -506,6 +619,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-params", type=positive_int, default=1_000_000)
     parser.add_argument("--dropout-fraction", type=float, default=0.05)
     parser.add_argument("--round-n", type=positive_int, nargs="+", default=[50, 100])
+    parser.add_argument(
+        "--malicious-n", type=positive_int, default=100, help="cohort for malicious vs semi-honest"
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, repeats=5)
     return parser.parse_args(argv)
@@ -556,6 +672,25 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
                 format_table(("secagg stage", "median s"), list(r["stages_s"].items())),
                 "",
             ]
+    if "malicious" in parts:
+        m = parts["malicious"]
+        kt = ", ".join(f"{name}: k = {k}, t = {t}" for name, (k, t) in m["k_t"].items())
+        measurements = list(m["_measurements"].values())
+        lines += [
+            f"malicious vs semi-honest ({kt}), {m['params']:,} params: one node of "
+            f"{m['client_n']}, x{m['client_ratio']:.2f}; a round of {m['round_n']}, "
+            f"x{m['round_ratio']:.2f}",
+            measurement_table(measurements[:2], baseline=measurements[0].name, label="semi"),
+            measurement_table(measurements[2:], baseline=measurements[2].name, label="semi"),
+            format_table(
+                ("node stage", *m["client_stages_s"]),
+                [
+                    (stage, *(s.get(stage, float("nan")) for s in m["client_stages_s"].values()))
+                    for stage in m["client_stages_s"][Threat.MALICIOUS.value]
+                ],
+            ),
+            "",
+        ]
     lines.append(f"process RSS high-water mark: {max_rss_mb() or float('nan'):.0f} MB")
     return "\n".join(lines)
 
@@ -564,7 +699,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     progress = None if args.quiet else sys.stderr
     parts: dict[str, Any] = {}
-    runners = {"client": client_part, "server": server_part, "round": round_part}
+    runners = {
+        "client": client_part,
+        "server": server_part,
+        "round": round_part,
+        "malicious": malicious_part,
+    }
     for name in args.parts:
         parts[name] = runners[name](args, progress)
     failed = []

@@ -28,6 +28,7 @@ __all__ = [
     "FrameError",
     "IncompatibleModsError",
     "IncompatibleStrategyError",
+    "InconsistentViewError",
     "InfeasibleParametersError",
     "InsecureRandomnessWarning",
     "InvalidUpdateError",
@@ -42,6 +43,7 @@ __all__ = [
     "MissingRunError",
     "MissingStateError",
     "ModelMismatchError",
+    "NotEnrolledError",
     "NotFoundError",
     "ParameterTypeError",
     "ParameterValueError",
@@ -57,6 +59,7 @@ __all__ = [
     "RoundSequenceError",
     "RunConfigMismatchError",
     "RunExistsError",
+    "SignatureError",
     "StateError",
     "StateTypeError",
     "StopRunError",
@@ -190,6 +193,27 @@ class ProtocolViolationError(FlowerpetsError, ValueError):
     advertised, or shares addressed to nodes it was not told of. A stage
     exchange's accept function raises it to record the node's failure as a
     ``PROTOCOL_VIOLATION`` rather than a malformed reply.
+    """
+
+
+class SignatureError(ProtocolViolationError):
+    """A signature that is missing, malformed, or does not verify for what it should sign.
+
+    SecAgg+'s malicious mode: a key advertisement or a consistency signature
+    that its node's enrolled identity key did not make over this very session,
+    round and content (unsigned, forged, or replayed from another round).
+    """
+
+
+class NotEnrolledError(ProtocolViolationError):
+    """A node id that the configured identities (the PKI) do not list: a Sybil."""
+
+
+class InconsistentViewError(ProtocolViolationError):
+    """The server showed nodes different views of a round (SecAgg+'s consistency check).
+
+    A survivor set that differs from the one this node signed, or fewer than
+    ``t`` of its neighbours' signatures over the same set.
     """
 
 

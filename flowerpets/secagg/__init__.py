@@ -3,8 +3,10 @@
 The server learns the (weighted) sum of the cohort's updates and nothing more
 about any one of them, even when up to a chosen fraction of the nodes drop out
 at any stage, and even when it colludes with up to a chosen fraction of
-semi-honest nodes. See ``docs/secagg.md`` for what it protects against and
-what it does not.
+semi-honest nodes; with ``threat="malicious"`` and a PKI of node identity keys
+(:func:`enroll`, :class:`NodeIdentities`) also against a server that deviates
+from the protocol (signed keys, a consistency check before unmasking). See
+``docs/secagg.md`` for what it protects against and what it does not.
 
 .. code-block:: python
 
@@ -22,6 +24,14 @@ from flowerpets._lazy import lazy_face
 if TYPE_CHECKING:
     from flowerpets.secagg.client import Phase, SecAggPlusClientMod, secaggplus_mod
     from flowerpets.secagg.graph import HararyGraph
+    from flowerpets.secagg.identity import (
+        Enrolment,
+        IdentityKey,
+        Keyring,
+        NodeConfigKey,
+        NodeIdentities,
+        enroll,
+    )
     from flowerpets.secagg.parameters import (
         GraphParameters,
         Threat,
@@ -33,8 +43,13 @@ if TYPE_CHECKING:
 
 # Where each name lives, imported on first use: a node loads the client mod only.
 _HOMES = {
+    "Enrolment": "identity",
     "GraphParameters": "parameters",
     "HararyGraph": "graph",
+    "IdentityKey": "identity",
+    "Keyring": "identity",
+    "NodeConfigKey": "identity",
+    "NodeIdentities": "identity",
     "Phase": "client",
     "RoundConfig": "protocol",
     "SecAggPlus": "server",
@@ -43,14 +58,20 @@ _HOMES = {
     "Stage": "protocol",
     "Threat": "parameters",
     "check_parameters": "parameters",
+    "enroll": "identity",
     "find_parameters": "parameters",
     "secaggplus_mod": "client",
 }
 __getattr__, __dir__ = lazy_face(__name__, _HOMES)
 
 __all__ = [
+    "Enrolment",
     "GraphParameters",
     "HararyGraph",
+    "IdentityKey",
+    "Keyring",
+    "NodeConfigKey",
+    "NodeIdentities",
     "Phase",
     "RoundConfig",
     "SecAggPlus",
@@ -59,6 +80,7 @@ __all__ = [
     "Stage",
     "Threat",
     "check_parameters",
+    "enroll",
     "find_parameters",
     "secaggplus_mod",
 ]

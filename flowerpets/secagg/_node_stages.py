@@ -1,7 +1,8 @@
-"""The four SecAgg+ stages as a node answers them: one function per stage.
+"""The SecAgg+ stages as a node answers them: one function per stage.
 
-Each takes the node's settings (:class:`NodeSettings`: its randomness and the
-least threshold it accepts) and one parsed :class:`StageRequest`, checks what
+Each takes the node's settings (:class:`NodeSettings`: its randomness, the
+least threshold it accepts, its threat model and, in malicious mode, the
+identities and its own identity key) and one parsed :class:`StageRequest`, checks what
 the server sent against what an honest server would send, and answers; a
 check that fails raises one of our protocol errors
 (:class:`~flowerpets.exceptions.ProtocolViolationError`,
@@ -32,7 +33,9 @@ from flowerpets.core import (
 from flowerpets.core.fields import Fields
 from flowerpets.exceptions import (
     FlowerpetsError,
+    InconsistentViewError,
     InvalidUpdateError,
+    NotEnrolledError,
     ProtocolViolationError,
     RecordTypeError,
     UsageError,
@@ -46,6 +49,7 @@ from flowerpets.secagg._node_state import (
     transition,
 )
 from flowerpets.secagg._primitives import aead, keys, prg, quantize, shamir
+from flowerpets.secagg.identity import IdentityKey, NodeIdentities
 from flowerpets.secagg.parameters import check_threshold
 from flowerpets.secagg.protocol import (
     FLOAT,
@@ -55,13 +59,17 @@ from flowerpets.secagg.protocol import (
     SHARE_BYTES,
     SHARE_CIPHERTEXT_BYTES,
     SHARE_PLAINTEXT_BYTES,
+    SIGNATURE_BYTES,
     Layout,
     RoundConfig,
     Stage,
+    advertisement,
     elements_to_share,
     pair_mask_seed,
     share_key,
+    survivor_set,
 )
+from flowerpets.secagg.threat import ThreatModel, with_threat
 
 __all__ = ["STAGES", "DownstreamError", "NodeSettings", "StageRequest"]
 
@@ -74,13 +82,28 @@ SHAMIR = shamir.Shamir()
 
 
 class NodeSettings(Protocol):
-    """What a stage reads of the mod: where randomness comes from, the least threshold."""
+    """What a stage reads of the mod: where randomness comes from, the least threshold,
+    the threat model, and (malicious mode) the identities and this node's key."""
 
     @property
     def randomness(self) -> Randomness: ...
 
     @property
     def min_threshold(self) -> int: ...
+
+    @property
+    def model(self) -> ThreatModel: ...
+
+    @property
+    def identities(self) -> NodeIdentities | None: ...
+
+    def identity_key(self, context: Context) -> IdentityKey: ...
+
+
+def _identities(node: NodeSettings) -> NodeIdentities:
+    if node.identities is None:  # resolve() refuses a signed threat model without them
+        raise UsageError("a signed SecAgg+ round needs identities")
+    return node.identities
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +134,17 @@ class DownstreamError(FlowerpetsError):
         self.error = error
 
 
+def _enough(
+    count: int,
+    what: str,
+    config: RoundConfig,
+    error: type[ProtocolViolationError] = ProtocolViolationError,
+) -> None:
+    """At least ``t`` of something, or the server is refused."""
+    if count < config.threshold:
+        raise error(f"only {count} {what}, fewer than the threshold t={config.threshold}")
+
+
 def _unique(values: Sequence[Any], what: str) -> None:
     if len(set(values)) != len(values):
         raise ProtocolViolationError(f"{what} lists an entry twice")
@@ -120,31 +154,42 @@ def _unique(values: Sequence[Any], what: str) -> None:
 def advertise_keys(node: NodeSettings, request: StageRequest) -> Message:
     msg, context, body = request.msg, request.context, request.body
     config = RoundConfig.from_record(body)
-    if context.node_id not in config.graph:
-        raise ProtocolViolationError(f"node {context.node_id} is not in the round's cohort")
+    me = context.node_id
+    if config.threat != node.model.threat:
+        # Either way round: a node of the malicious mode is never downgraded.
+        raise ProtocolViolationError(
+            f"the round is {config.threat.value}; this node takes part in "
+            f"{node.model.threat.value} rounds only"
+        )
+    if me not in config.graph:
+        raise ProtocolViolationError(f"node {me} is not in the round's cohort")
     if config.threshold < node.min_threshold:
         raise ProtocolViolationError(
             f"threshold {config.threshold} is below this node's minimum {node.min_threshold}"
         )
-    check_threshold(len(config.order), config.degree, config.threshold)
+    with_threat(check_threshold, config.threat, len(config.order), config.degree, config.threshold)
+    signer = None
+    if node.model.signed:
+        identities = _identities(node)
+        sybils = [j for j in config.order if j not in identities]
+        if sybils:
+            raise NotEnrolledError(f"nodes {sybils[:5]} of the ring order are not enrolled")
+        signer = node.identity_key(context)
     c_sk = keys.generate_private_key(node.randomness)
     s_sk = keys.generate_private_key(node.randomness)
     state = ClientState(
         run_id=msg.metadata.run_id,
         round=msg.round,
-        phase=transition(Phase.NEW, Stage.ADVERTISE_KEYS),
+        phase=transition(Phase.NEW, Stage.ADVERTISE_KEYS, config.threat),
         c_sk=keys.private_bytes(c_sk),
         s_sk=keys.private_bytes(s_sk),
     )
     context.state[STATE_CONFIG] = config.to_record()
     SLOT.store(context.state, state)
-    reply = ConfigRecord(
-        {
-            "session": config.session,
-            "c-pk": keys.public_bytes(c_sk),
-            "s-pk": keys.public_bytes(s_sk),
-        }
-    )
+    c_pk, s_pk = keys.public_bytes(c_sk), keys.public_bytes(s_sk)
+    reply = ConfigRecord({"session": config.session, "c-pk": c_pk, "s-pk": s_pk})
+    if signer is not None:
+        reply["signature"] = signer.sign(advertisement(config, msg.round, me, c_pk, s_pk))
     return msg.reply(RecordDict({RECORD: reply}))
 
 
@@ -166,11 +211,9 @@ def share_keys(node: NodeSettings, request: StageRequest) -> Message:
         _unique(pks, what)
         if own & set(pks):
             raise ProtocolViolationError(f"{what} holds this node's own public key")
-    if len(nodes) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(nodes)} of this node's {config.degree} neighbours advertised keys, "
-            f"fewer than the threshold t={config.threshold}"
-        )
+    _enough(len(nodes), f"of this node's {config.degree} neighbours advertised keys", config)
+    if node.model.signed:
+        _verify_advertisements(_identities(node), body, config, state.round, nodes, c_pks, s_pks)
     self_seed = node.randomness(prg.SEED_BYTES)
     secret = np.concatenate(
         [shamir.bytes_to_elements(self_seed), shamir.bytes_to_elements(state.s_sk)]
@@ -190,6 +233,7 @@ def share_keys(node: NodeSettings, request: StageRequest) -> Message:
         ciphertexts.append(aead.encrypt(key, plaintext, associated, node.randomness))
     state = state.after(
         Stage.SHARE_KEYS,
+        config.threat,
         self_seed=self_seed,
         c_sk=b"",  # the encryption key pair has done its job
         neighbours=tuple(nodes),
@@ -201,6 +245,29 @@ def share_keys(node: NodeSettings, request: StageRequest) -> Message:
         {"session": config.session, "receivers": nodes, "ciphertexts": ciphertexts}
     )
     return msg.reply(RecordDict({RECORD: reply}))
+
+
+def _verify_advertisements(
+    identities: NodeIdentities,
+    body: Fields,
+    config: RoundConfig,
+    round: int,
+    nodes: Sequence[int],
+    c_pks: Sequence[bytes],
+    s_pks: Sequence[bytes],
+) -> None:
+    """Each neighbour's keys must carry its enrolled identity key's signature over this
+    round's configuration (session, ring order, ...), the round, its id and both keys."""
+    signed = body.items("signatures", bytes, size=SIGNATURE_BYTES)
+    if len(signed) != len(nodes):
+        raise ProtocolViolationError("nodes and signatures differ in length")
+    for j, c_pk, s_pk, signature in zip(nodes, c_pks, s_pks, signed, strict=True):
+        identities.verify(
+            j,
+            signature,
+            advertisement(config, round, j, c_pk, s_pk),
+            what=f"the key advertisement of node {j}",
+        )
 
 
 # -- stage 2: collect masked input ---------------------------------------------
@@ -216,11 +283,7 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
     strangers = [j for j in senders if j not in index]
     if strangers:
         raise ProtocolViolationError(f"nodes {strangers[:5]} never received this node's keys")
-    if len(senders) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(senders)} neighbours delivered shares, fewer than the threshold "
-            f"t={config.threshold}"
-        )
+    _enough(len(senders), "neighbours delivered shares", config)
     b_shares, s_shares = [], []
     for j, ciphertext in zip(senders, ciphertexts, strict=True):
         key = state.share_keys[index[j]]
@@ -253,7 +316,7 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
         abort(state, context)
         return msg.error_reply(reply.error)
     vector, layout = _masked_vector(node, reply.require_content(), state, config, context)
-    SLOT.store(context.state, state.after(Stage.COLLECT_MASKED_INPUT))
+    SLOT.store(context.state, state.after(Stage.COLLECT_MASKED_INPUT, config.threat))
     record = ConfigRecord({"session": config.session})
     layout.write(record)
     masked = ArrayRecord({MASKED_ARRAY: Array(vector, copy=False)})
@@ -317,12 +380,11 @@ def _masked_vector(
     return vector, layout
 
 
-# -- stage 3: unmask -----------------------------------------------------------
-def unmask(node: NodeSettings, request: StageRequest) -> Message:
-    msg, context, body, state, config = request.unpack()
-    me = context.node_id
-    survivors = set(body.items("survivors", int))
-    dropped = set(body.items("dropped", int))
+# -- checks on the survivors the server names --------------------------------------
+def _check_survivors(
+    me: int, survivors: set[int], dropped: set[int], state: ClientState, config: RoundConfig
+) -> None:
+    """What an honest server's survivor and dropout lists always satisfy for this node."""
     if survivors & dropped:
         raise ProtocolViolationError(
             f"nodes {sorted(survivors & dropped)[:5]} are listed as both survivors and dropped"
@@ -339,11 +401,76 @@ def unmask(node: NodeSettings, request: StageRequest) -> Message:
             f"neighbours {sorted(unknown)[:5]} never shared keys with this node"
         )
     alive = survivors & mine
-    if len(alive) < config.threshold:
-        raise ProtocolViolationError(
-            f"only {len(alive)} of this node's neighbours survive, fewer than the threshold "
-            f"t={config.threshold}"
+    _enough(len(alive), "of this node's neighbours survive", config)
+
+
+# -- stage 3 (malicious mode): consistency check ---------------------------------------
+def consistency_check(node: NodeSettings, request: StageRequest) -> Message:
+    """Sign the survivor set the server names (once per round: the table allows one)."""
+    msg, context, body, state, config = request.unpack()
+    me = context.node_id
+    listed = body.items("survivors", int)
+    _unique(listed, "the survivor list")
+    survivors = set(listed)
+    _check_survivors(me, survivors, set(), state, config)
+    signed = tuple(sorted(survivors))
+    signature = node.identity_key(context).sign(survivor_set(config, state.round, me, signed))
+    SLOT.store(
+        context.state, state.after(Stage.CONSISTENCY_CHECK, config.threat, signed_set=signed)
+    )
+    reply = ConfigRecord({"session": config.session, "signature": signature})
+    return msg.reply(RecordDict({RECORD: reply}))
+
+
+def _verify_consistency(
+    identities: NodeIdentities,
+    body: Fields,
+    me: int,
+    survivors: set[int],
+    state: ClientState,
+    config: RoundConfig,
+) -> None:
+    """The unmask request's survivors must be the set this node signed, and at least ``t``
+    of its neighbours must have signed that same set (their signatures travel with it)."""
+    if tuple(sorted(survivors)) != state.signed_set:
+        differ = sorted(survivors.symmetric_difference(state.signed_set))
+        raise InconsistentViewError(
+            f"the survivors differ from the set this node signed at the consistency check "
+            f"(in one and not the other: nodes {differ[:5]})"
         )
+    signers = body.items("signers", int)
+    signed = body.items("signatures", bytes, size=SIGNATURE_BYTES)
+    if len(signers) != len(signed):
+        raise ProtocolViolationError("signers and signatures differ in length")
+    _unique(signers, "the signer list")
+    mine = set(config.graph.neighbours(me))
+    strangers = [j for j in signers if j not in mine or j not in survivors]
+    if strangers:
+        raise ProtocolViolationError(f"nodes {strangers[:5]} are no surviving neighbours")
+    for j, signature in zip(signers, signed, strict=True):
+        identities.verify(
+            j,
+            signature,
+            survivor_set(config, state.round, j, state.signed_set),
+            what=f"node {j}'s signature of the survivor set",
+        )
+    _enough(
+        len(signers),
+        "of this node's neighbours signed the survivor set it signed",
+        config,
+        InconsistentViewError,
+    )
+
+
+# -- stage 4: unmask -----------------------------------------------------------
+def unmask(node: NodeSettings, request: StageRequest) -> Message:
+    msg, context, body, state, config = request.unpack()
+    me = context.node_id
+    survivors = set(body.items("survivors", int))
+    dropped = set(body.items("dropped", int))
+    _check_survivors(me, survivors, dropped, state, config)
+    if node.model.consistency_check:
+        _verify_consistency(_identities(node), body, me, survivors, state, config)
     b_nodes, b_shares, s_nodes, s_shares = [], [], [], []
     for j, b_share, s_share in zip(state.senders, state.b_shares, state.s_shares, strict=True):
         if j in survivors:
@@ -358,6 +485,7 @@ def unmask(node: NodeSettings, request: StageRequest) -> Message:
         raise ProtocolViolationError(f"releasing both kinds of share for nodes {sorted(both)[:5]}")
     state = state.after(
         Stage.UNMASK,
+        config.threat,
         released_b=tuple(sorted(set(state.released_b) | set(b_nodes))),
         released_s=tuple(sorted(set(state.released_s) | set(s_nodes))),
     )
@@ -408,6 +536,7 @@ STAGES: Mapping[str, Callable[[NodeSettings, StageRequest], Message]] = MappingP
         Stage.ADVERTISE_KEYS: advertise_keys,
         Stage.SHARE_KEYS: share_keys,
         Stage.COLLECT_MASKED_INPUT: collect_masked_input,
+        Stage.CONSISTENCY_CHECK: consistency_check,
         Stage.UNMASK: unmask,
     }
 )

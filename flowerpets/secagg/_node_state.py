@@ -32,12 +32,15 @@ from flowerpets.exceptions import (
 from flowerpets.secagg.protocol import (
     RoundConfig,
     Stage,
+    Threat,
 )
 
 __all__ = [
+    "MALICIOUS_TRANSITIONS",
     "SLOT",
     "STATE",
     "STATE_CONFIG",
+    "TABLES",
     "TRANSITIONS",
     "ClientState",
     "Phase",
@@ -57,6 +60,7 @@ class Phase(enum.StrEnum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     MASKED = "masked"
+    CHECKED = "checked"  # malicious mode: signed the survivor set at the consistency check
     DONE = "done"
     ABORTED = "aborted"
 
@@ -69,21 +73,41 @@ TRANSITIONS: Mapping[tuple[Phase, str], Phase] = MappingProxyType(
         (Phase.MASKED, Stage.UNMASK): Phase.DONE,
     }
 )
-"""(phase of the message's round, stage) -> the phase after it; every other pair is refused.
+"""A semi-honest round: (phase of the message's round, stage) -> the phase after it;
+every other pair is refused.
 
 A refused pair aborts the round (ABORTED: its secrets are wiped), except where the
 node has nothing to abort: a round it never started (NEW) or one it finished (DONE).
 """
 
+MALICIOUS_TRANSITIONS: Mapping[tuple[Phase, str], Phase] = MappingProxyType(
+    {
+        (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
+        (Phase.ADVERTISED, Stage.SHARE_KEYS): Phase.SHARED,
+        (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
+        (Phase.MASKED, Stage.CONSISTENCY_CHECK): Phase.CHECKED,
+        (Phase.CHECKED, Stage.UNMASK): Phase.DONE,
+    }
+)
+"""A malicious-mode round: the consistency check comes between masking and unmasking, and
+a node signs one survivor set per round (CHECKED is left by unmask only)."""
 
-def transition(phase: Phase, stage: str) -> Phase:
-    """The phase after ``stage``; a stage this phase does not allow is refused."""
-    after = TRANSITIONS.get((phase, stage))
+TABLES: Mapping[Threat, Mapping[tuple[Phase, str], Phase]] = MappingProxyType(
+    {Threat.SEMI_HONEST: TRANSITIONS, Threat.MALICIOUS: MALICIOUS_TRANSITIONS}
+)
+"""The transition table of each threat model (the round's configuration names it)."""
+
+
+def transition(phase: Phase, stage: str, threat: Threat = Threat.SEMI_HONEST) -> Phase:
+    """The phase after ``stage`` in a round of ``threat``; a stage this phase does not allow
+    is refused."""
+    table = TABLES[threat]
+    after = table.get((phase, stage))
     if after is None:
-        needs = [p.value for (p, s), _ in TRANSITIONS.items() if s == stage]
+        needs = [p.value for (p, s), _ in table.items() if s == stage]
         raise RequestRefusedError(
             f"{stage}: out of order (the round is {phase.value}, this stage needs "
-            f"{' or '.join(needs) or 'nothing: it is no SecAgg+ stage'})"
+            f"{' or '.join(needs) or f'nothing: it is no stage of a {threat.value} round'})"
         )
     return after
 
@@ -110,10 +134,11 @@ class ClientState:
     s_shares: tuple[bytes, ...] = ()
     released_b: tuple[int, ...] = ()
     released_s: tuple[int, ...] = ()
+    signed_set: tuple[int, ...] = ()  # malicious mode: the survivor set it signed (sorted)
 
-    def after(self, stage: str, **changes: Any) -> ClientState:
-        """This state after ``stage`` (checked against :data:`TRANSITIONS`), with ``changes``."""
-        return replace(self, phase=transition(self.phase, stage), **changes)
+    def after(self, stage: str, threat: Threat, **changes: Any) -> ClientState:
+        """This state after ``stage`` (checked against ``threat``'s table), with ``changes``."""
+        return replace(self, phase=transition(self.phase, stage, threat), **changes)
 
     def wiped(self, phase: Phase) -> ClientState:
         """The round ended: every secret forgotten (what was released stays recorded)."""

@@ -3,10 +3,12 @@
 :class:`ServerRound` sends the round's messages itself, stage by stage
 (:class:`~flowerpets.secagg.protocol.Stage`), through one core
 :class:`~flowerpets.core.StageExchange`. Each stage is a transition of an explicit state
-machine (``NEW -> ADVERTISED -> SHARED -> COLLECTED -> UNMASKED``) that refuses
-to run out of order. What the server holds is a running ``uint32`` sum of the
-masked vectors (4 bytes per parameter, whatever the cohort size), never a
-node's vector on its own after it has been added.
+machine (``NEW -> ADVERTISED -> SHARED -> COLLECTED -> UNMASKED``, with
+``COLLECTED -> CHECKED -> UNMASKED`` in malicious mode: the consistency check)
+that refuses to run out of order; the stages run are those of the mod's threat
+model (:data:`flowerpets.secagg.threat.MODELS`). What the server holds is a
+running ``uint32`` sum of the masked vectors (4 bytes per parameter, whatever
+the cohort size), never a node's vector on its own after it has been added.
 
 Dropouts are survivable at every stage while the threshold conditions hold:
 
@@ -18,6 +20,9 @@ Dropouts are survivable at every stage while the threshold conditions hold:
   with needs ``t`` too (to rebuild its mask key), or the round stops with
   :class:`~flowerpets.exceptions.RoundFailedError` naming the stage and the
   counts;
+* in malicious mode, after the *consistency check*, a survivor is asked to unmask
+  only if at least ``t`` of its neighbours signed the survivor set (it would
+  refuse otherwise); a survivor that did not sign is still in the sum;
 * at *unmask*, the server needs ``t`` shares for each of those secrets from the
   survivors that answer; it uses exactly ``t`` (those at the lowest points),
   checks each rebuilt mask key against the public key its owner advertised, and
@@ -83,6 +88,7 @@ from flowerpets.exceptions import (
     UsageError,
 )
 from flowerpets.secagg._primitives import keys, prg, quantize, shamir
+from flowerpets.secagg.identity import NodeIdentities
 from flowerpets.secagg.protocol import (
     FLOAT,
     MASKED_ARRAY,
@@ -94,8 +100,10 @@ from flowerpets.secagg.protocol import (
     Layout,
     RoundConfig,
     Stage,
+    advertisement,
     fields_of,
     pair_mask_seed,
+    survivor_set,
 )
 
 if TYPE_CHECKING:  # the mod builds rounds; a round only reads the mod's settings
@@ -115,6 +123,7 @@ class ServerPhase(enum.StrEnum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     COLLECTED = "collected"
+    CHECKED = "checked"  # malicious mode: the survivors signed their set
     UNMASKED = "unmasked"
 
 
@@ -125,7 +134,7 @@ _INVALID = (MessageFieldError, InvalidUpdateError, RecordTypeError)
 
 
 class ServerRound:
-    """One SecAgg+ round on the server: an explicit state machine over the four stages."""
+    """One SecAgg+ round on the server: an explicit state machine over its stages."""
 
     def __init__(
         self,
@@ -138,13 +147,19 @@ class ServerRound:
         """``config`` fixes the round's configuration (tests and benchmarks); by default the
         mod draws a session id and a ring order and picks the parameters for the cohort."""
         self.mod, self.request, self.grid = mod, request, grid
+        self.model = mod.model
         self.phase = ServerPhase.NEW
+        self.exchange = StageExchange.of(grid, request)
+        self.failures = self.exchange.failures  # the round's record: every node's reason
         cohort = tuple(request.cohort)
+        if len(set(cohort)) == len(cohort) and self.model.signed:
+            cohort = self._enrolled(cohort)
         n = len(cohort)
         if n < 2 or len(set(cohort)) != n:
-            raise RoundFailedError(
+            raise self.exchange.round_failed(
                 f"{Stage.ADVERTISE_KEYS}: round {request.round}: secure aggregation needs a "
-                f"cohort of at least 2 distinct nodes, got {n}"
+                f"cohort of at least 2 distinct{' enrolled' if self.model.signed else ''} "
+                f"nodes, got {n}"
             )
         try:
             params = mod.parameters(n)
@@ -157,6 +172,7 @@ class ServerRound:
                 max_weight=mod.max_weight if request.weight_key is not None else 1,
                 weight_key=request.weight_key,
                 secure_metrics=mod.secure_metrics,
+                threat=self.model.threat,
             )
             self.expected = (
                 Layout.of_arrays(request.arrays, mod.secure_metrics)
@@ -174,11 +190,12 @@ class ServerRound:
         self.params = params
         self.graph = self.config.graph
         self.t = self.config.threshold
-        self.exchange = StageExchange.of(grid, request)
-        self.failures = self.exchange.failures  # the round's record: every node's reason
         self.seconds: dict[str, float] = {}
         self.c_pks: dict[int, bytes] = {}
         self.s_pks: dict[int, bytes] = {}
+        self.key_signatures: dict[int, bytes] = {}  # malicious mode: each advertisement's
+        self.set_signatures: dict[int, bytes] = {}  # ... and each survivor's, of the set
+        self.unmaskers: list[int] = []  # malicious mode: signed, with t neighbours that did
         self.advertised: list[int] = []  # A0 after pruning
         self.shared: list[int] = []  # A1 after pruning: their shares were forwarded
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
@@ -191,11 +208,32 @@ class ServerRound:
 
     # -- the state machine -----------------------------------------------------------
     def run(self) -> RoundResult:
-        self.advertise_keys()
-        self.share_keys()
-        self.collect_masked_inputs()
-        self.unmask()
+        for stage in self.model.stages:  # the threat model's stages, in order
+            _STAGES[stage](self)
         return self.result()
+
+    @property
+    def identities(self) -> NodeIdentities:
+        if self.mod.identities is None:  # resolve() refuses a signed model without them
+            raise UsageError("a signed SecAgg+ round needs identities")
+        return self.mod.identities
+
+    def _enrolled(self, cohort: Sequence[int]) -> tuple[int, ...]:
+        """The cohort's enrolled nodes; the others are excluded (every node would refuse a
+        ring order with a node it cannot verify)."""
+        for node in cohort:
+            if node not in self.identities:
+                self.exchange.fail(
+                    node,
+                    Stage.ADVERTISE_KEYS,
+                    FailureKind.EXCLUDED,
+                    "excluded by the server: not enrolled (no identity key)",
+                )
+        return tuple(node for node in cohort if node in self.identities)
+
+    @property
+    def _unmasks_after(self) -> ServerPhase:
+        return ServerPhase.CHECKED if self.model.consistency_check else ServerPhase.COLLECTED
 
     def _enter(self, expected: ServerPhase, stage: str) -> float:
         if self.phase != expected:
@@ -275,6 +313,15 @@ class ServerRound:
                 raise InvalidUpdateError(f"public keys must be {keys.KEY_BYTES} bytes")
             if seen & set(pks) or pks[0] == pks[1]:
                 raise ProtocolViolationError("the node reuses a public key")
+            if self.model.signed:
+                signature = record.get("signature", bytes)
+                self.identities.verify(
+                    node,
+                    signature,
+                    advertisement(self.config, self.request.round, node, *pks),
+                    what="its key advertisement",
+                )
+                self.key_signatures[node] = signature
             seen.update(pks)
             self.c_pks[node], self.s_pks[node] = pks
 
@@ -307,6 +354,8 @@ class ServerRound:
                     "s-pks": [self.s_pks[j] for j in told[i]],
                 }
             )
+            if self.model.signed:
+                record["signatures"] = [self.key_signatures[j] for j in told[i]]
             contents.append((i, RecordDict({RECORD: record})))
         delivered: dict[int, dict[int, bytes]] = {}
 
@@ -361,21 +410,32 @@ class ServerRound:
             raise self._round_failed(
                 stage, f"none of the {len(self.shared)} nodes that shared keys sent a masked input"
             )
-        alive = set(self.survivors)
-        short = [i for i in self.survivors if self._count(i, alive) < self.t]
-        stranded = [
-            j for j in self.dropped if 0 < self._count(j, alive) < self.t
-        ]  # masked with, and unrecoverable
-        if short or stranded:
-            raise self._round_failed(
-                stage,
-                f"{len(self.survivors)} of {len(self.shared)} nodes sent masked inputs; "
-                f"{len(short)} survivor(s) and {len(stranded)} dropped node(s) have fewer than "
-                f"t={self.t} surviving neighbours, so their masks cannot be removed",
-            )
+        self._check_recoverable(
+            stage,
+            set(self.survivors),
+            f"{len(self.survivors)} of {len(self.shared)} nodes sent masked inputs",
+            "surviving neighbours",
+        )
 
     def _count(self, node: int, among: set[int]) -> int:
         return sum(1 for j in self.graph.neighbours(node) if j in among)
+
+    def _check_recoverable(self, stage: str, holders: set[int], summary: str, what: str) -> None:
+        """Fail the round if a survivor, or a dropped node some survivor masked with, has
+        fewer than ``t`` neighbours among ``holders`` (its secret could not be rebuilt)."""
+        alive = set(self.survivors)
+        short = [i for i in self.survivors if self._count(i, holders) < self.t]
+        stranded = [
+            j
+            for j in self.dropped
+            if self._count(j, alive) > 0 and self._count(j, holders) < self.t
+        ]
+        if short or stranded:
+            raise self._round_failed(
+                stage,
+                f"{summary}; {len(short)} survivor(s) and {len(stranded)} dropped node(s) have "
+                f"fewer than t={self.t} {what}, so their masks cannot be removed",
+            )
 
     def _add_masked_input(self, body: RecordDict) -> None:
         layout = Layout.read(fields_of(body), self.config.secure_metrics)
@@ -401,10 +461,59 @@ class ServerRound:
             self.total = np.zeros(self.layout.length, dtype=np.uint32)
         np.add(self.total, vector, out=self.total)
 
-    # -- stage 3 ------------------------------------------------------------------------
+    # -- stage 3 (malicious mode) --------------------------------------------------------
+    def consistency_check(self) -> None:
+        """Every survivor signs the survivor set; a node unmasks only with ``t`` neighbours'."""
+        stage = Stage.CONSISTENCY_CHECK
+        started = self._enter(ServerPhase.COLLECTED, stage)
+        record = ConfigRecord({"session": self.config.session, "survivors": self.survivors})
+        content = RecordDict({RECORD: record})
+
+        def accept(node: int, body: RecordDict) -> None:
+            signature = fields_of(body).get("signature", bytes)
+            self.identities.verify(
+                node,
+                signature,
+                survivor_set(self.config, self.request.round, node, self.survivors),
+                what="its signature of the survivor set",
+            )
+            self.set_signatures[node] = signature
+
+        self._send(stage, ((i, content) for i in self.survivors), accept)
+        signed = set(self.set_signatures)
+        # A node unmasks only with t of its neighbours' signatures: ask no other.
+        self.unmaskers = [
+            i for i in self.survivors if i in signed and self._count(i, signed) >= self.t
+        ]
+        self._leave(ServerPhase.CHECKED, stage, started)
+        self._check_recoverable(
+            stage,
+            set(self.unmaskers),
+            f"{len(signed)} of {len(self.survivors)} survivors signed the survivor set, "
+            f"{len(self.unmaskers)} with t={self.t} neighbours that did",
+            "neighbours among those",
+        )
+
+    def _unmask_requests(self, record: ConfigRecord) -> list[tuple[int, RecordDict]]:
+        """Each survivor's unmask request (malicious mode: only those with ``t`` neighbours'
+        signatures of the survivor set, each with those signatures)."""
+        if not self.model.consistency_check:
+            content = RecordDict({RECORD: record})
+            return [(i, content) for i in self.survivors]
+        requests = []
+        for i in self.unmaskers:
+            # t suffice (a node checks every one it is sent): no more to send or to verify.
+            signers = [j for j in self.graph.neighbours(i) if j in self.set_signatures][: self.t]
+            signed = ConfigRecord(dict(record.items()))
+            signed["signers"] = signers
+            signed["signatures"] = [self.set_signatures[j] for j in signers]
+            requests.append((i, RecordDict({RECORD: signed})))
+        return requests
+
+    # -- stage 4 ------------------------------------------------------------------------
     def unmask(self) -> None:
         stage = Stage.UNMASK
-        started = self._enter(ServerPhase.COLLECTED, stage)
+        started = self._enter(self._unmasks_after, stage)
         alive, gone = set(self.survivors), set(self.dropped)
         record = ConfigRecord(
             {
@@ -413,7 +522,6 @@ class ServerRound:
                 "dropped": self.dropped,
             }
         )
-        content = RecordDict({RECORD: record})
         b_shares: dict[int, dict[int, bytes]] = {}
         s_shares: dict[int, dict[int, bytes]] = {}
 
@@ -422,7 +530,7 @@ class ServerRound:
             for kind, dealer, point, share in got:
                 (b_shares if kind == "b" else s_shares).setdefault(dealer, {})[point] = share
 
-        answered = self._send(stage, ((i, content) for i in self.survivors), accept)
+        answered = self._send(stage, self._unmask_requests(record), accept)
         # A survivor that does not help unmask is still in the sum: not a failure of the round.
         self.unmask_missing = [i for i in self.survivors if i not in set(answered)]
         for node in self.unmask_missing:
@@ -449,7 +557,7 @@ class ServerRound:
         self masks and the pairwise masks between dropped nodes and their
         surviving neighbours are removed from the running sum, block by block.
         """
-        if self.phase != ServerPhase.COLLECTED or self.total is None:
+        if self.phase != self._unmasks_after or self.total is None:
             raise UsageError(f"SecAgg+ server: cannot unmask in phase {self.phase.value!r}")
         stage = Stage.UNMASK
         alive = set(self.survivors)
@@ -611,3 +719,13 @@ class ServerRound:
             failures=dict(self.failures),
             metrics=metrics,
         )
+
+
+_STAGES: dict[str, Callable[[ServerRound], None]] = {
+    Stage.ADVERTISE_KEYS: ServerRound.advertise_keys,
+    Stage.SHARE_KEYS: ServerRound.share_keys,
+    Stage.COLLECT_MASKED_INPUT: ServerRound.collect_masked_inputs,
+    Stage.CONSISTENCY_CHECK: ServerRound.consistency_check,
+    Stage.UNMASK: ServerRound.unmask,
+}
+"""The method that runs each stage on the server."""

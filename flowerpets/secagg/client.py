@@ -1,4 +1,4 @@
-"""The client side of SecAgg+: a mod that answers the four stages for its node.
+"""The client side of SecAgg+: a mod that answers the stages of a round for its node.
 
 Put :data:`secaggplus_mod` (or a configured :class:`SecAggPlusClientMod`) first
 in the ``ClientApp``'s mods, outside any mod that post-processes updates
@@ -15,6 +15,8 @@ is checked against one table (:data:`TRANSITIONS`, in
 
     NEW (no round) --advertise-keys--> ADVERTISED --share-keys--> SHARED
         --collect-masked-input--> MASKED --unmask--> DONE
+                                  MASKED --consistency-check--> CHECKED --unmask--> DONE
+                                  (malicious mode: MALICIOUS_TRANSITIONS)
 
 A stage message that does not fit (out of order, repeated, for another
 session, for a stale round) is refused with
@@ -32,7 +34,16 @@ round). The checks that protect an honest node from a dishonest server:
 * at unmasking it refuses if the survivor and dropout lists overlap, if it is
   listed as dropped or not listed as a survivor, if a listed neighbour never
   shared keys with it, or if fewer than ``t`` of its neighbours survive; and it
-  never releases both the self-mask share and the key share of one neighbour.
+  never releases both the self-mask share and the key share of one neighbour;
+* in malicious mode (``threat="malicious"``, with the enrolled ``identities``
+  and this node's ``identity`` key): it signs its advertised keys with its
+  identity key, over the round's whole configuration (session, ring order,
+  degree, threshold, ...), the round and its id; it refuses a ring order with a
+  node that is not enrolled and a neighbour's keys without that neighbour's
+  valid signature; it signs the survivor set once (the consistency check) and
+  releases shares only for that very set, and only with at least ``t`` of its
+  neighbours' valid signatures over it; it refuses rounds of the semi-honest
+  mode (no downgrade).
 
 Protocol state (including the round's private keys and self-mask seed) lives in
 ``context.state`` under ``"secagg+/..."`` records (a frozen :class:`ClientState`
@@ -55,7 +66,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 
-from flowerpets._validation import boolean, integer, strings
+from flowerpets._validation import boolean, instance, integer, strings
 from flowerpets.core import (
     Context,
     Error,
@@ -75,14 +86,32 @@ from flowerpets.exceptions import (
     StateError,
 )
 from flowerpets.secagg._node_stages import STAGES, DownstreamError, StageRequest
-from flowerpets.secagg._node_state import TRANSITIONS, ClientState, Phase, abort, load, transition
+from flowerpets.secagg._node_state import (
+    MALICIOUS_TRANSITIONS,
+    TRANSITIONS,
+    ClientState,
+    Phase,
+    abort,
+    load,
+    transition,
+)
+from flowerpets.secagg.identity import IdentityKey, IdentitySource, NodeConfigKey, NodeIdentities
 from flowerpets.secagg.protocol import (
     RoundConfig,
     Stage,
+    Threat,
     fields_of,
 )
+from flowerpets.secagg.threat import ThreatModel, resolve
 
-__all__ = ["Phase", "SecAggPlusClientMod", "TRANSITIONS", "secaggplus_mod", "transition"]
+__all__ = [
+    "MALICIOUS_TRANSITIONS",
+    "TRANSITIONS",
+    "Phase",
+    "SecAggPlusClientMod",
+    "secaggplus_mod",
+    "transition",
+]
 
 Randomness = Callable[[int], bytes]
 CallNext = Callable[[Message, Context], Message]
@@ -120,6 +149,19 @@ class SecAggPlusClientMod:
     ``randomness``
         ``n -> n random bytes`` for keys, seeds, sharing polynomials, nonces and
         stochastic rounding (default ``os.urandom``; inject a seeded source only in tests).
+    ``threat``
+        ``"semi-honest"`` or ``"malicious"`` (:class:`~flowerpets.secagg.protocol.Threat`);
+        by default malicious when ``identities`` are given, semi-honest otherwise.
+        The node takes part only in rounds of its own threat model.
+    ``identities``
+        The PKI (:class:`~flowerpets.secagg.NodeIdentities`): every enrolled node's
+        Ed25519 public key, from the same source the server's come from, never
+        from the server. Required for ``threat="malicious"``.
+    ``identity``
+        Where this node's identity key is (:class:`~flowerpets.secagg.IdentityKey`
+        for a deployed node, a :class:`~flowerpets.secagg.Keyring` in a
+        simulation, :class:`~flowerpets.secagg.NodeConfigKey` under Flower; the
+        last by default). It must be the key ``identities`` enrolled for the node.
     """
 
     def __init__(
@@ -129,6 +171,9 @@ class SecAggPlusClientMod:
         refuse_plaintext: bool = True,
         min_threshold: int = 2,
         randomness: Randomness = os.urandom,
+        threat: Threat | str | None = None,
+        identities: NodeIdentities | None = None,
+        identity: IdentitySource | None = None,
     ) -> None:
         types = strings("protected_types", protected_types, check=_message_type)
         if not boolean("refuse_plaintext", refuse_plaintext):
@@ -142,15 +187,38 @@ class SecAggPlusClientMod:
             raise ParameterTypeError(
                 f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
             )
+        if identities is not None:
+            instance("identities", identities, NodeIdentities)
+        if identity is not None and not isinstance(identity, IdentitySource):
+            raise ParameterTypeError(
+                f"identity must have key_for(context) -> IdentityKey, got {identity!r}"
+            )
+        self.model: ThreatModel = resolve(
+            threat, has_identities=identities is not None, who="SecAggPlusClientMod"
+        )
         self.protected_types = types
         self.refuse_plaintext = refuse_plaintext
         self.min_threshold = min_threshold
         self.randomness = randomness
+        self.identities = identities
+        self.identity: IdentitySource = identity if identity is not None else NodeConfigKey()
+
+    @property
+    def threat(self) -> Threat:
+        return self.model.threat
+
+    def identity_key(self, context: Context) -> IdentityKey:
+        """This node's identity key; one that is not its enrolment is a ConfigurationError."""
+        key = self.identity.key_for(context)
+        if self.identities is not None:
+            self.identities.check_own(context.node_id, key)
+        return key
 
     def __repr__(self) -> str:
         return (
             f"SecAggPlusClientMod(protected_types={self.protected_types!r}, "
-            f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold})"
+            f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold}, "
+            f"threat={self.threat.value!r})"
         )
 
     # -- dispatch --------------------------------------------------------------
@@ -222,7 +290,7 @@ class SecAggPlusClientMod:
         if rnd < state.round:
             raise RequestRefusedError(f"{stage}: round {rnd} is stale (round {state.round} runs)")
         try:
-            transition(state.phase, stage)
+            transition(state.phase, stage, current[1].threat)
         except RequestRefusedError as exc:
             abort(state, context)
             raise RequestRefusedError(f"{exc}; the round is aborted") from None

@@ -6,14 +6,20 @@ fault injection can therefore drop a node at exactly one stage. Its protocol
 fields travel in a :class:`~flowerpets.core.ConfigRecord` named
 :data:`RECORD`; the masked vector travels in an ``ArrayRecord`` named
 :data:`MASKED_RECORD`. Wire formats are explicit: fixed-size byte strings for
-keys and shares, lists of node ids, and nothing pickled.
+keys and shares, lists of node ids, and nothing pickled. What a node signs
+(malicious mode) is a :func:`transcript`: a domain string and length-prefixed
+fields, so no two different contents encode alike and no signature made for
+one purpose passes for another.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -34,9 +40,10 @@ from flowerpets.exceptions import (
     ParameterValueError,
     ProtocolViolationError,
 )
-from flowerpets.secagg._primitives import aead, keys, shamir
+from flowerpets.secagg._primitives import aead, keys, shamir, signatures
 from flowerpets.secagg._primitives.quantize import Quantization
 from flowerpets.secagg.graph import HararyGraph
+from flowerpets.secagg.parameters import Threat  # one enum: the finder's rule and the stages
 
 __all__ = [
     "MASKED_ARRAY",
@@ -47,12 +54,19 @@ __all__ = [
     "SHARE_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
     "SHARE_PLAINTEXT_BYTES",
+    "SIGNATURE_BYTES",
     "Layout",
     "RoundConfig",
     "Stage",
+    "Threat",
+    "advertisement",
+    "survivor_set",
+    "transcript",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: the round configuration names its threat model; the malicious mode's signed
+# advertisements and its consistency-check stage (issue 13).
+PROTOCOL_VERSION = 2
 RECORD = "secagg+"
 MASKED_RECORD = "secagg+/masked"
 MASKED_ARRAY = "vector"
@@ -66,6 +80,12 @@ INFO_PAIR_MASK = b"flowerpets/secagg+/v1/pairwise-mask-seed"
 SHARE_BYTES = 4 * shamir.SECRET_BYTES * 8 // shamir.CHUNK_BITS
 SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # a self-mask seed share, then a key share
 SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + aead.OVERHEAD
+SIGNATURE_BYTES = signatures.SIGNATURE_BYTES
+
+# Signature domains: one per signed content, so a signature never serves two purposes.
+DOMAIN_CONFIG = b"flowerpets/secagg+/v2/round-config"
+DOMAIN_ADVERTISE = b"flowerpets/secagg+/v2/advertise-keys"
+DOMAIN_CONSISTENCY = b"flowerpets/secagg+/v2/consistency-check"
 
 
 # Derivations both sides compute: a node for its masks and shares, the server to
@@ -88,18 +108,72 @@ def elements_to_share(elements: NDArray[np.uint64]) -> bytes:
 
 
 class Stage(StageName):
-    """The four stages of a SecAgg+ round, as they appear in ``Metadata.stage``.
+    """The stages of a SecAgg+ round, as they appear in ``Metadata.stage``.
 
-    Fault injection names them, e.g. ``Dropout(node=3, round=2, stage=Stage.UNMASK)``.
+    A semi-honest round runs four; a malicious-mode round runs the consistency
+    check between collect-masked-input and unmask
+    (:data:`flowerpets.secagg.threat.MODELS` says which run). Fault injection
+    names them, e.g. ``Dropout(node=3, round=2, stage=Stage.UNMASK)``.
     """
 
     ADVERTISE_KEYS = "secagg+/advertise-keys"
     SHARE_KEYS = "secagg+/share-keys"
     COLLECT_MASKED_INPUT = "secagg+/collect-masked-input"
     UNMASK = "secagg+/unmask"
+    # Runs before unmask, listed last: it came in protocol version 2.
+    CONSISTENCY_CHECK = "secagg+/consistency-check"
 
-    ALL = enum.nonmember((ADVERTISE_KEYS, SHARE_KEYS, COLLECT_MASKED_INPUT, UNMASK))
+    # Every stage a node answers, in the order of their members.
+    ALL = enum.nonmember(
+        (ADVERTISE_KEYS, SHARE_KEYS, COLLECT_MASKED_INPUT, UNMASK, CONSISTENCY_CHECK)
+    )
     PREFIX = enum.nonmember("secagg+/")
+
+
+# -- what nodes sign ----------------------------------------------------------------
+_LENGTH = struct.Struct("<I")
+_INT_BYTES = 16  # node ids and counts: signed, so any id a record can carry encodes
+
+
+def _field(value: bytes | int | str) -> bytes:
+    if isinstance(value, bytes):
+        return _LENGTH.pack(len(value)) + value
+    if isinstance(value, str):
+        return _field(value.encode("utf-8"))
+    try:
+        return _field(value.to_bytes(_INT_BYTES, "little", signed=True))
+    except OverflowError:
+        raise ProtocolViolationError("an integer too large to sign") from None
+
+
+def transcript(domain: bytes, *fields: bytes | int | str | Iterable[int]) -> bytes:
+    """``domain`` and the fields, each length-prefixed (a list of ints: its count, then each)."""
+    out = [_field(domain)]
+    for value in fields:
+        if isinstance(value, bytes | int | str):
+            out.append(_field(value))
+        else:
+            items = [_field(int(item)) for item in value]
+            out.append(_LENGTH.pack(len(items)) + b"".join(items))
+    return b"".join(out)
+
+
+def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a node signs when it advertises its keys: the round's whole configuration
+    (session, ring order, degree, threshold, ...), the round, its id and both keys."""
+    return transcript(DOMAIN_ADVERTISE, config.digest, round, node, c_pk, s_pk)
+
+
+def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:
+    """What a node signs at the consistency check: the set of nodes whose masked inputs the
+    server says it holds (sorted: a set, whatever order it was sent in), then its id."""
+    return _survivors_prefix(config, round, tuple(sorted(survivors))) + _field(node)
+
+
+@functools.lru_cache(maxsize=8)
+def _survivors_prefix(config: RoundConfig, round: int, survivors: tuple[int, ...]) -> bytes:
+    # A node checks t neighbours' signatures of one set: everything but their ids is shared.
+    return transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors)
 
 
 def fields_of(content: RecordDict | None) -> Fields:
@@ -130,6 +204,7 @@ class RoundConfig:
     max_weight: int
     weight_key: str | None
     secure_metrics: tuple[str, ...]
+    threat: Threat = Threat.SEMI_HONEST
 
     def __post_init__(self) -> None:
         if len(instance("session", self.session, bytes)) != SESSION_BYTES:
@@ -140,6 +215,27 @@ class RoundConfig:
         if self.weight_key is not None:
             instance("weight_key", self.weight_key, str)
         strings("secure_metrics", self.secure_metrics, unique=True)
+        instance("threat", self.threat, Threat)
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the whole configuration: what a signed advertisement binds a node's
+        keys to (so neighbours that were sent different ring orders refuse each other)."""
+        data = transcript(
+            DOMAIN_CONFIG,
+            PROTOCOL_VERSION,
+            self.session,
+            self.order,
+            self.degree,
+            self.threshold,
+            struct.pack("<d", self.clipping_range),
+            self.max_weight,
+            self.weight_key or "",
+            len(self.secure_metrics),
+            *self.secure_metrics,
+            self.threat.value,
+        )
+        return hashlib.sha256(data).digest()
 
     @cached_property
     def graph(self) -> HararyGraph:
@@ -165,6 +261,7 @@ class RoundConfig:
                 "max-weight": self.max_weight,
                 "weight-key": self.weight_key or "",
                 "secure-metrics": list(self.secure_metrics),
+                "threat": self.threat.value,
             }
         )
 
@@ -183,6 +280,9 @@ class RoundConfig:
         if not (math.isfinite(clipping) and clipping > 0):
             raise ProtocolViolationError(f"clipping-range must be finite and > 0, got {clipping}")
         weight_key = fields.get("weight-key", str)
+        threat = fields.get("threat", str)
+        if threat not in set(Threat):
+            raise ProtocolViolationError(f"unknown threat model {threat[:40]!r}")
         try:
             return cls(
                 session=fields.get("session", bytes),
@@ -193,6 +293,7 @@ class RoundConfig:
                 max_weight=fields.get("max-weight", int),
                 weight_key=weight_key or None,
                 secure_metrics=tuple(fields.items("secure-metrics", str)),
+                threat=Threat(threat),
             )
         except (ParameterTypeError, ParameterValueError, ConfigurationError) as exc:
             raise ProtocolViolationError(f"the round configuration: {exc}") from None

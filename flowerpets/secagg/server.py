@@ -7,7 +7,7 @@
 
 :class:`SecAggPlus` holds the configuration and picks each round's degree and
 threshold; it replaces the innermost exchange: it never calls ``call_next``,
-and runs the round's four stages through ``context.require_grid()`` as one
+and runs the round's stages (four, five in malicious mode) through ``context.require_grid()`` as one
 :class:`~flowerpets.secagg._round.ServerRound` (the round's state machine, its
 dropout handling and its result are described there).
 """
@@ -19,16 +19,19 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from flowerpets._validation import integer, probability, real, strings
+from flowerpets._validation import instance, integer, probability, real, strings
 from flowerpets.core import RoundRequest, RoundResult, SecureAggregator, ServerContext
 from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 from flowerpets.secagg._round import ServerPhase, ServerRound
+from flowerpets.secagg.identity import NodeIdentities
 from flowerpets.secagg.parameters import (
     MAX_BITS,
     GraphParameters,
     check_parameters,
     find_parameters,
 )
+from flowerpets.secagg.protocol import Threat
+from flowerpets.secagg.threat import ThreatModel, resolve, with_threat
 
 __all__ = ["SecAggPlus", "ServerPhase", "ServerRound"]
 
@@ -36,9 +39,20 @@ Randomness = Callable[[int], bytes]
 
 
 class SecAggPlus(SecureAggregator):
-    """The SecAgg+ server mod (Bell et al., CCS 2020), semi-honest core.
+    """The SecAgg+ server mod (Bell et al., CCS 2020), semi-honest or malicious.
 
     Keyword-only configuration:
+
+    ``threat``
+        ``"semi-honest"`` or ``"malicious"`` (:class:`~flowerpets.secagg.protocol.Threat`;
+        by default malicious when ``identities`` are given, semi-honest otherwise).
+        Malicious: nodes sign their keys with their identity keys and a
+        consistency check precedes unmasking (docs/secagg.md); the degree and
+        threshold are chosen for that threat.
+    ``identities``
+        The PKI (:class:`~flowerpets.secagg.NodeIdentities`), the same the nodes
+        are given; required for ``threat="malicious"``. Nodes of the cohort it
+        does not list are excluded from the round.
 
     ``degree``, ``threshold``
         The graph degree ``k`` and Shamir threshold ``t``, both or neither. By
@@ -80,6 +94,8 @@ class SecAggPlus(SecureAggregator):
         secure_metrics: Iterable[str] = (),
         rng: np.random.Generator | None = None,
         randomness: Randomness = os.urandom,
+        threat: Threat | str | None = None,
+        identities: NodeIdentities | None = None,
     ) -> None:
         if (degree is None) != (threshold is None):
             raise ParameterValueError(
@@ -108,6 +124,12 @@ class SecAggPlus(SecureAggregator):
             raise ParameterTypeError(
                 f"randomness must be callable as randomness(n) -> bytes, got {randomness!r}"
             )
+        if identities is not None:
+            instance("identities", identities, NodeIdentities)
+        self.model: ThreatModel = resolve(
+            threat, has_identities=identities is not None, who="SecAggPlus"
+        )
+        self.identities = identities
         self.degree = degree
         self.threshold = threshold
         self.clipping_range = float(clipping_range)
@@ -124,14 +146,22 @@ class SecAggPlus(SecureAggregator):
         )
         return (
             f"SecAggPlus({graph}, clipping_range={self.clipping_range}, "
-            f"max_weight={self.max_weight}, secure_metrics={self.secure_metrics!r})"
+            f"max_weight={self.max_weight}, secure_metrics={self.secure_metrics!r}, "
+            f"threat={self.threat.value!r})"
         )
+
+    @property
+    def threat(self) -> Threat:
+        return self.model.threat
 
     def parameters(self, cohort_size: int) -> GraphParameters:
         """The degree and threshold this mod uses for a cohort of ``cohort_size``."""
+        threat = self.model.threat
         if self.degree is not None and self.threshold is not None:
-            return check_parameters(cohort_size, self.degree, self.threshold)
-        return find_parameters(
+            return with_threat(check_parameters, threat, cohort_size, self.degree, self.threshold)
+        return with_threat(
+            find_parameters,
+            threat,
             cohort_size,
             dropout_rate=self.dropout_rate,
             corrupted_fraction=self.corrupted_fraction,

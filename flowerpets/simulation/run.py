@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from flowerpets.core import (
     RoundRecord,
     ServerApp,
 )
-from flowerpets.exceptions import NotFoundError
+from flowerpets.exceptions import NotFoundError, ParameterValueError
 from flowerpets.simulation.faults import Fault, FaultPlan
 from flowerpets.simulation.grid import SimulationGrid
 
@@ -61,12 +61,20 @@ def _node_ids(num_nodes: int, rng: np.random.Generator) -> list[int]:
     return sorted(ids, key=lambda _: rng.random())
 
 
+def _given_ids(node_ids: Sequence[int], num_nodes: int) -> list[int]:
+    ids = [integer("node id", node, at_least=1) for node in node_ids]
+    if len(ids) != num_nodes or len(set(ids)) != num_nodes:
+        raise ParameterValueError(f"node_ids must be {num_nodes} distinct ids, got {len(ids)}")
+    return ids
+
+
 def run_simulation(
     server_app: ServerApp,
     client_app: ClientApp,
     num_nodes: int,
     *,
     node_config: NodeConfigFn | None = None,
+    node_ids: Sequence[int] | None = None,
     run_config: Mapping[str, ConfigValue] | None = None,
     seed: int | None = None,
     faults: FaultPlan | Iterable[Fault] | None = None,
@@ -77,7 +85,9 @@ def run_simulation(
     """Run ``server_app`` against ``num_nodes`` nodes running ``client_app``.
 
     Node ``i`` gets ``partition-id = i`` and ``num-partitions = num_nodes`` in
-    its node config, plus whatever ``node_config(i)`` returns. ``seed`` makes the
+    its node config, plus whatever ``node_config(i)`` returns. ``node_ids`` fixes
+    the nodes' ids (one per node, distinct; e.g. those a PKI enrolled, see
+    ``flowerpets.secagg.enroll``); by default they are drawn. ``seed`` makes the
     run reproducible: it fixes the node ids, the server's cohort sampling
     (unless the ServerApp has its own seed) and is passed to every node as
     ``run_config["seed"]`` for its own generators. Without a seed, all of these
@@ -90,7 +100,8 @@ def run_simulation(
     if seed is not None:
         config.setdefault("seed", seed)
     contexts = []
-    for index, node_id in enumerate(_node_ids(num_nodes, rng)):
+    ids = _node_ids(num_nodes, rng) if node_ids is None else _given_ids(node_ids, num_nodes)
+    for index, node_id in enumerate(ids):
         node_cfg: dict[str, ConfigValue] = {"partition-id": index, "num-partitions": num_nodes}
         if node_config is not None:
             node_cfg.update(node_config(index))

@@ -9,7 +9,7 @@ import pytest
 
 TINY = [
     "--params", "3000", "--client-n", "12", "--server-n", "30", "--server-params", "2000",
-    "--round-n", "6", "--repeats", "1", "--settle", "0", "--quiet",
+    "--round-n", "6", "--malicious-n", "6", "--repeats", "1", "--settle", "0", "--quiet",
 ]  # fmt: skip
 
 
@@ -43,3 +43,22 @@ def test_whole_rounds_stay_within_the_quantization_bound(report: dict[str, Any])
     assert r["within_bound"] is True and r["max_abs_error"] <= r["error_bound"] + 1e-6
     assert {"advertise-keys", "share-keys", "collect-masked-input", "unmask"} <= set(r["stages_s"])
     assert set(r["results"]) == {"plain_n6", "secagg_n6"}
+
+
+def test_the_malicious_mode_is_measured_against_the_semi_honest_one(report: dict[str, Any]) -> None:
+    m = report["malicious"]
+    assert m["client_n"] == 12 and m["round_n"] == 6
+    assert set(m["results"]) == {
+        "client_semi-honest",
+        "client_malicious",
+        "round_semi-honest_n6",
+        "round_malicious_n6",
+    }
+    assert m["client_ratio"] > 0 and m["round_ratio"] > 0
+    assert m["results"]["client_malicious"]["ratio"] == m["client_ratio"]
+    assert set(m["client_stages_s"]["malicious"]) == {
+        "advertise-keys", "share-keys", "masked-input", "consistency-check", "unmask"
+    }  # fmt: skip
+    assert set(m["client_stages_s"]["semi-honest"]) == {
+        "advertise-keys", "share-keys", "masked-input", "unmask"
+    }  # fmt: skip

@@ -21,7 +21,16 @@ from flowerpets.dp import CentralDp, fixed_clipping_mod
 from flowerpets.exceptions import InsecureRandomnessWarning
 from flowerpets.flower import ClientApp, Settings, client_app, mods
 from flowerpets.he import HomomorphicAggregation, ckks_mod
-from flowerpets.secagg import SecAggPlus, Stage, secaggplus_mod
+from flowerpets.secagg import (
+    IdentityKey,
+    NodeConfigKey,
+    NodeIdentities,
+    SecAggPlus,
+    SecAggPlusClientMod,
+    Stage,
+    secaggplus_mod,
+)
+from flowerpets.secagg.threat import MODELS, Threat
 from flowerpets.simulation import run_simulation
 
 N = 4
@@ -84,7 +93,8 @@ def test_secagg_through_the_bridge_sums_as_our_simulation(kit: SimpleNamespace) 
     bound = got.history[0].train_metrics["secagg-mean-error-bound"]
     _close(got.arrays, want.arrays, atol=2 * 2 * bound)  # two rounds, both within their bound
     stages = {m.metadata.group_id.partition(":")[2] for m in grid.pushed}
-    assert set(Stage.ALL) <= stages  # every stage travelled as '<round>:<stage>'
+    semi_honest = MODELS[Threat.SEMI_HONEST].stages
+    assert set(semi_honest) <= stages  # every stage travelled as '<round>:<stage>'
 
 
 def test_secagg_survives_a_node_lost_in_the_masked_input_stage(kit: SimpleNamespace) -> None:
@@ -156,3 +166,29 @@ def test_run_config_maps_to_settings() -> None:
     for bad in ({"num-server-rounds": 0}, {"seed": "x"}, {"node-timeout": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings.from_run_config(bad)
+
+
+def test_the_malicious_mode_through_the_bridge_sums_as_the_semi_honest(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Under Flower the identity keys are provisioned with the app: each node's PEM file,
+    named in its node config (``NodeConfigKey``), and the PKI shipped with the ClientApp.
+    Every stage, the consistency check included, travels through flwr's messages."""
+    grid_ids = kit.LocalFlwrGrid(client_app(kit.numpy_client()), N).node_ids
+    keys = {node: IdentityKey.generate() for node in grid_ids}
+    pki = NodeIdentities({node: key.public_bytes for node, key in keys.items()})
+    malicious = SecAggPlusClientMod(identities=pki, identity=NodeConfigKey())
+    app = ClientApp(mods=[mods(malicious)])
+    app.train()(kit.flwr_train)
+    grid = kit.LocalFlwrGrid(app, N)
+    for node, key in keys.items():
+        path = tmp_path / f"{node}.key"
+        path.write_bytes(key.private_pem())
+        grid.contexts[node].node_config["secagg-identity-key"] = str(path)
+    got = kit.run_bridge(kit.numpy_server([SecAggPlus(identities=pki)]), grid).last_result
+    assert [len(r.participants) for r in got.history.rounds] == [N, N]
+    want = _bridged(kit, [SecAggPlus()], [secaggplus_mod], native=True)[0].last_result
+    bound = got.history[0].train_metrics["secagg-mean-error-bound"]
+    _close(got.arrays, want.arrays, atol=2 * 2 * bound)  # two rounds, each within its bound
+    stages = {m.metadata.group_id.partition(":")[2] for m in grid.pushed}
+    assert set(MODELS[Threat.MALICIOUS].stages) <= stages

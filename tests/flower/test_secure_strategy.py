@@ -32,6 +32,7 @@ from flowerpets.exceptions import (
 from flowerpets.flower import ClientApp, mods, secure_strategy
 from flowerpets.he import HomomorphicAggregation
 from flowerpets.secagg import SecAggPlus, Stage, secaggplus_mod
+from flowerpets.secagg.threat import MODELS, Threat
 
 N = 4
 WEIGHTS = [pid + 1 for pid in range(N)]  # node p trains on p + 1 examples
@@ -206,7 +207,8 @@ def test_the_strategy_sees_one_reply_and_it_is_the_mean(kit: SimpleNamespace) ->
     # No plain train request ever left the server: every one was a SecAgg+ stage.
     trains = [m for m in grid.pushed if m.metadata.message_type == "train"]
     assert trains and all(m.metadata.group_id.startswith("1:secagg+/") for m in trains)
-    assert {m.metadata.group_id.partition(":")[2] for m in trains} == set(Stage.ALL)
+    semi_honest = MODELS[Threat.SEMI_HONEST].stages
+    assert {m.metadata.group_id.partition(":")[2] for m in trains} == set(semi_honest)
     assert grid.direct == []  # flwr's send_and_receive carried nothing
 
 

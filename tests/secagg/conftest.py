@@ -24,7 +24,7 @@ from flowerpets.core import (
     MetricRecord,
     RecordDict,
 )
-from flowerpets.secagg import RoundConfig, SecAggPlusClientMod, Stage
+from flowerpets.secagg import RoundConfig, SecAggPlusClientMod, Stage, Threat, enroll
 from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD
 
 
@@ -49,13 +49,27 @@ class Federation:
         max_weight: int = 100,
         clipping_range: float = 8.0,
         secure_metrics: tuple[str, ...] = (),
+        threat: str = Threat.SEMI_HONEST,
     ) -> None:
         rng = np.random.default_rng(seed)
         self.ids = [int(i) for i in rng.choice(np.arange(100, 10_000), size=n, replace=False)]
         self.updates = rng.uniform(-1, 1, size=(n, params)).astype(np.float32)
         self.weights = [int(w) for w in rng.integers(1, max(max_weight, 2), size=n)]
         self.index = {node: i for i, node in enumerate(self.ids)}
-        self.mod = SecAggPlusClientMod(randomness=seeded_randomness(seed + 1))
+        self.threat = Threat(threat)
+        self.malicious = self.threat is Threat.MALICIOUS
+        # The PKI: in malicious mode every node's identity key, enrolled (the honest nodes'
+        # keys; a test playing the server never uses them to sign on a node's behalf).
+        self.enrolment = enroll(self.ids, randomness=seeded_randomness(seed + 2))
+        self.mod = SecAggPlusClientMod(
+            randomness=seeded_randomness(seed + 1),
+            threat=self.threat,
+            **(
+                {"identities": self.enrolment.identities, "identity": self.enrolment.keyring}
+                if self.malicious
+                else {}
+            ),
+        )
         self.app = ClientApp(mods=[self.mod])
         self.handler_calls: list[int] = []
 
@@ -82,9 +96,12 @@ class Federation:
             max_weight=max_weight,
             weight_key=weight_key,
             secure_metrics=secure_metrics,
+            threat=self.threat,
         )
         self.graph = self.config.graph
         self.pks: dict[int, tuple[bytes, bytes]] = {}
+        self.key_signatures: dict[int, bytes] = {}  # malicious mode: each advertisement's
+        self.set_signatures: dict[int, bytes] = {}  # ... and each node's of its survivor set
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
         self.masked: dict[int, np.ndarray] = {}
 
@@ -125,11 +142,14 @@ class Federation:
 
     def share_fields(self, node: int) -> dict[str, Any]:
         nbrs = self.neighbours(node)
-        return {
+        fields: dict[str, Any] = {
             "nodes": nbrs,
             "c-pks": [self.pks[j][0] for j in nbrs],
             "s-pks": [self.pks[j][1] for j in nbrs],
         }
+        if self.malicious:
+            fields["signatures"] = [self.key_signatures[j] for j in nbrs]
+        return fields
 
     def share(self, nodes: list[int] | None = None) -> None:
         for node in nodes or list(self.pks):
@@ -160,18 +180,49 @@ class Federation:
             )
             self.masked[node] = ok(reply)[MASKED_RECORD][MASKED_ARRAY].numpy()  # type: ignore[index]
 
-    def unmask(self, node: int, survivors: list[int], dropped: list[int]) -> Message:
-        return self.ask(node, Stage.UNMASK, {"survivors": survivors, "dropped": dropped})
+    def check(self, nodes: list[int] | None = None, survivors: list[int] | None = None) -> None:
+        """Malicious mode's consistency check: each node signs ``survivors`` (default: every
+        node that sent a masked input)."""
+        listed = list(self.masked) if survivors is None else survivors
+        for node in nodes or list(self.masked):
+            body = ok(self.ask(node, Stage.CONSISTENCY_CHECK, {"survivors": listed}))[RECORD]
+            self.set_signatures[node] = body["signature"]  # type: ignore[assignment]
+
+    def signed_fields(self, node: int) -> dict[str, Any]:
+        """The neighbours' signatures an honest server forwards with the unmask request."""
+        if not self.malicious:
+            return {}
+        signers = [j for j in self.graph.neighbours(node) if j in self.set_signatures]
+        return {"signers": signers, "signatures": [self.set_signatures[j] for j in signers]}
+
+    def unmask(
+        self,
+        node: int,
+        survivors: list[int],
+        dropped: list[int],
+        signed: Mapping[str, Any] | None = None,
+    ) -> Message:
+        fields = {"survivors": survivors, "dropped": dropped}
+        fields.update(self.signed_fields(node) if signed is None else signed)
+        return self.ask(node, Stage.UNMASK, fields)
 
     def advertise(self, nodes: list[int] | None = None) -> None:
         for node in nodes or self.ids:
             body = ok(self.ask(node, Stage.ADVERTISE_KEYS, self.advertise_message_fields()))[RECORD]
             self.pks[node] = (body["c-pk"], body["s-pk"])  # type: ignore[assignment]
+            if self.malicious:
+                self.key_signatures[node] = body["signature"]  # type: ignore[assignment]
 
     def honest_until_collect(self) -> None:
         self.advertise()
         self.share()
         self.collect()
+
+    def honest_until_unmask(self) -> None:
+        """Every stage before unmasking, as an honest server runs them."""
+        self.honest_until_collect()
+        if self.malicious:
+            self.check()
 
     ok = staticmethod(lambda reply: ok(reply))
 
@@ -188,8 +239,10 @@ class Federation:
             max_weight=self.config.max_weight,
             weight_key=self.config.weight_key,
             secure_metrics=self.config.secure_metrics,
+            threat=self.config.threat,
         )
         self.pks, self.ciphertexts, self.masked = {}, {}, {}
+        self.key_signatures, self.set_signatures = {}, {}
 
 
 def ok(reply: Message) -> RecordDict:

@@ -26,7 +26,7 @@ from flowerpets.core import (
 )
 from flowerpets.secagg import Phase, SecAggPlusClientMod, Stage
 from flowerpets.secagg._primitives import shamir
-from flowerpets.secagg.protocol import RECORD
+from flowerpets.secagg.protocol import PROTOCOL_VERSION, RECORD
 
 
 def refused(reply: Message, match: str = "") -> str:
@@ -250,7 +250,9 @@ def test_only_its_own_neighbours_with_distinct_keys_are_accepted(federation: Any
     [
         ({"threshold": 1}, "threshold"),
         ({"degree": 3}, "degree"),
-        ({"version": 2}, "version"),
+        ({"version": PROTOCOL_VERSION + 1}, "version"),
+        ({"version": 1}, "version"),  # before the threat model was on the wire
+        ({"threat": "trusting"}, "unknown threat model"),
         ({"order": [1, 2, 3, 4, 5, 6]}, "not in the round's cohort"),
         ({"max-weight": 10**12}, "too large"),
         ({"clipping-range": float("nan")}, "clipping-range"),

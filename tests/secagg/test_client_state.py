@@ -1,9 +1,11 @@
 """The client's state machine: every phase x stage pair, in the table and through the mod.
 
-The table test checks :data:`TRANSITIONS` itself; the mod test drives a real node
-into each phase of a round and sends it each stage with an honest server's fields:
-the node answers exactly the pairs the table allows, and a refused pair aborts the
-round unless the node has nothing to abort (a round not started, or finished).
+The table test checks :data:`TRANSITIONS` (semi-honest) and
+:data:`MALICIOUS_TRANSITIONS` themselves; the mod test drives a real node, of
+either threat model, into each phase of a round and sends it each stage with an
+honest server's fields: the node answers exactly the pairs its table allows, and
+a refused pair aborts the round unless the node has nothing to abort (a round
+not started, or finished).
 """
 
 from __future__ import annotations
@@ -15,10 +17,16 @@ import pytest
 
 from flowerpets.core import ConfigRecord, ErrorCode
 from flowerpets.exceptions import RequestRefusedError, StateError
-from flowerpets.secagg import Phase, Stage
+from flowerpets.secagg import Phase, Stage, Threat
+from flowerpets.secagg._node_state import (
+    MALICIOUS_TRANSITIONS,
+    TABLES,
+    TRANSITIONS,
+    ClientState,
+    transition,
+)
 from flowerpets.secagg._node_state import SLOT as _SLOT
 from flowerpets.secagg._node_state import STATE as _STATE
-from flowerpets.secagg._node_state import TRANSITIONS, ClientState, transition
 
 ALLOWED = {
     (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
@@ -26,16 +34,32 @@ ALLOWED = {
     (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
     (Phase.MASKED, Stage.UNMASK): Phase.DONE,
 }
+# Malicious mode: the consistency check between masking and unmasking, signed once.
+ALLOWED_MALICIOUS = {
+    (Phase.NEW, Stage.ADVERTISE_KEYS): Phase.ADVERTISED,
+    (Phase.ADVERTISED, Stage.SHARE_KEYS): Phase.SHARED,
+    (Phase.SHARED, Stage.COLLECT_MASKED_INPUT): Phase.MASKED,
+    (Phase.MASKED, Stage.CONSISTENCY_CHECK): Phase.CHECKED,
+    (Phase.CHECKED, Stage.UNMASK): Phase.DONE,
+}
+EXPECTED = {Threat.SEMI_HONEST: ALLOWED, Threat.MALICIOUS: ALLOWED_MALICIOUS}
+PAIRS = list(itertools.product(Threat, Phase, Stage.ALL))
 
 
-@pytest.mark.parametrize(("phase", "stage"), list(itertools.product(Phase, Stage.ALL)))
-def test_every_transition_is_in_the_table_or_refused(phase: Phase, stage: str) -> None:
-    if (phase, stage) in ALLOWED:
-        assert transition(phase, stage) is ALLOWED[(phase, stage)]
+@pytest.mark.parametrize(("threat", "phase", "stage"), PAIRS)
+def test_every_transition_is_in_the_table_or_refused(
+    threat: Threat, phase: Phase, stage: str
+) -> None:
+    allowed = EXPECTED[threat]
+    if (phase, stage) in allowed:
+        assert transition(phase, stage, threat) is allowed[(phase, stage)]
     else:
         with pytest.raises(RequestRefusedError, match="out of order"):
-            transition(phase, stage)
-    assert dict(TRANSITIONS) == ALLOWED
+            transition(phase, stage, threat)
+    assert dict(TRANSITIONS) == ALLOWED and dict(MALICIOUS_TRANSITIONS) == ALLOWED_MALICIOUS
+    assert TABLES[threat] is (
+        TRANSITIONS if threat is Threat.SEMI_HONEST else MALICIOUS_TRANSITIONS
+    )
 
 
 def _into(fed: Any, node: int, phase: Phase) -> None:
@@ -48,8 +72,10 @@ def _into(fed: Any, node: int, phase: Phase) -> None:
         return
     if phase is not Phase.ADVERTISED:
         fed.share()
-    if phase in (Phase.MASKED, Phase.DONE):
+    if phase in (Phase.MASKED, Phase.CHECKED, Phase.DONE):
         fed.collect()
+    if phase is Phase.CHECKED or (phase is Phase.DONE and fed.malicious):
+        fed.check()
     if phase is Phase.DONE:
         fed.ok(fed.unmask(node, fed.ids, []))
 
@@ -61,7 +87,20 @@ def _honest(fed: Any, node: int, stage: str) -> Any:
         return fed.ask(node, stage, fed.share_fields(node))
     if stage == Stage.COLLECT_MASKED_INPUT:
         return fed.ask(node, stage, fed.collect_fields(node), extra=fed.train_content())
+    if stage == Stage.CONSISTENCY_CHECK:
+        return fed.ask(node, stage, {"survivors": fed.ids})
+    others = [i for i in fed.masked if i != node]
+    if fed.malicious and others and not fed.set_signatures:  # they sign, as an honest server asks
+        fed.check(others, survivors=fed.ids)
     return fed.unmask(node, fed.ids, [])
+
+
+# Phases a node of each threat model can be in (CHECKED only exists in malicious mode).
+REACHABLE = [
+    (threat, phase, stage)
+    for threat, phase, stage in PAIRS
+    if not (phase is Phase.CHECKED and threat is Threat.SEMI_HONEST)
+]
 
 
 def _phase(fed: Any, node: int) -> Phase:
@@ -69,18 +108,19 @@ def _phase(fed: Any, node: int) -> Phase:
     return Phase.NEW if state is None else state.phase
 
 
-@pytest.mark.parametrize(("phase", "stage"), list(itertools.product(Phase, Stage.ALL)))
+@pytest.mark.parametrize(("threat", "phase", "stage"), REACHABLE)
 def test_the_mod_answers_exactly_the_pairs_the_table_allows(
-    federation: Any, phase: Phase, stage: str
+    federation: Any, threat: Threat, phase: Phase, stage: str
 ) -> None:
-    fed = federation()
+    fed = federation(threat=threat)
     node = fed.ids[0]
     _into(fed, node, phase)
     assert _phase(fed, node) is phase
+    table = TABLES[threat]
     reply = _honest(fed, node, stage)
-    if (phase, stage) in TRANSITIONS:
+    if (phase, stage) in table:
         assert reply.error is None, reply.error
-        assert _phase(fed, node) is TRANSITIONS[(phase, stage)]
+        assert _phase(fed, node) is table[(phase, stage)]
         return
     assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
     if stage == Stage.ADVERTISE_KEYS:  # the round's start, repeated: it goes on
@@ -106,7 +146,7 @@ def test_a_corrupt_state_is_refused_never_taken_for_a_new_round(federation: Any)
     with pytest.raises(StateError):
         _SLOT.load(fed.contexts[node].state)
     for stage in Stage.ALL:
-        reply = _honest(fed, node, stage)
+        reply = fed.ask(node, stage, {})
         assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
         assert "state is unreadable" in reply.error.reason, reply.error.reason
         assert fed.contexts[node].state[_STATE] is record  # not overwritten by a fresh round
@@ -120,5 +160,6 @@ def test_the_state_record_holds_each_field_once_under_its_wire_name() -> None:
         "state.version",
         *("run-id", "round", "phase", "c-sk", "s-sk", "self-seed", "neighbours", "share-keys"),
         *("s-pks", "senders", "b-shares", "s-shares", "released-b", "released-s"),
+        "signed-set",
     }
     assert _SLOT.from_record(record) == state

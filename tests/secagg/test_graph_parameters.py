@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_flow
 
 from flowerpets.core import (
     ArrayRecord,
@@ -38,14 +36,14 @@ from flowerpets.secagg import (
     find_parameters,
     secaggplus_mod,
 )
-from flowerpets.secagg._primitives import keys, prg, shamir
 from flowerpets.secagg.parameters import (
     _hypergeometric_log_pmf,
     check_threshold,
     minimum_threshold,
 )
-from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, pair_mask_seed
+from flowerpets.secagg.protocol import RECORD
 from flowerpets.simulation import Dropout, run_simulation
+from tests.secagg.split_view import read_update, rebuild, split_view
 
 
 # -- the graph -----------------------------------------------------------------------------
@@ -505,79 +503,23 @@ def test_hand_picked_parameters_fit_the_cohort_or_fail_clearly() -> None:
 
 
 # -- what the threshold does not stop ------------------------------------------------------
-def partner_holders(fed: Any, victim: int, partners: list[int]) -> dict[int, list[int]]:
-    """For each node, the partners of ``victim`` it is to be told dropped: ``t`` holders per
-    partner, at most ``k - t`` per node (so each node still sees ``t`` live neighbours).
-    A maximum flow over the ring finds the assignment."""
-    k, t = fed.config.degree, fed.config.threshold
-    holders = [m for m in fed.ids if m != victim]
-    node = {m: 2 + len(partners) + i for i, m in enumerate(holders)}
-    edges = []  # (from, to, capacity): source 0 -> partner -> holder -> sink 1
-    for a, j in enumerate(partners):
-        edges.append((0, 2 + a, t))
-        edges += [(2 + a, node[m], 1) for m in fed.graph.neighbours(j) if m != victim]
-    edges += [(node[m], 1, k - t) for m in holders]
-    rows, cols, caps = zip(*edges, strict=True)
-    size = 2 + len(partners) + len(holders)
-    graph = csr_matrix((caps, (rows, cols)), shape=(size, size), dtype=np.int32)
-    flow = maximum_flow(graph, 0, 1)
-    assert flow.flow_value == t * len(partners), "no assignment: the attack does not apply"
-    dense = flow.flow.toarray()
-    return {m: [j for a, j in enumerate(partners) if dense[2 + a, node[m]] > 0] for m in holders}
-
-
 def test_a_split_view_on_the_partners_is_not_stopped_by_the_threshold(federation: Any) -> None:
-    """Documented as not protected (docs/secagg.md): at a threshold every node accepts
-    (n = 12, k = 6, t = 4 = minimum_threshold), a server forwards the victim the shares of
-    only t neighbours, lets everyone send a masked input, and tells the partners'
-    neighbours (not the victim's) that the partners dropped. No node releases two kinds
-    of share for one owner, yet the server unmasks the victim's vector alone. Only a
-    consistency-check round (signed survivor lists) stops this; when one lands, this
-    test must turn into a refusal."""
+    """Documented as not protected in semi-honest mode (docs/secagg.md): at a threshold
+    every node accepts (n = 12, k = 6, t = 4 = minimum_threshold), a server forwards the
+    victim the shares of only t neighbours, lets everyone send a masked input, and tells
+    the partners' neighbours (not the victim's) that the partners dropped. No node
+    releases two kinds of share for one owner, yet the server unmasks the victim's vector
+    alone. The malicious mode's consistency check stops it (tests/secagg/test_malicious.py)."""
     fed = federation(n=12, degree=6, threshold=4, seed=7)
-    k, t = fed.config.degree, fed.config.threshold
-    assert t == minimum_threshold(12, k)
-    fed.advertise()
-    fed.share()
-    victim = fed.ids[0]
-    nbrs = list(fed.graph.neighbours(victim))
-    partners = nbrs[: t // 2] + nbrs[k - (t - t // 2) :]  # the closest on either side
-    fields = fed.collect_fields(victim, senders=partners)
-    reply = fed.ask(victim, Stage.COLLECT_MASKED_INPUT, fields, extra=fed.train_content())
-    masked = fed.ok(reply)[MASKED_RECORD][MASKED_ARRAY].numpy().copy()
-    fed.collect([m for m in fed.ids if m != victim])
-    told_dropped = partner_holders(fed, victim, partners)
-    b_shares: dict[int, bytes] = {}
-    s_shares: dict[int, dict[int, bytes]] = {j: {} for j in partners}
-    for m, dropped in told_dropped.items():
-        survivors = [x for x in fed.ids if x not in dropped]
-        body = fed.ok(fed.unmask(m, survivors, dropped))[RECORD]
-        for j, share in zip(body["b-nodes"], body["b-shares"], strict=True):
-            if j == victim:
-                b_shares[m] = share
-        for j, share in zip(body["s-nodes"], body["s-shares"], strict=True):
-            s_shares[j][m] = share
-    field = shamir.Shamir()
-
-    def rebuild(owner: int, shares: dict[int, bytes]) -> bytes:
-        holders = sorted(shares)[:t]
-        ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
-        points = [fed.graph.share_point(owner, m) for m in holders]
-        return shamir.elements_to_bytes(field.combine(points, ys))
-
-    assert len(b_shares) >= t and all(len(s_shares[j]) >= t for j in partners)
-    self_seed = rebuild(victim, b_shares)
-    add, subtract = [], [self_seed]
-    for j in partners:
-        key = keys.load_private_key(rebuild(j, s_shares[j]))
-        seed = pair_mask_seed(key, fed.pks[victim][1], session=fed.config.session, round=1)
-        (subtract if victim < j else add).append(seed)  # undo what the victim applied
-    prg.apply_masks(masked, add=add, subtract=subtract)
-    i = fed.index[victim]
-    words = masked.view(np.int32).astype(np.float64)
-    assert int(masked[-2]) == fed.weights[i]  # the victim's private weight, exactly
+    assert fed.config.threshold == minimum_threshold(12, fed.config.degree)
+    loot = split_view(fed)
+    vector = rebuild(fed, loot)
+    assert vector is not None and not loot.refusals
+    i = fed.index[loot.victim]
+    weight, update = read_update(fed, loot.victim, vector)
+    assert weight == fed.weights[i]  # the victim's private weight, exactly
     factor = fed.config.quantization.float_factor(fed.weights[i])
-    np.testing.assert_allclose(words[:-2] / factor, fed.updates[i], atol=2 / factor)
+    np.testing.assert_allclose(update, fed.updates[i], atol=2 / factor)
 
 
 def test_a_small_cohort_warns_once_per_setting(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,118 @@
+"""What each threat model changes in a SecAgg+ round: one table, read by both sides.
+
+:class:`~flowerpets.secagg.protocol.Threat` names the model (on the wire, in
+the round configuration); :data:`MODELS` says what it takes. The server mod and
+the client mod read their behaviour from the row of their threat, never by
+comparing names:
+
+==============  ==========================  ===========================  ==============
+threat          key advertisements          consistency check            identities
+==============  ==========================  ===========================  ==============
+semi-honest     unsigned                    no                           not needed
+malicious       signed (Ed25519), verified  yes, before unmasking        required
+==============  ==========================  ===========================  ==============
+
+Both mods default to ``malicious`` when they are given identities (a PKI) and
+to ``semi-honest`` when not; asking for ``malicious`` without identities is
+refused when the mod is built, and asking for ``semi-honest`` despite them
+warns. :func:`with_threat` is the one place where the threat reaches the
+parameter finder (:mod:`flowerpets.secagg.parameters`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeVar
+
+from flowerpets._validation import one_of
+from flowerpets.exceptions import ConfigurationError, ParameterTypeError
+from flowerpets.secagg.protocol import Stage, Threat
+
+__all__ = ["MODELS", "Threat", "ThreatModel", "resolve", "with_threat"]
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class ThreatModel:
+    """What a round under one threat model does (a row of :data:`MODELS`)."""
+
+    threat: Threat
+    signed: bool  # advertisements are signed, and verified against the identities
+    stages: tuple[str, ...]  # the stages the server runs, in order
+
+    @property
+    def consistency_check(self) -> bool:
+        return Stage.CONSISTENCY_CHECK in self.stages
+
+    @property
+    def needs_identities(self) -> bool:
+        return self.signed
+
+
+_SEMI_HONEST_STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_INPUT)
+
+MODELS: Mapping[Threat, ThreatModel] = MappingProxyType(
+    {
+        Threat.SEMI_HONEST: ThreatModel(
+            Threat.SEMI_HONEST, signed=False, stages=(*_SEMI_HONEST_STAGES, Stage.UNMASK)
+        ),
+        Threat.MALICIOUS: ThreatModel(
+            Threat.MALICIOUS,
+            signed=True,
+            stages=(*_SEMI_HONEST_STAGES, Stage.CONSISTENCY_CHECK, Stage.UNMASK),
+        ),
+    }
+)
+"""Each threat model's row: the one mapping from a threat's name to what it does."""
+
+
+def resolve(threat: Threat | str | None, *, has_identities: bool, who: str) -> ThreatModel:
+    """The row for a mod's ``threat`` argument: None means malicious with identities,
+    semi-honest without; malicious without identities is a ConfigurationError."""
+    if threat is None:
+        threat = Threat.MALICIOUS if has_identities else Threat.SEMI_HONEST
+    if not isinstance(threat, str):
+        raise ParameterTypeError(f"{who}: threat must be a str or a Threat, got {threat!r}")
+    model = MODELS[Threat(one_of("threat", threat, {t.value for t in Threat}))]
+    if model.needs_identities and not has_identities:
+        raise ConfigurationError(
+            f"{who}(threat={model.threat.value!r}) needs identities: the nodes' enrolled "
+            "Ed25519 public keys (flowerpets.secagg.NodeIdentities); without them nothing binds "
+            "a key to a node and a malicious server can impersonate any of them"
+        )
+    if has_identities and not model.needs_identities:
+        warnings.warn(
+            f"{who}(threat={model.threat.value!r}) with identities: they are not used, and a "
+            "server that shows nodes different survivor lists can unmask a node's update "
+            "(docs/secagg.md); threat='malicious' closes that",
+            stacklevel=3,
+        )
+    return model
+
+
+def with_threat(function: Callable[..., R], threat: Threat, *args: object, **kwargs: object) -> R:
+    """``function(*args, **kwargs)`` told the threat model, if it takes ``threat=``.
+
+    The parameter finder's functions (``find_parameters``, ``minimum_threshold``,
+    ``check_threshold``, ``check_parameters``) choose ``k`` and ``t`` for the
+    threat; every call from the server and the nodes goes through here, so this
+    is the one place the threat reaches them. A function without the keyword
+    gets the call it always got (the semi-honest bound).
+    """
+    if _takes_threat(function):
+        kwargs["threat"] = threat.value
+    return function(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_threat(function: Callable[..., object]) -> bool:
+    try:
+        return "threat" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read
+        return False

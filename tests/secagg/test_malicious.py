@@ -1,0 +1,675 @@
+"""SecAgg+'s malicious mode against a malicious server: every attack is refused, nothing leaks.
+
+The test plays the server by hand (``conftest.Federation(threat="malicious")``:
+nodes with enrolled Ed25519 identity keys). It may send anything, but it cannot
+sign for an honest node. Each attack has its negative control: the same attack
+against the semi-honest mode, which succeeds where docs/secagg.md says it does
+(so each test can fail).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowerpets.core import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    FailureKind,
+    FedAvg,
+    Message,
+    ServerApp,
+)
+from flowerpets.exceptions import (
+    ConfigurationError,
+    ParameterTypeError,
+    ParameterValueError,
+    RoundFailedError,
+)
+from flowerpets.secagg import (
+    IdentityKey,
+    Keyring,
+    NodeConfigKey,
+    NodeIdentities,
+    Phase,
+    RoundConfig,
+    SecAggPlus,
+    SecAggPlusClientMod,
+    Stage,
+    Threat,
+    enroll,
+)
+from flowerpets.secagg._primitives import aead, keys
+from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
+from flowerpets.secagg.threat import MODELS, with_threat
+from flowerpets.simulation import Dropout, run_simulation
+from tests.secagg import test_protocol as protocol
+from tests.secagg.conftest import seeded_randomness
+from tests.secagg.split_view import partner_holders, read_update, rebuild, split_view, two_views
+from tests.secagg.test_attacks import phase, refused
+
+BOTH = [Threat.SEMI_HONEST, Threat.MALICIOUS]
+
+
+def _forged_advertisement(fed: Any, victim: int, impostor: IdentityKey) -> dict[str, Any]:
+    """The share-keys fields for ``victim`` with its first neighbour's keys replaced by keys
+    the server made, signed (malicious mode) with a key the server holds."""
+    fields = fed.share_fields(victim)
+    server_c = keys.generate_private_key(seeded_randomness(50))
+    server_s = keys.generate_private_key(seeded_randomness(51))
+    j = fields["nodes"][0]
+    c_pk, s_pk = keys.public_bytes(server_c), keys.public_bytes(server_s)
+    fields["c-pks"][0], fields["s-pks"][0] = c_pk, s_pk
+    if fed.malicious:
+        fields["signatures"][0] = impostor.sign(advertisement(fed.config, 1, j, c_pk, s_pk))
+    return {"fields": fields, "neighbour": j, "server_c": server_c}
+
+
+# -- identity: the keys a server introduces --------------------------------------------------
+@pytest.mark.parametrize("threat", BOTH)
+def test_a_forged_key_advertisement_for_an_existing_node(federation: Any, threat: Threat) -> None:
+    fed = federation(threat=threat)
+    fed.advertise()
+    victim = fed.ids[0]
+    forged = _forged_advertisement(fed, victim, IdentityKey.generate(seeded_randomness(52)))
+    reply = fed.ask(victim, Stage.SHARE_KEYS, forged["fields"])
+    if fed.malicious:
+        refused(reply, f"the key advertisement of node {forged['neighbour']}")
+        refused(reply, "the signature does not verify")
+        assert phase(fed, victim) == Phase.ABORTED
+        return
+    # Negative control (documented: the server can impersonate nodes): the semi-honest node
+    # encrypts its shares for "j" to the server's key, and the server reads them.
+    body = fed.ok(reply)[RECORD]
+    j = forged["neighbour"]
+    at = list(body["receivers"]).index(j)  # type: ignore[call-overload]
+    key = share_key(forged["server_c"], fed.pks[victim][0], session=fed.config.session)
+    associated = aead.associated_data(
+        session=fed.config.session, round=1, sender=victim, receiver=j
+    )
+    plaintext = aead.decrypt(key, body["ciphertexts"][at], associated)  # type: ignore[index]
+    assert len(plaintext) == 2 * SHARE_BYTES  # a share of the victim's seed and of its key
+
+
+def test_an_unsigned_or_malformed_advertisement_is_refused(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.advertise()
+    node = fed.ids[0]
+    unsigned = {k: v for k, v in fed.share_fields(node).items() if k != "signatures"}
+    refused(fed.ask(node, Stage.SHARE_KEYS, unsigned), "signatures")
+    fed = federation(threat=Threat.MALICIOUS, seed=1)
+    fed.advertise()
+    node = fed.ids[0]
+    fields = fed.share_fields(node)
+    fields["signatures"][0] = fields["signatures"][0][:-1]  # 63 bytes
+    refused(fed.ask(node, Stage.SHARE_KEYS, fields), "signatures")
+    fed = federation(threat=Threat.MALICIOUS, seed=2)
+    fed.advertise()
+    node = fed.ids[0]
+    fields = fed.share_fields(node)
+    fields["signatures"][0], fields["signatures"][1] = (
+        fields["signatures"][1],
+        fields["signatures"][0],
+    )
+    refused(fed.ask(node, Stage.SHARE_KEYS, fields), "does not verify")  # another node's
+
+
+@pytest.mark.parametrize("threat", BOTH)
+def test_an_advertisement_for_a_node_not_enrolled(federation: Any, threat: Threat) -> None:
+    """A Sybil: the server invents a node, with its own identity key, in the ring order."""
+    fed = federation(threat=threat)
+    sybil = 99_999
+    order = list(fed.config.order)
+    order[1] = sybil  # takes a real node's place in the ring
+    fields = {**fed.advertise_message_fields(), "order": order}
+    node = next(i for i in order if i in fed.ids)
+    reply = fed.ask(node, Stage.ADVERTISE_KEYS, fields)
+    if fed.malicious:
+        refused(reply, f"nodes [{sybil}] of the ring order are not enrolled")
+    else:
+        fed.ok(reply)  # negative control: a semi-honest node takes the Sybil as a peer
+
+
+@pytest.mark.parametrize("threat", BOTH)
+def test_a_ring_order_told_differently_to_two_neighbours(federation: Any, threat: Threat) -> None:
+    """The advertisement binds the round's configuration: a neighbour sent another ring
+    order (or threshold) signed another one, and the node refuses its keys."""
+    fed = federation(threat=threat)
+    node = fed.ids[0]
+    other = fed.graph.neighbours(node)[0]
+    fed.advertise([i for i in fed.ids if i != other])
+    changed = {**fed.advertise_message_fields(), "order": list(reversed(fed.config.order))}
+    body = fed.ok(fed.ask(other, Stage.ADVERTISE_KEYS, changed))[RECORD]
+    fed.pks[other] = (body["c-pk"], body["s-pk"])  # type: ignore[assignment]
+    if fed.malicious:
+        fed.key_signatures[other] = body["signature"]  # type: ignore[assignment]
+    reply = fed.ask(node, Stage.SHARE_KEYS, fed.share_fields(node))
+    if fed.malicious:
+        refused(reply, f"the key advertisement of node {other}")
+    else:
+        fed.ok(reply)  # negative control: nothing ties the keys to the configuration
+
+
+@pytest.mark.parametrize("replay", ["round", "session"])
+def test_an_advertisement_replayed_from_another_round_or_session(
+    federation: Any, replay: str
+) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.advertise()
+    old_pks, old_signatures = dict(fed.pks), dict(fed.key_signatures)
+    if replay == "round":
+        fed.share()
+        fed.collect()
+        fed.check()
+        for node in fed.ids:
+            fed.ok(fed.unmask(node, fed.ids, []))
+        fed.next_round()  # round 2, a fresh session
+    else:  # the same round number, another session: a restarted round
+        fed.contexts = {node: Context(node_id=node, run_id=1) for node in fed.ids}
+        fed.next_round()
+        fed.round = 1
+    fed.advertise()
+    node = fed.ids[0]
+    fields = fed.share_fields(node)
+    j = fields["nodes"][0]
+    fields["c-pks"][0], fields["s-pks"][0] = old_pks[j]  # keys the server may know more of
+    fields["signatures"][0] = old_signatures[j]
+    refused(fed.ask(node, Stage.SHARE_KEYS, fields), f"the key advertisement of node {j}")
+
+
+def test_a_malicious_node_is_never_downgraded_nor_a_semi_honest_one_upgraded(
+    federation: Any,
+) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    downgrade = {**fed.advertise_message_fields(), "threat": Threat.SEMI_HONEST.value}
+    refused(fed.ask(fed.ids[0], Stage.ADVERTISE_KEYS, downgrade), "malicious rounds only")
+    plain = federation()
+    upgrade = {**plain.advertise_message_fields(), "threat": Threat.MALICIOUS.value}
+    refused(plain.ask(plain.ids[0], Stage.ADVERTISE_KEYS, upgrade), "semi-honest rounds only")
+
+
+# -- the consistency check ----------------------------------------------------------------------
+def test_the_honest_round_unmasks_with_t_signatures(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.honest_until_unmask()
+    for node in fed.ids:
+        got = fed.ok(fed.unmask(node, fed.ids, []))[RECORD]
+        assert sorted(got["b-nodes"]) == sorted(fed.graph.neighbours(node))  # type: ignore[call-overload]
+        assert phase(fed, node) == Phase.DONE
+
+
+@pytest.mark.parametrize("threat", BOTH)
+def test_a_split_view_two_neighbours_told_different_survivor_sets(
+    federation: Any, threat: Threat
+) -> None:
+    """The server tells a node's neighbour A that the node survived and neighbour B that it
+    dropped, to collect its self-mask shares from A and its key shares from B."""
+    fed = federation(n=9, degree=4, threshold=3, threat=threat)
+    fed.honest_until_collect()
+    target = fed.ids[0]
+    a, b = fed.graph.neighbours(target)[:2]
+    without = [i for i in fed.ids if i != target]
+    if fed.malicious:
+        fed.check([i for i in fed.ids if i != b])  # every node but b signs the full set
+        fed.check([b], survivors=without)  # b alone is shown the target dropped
+    # The honest view is answered: a releases the target's self-mask share (given the
+    # signatures over its own set: b's, over another, would not verify).
+    signed = fed.signed_fields(a)
+    if fed.malicious:
+        keep = [at for at, j in enumerate(signed["signers"]) if j != b]
+        signed = {key: [value[at] for at in keep] for key, value in signed.items()}
+    answer = fed.ok(fed.unmask(a, fed.ids, [], signed=signed))[RECORD]
+    assert target in answer["b-nodes"]  # type: ignore[operator]
+    # No neighbour of b signed b's set: the server has nothing to forward that verifies.
+    reply_b = fed.unmask(b, without, [target], signed={"signers": [], "signatures": []})
+    if not fed.malicious:
+        assert target in fed.ok(reply_b)[RECORD]["s-nodes"]  # negative control: it releases
+        return
+    refused(reply_b, "only 0 of this node's neighbours signed the survivor set")
+    assert phase(fed, b) == Phase.ABORTED
+    # Nor do the other view's signatures help: they are over another set.
+    fed2 = federation(n=9, degree=4, threshold=3, threat=threat, seed=1)
+    fed2.honest_until_collect()
+    target = fed2.ids[0]
+    b = fed2.graph.neighbours(target)[1]
+    without = [i for i in fed2.ids if i != target]
+    fed2.check([i for i in fed2.ids if i != b])
+    fed2.check([b], survivors=without)
+    others = [j for j in fed2.graph.neighbours(b) if j != target]  # they signed the full set
+    theirs = {"signers": others, "signatures": [fed2.set_signatures[j] for j in others]}
+    refused(fed2.unmask(b, without, [target], signed=theirs), "signature of the survivor set")
+
+
+@pytest.mark.parametrize("views", [partner_holders, two_views])
+@pytest.mark.parametrize("threat", BOTH)
+def test_rebuilding_a_node_update_from_all_the_server_obtained(
+    federation: Any, threat: Threat, views: Any
+) -> None:
+    """The split view on the victim's partners (tests/secagg/split_view.py), the server
+    doing its best at the consistency check: at a threshold every node accepts
+    (n = 12, k = 6, t = 4), it unmasks the victim's weight and update in semi-honest mode,
+    and gets too few shares to rebuild anything in malicious mode."""
+    fed = federation(n=12, degree=6, threshold=4, seed=7, threat=threat)
+    loot = split_view(fed, views)
+    vector = rebuild(fed, loot)
+    if fed.malicious:
+        assert vector is None, "the server rebuilt the victim's vector"
+        assert loot.refusals and all("signed the survivor set" in r for r in loot.refusals.values())
+        return
+    if views is two_views:
+        assert vector is None  # too coarse a split even in semi-honest mode: rule 2t > k + c
+        return
+    assert vector is not None  # negative control (docs: not protected in semi-honest mode)
+    i = fed.index[loot.victim]
+    weight, update = read_update(fed, loot.victim, vector)
+    assert weight == fed.weights[i]
+    np.testing.assert_allclose(
+        update, fed.updates[i], atol=2 / fed.config.quantization.float_factor(weight)
+    )
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_no_assignment_of_views_rebuilds_the_victim(data: st.DataObject) -> None:
+    """Any split the server picks, each holder told any subset of the partners dropped
+    (starting from the flow's assignment, which rebuilds the victim in semi-honest mode:
+    hypothesis tries it first): in malicious mode the server never holds t shares of the
+    victim's seed and t of every partner's key (the counting argument in docs/secagg.md)."""
+    from tests.secagg.conftest import Federation
+
+    fed = Federation(n=12, degree=6, threshold=4, seed=7, threat=Threat.MALICIOUS)
+
+    def views(fed: Any, victim: int, partners: list[int]) -> dict[int, list[int]]:
+        told = dict(partner_holders(fed, victim, partners))
+        for m in sorted(told):
+            if data.draw(st.booleans(), label=f"change {m}'s view"):
+                subsets = st.lists(st.sampled_from(partners), unique=True, max_size=2)
+                told[m] = data.draw(subsets, label=f"partners {m} is told dropped")
+        return told
+
+    loot = split_view(fed, views)
+    assert rebuild(fed, loot) is None
+
+
+def test_a_survivor_set_that_differs_by_one_node(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.honest_until_unmask()  # every node signed the full set
+    node = fed.ids[0]
+    outsider = next(i for i in fed.ids if i != node and i not in fed.graph.neighbours(node))
+    fewer = [i for i in fed.ids if i != outsider]
+    refused(fed.unmask(node, fewer, []), "differ from the set this node signed")
+    other = next(i for i in fed.ids if i not in (node, outsider))
+    refused(fed.unmask(other, fewer, []), f"nodes [{outsider}]")
+    # Signatures over a set one node off (the neighbours signed `fewer`) do not verify.
+    fed = federation(threat=Threat.MALICIOUS, seed=3)
+    fed.honest_until_collect()
+    node = fed.ids[0]
+    outsider = next(i for i in fed.ids if i != node and i not in fed.graph.neighbours(node))
+    fed.check([node])
+    fewer = [i for i in fed.ids if i != outsider]
+    fed.check([i for i in fewer if i != node], survivors=fewer)
+    refused(fed.unmask(node, fed.ids, []), "signature of the survivor set")
+
+
+def test_fewer_than_t_signatures_are_refused(federation: Any) -> None:
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    fed.honest_until_unmask()
+    node = fed.ids[0]
+    signed = fed.signed_fields(node)
+    two = {k: v[:2] for k, v in signed.items()}
+    refused(fed.unmask(node, fed.ids, [], signed=two), "only 2 of this node's neighbours signed")
+    assert phase(fed, node) == Phase.ABORTED
+    # Its own signature, or a stranger's, does not count: only neighbours sign for it.
+    other = fed.ids[1]
+    stranger = next(i for i in fed.ids if i != other and i not in fed.graph.neighbours(other))
+    padded = {
+        "signers": [*fed.signed_fields(other)["signers"][:2], stranger],
+        "signatures": [*fed.signed_fields(other)["signatures"][:2], fed.set_signatures[stranger]],
+    }
+    refused(fed.unmask(other, fed.ids, [], signed=padded), "no surviving neighbours")
+    unsigned = fed.ask(fed.ids[2], Stage.UNMASK, {"survivors": fed.ids, "dropped": []})
+    refused(unsigned, "signers")  # no signatures at all
+
+
+def test_a_consistency_signature_replayed_from_an_earlier_round(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.honest_until_unmask()
+    old = dict(fed.set_signatures)
+    for node in fed.ids:
+        fed.ok(fed.unmask(node, fed.ids, []))
+    fed.next_round()
+    fed.honest_until_collect()
+    node = fed.ids[0]
+    fed.check([node])  # only the target signs round 2's set; the others' come from round 1
+    signers = list(fed.graph.neighbours(node))
+    replayed = {"signers": signers, "signatures": [old[j] for j in signers]}
+    refused(fed.unmask(node, fed.ids, [], signed=replayed), "signature of the survivor set")
+
+
+def test_a_node_signs_one_survivor_set_per_round(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    fed.honest_until_unmask()
+    node = fed.ids[0]
+    without = [i for i in fed.ids if i != fed.graph.neighbours(node)[0]]
+    again = fed.ask(node, Stage.CONSISTENCY_CHECK, {"survivors": without})
+    refused(again, "out of order")  # a second set would let the server split it
+    assert phase(fed, node) == Phase.ABORTED
+
+
+def test_the_consistency_check_refuses_lists_an_honest_server_never_sends(
+    federation: Any,
+) -> None:
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    fed.honest_until_collect()
+    a, b, c = fed.ids[:3]
+    refused(fed.ask(a, Stage.CONSISTENCY_CHECK, {"survivors": [i for i in fed.ids if i != a]}))
+    nbrs = fed.graph.neighbours(b)
+    few = [i for i in fed.ids if i not in nbrs[1:]]  # b and one neighbour
+    refused(fed.ask(b, Stage.CONSISTENCY_CHECK, {"survivors": few}), "fewer than the threshold")
+    refused(fed.ask(c, Stage.CONSISTENCY_CHECK, {"survivors": [*fed.ids, c]}), "twice")
+    # A semi-honest round has no consistency check: the stage is out of order there.
+    plain = federation()
+    plain.honest_until_collect()
+    refused(
+        plain.ask(plain.ids[0], Stage.CONSISTENCY_CHECK, {"survivors": plain.ids}), "out of order"
+    )
+
+
+# -- what never leaves a node ----------------------------------------------------------------
+def test_no_message_carries_an_identity_or_round_private_key(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    sent: list[Message] = []
+    original = fed.app
+
+    def recording(msg: Message, context: Context) -> Message:
+        reply = original(msg, context)
+        sent.extend([msg, reply])
+        return reply
+
+    fed.app = type("App", (), {"__call__": staticmethod(recording)})()
+    fed.honest_until_unmask()
+    for node in fed.ids:
+        fed.ok(fed.unmask(node, fed.ids, []))
+    assert {m.metadata.stage for m in sent} == set(MODELS[Threat.MALICIOUS].stages)
+    secrets = [key.private_pem() for key in fed.enrolment.keyring.values()]
+    secrets += [pem.split(b"\n")[1] for pem in secrets]  # the base64 body alone
+    blob = b"".join(repr(m).encode() + _bytes_of(m) for m in sent)
+    assert not any(secret in blob for secret in secrets)
+    assert all("PRIVATE" not in repr(key) for key in fed.enrolment.keyring.values())
+
+
+def _bytes_of(msg: Message) -> bytes:
+    out = []
+    for record in (msg.content or {}).values():
+        if isinstance(record, ConfigRecord):
+            for value in record.values():
+                items = value if isinstance(value, list) else [value]
+                out += [v for v in items if isinstance(v, bytes)]
+    return b"".join(out)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def test_malicious_without_identities_is_refused_at_set_up() -> None:
+    with pytest.raises(ConfigurationError, match="needs identities"):
+        SecAggPlus(threat="malicious")
+    with pytest.raises(ConfigurationError, match="needs identities"):
+        SecAggPlusClientMod(threat=Threat.MALICIOUS)
+    with pytest.raises(ParameterValueError, match="threat must be one of"):
+        SecAggPlus(threat="paranoid")
+    with pytest.raises(ParameterTypeError, match="identities must be NodeIdentities"):
+        SecAggPlus(threat="malicious", identities={1: b"x" * 32})  # type: ignore[arg-type]
+
+
+def test_identities_make_malicious_the_default_and_opting_out_warns() -> None:
+    pki = enroll([1, 2, 3], randomness=seeded_randomness(0))
+    assert SecAggPlus().threat is Threat.SEMI_HONEST  # no PKI: semi-honest stays the default
+    assert SecAggPlus(identities=pki.identities).threat is Threat.MALICIOUS
+    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+    assert mod.threat is Threat.MALICIOUS and "malicious" in repr(mod)
+    with pytest.warns(UserWarning, match="different survivor lists"):
+        SecAggPlus(identities=pki.identities, threat="semi-honest")
+
+
+def test_a_node_whose_key_is_not_its_enrolment_does_not_sign(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS)
+    node = fed.ids[0]
+    wrong = Keyring({**fed.enrolment.keyring, node: IdentityKey.generate(seeded_randomness(9))})
+    fed.mod.identity = wrong
+    with pytest.raises(ConfigurationError, match="not the one enrolled"):
+        fed.mod.identity_key(fed.contexts[node])
+    reply = fed.ask(node, Stage.ADVERTISE_KEYS, fed.advertise_message_fields())
+    assert reply.error is not None and reply.content is None
+
+
+def test_the_threat_reaches_the_parameter_finder_in_one_place() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def finder(n: int, *, threat: str = "semi-honest") -> int:
+        seen.append({"n": n, "threat": threat})
+        return n
+
+    assert with_threat(finder, Threat.MALICIOUS, 7) == 7 and seen == [
+        {"n": 7, "threat": "malicious"}
+    ]
+    assert with_threat(lambda n: n + 1, Threat.MALICIOUS, 7) == 8  # a finder without the keyword
+
+
+# -- the PKI ------------------------------------------------------------------------------------
+def test_identities_round_trip_as_text_and_refuse_what_is_not_a_pki(tmp_path: Any) -> None:
+    pki = enroll([5, 17, 2**62], randomness=seeded_randomness(1))
+    text = pki.identities.to_text()
+    assert text.splitlines()[0].startswith("5 ssh-ed25519 ")
+    path = tmp_path / "identities.pub"
+    path.write_text("# the enrolled nodes\n\n" + text)
+    loaded = NodeIdentities.load(path)
+    assert dict(loaded) == dict(pki.identities) and len(loaded) == 3
+    bad = [
+        ("5 ssh-rsa AAAA", "expected"),
+        ("x ssh-ed25519 AAAA", "expected"),
+        (text + text, "enrolled twice"),
+        ("5 ssh-ed25519 AAAA!!", "not an OpenSSH Ed25519 key"),
+        ("", "at least one"),
+    ]
+    for content, match in bad:
+        with pytest.raises(ParameterValueError, match=match):
+            NodeIdentities.from_text(content)
+    key = pki.keyring[5].public_bytes
+    with pytest.raises(ParameterValueError, match="one public key"):
+        NodeIdentities({1: key, 2: key})
+    with pytest.raises(ValueError, match="32 bytes"):
+        NodeIdentities({1: b"short"})
+    with pytest.raises(ValueError, match="listed twice"):
+        enroll([1, 1])
+
+
+def test_identity_keys_are_never_pickled_nor_shown() -> None:
+    key = IdentityKey.generate(seeded_randomness(2))
+    ring = Keyring({1: key})
+    for thing in (key, ring):
+        with pytest.raises(ParameterTypeError, match="never pickled"):
+            pickle.dumps(thing)
+    assert key.private_pem().split(b"\n")[1].decode() not in repr(key) + repr(ring)
+    assert repr(ring) == "Keyring(1 nodes)"
+    # The PKI is public: an app that carries it can be shipped to its workers.
+    pki = NodeIdentities({1: key.public_bytes})
+    assert dict(pickle.loads(pickle.dumps(pki))) == {1: key.public_bytes}
+
+
+def test_a_node_config_names_its_key_file(tmp_path: Any) -> None:
+    key = IdentityKey.generate(seeded_randomness(3))
+    path = tmp_path / "node.key"
+    path.write_bytes(key.private_pem())
+    source = NodeConfigKey()
+    context = Context(node_id=4, node_config={"secagg-identity-key": str(path)})
+    assert source.key_for(context).public_bytes == key.public_bytes
+    assert source.key_for(context) is source.key_for(context)  # read once
+    with pytest.raises(ConfigurationError, match="names no identity key"):
+        source.key_for(Context(node_id=4))
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        source.key_for(Context(node_id=4, node_config={"secagg-identity-key": str(path) + "x"}))
+    path.write_bytes(b"not a key")
+    with pytest.raises(ValueError, match="PEM"):
+        NodeConfigKey().key_for(context)
+    assert IdentityKey.from_pem(key.private_pem()).public_bytes == key.public_bytes
+
+
+def test_the_round_configuration_digest_binds_every_field() -> None:
+    base = RoundConfig(
+        session=bytes(16),
+        order=(3, 1, 2, 4, 5),
+        degree=4,
+        threshold=3,
+        clipping_range=8.0,
+        max_weight=10,
+        weight_key="num-examples",
+        secure_metrics=("loss",),
+        threat=Threat.MALICIOUS,
+    )
+    changes: list[dict[str, Any]] = [
+        {"session": b"\x01" * 16},
+        {"order": (1, 3, 2, 4, 5)},
+        {"threshold": 4},
+        {"clipping_range": 4.0},
+        {"max_weight": 11},
+        {"weight_key": None},
+        {"secure_metrics": ()},
+        {"threat": Threat.SEMI_HONEST},
+    ]
+    digests = {base.digest} | {dataclasses.replace(base, **c).digest for c in changes}
+    assert len(digests) == len(changes) + 1 and len(base.digest) == 32  # SHA-256
+    assert RoundConfig.from_record(base.to_record()).digest == base.digest
+
+
+# -- whole rounds over the simulation ---------------------------------------------------------
+def _run(
+    n: int,
+    client_mod: Any,
+    secagg: SecAggPlus,
+    node_ids: list[int],
+    *,
+    seed: int = 1,
+    faults: Any = (),
+    stop_on_failure: bool = False,
+) -> tuple[Any, Any, Any]:
+    """One round over the simulation with these node ids: its result, the round's outcome
+    (captured) and the nodes' updates and weights."""
+    updates, weights = protocol.make_data(n, seed=seed)
+    capture = protocol.Capture()
+    server = ServerApp(
+        strategy=FedAvg(),
+        num_rounds=1,
+        initial_arrays=ArrayRecord({"w": np.zeros(protocol.PARAMS, np.float32)}),
+        mods=[capture, secagg],
+        stop_on_failure=stop_on_failure,
+    )
+    app = protocol.make_app(updates, weights, mods=[client_mod])
+    result = run_simulation(server, app, n, node_ids=node_ids, seed=0, faults=faults, max_workers=4)
+    return result, capture.results[0] if capture.results else None, (updates, weights)
+
+
+def _malicious_run(
+    n: int, *, faults: Any = (), stop_on_failure: bool = False, **kwargs: Any
+) -> tuple[Any, Any, Any]:
+    """A malicious-mode round over the simulation: the nodes enrolled, each with its key."""
+    pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
+    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+    secagg = protocol.secagg(identities=pki.identities, **kwargs)
+    return _run(n, mod, secagg, pki.node_ids, faults=faults, stop_on_failure=stop_on_failure)
+
+
+# The semi-honest dropout sets (n = 10, k = 8, t = 5), and some at the consistency check.
+MALICIOUS_DROPOUTS = {
+    **protocol.DROPOUT_SETS,
+    "check-1": {Stage.CONSISTENCY_CHECK: [1]},
+    "check-3": {Stage.CONSISTENCY_CHECK: [1, 6, 9]},
+    "mixed-c": {
+        Stage.COLLECT_MASKED_INPUT: [4],
+        Stage.CONSISTENCY_CHECK: [6],
+        Stage.UNMASK: [7],
+    },
+    "mixed-d": {Stage.ADVERTISE_KEYS: [0], Stage.CONSISTENCY_CHECK: [5], Stage.UNMASK: [8]},
+}
+LATE = (Stage.CONSISTENCY_CHECK, Stage.UNMASK)  # after their masked input is in the sum
+
+
+@pytest.mark.parametrize("name", sorted(MALICIOUS_DROPOUTS))
+def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(name: str) -> None:
+    plan = MALICIOUS_DROPOUTS[name]
+    faults = [Dropout(node=i, round=1, stage=stage) for stage, nodes in plan.items() for i in nodes]
+    result, outcome, (updates, weights) = _malicious_run(10, faults=faults)
+    record = result.history[0]
+    assert record.ok, record.error
+    lost = {i for stage, nodes in plan.items() if stage not in LATE for i in nodes}
+    participants = sorted(result.node_index(p) for p in outcome.participants)
+    assert participants == [i for i in range(10) if i not in lost]
+    failed = {result.node_index(node): f.stage for node, f in outcome.failures.items()}
+    assert failed == {i: s for s, nodes in plan.items() if s not in LATE for i in nodes}
+    late = sum(len(plan.get(stage, [])) for stage in LATE)
+    assert outcome.metrics["secagg-unmask-missing"] == late
+    assert outcome.total_weight == sum(weights[i] for i in participants)  # exact
+    bound = outcome.metrics["secagg-mean-error-bound"]
+    assert isinstance(bound, float)
+    mean = protocol.weighted_mean(updates, weights, participants)
+    assert np.max(np.abs(result.arrays["w"].numpy() - mean)) <= bound + 1e-6
+
+
+def test_too_few_signatures_fail_the_round_at_the_consistency_check() -> None:
+    faults = [Dropout(node=i, round=1, stage=Stage.CONSISTENCY_CHECK) for i in range(6)]
+    with pytest.raises(RoundFailedError, match=r"consistency-check: round 1: 4 of 10 survivors"):
+        _malicious_run(10, faults=faults, degree=4, threshold=3, stop_on_failure=True)
+
+
+def test_the_server_excludes_nodes_not_enrolled_and_refuses_bad_signatures() -> None:
+    pki = enroll(range(1, 6), randomness=seeded_randomness(12))  # node 6 is not enrolled
+    forger = Keyring({**pki.keyring, 6: IdentityKey.generate(seeded_randomness(13))})
+    mod = SecAggPlusClientMod(identities=pki.identities, identity=forger, threat="malicious")
+    secagg = protocol.secagg(degree=4, threshold=3, identities=pki.identities)
+    result, outcome, (_, weights) = _run(6, mod, secagg, [*pki.node_ids, 6], seed=2)
+    assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
+    assert outcome.failures[6].kind == FailureKind.EXCLUDED
+    assert "not enrolled" in outcome.failures[6].error.reason
+    assert outcome.total_weight == sum(weights[:5])
+
+
+def test_the_grpc_runtime_node_keys_serve_as_identities(tmp_path: Any) -> None:
+    """docs/secagg.md's recipe: the PKI from the transport's node-keys.pub, each node's key
+    from its node-<i>.key (Ed25519 already); a node checks its key is its enrolment."""
+    from flowerpets.transport import NodeKey, load_public_keys, node_id_of, write_node_keys
+
+    private_files, listing = write_node_keys(tmp_path, 3)
+    pki = NodeIdentities.from_public_keys(load_public_keys([listing]), node_id=node_id_of)
+    assert len(pki) == 3
+    for path in private_files:
+        node_key = NodeKey.load(path)
+        key = IdentityKey.from_pem(node_key.private_pem())
+        pki.check_own(node_key.node_id, key)  # the node's id in the runtime is its enrolment
+        assert pki[node_key.node_id] == node_key.public_bytes
+    with pytest.raises(ConfigurationError, match="not the one enrolled"):
+        pki.check_own(NodeKey.load(private_files[0]).node_id, key)
+
+
+def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
+    """The server verifies what it forwards: a reply whose signature does not verify is a
+    protocol violation, and the round goes on without that node."""
+    pki = enroll(range(1, 7), randomness=seeded_randomness(14))
+    secagg_mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+
+    def tampering(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = secagg_mod(msg, context, call_next)
+        if context.node_id == 6 and msg.metadata.stage == Stage.ADVERTISE_KEYS:
+            body = reply.require_content()[RECORD]
+            body["signature"] = bytes(64)  # type: ignore[index]
+        return reply
+
+    secagg = protocol.secagg(degree=4, threshold=3, identities=pki.identities)
+    result, outcome, _ = _run(6, tampering, secagg, pki.node_ids, seed=3)
+    assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
+    assert outcome.failures[6].kind == FailureKind.PROTOCOL_VIOLATION
+    assert "does not verify" in outcome.failures[6].error.reason
