@@ -1,8 +1,9 @@
 """What a ServerApp needs of a run store: where a run resumes, and where each round goes.
 
 The core knows no database: :class:`flowerpets.store.RunWriter` implements
-:class:`RunJournal`, and a ServerApp given one commits every round to it and,
-if it already holds rounds, continues after the last one committed.
+:class:`RunJournal`, and a ServerApp given one commits every round (or every
+N rounds and the last) to it and, if it already holds rounds, continues after
+the last one committed.
 
 A server mod whose own state must outlive the process (a privacy ledger)
 declares it by subclassing :class:`DurableState`: the ServerApp restores its
@@ -12,7 +13,7 @@ state from the journal before the first round and commits it with every round.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -54,10 +55,13 @@ class RunJournal(Protocol):
         arrays: ArrayRecord,
         sampler: np.random.Generator,
         pet_states: Mapping[str, bytes] | None = None,
+        since: Sequence[RoundRecord] = (),
     ) -> None:
         """Commit a finished round, whole or not at all, before the next one starts.
 
-        ``pet_states`` are the :class:`DurableState` mods' states after it, by name.
+        ``pet_states`` are the :class:`DurableState` mods' states after it, by
+        name; ``since`` the records of the rounds run after the last commit and
+        before this one (``ServerApp(commit_every=N)``), committed with it.
         """
         ...
 

@@ -4,7 +4,8 @@ A :class:`RunWriter` holds the run's lease (see
 :mod:`flowerpets.store.database.lease`), so it is the only live writer of the
 run. :meth:`RunWriter.commit_round` writes everything a round produced in one
 ``BEGIN IMMEDIATE`` transaction under ``synchronous=FULL``: the round's record
-(the history grows by it), the cohort generator's state, the global arrays
+(the history grows by it, and by the rounds since the last commit if the app
+commits every N rounds), the cohort generator's state, the global arrays
 (thinned to every ``keep_arrays_every``-th round plus the last), the PETs'
 server states and the round counter. If anything fails, nothing of the round
 is stored and the previous round is intact. :meth:`RunWriter.record_spend`
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ from flowerpets.store.snapshot import PetState, RunInfo, RunSnapshot
 __all__ = ["RunWriter"]
 
 log = logging.getLogger(__name__)
+
+# The sampler state of a round committed with a later one: only a commit's own is kept.
+_NO_SAMPLER = "null"
 
 
 class RunWriter(Closing):
@@ -161,13 +165,18 @@ class RunWriter(Closing):
         arrays: ArrayRecord,
         sampler: np.random.Generator | Mapping[str, Any],
         pet_states: Mapping[str, PetState] | None = None,
+        since: Sequence[RoundRecord] = (),
     ) -> None:
         """Commit round ``record.round``: it must be the round after the last one committed.
 
         ``arrays`` are the global arrays after the round, ``sampler`` the cohort
         generator (or its :func:`~flowerpets.store.encoding.generator_state`)
         after it, ``pet_states`` the PETs' server states to replace (by name;
-        bytes or a JSON value). Raises :class:`RoundSequenceError` out of order,
+        bytes or a JSON value). ``since`` are the records of the rounds run
+        after the last commit and before ``record`` (``ServerApp(commit_every=N)``):
+        they commit in the same transaction, without arrays or a sampler state
+        of their own (a resume continues after ``record``).
+        Raises :class:`RoundSequenceError` out of order,
         :class:`StoreLockedError` if the lease was lost and
         :class:`StoreWriteError` if the disk refused; in every case nothing of
         the round was stored.
@@ -176,6 +185,12 @@ class RunWriter(Closing):
         check.instance("record", record, RoundRecord)
         check.instance("arrays", arrays, ArrayRecord)
         rnd = check.integer("record.round", record.round, at_least=1)
+        earlier = [check.instance("since", r, RoundRecord) for r in since]
+        if [r.round for r in earlier] != list(range(rnd - len(earlier), rnd)):
+            raise RoundSequenceError(
+                f"the rounds committed with round {rnd} must be the ones just before it, "
+                f"got {[r.round for r in earlier]}"
+            )
         timings: dict[str, float] = {}
         started = time.perf_counter()
         state = (
@@ -186,6 +201,7 @@ class RunWriter(Closing):
         pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
         prepared = _PreparedRound(
             round=rnd,
+            earlier=[canonical_json(r.to_json_dict(), name="since") for r in earlier],
             record_json=canonical_json(record.to_json_dict(), name="record"),
             sampler_json=canonical_json(dict(state), name="sampler"),
             frame=self._files.encode(arrays),
@@ -198,7 +214,7 @@ class RunWriter(Closing):
         timings["encode"] = time.perf_counter() - started
         with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
-            info = self._check_next(db, rnd)
+            info = self._check_next(db, rnd - len(earlier))
             # The arrays' file is durable before the rows that name it can commit.
             content, timings["digest"] = self._files.write(prepared.frame)
             timings["write"] = time.perf_counter() - started - timings["digest"]
@@ -235,23 +251,25 @@ class RunWriter(Closing):
         """Every row of the round, inside the caller's transaction, once its arrays' file
         (SHA-256 ``content``, ``nbytes`` long) is on disk."""
         rnd = prepared.round
-        db.execute(
+        first = rnd - len(prepared.earlier)
+        rows = [(first + i, text, _NO_SAMPLER) for i, text in enumerate(prepared.earlier)]
+        rows.append((rnd, prepared.record_json, prepared.sampler_json))
+        db.executemany(
             "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
             "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                self.run_id,
-                rnd,
-                prepared.record_json,
-                prepared.sampler_json,
-                prepared.committed_at,
-                round_digest(
+            [
+                (
                     self.run_id,
-                    rnd,
-                    prepared.record_json,
-                    prepared.sampler_json,
+                    number,
+                    record_json,
+                    sampler_json,
                     prepared.committed_at,
-                ),
-            ),
+                    round_digest(
+                        self.run_id, number, record_json, sampler_json, prepared.committed_at
+                    ),
+                )
+                for number, record_json, sampler_json in rows
+            ],
         )
         _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
         write_arrays_row(db, self.run_id, rnd, nbytes, content)
@@ -324,6 +342,7 @@ class _PreparedRound:
     """A round encoded before its transaction opens: the lock is held only for the writes."""
 
     round: int
+    earlier: list[str]  # the records of the rounds committed with it, in order
     record_json: str
     sampler_json: str
     frame: Frame  # the codec frame's parts (the arrays' data as views), being hashed

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from flowerpets._validation import integer
 from flowerpets.core import ServerApp, ServerMod
 from flowerpets.exceptions import MissingRunError, ParameterValueError
 from flowerpets.store.run_store import RunStore
@@ -46,8 +47,9 @@ def refuse_unstored_state(mods: Sequence[ServerMod]) -> None:
             raise ParameterValueError(f"a run store cannot resume a run with {class_name}: {why}")
 
 
-def with_store(app: ServerApp, store: RunWriter) -> ServerApp:
-    """``app`` again, committing each round to ``store`` (and resuming from it)."""
+def with_store(app: ServerApp, store: RunWriter, *, commit_every: int = 1) -> ServerApp:
+    """``app`` again, committing to ``store`` every ``commit_every`` rounds and after the
+    last (and resuming from it)."""
     return ServerApp(
         strategy=app.strategy,
         num_rounds=app.num_rounds,
@@ -56,6 +58,7 @@ def with_store(app: ServerApp, store: RunWriter) -> ServerApp:
         seed=app.seed,
         stop_on_failure=app.stop_on_failure,
         store=store,
+        commit_every=commit_every,
     )
 
 
@@ -65,8 +68,11 @@ def stored_app(
     path: str | os.PathLike[str],
     run_id: str,
     config: Mapping[str, Any],
+    *,
+    commit_every: int = 1,
 ) -> Iterator[ServerApp]:
-    """``app`` committing each round to run ``run_id`` of the store at ``path``.
+    """``app`` committing to run ``run_id`` of the store at ``path`` every
+    ``commit_every`` rounds and after the last (``ServerApp(commit_every=...)``).
 
     The run is started with ``config`` if the store lacks it, and resumed
     otherwise (refused with ``RunConfigMismatchError`` if its stored
@@ -74,6 +80,7 @@ def stored_app(
     holds it). The run's lease is given back on exit.
     """
     refuse_unstored_state(app.mods)
+    integer("commit_every", commit_every, at_least=1)  # before the store is touched
     with RunStore(path) as store:
         try:
             store.run(run_id)
@@ -82,4 +89,4 @@ def stored_app(
         else:
             writer = store.resume_run(run_id, config=config)
         with writer:
-            yield with_store(app, writer)
+            yield with_store(app, writer, commit_every=commit_every)
