@@ -13,17 +13,19 @@ state from the journal before the first round and commits it with every round.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from flowerpets.core.context import Context
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.message import Message
 from flowerpets.core.records import ArrayRecord
 from flowerpets.core.round import ServerContext
 
-__all__ = ["DurableState", "Resumption", "RunJournal"]
+__all__ = ["DurableState", "NodeBudget", "Resumption", "RunJournal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +98,24 @@ class DurableState(abc.ABC):
         Raises if the state cannot be continued: a state that is missing or
         damaged is never taken for a fresh one.
         """
+
+
+class NodeBudget(abc.ABC):
+    """A client mod that keeps a privacy budget in its node's context, across rounds.
+
+    Subclassing it is how a mod declares it (``LocalDpMod`` does). The budget
+    lives on the node, which need not trust the server, so a server's run
+    store never holds it and cannot carry it across a restart: in a deployment
+    the nodes keep it as long as they keep their contexts, but a runtime that
+    rebuilds its nodes when a stored run resumes (the simulation) would count
+    it from zero again. ``run_simulation`` therefore refuses a ServerApp with
+    a store over a ClientApp with such a mod.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def __call__(
+        self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        """The client mod itself (Flower's shape)."""
