@@ -44,7 +44,7 @@ from flowerpets.exceptions import (
 )
 from flowerpets.store.array_files import ArrayFiles, Frame
 from flowerpets.store.closing import Closing
-from flowerpets.store.database import LeaseOwner, translate, write_transaction
+from flowerpets.store.database import LeaseOwner, consistent_read, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
 from flowerpets.store.encoding import (
     canonical_json,
@@ -106,7 +106,11 @@ class RunWriter(Closing):
     @property
     def info(self) -> RunInfo:
         """The run's stored row (its configuration, population and round counter)."""
-        return read_info(self._connection, self.run_id)
+        return consistent_read(
+            self._connection,
+            f"run {self.run_id!r}",
+            lambda: read_info(self._connection, self.run_id),
+        )
 
     @property
     def last_round(self) -> int:
@@ -119,7 +123,11 @@ class RunWriter(Closing):
 
     def spends(self) -> list[SpendRecord]:
         """Every entry of the run's population ledger, every run's, in order, the chain checked."""
-        return read_spends(self._connection, self.info.population_id)
+        return consistent_read(
+            self._connection,
+            f"the ledger of run {self.run_id!r}",
+            lambda: read_spends(self._connection, self.info.population_id),
+        )
 
     def pet_state(self, name: str) -> bytes | None:
         """The state PET ``name`` committed with the last round, as bytes (None if none).
@@ -351,7 +359,19 @@ class _PreparedRound:
 
 
 def load_snapshot(connection: sqlite3.Connection, files: ArrayFiles, run_id: str) -> RunSnapshot:
-    """Everything stored about ``run_id`` as of its last committed round, every row checked."""
+    """Everything stored about ``run_id`` as of its last committed round, every row checked.
+
+    Read on one snapshot (:func:`~flowerpets.store.database.consistent_read`):
+    the rows are one committed state, and a file a commit after the snapshot
+    dropped (a thinned round's) makes the read start again on the new state,
+    never a :class:`CorruptStoreError`.
+    """
+    return consistent_read(
+        connection, f"run {run_id!r}", lambda: _read_snapshot(connection, files, run_id)
+    )
+
+
+def _read_snapshot(connection: sqlite3.Connection, files: ArrayFiles, run_id: str) -> RunSnapshot:
     info = read_info(connection, run_id)
     history = read_history(connection, run_id, info.last_round)
     arrays = read_arrays(connection, files, run_id, info.last_round)
