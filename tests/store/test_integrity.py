@@ -85,8 +85,15 @@ def test_files_no_row_names_are_collected_on_open(stored_run: StoredRun) -> None
         stray.write_bytes(b"left by a commit that never reached COMMIT")
     with RunStore(stored_run.path) as store:
         snapshot = store.load(stored_run.run_id)
-    assert sorted(directory.iterdir()) == kept  # closed: the deletions are done
+    assert files_of.array_files(stored_run.path) == kept  # no stray keeps its name
+    left = sorted(p.name.rpartition(".")[2] for p in directory.iterdir() if p not in kept)
+    assert left == ["spare", "spare"]  # kept to be overwritten by later rounds, named by no row
     assert snapshot.arrays is not None and same_bits(snapshot.arrays, stored_run.arrays[3])
+    with RunStore(stored_run.path) as store, store.resume_run(stored_run.run_id) as writer:
+        writer.commit_round(record(4), arrays=model(4), sampler=np.random.default_rng(4))
+        assert same_bits(store.load(stored_run.run_id).arrays or model(0), model(4))
+    assert len(files_of.array_files(stored_run.path)) == len(kept) + 1
+    assert len(list(directory.iterdir())) == len(kept) + 1 + 1  # round 4 took a spare
 
 
 def test_thinned_rounds_files_are_deleted_after_the_commit(tmp_path: Path) -> None:
@@ -98,7 +105,9 @@ def test_thinned_rounds_files_are_deleted_after_the_commit(tmp_path: Path) -> No
                 )
                 assert len(files_of.array_files(tmp_path / "runs.db")) == 1
         assert same_bits(store.load("r").arrays or model(0), model(3))
-    assert len(list(files_of.arrays_directory(tmp_path / "runs.db").iterdir())) == 1
+    # Each commit keeps the file it dropped as a spare, which the next commit overwrites.
+    names = sorted(p.suffix for p in files_of.arrays_directory(tmp_path / "runs.db").iterdir())
+    assert names == [".fpa", ".spare"]
 
 
 @pytest.mark.parametrize(
