@@ -3,8 +3,9 @@
 A round's arrays (one codec frame, tens of MB) would cost SQLite a copy into
 its pages, the log's fsync and a second copy at the checkpoint. Instead each
 frame is one file named by its SHA-256, gathered straight from the arrays'
-buffers with ``writev`` and made durable with one ``fsync`` (and the
-directory's) *inside* the round's transaction and before its ``COMMIT``: a committed round's row
+buffers with ``writev``, its bytes made durable with ``fdatasync`` while their
+SHA-256 is computed, then renamed to it and made durable with the directory's
+``fsync``, *inside* the round's transaction and before its ``COMMIT``: a committed round's row
 never names a file that is not on disk. A crash before ``COMMIT`` leaves at
 most a file no row names, which :meth:`ArrayFiles.collect` drops (on open,
 and after each commit): kept as a spare that a later frame overwrites in place,
@@ -132,6 +133,9 @@ class ArrayFiles:
                 _write_all(fd, list(views))
                 if spare is not None and os.fstat(fd).st_size > frame.nbytes:
                     os.ftruncate(fd, frame.nbytes)  # a longer frame was there before
+                # The bytes (and the size and blocks that find them) go to disk while the
+                # helper thread finishes their SHA-256: only the name waits for it.
+                os.fdatasync(fd)
                 waited = time.perf_counter()
                 digest = frame.digest()
                 waited = time.perf_counter() - waited
@@ -143,11 +147,10 @@ class ArrayFiles:
                         partial.unlink()
                     _fsync_path(final)
                 else:
-                    # Named before the fsync, so the one fsync's journal commit carries the
-                    # name too; no row names the file until its round's COMMIT.
+                    # The name is durable once the directory is fsynced; no row names the
+                    # file until its round's COMMIT, after this.
                     os.rename(partial, final)
                     named = final
-                    os.fsync(fd)
                     self._sync_directory()
             finally:
                 os.close(fd)
