@@ -15,9 +15,11 @@ noised result it pays for is released.
 The arrays are encoded before the transaction opens; inside it, their frame
 is written to its own file (:mod:`flowerpets.store.array_files`, hashed on a
 helper thread while it is written) and made durable before the small rows
-naming it are written and committed. After the commit, the files no row names
-any more are deleted, and the log is checkpointed into the main file once it
-holds ``checkpoint_bytes``.
+naming it are written and committed. The files the previous commit stopped
+naming are dropped at the start of the next commit's transaction (and when
+the writer closes), so the dropped file is the spare the next frame
+overwrites; the log is checkpointed into the main file once it holds
+``checkpoint_bytes``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from flowerpets.exceptions import (
     CorruptStoreError,
     ParameterValueError,
     RoundSequenceError,
-    StoreError,
 )
 from flowerpets.store.array_files import ArrayFiles, Frame
 from flowerpets.store.closing import Closing
@@ -81,7 +82,7 @@ class RunWriter(Closing):
     ``last_commit_seconds`` holds how long the parts of the last commit took
     (``encode``, ``write``: the arrays' file, ``digest``: the wait for their
     SHA-256 once the file is on disk, ``commit``: the rows and ``COMMIT``,
-    ``collect``: deleting files no row names, ``checkpoint``).
+    ``collect``: dropping the files the commit before stopped naming, ``checkpoint``).
     """
 
     def __init__(
@@ -223,15 +224,18 @@ class RunWriter(Closing):
         with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
             info = self._check_next(db, rnd - len(earlier))
+            # The files the last commit stopped naming (a thinned round's) are dropped here,
+            # under the lock, not in a transaction of their own after it: the dropped file
+            # becomes the spare this round's frame overwrites.
+            self._collect(db)
+            timings["collect"] = time.perf_counter() - started
+            started = time.perf_counter()
             # The arrays' file is durable before the rows that name it can commit.
             content, timings["digest"] = self._files.write(prepared.frame)
             timings["write"] = time.perf_counter() - started - timings["digest"]
             started = time.perf_counter()
             self._write_round(db, info, prepared, content, prepared.frame.nbytes)
         timings["commit"] = time.perf_counter() - started  # rows + COMMIT: the log's fsync
-        started = time.perf_counter()
-        self._collect()
-        timings["collect"] = time.perf_counter() - started
         started = time.perf_counter()
         if self._log_bytes() >= self._checkpoint_bytes:
             self._checkpoint()
@@ -312,8 +316,11 @@ class RunWriter(Closing):
             return
         self._closed = True
         try:
-            with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
-                release(self._connection, self.run_id, self._owner)
+            with write_transaction(
+                self._connection, f"releasing the lease of {self.run_id!r}"
+            ) as db:
+                release(db, self.run_id, self._owner)
+                self._collect(db)  # the last commit's thinned round's file
         except sqlite3.Error as exc:  # pragma: no cover - translated by write_transaction
             raise translate(exc, "cannot release the lease") from exc
 
@@ -321,14 +328,13 @@ class RunWriter(Closing):
         if self._closed:
             raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
 
-    def _collect(self) -> None:
-        # The round is committed; the files no row names any more (a thinned round's) go.
-        # A collection that fails only leaves them for the next one.
+    def _collect(self, db: sqlite3.Connection) -> None:
+        # Inside a write transaction: the files no committed row names any more go. A
+        # collection that fails only leaves them for the next one.
         try:
-            with write_transaction(self._connection, "collecting unnamed array files") as db:
-                self._files.collect(db)
-        except (StoreError, OSError) as exc:
-            log.warning("collecting array files after a commit failed: %s", exc)
+            self._files.collect(db)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("collecting the arrays' files no row names failed: %s", exc)
 
     def _log_bytes(self) -> int:
         try:

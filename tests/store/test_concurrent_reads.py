@@ -121,14 +121,14 @@ def test_a_file_a_commit_dropped_after_the_snapshot_began_is_read_again_on_the_n
 
         def read_after_a_commit(digest: bytes, nbytes: int, where: str) -> bytes:
             reads.append(digest)
-            if len(reads) == 1:  # the snapshot names round 1's file: round 2 drops it now
-                writer.commit_round(RoundRecord(round=2), arrays=arrays(2), sampler=rng)
-                writing._files.close()  # the dropped file's unlink done
+            if len(reads) == 1:  # the snapshot names round 1's file: round 3 drops it now
+                for rnd in (2, 3):  # (2 stops naming it, 3 overwrites it as its spare)
+                    writer.commit_round(RoundRecord(round=rnd), arrays=arrays(rnd), sampler=rng)
             return real_read(digest, nbytes, where)
 
         reading._files.read = read_after_a_commit  # type: ignore[method-assign]
         snapshot = reading.load("r")
-        assert model_round(snapshot.arrays) == snapshot.round == 2  # read again, whole
+        assert model_round(snapshot.arrays) == snapshot.round == 3  # read again, whole
         assert len(reads) == 2 and reads[0] != reads[1]
         # Damage that stays (no commit since the snapshot) is still refused.
         reading._files.read = real_read  # type: ignore[method-assign]
