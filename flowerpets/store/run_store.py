@@ -88,7 +88,9 @@ class RunStore(Closing):
         try:
             ensure_schema(self._connection)
             if limit is not None:
-                self._connection.execute(f"PRAGMA max_page_count = {limit // PAGE_SIZE}")
+                # In the file's own pages (a store made by another build may have others).
+                page = self._connection.execute("PRAGMA page_size").fetchone()[0]
+                self._connection.execute(f"PRAGMA max_page_count = {max(1, limit // page)}")
             # A crash between an arrays file's fsync and its round's COMMIT left a file no
             # row names: it goes now.
             with write_transaction(self._connection, "collecting unnamed array files") as db:
