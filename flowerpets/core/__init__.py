@@ -18,7 +18,7 @@ from flowerpets.core.exchange import (
 )
 from flowerpets.core.grid import Grid, WaitsForNodes
 from flowerpets.core.history import History, RoundRecord
-from flowerpets.core.journal import DurableState, Resumption, RunJournal
+from flowerpets.core.journal import DurableState, NodeBudget, Resumption, RunJournal
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
@@ -84,6 +84,7 @@ __all__ = [
     "MetricMean",
     "MetricRecord",
     "MetricValue",
+    "NodeBudget",
     "PoissonSampling",
     "RecordDict",
     "Resumption",

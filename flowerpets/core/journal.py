@@ -1,8 +1,9 @@
 """What a ServerApp needs of a run store: where a run resumes, and where each round goes.
 
 The core knows no database: :class:`flowerpets.store.RunWriter` implements
-:class:`RunJournal`, and a ServerApp given one commits every round to it and,
-if it already holds rounds, continues after the last one committed.
+:class:`RunJournal`, and a ServerApp given one commits every round (or every
+N rounds and the last) to it and, if it already holds rounds, continues after
+the last one committed.
 
 A server mod whose own state must outlive the process (a privacy ledger)
 declares it by subclassing :class:`DurableState`: the ServerApp restores its
@@ -12,17 +13,19 @@ state from the journal before the first round and commits it with every round.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from flowerpets.core.context import Context
 from flowerpets.core.history import History, RoundRecord
+from flowerpets.core.message import Message
 from flowerpets.core.records import ArrayRecord
 from flowerpets.core.round import ServerContext
 
-__all__ = ["DurableState", "Resumption", "RunJournal"]
+__all__ = ["DurableState", "NodeBudget", "Resumption", "RunJournal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +57,13 @@ class RunJournal(Protocol):
         arrays: ArrayRecord,
         sampler: np.random.Generator,
         pet_states: Mapping[str, bytes] | None = None,
+        since: Sequence[RoundRecord] = (),
     ) -> None:
         """Commit a finished round, whole or not at all, before the next one starts.
 
-        ``pet_states`` are the :class:`DurableState` mods' states after it, by name.
+        ``pet_states`` are the :class:`DurableState` mods' states after it, by
+        name; ``since`` the records of the rounds run after the last commit and
+        before this one (``ServerApp(commit_every=N)``), committed with it.
         """
         ...
 
@@ -92,3 +98,24 @@ class DurableState(abc.ABC):
         Raises if the state cannot be continued: a state that is missing or
         damaged is never taken for a fresh one.
         """
+
+
+class NodeBudget(abc.ABC):
+    """A client mod that keeps a privacy budget in its node's context, across rounds.
+
+    Subclassing it is how a mod declares it (``LocalDpMod`` does). The budget
+    lives on the node, which need not trust the server, so a server's run
+    store never holds it and cannot carry it across a restart: in a deployment
+    the nodes keep it as long as they keep their contexts, but a runtime that
+    rebuilds its nodes when a stored run resumes (the simulation) would count
+    it from zero again. ``run_simulation`` therefore refuses a ServerApp with
+    a store over a ClientApp with such a mod.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def __call__(
+        self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        """The client mod itself (Flower's shape)."""

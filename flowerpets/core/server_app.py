@@ -91,8 +91,14 @@ class ServerApp:
     :class:`flowerpets.store.RunWriter`) every round is committed to it before
     the next one starts, and a run the store already holds rounds of continues
     after its last committed round, with its model, history and cohort generator.
+    With ``commit_every=N`` a commit happens after every round whose number is
+    a multiple of N, after the last round and after a round that stopped the
+    run, and carries the records of the rounds since the one before: the model
+    is written once per N rounds, and a crash loses the rounds run since the
+    last commit, which a resumed run runs again from the last stored model
+    (spending their privacy budget again: an over-count, never an under-count).
     A mod that declares :class:`~flowerpets.core.journal.DurableState` has its
-    state restored before the first round and committed with every round, and
+    state restored before the first round and committed with every commit, and
     reaches the store through ``context.journal``. A commit that fails, or a
     store error inside a round, ends the run with the store's error.
     """
@@ -107,8 +113,14 @@ class ServerApp:
         seed: int | None = None,
         stop_on_failure: bool = False,
         store: RunJournal | None = None,
+        commit_every: int = 1,
     ) -> None:
         integer("num_rounds", num_rounds, at_least=1)
+        integer("commit_every", commit_every, at_least=1)
+        if commit_every != 1 and store is None:
+            raise ParameterValueError(
+                f"commit_every={commit_every} says how often to commit to a store: give store=..."
+            )
         instance("initial_arrays", initial_arrays, ArrayRecord)
         if not isinstance(strategy, Strategy):
             raise ParameterTypeError(
@@ -128,6 +140,7 @@ class ServerApp:
         self.seed = seed
         self.stop_on_failure = stop_on_failure
         self.store = None if store is None else instance("store", store, RunJournal)
+        self.commit_every = commit_every
         declared: tuple[object, ...] = self.mods  # a DurableState is declared by its class
         self._durable = [mod for mod in declared if isinstance(mod, DurableState)]
         names = [mod.state_name for mod in self._durable]
@@ -170,6 +183,7 @@ class ServerApp:
             if last is not None and last.stopped:  # a mod ended this run: it stays ended
                 result.stopped = last.error
                 return result
+        pending: list[RoundRecord] = []  # run since the last commit, committed with the next
         for rnd in range((resumed.round + 1) if resumed else 1, self.num_rounds + 1):
             started = time.perf_counter()
             record = RoundRecord(round=rnd)
@@ -182,26 +196,34 @@ class ServerApp:
                 record.stopped = True
                 record.seconds = time.perf_counter() - started
                 result.history.append(record)
-                self._commit(record, result.arrays, rng, context)
+                self._commit(pending, record, result.arrays, rng, context)
                 break
             self._evaluate(rnd, result.arrays, rng, context, record)
             record.seconds = time.perf_counter() - started
             result.history.append(record)
-            self._commit(record, result.arrays, rng, context)
+            if rnd % self.commit_every == 0 or rnd == self.num_rounds:
+                self._commit(pending, record, result.arrays, rng, context)
+            else:
+                pending.append(record)
             if on_round is not None:
                 on_round(record)
         return result
 
     def _commit(
         self,
+        pending: list[RoundRecord],
         record: RoundRecord,
         arrays: ArrayRecord,
         rng: np.random.Generator,
         context: ServerContext,
     ) -> None:
+        """Commit ``record``'s round, and the ``pending`` rounds before it, in one commit."""
         if self.store is not None:
             states = {mod.state_name: mod.durable_state(context) for mod in self._durable}
-            self.store.commit_round(record, arrays=arrays, sampler=rng, pet_states=states)
+            self.store.commit_round(
+                record, arrays=arrays, sampler=rng, pet_states=states, since=tuple(pending)
+            )
+        pending.clear()
 
     def _train_round(
         self,

@@ -36,6 +36,11 @@ it is this client's sample-level epsilon for the whole run so far. With
 budget is never forgotten). :class:`DpSgd` itself keeps no per-node state: it
 pickles, and builds its secure noise source on first use.
 
+That state lives on the node: a server's run store never holds it. DpSgd runs
+inside a train handler, where no runtime sees it, so a stored simulation is
+not refused (as one with :class:`~flowerpets.dp.LocalDpMod` is): resumed, its
+rebuilt nodes count their epsilon from 0 again (see ``docs/dp.md``).
+
 torch and Opacus are imported only when :meth:`DpSgd.train` runs: install the
 ``dpsgd`` extra (``pip install 'flowerpets[dpsgd]'``); the rest of
 :mod:`flowerpets.dp` works without them.

@@ -26,6 +26,14 @@ round that would exceed it, and a state it cannot read refuses every round
 instance serves any number of nodes, and it pickles (its secure noise source
 is built on first use, and a copy builds its own).
 
+With a run store. The budget lives on the node, not on the server: a
+server's run store (``ServerApp(..., store=...)``) never holds it, so it cannot
+carry it across a restart. The mod declares :class:`~flowerpets.core.NodeBudget`,
+and ``run_simulation``, which rebuilds its nodes when a stored run resumes (so
+every node would count its epsilon from 0 again), refuses a stored ServerApp
+over a ClientApp with it. A deployment's nodes keep their budget as long as
+they keep their contexts; a node process that restarts starts it again.
+
 What it does not protect: the reply's metrics. By default the mod replaces
 them with ``num-examples = 1`` and ``dp-local-epsilon``. The weight is 1
 because the exact number of examples is a fact about this client's data that
@@ -58,6 +66,7 @@ from flowerpets.core import (
     Message,
     MessageType,
     MetricRecord,
+    NodeBudget,
     RecordDict,
 )
 from flowerpets.core.state import StateSlot
@@ -99,7 +108,7 @@ def _metric_name(name: str) -> None:
         raise ParameterValueError("keep_metrics must not name the empty metric ''")
 
 
-class LocalDpMod:
+class LocalDpMod(NodeBudget):
     """Client mod: clip the update to ``clipping_norm`` and add analytic-Gaussian noise.
 
     Each round is (``epsilon``, ``delta``)-DP for this client's data under

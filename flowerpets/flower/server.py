@@ -13,23 +13,25 @@ Its ``main(grid, context)`` runs our app over a :class:`~flowerpets.flower.Flowe
 (replies streamed as they arrive). ``context.run_config`` (the ``[tool.flwr.app.config]``
 of a Flower app, or ``flwr run --run-config``) maps to :class:`Settings`:
 
-=====================  ===============================================================
-``num-server-rounds``  rounds (Flower's template key); overrides the app's
-``seed``               cohort sampling seed (and passed on in the run config)
-``min-nodes``          wait for this many connected nodes before each round
-``node-timeout``       how long to wait for them, seconds (default 60)
-``poll-interval``      pause between two empty pulls, seconds (default 0.01)
-``history-file``       write our History as JSON there when the run ends
-``store``              commit every round to the run store (an SQLite file) at this
-                       path, and resume the run from it if it holds it already
-``store-run``          the run's id in that store (default ``"flower"``)
-=====================  ===============================================================
+=======================  ===============================================================
+``num-server-rounds``    rounds (Flower's template key); overrides the app's
+``seed``                 cohort sampling seed (and passed on in the run config)
+``min-nodes``            wait for this many connected nodes before each round
+``node-timeout``         how long to wait for them, seconds (default 60)
+``poll-interval``        pause between two empty pulls, seconds (default 0.01)
+``history-file``         write our History as JSON there when the run ends
+``store``                commit every round to the run store (an SQLite file) at this
+                         path, and resume the run from it if it holds it already
+``store-run``            the run's id in that store (default ``"flower"``)
+``store-commit-every``   commit after every N-th round and the last (default 1)
+=======================  ===============================================================
 
 With ``store``, a ServerApp process that died (or a run started again with
 ``flwr run``) continues after the last committed round, with the stored model,
 history and cohort generator. The stored configuration is the run config without
-the keys that change no result (``store``, ``store-run``, ``history-file``,
-``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's rounds and seed;
+the keys that change no result (``store``, ``store-run``, ``store-commit-every``,
+``history-file``, ``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's
+rounds and seed;
 resuming with another is refused. ``CentralDp`` keeps its budget in the store (spent
 before each release, continued on resume: the same epsilon per round as an
 uninterrupted run); ``HomomorphicAggregation`` is refused with ``store``: its CKKS key
@@ -111,6 +113,7 @@ class Settings:
     history_file: str | None = None
     store: str | None = None
     store_run: str = "flower"
+    store_commit_every: int = 1
     run_config: Mapping[str, ConfigValue] = field(default_factory=dict)
 
     @classmethod
@@ -131,6 +134,7 @@ class Settings:
             history_file=history or None,
             store=store or None,
             store_run=store_run,
+            store_commit_every=_int(config, "store-commit-every", 1, 1) or 1,
             run_config=config,
         )
 
@@ -147,7 +151,15 @@ class Settings:
 
 # Run-config keys that say how to run, not what is computed: not part of a stored run's identity.
 _OPERATIONAL = frozenset(
-    {"store", "store-run", "history-file", "min-nodes", "node-timeout", "poll-interval"}
+    {
+        "store",
+        "store-run",
+        "store-commit-every",
+        "history-file",
+        "min-nodes",
+        "node-timeout",
+        "poll-interval",
+    }
 )
 
 
@@ -251,6 +263,7 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
                         settings.store_run,
                         config,
                         nodes_lose_state=_NEW_FLWR_RUN,
+                        commit_every=settings.store_commit_every,
                     )
                 )
             result = ours.run(

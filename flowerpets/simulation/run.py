@@ -15,10 +15,11 @@ from flowerpets.core import (
     ConfigValue,
     Context,
     History,
+    NodeBudget,
     RoundRecord,
     ServerApp,
 )
-from flowerpets.exceptions import NotFoundError, ParameterValueError
+from flowerpets.exceptions import IncompatibleModsError, NotFoundError, ParameterValueError
 from flowerpets.simulation.faults import Fault, FaultPlan
 from flowerpets.simulation.grid import SimulationGrid
 
@@ -51,6 +52,18 @@ class SimulationResult:
             if context.node_id == node_id:
                 return index
         raise NotFoundError(f"no node with id {node_id} in this simulation")
+
+
+def _refuse_node_budgets(client_app: ClientApp) -> None:
+    kept = [type(mod).__name__ for mod in client_app.mods if isinstance(mod, NodeBudget)]
+    if kept:
+        raise IncompatibleModsError(
+            f"a run store cannot keep the privacy budget of {', '.join(kept)}: each node keeps "
+            "it in its own context, which the server's store does not hold, and a resumed "
+            "simulation rebuilds its nodes, so every node would count its epsilon from 0 "
+            "again; use central DP (CentralDp keeps its budget in the store) or run without "
+            "a store"
+        )
 
 
 def _node_ids(num_nodes: int, rng: np.random.Generator) -> list[int]:
@@ -92,8 +105,17 @@ def run_simulation(
     (unless the ServerApp has its own seed) and is passed to every node as
     ``run_config["seed"]`` for its own generators. Without a seed, all of these
     come from the OS's secure source.
+
+    The nodes are built anew for every call, their contexts empty: a ServerApp
+    with a run store that resumes a run here continues the server's state only.
+    A client mod that keeps a privacy budget in its node's context
+    (:class:`~flowerpets.core.NodeBudget`, such as ``LocalDpMod``) is therefore
+    refused with a store (``IncompatibleModsError``): resumed, every node would
+    count its epsilon from 0 again.
     """
     integer("num_nodes", num_nodes, at_least=1)
+    if server_app.store is not None:
+        _refuse_node_budgets(client_app)
     plan = faults if isinstance(faults, FaultPlan) else FaultPlan(faults or ())
     rng = np.random.default_rng(seed)
     config = dict(run_config or {})

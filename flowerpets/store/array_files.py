@@ -3,11 +3,13 @@
 A round's arrays (one codec frame, tens of MB) would cost SQLite a copy into
 its pages, the log's fsync and a second copy at the checkpoint. Instead each
 frame is one file named by its SHA-256, gathered straight from the arrays'
-buffers with ``writev`` and made durable with one ``fsync`` (and the
-directory's) *inside* the round's transaction and before its ``COMMIT``: a committed round's row
+buffers with ``writev``, its bytes made durable with ``fdatasync`` while their
+SHA-256 is computed, then renamed to it and made durable with the directory's
+``fsync``, *inside* the round's transaction and before its ``COMMIT``: a committed round's row
 never names a file that is not on disk. A crash before ``COMMIT`` leaves at
-most a file no row names, which :meth:`ArrayFiles.collect` deletes (on open,
-and after each commit). Files are written and collected only under SQLite's
+most a file no row names, which :meth:`ArrayFiles.collect` drops (on open,
+and after each commit): kept as a spare that a later frame overwrites in place,
+or deleted. Files are written and collected only under SQLite's
 write lock, so a collector never deletes a file another writer is about to
 commit. On read the file's SHA-256 must equal its name: a missing, cut or
 altered file is :class:`~flowerpets.exceptions.CorruptStoreError`.
@@ -36,6 +38,8 @@ __all__ = ["ArrayFiles", "Frame"]
 _SUFFIX: Final = ".fpa"
 _PARTIAL: Final = ".partial"  # being written
 _TRASH: Final = ".trash"  # collected, being unlinked
+_SPARE: Final = ".spare"  # collected, kept to be overwritten by a later round's frame
+_SPARES: Final = 2  # spares kept at most; the rest are unlinked
 _IOV_MAX: Final = 1024  # parts per writev (Linux's IOV_MAX)
 _FULL_DISK: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -115,27 +119,38 @@ class ArrayFiles:
         except StoreWriteError:
             frame.cancel()
             raise
-        partial = self.directory / f"{secrets.token_hex(8)}{_PARTIAL}"
+        # A spare (a dropped round's file) is overwritten in place: its blocks and pages
+        # are there already, so the write allocates nothing and frees nothing.
+        spare = self._spare()
+        partial = spare or self.directory / f"{secrets.token_hex(8)}{_PARTIAL}"
         named: Path | None = None
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            if spare is None:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            else:
+                fd = os.open(partial, os.O_WRONLY)
             try:
                 _write_all(fd, list(views))
+                if spare is not None and os.fstat(fd).st_size > frame.nbytes:
+                    os.ftruncate(fd, frame.nbytes)  # a longer frame was there before
+                # The bytes (and the size and blocks that find them) go to disk while the
+                # helper thread finishes their SHA-256: only the name waits for it.
+                os.fdatasync(fd)
                 waited = time.perf_counter()
                 digest = frame.digest()
                 waited = time.perf_counter() - waited
                 final = self.path(digest)
                 if final.exists():
                     # The same frame is stored already (an unchanged model): make sure
-                    # that copy is on disk rather than write it twice.
-                    partial.unlink()
+                    # that copy is on disk rather than write it twice (a spare stays one).
+                    if spare is None:
+                        partial.unlink()
                     _fsync_path(final)
                 else:
-                    # Named before the fsync, so the one fsync's journal commit carries the
-                    # name too; no row names the file until its round's COMMIT.
+                    # The name is durable once the directory is fsynced; no row names the
+                    # file until its round's COMMIT, after this.
                     os.rename(partial, final)
                     named = final
-                    os.fsync(fd)
                     self._sync_directory()
             finally:
                 os.close(fd)
@@ -160,6 +175,12 @@ class ArrayFiles:
             raise StoreWriteError(
                 f"the store is full: {nbytes} bytes of arrays do not fit in max_bytes"
             )
+
+    def _spare(self) -> Path | None:
+        try:
+            return next(p for p in self.directory.iterdir() if p.name.endswith(_SPARE))
+        except StopIteration:
+            return None
 
     def _ensure_directory(self) -> None:
         if self.directory.is_dir():
@@ -186,27 +207,40 @@ class ArrayFiles:
 
     # -- collecting (under the write lock) ----------------------------------------------------
     def collect(self, db: sqlite3.Connection) -> int:
-        """Delete every file no arrays row names (a crashed commit's, a thinned round's).
+        """Drop every file no arrays row names (a crashed commit's, a thinned round's).
 
         Call it inside a write transaction: no other writer is between its file and
-        its ``COMMIT``. Each such file is renamed to a name no writer uses, under
-        the lock, and unlinked on a helper thread (freeing a model's worth of
-        blocks takes a while; a new round need not wait for it). Returns how many
-        files went.
+        its ``COMMIT``. Each such file is renamed, under the lock, to a name no
+        row can name: up to two become spares, which the next rounds' frames
+        overwrite in place (no blocks allocated or freed, no pages to fault in:
+        the cheapest durable write there is); the rest are unlinked on a helper
+        thread (freeing a model's worth of blocks takes a while; a new round
+        need not wait for it). A spare holds a dropped round's global arrays,
+        nothing a row does not. Returns how many files were dropped.
         """
         named = {row[0] for row in db.execute("SELECT content FROM arrays")}
+        files = self._files()
+        spares = sum(path.name.endswith(_SPARE) for path in files)
         doomed: list[Path] = []
-        for path in self._files():
+        dropped = 0
+        for path in files:
             stem = path.name.removesuffix(_SUFFIX)
-            if path.name.endswith(_SUFFIX) and _hex_digest(stem) in named:
+            if path.name.endswith(_SPARE) or (
+                path.name.endswith(_SUFFIX) and _hex_digest(stem) in named
+            ):
                 continue
-            trash = path.with_name(f"{secrets.token_hex(8)}{_TRASH}")
+            keep = spares < _SPARES and not path.name.endswith(_TRASH)
+            renamed = path.with_name(f"{secrets.token_hex(8)}{_SPARE if keep else _TRASH}")
             with suppress(OSError):  # one left behind goes at the next collection
-                path.rename(trash)
-                doomed.append(trash)
+                path.rename(renamed)
+                dropped += 1
+                if keep:
+                    spares += 1
+                else:
+                    doomed.append(renamed)
         if doomed:
             self._deleting().submit(_unlink_all, doomed)
-        return len(doomed)
+        return dropped
 
     def _deleting(self) -> ThreadPoolExecutor:
         if self._deleter is None:

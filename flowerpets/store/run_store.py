@@ -31,6 +31,7 @@ from flowerpets.store.closing import Closing
 from flowerpets.store.database import (
     IntegrityCheck,
     LeaseOwner,
+    consistent_read,
     ensure_schema,
     open_connection,
     translate,
@@ -87,7 +88,9 @@ class RunStore(Closing):
         try:
             ensure_schema(self._connection)
             if limit is not None:
-                self._connection.execute(f"PRAGMA max_page_count = {limit // PAGE_SIZE}")
+                # In the file's own pages (a store made by another build may have others).
+                page = self._connection.execute("PRAGMA page_size").fetchone()[0]
+                self._connection.execute(f"PRAGMA max_page_count = {max(1, limit // page)}")
             # A crash between an arrays file's fsync and its round's COMMIT left a file no
             # row names: it goes now.
             with write_transaction(self._connection, "collecting unnamed array files") as db:
@@ -203,31 +206,46 @@ class RunStore(Closing):
     # -- reading -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
         """Every stored run, oldest first (each row checked)."""
-        try:
-            ids = [
-                r[0]
-                for r in self._connection.execute(
-                    "SELECT run_id FROM runs ORDER BY created_at, run_id"
-                )
-            ]
-        except sqlite3.Error as exc:
-            raise translate(exc, "cannot list the runs") from exc
-        return [read_info(self._connection, run_id) for run_id in ids]
+
+        def read() -> list[RunInfo]:
+            try:
+                ids = [
+                    r[0]
+                    for r in self._connection.execute(
+                        "SELECT run_id FROM runs ORDER BY created_at, run_id"
+                    )
+                ]
+            except sqlite3.Error as exc:
+                raise translate(exc, "cannot list the runs") from exc
+            return [read_info(self._connection, run_id) for run_id in ids]
+
+        return consistent_read(self._connection, "the runs", read)
 
     def run(self, run_id: str) -> RunInfo:
         """The stored run ``run_id`` (:class:`MissingRunError` if there is none)."""
-        return read_info(self._connection, _run_id(run_id))
+        run_id = _run_id(run_id)
+        return consistent_read(
+            self._connection, f"run {run_id!r}", lambda: read_info(self._connection, run_id)
+        )
 
     def load(self, run_id: str) -> RunSnapshot:
-        """Run ``run_id`` as of its last committed round, every row checked."""
+        """Run ``run_id`` as of its last committed round, every row checked.
+
+        Read on one snapshot of the store, so it is one committed state even
+        while a server commits to it (:func:`~flowerpets.store.run_writer.load_snapshot`).
+        """
         return load_snapshot(self._connection, self._files, _run_id(run_id))
 
     def arrays_at(self, run_id: str, round: int) -> ArrayRecord:
         """The global arrays kept for round ``round`` (:class:`MissingRunError` if not kept)."""
         run_id = _run_id(run_id)
         rnd = validate.integer("round", round, at_least=0)
-        read_info(self._connection, run_id)
-        arrays = read_arrays(self._connection, self._files, run_id, rnd)
+
+        def read() -> ArrayRecord | None:
+            read_info(self._connection, run_id)
+            return read_arrays(self._connection, self._files, run_id, rnd)
+
+        arrays = consistent_read(self._connection, f"the arrays of run {run_id!r}", read)
         if arrays is None:
             raise MissingRunError(f"run {run_id!r} keeps no arrays of round {rnd}")
         return arrays
@@ -251,18 +269,22 @@ class RunStore(Closing):
         :class:`~flowerpets.exceptions.CorruptStoreError`.
         """
         population = _population(population_id)
-        try:
-            named = self._connection.execute(
-                "SELECT 1 FROM runs WHERE population_id = ? UNION "
-                "SELECT 1 FROM populations WHERE population_id = ?",
-                (population, population),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise translate(exc, "cannot read the ledger") from exc
-        if named is None:
-            raise MissingRunError(f"the store holds no ledger for population {population!r}")
-        # A population a run names but with no ledger is damage: read_spends refuses it.
-        return read_spends(self._connection, population)
+
+        def read() -> list[SpendRecord]:
+            try:
+                named = self._connection.execute(
+                    "SELECT 1 FROM runs WHERE population_id = ? UNION "
+                    "SELECT 1 FROM populations WHERE population_id = ?",
+                    (population, population),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise translate(exc, "cannot read the ledger") from exc
+            if named is None:
+                raise MissingRunError(f"the store holds no ledger for population {population!r}")
+            # A population a run names but with no ledger is damage: read_spends refuses it.
+            return read_spends(self._connection, population)
+
+        return consistent_read(self._connection, f"the ledger of {population!r}", read)
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -4,7 +4,8 @@ A :class:`RunWriter` holds the run's lease (see
 :mod:`flowerpets.store.database.lease`), so it is the only live writer of the
 run. :meth:`RunWriter.commit_round` writes everything a round produced in one
 ``BEGIN IMMEDIATE`` transaction under ``synchronous=FULL``: the round's record
-(the history grows by it), the cohort generator's state, the global arrays
+(the history grows by it, and by the rounds since the last commit if the app
+commits every N rounds), the cohort generator's state, the global arrays
 (thinned to every ``keep_arrays_every``-th round plus the last), the PETs'
 server states and the round counter. If anything fails, nothing of the round
 is stored and the previous round is intact. :meth:`RunWriter.record_spend`
@@ -14,9 +15,11 @@ noised result it pays for is released.
 The arrays are encoded before the transaction opens; inside it, their frame
 is written to its own file (:mod:`flowerpets.store.array_files`, hashed on a
 helper thread while it is written) and made durable before the small rows
-naming it are written and committed. After the commit, the files no row names
-any more are deleted, and the log is checkpointed into the main file once it
-holds ``checkpoint_bytes``.
+naming it are written and committed. The files the previous commit stopped
+naming are dropped at the start of the next commit's transaction (and when
+the writer closes), so the dropped file is the spare the next frame
+overwrites; the log is checkpointed into the main file once it holds
+``checkpoint_bytes``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,10 @@ from flowerpets.exceptions import (
     CorruptStoreError,
     ParameterValueError,
     RoundSequenceError,
-    StoreError,
 )
 from flowerpets.store.array_files import ArrayFiles, Frame
 from flowerpets.store.closing import Closing
-from flowerpets.store.database import LeaseOwner, translate, write_transaction
+from flowerpets.store.database import LeaseOwner, consistent_read, translate, write_transaction
 from flowerpets.store.database.lease import check_held, release
 from flowerpets.store.encoding import (
     canonical_json,
@@ -68,6 +70,9 @@ __all__ = ["RunWriter"]
 
 log = logging.getLogger(__name__)
 
+# The sampler state of a round committed with a later one: only a commit's own is kept.
+_NO_SAMPLER = "null"
+
 
 class RunWriter(Closing):
     """The lease-holding writer of one run of a :class:`~flowerpets.store.RunStore`.
@@ -77,7 +82,7 @@ class RunWriter(Closing):
     ``last_commit_seconds`` holds how long the parts of the last commit took
     (``encode``, ``write``: the arrays' file, ``digest``: the wait for their
     SHA-256 once the file is on disk, ``commit``: the rows and ``COMMIT``,
-    ``collect``: deleting files no row names, ``checkpoint``).
+    ``collect``: dropping the files the commit before stopped naming, ``checkpoint``).
     """
 
     def __init__(
@@ -102,7 +107,11 @@ class RunWriter(Closing):
     @property
     def info(self) -> RunInfo:
         """The run's stored row (its configuration, population and round counter)."""
-        return read_info(self._connection, self.run_id)
+        return consistent_read(
+            self._connection,
+            f"run {self.run_id!r}",
+            lambda: read_info(self._connection, self.run_id),
+        )
 
     @property
     def last_round(self) -> int:
@@ -115,7 +124,11 @@ class RunWriter(Closing):
 
     def spends(self) -> list[SpendRecord]:
         """Every entry of the run's population ledger, every run's, in order, the chain checked."""
-        return read_spends(self._connection, self.info.population_id)
+        return consistent_read(
+            self._connection,
+            f"the ledger of run {self.run_id!r}",
+            lambda: read_spends(self._connection, self.info.population_id),
+        )
 
     def pet_state(self, name: str) -> bytes | None:
         """The state PET ``name`` committed with the last round, as bytes (None if none).
@@ -161,13 +174,18 @@ class RunWriter(Closing):
         arrays: ArrayRecord,
         sampler: np.random.Generator | Mapping[str, Any],
         pet_states: Mapping[str, PetState] | None = None,
+        since: Sequence[RoundRecord] = (),
     ) -> None:
         """Commit round ``record.round``: it must be the round after the last one committed.
 
         ``arrays`` are the global arrays after the round, ``sampler`` the cohort
         generator (or its :func:`~flowerpets.store.encoding.generator_state`)
         after it, ``pet_states`` the PETs' server states to replace (by name;
-        bytes or a JSON value). Raises :class:`RoundSequenceError` out of order,
+        bytes or a JSON value). ``since`` are the records of the rounds run
+        after the last commit and before ``record`` (``ServerApp(commit_every=N)``):
+        they commit in the same transaction, without arrays or a sampler state
+        of their own (a resume continues after ``record``).
+        Raises :class:`RoundSequenceError` out of order,
         :class:`StoreLockedError` if the lease was lost and
         :class:`StoreWriteError` if the disk refused; in every case nothing of
         the round was stored.
@@ -176,6 +194,12 @@ class RunWriter(Closing):
         check.instance("record", record, RoundRecord)
         check.instance("arrays", arrays, ArrayRecord)
         rnd = check.integer("record.round", record.round, at_least=1)
+        earlier = [check.instance("since", r, RoundRecord) for r in since]
+        if [r.round for r in earlier] != list(range(rnd - len(earlier), rnd)):
+            raise RoundSequenceError(
+                f"the rounds committed with round {rnd} must be the ones just before it, "
+                f"got {[r.round for r in earlier]}"
+            )
         timings: dict[str, float] = {}
         started = time.perf_counter()
         state = (
@@ -186,6 +210,7 @@ class RunWriter(Closing):
         pets = [_encode_pet_state(name, value) for name, value in (pet_states or {}).items()]
         prepared = _PreparedRound(
             round=rnd,
+            earlier=[canonical_json(r.to_json_dict(), name="since") for r in earlier],
             record_json=canonical_json(record.to_json_dict(), name="record"),
             sampler_json=canonical_json(dict(state), name="sampler"),
             frame=self._files.encode(arrays),
@@ -198,16 +223,19 @@ class RunWriter(Closing):
         timings["encode"] = time.perf_counter() - started
         with write_transaction(self._connection, f"the commit of round {rnd}") as db:
             started = time.perf_counter()
-            info = self._check_next(db, rnd)
+            info = self._check_next(db, rnd - len(earlier))
+            # The files the last commit stopped naming (a thinned round's) are dropped here,
+            # under the lock, not in a transaction of their own after it: the dropped file
+            # becomes the spare this round's frame overwrites.
+            self._collect(db)
+            timings["collect"] = time.perf_counter() - started
+            started = time.perf_counter()
             # The arrays' file is durable before the rows that name it can commit.
             content, timings["digest"] = self._files.write(prepared.frame)
             timings["write"] = time.perf_counter() - started - timings["digest"]
             started = time.perf_counter()
             self._write_round(db, info, prepared, content, prepared.frame.nbytes)
         timings["commit"] = time.perf_counter() - started  # rows + COMMIT: the log's fsync
-        started = time.perf_counter()
-        self._collect()
-        timings["collect"] = time.perf_counter() - started
         started = time.perf_counter()
         if self._log_bytes() >= self._checkpoint_bytes:
             self._checkpoint()
@@ -235,23 +263,25 @@ class RunWriter(Closing):
         """Every row of the round, inside the caller's transaction, once its arrays' file
         (SHA-256 ``content``, ``nbytes`` long) is on disk."""
         rnd = prepared.round
-        db.execute(
+        first = rnd - len(prepared.earlier)
+        rows = [(first + i, text, _NO_SAMPLER) for i, text in enumerate(prepared.earlier)]
+        rows.append((rnd, prepared.record_json, prepared.sampler_json))
+        db.executemany(
             "INSERT INTO rounds (run_id, round, record_json, sampler_json, committed_at, "
             "row_digest) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                self.run_id,
-                rnd,
-                prepared.record_json,
-                prepared.sampler_json,
-                prepared.committed_at,
-                round_digest(
+            [
+                (
                     self.run_id,
-                    rnd,
-                    prepared.record_json,
-                    prepared.sampler_json,
+                    number,
+                    record_json,
+                    sampler_json,
                     prepared.committed_at,
-                ),
-            ),
+                    round_digest(
+                        self.run_id, number, record_json, sampler_json, prepared.committed_at
+                    ),
+                )
+                for number, record_json, sampler_json in rows
+            ],
         )
         _thin_arrays(db, self.run_id, rnd, info.keep_arrays_every)
         write_arrays_row(db, self.run_id, rnd, nbytes, content)
@@ -286,8 +316,11 @@ class RunWriter(Closing):
             return
         self._closed = True
         try:
-            with write_transaction(self._connection, f"releasing the lease of {self.run_id!r}"):
-                release(self._connection, self.run_id, self._owner)
+            with write_transaction(
+                self._connection, f"releasing the lease of {self.run_id!r}"
+            ) as db:
+                release(db, self.run_id, self._owner)
+                self._collect(db)  # the last commit's thinned round's file
         except sqlite3.Error as exc:  # pragma: no cover - translated by write_transaction
             raise translate(exc, "cannot release the lease") from exc
 
@@ -295,14 +328,13 @@ class RunWriter(Closing):
         if self._closed:
             raise ParameterValueError(f"the writer of run {self.run_id!r} is closed")
 
-    def _collect(self) -> None:
-        # The round is committed; the files no row names any more (a thinned round's) go.
-        # A collection that fails only leaves them for the next one.
+    def _collect(self, db: sqlite3.Connection) -> None:
+        # Inside a write transaction: the files no committed row names any more go. A
+        # collection that fails only leaves them for the next one.
         try:
-            with write_transaction(self._connection, "collecting unnamed array files") as db:
-                self._files.collect(db)
-        except (StoreError, OSError) as exc:
-            log.warning("collecting array files after a commit failed: %s", exc)
+            self._files.collect(db)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("collecting the arrays' files no row names failed: %s", exc)
 
     def _log_bytes(self) -> int:
         try:
@@ -324,6 +356,7 @@ class _PreparedRound:
     """A round encoded before its transaction opens: the lock is held only for the writes."""
 
     round: int
+    earlier: list[str]  # the records of the rounds committed with it, in order
     record_json: str
     sampler_json: str
     frame: Frame  # the codec frame's parts (the arrays' data as views), being hashed
@@ -332,7 +365,19 @@ class _PreparedRound:
 
 
 def load_snapshot(connection: sqlite3.Connection, files: ArrayFiles, run_id: str) -> RunSnapshot:
-    """Everything stored about ``run_id`` as of its last committed round, every row checked."""
+    """Everything stored about ``run_id`` as of its last committed round, every row checked.
+
+    Read on one snapshot (:func:`~flowerpets.store.database.consistent_read`):
+    the rows are one committed state, and a file a commit after the snapshot
+    dropped (a thinned round's) makes the read start again on the new state,
+    never a :class:`CorruptStoreError`.
+    """
+    return consistent_read(
+        connection, f"run {run_id!r}", lambda: _read_snapshot(connection, files, run_id)
+    )
+
+
+def _read_snapshot(connection: sqlite3.Connection, files: ArrayFiles, run_id: str) -> RunSnapshot:
     info = read_info(connection, run_id)
     history = read_history(connection, run_id, info.last_round)
     arrays = read_arrays(connection, files, run_id, info.last_round)

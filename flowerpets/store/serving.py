@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from flowerpets._validation import integer
 from flowerpets.core import ServerApp, ServerMod
 from flowerpets.exceptions import MissingRunError, ParameterValueError
 from flowerpets.store.run_store import RunStore
@@ -58,8 +59,9 @@ def refuse_unstored_state(mods: Sequence[ServerMod], *, nodes_lose_state: str | 
             )
 
 
-def with_store(app: ServerApp, store: RunWriter) -> ServerApp:
-    """``app`` again, committing each round to ``store`` (and resuming from it)."""
+def with_store(app: ServerApp, store: RunWriter, *, commit_every: int = 1) -> ServerApp:
+    """``app`` again, committing to ``store`` every ``commit_every`` rounds and after the
+    last (and resuming from it)."""
     return ServerApp(
         strategy=app.strategy,
         num_rounds=app.num_rounds,
@@ -68,6 +70,7 @@ def with_store(app: ServerApp, store: RunWriter) -> ServerApp:
         seed=app.seed,
         stop_on_failure=app.stop_on_failure,
         store=store,
+        commit_every=commit_every,
     )
 
 
@@ -79,8 +82,10 @@ def stored_app(
     config: Mapping[str, Any],
     *,
     nodes_lose_state: str | None,
+    commit_every: int = 1,
 ) -> Iterator[ServerApp]:
-    """``app`` committing each round to run ``run_id`` of the store at ``path``.
+    """``app`` committing to run ``run_id`` of the store at ``path`` every
+    ``commit_every`` rounds and after the last (``ServerApp(commit_every=...)``).
 
     The run is started with ``config`` if the store lacks it, and resumed
     otherwise (refused with ``RunConfigMismatchError`` if its stored
@@ -90,6 +95,7 @@ def stored_app(
     contexts to outlive the server.
     """
     refuse_unstored_state(app.mods, nodes_lose_state=nodes_lose_state)
+    integer("commit_every", commit_every, at_least=1)  # before the store is touched
     with RunStore(path) as store:
         try:
             store.run(run_id)
@@ -98,4 +104,4 @@ def stored_app(
         else:
             writer = store.resume_run(run_id, config=config)
         with writer:
-            yield with_store(app, writer)
+            yield with_store(app, writer, commit_every=commit_every)

@@ -180,6 +180,14 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         metavar="ID",
         help="the run's id in the store (default: server)",
     )
+    run.add_argument(
+        "--store-commit-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="commit to the store after every N-th round and the last (default: 1, every "
+        "round); a crash loses the rounds since the last commit, which run again on restart",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--history", metavar="FILE", help="write the history as JSON here")
     output.add_argument(
@@ -282,6 +290,8 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
         if args.seed is not None:
             run_config.setdefault("seed", args.seed)
         app = _server_app(load_object(args.app), ConfigRecord(run_config))
+        if args.store is None and args.store_commit_every != 1:
+            raise ParameterValueError("--store-commit-every says how often to commit: give --store")
         if args.store is not None:
             from flowerpets.store.serving import stored_app
 
@@ -300,7 +310,14 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
                 "the nodes hold no context: give --run-id"
             )
             app = stored.enter_context(
-                stored_app(app, args.store, args.store_run, identity, nodes_lose_state=lost)
+                stored_app(
+                    app,
+                    args.store,
+                    args.store_run,
+                    identity,
+                    nodes_lose_state=lost,
+                    commit_every=args.store_commit_every,
+                )
             )
         if (args.cert is None) != (args.key is None):
             raise ParameterValueError("give both --cert and --key, or neither")

@@ -115,6 +115,32 @@ def test_a_dp_server_killed_in_any_phase_resumes_with_every_spend_counted_to_the
     assert same_bits(resumed.arrays, whole.arrays)  # the noise of each round drawn again
 
 
+def test_a_dp_server_committing_every_two_rounds_pays_again_for_the_rounds_it_runs_again(
+    tmp_path: Path,
+) -> None:
+    whole = whole_run("dp")
+    path = tmp_path / "runs.db"
+    # Killed while the nodes compute round 4: round 3 ran and spent, but never committed.
+    killed = run_python(
+        "-m", "tests.store.faulty_runs", str(path), "dp", "mid-collection", "4", "2"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with RunStore(path, check="full") as store:
+        population = store.run("r").population_id
+        assert store.run("r").last_round == 2
+        before = [s.round for s in store.spends(population)]
+        with warnings.catch_warnings(), store.resume_run("r") as writer:
+            warnings.simplefilter("ignore", InsecureRandomnessWarning)
+            resumed = run("dp", writer, commit_every=2)
+        after = [s.round for s in store.spends(population)]
+    assert before == [1, 2, 3, 4]  # spent before the kill, on disk
+    assert after == [1, 2, 3, 4, 3, 4]
+    epsilons = metric(resumed, "epsilon")
+    assert epsilons[:2] == metric(whole, "epsilon")[:2]
+    assert epsilons[2:] == [epsilon_after(5), epsilon_after(6)]  # rounds 3 and 4 count twice
+    assert same_bits(resumed.arrays, whole.arrays)  # re-run from round 2's model and clip
+
+
 def test_the_noise_of_a_seeded_round_is_its_own_and_the_rest_of_the_run_changes_it(
     tmp_path: Path,
 ) -> None:

@@ -238,3 +238,30 @@ def test_a_server_cannot_tell_neighbouring_datasets_apart() -> None:
     broken = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5, rng=np.random.default_rng(4))
     broken.sigma /= 4
     assert distinguishing_advantage(broken, 2000) > 0.05
+
+
+# -- with a run store: the budget lives on the nodes --------------------------------------------
+def test_a_stored_simulation_refuses_local_dp_whose_budget_lives_on_the_nodes(
+    tmp_path: Any,
+) -> None:
+    from flowerpets.core import FedAvg, NodeBudget, ServerApp
+    from flowerpets.exceptions import IncompatibleModsError
+    from flowerpets.simulation import run_simulation
+    from flowerpets.store import RunStore
+
+    mod = LocalDpMod(clipping_norm=1.0, epsilon=1.0, delta=1e-5)
+    assert isinstance(mod, NodeBudget)
+    client = trainer(mod, {"w": np.ones(3, np.float32)})
+
+    def app(store: Any = None) -> ServerApp:
+        model = ArrayRecord({"w": np.zeros(3, np.float32)})
+        return ServerApp(strategy=FedAvg(), num_rounds=2, initial_arrays=model, store=store)
+
+    with RunStore(tmp_path / "runs.db") as store, store.start_run("r", config={}) as writer:
+        with pytest.raises(IncompatibleModsError) as refused:
+            run_simulation(app(writer), client, 3, seed=1)
+        assert store.run("r").last_round == 0  # refused before any round
+    reason = str(refused.value)
+    assert "LocalDpMod" in reason and "in its own context" in reason
+    assert "count its epsilon from 0 again" in reason and "CentralDp" in reason
+    assert len(run_simulation(app(), client, 3, seed=1).history) == 2  # without a store: fine

@@ -78,6 +78,27 @@ def test_a_bridged_run_killed_before_round_three_resumes_to_the_same_model(
     assert stored is not None and same_bits(stored, want.arrays)
 
 
+def test_the_store_commit_every_key_commits_every_n_rounds_and_a_resume_reruns_the_rest(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    whole = _run(kit, _grid(kit), tmp_path / "whole.db")
+    path = tmp_path / "run.db"
+    with pytest.raises(ServerKilled):  # round 3 ran, round 4 is being sent: 3 never committed
+        _run(kit, _grid(kit, die_at=4), path, **{"store-commit-every": 2})
+    with RunStore(path) as store:
+        assert store.run("flower").last_round == 2
+    resumed_grid = _grid(kit)
+    resumed = _run(kit, resumed_grid, path, **{"store-commit-every": 3})  # not identity
+    pushed_rounds = {int(m.metadata.group_id) for m in resumed_grid.pushed}  # type: ignore[attr-defined]
+    assert pushed_rounds == {3, 4}  # round 3 again, from round 2's model
+    ours, want = resumed.last_result, whole.last_result  # type: ignore[attr-defined]
+    assert same_bits(ours.arrays, want.arrays)
+    with RunStore(path) as store:
+        assert store.run("flower").last_round == ROUNDS
+    with pytest.raises(ValueError, match="store-commit-every"):
+        server_module.Settings.from_run_config({"store-commit-every": 0})
+
+
 def test_a_stored_run_resumed_with_another_configuration_is_refused(
     kit: SimpleNamespace, tmp_path: Path
 ) -> None:

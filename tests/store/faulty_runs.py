@@ -1,6 +1,6 @@
 """A server process that SIGKILLs itself at one phase of a round, for the fault tests.
 
-Run as ``python -m tests.store.faulty_runs STORE KIND PHASE [ROUND]``: it
+Run as ``python -m tests.store.faulty_runs STORE KIND PHASE [ROUND [EVERY]]``: it
 starts run ``"r"`` in the store at ``STORE`` and runs the seeded simulation of
 :mod:`tests.store.test_resume` (``KIND``, one of :data:`KINDS`: ``plain``;
 ``he`` behind :class:`~flowerpets.he.HomomorphicAggregation`; ``secagg``
@@ -37,6 +37,9 @@ behind :class:`~flowerpets.secagg.SecAggPlus`; ``dp`` behind
 
 A run that ends with an error instead prints the error's type and reason and
 exits with 3; one that ends prints ``finished``.
+
+``EVERY`` (default 1) is the server's ``commit_every``: with 2, round
+``ROUND`` = 4 is killed with round 3 run but not committed.
 
 The phase is reached by code, not by timing: each hook kills at a fixed point.
 
@@ -280,6 +283,7 @@ def server(
     *,
     phase: str = "none",
     shape: tuple[int, int] = SHAPE,
+    commit_every: int = 1,
 ) -> ServerApp:
     """The run's server; with ``phase``, one that dies there in round :data:`KILL_ROUND`."""
     mods: list[ServerMod] = []
@@ -309,6 +313,7 @@ def server(
         initial_arrays=ArrayRecord({"w": np.zeros(shape, np.float32)}),
         mods=mods,
         store=store,
+        commit_every=commit_every,
     )
 
 
@@ -352,9 +357,10 @@ def run(
     shape: tuple[int, int] = SHAPE,
     on_round: Callable[[RoundRecord], None] | None = None,
     recorder: SecAggRecorder | None = None,
+    commit_every: int = 1,
 ) -> SimulationResult:
     return simulate(
-        server(kind, store, phase=phase, shape=shape),
+        server(kind, store, phase=phase, shape=shape, commit_every=commit_every),
         client=client(kind, phase=phase, recorder=recorder),
         on_round=on_round,
     )
@@ -382,6 +388,7 @@ def main(argv: list[str]) -> None:
     global KILL_ROUND  # the hooks read it when they fire
     path, kind, phase = Path(argv[0]), argv[1], argv[2]
     KILL_ROUND = int(argv[3]) if len(argv) > 3 else KILL_ROUND
+    every = int(argv[4]) if len(argv) > 4 else 1
     if phase == "mid-commit":
         _kill_inside_the_commit()
     recorder = SecAggRecorder() if kind.endswith("secagg") else None
@@ -395,7 +402,7 @@ def main(argv: list[str]) -> None:
                     fill = _fill_the_disk_after(KILL_ROUND - 1, store)
                     run(kind, writer, shape=BIG_SHAPE, on_round=fill)
                 else:
-                    run(kind, writer, phase=phase, recorder=recorder)
+                    run(kind, writer, phase=phase, recorder=recorder, commit_every=every)
     except Exception as exc:  # the parent reads which error ended the run
         print(f"{type(exc).__name__}: {exc}", flush=True)
         raise SystemExit(3) from exc

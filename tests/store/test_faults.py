@@ -62,6 +62,25 @@ def test_a_server_killed_in_any_phase_resumes_to_the_uninterrupted_model(
     assert comparable(stored.history.rounds) == comparable(uninterrupted.history.rounds)
 
 
+@pytest.mark.parametrize("phase", ["before-send", "mid-collection"])
+def test_a_server_committing_every_two_rounds_killed_in_round_four_reruns_round_three(
+    tmp_path: Path, phase: str, uninterrupted: SimulationResult
+) -> None:
+    path = tmp_path / "runs.db"
+    killed = server_process(path, "plain", phase, "4", "2")  # round 3 ran, never committed
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with RunStore(path, check="full") as store:
+        snapshot = store.load("r")
+        assert snapshot.round == 2 and [r.round for r in snapshot.history.rounds] == [1, 2]
+        with store.resume_run("r") as writer:
+            resumed = run("plain", writer, commit_every=2)  # from round 2's model
+        stored = store.load("r")
+    assert same_bits(resumed.arrays, uninterrupted.arrays)
+    assert comparable(resumed.history.rounds) == comparable(uninterrupted.history.rounds)
+    assert stored.arrays is not None and same_bits(stored.arrays, uninterrupted.arrays)
+    assert comparable(stored.history.rounds) == comparable(uninterrupted.history.rounds)
+
+
 def test_a_disk_full_during_a_commit_stops_the_run_and_keeps_the_last_round(
     tmp_path: Path,
 ) -> None:

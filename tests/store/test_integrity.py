@@ -85,20 +85,32 @@ def test_files_no_row_names_are_collected_on_open(stored_run: StoredRun) -> None
         stray.write_bytes(b"left by a commit that never reached COMMIT")
     with RunStore(stored_run.path) as store:
         snapshot = store.load(stored_run.run_id)
-    assert sorted(directory.iterdir()) == kept  # closed: the deletions are done
+    assert files_of.array_files(stored_run.path) == kept  # no stray keeps its name
+    left = sorted(p.name.rpartition(".")[2] for p in directory.iterdir() if p not in kept)
+    assert left == ["spare", "spare"]  # kept to be overwritten by later rounds, named by no row
     assert snapshot.arrays is not None and same_bits(snapshot.arrays, stored_run.arrays[3])
+    with RunStore(stored_run.path) as store, store.resume_run(stored_run.run_id) as writer:
+        writer.commit_round(record(4), arrays=model(4), sampler=np.random.default_rng(4))
+        assert same_bits(store.load(stored_run.run_id).arrays or model(0), model(4))
+    assert len(files_of.array_files(stored_run.path)) == len(kept) + 1
+    assert len(list(directory.iterdir())) == len(kept) + 1 + 1  # round 4 took a spare
 
 
-def test_thinned_rounds_files_are_deleted_after_the_commit(tmp_path: Path) -> None:
-    with RunStore(tmp_path / "runs.db") as store:
+def test_thinned_rounds_files_are_dropped_by_the_next_commit(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    with RunStore(path) as store:
         with store.start_run("r", config={}, keep_arrays_every=None) as writer:
             for rnd in (1, 2, 3):
                 writer.commit_round(
                     record(rnd), arrays=model(rnd), sampler=np.random.default_rng(rnd)
                 )
-                assert len(files_of.array_files(tmp_path / "runs.db")) == 1
+                # The round's file, and the one its commit stopped naming (readers that
+                # began before it may still open it), dropped by the next commit.
+                assert len(files_of.array_files(path)) == min(rnd, 2)
         assert same_bits(store.load("r").arrays or model(0), model(3))
-    assert len(list(files_of.arrays_directory(tmp_path / "runs.db").iterdir())) == 1
+    # Closing the writer dropped round 2's: kept as the spare the next frame overwrites.
+    names = sorted(p.suffix for p in files_of.arrays_directory(path).iterdir())
+    assert names == [".fpa", ".spare"]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +146,8 @@ def test_a_damaged_ledger_refuses_the_resume(stored_run: StoredRun) -> None:
 
 def test_a_damaged_page_is_refused_on_open(stored_run: StoredRun) -> None:
     data = bytearray(stored_run.path.read_bytes())
-    page = 65536
+    page = int.from_bytes(data[16:18], "big")  # the header's page size (1 stands for 64 KiB)
+    page = 65536 if page == 1 else page
     data[page * 1] = 0x2A  # page 2's b-tree page type: no valid type
     stored_run.path.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError):

@@ -30,7 +30,13 @@ from flowerpets.core import (
     RoundRecord,
     ServerApp,
 )
-from flowerpets.exceptions import StopRunError, StoreWriteError
+from flowerpets.exceptions import (
+    MissingRunError,
+    ParameterValueError,
+    RoundSequenceError,
+    StopRunError,
+    StoreWriteError,
+)
 from flowerpets.simulation import SimulationResult, run_simulation
 from flowerpets.store import RunStore, RunWriter
 from tests.store.processes import run_python
@@ -60,12 +66,15 @@ def local_training(mods: Sequence[ClientMod] = ()) -> ClientApp:
     return app
 
 
-def server(store: object = None, shape: tuple[int, ...] = (4, 5)) -> ServerApp:
+def server(
+    store: object = None, shape: tuple[int, ...] = (4, 5), *, commit_every: int = 1
+) -> ServerApp:
     return ServerApp(
         strategy=FedAvg(sampling=FixedSizeSampling(3)),  # the cohort draws matter
         num_rounds=ROUNDS,
         initial_arrays=ArrayRecord({"w": np.zeros(shape, np.float32)}),
         store=store,  # type: ignore[arg-type]
+        commit_every=commit_every,
     )
 
 
@@ -114,6 +123,89 @@ def test_a_run_resumed_after_round_two_ends_where_the_uninterrupted_one_does(
     cohorts = [frozenset(r.participants) for r in resumed.history]
     assert cohorts == [frozenset(r.participants) for r in whole.history]
     assert len(set(cohorts)) > 1  # the sampler's state mattered
+
+
+# -- commit_every: the model stored every N rounds and after the last ----------------------------
+def test_a_run_committing_every_two_rounds_resumes_from_its_last_commit_to_the_same_model(
+    tmp_path: Path,
+) -> None:
+    whole = simulate(server())
+    committed: list[int] = []
+
+    def crash_after_round_three(record: RoundRecord) -> None:
+        committed.append(store.run("r").last_round)
+        if record.round == 3:
+            raise CrashError
+
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer, pytest.raises(CrashError):
+            simulate(server(writer, commit_every=2), on_round=crash_after_round_three)
+        assert committed == [0, 2, 2]  # round 1 and round 3 waited for the next commit
+        crashed = store.load("r")
+        assert crashed.round == 2 and [r.round for r in crashed.history] == [1, 2]
+        with pytest.raises(MissingRunError):
+            store.arrays_at("r", 3)  # round 3 ran, but nothing of it is stored
+        with store.resume_run("r") as writer:
+            resumed = simulate(server(writer, commit_every=2))  # rounds 3 and 4 again
+        stored = store.load("r")
+        kept = [rnd for rnd in range(ROUNDS + 1) if _has_arrays(store, rnd)]
+
+    assert same_bits(resumed.arrays, whole.arrays)
+    assert comparable(resumed.history.rounds) == comparable(whole.history.rounds)
+    assert comparable(stored.history.rounds) == comparable(whole.history.rounds)
+    assert stored.arrays is not None and same_bits(stored.arrays, whole.arrays)
+    assert kept == [2, 4]  # the model of each commit, no other
+    cohorts = [frozenset(r.participants) for r in resumed.history]
+    assert cohorts == [frozenset(r.participants) for r in whole.history]
+
+
+def test_a_run_committing_every_three_rounds_commits_its_last_round_too(tmp_path: Path) -> None:
+    whole = simulate(server())
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            simulate(server(writer, commit_every=3))  # commits after rounds 3 and 4 (the last)
+        stored = store.load("r")
+        assert [rnd for rnd in range(ROUNDS + 1) if _has_arrays(store, rnd)] == [3, 4]
+    assert stored.round == ROUNDS and stored.arrays is not None
+    assert same_bits(stored.arrays, whole.arrays)
+    assert comparable(stored.history.rounds) == comparable(whole.history.rounds)
+
+
+def test_commit_every_needs_a_store_and_a_positive_count(tmp_path: Path) -> None:
+    with pytest.raises(ParameterValueError, match="store"):
+        server(commit_every=2)
+    with (
+        RunStore(tmp_path / "runs.db") as store,
+        store.start_run("r", config={}) as writer,
+        pytest.raises(ParameterValueError, match="commit_every"),
+    ):
+        server(writer, commit_every=0)
+
+
+def test_rounds_committed_together_must_be_the_ones_just_before(tmp_path: Path) -> None:
+    model = ArrayRecord({"w": np.zeros(3, np.float32)})
+    rng = np.random.default_rng(0)
+    with RunStore(tmp_path / "runs.db") as store, store.start_run("r", config={}) as writer:
+        for since in ([RoundRecord(round=1)], [RoundRecord(round=2), RoundRecord(round=1)]):
+            with pytest.raises(RoundSequenceError):
+                writer.commit_round(RoundRecord(round=3), arrays=model, sampler=rng, since=since)
+        with pytest.raises(RoundSequenceError):  # round 2 and 3 cannot follow round 0
+            writer.commit_round(
+                RoundRecord(round=3), arrays=model, sampler=rng, since=[RoundRecord(round=2)]
+            )
+        assert store.run("r").last_round == 0
+        writer.commit_round(
+            RoundRecord(round=2), arrays=model, sampler=rng, since=[RoundRecord(round=1)]
+        )
+        assert [r.round for r in store.load("r").history] == [1, 2]
+
+
+def _has_arrays(store: RunStore, rnd: int) -> bool:
+    try:
+        store.arrays_at("r", rnd)
+    except MissingRunError:
+        return False
+    return True
 
 
 def test_a_finished_run_resumed_runs_no_round_again(tmp_path: Path) -> None:
