@@ -39,8 +39,8 @@ from flowerpets.core import (
     is_sealed,
 )
 from flowerpets.exceptions import IncompatibleModsError, ModelMismatchError
-from flowerpets.he import _durable
 from flowerpets.he._aggregation import ModelLayout, aggregate_encrypted
+from flowerpets.he._durable import STATE_NAME, encode_state, restore_state
 from flowerpets.he._keysetup import KeySetup
 from flowerpets.he._primitives.packing import Layout, encryption_patterns, select_names
 from flowerpets.he._primitives.params import COMPACT, CKKSParameters
@@ -103,11 +103,11 @@ class HomomorphicAggregation(SecureAggregator, DurableState):
     # -- its state in a run store --------------------------------------------------------------
     @property
     def state_name(self) -> str:
-        return _durable.STATE_NAME
+        return STATE_NAME
 
     def durable_state(self, context: ServerContext) -> bytes:
         """The key's public side and the model's layout, with the settings they were made under."""
-        return _durable.encode_state(context, self.params, self.encrypt)
+        return encode_state(context, self.params, self.encrypt)
 
     def restore(self, context: ServerContext, state: bytes | None, *, round: int) -> None:
         """Continue the stored key state (its holders asked again at the next round), or refuse.
@@ -116,9 +116,7 @@ class HomomorphicAggregation(SecureAggregator, DurableState):
         missing although rounds were committed, cannot be read, or was made
         under other parameters or encryption patterns.
         """
-        _durable.restore_state(
-            context, state, round=round, params=self.params, encrypt=self.encrypt
-        )
+        restore_state(context, state, round=round, params=self.params, encrypt=self.encrypt)
 
     # -- one round -----------------------------------------------------------------------------
     def __call__(
