@@ -124,7 +124,7 @@ from flowerpets.secagg.protocol import (
     survivor_set,
 )
 from flowerpets.secagg.server import ServerPhase, ServerRound
-from flowerpets.secagg.threat import MODELS, with_threat
+from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import run_simulation
 
 PARTS = ("client", "server", "round", "malicious")
@@ -240,7 +240,7 @@ class ClientWorkload:
 def make_client_workload(
     n: int, params: int, seed: int, threat: Threat = Threat.SEMI_HONEST
 ) -> ClientWorkload:
-    graph_params = with_threat(find_parameters, threat, n)
+    graph_params = find_parameters(n, threat=threat)
     k, t = graph_params.degree, graph_params.threshold
     rng = np.random.default_rng(seed)
     ids = [1000 + i for i in range(n)]

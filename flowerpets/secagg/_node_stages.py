@@ -69,7 +69,7 @@ from flowerpets.secagg.protocol import (
     share_key,
     survivor_set,
 )
-from flowerpets.secagg.threat import ThreatModel, with_threat
+from flowerpets.secagg.threat import ThreatModel
 
 __all__ = ["STAGES", "DownstreamError", "NodeSettings", "StageRequest"]
 
@@ -167,7 +167,7 @@ def advertise_keys(node: NodeSettings, request: StageRequest) -> Message:
         raise ProtocolViolationError(
             f"threshold {config.threshold} is below this node's minimum {node.min_threshold}"
         )
-    with_threat(check_threshold, config.threat, len(config.order), config.degree, config.threshold)
+    check_threshold(len(config.order), config.degree, config.threshold, threat=config.threat)
     signer = None
     if node.model.signed:
         identities = _identities(node)

@@ -31,7 +31,7 @@ from flowerpets.secagg.parameters import (
     find_parameters,
 )
 from flowerpets.secagg.protocol import Threat
-from flowerpets.secagg.threat import ThreatModel, resolve, with_threat
+from flowerpets.secagg.threat import ThreatModel, resolve
 
 __all__ = ["SecAggPlus", "ServerPhase", "ServerRound"]
 
@@ -158,11 +158,10 @@ class SecAggPlus(SecureAggregator):
         """The degree and threshold this mod uses for a cohort of ``cohort_size``."""
         threat = self.model.threat
         if self.degree is not None and self.threshold is not None:
-            return with_threat(check_parameters, threat, cohort_size, self.degree, self.threshold)
-        return with_threat(
-            find_parameters,
-            threat,
+            return check_parameters(cohort_size, self.degree, self.threshold, threat=threat)
+        return find_parameters(
             cohort_size,
+            threat=threat,
             dropout_rate=self.dropout_rate,
             corrupted_fraction=self.corrupted_fraction,
             security_bits=self.security_bits,

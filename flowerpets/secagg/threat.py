@@ -15,16 +15,15 @@ malicious       signed (Ed25519), verified  yes, before unmasking        require
 Both mods default to ``malicious`` when they are given identities (a PKI) and
 to ``semi-honest`` when not; asking for ``malicious`` without identities is
 refused when the mod is built, and asking for ``semi-honest`` despite them
-warns. :func:`with_threat` is the one place where the threat reaches the
-parameter finder (:mod:`flowerpets.secagg.parameters`).
+warns. The threat reaches the parameter finder
+(:mod:`flowerpets.secagg.parameters`) as its ``threat=`` keyword, which
+chooses the rule the threshold must meet.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
@@ -33,7 +32,7 @@ from flowerpets._validation import one_of
 from flowerpets.exceptions import ConfigurationError, ParameterTypeError
 from flowerpets.secagg.protocol import Stage, Threat
 
-__all__ = ["MODELS", "Threat", "ThreatModel", "resolve", "with_threat"]
+__all__ = ["MODELS", "Threat", "ThreatModel", "resolve"]
 
 R = TypeVar("R")
 
@@ -94,25 +93,3 @@ def resolve(threat: Threat | str | None, *, has_identities: bool, who: str) -> T
             stacklevel=3,
         )
     return model
-
-
-def with_threat(function: Callable[..., R], threat: Threat, *args: object, **kwargs: object) -> R:
-    """``function(*args, **kwargs)`` told the threat model, if it takes ``threat=``.
-
-    The parameter finder's functions (``find_parameters``, ``minimum_threshold``,
-    ``check_threshold``, ``check_parameters``) choose ``k`` and ``t`` for the
-    threat; every call from the server and the nodes goes through here, so this
-    is the one place the threat reaches them. A function without the keyword
-    gets the call it always got (the semi-honest bound).
-    """
-    if _takes_threat(function):
-        kwargs["threat"] = threat.value
-    return function(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=64)
-def _takes_threat(function: Callable[..., object]) -> bool:
-    try:
-        return "threat" in inspect.signature(function).parameters
-    except (TypeError, ValueError):  # a callable whose signature Python cannot read
-        return False

@@ -409,7 +409,9 @@ def test_below_the_minimum_selective_forwarding_would_succeed(
 ) -> None:
     """The attack is real: with the node's check switched off, k = 2t hands the server t
     shares of the target's seed and t of each forwarded neighbour's key."""
-    monkeypatch.setattr("flowerpets.secagg._node_stages.check_threshold", lambda *args: None)
+    monkeypatch.setattr(
+        "flowerpets.secagg._node_stages.check_threshold", lambda *args, **kwargs: None
+    )
     fed = federation(n=9, degree=4, threshold=2)
     b_count, s_count = selective_forwarding(fed, fed.ids[0])
     assert b_count >= 2 and all(count >= 2 for count in s_count.values())

@@ -48,7 +48,7 @@ from flowerpets.secagg import (
 )
 from flowerpets.secagg._primitives import aead, keys
 from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
-from flowerpets.secagg.threat import MODELS, with_threat
+from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import Dropout, run_simulation
 from tests.secagg import test_protocol as protocol
 from tests.secagg.conftest import seeded_randomness
@@ -448,17 +448,14 @@ def test_a_node_whose_key_is_not_its_enrolment_does_not_sign(federation: Any) ->
     assert reply.error is not None and reply.content is None
 
 
-def test_the_threat_reaches_the_parameter_finder_in_one_place() -> None:
-    seen: list[dict[str, Any]] = []
+def test_the_server_chooses_the_malicious_threshold_in_malicious_mode() -> None:
+    from flowerpets.secagg import SecAggPlus, enroll, find_parameters
 
-    def finder(n: int, *, threat: str = "semi-honest") -> int:
-        seen.append({"n": n, "threat": threat})
-        return n
-
-    assert with_threat(finder, Threat.MALICIOUS, 7) == 7 and seen == [
-        {"n": 7, "threat": "malicious"}
-    ]
-    assert with_threat(lambda n: n + 1, Threat.MALICIOUS, 7) == 8  # a finder without the keyword
+    identities = enroll(range(1, 101)).identities
+    malicious = SecAggPlus(threat="malicious", identities=identities).parameters(100)
+    assert malicious == find_parameters(100, threat=Threat.MALICIOUS)
+    semi_honest = SecAggPlus().parameters(100)
+    assert malicious.threshold > semi_honest.threshold  # the stricter rule really reached it
 
 
 # -- the PKI ------------------------------------------------------------------------------------
