@@ -238,10 +238,18 @@ class ClientWorkload:
 
 
 def make_client_workload(
-    n: int, params: int, seed: int, threat: Threat = Threat.SEMI_HONEST
+    n: int,
+    params: int,
+    seed: int,
+    threat: Threat = Threat.SEMI_HONEST,
+    degree_threshold: tuple[int, int] | None = None,
 ) -> ClientWorkload:
-    graph_params = find_parameters(n, threat=threat)
-    k, t = graph_params.degree, graph_params.threshold
+    """One node's workload; ``degree_threshold`` overrides the finder's ``(k, t)`` for
+    ``threat`` (to measure two threat models at the same ``k``)."""
+    if degree_threshold is None:
+        graph_params = find_parameters(n, threat=threat)
+        degree_threshold = graph_params.degree, graph_params.threshold
+    k, t = degree_threshold
     rng = np.random.default_rng(seed)
     ids = [1000 + i for i in range(n)]
     order = tuple(ids[i] for i in rng.permutation(n))
