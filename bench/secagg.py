@@ -579,6 +579,26 @@ def raw_verifications(count: int, size: int) -> int:
     return count
 
 
+@dataclass
+class CpuTimed:
+    """A case's callable that also records the CPU seconds of each call (every thread of
+    this process): on a shared machine steadier than the wall clock, which counts the
+    time other processes hold the cores."""
+
+    run: Callable[[], Any]
+    seconds: list[float] = field(default_factory=list)
+
+    def __call__(self) -> Any:
+        started = time.process_time()
+        try:
+            return self.run()
+        finally:
+            self.seconds.append(time.process_time() - started)
+
+    def median(self) -> float:
+        return median(self.seconds[1:])  # not the untimed first run (peak memory, warm-up)
+
+
 def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     """Semi-honest, malicious at the finder's malicious (k, t), and malicious at the
     semi-honest (k, t): the first ratio is what a user pays, the second isolates the
@@ -614,26 +634,32 @@ def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     same = workloads[SAME_K]
     verifications = same.k + same.t  # k advertisements, t survivor-set signatures
     size = len(survivor_set(same.config, 1, same.target, same.config.order))
-    cases = [
+    cpu: dict[str, CpuTimed] = {}
+    client_cases = [
         Case(
             f"client_{name}",
-            partial(workload.run, whole=True),
+            cpu.setdefault(f"client_{name}", CpuTimed(partial(workload.run, whole=True))),
             f"one node, every stage, n = {args.client_n} (k = {workload.k}, t = {workload.t})",
         )
         for name, workload in workloads.items()
     ]
-    cases.append(
+    client_cases.append(
         Case(
             f"verify_{verifications}",
-            partial(raw_verifications, verifications, size),
+            cpu.setdefault("verify", CpuTimed(partial(raw_verifications, verifications, size))),
             f"k + t = {verifications} raw Ed25519 verifications of {size} bytes",
         )
     )
+    round_cases = []
     for name in modes:
         app = update_app(updates, weights, name="w", mods=[client_mods[name]])
         round_ = partial(one_round, args, n, app, (servers[name],), pki.node_ids)
-        cases.append(Case(f"round_{name}_n{n}", round_, f"a whole round of {n} nodes"))
-    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+        timed = cpu.setdefault(f"round_{name}_n{n}", CpuTimed(round_))
+        round_cases.append(Case(f"round_{name}_n{n}", timed, f"a whole round of {n} nodes"))
+    # The nodes are quick: more repeats of them, interleaved among themselves.
+    results = run_cases(client_cases, args.client_repeats, settle=args.settle, progress=progress)
+    results |= run_cases(round_cases, args.repeats, settle=args.settle, progress=progress)
+    cpu_s = {name: timed.median() for name, timed in cpu.items()}
     client = {name: results[f"client_{name}"] for name in modes}
     rounds = {name: results[f"round_{name}_n{n}"] for name in modes}
     semi_client, semi_round = client[Threat.SEMI_HONEST.value], rounds[Threat.SEMI_HONEST.value]
@@ -663,6 +689,16 @@ def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
         "verifications": verifications,
         "verify_s": verify.median,
         "same_k_extra_s": client[SAME_K].median - semi_client.median,
+        "cpu_s": cpu_s,
+        "cpu_ratios": {
+            name: cpu_s[name] / cpu_s[base]
+            for base in (
+                f"client_{Threat.SEMI_HONEST.value}",
+                f"round_{Threat.SEMI_HONEST.value}_n{n}",
+            )
+            for name in cpu_s
+            if name != base and name.split("_")[0] == base.split("_")[0]
+        },
         "client_stages_s": stages,
         "_measurements": results,
     }
@@ -682,6 +718,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-n", type=positive_int, nargs="+", default=[50, 100])
     parser.add_argument(
         "--malicious-n", type=positive_int, default=100, help="cohort for malicious vs semi-honest"
+    )
+    parser.add_argument(
+        "--client-repeats",
+        type=positive_int,
+        default=21,
+        help="timed runs of each node case of --parts malicious (default 21)",
     )
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, repeats=5)
@@ -749,6 +791,13 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
             f"{m['verifications']} signature verifications alone take "
             f"{m['verify_s'] * 1e3:.1f} ms",
             measurement_table(rounds, baseline=rounds[0].name, label="semi"),
+            format_table(
+                ("CPU seconds (median)", "s", "x semi"),
+                [
+                    (name, s, m["cpu_ratios"].get(name, 1.0 if "semi" in name else float("nan")))
+                    for name, s in m["cpu_s"].items()
+                ],
+            ),
             format_table(
                 ("node stage", *m["client_stages_s"]),
                 [
