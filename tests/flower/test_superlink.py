@@ -5,7 +5,9 @@ One :class:`~flowerpets.flower.deployment.LocalDeployment` for the whole module
 127.0.0.1, free ports, every process and child stopped by PID, a hard time
 limit); each test is one ``flwr run`` of an app of ``superlink_app/fpapp``
 (plain, SecAgg+, CentralDp+SecAgg+, CKKS), 1 round, compared with our own
-``run_simulation`` of the very same app objects on the same seeds. 4 nodes: a
+``run_simulation`` of the very same app objects on the same seeds (SecAgg+'s
+malicious mode against our semi-honest simulation: the SuperNodes' identity keys
+are named in their node config, the PKI ships with the app). 4 nodes: a
 SecAgg+ cohort of 3 cannot lose one (each survivor needs t=2 surviving
 neighbours in a degree-2 graph), a cohort of 4 can.
 
@@ -207,6 +209,7 @@ def test_malicious_secagg_through_a_superlink_refuses_a_node_not_enrolled(
     assert list(got["failures"]) == [str(ids[outsider])], got["failures"]
     assert "not enrolled" in got["failures"][str(ids[outsider])]
     metrics = got["train_metrics"]
+    assert "secagg-seconds-consistency-check" in metrics  # the malicious mode's own stage ran
     assert metrics["secagg-degree"] == 2 and metrics["secagg-threshold"] == 2  # n = 3
     assert metrics["num-examples"] == 6  # weights 1 + 2 + 3: the outsider's 4 is out
     want = _ours(secagg, faults=[Dropout(outsider, round=1, stage=Stage.ADVERTISE_KEYS)])
