@@ -45,7 +45,10 @@ Three parts (``--parts``), each a table of medians and ratios:
     ``k``, so more masks), and with the malicious mode at the semi-honest
     ``(k, t)`` too ("same k": the cost of the signatures and the consistency
     check alone). The *limit* of that second ratio is the ``k + t`` raw Ed25519
-    verifications a node must do on top (``cryptography``), also measured.
+    verifications a node must do on top (``cryptography``), also measured. The
+    node cases run ``--client-repeats`` times (default 21: they are quick), the
+    rounds ``--repeats``; beside the wall clock, each case's CPU seconds (all
+    threads of the process), steadier on a shared machine.
 
 Peak memory is the tracemalloc peak above the start of one untimed run (numpy
 buffers included; the inputs prepared before are not). For ``round`` it counts
