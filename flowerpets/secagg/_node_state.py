@@ -171,10 +171,11 @@ def load(context: Context) -> tuple[ClientState, RoundConfig] | None:
     return state, config
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=2)
 def _parsed(items: tuple[tuple[str, Any], ...]) -> RoundConfig:
     # Every stage of a round reads the same record: parse it (and build its graph, digest and
-    # quantization) once per content, not once per stage. The key is the content itself.
+    # quantization) once per content, not once per stage. The key is the content itself; two
+    # entries (this round's and the last) since each holds a ring order of the whole cohort.
     record = ConfigRecord({k: list(v) if isinstance(v, tuple) else v for k, v in items})
     return RoundConfig.from_record(Fields(record, STATE_CONFIG))
 

@@ -169,7 +169,7 @@ def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk:
     return _advertisement_prefix(config, round) + _field(node) + _field(c_pk) + _field(s_pk)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)  # each entry holds a round's config, its whole ring order
 def _advertisement_prefix(config: RoundConfig, round: int) -> bytes:
     # A node checks k neighbours' advertisements of one round: only their ids and keys differ.
     return transcript(DOMAIN_ADVERTISE, config.digest, round)
