@@ -109,11 +109,13 @@ from flowerpets.core import (
 )
 from flowerpets.secagg import (
     Enrolment,
+    GraphParameters,
     RoundConfig,
     SecAggPlus,
     SecAggPlusClientMod,
     Stage,
     Threat,
+    check_parameters,
     enroll,
     find_parameters,
     secaggplus_mod,
@@ -602,6 +604,19 @@ class CpuTimed:
         return median(self.seconds[1:])  # not the untimed first run (peak memory, warm-up)
 
 
+class AtParameters(SecAggPlus):
+    """SecAgg+ at the given ``(k, t)`` whatever its threat model, as nodes check them: also
+    the complete graph's odd ``k``, which ``SecAggPlus(degree=...)`` refuses."""
+
+    def __init__(self, fixed: GraphParameters, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.fixed = fixed
+
+    def parameters(self, cohort_size: int) -> GraphParameters:
+        k, t = self.fixed.degree, self.fixed.threshold
+        return check_parameters(cohort_size, k, t, threat=self.model.threat)
+
+
 def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     """Semi-honest, malicious at the finder's malicious (k, t), and malicious at the
     semi-honest (k, t): the first ratio is what a user pays, the second isolates the
@@ -628,11 +643,7 @@ def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     servers = {
         Threat.SEMI_HONEST.value: SecAggPlus(),
         Threat.MALICIOUS.value: SecAggPlus(identities=pki.identities),
-        SAME_K: SecAggPlus(
-            identities=pki.identities,
-            degree=round_semi.degree,
-            threshold=round_semi.threshold,
-        ),
+        SAME_K: AtParameters(round_semi, identities=pki.identities),
     }
     same = workloads[SAME_K]
     verifications = same.k + same.t  # k advertisements, t survivor-set signatures
