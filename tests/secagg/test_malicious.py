@@ -47,12 +47,12 @@ from flowerpets.secagg import (
     enroll,
 )
 from flowerpets.secagg._primitives import aead, keys
+from flowerpets.secagg.attacks import partner_holders, read_update, rebuild, split_view, two_views
 from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
 from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import Dropout, run_simulation
 from tests.secagg import test_protocol as protocol
 from tests.secagg.conftest import seeded_randomness
-from tests.secagg.split_view import partner_holders, read_update, rebuild, split_view, two_views
 from tests.secagg.test_attacks import phase, refused
 
 BOTH = [Threat.SEMI_HONEST, Threat.MALICIOUS]
@@ -252,7 +252,7 @@ def test_a_split_view_two_neighbours_told_different_survivor_sets(
 def test_rebuilding_a_node_update_from_all_the_server_obtained(
     federation: Any, threat: Threat, views: Any
 ) -> None:
-    """The split view on the victim's partners (tests/secagg/split_view.py), the server
+    """The split view on the victim's partners (flowerpets/secagg/attacks/split_view.py), the server
     doing its best at the consistency check: at a threshold every node accepts
     (n = 12, k = 6, t = 4), it unmasks the victim's weight and update in semi-honest mode,
     and gets too few shares to rebuild anything in malicious mode."""
