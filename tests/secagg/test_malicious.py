@@ -670,3 +670,45 @@ def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
     assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
     assert outcome.failures[6].kind == FailureKind.PROTOCOL_VIOLATION
     assert "does not verify" in outcome.failures[6].error.reason
+
+
+# -- what the local consistency check does not stop: regional views ---------------------------
+@pytest.mark.parametrize("threat", BOTH)
+def test_regional_views_learn_the_sum_of_a_small_block(federation: Any, threat: Threat) -> None:
+    """A documented limit (docs/secagg.md, *Malicious mode*): a node checks the signatures of
+    its neighbours only, so far-apart parts of the ring can be shown different survivor sets.
+    With two views the server learns the exact sum of a block of k/2 + 2 = 6 honest nodes of
+    40 (k = 8, t = 5 = rule 3M's at c = 0), where one survivor set for everyone (the
+    argument that gave ``least_summed(40, 8) == 18``) leaves no such plan. In both modes
+    every node accepts; the sum is of 6 nodes, never of one (1 + 2t - k - c = 3 at least)."""
+    from flowerpets.secagg.attacks import learn_block_sum, regional_plan
+    from flowerpets.secagg.parameters import check_parameters, least_summed
+
+    n, k, t = 40, 8, 5
+    assert regional_plan(n, k, t, 6, views=1) is None  # one view: the global argument holds
+    plan = regional_plan(n, k, t, 6)
+    assert plan is not None
+    fed = federation(n=n, degree=k, threshold=t, seed=3, threat=threat)
+    got = learn_block_sum(fed, plan)
+    assert not got.refusals and got.vector is not None
+    block = [fed.index[node] for node in got.nodes]
+    assert int(got.vector[-2]) == sum(fed.weights[i] for i in block)  # the exact total weight
+    summed = sum(fed.weights[i] * fed.updates[i].astype(np.float64) for i in block)
+    step = 1 / fed.config.quantization.float_factor(1)
+    read = got.vector.view(np.int32)[:-2].astype(np.float64) * step
+    assert np.max(np.abs(read - summed)) <= len(block) * step  # the block's weighted sum
+    assert len(block) < least_summed(n, k) == 18  # what the one-view argument claimed
+    guaranteed = check_parameters(n, k, t, threat=threat).least_summed
+    assert guaranteed is None or guaranteed <= len(block)  # what the finder now promises
+
+
+def test_the_docs_split_view_block_prints_what_the_docs_say(capsys: Any) -> None:
+    """docs/secagg.md's *The split view, played*: its code, run, prints its text block."""
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[2] / "docs" / "secagg.md").read_text()
+    section = docs[docs.index("**The split view, played.**") : docs.index("**The argument.**")]
+    code = section.split("```python\n")[1].split("```")[0]
+    shown = section.split("```text\n")[1].split("```")[0]
+    exec(compile(code, "docs/secagg.md", "exec"), {})
+    assert capsys.readouterr().out == shown

@@ -4,11 +4,20 @@
 played by the caller); :func:`split_view` runs the split view on a victim's
 partners and :func:`rebuild` tries to unmask the victim from what the server
 obtained: it succeeds against the semi-honest mode and fails against the
-malicious one (``docs/secagg.md``). A demonstration bench with seeded keys,
-never a runtime.
+malicious one (``docs/secagg.md``). :func:`regional_plan` and
+:func:`learn_block_sum` show what the malicious mode's local consistency check
+does not stop: far-apart parts of the ring shown different survivor sets, and
+the sum of a small block of honest nodes learned. A demonstration bench with
+seeded keys, never a runtime.
 """
 
 from flowerpets.secagg.attacks.federation import Federation, seeded_randomness
+from flowerpets.secagg.attacks.regional import (
+    BlockSum,
+    RegionalPlan,
+    learn_block_sum,
+    regional_plan,
+)
 from flowerpets.secagg.attacks.split_view import (
     Loot,
     closest_partners,
@@ -20,12 +29,16 @@ from flowerpets.secagg.attacks.split_view import (
 )
 
 __all__ = [
+    "BlockSum",
     "Federation",
     "Loot",
+    "RegionalPlan",
     "closest_partners",
+    "learn_block_sum",
     "partner_holders",
     "read_update",
     "rebuild",
+    "regional_plan",
     "seeded_randomness",
     "split_view",
     "two_views",
