@@ -157,29 +157,48 @@ def test_a_ring_order_told_differently_to_two_neighbours(federation: Any, threat
         fed.ok(reply)  # negative control: nothing ties the keys to the configuration
 
 
-@pytest.mark.parametrize("replay", ["round", "session"])
-def test_an_advertisement_replayed_from_another_round_or_session(
-    federation: Any, replay: str
-) -> None:
-    fed = federation(threat=Threat.MALICIOUS)
-    fed.advertise()
-    old_pks, old_signatures = dict(fed.pks), dict(fed.key_signatures)
+def _next_session(fed: Any, replay: str) -> None:
+    """Finish round 1 honestly and start round 2 (``"round"``), or restart round 1 with a
+    fresh session on fresh node state (``"session"``)."""
     if replay == "round":
         fed.share()
         fed.collect()
-        fed.check()
+        if fed.malicious:
+            fed.check()
         for node in fed.ids:
             fed.ok(fed.unmask(node, fed.ids, []))
         fed.next_round()  # round 2, a fresh session
     else:  # the same round number, another session: a restarted round
-        fed.contexts = {node: Context(node_id=node, run_id=1) for node in fed.ids}
-        fed.next_round()
-        fed.round = 1
+        _restart(fed)
+
+
+def _restart(fed: Any) -> None:
+    """Round 1 again, with another session and fresh node state (a restarted round)."""
+    fed.contexts = {node: Context(node_id=node, run_id=1) for node in fed.ids}
+    fed.next_round()
+    fed.round = 1
+
+
+@pytest.mark.parametrize("replay", ["round", "session"])
+@pytest.mark.parametrize("threat", BOTH)
+def test_an_advertisement_replayed_from_another_round_or_session(
+    federation: Any, threat: Threat, replay: str
+) -> None:
+    fed = federation(threat=threat)
+    fed.advertise()
+    old_pks, old_signatures = dict(fed.pks), dict(fed.key_signatures)
+    _next_session(fed, replay)
     fed.advertise()
     node = fed.ids[0]
     fields = fed.share_fields(node)
     j = fields["nodes"][0]
     fields["c-pks"][0], fields["s-pks"][0] = old_pks[j]  # keys the server may know more of
+    if not fed.malicious:
+        # Negative control: nothing dates a semi-honest advertisement; the node takes the
+        # old keys and encrypts its shares for j to them.
+        body = fed.ok(fed.ask(node, Stage.SHARE_KEYS, fields))[RECORD]
+        assert j in body["receivers"]  # type: ignore[operator]
+        return
     fields["signatures"][0] = old_signatures[j]
     refused(fed.ask(node, Stage.SHARE_KEYS, fields), f"the key advertisement of node {j}")
 
@@ -338,19 +357,44 @@ def test_fewer_than_t_signatures_are_refused(federation: Any) -> None:
     refused(unsigned, "signers")  # no signatures at all
 
 
-def test_a_consistency_signature_replayed_from_an_earlier_round(federation: Any) -> None:
+@pytest.mark.parametrize("replay", ["round", "session"])
+def test_a_consistency_signature_replayed_from_another_round_or_session(
+    federation: Any, replay: str
+) -> None:
     fed = federation(threat=Threat.MALICIOUS)
-    fed.honest_until_unmask()
+    fed.advertise()
+    fed.share()
+    fed.collect()
+    fed.check()
     old = dict(fed.set_signatures)
-    for node in fed.ids:
-        fed.ok(fed.unmask(node, fed.ids, []))
-    fed.next_round()
+    if replay == "round":
+        for node in fed.ids:
+            fed.ok(fed.unmask(node, fed.ids, []))
+        fed.next_round()  # round 2, a fresh session
+    else:
+        _restart(fed)
     fed.honest_until_collect()
     node = fed.ids[0]
-    fed.check([node])  # only the target signs round 2's set; the others' come from round 1
+    fed.check([node])  # only the target signs this set; its neighbours' signatures are old
     signers = list(fed.graph.neighbours(node))
     replayed = {"signers": signers, "signatures": [old[j] for j in signers]}
     refused(fed.unmask(node, fed.ids, [], signed=replayed), "signature of the survivor set")
+
+
+def test_without_the_consistency_check_a_node_answers_any_set_unsigned(federation: Any) -> None:
+    """Negative control of the consistency-check attacks above (a set one node off, fewer
+    than t signatures, none, or replayed ones): a semi-honest node has no signed set to
+    compare with and answers the unmask request as long as its own checks pass."""
+    fed = federation(n=9, degree=4, threshold=3)
+    fed.honest_until_unmask()
+    node, other = fed.ids[:2]
+    outsider = next(
+        i for i in fed.ids if i not in (node, other) and i not in fed.graph.neighbours(node)
+    )
+    fewer = [i for i in fed.ids if i != outsider]
+    got = fed.ok(fed.unmask(node, fewer, []))[RECORD]  # a set one node off, no signature
+    assert sorted(got["b-nodes"]) == sorted(fed.graph.neighbours(node))  # type: ignore[call-overload]
+    assert fed.ok(fed.unmask(other, fed.ids, []))[RECORD]["b-nodes"]  # none at all
 
 
 def test_a_node_signs_one_survivor_set_per_round(federation: Any) -> None:
