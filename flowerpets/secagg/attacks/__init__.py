@@ -21,6 +21,7 @@ from flowerpets.secagg.attacks.regional import (
 from flowerpets.secagg.attacks.split_view import (
     Loot,
     closest_partners,
+    combine,
     partner_holders,
     read_update,
     rebuild,
@@ -34,6 +35,7 @@ __all__ = [
     "Loot",
     "RegionalPlan",
     "closest_partners",
+    "combine",
     "learn_block_sum",
     "partner_holders",
     "read_update",

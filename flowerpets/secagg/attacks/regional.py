@@ -29,8 +29,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from flowerpets.secagg._primitives import keys, prg, shamir
+from flowerpets.secagg._primitives import keys, prg
 from flowerpets.secagg.attacks.federation import Federation, fields_of, masked_vector
+from flowerpets.secagg.attacks.split_view import combine
 from flowerpets.secagg.protocol import Stage, pair_mask_seed
 
 
@@ -161,7 +162,7 @@ def learn_block_sum(fed: Federation, plan: RegionalPlan) -> BlockSum:
     """Play ``plan`` against ``fed``'s real nodes (ring place 0 is ``fed.config.order[0]``)
     and unmask the block's sum from what they released."""
     order = list(fed.config.order)
-    n, t = len(order), fed.config.threshold
+    n = len(order)
 
     def at(place: int) -> int:
         return order[place % n]
@@ -199,29 +200,19 @@ def learn_block_sum(fed: Federation, plan: RegionalPlan) -> BlockSum:
             seeds.setdefault(j, {})[m] = share
         for j, share in zip(body.items("s-nodes", int), body.items("s-shares", bytes), strict=True):
             mask_keys.setdefault(j, {})[m] = share
-    field_ = shamir.Shamir()
-
-    def secret(owner: int, shares: dict[int, bytes]) -> bytes | None:
-        if len(shares) < t:
-            return None
-        holders = sorted(shares)[:t]
-        ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
-        points = [fed.graph.share_point(owner, m) for m in holders]
-        return shamir.elements_to_bytes(field_.combine(points, ys))
-
     total = np.zeros_like(masked[nodes[0]])
     add: list[bytes] = []
     subtract: list[bytes] = []
     for i in nodes:
         total += masked[i]
-        seed = secret(i, seeds.get(i, {}))
+        seed = combine(fed, i, seeds.get(i, {}))
         if seed is None:
             return got
         subtract.append(seed)
         for j in (at(place) for place in plan.partners[order.index(i)]):
             if j in nodes:
                 continue  # cancels inside the block
-            key = secret(j, mask_keys.get(j, {}))
+            key = combine(fed, j, mask_keys.get(j, {}))
             if key is None:
                 return got
             pair = pair_mask_seed(

@@ -126,27 +126,34 @@ def split_view(fed: Federation, views: Views = partner_holders) -> Loot:
     return loot
 
 
+def combine(fed: Federation, owner: int, shares: Mapping[int, bytes]) -> bytes | None:
+    """``owner``'s secret from the shares its neighbours released (holder -> share), or
+    None with fewer than ``t``: Shamir's reconstruction, as the server does it."""
+    t = fed.config.threshold
+    if len(shares) < t:
+        return None
+    holders = sorted(shares)[:t]
+    ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
+    points = [fed.graph.share_point(owner, m) for m in holders]
+    return shamir.elements_to_bytes(shamir.Shamir().combine(points, ys))
+
+
 def rebuild(fed: Federation, loot: Loot) -> np.ndarray | None:
     """The victim's vector unmasked from the loot, or None where it holds fewer than ``t``
     shares of a secret the unmasking needs (the self-mask seed, or a partner's mask key)."""
-    t = fed.config.threshold
-    if len(loot.b_shares) < t or any(len(loot.s_shares[j]) < t for j in loot.partners):
+    self_seed = combine(fed, loot.victim, loot.b_shares)
+    if self_seed is None:
         return None
-    field_ = shamir.Shamir()
-
-    def secret(owner: int, shares: dict[int, bytes]) -> bytes:
-        holders = sorted(shares)[:t]
-        ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
-        points = [fed.graph.share_point(owner, m) for m in holders]
-        return shamir.elements_to_bytes(field_.combine(points, ys))
-
-    masked = loot.masked.copy()
     add: list[bytes] = []
-    subtract = [secret(loot.victim, loot.b_shares)]
+    subtract = [self_seed]
     for j in loot.partners:
-        key = keys.load_private_key(secret(j, loot.s_shares[j]))
+        secret = combine(fed, j, loot.s_shares[j])
+        if secret is None:
+            return None
+        key = keys.load_private_key(secret)
         seed = pair_mask_seed(key, fed.pks[loot.victim][1], session=fed.config.session, round=1)
         (subtract if loot.victim < j else add).append(seed)  # undo what the victim applied
+    masked = loot.masked.copy()
     prg.apply_masks(masked, add=add, subtract=subtract)
     return masked
 
