@@ -79,9 +79,10 @@ becomes
    count assumes one survivor set ``S`` for every honest node that releases
    shares, which the consistency check gives only in the complete graph: in a
    sparse one a node counts its neighbours' signatures, so far-apart parts of
-   the ring can be shown different sets, and a server with two such views
-   learns the sum of ``k / 2 + 2`` consecutive honest nodes (found for ``k``
-   from 8 to 14; ``tests/secagg/test_malicious.py`` plays it at n = 40).
+   the ring can be shown different sets, and at ``t = k / 2 + 1`` a server
+   with two such views learns the sum of ``k / 2 + 2`` consecutive honest
+   nodes (found for ``k`` from 8 to 14; ``tests/secagg/test_malicious.py``
+   plays it at n = 40).
    What the local check does give (docs/secagg.md) is that each honest input
    the server learns is summed with
    at least ``2t - k - c`` other honest ones: under 3M, at least ``c + 1``
@@ -214,8 +215,9 @@ class GraphParameters:
         different sets, and what holds is ``1 + 2t - k - c``: each honest input is summed
         with at least ``2t - k - c`` other honest ones (docs/secagg.md, *Malicious mode*),
         with ``c`` the corrupted-neighbour bound (0 for hand-picked parameters, which
-        assume none). A server with regional views learns the sum of ``k/2 + 2``
-        consecutive honest nodes at ``k >= 8`` (``tests/secagg/test_malicious.py``)."""
+        assume none). At ``t = k/2 + 1`` (which nodes accept, whatever the finder
+        chose) a server with regional views learns the sum of ``k/2 + 2`` consecutive
+        honest nodes for ``k >= 8`` (``tests/secagg/test_malicious.py``)."""
         if self.threat is not Threat.MALICIOUS:
             return None
         if self.is_complete:

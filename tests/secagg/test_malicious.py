@@ -756,3 +756,14 @@ def test_the_docs_split_view_block_prints_what_the_docs_say(capsys: Any) -> None
     shown = section.split("```text\n")[1].split("```")[0]
     exec(compile(code, "docs/secagg.md", "exec"), {})
     assert capsys.readouterr().out == shown
+
+
+def test_regional_views_need_the_least_threshold() -> None:
+    """docs/secagg.md: one above t = k/2 + 1 the program finds no block plan (the plan of
+    the test above is not an artefact of the program: at t = 6 it is held to the same
+    checks and comes back empty), nor with one view at t = k/2 + 1."""
+    from flowerpets.secagg.attacks import regional_plan
+
+    assert regional_plan(40, 8, 5, 6) is not None
+    assert regional_plan(40, 8, 6, 6) is None
+    assert regional_plan(40, 8, 6, 8) is None

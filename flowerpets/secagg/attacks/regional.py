@@ -9,8 +9,8 @@ of consecutive honest nodes off the ring: ``K``'s view lists a moat of nodes
 around it as dropped, the rest of the ring's view lists two nodes just beyond
 the moat as dropped, and the block's edge members mask with those two, whose
 mask keys the rest of the ring releases. The server then learns ``sum(K)``
-exactly, for a block of ``k/2 + 2`` nodes at ``k >= 8`` (docs/secagg.md,
-*Malicious mode*).
+exactly, for a block of ``k/2 + 2`` nodes at ``k >= 8`` and ``t = k/2 + 1``
+(docs/secagg.md, *Malicious mode*; at ``t = k/2 + 2`` no plan is found).
 
 :func:`regional_plan` finds such a plan by mixed-integer programming over the
 nodes' own checks (every check a real node makes is a constraint: a signer's
@@ -78,16 +78,31 @@ class _Program:
 
 
 def regional_plan(
-    n: int, k: int, t: int, block: int, *, views: int = 2, time_limit: float = 60.0
+    n: int,
+    k: int,
+    t: int,
+    block: int,
+    *,
+    views: int = 2,
+    corrupted: frozenset[int] = frozenset(),
+    time_limit: float = 60.0,
 ) -> RegionalPlan | None:
-    """A plan that makes honest nodes (none corrupted) hand over ``sum`` of the ``block``
-    consecutive nodes at ring places ``0 .. block - 1``, or None if there is none with
-    this many views (``views=1``: one survivor set for everyone)."""
+    """A plan that makes the honest nodes hand over ``sum`` of the ``block`` consecutive
+    honest nodes at ring places ``0 .. block - 1``, or None if there is none with this many
+    views (``views=1``: one survivor set for everyone). The nodes at the ``corrupted``
+    places collude: they sign every view and hand over every share and key they hold."""
     h = k // 2
     nbrs = {i: [(i + d) % n for d in range(-h, h + 1) if d != 0] for i in range(n)}
     p = _Program()
     v_range = range(views)
-    for m in range(n):
+    for m in sorted(corrupted):
+        for v in v_range:
+            p.add({p.var("signs", m, v): 1}, lo=1)
+        for j in nbrs[m]:  # it holds what it was forwarded, and gives it all away
+            p.add({p.var("b", m, j): 1, p.var("partner", j, m): -1}, 0, 0)
+            p.add({p.var("dropped", m, j): 1, p.var("partner", j, m): -1}, 0, 0)
+        p.add({p.var("rebuilt-s", m): 1}, lo=1)  # its own key: the server has it
+    for m in (m for m in range(n) if m not in corrupted):
         p.add({p.var("signs", m, v): 1 for v in v_range}, hi=1)
         p.add({**{p.var("releases", m, v): 1 for v in v_range}, p.var("released", m): -1}, 0, 0)
         p.add({p.var("partner", j, m): 1 for j in nbrs[m]}, lo=t)  # t senders to mask
@@ -119,7 +134,9 @@ def regional_plan(
         held = {p.var("b", m, i): 1 for m in nbrs[i]}
         p.add({**held, p.var("rebuilt-b", i): -t}, lo=0)
         p.add({p.var("rebuilt-b", i): 1}, lo=inside)
-        p.add({**{p.var("dropped", m, i): 1 for m in nbrs[i]}, p.var("rebuilt-s", i): -t}, lo=0)
+        if i not in corrupted:
+            given = {p.var("dropped", m, i): 1 for m in nbrs[i]}
+            p.add({**given, p.var("rebuilt-s", i): -t}, lo=0)
         for j in nbrs[i]:  # every mask of a block member cancels inside it or is rebuilt
             if not inside:
                 continue
