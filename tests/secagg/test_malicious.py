@@ -582,6 +582,7 @@ def test_the_round_configuration_digest_binds_every_field() -> None:
         {"weight_key": None},
         {"secure_metrics": ()},
         {"threat": Threat.SEMI_HONEST},
+        {"quorum": 3},
     ]
     digests = {base.digest} | {dataclasses.replace(base, **c).digest for c in changes}
     assert len(digests) == len(changes) + 1 and len(base.digest) == 32  # SHA-256
@@ -616,12 +617,15 @@ def _run(
 
 
 def _malicious_run(
-    n: int, *, faults: Any = (), stop_on_failure: bool = False, **kwargs: Any
+    n: int, *, faults: Any = (), stop_on_failure: bool = False, quorum: bool = False, **kwargs: Any
 ) -> tuple[Any, Any, Any]:
-    """A malicious-mode round over the simulation: the nodes enrolled, each with its key."""
+    """A malicious-mode round over the simulation: the nodes enrolled, each with its key
+    (``quorum``: the nodes require the cohort's quorum, and the server sets it)."""
     pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
-    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
-    secagg = protocol.secagg(identities=pki.identities, **kwargs)
+    mod = SecAggPlusClientMod(
+        identities=pki.identities, identity=pki.keyring, require_quorum=quorum
+    )
+    secagg = protocol.secagg(identities=pki.identities, quorum=quorum, **kwargs)
     return _run(n, mod, secagg, pki.node_ids, faults=faults, stop_on_failure=stop_on_failure)
 
 
@@ -640,11 +644,20 @@ MALICIOUS_DROPOUTS = {
 LATE = (Stage.CONSISTENCY_CHECK, Stage.UNMASK)  # after their masked input is in the sum
 
 
-@pytest.mark.parametrize("name", sorted(MALICIOUS_DROPOUTS))
-def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(name: str) -> None:
+QUORUM_DROPOUTS = ("check-3", "mixed-c", "mixed-d", "unmask-3", "collect-3")
+
+
+@pytest.mark.parametrize(
+    ("name", "quorum"),
+    [(name, False) for name in sorted(MALICIOUS_DROPOUTS)]
+    + [(name, True) for name in QUORUM_DROPOUTS],
+)
+def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(
+    name: str, quorum: bool
+) -> None:
     plan = MALICIOUS_DROPOUTS[name]
     faults = [Dropout(node=i, round=1, stage=stage) for stage, nodes in plan.items() for i in nodes]
-    result, outcome, (updates, weights) = _malicious_run(10, faults=faults)
+    result, outcome, (updates, weights) = _malicious_run(10, faults=faults, quorum=quorum)
     record = result.history[0]
     assert record.ok, record.error
     lost = {i for stage, nodes in plan.items() if stage not in LATE for i in nodes}
@@ -767,3 +780,69 @@ def test_regional_views_need_the_least_threshold() -> None:
     assert regional_plan(40, 8, 5, 6) is not None
     assert regional_plan(40, 8, 6, 6) is None
     assert regional_plan(40, 8, 6, 8) is None
+
+
+# -- the cohort quorum: one survivor set for every node that unmasks ------------------------
+def test_a_cohort_quorum_stops_regional_views(federation: Any) -> None:
+    """With ``SecAggPlus(quorum=True)`` (and nodes that require it) a node unmasks only once
+    more than half the cohort signed its set: two views cannot both gather that, so the
+    regional plan that reads a block's sum above gets nothing."""
+    from flowerpets.secagg.attacks import learn_block_sum, regional_plan
+
+    plan = regional_plan(40, 8, 5, 6)
+    assert plan is not None
+    fed = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    got = learn_block_sum(fed, plan)
+    assert got.vector is None
+    assert got.refusals and all("fewer than the quorum 21" in r for r in got.refusals.values())
+    # The honest round with the same quorum unmasks.
+    honest = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    honest.honest_until_unmask()
+    for node in honest.ids:
+        honest.ok(honest.unmask(node, honest.ids, []))
+
+
+def test_a_node_that_requires_a_quorum_refuses_rounds_without_one(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS, quorum=5)
+    node = fed.ids[0]
+    fed.config = dataclasses.replace(fed.config, quorum=0)
+    refused(fed.ask(node, Stage.ADVERTISE_KEYS, fed.advertise_message_fields()), "quorum")
+    # With the quorum set, signatures short of it are refused even with t neighbours'.
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS, quorum=5)
+    fed.honest_until_unmask()
+    node = fed.ids[0]
+    signed = fed.signed_fields(node)
+    short = {key: value[:4] for key, value in signed.items()}  # its 4 neighbours, no more
+    refused(fed.unmask(node, fed.ids, [], signed=short), "only 4 nodes of the cohort signed")
+    # Nor does the cohort's quorum stand in for t neighbours: 2 of them and 4 others.
+    other = fed.ids[1]
+    signed = fed.signed_fields(other)
+    mine = set(fed.graph.neighbours(other))
+    keep = [0, 1, *(at for at, j in enumerate(signed["signers"]) if j not in mine)]
+    assert len(keep) == 6
+    few = {key: [value[at] for at in keep] for key, value in signed.items()}
+    refused(fed.unmask(other, fed.ids, [], signed=few), "only 2 of this node's neighbours")
+    with pytest.raises(ConfigurationError, match="needs the malicious mode"):
+        SecAggPlusClientMod(require_quorum=True)
+    with pytest.raises(ConfigurationError, match="needs the malicious mode"):
+        SecAggPlus(quorum=True)
+    with pytest.raises(ParameterValueError, match="more than half the cohort"):
+        dataclasses.replace(fed.config, quorum=4)
+    with pytest.raises(ParameterValueError, match="more than half the cohort"):
+        dataclasses.replace(fed.config, quorum=5, threat=Threat.SEMI_HONEST)
+
+
+def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
+    pki = enroll(range(1, 101), randomness=seeded_randomness(0))
+    secagg = SecAggPlus(identities=pki.identities, quorum=True)
+    params = secagg.parameters(100)
+    assert not params.is_complete and secagg.quorum_for(params) == (100 + 10) // 2 + 1
+    assert SecAggPlus(identities=pki.identities).quorum_for(params) == 0
+    # 20 nodes, k = 8, t = 5: the quorum is 12 of the cohort; 8 drop at the consistency
+    # check, so 12 sign and each has 11 others' signatures: short of it. Without the quorum
+    # 9 nodes have their t neighbours' (and the round fails later, for too few of them).
+    faults = [Dropout(node=i, round=1, stage=Stage.CONSISTENCY_CHECK) for i in range(0, 16, 2)]
+    with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 0 with t=5 .*of 12"):
+        _malicious_run(20, faults=faults, quorum=True, stop_on_failure=True)
+    with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 9 with t=5 "):
+        _malicious_run(20, faults=faults, stop_on_failure=True)

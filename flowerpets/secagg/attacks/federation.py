@@ -83,6 +83,7 @@ class Federation:
         clipping_range: float = 8.0,
         secure_metrics: tuple[str, ...] = (),
         threat: str = Threat.SEMI_HONEST,
+        quorum: int = 0,
     ) -> None:
         rng = np.random.default_rng(seed)
         self.ids = [int(i) for i in rng.choice(np.arange(100, 10_000), size=n, replace=False)]
@@ -99,6 +100,7 @@ class Federation:
             threat=self.threat,
             identities=self.enrolment.identities if self.malicious else None,
             identity=self.enrolment.keyring if self.malicious else None,
+            require_quorum=quorum > 0,
         )
         self.app = ClientApp(mods=[self.mod])
         self.handler_calls: list[int] = []
@@ -127,6 +129,7 @@ class Federation:
             weight_key=weight_key,
             secure_metrics=secure_metrics,
             threat=self.threat,
+            quorum=quorum,
         )
         self.graph = self.config.graph
         self.pks: dict[int, tuple[bytes, bytes]] = {}
@@ -224,8 +227,16 @@ class Federation:
         """The neighbours' signatures an honest server forwards with the unmask request."""
         if not self.malicious:
             return {}
-        signers = [j for j in self.graph.neighbours(node) if j in self.set_signatures]
+        signers = [j for j in self.signer_pool(node) if j in self.set_signatures]
         return {"signers": signers, "signatures": [self.set_signatures[j] for j in signers]}
+
+    def signer_pool(self, node: int) -> list[int]:
+        """Whose survivor-set signatures ``node`` counts: its neighbours, or with a quorum
+        every other node of the cohort (its neighbours first)."""
+        nbrs = list(self.graph.neighbours(node))
+        if not self.config.quorum:
+            return nbrs
+        return nbrs + [j for j in self.config.order if j != node and j not in nbrs]
 
     def unmask(
         self,
@@ -272,6 +283,7 @@ class Federation:
             weight_key=self.config.weight_key,
             secure_metrics=self.config.secure_metrics,
             threat=self.config.threat,
+            quorum=self.config.quorum,
         )
         self.pks, self.ciphertexts, self.masked = {}, {}, {}
         self.key_signatures, self.set_signatures = {}, {}

@@ -205,7 +205,7 @@ def learn_block_sum(fed: Federation, plan: RegionalPlan) -> BlockSum:
     got = BlockSum(nodes, None)
     for place, v in plan.releases.items():
         m = at(place)
-        signers = [j for j in fed.graph.neighbours(m) if signatures.get(j, (-1,))[0] == v]
+        signers = [j for j in fed.signer_pool(m) if signatures.get(j, (-1,))[0] == v]
         signed = {"signers": signers, "signatures": [signatures[j][1] for j in signers]}
         dropped = [at(j) for j in plan.dropped[place]]
         answer = fed.unmask(m, views[v], dropped, signed=signed if fed.malicious else {})

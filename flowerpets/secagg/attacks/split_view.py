@@ -105,9 +105,7 @@ def split_view(fed: Federation, views: Views = partner_holders) -> Loot:
     for m, dropped in told_dropped.items():
         # Every neighbour's signature made over m's very set: nothing else could verify.
         signers = [
-            j
-            for j in fed.graph.neighbours(m)
-            if j in signatures and sorted(sets[j]) == sorted(sets[m])
+            j for j in fed.signer_pool(m) if j in signatures and sorted(sets[j]) == sorted(sets[m])
         ]
         signed = {"signers": signers, "signatures": [signatures[j] for j in signers]}
         answer = fed.unmask(m, sets[m], dropped, signed=signed if fed.malicious else {})
