@@ -217,7 +217,9 @@ class GraphParameters:
         with ``c`` the corrupted-neighbour bound (0 for hand-picked parameters, which
         assume none). At ``t = k/2 + 1`` (which nodes accept, whatever the finder
         chose) a server with regional views learns the sum of ``k/2 + 2`` consecutive
-        honest nodes for ``k >= 8`` (``tests/secagg/test_malicious.py``)."""
+        honest nodes for ``k >= 8`` (``tests/secagg/test_malicious.py``). With the
+        opt-in cohort quorum (``SecAggPlus(quorum=True)``, nodes that require it) every
+        node that unmasks saw one set and :func:`least_summed` holds."""
         if self.threat is not Threat.MALICIOUS:
             return None
         if self.is_complete:
