@@ -242,7 +242,8 @@ class SecAggPlusClientMod:
         return (
             f"SecAggPlusClientMod(protected_types={self.protected_types!r}, "
             f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold}, "
-            f"threat={self.threat.value!r})"
+            f"threat={self.threat.value!r}"
+            f"{', require_quorum=True' if self.require_quorum else ''})"
         )
 
     # -- dispatch --------------------------------------------------------------

@@ -54,6 +54,14 @@ class SecAggPlus(SecureAggregator):
         The PKI (:class:`~flowerpets.secagg.NodeIdentities`), the same the nodes
         are given; required for ``threat="malicious"``. Nodes of the cohort it
         does not list are excluded from the round.
+    ``quorum``
+        Malicious mode: a node unmasks only once ``floor((n + C) / 2) + 1`` nodes of
+        the whole cohort (``C = floor(corrupted_fraction * n)``) signed its survivor
+        set, besides its ``t`` neighbours, so that every node that unmasks was shown
+        one set (without it a server can show far-apart parts of a sparse ring
+        different sets and learn a small block's sum; docs/secagg.md, regional
+        views). About ``n / 2`` signature checks per node. Default False; nodes
+        built with ``require_quorum=True`` refuse rounds without it.
 
     ``degree``, ``threshold``
         The graph degree ``k`` and Shamir threshold ``t``, both or neither. By
@@ -163,7 +171,7 @@ class SecAggPlus(SecureAggregator):
         return (
             f"SecAggPlus({graph}, clipping_range={self.clipping_range}, "
             f"max_weight={self.max_weight}, secure_metrics={self.secure_metrics!r}, "
-            f"threat={self.threat.value!r})"
+            f"threat={self.threat.value!r}{', quorum=True' if self.quorum else ''})"
         )
 
     @property
