@@ -71,6 +71,7 @@ __all__ = [
     "MAX_MODULUS_BITS",
     "Encoding",
     "conditional_round",
+    "coordinate_wrap_probability",
     "decode",
     "encode",
     "fits_modulus",
@@ -301,8 +302,9 @@ def decode(
 
 # -- wrap-around ---------------------------------------------------------------------------------
 def _skellam_log_mgf(total: float, t: float) -> float:
-    # A share of variance v is Poisson(v/2) - Poisson(v/2): log E[e^(tX)] = v (cosh t - 1).
-    return total * (math.cosh(t) - 1.0)
+    # A share of variance v is Poisson(v/2) - Poisson(v/2): log E[e^(tX)] = v (cosh t - 1),
+    # written 2 v sinh(t/2)^2 so that a small t loses no digits.
+    return 2.0 * total * math.sinh(t / 2.0) ** 2
 
 
 def _skellam_slope(total: float, t: float) -> float:
@@ -341,7 +343,9 @@ def _log_tail(margin: float, proxy: float, noise_total: float, curve: _Curve) ->
         return -(margin**2) / (2.0 * (proxy + noise_total))  # Gaussian: the closed form
     if proxy == 0:  # Skellam alone: at sinh t = margin / total, cosh t = sqrt(1 + ...)
         ratio = margin / noise_total
-        return -margin * math.asinh(ratio) + noise_total * (math.hypot(1.0, ratio) - 1.0)
+        # sqrt(1 + r^2) - 1, without cancelling digits for a small r.
+        rise = ratio * ratio / (math.hypot(1.0, ratio) + 1.0)
+        return -margin * math.asinh(ratio) + noise_total * rise
     low, high = 0.0, min(margin / proxy, math.asinh(margin / noise_total))
     for _ in range(200):
         middle = (low + high) / 2
@@ -353,14 +357,14 @@ def _log_tail(margin: float, proxy: float, noise_total: float, curve: _Curve) ->
     return -t * margin + t * t * proxy / 2.0 + log_mgf(noise_total, t)
 
 
-def wrap_probability(
+def coordinate_wrap_probability(
     encoding: Encoding,
     *,
     clients: int,
     local_variance: float,
     mechanism: type[DistributedEvent] = SkellamEvent,
 ) -> float:
-    """An upper bound on the chance that any coordinate of the summed integers wraps.
+    """An upper bound on the chance that one given coordinate of the summed integers wraps.
 
     ``clients`` is the most clients whose residues are summed, each adding
     noise of ``local_variance`` in integer units, in the accountant's
@@ -371,7 +375,7 @@ def wrap_probability(
 
     Coordinate ``j`` of the true sum is ``S_j = Z_j + R_j + N_j``: the rotated
     scaled clipped updates, the rounding errors and the noise. It wraps iff
-    ``|S_j| >= m/2`` (or lands on ``-m/2``), and:
+    ``|S_j| >= m/2`` (``-m/2`` lifts to ``+m/2``), and:
 
     * ``|R_j| < n``: each rounding moves a coordinate by less than 1;
     * ``Z_j`` is sub-Gaussian with variance proxy ``(n clip scale)^2 / D``
@@ -380,13 +384,13 @@ def wrap_probability(
       independently of the round's seed;
     * ``N_j`` is a sum of ``n`` shares: Skellam, log-MGF ``n v (cosh t - 1)``
       exactly; discrete Gaussian, at most ``n sigma^2 t^2 / 2`` (Canonne,
-      Kamath and Steinke 2020). It is independent of ``Z_j``.
+      Kamath and Steinke, NeurIPS 2020). It is independent of ``Z_j``.
 
     So ``P[|S_j| >= m/2] <= 2 min_t exp(-t a + t^2 proxy / 2 + K(t))`` with
-    ``a = m/2 - n`` (the Chernoff bound, two tails of symmetric terms). A second
-    bound uses no rotation: ``|Z_j + R_j| <= n min(clip scale + 1, norm_bound)``
-    always, leaving the noise alone against the rest of the margin. The result is
-    ``D`` times the smaller of the two (the union bound), at most 1.
+    ``a = m/2 - n`` (the Chernoff bound on both tails of symmetric terms). A
+    second bound needs no rotation: ``|Z_j + R_j| <= n min(clip scale + 1,
+    norm_bound)`` always, leaving the noise alone against the rest of the
+    margin. The result is the smaller of the two, at most 1.
     """
     instance("encoding", encoding, Encoding)
     n = integer("clients", clients, at_least=1)
@@ -396,15 +400,36 @@ def wrap_probability(
         raise ParameterTypeError(
             f"mechanism must be SkellamEvent or DistributedDiscreteGaussianEvent, got {mechanism!r}"
         )
+    return math.exp(_log_coordinate_bound(encoding, n, n * variance, curve))
+
+
+def _log_coordinate_bound(encoding: Encoding, n: int, noise_total: float, curve: _Curve) -> float:
     half = encoding.modulus / 2
-    noise_total = n * variance
     proxy = (n * encoding.scaled_clip) ** 2 / encoding.padded
     rotated = _log_tail(half - n, proxy, noise_total, curve)
     # A coordinate of a rounded vector is within 1 of the scaled clip (the float's doubt: 2**-40).
     reach = min(encoding.scaled_clip * (1 + 2.0**-40) + 1, encoding.norm_bound)
     bounded = _log_tail(half - n * reach, 0.0, noise_total, curve)
-    log_bound = math.log(2 * encoding.padded) + min(rotated, bounded)
-    return 1.0 if log_bound >= 0 else math.exp(log_bound)
+    return min(0.0, math.log(2) + min(rotated, bounded))
+
+
+def wrap_probability(
+    encoding: Encoding,
+    *,
+    clients: int,
+    local_variance: float,
+    mechanism: type[DistributedEvent] = SkellamEvent,
+) -> float:
+    """An upper bound on the chance that *any* coordinate of the summed integers wraps.
+
+    The union bound: ``D`` times :func:`coordinate_wrap_probability` (whose
+    docstring gives the tail bound and the arguments), at most 1. It is also
+    a bound on the expected number of wrapped coordinates, when below 1.
+    """
+    one = coordinate_wrap_probability(
+        encoding, clients=clients, local_variance=local_variance, mechanism=mechanism
+    )
+    return min(1.0, encoding.padded * one)
 
 
 def fits_modulus(
