@@ -49,6 +49,8 @@ Five parts (``--parts``), each a table of medians and ratios measured in the sam
     * ``distributed_dp``: a client's :func:`~flowerpets.dp._primitives.distributed.encode`:
       clip, rotate, scale, conditional rounding and Skellam noise from the secure source,
       wrap; the target is within 2x of ``secagg_masking``;
+    * ``distributed_dp_gaussian``: the same with discrete Gaussian shares (one keystream
+      word per value where Skellam's two Poissons read two);
     * ``rotate``, ``conditional_round``, ``skellam_noise``: its three costly steps alone;
     * ``plain_aggregation``: the baseline of the server rows, a plain round's aggregation
       of ``--nodes`` float32 updates (``WeightedSum``, what FedAvg does);
@@ -76,7 +78,7 @@ import itertools
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -125,6 +127,7 @@ DISTRIBUTED_SCALE = 2.0**14  # integer steps per model unit: clip * scale = 16,3
 DISTRIBUTED_ROWS = (
     "secagg_masking",
     "distributed_dp",
+    "distributed_dp_gaussian",
     "rotate",
     "conditional_round",
     "skellam_noise",
@@ -304,6 +307,7 @@ def distributed_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     # half a share's variance).
     variance = encoding.norm_bound**2 / clients
     mu = Fraction(round(variance / 2))
+    sigma_squared = Fraction(round(variance))  # the discrete Gaussian option's share
     source = AesCtrGaussian()
 
     def noise(size: int) -> NDArray[np.int64]:
@@ -320,14 +324,22 @@ def distributed_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
             total.add(arrays, 1)
         return total.result()
 
-    def client() -> NDArray[np.uint32]:
-        return encode(update, encoding=encoding, rotation=rotation, noise=noise, source=source)[0]
+    def gaussian_noise(size: int) -> NDArray[np.int64]:
+        return discrete.sample_discrete_gaussian(sigma_squared, size, source=source)
+
+    def client(shares: Callable[[int], NDArray[np.int64]] = noise) -> NDArray[np.uint32]:
+        return encode(update, encoding=encoding, rotation=rotation, noise=shares, source=source)[0]
 
     residues = client().astype(np.uint64)
     workload = make_client_workload(clients, params, args.seed)
     cases = [
         Case("secagg_node", workload.run, "one SecAgg+ node, every stage (masking kept)"),
         Case("distributed_dp", client, "clip + rotate + round + Skellam + wrap"),
+        Case(
+            "distributed_dp_gaussian",
+            lambda: client(gaussian_noise),
+            "the same with discrete Gaussian shares",
+        ),
         Case("rotate", lambda: rotation.rotate(update), "randomized Hadamard, padded"),
         Case(
             "conditional_round",
@@ -366,6 +378,7 @@ def distributed_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
         "padded": encoding.padded,
         "local_variance": variance,
         "vs_secagg_masking": ratio(results["distributed_dp"], masking),
+        "gaussian_vs_secagg_masking": ratio(results["distributed_dp_gaussian"], masking),
         "vs_secagg_masking_target": DISTRIBUTED_TARGET,
         "decode_vs_plain_aggregation": ratio(results["decode"], results["plain_aggregation"]),
         "noise_error_ratio": error / expected,
@@ -517,7 +530,8 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
             f"{part['clients']} clients, against one SecAgg+ node's masking (k = {part['k']}):",
             measurement_table([results[k] for k in DISTRIBUTED_ROWS], baseline="secagg_masking"),
             measurement_table([results[k] for k in SERVER_ROWS], baseline="plain_aggregation"),
-            f"distributed-DP client / SecAgg+ masking: {part['vs_secagg_masking']:.2f}x "
+            f"distributed-DP client / SecAgg+ masking: {part['vs_secagg_masking']:.2f}x Skellam, "
+            f"{part['gaussian_vs_secagg_masking']:.2f}x discrete Gaussian "
             f"(target: within {DISTRIBUTED_TARGET:g}x); decode / plain aggregation: "
             f"{part['decode_vs_plain_aggregation']:.2f}x; decoded noise / expected: "
             f"{part['noise_error_ratio']:.4f}",

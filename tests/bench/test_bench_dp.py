@@ -73,6 +73,7 @@ def test_distributed_rows_against_secagg_masking_and_a_plain_aggregation(
         "secagg_masking",
         "secagg_node",
         "distributed_dp",
+        "distributed_dp_gaussian",
         "rotate",
         "conditional_round",
         "skellam_noise",
