@@ -41,6 +41,7 @@ coordinates of a Chernoff bound on each: see the function.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,12 +133,12 @@ class Encoding:
         """The clipped update's L2 bound in integer steps: ``clip * scale``."""
         return self.clip * self.scale
 
-    @property
+    @functools.cached_property  # every client's encode asks
     def norm_bound(self) -> float:
         """The L2 bound after rounding (:func:`~.calibration.rounded_l2_bound`): the sensitivity."""
         return rounded_l2_bound(self.scaled_clip, dimension=self.padded, beta=self.beta)
 
-    @property
+    @functools.cached_property
     def l1_bound(self) -> float:
         """The rounded vector's L1 bound (:func:`~.calibration.rounded_l1_bound`)."""
         return rounded_l1_bound(self.norm_bound, dimension=self.padded)
