@@ -121,6 +121,28 @@ def test_randomized_rounding_is_unbiased() -> None:
     assert np.all(rounded[:, 2] == 3)  # an integer is never moved
 
 
+class Words:
+    """The words we choose, in order (not secure: for the rounding's exact decision)."""
+
+    secure = False
+
+    def __init__(self, words: list[int]) -> None:
+        self.queue = list(words)
+
+    def words(self, n: int) -> NDArray[np.uint64]:
+        out, self.queue = self.queue[:n], self.queue[n:]
+        return np.array(out, dtype=np.uint64)
+
+
+def test_a_word_rounds_up_exactly_when_its_top_53_bits_are_below_the_fraction() -> None:
+    # 0.25 and -1.75 have fraction 1/4: up iff the top 53 bits are below 2**51.
+    x = np.array([0.25, 0.25, -1.75, -1.75, 7.0])
+    below, at = ((1 << 51) - 1) << 11 | 0x7FF, (1 << 51) << 11
+    words = Words([below, at, below, at, 0])
+    rounded = conditional_round(x, norm_bound=100.0, source=words, tries=1)
+    np.testing.assert_array_equal(rounded, [1, 0, -1, -2, 7])
+
+
 def test_conditional_rounding_keeps_its_bound_and_retries() -> None:
     # Every fraction 1/2: ||rounded||^2 = sum of (x_j +- 1/2)^2, a bound near its median.
     x = np.full(16, 2.5)

@@ -86,7 +86,6 @@ MAX_MODULUS_BITS = 32  # the residues are uint32: SecAgg+'s ring
 _MAX_SCALED_CLIP = float(2**50)
 # Conditional rounding retries until the chance that every try failed is below 2**-40.
 _ROUNDING_FAILURE_BITS = 40
-_UNIFORM = 2.0**-53
 _NAME = "update"
 
 
@@ -156,19 +155,27 @@ def _tries(beta: float) -> int:
     return max(1, math.ceil(_ROUNDING_FAILURE_BITS * math.log(2) / -math.log(beta)))
 
 
-def _randomized_round(x: NDArray[np.float64], source: RandomWords) -> NDArray[np.int64]:
-    """``floor(x) + 1`` with probability ``x - floor(x)``, else ``floor(x)``: one word each.
+def _thresholds(x: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
+    """``floor(x)``, and ``ceil((x - floor(x)) 2**53)``: a word's top 53 bits below it round up.
 
-    The uniform is the word's top 53 bits over ``2**53``, so the chance of rounding up
-    is the fractional part rounded up to a multiple of ``2**-53``.
+    So the chance of rounding up is the fractional part rounded up to a multiple of
+    ``2**-53`` (exact for every fraction with 53 bits after the point).
     """
     low = np.floor(x)
     fraction = x - low  # exact: |x| < 2**53
-    words = source.words(x.size)
-    uniform = (words >> np.uint64(11)).astype(np.float64)
-    uniform *= _UNIFORM
-    out = low.astype(np.int64)
-    out += uniform < fraction
+    fraction *= 2.0**53  # exact: a power of two
+    np.ceil(fraction, out=fraction)
+    return low.astype(np.int64), fraction.astype(np.uint64)
+
+
+def _randomized_round(
+    low: NDArray[np.int64], thresholds: NDArray[np.uint64], source: RandomWords
+) -> NDArray[np.int64]:
+    """``floor(x) + 1`` with probability ``x - floor(x)`` (see :func:`_thresholds`): a word each."""
+    top = source.words(low.size) >> np.uint64(11)  # a new array: the words may be read-only
+    up = top < thresholds
+    out = low.copy()
+    out += up
     return out
 
 
@@ -200,8 +207,9 @@ def conditional_round(
     with ``beta = 0`` (a bound that always holds) it is unbiased.
     """
     tries = integer("tries", tries, at_least=1)
+    low, thresholds = _thresholds(np.asarray(x, dtype=np.float64))
     for _ in range(tries):
-        rounded = _randomized_round(x, source)
+        rounded = _randomized_round(low, thresholds, source)
         if _within(rounded, norm_bound):
             return rounded
     raise ConditionalRoundingError(
