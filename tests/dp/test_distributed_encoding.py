@@ -55,6 +55,39 @@ def skellam(variance: int, source: AesCtrGaussian) -> Noise:
     return lambda size: sample_skellam(Fraction(variance, 2), size, source=source)
 
 
+def discrete_gaussian(variance: int, source: AesCtrGaussian) -> Noise:
+    return lambda size: sample_discrete_gaussian(variance, size, source=source)
+
+
+SHARES = {SkellamEvent: skellam, DistributedDiscreteGaussianEvent: discrete_gaussian}
+
+
+def released(
+    updates: list[NDArray[np.float64]],
+    encoding: Encoding,
+    rotation: RandomizedHadamard,
+    noise: Noise,
+    source: AesCtrGaussian,
+) -> NDArray[np.float64]:
+    """Every client's residues, summed as SecAgg+ sums them, decoded."""
+    residues = [
+        encode(u, encoding=encoding, rotation=rotation, noise=noise, source=source)[0]
+        for u in updates
+    ]
+    return decode(summed(residues), encoding=encoding, rotation=rotation)
+
+
+def noised_sum(
+    updates: list[NDArray[np.float64]], *, scale: float, variance: int, mechanism: type, key: int
+) -> tuple[NDArray[np.float64], Encoding]:
+    """The released sum of ``updates`` (clip 1), shares of ``variance`` from ``mechanism``."""
+    encoding = Encoding(scale=scale, clip=1.0, dimension=updates[0].size)
+    rotation = RandomizedHadamard(b"round seed %05d" % key, encoding.dimension)
+    source = keyed(key)
+    noise = SHARES[mechanism](variance, source)
+    return released(updates, encoding, rotation, noise, source), encoding
+
+
 def unit_updates(n: int, d: int, seed: int, norm: float = 1.0) -> list[NDArray[np.float64]]:
     rng = np.random.default_rng(seed)
     out = []
@@ -189,20 +222,10 @@ def test_the_decoded_sum_has_the_documented_error(mechanism: type) -> None:
     # measured value sums 1024 coordinates: 25% above the expectation is over 7 standard
     # deviations (relative sd sqrt(2 / 1024) at most, 4.4%): false failures below 1e-12.
     n, d, variance = 5, 1000, 400
-    encoding = Encoding(scale=50.0, clip=1.0, dimension=d)
-    rotation = RandomizedHadamard(b"round seed 00002", d)
-    source = keyed(4)
-    noise: Noise = (
-        skellam(variance, source)
-        if mechanism is SkellamEvent
-        else (lambda size: sample_discrete_gaussian(variance, size, source=source))
-    )
     updates = unit_updates(n, d, 8)
-    residues = [
-        encode(u, encoding=encoding, rotation=rotation, noise=noise, source=source)[0]
-        for u in updates
-    ]
-    decoded = decode(summed(residues), encoding=encoding, rotation=rotation)
+    decoded, encoding = noised_sum(
+        updates, scale=50.0, variance=variance, mechanism=mechanism, key=4
+    )
     truth = sum(clip_update({"u": u}, 1.0).arrays["u"] for u in updates)
     squared = float(np.sum((decoded - truth) ** 2))
     expected = n * encoding.padded * (variance + 0.25) / encoding.scale**2
@@ -218,24 +241,14 @@ def test_the_noise_on_the_released_sum_has_the_calibrated_variance(mechanism: ty
     # variance of a Skellam's square; the discrete Gaussian sum's is below it): false
     # failures below 2e-9.
     n, d, variance = 4, 4096, 250
-    encoding = Encoding(scale=8.0, clip=1.0, dimension=d)
-    rotation = RandomizedHadamard(b"round seed 00003", d)
-    source = keyed(5)
-    noise: Noise = (
-        skellam(variance, source)
-        if mechanism is SkellamEvent
-        else (lambda size: sample_discrete_gaussian(variance, size, source=source))
-    )
-    residues = [
-        encode(np.zeros(d), encoding=encoding, rotation=rotation, noise=noise, source=source)[0]
-        for _ in range(n)
-    ]
-    released = decode(summed(residues), encoding=encoding, rotation=rotation) * encoding.scale
+    zeros = [np.zeros(d)] * n
+    decoded, encoding = noised_sum(zeros, scale=8.0, variance=variance, mechanism=mechanism, key=5)
+    total_noise = decoded * encoding.scale
     total = n * variance
-    mean_square = float(np.mean(released**2))
+    mean_square = float(np.mean(total_noise**2))
     assert abs(mean_square - total) <= 6 * math.sqrt((total + 2 * total**2) / d)
     # The noise is really there, in every coordinate's spread, not just on average.
-    assert np.std(released) > 0.8 * math.sqrt(total)
+    assert np.std(total_noise) > 0.8 * math.sqrt(total)
 
 
 def test_lift_is_centred() -> None:
@@ -298,29 +311,32 @@ def test_refusals_carry_no_values() -> None:
 
 
 # -- wrap-around ----------------------------------------------------------------------------------
+class RecordedSkellam:
+    """Skellam shares of ``variance`` (the accountant's convention) that keep the last draw."""
+
+    def __init__(self, variance: int, source: AesCtrGaussian) -> None:
+        self.variance, self.source = variance, source
+        self.last = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, size: int) -> NDArray[np.int64]:
+        self.last = sample_skellam(Fraction(self.variance, 2), size, source=self.source)
+        return self.last
+
+
 def true_sums(
-    updates: list[NDArray[np.float64]],
-    encoding: Encoding,
-    rotation: RandomizedHadamard,
-    variance: int,
-    source: AesCtrGaussian,
+    updates: list[NDArray[np.float64]], encoding: Encoding, trial: int, noise: RecordedSkellam
 ) -> NDArray[np.int64]:
-    """The integer sum before the wrap: each client's rounded vector (its residues less its noise,
-    lifted: far inside the interval) plus the noise it drew."""
+    """The integer sum before the wrap, under trial ``trial``'s rotation: each client's rounded
+    vector (its residues less its noise, lifted: far inside the interval) plus its noise."""
+    rotation = RandomizedHadamard(trial.to_bytes(16, "big"), encoding.dimension)
     total = np.zeros(encoding.padded, dtype=np.int64)
-    drawn: list[NDArray[np.int64]] = []
-
-    def noise(size: int) -> NDArray[np.int64]:
-        drawn.append(sample_skellam(Fraction(variance, 2), size, source=source))
-        return drawn[-1]
-
     for update in updates:
         residues, _ = encode(
-            update, encoding=encoding, rotation=rotation, noise=noise, source=source
+            update, encoding=encoding, rotation=rotation, noise=noise, source=noise.source
         )
-        rounded = lift(residues - drawn[-1].astype(np.uint32), encoding.modulus_bits)
+        rounded = lift(residues - noise.last.astype(np.uint32), encoding.modulus_bits)
         assert np.all(np.abs(rounded) <= encoding.scaled_clip + 1)
-        total += rounded + drawn[-1]
+        total += rounded + noise.last
     return total
 
 
@@ -337,11 +353,10 @@ def test_the_wrap_rate_per_coordinate_is_within_its_bound() -> None:
     n, d, variance = 4, 4096, 600
     encoding = Encoding(scale=40.0, clip=1.0, dimension=d, modulus_bits=8, beta=0.0)
     bound = coordinate_wrap_probability(encoding, clients=n, local_variance=variance)
-    source, updates = keyed(8), unit_updates(n, d, 9, norm=0.7)
+    noise, updates = RecordedSkellam(variance, keyed(8)), unit_updates(n, d, 9, norm=0.7)
     counts = []
     for trial in range(5):
-        rotation = RandomizedHadamard(trial.to_bytes(16, "big"), d)
-        total = true_sums(updates, encoding, rotation, variance, source)
+        total = true_sums(updates, encoding, trial, noise)
         counts.append(int(np.sum(wrapped(total, encoding))))
         # Decoding is exact exactly where nothing wrapped.
         residues = (total & (encoding.modulus - 1)).astype(np.uint64)
@@ -355,13 +370,12 @@ def test_the_wrap_frequency_is_within_wrap_probability() -> None:
     n, d, variance = 3, 4, 170
     encoding = Encoding(scale=5.0, clip=1.0, dimension=d, modulus_bits=7, beta=0.0)
     bound = wrap_probability(encoding, clients=n, local_variance=variance)
-    source, updates = keyed(9), unit_updates(n, d, 10, norm=0.7)
-    trials, wraps = 800, 0
-    for trial in range(trials):
-        rotation = RandomizedHadamard(trial.to_bytes(16, "big"), d)
-        wraps += bool(
-            np.any(wrapped(true_sums(updates, encoding, rotation, variance, source), encoding))
-        )
+    noise, updates = RecordedSkellam(variance, keyed(9)), unit_updates(n, d, 10, norm=0.7)
+    trials = 800
+    wraps = sum(
+        bool(np.any(wrapped(true_sums(updates, encoding, trial, noise), encoding)))
+        for trial in range(trials)
+    )
     assert 0 < wraps / trials <= bound < 1
 
 
