@@ -53,6 +53,7 @@ __all__ = [
     "PrivacyLedgerError",
     "PrivacyLedgerMismatchError",
     "ProtocolViolationError",
+    "QuantizedRoundError",
     "RecordTypeError",
     "ReplayError",
     "RequestRefusedError",
@@ -268,6 +269,13 @@ class IncompatibleModsError(ConfigurationError, RuntimeError):
 
     For example, server-side clipping needs every update one by one, which a
     secure-aggregation mod exists to prevent.
+    """
+
+
+class QuantizedRoundError(IncompatibleModsError, UsageError):
+    """A round whose replies hold residues (a quantized domain) reached a step that cannot
+    sum modulo: the plain exchange or HE. Only a secure aggregator that honours the domain
+    (SecAgg+) can run it; found before anything is sent, and every round would fail alike.
     """
 
 

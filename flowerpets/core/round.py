@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from flowerpets.core.context import Context
 from flowerpets.core.grid import Grid
 from flowerpets.core.message import Error, MessageType
+from flowerpets.core.quantized import QuantizedDomain
 from flowerpets.core.records import (
     ArrayRecord,
     ConfigRecord,
@@ -27,6 +28,7 @@ from flowerpets.exceptions import (
     NotFoundError,
     ParameterTypeError,
     ParameterValueError,
+    QuantizedRoundError,
     UsageError,
 )
 
@@ -96,6 +98,15 @@ class RoundRequest:
 
     A server mod may return a changed copy (``request.replace(config=...)``),
     for example to add a clipping norm to the config every node receives.
+
+    ``quantized`` (a :class:`~flowerpets.core.quantized.QuantizedDomain`) says
+    that the reply arrays it names are residues modulo ``2**modulus_bits``: the
+    secure aggregator sums each of them modulo that, unweighted, and returns
+    the sum in ``RoundResult.aggregate[name]`` as ``uint64`` residues (same
+    shape as the nodes sent, never divided); the other reply arrays are summed
+    as usual. Only a secure aggregator that honours it (SecAgg+) can run such a
+    round: every other step refuses it before sending anything
+    (:meth:`refuse_quantized`).
     """
 
     round: int
@@ -108,9 +119,30 @@ class RoundRequest:
     # Reply metric that weighs each update; None sums the updates unweighted.
     weight_key: str | None = WEIGHT_KEY
     timeout: float | None = None
+    quantized: QuantizedDomain | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantized is not None and not isinstance(self.quantized, QuantizedDomain):
+            raise ParameterTypeError(
+                f"quantized must be a QuantizedDomain or None, got {type(self.quantized).__name__}"
+            )
 
     def replace(self, **changes: Any) -> RoundRequest:
         return replace(self, **changes)
+
+    def refuse_quantized(self, step: str) -> None:
+        """Raise :class:`~flowerpets.exceptions.QuantizedRoundError` if the round is quantized.
+
+        What every step that cannot sum residues modulo calls before it sends
+        anything (``step`` names it in the message).
+        """
+        if self.quantized is not None:
+            raise QuantizedRoundError(
+                f"round {self.round}: a quantized round (arrays {list(self.quantized.names)[:4]} "
+                f"summed modulo 2**{self.quantized.modulus_bits}) needs SecAgg+ (a secure "
+                f"aggregator that sums modulo), but reached {step}, which cannot: put "
+                "SecAggPlus() last among the server mods"
+            )
 
 
 @runtime_checkable
