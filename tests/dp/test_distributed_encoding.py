@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from flowerpets.core import QuantizedDomain
 from flowerpets.dp._primitives.calibration import rounded_l1_bound, rounded_l2_bound
 from flowerpets.dp._primitives.clip import clip_update
 from flowerpets.dp._primitives.discrete import sample_discrete_gaussian, sample_skellam
@@ -276,6 +277,9 @@ def test_residues_are_the_noised_integers_mod_m() -> None:
     )
     assert residues.dtype == np.uint32 and not clipped
     assert int(residues[0]) == (int(3 * sign) - 20) % 16
+    # What the core's quantized domain of the same modulus accepts as residues.
+    domain = QuantizedDomain(modulus_bits=4, names=("update",))
+    assert domain.check_residues("update", residues) is residues
 
 
 def test_refusals_carry_no_values() -> None:

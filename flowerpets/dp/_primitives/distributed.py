@@ -21,7 +21,8 @@ with ``gamma = 1 / scale``:
    it is enforced exactly (in integers), whatever the floating point did.
 5. **Noise**: add the caller's integer noise share (Skellam or the discrete
    Gaussian, from :mod:`.discrete`).
-6. **Wrap** modulo ``m = 2**modulus_bits``: ``uint32`` residues, SecAgg+'s ring.
+6. **Wrap** modulo ``m = 2**modulus_bits``: ``uint32`` residues, what a
+   :class:`~flowerpets.core.QuantizedDomain` names and SecAgg+ sums modulo ``m``.
 
 **The server** (:func:`decode`) receives only the residues' sum mod ``m``
 (SecAgg+ unmasks nothing else): it lifts it to the centred interval
@@ -51,6 +52,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flowerpets._validation import instance, integer, probability, real
+from flowerpets.core.quantized import MAX_MODULUS_BITS, MIN_MODULUS_BITS
 from flowerpets.dp._primitives.calibration import rounded_l1_bound, rounded_l2_bound
 from flowerpets.dp._primitives.clip import clip_update
 from flowerpets.dp._primitives.discrete import RandomWords
@@ -81,7 +83,6 @@ __all__ = [
 ]
 
 DEFAULT_BETA = math.exp(-0.5)  # KLS21's experiments
-MAX_MODULUS_BITS = 32  # the residues are uint32: SecAgg+'s ring
 # The scaled clip's cap: every rounded value and its float stay exact integers below 2**53.
 _MAX_SCALED_CLIP = float(2**50)
 # Conditional rounding retries until the chance that every try failed is below 2**-40.
@@ -96,7 +97,8 @@ class Encoding:
     ``scale`` is ``1 / gamma``: one integer step is worth ``1 / scale`` in model
     units. ``clip`` is the L2 bound on an update before scaling, ``dimension``
     the update's length ``d`` (rotated and rounded in :attr:`padded` ``= D``
-    coordinates), ``modulus_bits`` the ring's (1 to 32), ``beta`` conditional
+    coordinates), ``modulus_bits`` the ring's (2 to 32, the core's
+    :class:`~flowerpets.core.QuantizedDomain` range), ``beta`` conditional
     rounding's parameter, in [0, 1) (0: plain randomized rounding, whose bound
     ``clip * scale + sqrt(D)`` needs no retry; KLS21 use ``exp(-0.5)``, the default).
     """
@@ -111,7 +113,9 @@ class Encoding:
         real("scale", self.scale, above=0)
         real("clip", self.clip, above=0, secret=True)  # adaptive clipping learns it from data
         integer("dimension", self.dimension, at_least=1)
-        integer("modulus_bits", self.modulus_bits, at_least=1, at_most=MAX_MODULUS_BITS)
+        integer(
+            "modulus_bits", self.modulus_bits, at_least=MIN_MODULUS_BITS, at_most=MAX_MODULUS_BITS
+        )
         probability("beta", self.beta, one=False)
         if not self.scaled_clip <= _MAX_SCALED_CLIP:
             raise ParameterValueError(
@@ -277,7 +281,9 @@ def encode(
 
 def lift(residues: NDArray[np.unsignedinteger], modulus_bits: int) -> NDArray[np.int64]:
     """Residues mod ``m = 2**modulus_bits`` as the integers in ``(-m/2, m/2]`` they stand for."""
-    bits = integer("modulus_bits", modulus_bits, at_least=1, at_most=MAX_MODULUS_BITS)
+    bits = integer(
+        "modulus_bits", modulus_bits, at_least=MIN_MODULUS_BITS, at_most=MAX_MODULUS_BITS
+    )
     array = np.asarray(residues)
     if array.dtype.kind != "u":
         raise ParameterTypeError(f"residues must be unsigned integers, got {array.dtype}")
