@@ -40,8 +40,15 @@ Three parts (``--parts``), each a table of medians and ratios:
     own identity keys) in a cohort of ``--client-n``, and whole rounds of
     ``--malicious-n`` (default 100) nodes through ``run_simulation``, on
     ``--params`` parameters. The ratios are malicious over semi-honest, per
-    client and per round; each mode uses the degree and threshold the finder
-    picks for its threat.
+    client and per round, with each mode at the degree and threshold the finder
+    picks for its threat (what a user pays: the malicious bound needs a larger
+    ``k``, so more masks), and with the malicious mode at the semi-honest
+    ``(k, t)`` too ("same k": the cost of the signatures and the consistency
+    check alone). The *limit* of that second ratio is the ``k + t`` raw Ed25519
+    verifications a node must do on top (``cryptography``), also measured. The
+    node cases run ``--client-repeats`` times (default 21: they are quick), the
+    rounds ``--repeats``; beside the wall clock, each case's CPU seconds (all
+    threads of the process), steadier on a shared machine.
 
 Peak memory is the tracemalloc peak above the start of one untimed run (numpy
 buffers included; the inputs prepared before are not). For ``round`` it counts
@@ -80,6 +87,7 @@ from _common import (
     run_cases,
     update_app,
 )
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
@@ -101,11 +109,13 @@ from flowerpets.core import (
 )
 from flowerpets.secagg import (
     Enrolment,
+    GraphParameters,
     RoundConfig,
     SecAggPlus,
     SecAggPlusClientMod,
     Stage,
     Threat,
+    check_parameters,
     enroll,
     find_parameters,
     secaggplus_mod,
@@ -238,10 +248,18 @@ class ClientWorkload:
 
 
 def make_client_workload(
-    n: int, params: int, seed: int, threat: Threat = Threat.SEMI_HONEST
+    n: int,
+    params: int,
+    seed: int,
+    threat: Threat = Threat.SEMI_HONEST,
+    degree_threshold: tuple[int, int] | None = None,
 ) -> ClientWorkload:
-    graph_params = find_parameters(n, threat=threat)
-    k, t = graph_params.degree, graph_params.threshold
+    """One node's workload; ``degree_threshold`` overrides the finder's ``(k, t)`` for
+    ``threat`` (to measure two threat models at the same ``k``)."""
+    if degree_threshold is None:
+        graph_params = find_parameters(n, threat=threat)
+        degree_threshold = graph_params.degree, graph_params.threshold
+    k, t = degree_threshold
     rng = np.random.default_rng(seed)
     ids = [1000 + i for i in range(n)]
     order = tuple(ids[i] for i in rng.permutation(n))
@@ -552,56 +570,149 @@ def round_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
 
 
 # -- part 4: the malicious mode against the semi-honest one --------------------------------------
+SAME_K = "malicious_same_k"  # the malicious mode at the semi-honest finder's (k, t)
+
+
+def raw_verifications(count: int, size: int) -> int:
+    """The limit of the signatures: ``count`` Ed25519 verifications of ``size``-byte
+    messages (``cryptography``), what a node of the malicious mode must do on top."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    public, data = key.public_key(), bytes(size)
+    signature = key.sign(data)
+    for _ in range(count):
+        public.verify(signature, data)
+    return count
+
+
+@dataclass
+class CpuTimed:
+    """A case's callable that also records the CPU seconds of each call (every thread of
+    this process): on a shared machine steadier than the wall clock, which counts the
+    time other processes hold the cores."""
+
+    run: Callable[[], Any]
+    seconds: list[float] = field(default_factory=list)
+
+    def __call__(self) -> Any:
+        started = time.process_time()
+        try:
+            return self.run()
+        finally:
+            self.seconds.append(time.process_time() - started)
+
+    def median(self) -> float:
+        return median(self.seconds[1:])  # not the untimed first run (peak memory, warm-up)
+
+
+class AtParameters(SecAggPlus):
+    """SecAgg+ at the given ``(k, t)`` whatever its threat model, as nodes check them: also
+    the complete graph's odd ``k``, which ``SecAggPlus(degree=...)`` refuses."""
+
+    def __init__(self, fixed: GraphParameters, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.fixed = fixed
+
+    def parameters(self, cohort_size: int) -> GraphParameters:
+        k, t = self.fixed.degree, self.fixed.threshold
+        return check_parameters(cohort_size, k, t, threat=self.model.threat)
+
+
 def malicious_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
-    threats = (Threat.SEMI_HONEST, Threat.MALICIOUS)
+    """Semi-honest, malicious at the finder's malicious (k, t), and malicious at the
+    semi-honest (k, t): the first ratio is what a user pays, the second isolates the
+    signatures and the consistency check from the larger k the malicious bound needs."""
+    semi = find_parameters(args.client_n)
+    modes: dict[str, tuple[Threat, tuple[int, int] | None]] = {
+        Threat.SEMI_HONEST.value: (Threat.SEMI_HONEST, None),
+        Threat.MALICIOUS.value: (Threat.MALICIOUS, None),
+        SAME_K: (Threat.MALICIOUS, (semi.degree, semi.threshold)),
+    }
     workloads = {
-        threat: make_client_workload(args.client_n, args.params, args.seed, threat)
-        for threat in threats
+        name: make_client_workload(args.client_n, args.params, args.seed, threat, kt)
+        for name, (threat, kt) in modes.items()
     }
     for workload in workloads.values():
         workload.run(record=False, whole=True)  # fails loudly now if anything is inconsistent
     n = args.malicious_n
+    round_semi = find_parameters(n)
     updates, weights = round_updates(args, n)
     pki = enroll(range(1, n + 1))
-    client_mods = {
-        Threat.SEMI_HONEST: secaggplus_mod,
-        Threat.MALICIOUS: SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring),
-    }
+    signed = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
+    client_mods = {Threat.SEMI_HONEST.value: secaggplus_mod, Threat.MALICIOUS.value: signed}
+    client_mods[SAME_K] = signed
     servers = {
-        Threat.SEMI_HONEST: SecAggPlus(),
-        Threat.MALICIOUS: SecAggPlus(identities=pki.identities),
+        Threat.SEMI_HONEST.value: SecAggPlus(),
+        Threat.MALICIOUS.value: SecAggPlus(identities=pki.identities),
+        SAME_K: AtParameters(round_semi, identities=pki.identities),
     }
-    cases = []
-    for threat in threats:
-        workload = workloads[threat]
-        cases.append(
-            Case(
-                f"client_{threat.value}",
-                partial(workload.run, whole=True),
-                f"one node, every stage, n = {args.client_n} (k = {workload.k})",
-            )
+    same = workloads[SAME_K]
+    verifications = same.k + same.t  # k advertisements, t survivor-set signatures
+    size = len(survivor_set(same.config, 1, same.target, same.config.order))
+    cpu: dict[str, CpuTimed] = {}
+    client_cases = [
+        Case(
+            f"client_{name}",
+            cpu.setdefault(f"client_{name}", CpuTimed(partial(workload.run, whole=True))),
+            f"one node, every stage, n = {args.client_n} (k = {workload.k}, t = {workload.t})",
         )
-    for threat in threats:
-        app = update_app(updates, weights, name="w", mods=[client_mods[threat]])
-        round_ = partial(one_round, args, n, app, (servers[threat],), pki.node_ids)
-        cases.append(Case(f"round_{threat.value}_n{n}", round_, f"a whole round of {n} nodes"))
-    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
-    names = [case.name for case in cases]
+        for name, workload in workloads.items()
+    ]
+    client_cases.append(
+        Case(
+            f"verify_{verifications}",
+            cpu.setdefault("verify", CpuTimed(partial(raw_verifications, verifications, size))),
+            f"k + t = {verifications} raw Ed25519 verifications of {size} bytes",
+        )
+    )
+    round_cases = []
+    for name in modes:
+        app = update_app(updates, weights, name="w", mods=[client_mods[name]])
+        round_ = partial(one_round, args, n, app, (servers[name],), pki.node_ids)
+        timed = cpu.setdefault(f"round_{name}_n{n}", CpuTimed(round_))
+        round_cases.append(Case(f"round_{name}_n{n}", timed, f"a whole round of {n} nodes"))
+    # The nodes are quick: more repeats of them, interleaved among themselves.
+    results = run_cases(client_cases, args.client_repeats, settle=args.settle, progress=progress)
+    results |= run_cases(round_cases, args.repeats, settle=args.settle, progress=progress)
+    cpu_s = {name: timed.median() for name, timed in cpu.items()}
+    client = {name: results[f"client_{name}"] for name in modes}
+    rounds = {name: results[f"round_{name}_n{n}"] for name in modes}
+    semi_client, semi_round = client[Threat.SEMI_HONEST.value], rounds[Threat.SEMI_HONEST.value]
+    verify = results[f"verify_{verifications}"]
     stages = {
-        threat.value: {name: median(times) for name, times in workloads[threat].stages.items()}
-        for threat in threats
+        name: {stage: median(times) for stage, times in workload.stages.items()}
+        for name, workload in workloads.items()
     }
     return {
         "client_n": args.client_n,
         "round_n": n,
         "params": args.params,
-        "k_t": {threat.value: [workloads[threat].k, workloads[threat].t] for threat in threats},
-        "results": {  # each against the semi-honest mode's same measurement
-            name: m.to_json(results[names[0] if at < 2 else names[2]])
-            for at, (name, m) in enumerate(results.items())
+        "k_t": {name: [w.k, w.t] for name, w in workloads.items()},
+        "round_k_t": {
+            name: [server.parameters(n).degree, server.parameters(n).threshold]
+            for name, server in servers.items()
         },
-        "client_ratio": ratio(results[names[1]], results[names[0]]),
-        "round_ratio": ratio(results[names[3]], results[names[2]]),
+        "results": {
+            name: m.to_json(semi_client if name.startswith("client") else semi_round)
+            for name, m in results.items()
+            if not name.startswith("verify")
+        },
+        "client_ratio": ratio(client[Threat.MALICIOUS.value], semi_client),
+        "client_ratio_same_k": ratio(client[SAME_K], semi_client),
+        "round_ratio": ratio(rounds[Threat.MALICIOUS.value], semi_round),
+        "round_ratio_same_k": ratio(rounds[SAME_K], semi_round),
+        "verifications": verifications,
+        "verify_s": verify.median,
+        "same_k_extra_s": client[SAME_K].median - semi_client.median,
+        "cpu_s": cpu_s,
+        "cpu_ratios": {
+            name: cpu_s[name] / cpu_s[base]
+            for base in (
+                f"client_{Threat.SEMI_HONEST.value}",
+                f"round_{Threat.SEMI_HONEST.value}_n{n}",
+            )
+            for name in cpu_s
+            if name != base and name.split("_")[0] == base.split("_")[0]
+        },
         "client_stages_s": stages,
         "_measurements": results,
     }
@@ -621,6 +732,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-n", type=positive_int, nargs="+", default=[50, 100])
     parser.add_argument(
         "--malicious-n", type=positive_int, default=100, help="cohort for malicious vs semi-honest"
+    )
+    parser.add_argument(
+        "--client-repeats",
+        type=positive_int,
+        default=21,
+        help="timed runs of each node case of --parts malicious (default 21)",
     )
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, repeats=5)
@@ -675,13 +792,26 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
     if "malicious" in parts:
         m = parts["malicious"]
         kt = ", ".join(f"{name}: k = {k}, t = {t}" for name, (k, t) in m["k_t"].items())
-        measurements = list(m["_measurements"].values())
+        measured = m["_measurements"]
+        client = [v for name, v in measured.items() if name.startswith("client")]
+        rounds = [v for name, v in measured.items() if name.startswith("round")]
         lines += [
             f"malicious vs semi-honest ({kt}), {m['params']:,} params: one node of "
-            f"{m['client_n']}, x{m['client_ratio']:.2f}; a round of {m['round_n']}, "
-            f"x{m['round_ratio']:.2f}",
-            measurement_table(measurements[:2], baseline=measurements[0].name, label="semi"),
-            measurement_table(measurements[2:], baseline=measurements[2].name, label="semi"),
+            f"{m['client_n']}, x{m['client_ratio']:.2f} (x{m['client_ratio_same_k']:.2f} at "
+            f"the same k); a round of {m['round_n']}, x{m['round_ratio']:.2f} "
+            f"(x{m['round_ratio_same_k']:.2f} at the same k)",
+            measurement_table(client, baseline=client[0].name, label="semi"),
+            f"same k: {m['same_k_extra_s'] * 1e3:.1f} ms more than semi-honest; its "
+            f"{m['verifications']} signature verifications alone take "
+            f"{m['verify_s'] * 1e3:.1f} ms",
+            measurement_table(rounds, baseline=rounds[0].name, label="semi"),
+            format_table(
+                ("CPU seconds (median)", "s", "x semi"),
+                [
+                    (name, s, m["cpu_ratios"].get(name, 1.0 if "semi" in name else float("nan")))
+                    for name, s in m["cpu_s"].items()
+                ],
+            ),
             format_table(
                 ("node stage", *m["client_stages_s"]),
                 [

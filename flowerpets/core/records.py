@@ -240,6 +240,21 @@ def _homogeneous_list(
     return list(value)
 
 
+# Exact types that are stored as they are (what _as_number/_as_config_scalar return).
+_PLAIN_NUMBERS: frozenset[type] = frozenset({int, float})
+_PLAIN_CONFIG_SCALARS: frozenset[type] = frozenset({bool, int, float, str, bytes})
+
+
+def _plain_list(value: list[Any], plain: frozenset[type]) -> list[Any] | None:
+    """A copy of ``value`` if every item is of one exact type of ``plain`` (checked in one
+    pass: the common case, lists of keys, shares and node ids); None to check it in full."""
+    if value and type(value[0]) in plain:
+        first = type(value[0])
+        if all(type(item) is first for item in value):
+            return list(value)
+    return None
+
+
 def _scalar_class(item: Any) -> type:
     if isinstance(item, bool | np.bool_):
         return bool
@@ -260,6 +275,9 @@ class MetricRecord(_TypedRecord[MetricValue]):
         if _is_number(value):
             return _as_number(value)
         if isinstance(value, list):
+            plain = _plain_list(value, _PLAIN_NUMBERS)
+            if plain is not None:
+                return plain
             items = _homogeneous_list(key, self._kind, value, _is_number)
             return [_as_number(item) for item in items]
         raise RecordTypeError(
@@ -292,6 +310,9 @@ class ConfigRecord(_TypedRecord[ConfigValue]):
         if _is_config_scalar(value):
             return _as_config_scalar(value)
         if isinstance(value, list):
+            plain = _plain_list(value, _PLAIN_CONFIG_SCALARS)
+            if plain is not None:
+                return plain
             items = _homogeneous_list(key, self._kind, value, _is_config_scalar)
             return [_as_config_scalar(item) for item in items]  # type: ignore[return-value]
         raise RecordTypeError(

@@ -12,6 +12,7 @@ format the node received it in; it is wiped when the round ends.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -162,10 +163,21 @@ def load(context: Context) -> tuple[ClientState, RoundConfig] | None:
     if not isinstance(record, ConfigRecord):
         raise CorruptStateError(f"state {STATE_CONFIG!r} holds no ConfigRecord")
     try:
-        config = RoundConfig.from_record(Fields(record, STATE_CONFIG))
+        config = _parsed(
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in record.items())
+        )
     except (MessageFieldError, ProtocolViolationError) as exc:
         raise CorruptStateError(f"state {STATE_CONFIG!r} cannot be read: {exc}") from None
     return state, config
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(items: tuple[tuple[str, Any], ...]) -> RoundConfig:
+    # Every stage of a round reads the same record: parse it (and build its graph, digest and
+    # quantization) once per content, not once per stage. The key is the content itself; two
+    # entries (this round's and the last) since each holds a ring order of the whole cohort.
+    record = ConfigRecord({k: list(v) if isinstance(v, tuple) else v for k, v in items})
+    return RoundConfig.from_record(Fields(record, STATE_CONFIG))
 
 
 def abort(state: ClientState | None, context: Context) -> None:

@@ -166,7 +166,13 @@ def transcript(domain: bytes, *fields: bytes | int | str | Iterable[int]) -> byt
 def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
     """What a node signs when it advertises its keys: the round's whole configuration
     (session, ring order, degree, threshold, ...), the round, its id and both keys."""
-    return transcript(DOMAIN_ADVERTISE, config.digest, round, node, c_pk, s_pk)
+    return _advertisement_prefix(config, round) + _field(node) + _field(c_pk) + _field(s_pk)
+
+
+@functools.lru_cache(maxsize=2)  # each entry holds a round's config, its whole ring order
+def _advertisement_prefix(config: RoundConfig, round: int) -> bytes:
+    # A node checks k neighbours' advertisements of one round: only their ids and keys differ.
+    return transcript(DOMAIN_ADVERTISE, config.digest, round)
 
 
 def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:

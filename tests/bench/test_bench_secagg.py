@@ -51,11 +51,21 @@ def test_the_malicious_mode_is_measured_against_the_semi_honest_one(report: dict
     assert set(m["results"]) == {
         "client_semi-honest",
         "client_malicious",
+        "client_malicious_same_k",
         "round_semi-honest_n6",
         "round_malicious_n6",
+        "round_malicious_same_k_n6",
     }
     assert m["client_ratio"] > 0 and m["round_ratio"] > 0
+    assert m["client_ratio_same_k"] > 0 and m["round_ratio_same_k"] > 0
     assert m["results"]["client_malicious"]["ratio"] == m["client_ratio"]
+    assert m["results"]["round_malicious_same_k_n6"]["ratio"] == m["round_ratio_same_k"]
+    # Same k: the malicious mode at the semi-honest (k, t), for the node and the round.
+    assert m["k_t"]["malicious_same_k"] == m["k_t"]["semi-honest"]
+    assert m["round_k_t"]["malicious_same_k"] == m["round_k_t"]["semi-honest"]
+    assert m["verifications"] == sum(m["k_t"]["malicious_same_k"])  # k + t of them
+    assert set(m["cpu_s"]) == {name for name in m["results"]} | {"verify"}
+    assert all(seconds > 0 for seconds in m["cpu_s"].values())
     assert set(m["client_stages_s"]["malicious"]) == {
         "advertise-keys", "share-keys", "masked-input", "consistency-check", "unmask"
     }  # fmt: skip

@@ -161,3 +161,46 @@ def test_deep_copy_does_not_alias_mappings(values: dict[str, int]) -> None:
     clone.get_typed("config", ConfigRecord)[added] = 1
     assert added not in original.get_typed("config", ConfigRecord)
     assert clone.get_typed("config", ConfigRecord) != original.get_typed("config", ConfigRecord)
+
+
+_SCALARS = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.binary(max_size=3),
+    st.text(max_size=3),
+    st.integers(-(2**31), 2**31 - 1).map(np.int64),
+    st.floats(width=32, allow_nan=False).map(np.float32),
+    st.booleans().map(np.bool_),
+    st.none(),
+)
+
+
+def _full_check(record: ConfigRecord | MetricRecord, items: list[object]) -> object:
+    """What the item-by-item check of ``items`` stores, or the type of its refusal."""
+    from flowerpets.core import records
+
+    try:
+        if isinstance(record, ConfigRecord):
+            checked = records._homogeneous_list("x", "r", items, records._is_config_scalar)
+            return [records._as_config_scalar(item) for item in checked]
+        checked = records._homogeneous_list("x", "r", items, records._is_number)
+        return [records._as_number(item) for item in checked]
+    except RecordTypeError:
+        return RecordTypeError
+
+
+@given(st.lists(_SCALARS, max_size=5) | st.lists(st.integers(), max_size=5))
+def test_a_list_is_stored_as_the_item_by_item_check_stores_it(items: list[object]) -> None:
+    # Lists of one plain type take a one-pass path: same values, same types, same refusals.
+    for record in (ConfigRecord(), MetricRecord()):
+        try:
+            record["x"] = items
+            got: object = record["x"]
+        except RecordTypeError:
+            got = RecordTypeError
+        want = _full_check(record, items)
+        assert got == want
+        if isinstance(got, list):
+            assert [type(v) for v in got] == [type(v) for v in want]  # type: ignore[attr-defined]
+            assert got is not items  # a copy: a later change to the caller's list stays out

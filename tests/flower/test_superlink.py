@@ -5,7 +5,9 @@ One :class:`~flowerpets.flower.deployment.LocalDeployment` for the whole module
 127.0.0.1, free ports, every process and child stopped by PID, a hard time
 limit); each test is one ``flwr run`` of an app of ``superlink_app/fpapp``
 (plain, SecAgg+, CentralDp+SecAgg+, CKKS), 1 round, compared with our own
-``run_simulation`` of the very same app objects on the same seeds. 4 nodes: a
+``run_simulation`` of the very same app objects on the same seeds (SecAgg+'s
+malicious mode against our semi-honest simulation: the SuperNodes' identity keys
+are named in their node config, the PKI ships with the app). 4 nodes: a
 SecAgg+ cohort of 3 cannot lose one (each survivor needs t=2 surviving
 neighbours in a degree-2 graph), a cohort of 4 can.
 
@@ -29,13 +31,22 @@ psutil = pytest.importorskip("psutil")
 
 from flowerpets.core import ClientApp, ServerApp  # noqa: E402
 from flowerpets.flower import Settings  # noqa: E402
-from flowerpets.flower.deployment import LocalDeployment, free_port  # noqa: E402
+from flowerpets.flower.deployment import (  # noqa: E402
+    ConfigScalar,
+    LocalDeployment,
+    NodeConfig,
+    default_node_config,
+    free_port,
+)
+from flowerpets.secagg import IdentityKey, NodeIdentities  # noqa: E402
+from flowerpets.secagg.identity import IDENTITY_KEY_CONFIG  # noqa: E402
 from flowerpets.secagg.protocol import Stage  # noqa: E402
 from flowerpets.simulation import Dropout, run_simulation  # noqa: E402
 from tests.flower.superlink_app.fpapp import apps  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 APP = Path(__file__).parent / "superlink_app"
+IDENTITIES = "identities"  # the folder of the SuperNodes' identity keys, in the deployment's home
 N = 4
 F32 = float(np.finfo(np.float32).eps)  # each side casts its mean to the float32 model
 
@@ -49,14 +60,24 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def deployment_fixture(n: int, hard_limit: float) -> Callable[..., Iterator[LocalDeployment]]:
-    """A module-scoped fixture: one deployment of ``n`` SuperNodes for the module's tests."""
+def deployment_fixture(
+    n: int, hard_limit: float, *, identities: bool = False
+) -> Callable[..., Iterator[LocalDeployment]]:
+    """A module-scoped fixture: one deployment of ``n`` SuperNodes for the module's tests.
+
+    ``identities``: each SuperNode gets an Ed25519 identity key, a PEM file in
+    ``home/identities`` that its node config names (``secagg-identity-key``), as
+    docs/secagg.md's Flower identities say; the PKI is the test's to write (the
+    SuperLink draws the node ids).
+    """
 
     @pytest.fixture(scope="module")
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-        deployment = LocalDeployment(
-            n, home=tmp_path_factory.mktemp("superlink"), hard_limit=hard_limit
-        )
+        home = tmp_path_factory.mktemp("superlink")
+        node_config = default_node_config
+        if identities:
+            node_config = _with_identity_keys(home / IDENTITIES, n)
+        deployment = LocalDeployment(n, home=home, hard_limit=hard_limit, node_config=node_config)
         with deployment:
             yield deployment
             seen = deployment.pids()
@@ -67,15 +88,39 @@ def deployment_fixture(n: int, hard_limit: float) -> Callable[..., Iterator[Loca
     return fixture
 
 
+def _with_identity_keys(folder: Path, n: int) -> NodeConfig:
+    folder.mkdir()
+    for i in range(n):
+        path = folder / f"node-{i}.pem"
+        path.touch(mode=0o600)
+        path.write_bytes(IdentityKey.generate().private_pem())
+
+    def node_config(i: int, n: int) -> dict[str, ConfigScalar]:
+        return {**default_node_config(i, n), IDENTITY_KEY_CONFIG: str(folder / f"node-{i}.pem")}
+
+    return node_config
+
+
+def _identity(link: LocalDeployment, i: int) -> IdentityKey:
+    return IdentityKey.from_pem((link.home / IDENTITIES / f"node-{i}.pem").read_bytes())
+
+
 superlink = deployment_fixture(3, 240.0)  # test_template's: its app wants 3 participants
-link = deployment_fixture(N, 540.0)
+link = deployment_fixture(N, 540.0, identities=True)
 
 
-def _flwr_run(link: LocalDeployment, module: str, **run_config: Any) -> list[dict[str, Any]]:
-    """``flwr run`` the app of ``fpapp/<module>.py`` for 1 round; its History as dicts."""
+def _flwr_run(
+    link: LocalDeployment, module: str, files: dict[str, str] | None = None, **run_config: Any
+) -> list[dict[str, Any]]:
+    """``flwr run`` the app of ``fpapp/<module>.py`` for 1 round; its History as dicts.
+
+    ``files``: written into the copy of the app that runs (path in it -> text).
+    """
     work = link.home / f"run-{module}"
     app = work / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, text in (files or {}).items():
+        (app / name).write_text(text, encoding="utf-8")
     pyproject = app / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace("fpapp.apps:", f"fpapp.{module}:"))
     history = work / "history.json"
@@ -140,6 +185,37 @@ def test_ckks_through_a_superlink(link: LocalDeployment) -> None:
     opened, ours = _model(got["evaluate_metrics"]), _model(dict(want.evaluate_metrics))
     assert len(opened) == 13
     _close(opened, ours, 2 * ckks.CKKS_SUM_ERROR + _f32(ours))
+
+
+def test_malicious_secagg_through_a_superlink_refuses_a_node_not_enrolled(
+    link: LocalDeployment,
+) -> None:
+    """The malicious mode (signed keys, the consistency check) with the identities
+    provisioned as under Flower: keys in the node config, the PKI shipped with the app.
+    The PKI enrolls 3 of the 4 SuperNodes: the server excludes the 4th, whose key
+    nobody can verify (every honest node would refuse a ring order with it), and the
+    other 3 sum as our semi-honest simulation in which the 4th drops at the first stage."""
+    from tests.flower.superlink_app.fpapp import secagg
+
+    ids = [node for node in link.node_ids if node is not None]
+    assert len(ids) == N
+    outsider = N - 1
+    pki = NodeIdentities(
+        {ids[i]: _identity(link, i).public_bytes for i in range(N) if i != outsider}
+    )
+    shipped = {"fpapp/identities.json": json.dumps({"identities": pki.to_text()})}
+    got = _flwr_run(link, "malicious", files=shipped)[0]
+    assert got["error"] is None and got["participants"] == N - 1, got
+    assert list(got["failures"]) == [str(ids[outsider])], got["failures"]
+    assert "not enrolled" in got["failures"][str(ids[outsider])]
+    metrics = got["train_metrics"]
+    assert "secagg-seconds-consistency-check" in metrics  # the malicious mode's own stage ran
+    assert metrics["secagg-degree"] == 2 and metrics["secagg-threshold"] == 2  # n = 3
+    assert metrics["num-examples"] == 6  # weights 1 + 2 + 3: the outsider's 4 is out
+    want = _ours(secagg, faults=[Dropout(outsider, round=1, stage=Stage.ADVERTISE_KEYS)])
+    assert len(want.participants) == N - 1 and want.train_metrics["num-examples"] == 6
+    bounds = metrics["secagg-mean-error-bound"] + want.train_metrics["secagg-mean-error-bound"]
+    _close(got["server_metrics"], dict(want.server_metrics), bounds + _f32(want.server_metrics))
 
 
 def test_secagg_survives_a_node_killed_in_the_masked_input_stage(link: LocalDeployment) -> None:
