@@ -9,8 +9,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings
 
 from flowerpets.core import ClientApp, Context, Message
+
+# Tests never assert wall-clock times, and hypothesis's per-example deadline is one: on a
+# loaded 2-core machine an example can take 300 ms for reasons that are not the code's.
+settings.register_profile("flowerpets", deadline=None)
+settings.load_profile("flowerpets")
 
 if TYPE_CHECKING:
     from flowerpets.examples.digits.features import DemoFeature
