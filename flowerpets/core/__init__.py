@@ -50,6 +50,7 @@ from flowerpets.core.round import (
     SecureAggregator,
     ServerContext,
     ServerMod,
+    fewest_inputs_of,
     is_sealed,
 )
 from flowerpets.core.sampling import (
@@ -118,6 +119,7 @@ __all__ = [
     "aggregate_round",
     "chain",
     "collect",
+    "fewest_inputs_of",
     "domain_of",
     "is_sealed",
     "modulus_bits_of",
