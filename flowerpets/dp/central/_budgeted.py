@@ -98,6 +98,7 @@ class BudgetedMod(DurableState):
         *,
         round: int,
         max_epsilon: float | None,
+        dry: bool = False,
     ) -> tuple[_ledger.RunState, float]:
         """``run`` with ``events`` spent, and the epsilon; refuses a round over ``max_epsilon``.
 
@@ -105,6 +106,7 @@ class BudgetedMod(DurableState):
         is committed to the population's ledger (its own transaction) before this
         returns, so before the caller releases anything: a crash from here on
         over-counts, never under. The caller stores the state it returns.
+        ``dry``: check only, record nothing in the store.
         """
         journal = _durable.spend_journal(context)
         if journal is None and self.population is not None:
@@ -127,7 +129,7 @@ class BudgetedMod(DurableState):
             )
             if counted is not None:
                 counted = _ledger.added(counted, event)
-        if journal is not None:
+        if journal is not None and not dry:
             so_far = budget or ()
             for event in events:
                 counted_by = _ledger.accountant_for(so_far, event, self.accountant)

@@ -50,9 +50,7 @@ _EVENTS: dict[Mechanism, type[SkellamEvent] | type[DistributedDiscreteGaussianEv
 # The share's parameter is its variance (Skellam: Poisson(v/2) - Poisson(v/2)) or sigma^2.
 _SAMPLERS: dict[Mechanism, Sampler] = {
     Mechanism.SKELLAM: lambda v, n, source: sample_skellam(v / 2, n, source=source),
-    Mechanism.DISCRETE_GAUSSIAN: lambda v, n, source: sample_discrete_gaussian(
-        v, n, source=source
-    ),
+    Mechanism.DISCRETE_GAUSSIAN: lambda v, n, source: sample_discrete_gaussian(v, n, source=source),
 }
 
 
