@@ -18,6 +18,7 @@ __all__ = [
     "AuthenticationError",
     "CiphertextError",
     "CodecError",
+    "ConditionalRoundingError",
     "ConfigurationError",
     "CorruptMessageError",
     "CorruptStateError",
@@ -163,6 +164,14 @@ class InfeasibleParametersError(ConfigurationError, ValueError):
 
 class InvalidUpdateError(FlowerpetsError, ValueError):
     """A client's update cannot be aggregated: wrong names, shapes or dtypes, or NaN/inf."""
+
+
+class ConditionalRoundingError(FlowerpetsError, RuntimeError):
+    """Distributed DP's conditional randomized rounding exceeded its norm bound every try.
+
+    Each try fails with probability at most ``beta``, so this means a chance
+    below ``2**-40`` or a broken source of randomness; the message carries no value.
+    """
 
 
 class RoundFailedError(FlowerpetsError, RuntimeError):
