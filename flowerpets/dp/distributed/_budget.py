@@ -78,6 +78,7 @@ def calibrated_multiplier(
     rounds: int,
     factory: AccountantFactory | None,
     rel_tol: float = 1e-3,
+    start: float = 1.0,
 ) -> float:
     """The smallest noise multiplier ``z`` (within ``rel_tol``, on the safe side) whose
     ``rounds`` rounds of ``events_at(z)`` stay within ``target_epsilon``.
@@ -85,12 +86,13 @@ def calibrated_multiplier(
     A bisection over the accountant's answers (epsilon falls as ``z`` grows); the
     accountant is the one the run's ledger uses, so the run's epsilon after
     ``rounds`` rounds is at most the target when every round's events are these.
+    The search starts at ``start`` and doubles from there.
     """
 
     def epsilon(z: float) -> float:
         return epsilon_of(events_at(z), rounds, factory, delta)
 
-    high = 1.0
+    high = start
     while epsilon(high) > target_epsilon:
         high *= 2
         if high > 2.0**20:

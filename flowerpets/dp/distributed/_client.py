@@ -21,8 +21,9 @@ For a train message the mod
    share, wrap), the rounding and the noise drawn from the secure keystream
    with the exact samplers;
 4. replies with the residues in ``dp.residues`` only (and, with adaptive
-   clipping, ``dp.clipped``: its clipped bit plus its own share of the count's
-   noise, a residue summed inside the secure sum too, never seen alone).
+   clipping, ``dp.clipped``: its clipped bit as ``+1`` (clipped) or ``-1``, plus its
+   own share of the count's noise, a residue summed inside the secure sum too,
+   never seen alone).
 
 A refusal (an error reply with code ``REFUSED``) says what was wrong, never a
 value. Other messages pass through untouched.
@@ -34,8 +35,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from flowerpets.dp._primitives.distributed import Encoding, encode
-from flowerpets.dp._primitives.rotation import RandomizedHadamard
 
 from flowerpets._validation import instance
 from flowerpets.core import (
@@ -48,7 +47,9 @@ from flowerpets.core import (
 )
 from flowerpets.dp._primitives.clip import update_between
 from flowerpets.dp._primitives.discrete import RandomWords
+from flowerpets.dp._primitives.distributed import Encoding, encode
 from flowerpets.dp._primitives.noise import LazySecureGaussian
+from flowerpets.dp._primitives.rotation import RandomizedHadamard
 from flowerpets.dp._protocol import CLIPPED, RESIDUES, read_config
 from flowerpets.dp.distributed._mechanism import draw_share
 from flowerpets.dp.distributed._round_config import RoundEncoding, read_encoding
@@ -149,6 +150,7 @@ class DistributedDpMod:
         )
         out = {RESIDUES: residues}
         if e.count_share is not None:
-            bit = int(clipped) + int(draw_share(e.mechanism, e.count_share, 1, source)[0])
+            sign = 1 if clipped else -1  # +-1: the clipped bit shifted, sensitivity 1
+            bit = sign + int(draw_share(e.mechanism, e.count_share, 1, source)[0])
             out[CLIPPED] = np.array([bit % encoding.modulus], dtype=np.uint32)
         return out

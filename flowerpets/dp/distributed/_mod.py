@@ -20,8 +20,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from flowerpets.dp._primitives.distributed import DEFAULT_BETA, Encoding, decode, lift
-from flowerpets.dp._primitives.rotation import RandomizedHadamard, padded_dimension
 
 from flowerpets._validation import boolean, instance, integer, probability, real
 from flowerpets.core import (
@@ -34,12 +32,15 @@ from flowerpets.core import (
     ServerContext,
     is_sealed,
 )
+from flowerpets.dp._primitives.distributed import DEFAULT_BETA, Encoding, decode, lift
+from flowerpets.dp._primitives.rotation import RandomizedHadamard, padded_dimension
 from flowerpets.dp._protocol import CLIPPED, ENCODING_KEY, RESERVED_PREFIX, RESIDUES
 from flowerpets.dp.accountant import AccountantFactory, DropoutPolicy, PrivacyEvent
 from flowerpets.dp.central._adaptive import AdaptiveClipping
 from flowerpets.dp.central._budgeted import BudgetedMod
 from flowerpets.dp.central._durable import DISTRIBUTED
 from flowerpets.dp.central._ledger import RunState
+from flowerpets.dp.central._release import update_multiplier
 from flowerpets.dp.distributed._budget import calibrated_multiplier, count_event, update_event
 from flowerpets.dp.distributed._mechanism import Mechanism
 from flowerpets.dp.distributed._plan import WRAP_LIMIT, Plan, plan
@@ -319,14 +320,15 @@ class DistributedDp(BudgetedMod):
         assert self.target_epsilon is not None and self.rounds is not None
         target, rounds = self.target_epsilon, self.rounds
         counted = fewest if self.dropouts is DropoutPolicy.WORST_CASE else planned
-        z = 1.0
+        # With adaptive clipping z covers the count too, so it must stay below 2 sigma_b.
+        z = 1.0 if self.adaptive is None else min(1.0, self.adaptive.count_noise(expected))
+        count_share = self._count_share(expected, planned)
         for _ in range(12):  # the scale depends on z, and epsilon (a little) on the scale
-            units = self._scaled(z, dimension, cohort, planned).units
+            units = self._scaled(z, dimension, cohort, planned, expected).units
 
             def events_at(candidate: float, units: float = units) -> list[PrivacyEvent]:
                 l2 = Encoding(scale=units, clip=1.0, dimension=dimension, beta=self.beta).norm_bound
-                share = (candidate * l2) ** 2 / planned
-                count_share = self._count_share(expected, planned)
+                share = (self._update_multiplier(candidate, expected) * l2) ** 2 / planned
                 return self._events_for(units, 1.0, dimension, share, count_share, counted)
 
             found = calibrated_multiplier(
@@ -335,6 +337,7 @@ class DistributedDp(BudgetedMod):
                 delta=self.delta,
                 rounds=rounds,
                 factory=self.accountant,
+                start=z,
             )
             if found <= z:
                 return z
@@ -344,9 +347,16 @@ class DistributedDp(BudgetedMod):
             "that the modulus can carry: raise modulus_bits or target_epsilon"
         )
 
-    def _scaled(self, z: float, dimension: int, cohort: int, planned: int) -> Plan:
+    def _update_multiplier(self, z: float, expected: float) -> float:
+        """The update's share of the total ``z`` (all of it without adaptive clipping): the
+        split CentralDp makes (:func:`~flowerpets.dp.central._release.update_multiplier`)."""
+        if z == 0:
+            return 0.0
+        return update_multiplier(z, self.adaptive, expected)
+
+    def _scaled(self, z: float, dimension: int, cohort: int, planned: int, expected: float) -> Plan:
         return plan(
-            noise_multiplier=z,
+            noise_multiplier=self._update_multiplier(z, expected),
             dimension=dimension,
             beta=self.beta,
             cohort=cohort,
@@ -360,7 +370,7 @@ class DistributedDp(BudgetedMod):
         self, clip: float, dimension: int, cohort: int, planned: int, fewest: int, expected: float
     ) -> _Round:
         z = self._multiplier(dimension, cohort, planned, fewest, expected)
-        chosen = self._scaled(z, dimension, cohort, planned)
+        chosen = self._scaled(z, dimension, cohort, planned, expected)
         count_share = self._count_share(expected, planned)
         if (
             self.mechanism is Mechanism.DISCRETE_GAUSSIAN
@@ -389,10 +399,14 @@ class DistributedDp(BudgetedMod):
         return self._events_for(e.clip, e.scale, e.dimension, e.share, e.count_share, counted)
 
     def _count_share(self, expected: float, planned: int) -> float | None:
-        """Each node's share of the clipped count's noise (None without adaptive clipping)."""
+        """Each node's share of the clipped count's noise (None without adaptive clipping).
+
+        A node sends ``+1`` if it clipped, ``-1`` if not (sensitivity 1): the count of
+        CentralDp's ``b - 1/2`` doubled, so its noise is ``2 sigma_b`` in total.
+        """
         if self.adaptive is None:
             return None
-        return self.adaptive.count_noise(expected) ** 2 / planned
+        return (2 * self.adaptive.count_noise(expected)) ** 2 / planned
 
     def _events_for(
         self,
@@ -477,8 +491,9 @@ class DistributedDp(BudgetedMod):
             count = lift(
                 np.asarray(result.aggregate[CLIPPED].numpy(), dtype=np.uint64), e.modulus_bits
             )
-            clipped = float(np.sum(count))
-            fraction = (survivors - clipped) / m  # the noised unclipped fraction
+            # The sum of +-1 is (clipped - unclipped): the noised unclipped count is
+            # (survivors - sum) / 2, over the fixed denominator.
+            fraction = (survivors - float(np.sum(count))) / 2 / m
             following = self.adaptive.next_clip(e.clip, fraction)
             metrics["dp-unclipped-fraction"] = fraction
             self.store(context, dataclasses.replace(run, clip=following))

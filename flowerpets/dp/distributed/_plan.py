@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 from flowerpets.dp._primitives.distributed import Encoding, wrap_probability
-
 from flowerpets.dp.distributed._mechanism import Mechanism
 from flowerpets.exceptions import InfeasibleParametersError
 
