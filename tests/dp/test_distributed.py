@@ -24,6 +24,7 @@ from flowerpets.dp.accountant import (
 )
 from flowerpets.dp.central import AdaptiveClipping
 from flowerpets.dp.distributed import _client
+from flowerpets.dp.distributed._round_config import RoundEncoding
 from flowerpets.secagg import SecAggPlus
 from flowerpets.secagg.protocol import Stage
 from flowerpets.simulation import Dropout
@@ -76,7 +77,7 @@ def test_the_server_receives_only_masked_vectors_and_unmasks_only_the_noised_sum
     assert all(r.ok for r in fed.result.history.rounds), fed.result.history.rounds[0].error
     seen = arrays_seen(fed.grid.received)
     assert seen  # the masked inputs
-    for (rnd, pid), residues in fed.spies.residues.items():
+    for residues in fed.spies.residues.values():
         # No node's residues (noised, yet one node's) reach the server, in any array.
         assert not any(a.size == residues.size and np.array_equal(a, residues) for a in seen)
     for msg in fed.grid.received:
@@ -222,8 +223,16 @@ def test_worst_case_pays_in_noise_what_survivors_pays_in_epsilon() -> None:
     counted = federate(dp(dropouts=DropoutPolicy.SURVIVORS), dimension=16)
     (worst_encoding,) = worst.grid.encodings()
     (counted_encoding,) = counted.grid.encodings()
-    assert worst_encoding.share * FEWEST == pytest.approx(counted_encoding.share * NODES)
-    assert worst_encoding.share > counted_encoding.share
+
+    def summed_multiplier(encoding: RoundEncoding, shares: int) -> float:
+        l2 = rounded_l2_bound(CLIP * encoding.scale, dimension=16, beta=math.exp(-0.5))
+        return math.sqrt(shares * encoding.share) / l2
+
+    # Each calibrated so that its planned shares carry noise multiplier 1 ...
+    assert summed_multiplier(worst_encoding, FEWEST) == pytest.approx(1.0)
+    assert summed_multiplier(counted_encoding, NODES) == pytest.approx(1.0)
+    # ... so with all 8 in the sum the worst case's carries sqrt(8 / 5) times more noise.
+    assert summed_multiplier(worst_encoding, NODES) == pytest.approx(math.sqrt(NODES / FEWEST))
     epsilons = [f.result.history.round(1).train_metrics["epsilon"] for f in (worst, counted)]
     assert epsilons[0] == pytest.approx(epsilons[1], rel=1e-6)
 
