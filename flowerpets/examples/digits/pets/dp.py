@@ -1,4 +1,4 @@
-"""``--dp central|distributed|local``: the digits demo with differential privacy (:mod:`flowerpets.dp`).
+"""``--dp central|distributed|local``: the digits demo with differential privacy.
 
 ``--dp central`` runs :class:`~flowerpets.dp.CentralDp` on the server (user-level
 DP-FedAvg; epsilon is reported in every round's ``train_metrics``) and a clipping
