@@ -93,6 +93,13 @@ def _update_replier(mod: object) -> str | None:
             "or use Flower's own DifferentialPrivacyClientSideFixedClipping with flwr's "
             "fixedclipping_mod"
         )
+    distributed = sys.modules.get("flowerpets.dp.distributed._client")
+    if distributed is not None and isinstance(mod, distributed.DistributedDpMod):
+        return (
+            "DistributedDpMod replies with noised residues modulo 2**bits, which only a "
+            "secure sum can add up. Run the server with flowerpets.flower.server_app(ServerApp("
+            "..., mods=[DistributedDp(...), SecAggPlus()]))"
+        )
     he = sys.modules.get("flowerpets.he.client")
     if he is not None and isinstance(mod, he.CKKSClientMod):
         return (
