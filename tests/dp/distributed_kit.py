@@ -173,6 +173,8 @@ def federate(
     delta: Callable[[int, int], np.ndarray] | None = None,
     dp_mod: Any = None,
     nodes: int = NODES,
+    store: Any = None,
+    on_round: Any = None,
 ) -> Federation:
     spies = Spies()
     step = delta or steady(dimension)
@@ -183,6 +185,7 @@ def federate(
         initial_arrays=ArrayRecord({"w": model}),
         mods=[dp, spies.server_spy, secagg or SecAggPlus()],
         seed=0,
+        store=store,
     )
     contexts = [
         Context(
@@ -197,7 +200,7 @@ def federate(
         app, contexts, run_id=RUN_ID, faults=FaultPlan(faults), max_workers=1
     ) as inner:
         grid = RecordingGrid(inner)
-        result = server.run(grid)
+        result = server.run(grid, on_round=on_round)
     return Federation(
         result=result, grid=grid, spies=spies, ids=[c.node_id for c in contexts], model=model
     )

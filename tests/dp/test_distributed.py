@@ -7,6 +7,8 @@ and every test checks what the guarantee rests on, not what the code happens to 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,3 +247,30 @@ def test_a_round_over_max_epsilon_is_refused_before_any_node_sees_it() -> None:
     ok = [r for r in fed.result.history.rounds if r.ok]
     assert len(ok) == 1
     assert {msg.round for msg in fed.grid.sent} == {1}  # round 2 never reached a node
+
+
+# -- the run store --------------------------------------------------------------------------
+class CrashError(BaseException):
+    """The server process dies (not an Exception: no round catches it)."""
+
+
+def test_the_budget_survives_a_restart_in_the_population_ledger(tmp_path: Path) -> None:
+    from flowerpets.store import RunStore
+
+    def crash(record: Any) -> None:
+        if record.round == 2:
+            raise CrashError
+
+    whole = federate(dp(), dimension=16, rounds=3).result
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer, pytest.raises(CrashError):
+            federate(dp(), dimension=16, rounds=3, store=writer, on_round=crash)
+        with store.resume_run("r") as writer:
+            resumed = federate(dp(), dimension=16, rounds=3, store=writer).result
+        spends = store.spends(store.run("r").population_id)
+    assert [r.train_metrics["epsilon"] for r in resumed.history.rounds] == [
+        r.train_metrics["epsilon"] for r in whole.history.rounds
+    ]
+    assert [(s.round, s.event["mechanism"], s.event["event"]["type"]) for s in spends] == [
+        (r, "DistributedDp", "SkellamEvent") for r in (1, 2, 3)
+    ]
