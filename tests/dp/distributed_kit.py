@@ -9,7 +9,7 @@ residues' sum SecAgg+ unmasked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from flowerpets.dp.distributed._round_config import RoundEncoding
 from flowerpets.secagg import SecAggPlus, secaggplus_mod
 from flowerpets.simulation import Fault, FaultPlan, SimulationGrid
 from flowerpets.simulation.run import SimulationResult
+from tests.he.conftest import RecordingGrid as HeRecordingGrid
 
 NODES = 8
 RUN_ID = 7
@@ -52,28 +53,8 @@ def steady(dimension: int, norm: float = 0.5) -> Callable[[int, int], np.ndarray
     return delta
 
 
-class RecordingGrid:
+class RecordingGrid(HeRecordingGrid):
     """Keeps every request the server sent and every reply it received."""
-
-    def __init__(self, inner: SimulationGrid) -> None:
-        self.inner = inner
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-
-    @property
-    def run_id(self) -> int:
-        return self.inner.run_id
-
-    def node_ids(self) -> Sequence[int]:
-        return self.inner.node_ids()
-
-    def send_and_receive(
-        self, messages: Sequence[Message], *, timeout: float | None = None
-    ) -> Iterator[Message]:
-        self.sent.extend(messages)
-        for reply in self.inner.send_and_receive(messages, timeout=timeout):
-            self.received.append(reply)
-            yield reply
 
     def encodings(self) -> list[RoundEncoding]:
         """The distributed-DP encoding of every round, as the nodes received it."""

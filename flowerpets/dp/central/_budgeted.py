@@ -6,8 +6,9 @@ run's context (:mod:`._ledger`, under the mod's own key) and, with a run store,
 each spend on the population's ledger before the release (:mod:`._durable`);
 :meth:`BudgetedMod.charge` refuses a round over ``max_epsilon`` before anything is
 recorded. A subclass says what its settings are (:meth:`BudgetedMod.settings`),
-under which key and mechanism name it keeps its state, and sets ``clipping_norm``,
-``delta``, ``max_epsilon``, ``accountant`` and ``population``.
+under which key and mechanism name it keeps its state, and sets ``noise_multiplier``,
+``clipping_norm``, ``adaptive``, ``delta``, ``max_epsilon``, ``accountant`` and
+``population``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from flowerpets.core import DurableState, ServerContext
 from flowerpets.dp.accountant import AccountantFactory, PrivacyEvent
 from flowerpets.dp.central import _durable, _ledger
+from flowerpets.dp.central._adaptive import AdaptiveClipping
 from flowerpets.exceptions import ConfigurationError
 
 __all__ = ["BudgetedMod"]
@@ -31,7 +33,9 @@ class BudgetedMod(DurableState):
     state_key: ClassVar[str]
     mechanism_name: ClassVar[str]
 
+    noise_multiplier: float | None
     clipping_norm: float
+    adaptive: AdaptiveClipping | None
     delta: float
     max_epsilon: float | None
     accountant: AccountantFactory | None
@@ -146,11 +150,15 @@ class BudgetedMod(DurableState):
                 charged = dataclasses.replace(charged, spend_seq=spend.seq)
         return charged, epsilon
 
-    def settings_of(self, extra: dict[str, Any]) -> dict[str, object]:
+    def settings_of(self, **extra: Any) -> dict[str, object]:
         """The settings every budgeted mod has, with ``extra`` (the subclass's own)."""
-        factory = self.accountant
+        factory, adaptive = self.accountant, self.adaptive
         return {
+            "noise_multiplier": self.noise_multiplier,
             "clipping_norm": self.clipping_norm,
+            "adaptive": None
+            if adaptive is None
+            else [adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev],
             "delta": self.delta,
             "max_epsilon": self.max_epsilon,
             "accountant": None

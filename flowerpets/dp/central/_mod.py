@@ -90,6 +90,7 @@ class CentralDp(BudgetedMod):
 
     state_key = STATE_KEY
     mechanism_name = MECHANISM
+    noise_multiplier: float
 
     def __init__(
         self,
@@ -167,16 +168,7 @@ class CentralDp(BudgetedMod):
     # -- the run's state (spent, durable_state, restore: BudgetedMod's) ---------------------
     def settings(self) -> dict[str, object]:
         """What the budget a run spent depends on: a resume must run with the same."""
-        adaptive = self.adaptive
-        return self.settings_of(
-            {
-                "noise_multiplier": self.noise_multiplier,
-                "clip_on": self.clip_on.value,
-                "adaptive": None
-                if adaptive is None
-                else [adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev],
-            }
-        )
+        return self.settings_of(clip_on=self.clip_on.value)
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(

@@ -47,9 +47,8 @@ from flowerpets.core import (
 )
 from flowerpets.dp._primitives.clip import update_between
 from flowerpets.dp._primitives.discrete import RandomWords
-from flowerpets.dp._primitives.distributed import Encoding, encode
+from flowerpets.dp._primitives.distributed import encode
 from flowerpets.dp._primitives.noise import LazySecureGaussian
-from flowerpets.dp._primitives.rotation import RandomizedHadamard
 from flowerpets.dp._protocol import CLIPPED, RESIDUES, read_config
 from flowerpets.dp.distributed._mechanism import draw_share
 from flowerpets.dp.distributed._round_config import RoundEncoding, read_encoding
@@ -133,18 +132,12 @@ class DistributedDpMod:
 
     def _encoded(self, update: np.ndarray, e: RoundEncoding) -> dict[str, np.ndarray]:
         """The reply's residue arrays: the encoded update, and the noised clipped bit."""
-        encoding = Encoding(
-            scale=e.scale,
-            clip=e.clip,
-            dimension=e.dimension,
-            modulus_bits=e.modulus_bits,
-            beta=e.beta,
-        )
+        encoding = e.pipeline()
         source = self._source
         residues, clipped = encode(
             update,
             encoding=encoding,
-            rotation=RandomizedHadamard(e.seed, e.dimension),
+            rotation=e.rotation(),
             noise=lambda size: draw_share(e.mechanism, e.share, size, source),
             source=source,
         )

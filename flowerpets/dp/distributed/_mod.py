@@ -33,7 +33,7 @@ from flowerpets.core import (
     is_sealed,
 )
 from flowerpets.dp._primitives.distributed import DEFAULT_BETA, Encoding, decode, lift
-from flowerpets.dp._primitives.rotation import RandomizedHadamard, padded_dimension
+from flowerpets.dp._primitives.rotation import padded_dimension
 from flowerpets.dp._protocol import CLIPPED, ENCODING_KEY, RESERVED_PREFIX, RESIDUES
 from flowerpets.dp.accountant import AccountantFactory, DropoutPolicy, PrivacyEvent
 from flowerpets.dp.central._adaptive import AdaptiveClipping
@@ -201,22 +201,16 @@ class DistributedDp(BudgetedMod):
         )
 
     def settings(self) -> dict[str, object]:
-        adaptive = self.adaptive
+        """What the budget a run spent depends on: a resume must run with the same."""
         return self.settings_of(
-            {
-                "noise_multiplier": self.noise_multiplier,
-                "target_epsilon": self.target_epsilon,
-                "rounds": self.rounds,
-                "mechanism": self.mechanism.value,
-                "dropouts": self.dropouts.value,
-                "colluding": self.colluding,
-                "modulus_bits": self.modulus_bits,
-                "beta": self.beta,
-                "max_wrap": self.max_wrap,
-                "adaptive": None
-                if adaptive is None
-                else [adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev],
-            }
+            target_epsilon=self.target_epsilon,
+            rounds=self.rounds,
+            mechanism=self.mechanism.value,
+            dropouts=self.dropouts.value,
+            colluding=self.colluding,
+            modulus_bits=self.modulus_bits,
+            beta=self.beta,
+            max_wrap=self.max_wrap,
         )
 
     # -- one round -------------------------------------------------------------------------------
@@ -454,14 +448,7 @@ class DistributedDp(BudgetedMod):
         counted: int,
     ) -> RoundResult:
         e = chosen.encoding
-        encoding = Encoding(
-            scale=e.scale,
-            clip=e.clip,
-            dimension=e.dimension,
-            modulus_bits=e.modulus_bits,
-            beta=e.beta,
-        )
-        rotation = RandomizedHadamard(e.seed, e.dimension)
+        encoding, rotation = e.pipeline(), e.rotation()
         residues = np.asarray(result.aggregate[RESIDUES].numpy(), dtype=np.uint64)
         total = decode(residues, encoding=encoding, rotation=rotation)
         m = chosen.expected

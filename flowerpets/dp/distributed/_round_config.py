@@ -19,6 +19,8 @@ from typing import Any
 
 from flowerpets._validation import instance, integer, probability, real
 from flowerpets.core.fields import Fields
+from flowerpets.dp._primitives.distributed import Encoding
+from flowerpets.dp._primitives.rotation import RandomizedHadamard
 from flowerpets.dp._protocol import ENCODING_KEY
 from flowerpets.dp.distributed._mechanism import Mechanism
 from flowerpets.exceptions import (
@@ -81,6 +83,20 @@ class RoundEncoding:
     @property
     def adaptive(self) -> bool:
         return self.count_share is not None
+
+    def pipeline(self) -> Encoding:
+        """The primitives' encoding of this round (what :func:`encode` and :func:`decode` take)."""
+        return Encoding(
+            scale=self.scale,
+            clip=self.clip,
+            dimension=self.dimension,
+            modulus_bits=self.modulus_bits,
+            beta=self.beta,
+        )
+
+    def rotation(self) -> RandomizedHadamard:
+        """The round's randomized Hadamard rotation, from its public seed."""
+        return RandomizedHadamard(self.seed, self.dimension)
 
     def to_json(self) -> str:
         value: dict[str, Any] = {
