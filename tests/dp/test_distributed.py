@@ -274,3 +274,41 @@ def test_the_budget_survives_a_restart_in_the_population_ledger(tmp_path: Path) 
     assert [(s.round, s.event["mechanism"], s.event["event"]["type"]) for s in spends] == [
         (r, "DistributedDp", "SkellamEvent") for r in (1, 2, 3)
     ]
+
+
+# -- the scale ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bits", "z", "dimension"), [(32, 1.0, 650), (20, 1.0, 4096), (16, 3.0, 1000)]
+)
+def test_the_scale_is_the_largest_that_keeps_the_wrap_bound_and_the_share_cap(
+    bits: int, z: float, dimension: int
+) -> None:
+    from flowerpets.dp._primitives.distributed import Encoding, wrap_probability
+    from flowerpets.dp.distributed._plan import MAX_SHARE, plan
+
+    chosen = plan(
+        noise_multiplier=z,
+        dimension=dimension,
+        beta=math.exp(-0.5),
+        cohort=20,
+        planned=12,
+        modulus_bits=bits,
+        mechanism=Mechanism.SKELLAM,
+    )
+
+    def at(units: float) -> tuple[float, float]:
+        encoding = Encoding(scale=units, clip=1.0, dimension=dimension, modulus_bits=bits)
+        share = (z * encoding.norm_bound) ** 2 / 12
+        return share, wrap_probability(encoding, clients=20, local_variance=share)
+
+    share, wrap = at(chosen.units)
+    assert wrap <= 1e-6 and share <= MAX_SHARE and chosen.wrap == wrap
+    bigger_share, bigger_wrap = at(chosen.units * 1.001)
+    assert bigger_wrap > 1e-6 or bigger_share > MAX_SHARE  # no larger scale would do
+
+
+def test_every_round_reports_its_wrap_bound_below_the_limit() -> None:
+    fed = federate(dp(modulus_bits=20), dimension=16, rounds=2)
+    for record in fed.result.history.rounds:
+        assert record.ok, record.error
+        assert record.train_metrics["dp-wrap-bound"] <= 1e-6
