@@ -21,7 +21,8 @@ with ``gamma = 1 / scale``:
    it is enforced exactly (in integers), whatever the floating point did.
 5. **Noise**: add the caller's integer noise share (Skellam or the discrete
    Gaussian, from :mod:`.discrete`).
-6. **Wrap** modulo ``m = 2**modulus_bits``: ``uint32`` residues, SecAgg+'s ring.
+6. **Wrap** modulo ``m = 2**modulus_bits``: ``uint32`` residues, what a
+   :class:`~flowerpets.core.QuantizedDomain` names and SecAgg+ sums modulo ``m``.
 
 **The server** (:func:`decode`) receives only the residues' sum mod ``m``
 (SecAgg+ unmasks nothing else): it lifts it to the centred interval
@@ -41,6 +42,7 @@ coordinates of a Chernoff bound on each: see the function.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flowerpets._validation import instance, integer, probability, real
+from flowerpets.core.quantized import MAX_MODULUS_BITS, MIN_MODULUS_BITS
 from flowerpets.dp._primitives.calibration import rounded_l1_bound, rounded_l2_bound
 from flowerpets.dp._primitives.clip import clip_update
 from flowerpets.dp._primitives.discrete import RandomWords
@@ -71,6 +74,7 @@ __all__ = [
     "MAX_MODULUS_BITS",
     "Encoding",
     "conditional_round",
+    "coordinate_wrap_probability",
     "decode",
     "encode",
     "fits_modulus",
@@ -79,12 +83,10 @@ __all__ = [
 ]
 
 DEFAULT_BETA = math.exp(-0.5)  # KLS21's experiments
-MAX_MODULUS_BITS = 32  # the residues are uint32: SecAgg+'s ring
 # The scaled clip's cap: every rounded value and its float stay exact integers below 2**53.
 _MAX_SCALED_CLIP = float(2**50)
 # Conditional rounding retries until the chance that every try failed is below 2**-40.
 _ROUNDING_FAILURE_BITS = 40
-_UNIFORM = 2.0**-53
 _NAME = "update"
 
 
@@ -95,7 +97,8 @@ class Encoding:
     ``scale`` is ``1 / gamma``: one integer step is worth ``1 / scale`` in model
     units. ``clip`` is the L2 bound on an update before scaling, ``dimension``
     the update's length ``d`` (rotated and rounded in :attr:`padded` ``= D``
-    coordinates), ``modulus_bits`` the ring's (1 to 32), ``beta`` conditional
+    coordinates), ``modulus_bits`` the ring's (2 to 32, the core's
+    :class:`~flowerpets.core.QuantizedDomain` range), ``beta`` conditional
     rounding's parameter, in [0, 1) (0: plain randomized rounding, whose bound
     ``clip * scale + sqrt(D)`` needs no retry; KLS21 use ``exp(-0.5)``, the default).
     """
@@ -110,7 +113,9 @@ class Encoding:
         real("scale", self.scale, above=0)
         real("clip", self.clip, above=0, secret=True)  # adaptive clipping learns it from data
         integer("dimension", self.dimension, at_least=1)
-        integer("modulus_bits", self.modulus_bits, at_least=1, at_most=MAX_MODULUS_BITS)
+        integer(
+            "modulus_bits", self.modulus_bits, at_least=MIN_MODULUS_BITS, at_most=MAX_MODULUS_BITS
+        )
         probability("beta", self.beta, one=False)
         if not self.scaled_clip <= _MAX_SCALED_CLIP:
             raise ParameterValueError(
@@ -131,12 +136,12 @@ class Encoding:
         """The clipped update's L2 bound in integer steps: ``clip * scale``."""
         return self.clip * self.scale
 
-    @property
+    @functools.cached_property  # every client's encode asks
     def norm_bound(self) -> float:
         """The L2 bound after rounding (:func:`~.calibration.rounded_l2_bound`): the sensitivity."""
         return rounded_l2_bound(self.scaled_clip, dimension=self.padded, beta=self.beta)
 
-    @property
+    @functools.cached_property
     def l1_bound(self) -> float:
         """The rounded vector's L1 bound (:func:`~.calibration.rounded_l1_bound`)."""
         return rounded_l1_bound(self.norm_bound, dimension=self.padded)
@@ -154,19 +159,27 @@ def _tries(beta: float) -> int:
     return max(1, math.ceil(_ROUNDING_FAILURE_BITS * math.log(2) / -math.log(beta)))
 
 
-def _randomized_round(x: NDArray[np.float64], source: RandomWords) -> NDArray[np.int64]:
-    """``floor(x) + 1`` with probability ``x - floor(x)``, else ``floor(x)``: one word each.
+def _thresholds(x: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
+    """``floor(x)``, and ``ceil((x - floor(x)) 2**53)``: a word's top 53 bits below it round up.
 
-    The uniform is the word's top 53 bits over ``2**53``, so the chance of rounding up
-    is the fractional part rounded up to a multiple of ``2**-53``.
+    So the chance of rounding up is the fractional part rounded up to a multiple of
+    ``2**-53`` (exact for every fraction with 53 bits after the point).
     """
     low = np.floor(x)
     fraction = x - low  # exact: |x| < 2**53
-    words = source.words(x.size)
-    uniform = (words >> np.uint64(11)).astype(np.float64)
-    uniform *= _UNIFORM
-    out = low.astype(np.int64)
-    out += uniform < fraction
+    fraction *= 2.0**53  # exact: a power of two
+    np.ceil(fraction, out=fraction)
+    return low.astype(np.int64), fraction.astype(np.uint64)
+
+
+def _randomized_round(
+    low: NDArray[np.int64], thresholds: NDArray[np.uint64], source: RandomWords
+) -> NDArray[np.int64]:
+    """``floor(x) + 1`` with probability ``x - floor(x)`` (see :func:`_thresholds`): a word each."""
+    top = source.words(low.size) >> np.uint64(11)  # a new array: the words may be read-only
+    up = top < thresholds
+    out = low.copy()
+    out += up
     return out
 
 
@@ -198,8 +211,9 @@ def conditional_round(
     with ``beta = 0`` (a bound that always holds) it is unbiased.
     """
     tries = integer("tries", tries, at_least=1)
+    low, thresholds = _thresholds(np.asarray(x, dtype=np.float64))
     for _ in range(tries):
-        rounded = _randomized_round(x, source)
+        rounded = _randomized_round(low, thresholds, source)
         if _within(rounded, norm_bound):
             return rounded
     raise ConditionalRoundingError(
@@ -267,7 +281,9 @@ def encode(
 
 def lift(residues: NDArray[np.unsignedinteger], modulus_bits: int) -> NDArray[np.int64]:
     """Residues mod ``m = 2**modulus_bits`` as the integers in ``(-m/2, m/2]`` they stand for."""
-    bits = integer("modulus_bits", modulus_bits, at_least=1, at_most=MAX_MODULUS_BITS)
+    bits = integer(
+        "modulus_bits", modulus_bits, at_least=MIN_MODULUS_BITS, at_most=MAX_MODULUS_BITS
+    )
     array = np.asarray(residues)
     if array.dtype.kind != "u":
         raise ParameterTypeError(f"residues must be unsigned integers, got {array.dtype}")
@@ -301,8 +317,9 @@ def decode(
 
 # -- wrap-around ---------------------------------------------------------------------------------
 def _skellam_log_mgf(total: float, t: float) -> float:
-    # A share of variance v is Poisson(v/2) - Poisson(v/2): log E[e^(tX)] = v (cosh t - 1).
-    return total * (math.cosh(t) - 1.0)
+    # A share of variance v is Poisson(v/2) - Poisson(v/2): log E[e^(tX)] = v (cosh t - 1),
+    # written 2 v sinh(t/2)^2 so that a small t loses no digits.
+    return 2.0 * total * math.sinh(t / 2.0) ** 2
 
 
 def _skellam_slope(total: float, t: float) -> float:
@@ -341,7 +358,9 @@ def _log_tail(margin: float, proxy: float, noise_total: float, curve: _Curve) ->
         return -(margin**2) / (2.0 * (proxy + noise_total))  # Gaussian: the closed form
     if proxy == 0:  # Skellam alone: at sinh t = margin / total, cosh t = sqrt(1 + ...)
         ratio = margin / noise_total
-        return -margin * math.asinh(ratio) + noise_total * (math.hypot(1.0, ratio) - 1.0)
+        # sqrt(1 + r^2) - 1, without cancelling digits for a small r.
+        rise = ratio * ratio / (math.hypot(1.0, ratio) + 1.0)
+        return -margin * math.asinh(ratio) + noise_total * rise
     low, high = 0.0, min(margin / proxy, math.asinh(margin / noise_total))
     for _ in range(200):
         middle = (low + high) / 2
@@ -353,14 +372,14 @@ def _log_tail(margin: float, proxy: float, noise_total: float, curve: _Curve) ->
     return -t * margin + t * t * proxy / 2.0 + log_mgf(noise_total, t)
 
 
-def wrap_probability(
+def coordinate_wrap_probability(
     encoding: Encoding,
     *,
     clients: int,
     local_variance: float,
     mechanism: type[DistributedEvent] = SkellamEvent,
 ) -> float:
-    """An upper bound on the chance that any coordinate of the summed integers wraps.
+    """An upper bound on the chance that one given coordinate of the summed integers wraps.
 
     ``clients`` is the most clients whose residues are summed, each adding
     noise of ``local_variance`` in integer units, in the accountant's
@@ -371,7 +390,7 @@ def wrap_probability(
 
     Coordinate ``j`` of the true sum is ``S_j = Z_j + R_j + N_j``: the rotated
     scaled clipped updates, the rounding errors and the noise. It wraps iff
-    ``|S_j| >= m/2`` (or lands on ``-m/2``), and:
+    ``|S_j| >= m/2`` (``-m/2`` lifts to ``+m/2``), and:
 
     * ``|R_j| < n``: each rounding moves a coordinate by less than 1;
     * ``Z_j`` is sub-Gaussian with variance proxy ``(n clip scale)^2 / D``
@@ -380,13 +399,13 @@ def wrap_probability(
       independently of the round's seed;
     * ``N_j`` is a sum of ``n`` shares: Skellam, log-MGF ``n v (cosh t - 1)``
       exactly; discrete Gaussian, at most ``n sigma^2 t^2 / 2`` (Canonne,
-      Kamath and Steinke 2020). It is independent of ``Z_j``.
+      Kamath and Steinke, NeurIPS 2020). It is independent of ``Z_j``.
 
     So ``P[|S_j| >= m/2] <= 2 min_t exp(-t a + t^2 proxy / 2 + K(t))`` with
-    ``a = m/2 - n`` (the Chernoff bound, two tails of symmetric terms). A second
-    bound uses no rotation: ``|Z_j + R_j| <= n min(clip scale + 1, norm_bound)``
-    always, leaving the noise alone against the rest of the margin. The result is
-    ``D`` times the smaller of the two (the union bound), at most 1.
+    ``a = m/2 - n`` (the Chernoff bound on both tails of symmetric terms). A
+    second bound needs no rotation: ``|Z_j + R_j| <= n min(clip scale + 1,
+    norm_bound)`` always, leaving the noise alone against the rest of the
+    margin. The result is the smaller of the two, at most 1.
     """
     instance("encoding", encoding, Encoding)
     n = integer("clients", clients, at_least=1)
@@ -396,15 +415,36 @@ def wrap_probability(
         raise ParameterTypeError(
             f"mechanism must be SkellamEvent or DistributedDiscreteGaussianEvent, got {mechanism!r}"
         )
+    return math.exp(_log_coordinate_bound(encoding, n, n * variance, curve))
+
+
+def _log_coordinate_bound(encoding: Encoding, n: int, noise_total: float, curve: _Curve) -> float:
     half = encoding.modulus / 2
-    noise_total = n * variance
     proxy = (n * encoding.scaled_clip) ** 2 / encoding.padded
     rotated = _log_tail(half - n, proxy, noise_total, curve)
     # A coordinate of a rounded vector is within 1 of the scaled clip (the float's doubt: 2**-40).
     reach = min(encoding.scaled_clip * (1 + 2.0**-40) + 1, encoding.norm_bound)
     bounded = _log_tail(half - n * reach, 0.0, noise_total, curve)
-    log_bound = math.log(2 * encoding.padded) + min(rotated, bounded)
-    return 1.0 if log_bound >= 0 else math.exp(log_bound)
+    return min(0.0, math.log(2) + min(rotated, bounded))
+
+
+def wrap_probability(
+    encoding: Encoding,
+    *,
+    clients: int,
+    local_variance: float,
+    mechanism: type[DistributedEvent] = SkellamEvent,
+) -> float:
+    """An upper bound on the chance that *any* coordinate of the summed integers wraps.
+
+    The union bound: ``D`` times :func:`coordinate_wrap_probability` (whose
+    docstring gives the tail bound and the arguments), at most 1. It is also
+    a bound on the expected number of wrapped coordinates, when below 1.
+    """
+    one = coordinate_wrap_probability(
+        encoding, clients=clients, local_variance=local_variance, mechanism=mechanism
+    )
+    return min(1.0, encoding.padded * one)
 
 
 def fits_modulus(
