@@ -312,3 +312,31 @@ def test_every_round_reports_its_wrap_bound_below_the_limit() -> None:
     for record in fed.result.history.rounds:
         assert record.ok, record.error
         assert record.train_metrics["dp-wrap-bound"] <= 1e-6
+
+
+def test_survivors_charges_a_failed_round_as_the_worst_case() -> None:
+    from flowerpets.simulation import ErrorReply
+
+    # Four of eight fail at collect-masked-input: SecAgg+ (t = 4) cannot unmask round 1.
+    faults = [ErrorReply(node=p, round=1, stage=Stage.COLLECT_MASKED_INPUT) for p in range(4)]
+    fed = federate(dp(dropouts=DropoutPolicy.SURVIVORS), dimension=16, rounds=2, faults=faults)
+    first, second = fed.result.history.rounds
+    assert not first.ok and second.ok, (first.error, second.error)
+    scale = second.train_metrics["dp-scale"]
+    padded = padded_dimension(16)
+    l2 = rounded_l2_bound(CLIP * scale, dimension=padded, beta=math.exp(-0.5))
+    share = l2**2 / NODES
+
+    def event(counted: int) -> SkellamEvent:
+        return SkellamEvent.from_pipeline(
+            clip=CLIP,
+            scale=scale,
+            dimension=padded,
+            local_variance=share,
+            clients_in_sum=counted,
+            beta=math.exp(-0.5),
+        )
+
+    accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
+    accountant.compose(event(FEWEST)).compose(event(NODES))  # the failed round, the full one
+    assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))

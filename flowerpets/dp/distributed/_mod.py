@@ -254,7 +254,15 @@ class DistributedDp(BudgetedMod):
                 context, run, worst, round=request.round, max_epsilon=self.max_epsilon, dry=True
             )
 
-        result = call_next(self._inner(request, chosen), context)
+        try:
+            result = call_next(self._inner(request, chosen), context)
+        except RoundFailedError:
+            if self.dropouts is DropoutPolicy.SURVIVORS:
+                # The secure sum may have been unmasked before the round failed: charge the
+                # most it could have cost (a crash over-counts, never under).
+                run, _ = self.charge(context, run, worst, round=request.round, max_epsilon=None)
+                self.store(context, run)
+            raise
         survivors = len(result.participants)
         if RESIDUES not in result.aggregate or survivors == 0:
             raise RoundFailedError(
