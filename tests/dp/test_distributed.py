@@ -357,3 +357,20 @@ def test_adaptive_clipping_follows_the_noised_count_of_the_secure_sum(
     # (over 2 m = 16) std 0.095: 6 of them fail a correct count with probability < 2e-9.
     assert abs(fraction - unclipped) < 6 * 0.095
     assert second.train_metrics["dp-clip"] == pytest.approx(adaptive.next_clip(CLIP, fraction))
+
+
+def test_target_epsilon_with_adaptive_clipping_covers_the_count_too() -> None:
+    adaptive = AdaptiveClipping(count_stddev=4.0)
+    settings = {"noise_multiplier": None, "target_epsilon": 6.0, "rounds": 3, "adaptive": adaptive}
+    fed = federate(dp(**settings), dimension=16, rounds=3)
+    assert all(r.ok for r in fed.result.history.rounds)
+    assert 0.97 * 6.0 <= fed.result.history.rounds[-1].train_metrics["epsilon"] <= 6.0
+
+
+def test_a_target_the_count_alone_exceeds_is_refused() -> None:
+    from flowerpets.exceptions import InfeasibleParametersError
+
+    adaptive = AdaptiveClipping(count_stddev=0.6)  # z must stay below 1.2
+    settings = {"noise_multiplier": None, "target_epsilon": 1.0, "rounds": 3, "adaptive": adaptive}
+    with pytest.raises(InfeasibleParametersError, match="count_stddev"):
+        federate(dp(**settings), dimension=16)
