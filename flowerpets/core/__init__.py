@@ -50,6 +50,7 @@ from flowerpets.core.round import (
     SecureAggregator,
     ServerContext,
     ServerMod,
+    fewest_inputs_of,
     is_sealed,
 )
 from flowerpets.core.sampling import (
@@ -119,6 +120,7 @@ __all__ = [
     "chain",
     "collect",
     "domain_of",
+    "fewest_inputs_of",
     "is_sealed",
     "modulus_bits_of",
     "reply_weight",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -47,6 +47,7 @@ __all__ = [
     "SecureAggregator",
     "ServerContext",
     "ServerMod",
+    "fewest_inputs_of",
     "is_sealed",
 ]
 
@@ -281,10 +282,13 @@ class ServerContext(Context):
     updates (server-side clipping) must refuse to run then. ``journal`` is the
     run's store when the ServerApp has one (None otherwise): a
     :class:`~flowerpets.core.journal.DurableState` mod writes what must be on
-    disk before a release through it.
+    disk before a release through it. ``fewest_inputs`` is the innermost secure
+    aggregator's :meth:`SecureAggregator.fewest_inputs` (None without one): the
+    fewest nodes whose inputs a sum it releases holds, for a cohort size (what
+    distributed DP sizes each node's noise share for).
     """
 
-    __slots__ = ("grid", "journal", "secure_aggregation")
+    __slots__ = ("fewest_inputs", "grid", "journal", "secure_aggregation")
 
     def __init__(
         self,
@@ -295,11 +299,13 @@ class ServerContext(Context):
         run_config: Mapping[str, ConfigValue] | None = None,
         state: RecordDict | None = None,
         journal: RunJournal | None = None,
+        fewest_inputs: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__(0, run_id=run_id, run_config=run_config, state=state)
         self.grid = grid
         self.secure_aggregation = secure_aggregation
         self.journal = journal
+        self.fewest_inputs = fewest_inputs
 
     def require_grid(self) -> Grid:
         if self.grid is None:
@@ -335,3 +341,23 @@ class SecureAggregator(abc.ABC):
         call_next: Callable[[RoundRequest, ServerContext], RoundResult],
     ) -> RoundResult:
         """Run the round (usually replacing the inner exchange)."""
+
+    def fewest_inputs(self, cohort_size: int) -> int:
+        """The fewest nodes whose inputs a sum this aggregator releases holds, for a cohort
+        of ``cohort_size``: it fails a round rather than release a sum of fewer.
+
+        A mod that counts on the inputs in the sum relies on it (distributed DP sizes
+        each node's noise share so that this many shares suffice). The default, 1,
+        promises nothing beyond one input.
+        """
+        return 1
+
+
+def fewest_inputs_of(mods: Iterable[object]) -> Callable[[int], int] | None:
+    """The innermost :class:`SecureAggregator` among ``mods``' ``fewest_inputs`` (None if none).
+
+    The innermost one (the last listed) is the one that sums: an outer one never sees the
+    replies.
+    """
+    aggregators = [m for m in mods if isinstance(m, SecureAggregator)]
+    return aggregators[-1].fewest_inputs if aggregators else None
