@@ -1,0 +1,279 @@
+"""``flowerpets accountant distributed-epsilon`` and ``distributed-noise``: the API's numbers.
+
+Every value the commands print is checked against the same computation done
+with :mod:`flowerpets.dp.accountant` directly (the events built by
+``from_pipeline``, the accountant ``default_accountant`` picks,
+``calibrate_distributed_noise``), and the worked example of ``docs/dp.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flowerpets.core.sampling import FixedSizeSampling, PoissonSampling
+from flowerpets.dp._primitives.calibration import scale_for_bits
+from flowerpets.dp.accountant import (
+    DistributedDiscreteGaussianEvent,
+    DistributedEvent,
+    DropoutPolicy,
+    Neighbouring,
+    RdpAccountant,
+    SkellamEvent,
+    calibrate_distributed_noise,
+)
+from flowerpets.dp.cli import main
+
+DELTA = 1e-5
+BETA = math.exp(-0.5)
+# docs/dp.md's example: 100 rounds, 100 clients expected, SecAgg+'s threshold 70, 2^16 dimensions.
+PIPELINE = {"clip": 1.0, "scale": 1e3, "dimension": 2**16, "beta": BETA}
+RUN = (
+    *("--clients-per-round", "100", "--min-clients", "70", "--clip", "1"),
+    *("--dimension", str(2**16), "--beta", str(BETA), "--rounds", "100", "--delta", "1e-5"),
+)
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one JSON object
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def epsilon(event: DistributedEvent, rounds: int = 100) -> float:
+    return (
+        RdpAccountant(neighbouring=Neighbouring.ZERO_OUT).compose(event, rounds).get_epsilon(DELTA)
+    )
+
+
+def test_noise_is_the_calibration_of_the_docs_example(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_json(capsys, "distributed-noise", "--target-epsilon", "8", "--scale", "1e3", *RUN)
+    share = calibrate_distributed_noise(
+        target_epsilon=8.0,
+        delta=DELTA,
+        rounds=100,
+        expected_clients=100,
+        min_clients=70,
+        **PIPELINE,  # type: ignore[arg-type]
+    )
+    assert result["local_variance"] == share
+    assert share == pytest.approx(592007.2, abs=0.1)  # the figure docs/dp.md prints
+    assert result["clients_counted"] == 70 and result["accountant"] == "rdp"
+    # Worst case: the same epsilon with every client surviving as with only 70, below the target.
+    reached = result["epsilon_by_survivors"]
+    assert isinstance(reached, dict) and set(reached) == {"100", "70"}
+    event = SkellamEvent.from_pipeline(**PIPELINE, local_variance=share, clients_in_sum=70)
+    assert reached["100"] == reached["70"] == {"server": epsilon(event)}
+    assert 7.99 < reached["70"]["server"] <= 8.0
+    assert main(["distributed-noise", "--target-epsilon", "8", "--scale", "1e3", *RUN]) == 0
+    text = capsys.readouterr().out
+    assert "70 shares counted: 592007" in text and "survivors  epsilon against the server" in text
+
+
+def test_epsilon_of_a_given_share_counts_the_policys_shares(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    share = "592007.2"
+    base = ("distributed-epsilon", "--local-variance", share, "--scale", "1e3", *RUN)
+    worst = run_json(capsys, *base, "--survivors", "93")
+    event = SkellamEvent.from_pipeline(**PIPELINE, local_variance=592007.2, clients_in_sum=70)
+    assert worst["epsilon"] == {"server": epsilon(event)}
+    assert worst["epsilon"]["server"] == pytest.approx(7.9986, abs=1e-4)  # type: ignore[index]
+    assert (worst["survivors"], worst["clients_counted"]) == (93, 70)
+    assert worst["event"]["kind"] == "SkellamEvent"  # type: ignore[index]
+    assert worst["event"]["l2_sensitivity"] == event.l2_sensitivity  # type: ignore[index]
+    # Counting the survivors: 93 shares are more noise, so less epsilon; only 70 are as many.
+    survivors = run_json(capsys, *base, "--survivors", "93", "--dropout", "survivors")
+    counted = SkellamEvent.from_pipeline(**PIPELINE, local_variance=592007.2, clients_in_sum=93)
+    assert survivors["epsilon"] == {"server": epsilon(counted)}
+    assert survivors["epsilon"]["server"] < worst["epsilon"]["server"]  # type: ignore[index]
+    fewest = run_json(capsys, *base, "--survivors", "70", "--dropout", "survivors")
+    assert fewest["epsilon"] == worst["epsilon"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("skellam", SkellamEvent), ("discrete-gaussian", DistributedDiscreteGaussianEvent)],
+)
+def test_a_noise_multiplier_sets_the_share_for_the_counted_clients(
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    kind: type[SkellamEvent] | type[DistributedDiscreteGaussianEvent],
+) -> None:
+    result = run_json(
+        capsys,
+        "distributed-epsilon",
+        *("--noise-multiplier", "6", "--scale", "1e3", "--mechanism", name),
+        *RUN,
+    )
+    probe = kind.from_pipeline(**PIPELINE, local_variance=0.0, clients_in_sum=70)
+    event = probe.with_noise_multiplier(6.0)
+    assert result["local_variance"] == event.local_variance
+    assert result["noise_multiplier"] == pytest.approx(6.0)
+    assert result["event"]["kind"] == kind.__name__  # type: ignore[index]
+    assert result["epsilon"] == {"server": epsilon(event)}
+
+
+def test_bits_choose_the_scale_and_sampling_amplifies_only_against_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sampled = ("--sampling", "fixed", "--population", "1000")
+    result = run_json(
+        capsys, "distributed-epsilon", "--noise-multiplier", "6", "--bits", "20", *RUN, *sampled
+    )
+    scale = scale_for_bits(
+        20, clip=1.0, dimension=2**16, clients=100, local_stddev=6 / math.sqrt(70)
+    )
+    assert result["scale"] == scale and result["bits"] == 20
+    probe = SkellamEvent.from_pipeline(
+        clip=1.0,
+        scale=scale,
+        dimension=2**16,
+        beta=BETA,
+        local_variance=0.0,
+        clients_in_sum=70,
+        sampling=FixedSizeSampling(100),
+        population=1000,
+    )
+    event = probe.with_noise_multiplier(6.0)
+    found = result["epsilon"]
+    assert isinstance(found, dict) and set(found) == {"server", "others"}
+    assert found["server"] == epsilon(event.unamplified())
+    assert found["others"] == epsilon(event)
+    assert found["others"] < found["server"]
+
+
+def test_noise_for_bits_is_calibrated_at_the_scale_it_settles_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run_json(
+        capsys,
+        "distributed-noise",
+        *("--target-epsilon", "8", "--bits", "16", "--dropout", "survivors"),
+        *RUN,
+        *("--sampling", "poisson", "--population", "2000"),
+    )
+    scale, share = result["scale"], result["local_variance"]
+    assert isinstance(scale, float) and isinstance(share, float)
+    # The share is the calibration at that scale...
+    assert share == calibrate_distributed_noise(
+        target_epsilon=8.0,
+        delta=DELTA,
+        rounds=100,
+        clip=1.0,
+        scale=scale,
+        dimension=2**16,
+        beta=BETA,
+        expected_clients=100,
+        min_clients=70,
+        dropout=DropoutPolicy.SURVIVORS,
+        sampling=PoissonSampling(0.05),
+        population=2000,
+    )
+    # ...and the scale is the one the bit width gives for that share's noise.
+    chosen = scale_for_bits(
+        16, clip=1.0, dimension=2**16, clients=100, local_stddev=math.sqrt(share) / scale
+    )
+    assert chosen == pytest.approx(scale, rel=1e-3)
+    # Counting survivors: fewer of them (70) overspend the target, against others too.
+    reached = result["epsilon_by_survivors"]
+    assert reached["100"]["others"] <= 8.0 < reached["70"]["others"]  # type: ignore[index]
+    assert reached["100"]["server"] > reached["100"]["others"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["distributed-epsilon", "--local-variance", "5", "--bits", "20", *RUN], "give --scale"),
+        (
+            ["distributed-epsilon", "--noise-multiplier", "1", "--scale", "1", "--bits", "2", *RUN],
+            "not allowed with argument",
+        ),
+        (["distributed-epsilon", "--scale", "10", *RUN], "one of the arguments"),
+        (
+            [
+                "distributed-epsilon",
+                "--noise-multiplier",
+                "1",
+                "--scale",
+                "10",
+                *RUN,
+                "--survivors",
+                "50",
+            ],
+            "--survivors 50 must be between --min-clients 70",
+        ),
+        (
+            [
+                "distributed-noise",
+                "--target-epsilon",
+                "1",
+                "--scale",
+                "10",
+                *RUN,
+                "--min-clients",
+                "101",
+            ],
+            "--min-clients 101 exceeds --clients-per-round 100",
+        ),
+        (
+            [
+                "distributed-noise",
+                "--target-epsilon",
+                "1",
+                "--scale",
+                "10",
+                *RUN,
+                "--population",
+                "9",
+            ],
+            "--population goes with --sampling",
+        ),
+        (
+            [
+                "distributed-noise",
+                "--target-epsilon",
+                "1",
+                "--scale",
+                "10",
+                *RUN,
+                "--sampling",
+                "fixed",
+            ],
+            "--population goes with --sampling",
+        ),
+        (
+            ["distributed-noise", "--target-epsilon", "1", "--bits", "4", *RUN],
+            "4 bits cannot hold the sum of 100",
+        ),
+        (
+            ["distributed-noise", "--target-epsilon", "1", "--scale", "10", *RUN, "--beta", "1"],
+            "--beta: must be in [0, 1)",
+        ),
+        (
+            [
+                "distributed-noise",
+                "--target-epsilon",
+                "1",
+                "--scale",
+                "10",
+                *RUN,
+                "--mechanism",
+                "gauss",
+            ],
+            "invalid choice",
+        ),
+    ],
+)
+def test_bad_distributed_arguments_give_one_line_and_status_two(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
