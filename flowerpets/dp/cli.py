@@ -94,16 +94,18 @@ _bits = checked(integer, lambda v: 1 <= v <= 64, "must be an integer in [1, 64],
 
 
 # -- the parsers -----------------------------------------------------------------------------------
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, accountants: bool = True) -> None:
+    """``--delta`` and ``--json``, and ``--accountant`` where the event has a choice of them."""
     parser.add_argument(
         "--delta", type=_probability, required=True, help="the delta epsilon is reported at"
     )
-    parser.add_argument(
-        "--accountant",
-        choices=[*sorted(ACCOUNTANTS), ALL],
-        default=None,
-        help="pld (default, tightest), rdp (fast), or all side by side",
-    )
+    if accountants:
+        parser.add_argument(
+            "--accountant",
+            choices=[*sorted(ACCOUNTANTS), ALL],
+            default=None,
+            help="pld (default, tightest), rdp (fast), or all side by side",
+        )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -292,10 +294,7 @@ def _add_distributed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--population", type=_count, default=None, help="clients available (with --sampling)"
     )
-    parser.add_argument(
-        "--delta", type=_probability, required=True, help="the delta epsilon is reported at"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(parser, accountants=False)  # only RDP analyses these sums
 
 
 class _UsageError(FlowerpetsError):

@@ -110,6 +110,19 @@ def test_noise_split_needs_enough_count_noise() -> None:
 
 
 # -- the scale for a bit width (Kairouz, Liu and Steinke 2021, Sections 4.2 and 4.4) -------------
+def scale_of(bits: int, case: tuple[float, int, int, float, float]) -> float:
+    """``scale_for_bits`` for (clip, dimension, clients, local stddev, wrap probability)."""
+    clip, dimension, clients, sigma, wrap = case
+    return scale_for_bits(
+        bits,
+        clip=clip,
+        dimension=dimension,
+        clients=clients,
+        local_stddev=sigma,
+        wrap_probability=wrap,
+    )
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(8, 32),
@@ -125,25 +138,12 @@ def test_the_scale_solves_the_papers_equation(
     from scipy import stats
 
     k = float(stats.norm.isf(wrap / 2))  # two-sided: P(|N(0, 1)| > k) = wrap
+    case = (clip, dimension, clients, sigma, wrap)
     if 2.0 ** (2 * bits) <= clients * k**2:
         with pytest.raises(InfeasibleParametersError, match="bits cannot hold"):
-            scale_for_bits(
-                bits,
-                clip=clip,
-                dimension=dimension,
-                clients=clients,
-                local_stddev=sigma,
-                wrap_probability=wrap,
-            )
+            scale_of(bits, case)
         return
-    scale = scale_for_bits(
-        bits,
-        clip=clip,
-        dimension=dimension,
-        clients=clients,
-        local_stddev=sigma,
-        wrap_probability=wrap,
-    )
+    scale = scale_of(bits, case)
     gamma = 1 / scale
     spread = (clip * clients) ** 2 / dimension + (gamma**2 / 4 + sigma**2) * clients
     assert 2 * k * math.sqrt(spread) / gamma == pytest.approx(2.0**bits, rel=1e-9)
@@ -154,14 +154,8 @@ def test_the_scale_wraps_the_worst_case_sum_about_as_often_as_asked() -> None:
     # random direction (what the rotation makes of any vector), rounded at random and noised.
     rng = np.random.default_rng(7)  # the test's data, not privacy noise
     bits, clip, dimension, clients, sigma, wrap = 11, 1.0, 2**14, 20, 0.05, 0.01
-    scale = scale_for_bits(
-        bits,
-        clip=clip,
-        dimension=dimension,
-        clients=clients,
-        local_stddev=sigma,
-        wrap_probability=wrap,
-    )
+    case = (clip, dimension, clients, sigma, wrap)
+    scale = scale_of(bits, case)
     direction = rng.standard_normal(dimension)
     update = clip * scale * direction / np.linalg.norm(direction)
     total = np.zeros(dimension)
@@ -172,14 +166,5 @@ def test_the_scale_wraps_the_worst_case_sum_about_as_often_as_asked() -> None:
     wrapped = np.mean(np.abs(total) >= 2 ** (bits - 1))
     # About as often as asked (the estimate's own standard deviation is 8% of it here).
     assert 0.7 * wrap < wrapped < 1.4 * wrap, wrapped
-    assert (
-        scale_for_bits(
-            bits + 1,
-            clip=clip,
-            dimension=dimension,
-            clients=clients,
-            local_stddev=sigma,
-            wrap_probability=wrap,
-        )
-        > 2 * scale
-    )  # one more bit more than doubles the room the sum has
+    # One more bit more than doubles the room the sum has.
+    assert scale_of(bits + 1, case) > 2 * scale

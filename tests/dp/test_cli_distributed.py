@@ -8,7 +8,6 @@ with :mod:`flowerpets.dp.accountant` directly (the events built by
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -25,6 +24,7 @@ from flowerpets.dp.accountant import (
     calibrate_distributed_noise,
 )
 from flowerpets.dp.cli import main
+from tests.dp.conftest import refusal, run_json
 
 DELTA = 1e-5
 BETA = math.exp(-0.5)
@@ -36,12 +36,17 @@ RUN = (
 )
 
 
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
-    assert main([*argv, "--json"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1  # one JSON object
-    result: dict[str, object] = json.loads(out)
-    return result
+def calibrated(**changes: object) -> float:
+    """``calibrate_distributed_noise`` for docs/dp.md's example, with ``changes``."""
+    example: dict[str, object] = {
+        "target_epsilon": 8.0,
+        "delta": DELTA,
+        "rounds": 100,
+        "expected_clients": 100,
+        "min_clients": 70,
+        **PIPELINE,
+    }
+    return calibrate_distributed_noise(**{**example, **changes})  # type: ignore[arg-type]
 
 
 def epsilon(event: DistributedEvent, rounds: int = 100) -> float:
@@ -52,14 +57,7 @@ def epsilon(event: DistributedEvent, rounds: int = 100) -> float:
 
 def test_noise_is_the_calibration_of_the_docs_example(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_json(capsys, "distributed-noise", "--target-epsilon", "8", "--scale", "1e3", *RUN)
-    share = calibrate_distributed_noise(
-        target_epsilon=8.0,
-        delta=DELTA,
-        rounds=100,
-        expected_clients=100,
-        min_clients=70,
-        **PIPELINE,  # type: ignore[arg-type]
-    )
+    share = calibrated()
     assert result["local_variance"] == share
     assert share == pytest.approx(592007.2, abs=0.1)  # the figure docs/dp.md prints
     assert result["clients_counted"] == 70 and result["accountant"] == "rdp"
@@ -130,10 +128,7 @@ def test_bits_choose_the_scale_and_sampling_amplifies_only_against_others(
     )
     assert result["scale"] == scale and result["bits"] == 20
     probe = SkellamEvent.from_pipeline(
-        clip=1.0,
-        scale=scale,
-        dimension=2**16,
-        beta=BETA,
+        **{**PIPELINE, "scale": scale},
         local_variance=0.0,
         clients_in_sum=70,
         sampling=FixedSizeSampling(100),
@@ -160,16 +155,8 @@ def test_noise_for_bits_is_calibrated_at_the_scale_it_settles_on(
     scale, share = result["scale"], result["local_variance"]
     assert isinstance(scale, float) and isinstance(share, float)
     # The share is the calibration at that scale...
-    assert share == calibrate_distributed_noise(
-        target_epsilon=8.0,
-        delta=DELTA,
-        rounds=100,
-        clip=1.0,
+    assert share == calibrated(
         scale=scale,
-        dimension=2**16,
-        beta=BETA,
-        expected_clients=100,
-        min_clients=70,
         dropout=DropoutPolicy.SURVIVORS,
         sampling=PoissonSampling(0.05),
         population=2000,
@@ -185,95 +172,92 @@ def test_noise_for_bits_is_calibrated_at_the_scale_it_settles_on(
     assert reached["100"]["server"] > reached["100"]["others"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["distributed-epsilon", "--local-variance", "5", "--bits", "20", *RUN], "give --scale"),
-        (
-            ["distributed-epsilon", "--noise-multiplier", "1", "--scale", "1", "--bits", "2", *RUN],
-            "not allowed with argument",
-        ),
-        (["distributed-epsilon", "--scale", "10", *RUN], "one of the arguments"),
-        (
-            [
-                "distributed-epsilon",
-                "--noise-multiplier",
-                "1",
-                "--scale",
-                "10",
-                *RUN,
-                "--survivors",
-                "50",
-            ],
-            "--survivors 50 must be between --min-clients 70",
-        ),
-        (
-            [
-                "distributed-noise",
-                "--target-epsilon",
-                "1",
-                "--scale",
-                "10",
-                *RUN,
-                "--min-clients",
-                "101",
-            ],
-            "--min-clients 101 exceeds --clients-per-round 100",
-        ),
-        (
-            [
-                "distributed-noise",
-                "--target-epsilon",
-                "1",
-                "--scale",
-                "10",
-                *RUN,
-                "--population",
-                "9",
-            ],
-            "--population goes with --sampling",
-        ),
-        (
-            [
-                "distributed-noise",
-                "--target-epsilon",
-                "1",
-                "--scale",
-                "10",
-                *RUN,
-                "--sampling",
-                "fixed",
-            ],
-            "--population goes with --sampling",
-        ),
-        (
-            ["distributed-noise", "--target-epsilon", "1", "--bits", "4", *RUN],
-            "4 bits cannot hold the sum of 100",
-        ),
-        (
-            ["distributed-noise", "--target-epsilon", "1", "--scale", "10", *RUN, "--beta", "1"],
-            "--beta: must be in [0, 1)",
-        ),
-        (
-            [
-                "distributed-noise",
-                "--target-epsilon",
-                "1",
-                "--scale",
-                "10",
-                *RUN,
-                "--mechanism",
-                "gauss",
-            ],
-            "invalid choice",
-        ),
-    ],
-)
+REFUSED = [
+    (["distributed-epsilon", "--local-variance", "5", "--bits", "20", *RUN], "give --scale"),
+    (
+        ["distributed-epsilon", "--noise-multiplier", "1", "--scale", "1", "--bits", "2", *RUN],
+        "not allowed with argument",
+    ),
+    (["distributed-epsilon", "--scale", "10", *RUN], "one of the arguments"),
+    (
+        [
+            "distributed-epsilon",
+            "--noise-multiplier",
+            "1",
+            "--scale",
+            "10",
+            *RUN,
+            "--survivors",
+            "50",
+        ],
+        "--survivors 50 must be between --min-clients 70",
+    ),
+    (
+        [
+            "distributed-noise",
+            "--target-epsilon",
+            "1",
+            "--scale",
+            "10",
+            *RUN,
+            "--min-clients",
+            "101",
+        ],
+        "--min-clients 101 exceeds --clients-per-round 100",
+    ),
+    (
+        [
+            "distributed-noise",
+            "--target-epsilon",
+            "1",
+            "--scale",
+            "10",
+            *RUN,
+            "--population",
+            "9",
+        ],
+        "--population goes with --sampling",
+    ),
+    (
+        [
+            "distributed-noise",
+            "--target-epsilon",
+            "1",
+            "--scale",
+            "10",
+            *RUN,
+            "--sampling",
+            "fixed",
+        ],
+        "--population goes with --sampling",
+    ),
+    (
+        ["distributed-noise", "--target-epsilon", "1", "--bits", "4", *RUN],
+        "4 bits cannot hold the sum of 100",
+    ),
+    (
+        ["distributed-noise", "--target-epsilon", "1", "--scale", "10", *RUN, "--beta", "1"],
+        "--beta: must be in [0, 1)",
+    ),
+    (
+        [
+            "distributed-noise",
+            "--target-epsilon",
+            "1",
+            "--scale",
+            "10",
+            *RUN,
+            "--mechanism",
+            "gauss",
+        ],
+        "invalid choice",
+    ),
+]
+
+
 def test_bad_distributed_arguments_give_one_line_and_status_two(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    for argv, message in REFUSED:
+        err = refusal(main, argv, capsys)
+        assert message in err, (argv, err)
