@@ -1,6 +1,6 @@
 """Benchmark: what differential privacy costs, against the plain round it protects.
 
-Three parts (``--parts``), each a table of medians and ratios measured in the same run:
+Five parts (``--parts``), each a table of medians and ratios measured in the same run:
 
 ``round``
     A whole FedAvg round through ``run_simulation`` on ``--nodes`` nodes (default 10)
@@ -38,6 +38,26 @@ Three parts (``--parts``), each a table of medians and ratios measured in the sa
       (the baseline of the Skellam rows);
     * ``skellam``: ``sample_skellam(mu)``, its table cached;
     * ``*_table``: building the table (once per parameter and process; 1 value drawn).
+``distributed``
+    Distributed DP's integer pipeline on ``--params`` values (padded to a power of two ``D``),
+    Skellam noise for a noise multiplier of 1 over ``--client-n`` clients, 32-bit residues:
+
+    * ``secagg_masking``: the baseline, SecAgg+'s masked-input stage of one node in a cohort
+      of ``--client-n`` (quantization with stochastic rounding, ``k + 1`` masks), timed by
+      ``bench/secagg.py``'s client workload, run here (its whole protocol runs each time;
+      only that stage's times are kept);
+    * ``distributed_dp``: a client's :func:`~flowerpets.dp._primitives.distributed.encode`:
+      clip, rotate, scale, conditional rounding and Skellam noise from the secure source,
+      wrap; the target is within 2x of ``secagg_masking``;
+    * ``distributed_dp_gaussian``: the same with discrete Gaussian shares (one keystream
+      word per value where Skellam's two Poissons read two);
+    * ``rotate``, ``conditional_round``, ``skellam_noise``: its three costly steps alone;
+    * ``plain_aggregation``: the baseline of the server rows, a plain round's aggregation
+      of ``--nodes`` float32 updates (``WeightedSum``, what FedAvg does);
+    * ``decode``: the server's centred lift, rescale and unrotation of the residues' sum.
+
+    One client's decoded update is checked against the clipped update: the squared error
+    over its expectation ``d v / scale^2`` must be 1 within 6 standard errors.
 ``accountant``
     Seconds per epsilon query for ``--steps`` Poisson-sampled Gaussian steps
     (q = 0.01, z = 1.1), for each accountant: ``cold`` builds everything from
@@ -47,7 +67,7 @@ Three parts (``--parts``), each a table of medians and ratios measured in the sa
 
 Run from the repository root::
 
-    PYTHONPATH=src python bench/dp.py [--parts round noise discrete accountant] [--repeats 5]
+    PYTHONPATH=src python bench/dp.py [--parts round noise discrete distributed accountant]
     PYTHONPATH=src python bench/dp.py --json
 """
 
@@ -55,9 +75,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -77,16 +98,20 @@ from _common import (
     update_app,
 )
 from numpy.typing import NDArray
+from secagg import make_client_workload
 
 from flowerpets.core import (
     ArrayRecord,
     FedAvg,
     ServerApp,
 )
+from flowerpets.core.aggregation import WeightedSum
 from flowerpets.dp import CentralDp, fixed_clipping_mod
 from flowerpets.dp._primitives import discrete
 from flowerpets.dp._primitives.clip import clip_update, update_between
+from flowerpets.dp._primitives.distributed import Encoding, conditional_round, decode, encode
 from flowerpets.dp._primitives.noise import AesCtrGaussian
+from flowerpets.dp._primitives.rotation import RandomizedHadamard
 from flowerpets.dp.accountant import PldAccountant, PoissonSampledGaussian, RdpAccountant
 from flowerpets.simulation import run_simulation
 
@@ -94,9 +119,20 @@ NAME = "params"
 NOISE_MULTIPLIER, CLIP = 1.0, 1.0
 ACCOUNTANT_EVENT = PoissonSampledGaussian(1.1, 0.01)
 DELTA = 1e-5
-PARTS = ("round", "noise", "discrete", "accountant")
+PARTS = ("round", "noise", "discrete", "distributed", "accountant")
 SKELLAM_ROWS = ("numpy_skellam", "skellam", "poisson_table")  # measured against numpy_skellam
 SECURE_NOISE_TARGET = 3.0  # secure noise within this factor of numpy's standard_normal
+DISTRIBUTED_TARGET = 2.0  # a distributed-DP client within this factor of SecAgg+'s masking
+DISTRIBUTED_SCALE = 2.0**14  # integer steps per model unit: clip * scale = 16,384
+DISTRIBUTED_ROWS = (
+    "secagg_masking",
+    "distributed_dp",
+    "distributed_dp_gaussian",
+    "rotate",
+    "conditional_round",
+    "skellam_noise",
+)  # measured against secagg_masking
+SERVER_ROWS = ("plain_aggregation", "decode")
 
 
 # -- round ----------------------------------------------------------------------------------------
@@ -262,6 +298,95 @@ def discrete_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     return {"sigmas": rows}
 
 
+# -- distributed ----------------------------------------------------------------------------------
+def distributed_part(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    params, clients = args.params, args.client_n
+    encoding = Encoding(scale=DISTRIBUTED_SCALE, clip=CLIP, dimension=params)
+    rotation = RandomizedHadamard(np.random.default_rng(args.seed).bytes(16), params)
+    # Noise multiplier 1 over the rounded sensitivity, shared by the clients (Skellam's mu is
+    # half a share's variance).
+    variance = encoding.norm_bound**2 / clients
+    mu = Fraction(round(variance / 2))
+    sigma_squared = Fraction(round(variance))  # the discrete Gaussian option's share
+    source = AesCtrGaussian()
+
+    def noise(size: int) -> NDArray[np.int64]:
+        return discrete.sample_skellam(mu, size, source=source)
+
+    update = make_updates(1, params, args.seed)[0].astype(np.float64)
+    scaled = rotation.rotate(clip_update({NAME: update}, CLIP).arrays[NAME]) * encoding.scale
+    stack = make_updates(args.nodes, params, args.seed + 1)
+    plain = [ArrayRecord.from_numpy({NAME: row}, copy=False) for row in stack]
+
+    def aggregate() -> ArrayRecord:
+        total = WeightedSum()
+        for arrays in plain:
+            total.add(arrays, 1)
+        return total.result()
+
+    def gaussian_noise(size: int) -> NDArray[np.int64]:
+        return discrete.sample_discrete_gaussian(sigma_squared, size, source=source)
+
+    def client(shares: Callable[[int], NDArray[np.int64]] = noise) -> NDArray[np.uint32]:
+        return encode(update, encoding=encoding, rotation=rotation, noise=shares, source=source)[0]
+
+    residues = client().astype(np.uint64)
+    workload = make_client_workload(clients, params, args.seed)
+    cases = [
+        Case("secagg_node", workload.run, "one SecAgg+ node, every stage (masking kept)"),
+        Case("distributed_dp", client, "clip + rotate + round + Skellam + wrap"),
+        Case(
+            "distributed_dp_gaussian",
+            lambda: client(gaussian_noise),
+            "the same with discrete Gaussian shares",
+        ),
+        Case("rotate", lambda: rotation.rotate(update), "randomized Hadamard, padded"),
+        Case(
+            "conditional_round",
+            lambda: conditional_round(
+                scaled, norm_bound=encoding.norm_bound, source=source, tries=1
+            ),
+            "randomized rounding + exact norm check",
+        ),
+        Case("skellam_noise", lambda: noise(encoding.padded), "exact Skellam, AES-CTR"),
+        Case("plain_aggregation", aggregate, f"WeightedSum of {args.nodes} float32 updates"),
+        Case(
+            "decode",
+            lambda: decode(residues, encoding=encoding, rotation=rotation),
+            "centred lift + rescale + unrotate",
+        ),
+    ]
+    results = run_cases(cases, args.repeats, settle=args.settle, progress=progress)
+    masking = Measurement(
+        "secagg_masking",
+        f"SecAgg+ masked-input stage, n = {clients}, k = {workload.k}",
+        times=workload.stages["masked-input"][-args.repeats :],
+    )
+    results = {"secagg_masking": masking, **results}
+    decoded = decode(residues, encoding=encoding, rotation=rotation)
+    error = float(np.sum((decoded - clip_update({NAME: update}, CLIP).arrays[NAME]) ** 2))
+    # The unrotation keeps d of the D coordinates, each of variance v (and the rounding's, at
+    # most 1/4); the sum of d squares is within 6 standard errors, sqrt(2 / d) each.
+    expected = params * variance / encoding.scale**2
+    tolerance = 6 * math.sqrt(2 / params) + 0.25 / variance
+    return {
+        "results": results,
+        "baseline": "secagg_masking",
+        "baselines": {name: "plain_aggregation" for name in SERVER_ROWS},
+        "clients": clients,
+        "k": workload.k,
+        "padded": encoding.padded,
+        "local_variance": variance,
+        "vs_secagg_masking": ratio(results["distributed_dp"], masking),
+        "gaussian_vs_secagg_masking": ratio(results["distributed_dp_gaussian"], masking),
+        "vs_secagg_masking_target": DISTRIBUTED_TARGET,
+        "decode_vs_plain_aggregation": ratio(results["decode"], results["plain_aggregation"]),
+        "noise_error_ratio": error / expected,
+        "noise_tolerance": tolerance,
+        "noise_ok": abs(error / expected - 1) <= tolerance,
+    }
+
+
 # -- accountant -----------------------------------------------------------------------------------
 _fresh_events = itertools.count(1)
 
@@ -301,6 +426,7 @@ RUNNERS = {
     "round": round_part,
     "noise": noise_part,
     "discrete": discrete_part,
+    "distributed": distributed_part,
     "accountant": accountant_part,
 }
 
@@ -322,6 +448,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[100, 10_000],
         help="noise standard deviations of the discrete part",
+    )
+    parser.add_argument(
+        "--client-n", type=positive_int, default=100, help="SecAgg+ cohort of the distributed part"
     )
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, repeats=5)
@@ -345,9 +474,12 @@ def _public(part: dict[str, Any]) -> dict[str, Any]:
     if "sigmas" in part:
         return _public_discrete(part)
     results: dict[str, Measurement] = part["results"]
-    base = results[part["baseline"]]
+    baselines: dict[str, str] = part.get("baselines", {})  # rows with a baseline of their own
     out = {k: v for k, v in part.items() if k != "results"}
-    out["results"] = {name: m.to_json(base) for name, m in results.items()}
+    out["results"] = {
+        name: m.to_json(results[baselines.get(name, part["baseline"])])
+        for name, m in results.items()
+    }
     return out
 
 
@@ -389,6 +521,21 @@ def report(args: argparse.Namespace, parts: dict[str, Any]) -> str:
                 f"sampled variance / sigma^2: {row['gaussian_variance_ratio']:.4f} and "
                 f"{row['skellam_variance_ratio']:.4f}",
             ]
+    if "distributed" in parts:
+        part = parts["distributed"]
+        results = part["results"]
+        lines += [
+            "",
+            f"distributed DP, {args.params:,} values (D = {part['padded']:,}), Skellam shares for "
+            f"{part['clients']} clients, against one SecAgg+ node's masking (k = {part['k']}):",
+            measurement_table([results[k] for k in DISTRIBUTED_ROWS], baseline="secagg_masking"),
+            measurement_table([results[k] for k in SERVER_ROWS], baseline="plain_aggregation"),
+            f"distributed-DP client / SecAgg+ masking: {part['vs_secagg_masking']:.2f}x Skellam, "
+            f"{part['gaussian_vs_secagg_masking']:.2f}x discrete Gaussian "
+            f"(target: within {DISTRIBUTED_TARGET:g}x); decode / plain aggregation: "
+            f"{part['decode_vs_plain_aggregation']:.2f}x; decoded noise / expected: "
+            f"{part['noise_error_ratio']:.4f}",
+        ]
     if "accountant" in parts:
         part = parts["accountant"]
         rows = [(m.name, format_seconds(m.median), m.note) for m in part["results"].values()]
@@ -409,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     if "round" in parts and not parts["round"]["exact"]:
         failed.append("the DP round does not match the fixed-denominator formula")
+    if "distributed" in parts and not parts["distributed"]["noise_ok"]:
+        failed.append("the decoded distributed-DP update's noise is not the calibrated one")
     payload = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
         "memory_metric": MEMORY_METRIC,

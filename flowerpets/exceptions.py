@@ -18,6 +18,7 @@ __all__ = [
     "AuthenticationError",
     "CiphertextError",
     "CodecError",
+    "ConditionalRoundingError",
     "ConfigurationError",
     "CorruptMessageError",
     "CorruptStateError",
@@ -52,6 +53,7 @@ __all__ = [
     "PrivacyLedgerError",
     "PrivacyLedgerMismatchError",
     "ProtocolViolationError",
+    "QuantizedRoundError",
     "RecordTypeError",
     "ReplayError",
     "RequestRefusedError",
@@ -164,6 +166,14 @@ class InvalidUpdateError(FlowerpetsError, ValueError):
     """A client's update cannot be aggregated: wrong names, shapes or dtypes, or NaN/inf."""
 
 
+class ConditionalRoundingError(FlowerpetsError, RuntimeError):
+    """Distributed DP's conditional randomized rounding exceeded its norm bound every try.
+
+    Each try fails with probability at most ``beta``, so this means a chance
+    below ``2**-40`` or a broken source of randomness; the message carries no value.
+    """
+
+
 class RoundFailedError(FlowerpetsError, RuntimeError):
     """A round could not complete, for example because too few nodes replied.
 
@@ -259,6 +269,13 @@ class IncompatibleModsError(ConfigurationError, RuntimeError):
 
     For example, server-side clipping needs every update one by one, which a
     secure-aggregation mod exists to prevent.
+    """
+
+
+class QuantizedRoundError(IncompatibleModsError, UsageError):
+    """A round whose replies hold residues (a quantized domain) reached a step that cannot
+    sum modulo: the plain exchange or HE. Only a secure aggregator that honours the domain
+    (SecAgg+) can run it; found before anything is sent, and every round would fail alike.
     """
 
 

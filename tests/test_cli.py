@@ -55,7 +55,10 @@ def demo_available() -> None:
         (["--adaptive-clip", "--noise-multiplier", "2.5"], "--adaptive-clip cannot keep"),
         (["--pets", "none", "--noise-multiplier", "1"], "--noise-multiplier needs --dp central"),
         (["--pets", "none", "--adaptive-clip"], "--adaptive-clip needs --dp central"),
-        (["--pets", "none", "--clip", "2"], "--clip needs --dp central or --dp local"),
+        (
+            ["--pets", "none", "--clip", "2"],
+            "--clip needs --dp central, --dp distributed or --dp local",
+        ),
         (["--pets", "none", "--secagg-k", "4"], "--secagg-k needs --secagg"),
         (["--pets", "none", "--he-params", "wide"], "--he-params needs --he"),
         (["--dp", "local", "--target-epsilon", "3", "--clip-on", "server"], "drop --clip-on"),

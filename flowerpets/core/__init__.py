@@ -22,6 +22,13 @@ from flowerpets.core.journal import DurableState, NodeBudget, Resumption, RunJou
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
+from flowerpets.core.quantized import (
+    MODULUS_BITS_KEY,
+    NAMES_KEY,
+    QuantizedDomain,
+    domain_of,
+    modulus_bits_of,
+)
 from flowerpets.core.records import (
     Array,
     ArrayRecord,
@@ -43,6 +50,7 @@ from flowerpets.core.round import (
     SecureAggregator,
     ServerContext,
     ServerMod,
+    fewest_inputs_of,
     is_sealed,
 )
 from flowerpets.core.sampling import (
@@ -78,14 +86,17 @@ __all__ = [
     "Handler",
     "History",
     "INVALID_REPLY_ERRORS",
+    "MODULUS_BITS_KEY",
     "Message",
     "MessageType",
     "Metadata",
     "MetricMean",
     "MetricRecord",
     "MetricValue",
+    "NAMES_KEY",
     "NodeBudget",
     "PoissonSampling",
+    "QuantizedDomain",
     "RecordDict",
     "Resumption",
     "RoundRecord",
@@ -108,7 +119,10 @@ __all__ = [
     "aggregate_round",
     "chain",
     "collect",
+    "domain_of",
+    "fewest_inputs_of",
     "is_sealed",
+    "modulus_bits_of",
     "reply_weight",
     "request_messages",
 ]

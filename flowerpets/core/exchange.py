@@ -266,8 +266,12 @@ def aggregate_round(request: RoundRequest, context: ServerContext) -> RoundResul
     A reply counts if it carries ``metrics`` (with the weight metric, unless
     ``request.weight_key`` is None) and, when it carries ``arrays``, arrays of
     the request's names and shapes, all finite. Anything else is recorded as
-    that node's failure; the other nodes' sum is unaffected.
+    that node's failure; the other nodes' sum is unaffected. A quantized round
+    (``request.quantized``) is refused before anything is sent
+    (:class:`~flowerpets.exceptions.QuantizedRoundError`): this sum is weighted
+    and never modular.
     """
+    request.refuse_quantized("the plain exchange (aggregate_round)")
     exchange = StageExchange.of(context.require_grid(), request)
     content = RecordDict({"arrays": request.arrays, "config": request.config})
     total = WeightedSum(expected=request.arrays if len(request.arrays) else None)

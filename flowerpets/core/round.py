@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from flowerpets.core.context import Context
 from flowerpets.core.grid import Grid
 from flowerpets.core.message import Error, MessageType
+from flowerpets.core.quantized import QuantizedDomain
 from flowerpets.core.records import (
     ArrayRecord,
     ConfigRecord,
@@ -27,6 +28,7 @@ from flowerpets.exceptions import (
     NotFoundError,
     ParameterTypeError,
     ParameterValueError,
+    QuantizedRoundError,
     UsageError,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "SecureAggregator",
     "ServerContext",
     "ServerMod",
+    "fewest_inputs_of",
     "is_sealed",
 ]
 
@@ -96,6 +99,15 @@ class RoundRequest:
 
     A server mod may return a changed copy (``request.replace(config=...)``),
     for example to add a clipping norm to the config every node receives.
+
+    ``quantized`` (a :class:`~flowerpets.core.quantized.QuantizedDomain`) says
+    that the reply arrays it names are residues modulo ``2**modulus_bits``: the
+    secure aggregator sums each of them modulo that, unweighted, and returns
+    the sum in ``RoundResult.aggregate[name]`` as ``uint64`` residues (same
+    shape as the nodes sent, never divided); the other reply arrays are summed
+    as usual. Only a secure aggregator that honours it (SecAgg+) can run such a
+    round: every other step refuses it before sending anything
+    (:meth:`refuse_quantized`).
     """
 
     round: int
@@ -108,9 +120,30 @@ class RoundRequest:
     # Reply metric that weighs each update; None sums the updates unweighted.
     weight_key: str | None = WEIGHT_KEY
     timeout: float | None = None
+    quantized: QuantizedDomain | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantized is not None and not isinstance(self.quantized, QuantizedDomain):
+            raise ParameterTypeError(
+                f"quantized must be a QuantizedDomain or None, got {type(self.quantized).__name__}"
+            )
 
     def replace(self, **changes: Any) -> RoundRequest:
         return replace(self, **changes)
+
+    def refuse_quantized(self, step: str) -> None:
+        """Raise :class:`~flowerpets.exceptions.QuantizedRoundError` if the round is quantized.
+
+        What every step that cannot sum residues modulo calls before it sends
+        anything (``step`` names it in the message).
+        """
+        if self.quantized is not None:
+            raise QuantizedRoundError(
+                f"round {self.round}: a quantized round (arrays {list(self.quantized.names)[:4]} "
+                f"summed modulo 2**{self.quantized.modulus_bits}) needs SecAgg+ (a secure "
+                f"aggregator that sums modulo), but reached {step}, which cannot: put "
+                "SecAggPlus() last among the server mods"
+            )
 
 
 @runtime_checkable
@@ -249,10 +282,13 @@ class ServerContext(Context):
     updates (server-side clipping) must refuse to run then. ``journal`` is the
     run's store when the ServerApp has one (None otherwise): a
     :class:`~flowerpets.core.journal.DurableState` mod writes what must be on
-    disk before a release through it.
+    disk before a release through it. ``fewest_inputs`` is the innermost secure
+    aggregator's :meth:`SecureAggregator.fewest_inputs` (None without one): the
+    fewest nodes whose inputs a sum it releases holds, for a cohort size (what
+    distributed DP sizes each node's noise share for).
     """
 
-    __slots__ = ("grid", "journal", "secure_aggregation")
+    __slots__ = ("fewest_inputs", "grid", "journal", "secure_aggregation")
 
     def __init__(
         self,
@@ -263,11 +299,13 @@ class ServerContext(Context):
         run_config: Mapping[str, ConfigValue] | None = None,
         state: RecordDict | None = None,
         journal: RunJournal | None = None,
+        fewest_inputs: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__(0, run_id=run_id, run_config=run_config, state=state)
         self.grid = grid
         self.secure_aggregation = secure_aggregation
         self.journal = journal
+        self.fewest_inputs = fewest_inputs
 
     def require_grid(self) -> Grid:
         if self.grid is None:
@@ -303,3 +341,23 @@ class SecureAggregator(abc.ABC):
         call_next: Callable[[RoundRequest, ServerContext], RoundResult],
     ) -> RoundResult:
         """Run the round (usually replacing the inner exchange)."""
+
+    def fewest_inputs(self, cohort_size: int) -> int:
+        """The fewest nodes whose inputs a sum this aggregator releases holds, for a cohort
+        of ``cohort_size``: it fails a round rather than release a sum of fewer.
+
+        A mod that counts on the inputs in the sum relies on it (distributed DP sizes
+        each node's noise share so that this many shares suffice). The default, 1,
+        promises nothing beyond one input.
+        """
+        return 1
+
+
+def fewest_inputs_of(mods: Iterable[object]) -> Callable[[int], int] | None:
+    """The innermost :class:`SecureAggregator` among ``mods``' ``fewest_inputs`` (None if none).
+
+    The innermost one (the last listed) is the one that sums: an outer one never sees the
+    replies.
+    """
+    aggregators = [m for m in mods if isinstance(m, SecureAggregator)]
+    return aggregators[-1].fewest_inputs if aggregators else None

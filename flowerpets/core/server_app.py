@@ -35,6 +35,7 @@ from flowerpets.core.round import (
     SecureAggregator,
     ServerContext,
     ServerMod,
+    fewest_inputs_of,
 )
 from flowerpets.core.strategy import Strategy
 from flowerpets.exceptions import (
@@ -169,6 +170,7 @@ class ServerApp:
             grid=grid,
             secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),
             journal=self.store,
+            fewest_inputs=fewest_inputs_of(self.mods),
         )
         result = RunResult(arrays=self.initial_arrays)
         resumed = None if self.store is None else self.store.resumption()

@@ -14,6 +14,10 @@ Adaptive clipping: ``CentralDp(..., adaptive=AdaptiveClipping())`` on the
 server and :func:`adaptive_clipping_mod` on the clients. Clipping on the
 server instead: ``CentralDp(..., clip_on=ClipOn.SERVER)`` and no client mod.
 
+Distributed DP (the server sees only a noised sum; needs SecAgg+):
+:class:`DistributedDp` on the server, :class:`DistributedDpMod` on the clients
+inside ``secaggplus_mod`` (see :mod:`flowerpets.dp.distributed`).
+
 Local DP: ``ClientApp(mods=[LocalDpMod(clipping_norm=..., epsilon=..., delta=...)])``.
 
 Sample-level DP-SGD with Opacus: :class:`DpSgd` (needs the ``dpsgd`` extra).
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from flowerpets.dp.accountant import Neighbouring
     from flowerpets.dp.central import AdaptiveClipping, CentralDp, ClipOn
     from flowerpets.dp.clipping import adaptive_clipping_mod, fixed_clipping_mod
+    from flowerpets.dp.distributed import DistributedDp, DistributedDpMod, Mechanism
     from flowerpets.dp.dpsgd import DpSgd, DpSgdReport
     from flowerpets.dp.local import LocalDpMod
 
@@ -42,9 +47,12 @@ _HOMES = {
     "AdaptiveClipping": "central",
     "CentralDp": "central",
     "ClipOn": "central",
+    "DistributedDp": "distributed",
+    "DistributedDpMod": "distributed",
     "DpSgd": "dpsgd",
     "DpSgdReport": "dpsgd",
     "LocalDpMod": "local",
+    "Mechanism": "distributed",
     "Neighbouring": "accountant",
     "accountant": "accountant",
     "adaptive_clipping_mod": "clipping",
@@ -56,9 +64,12 @@ __all__ = [
     "AdaptiveClipping",
     "CentralDp",
     "ClipOn",
+    "DistributedDp",
+    "DistributedDpMod",
     "DpSgd",
     "DpSgdReport",
     "LocalDpMod",
+    "Mechanism",
     "Neighbouring",
     "accountant",
     "adaptive_clipping_mod",

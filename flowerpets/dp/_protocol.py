@@ -16,10 +16,13 @@ from flowerpets.core.fields import Fields
 from flowerpets.exceptions import MessageFieldError, RequestRefusedError
 
 __all__ = [
+    "CLIPPED",
     "CLIP_KEY",
+    "ENCODING_KEY",
     "INDICATOR",
     "REPLY_MODEL_KEY",
     "RESERVED_PREFIX",
+    "RESIDUES",
     "read_clip",
     "read_config",
     "reply_model",
@@ -39,6 +42,17 @@ REPLY_MODEL_KEY = "dp.reply-model"
 # b - 1/2 in it, b = 1 if its update's norm was at most the clip: the array is summed with
 # the updates (inside a secure sum, if there is one), so the server only sees the count.
 INDICATOR = "dp.unclipped"
+
+# Distributed DP. Config key: the round's encoding (JSON: rotation seed, scale, clip,
+# dimension, modulus bits, rounding's beta, mechanism and each node's noise share), the same
+# for every node of the round and public (the server chose it).
+ENCODING_KEY = "dp.distributed"
+
+# Reply arrays of distributed DP, residues modulo 2**bits summed by the secure aggregator:
+# the node's encoded, noised update, and (adaptive clipping) its clipped bit plus its share
+# of that count's noise.
+RESIDUES = "dp.residues"
+CLIPPED = "dp.clipped"
 
 
 def read_config(content: RecordDict) -> Fields:

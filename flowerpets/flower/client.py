@@ -77,6 +77,25 @@ PROTOCOL_MESSAGE_TYPES: Final = ("he-keys",)
 """Our message types that only mods answer (HE's key set-up), registered by :class:`ClientApp`."""
 
 
+# (module, class, why): client mods whose replies a Flower strategy cannot average.
+_CLASS_REPLIERS = (
+    (
+        "flowerpets.dp.distributed._client",
+        "DistributedDpMod",
+        "DistributedDpMod replies with noised residues modulo 2**bits, which only a secure sum "
+        "can add up. Run the server with flowerpets.flower.server_app(ServerApp(..., "
+        "mods=[DistributedDp(...), SecAggPlus()]))",
+    ),
+    (
+        "flowerpets.he.client",
+        "CKKSClientMod",
+        "ckks_mod replies with CKKS ciphertexts, which a Flower strategy would average as "
+        "weights. Run the server with flowerpets.flower.server_app(ServerApp(..., "
+        "mods=[HomomorphicAggregation()]))",
+    ),
+)
+
+
 def _update_replier(mod: object) -> str | None:
     """Why a Flower strategy must not average what ``mod`` replies, or None if it may."""
     # A module nobody imported holds no mod of ours: looked up, never imported here.
@@ -93,13 +112,10 @@ def _update_replier(mod: object) -> str | None:
             "or use Flower's own DifferentialPrivacyClientSideFixedClipping with flwr's "
             "fixedclipping_mod"
         )
-    he = sys.modules.get("flowerpets.he.client")
-    if he is not None and isinstance(mod, he.CKKSClientMod):
-        return (
-            "ckks_mod replies with CKKS ciphertexts, which a Flower strategy would average "
-            "as weights. Run the server with flowerpets.flower.server_app(ServerApp(..., "
-            "mods=[HomomorphicAggregation()]))"
-        )
+    for module, kind, reason in _CLASS_REPLIERS:
+        found = sys.modules.get(module)
+        if found is not None and isinstance(mod, getattr(found, kind)):
+            return reason
     return None
 
 

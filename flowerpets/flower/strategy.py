@@ -113,6 +113,7 @@ from flowerpets.core import (
     ServerMod,
     aggregate_round,
     chain,
+    fewest_inputs_of,
 )
 from flowerpets.exceptions import (
     ConfigurationError,
@@ -430,6 +431,7 @@ class SecureStrategy(Strategy):
             grid=FlowerGrid(grid, min_nodes=0, node_timeout=0),
             secure_aggregation=any(isinstance(m, SecureAggregator) for m in self.mods),
             run_id=int(grid.run.run_id),
+            fewest_inputs=fewest_inputs_of(self.mods),
         )
         self._run = _Run(context)
         self.history = self._run.history

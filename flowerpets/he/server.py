@@ -122,6 +122,8 @@ class HomomorphicAggregation(SecureAggregator, DurableState):
     def __call__(
         self, request: RoundRequest, context: ServerContext, call_next: Next
     ) -> RoundResult:
+        # CKKS sums approximate reals: it cannot sum residues modulo a power of two.
+        request.refuse_quantized("HomomorphicAggregation")
         grid = context.require_grid()
         model = self._model(request, context)
         setup = KeySetup(grid, request, params=self.params, max_attempts=self.max_keygen_attempts)

@@ -22,6 +22,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flowerpets.core import (
+    MODULUS_BITS_KEY,
+    NAMES_KEY,
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -35,6 +37,7 @@ from flowerpets.exceptions import (
     FlowerpetsError,
     InconsistentViewError,
     InvalidUpdateError,
+    MessageFieldError,
     NotEnrolledError,
     ProtocolViolationError,
     RecordTypeError,
@@ -55,6 +58,7 @@ from flowerpets.secagg.protocol import (
     FLOAT,
     MASKED_ARRAY,
     MASKED_RECORD,
+    MODULAR,
     RECORD,
     SHARE_BYTES,
     SHARE_CIPHERTEXT_BYTES,
@@ -71,7 +75,7 @@ from flowerpets.secagg.protocol import (
 )
 from flowerpets.secagg.threat import ThreatModel
 
-__all__ = ["STAGES", "DownstreamError", "NodeSettings", "StageRequest"]
+__all__ = ["STAGES", "DownstreamError", "NodeSettings", "StageRequest", "inner_config"]
 
 log = logging.getLogger("flowerpets.secagg.client")  # the mod's logger: one name for the node side
 
@@ -300,10 +304,10 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
     )
 
     content = msg.require_content()
-    inner = Message(
-        metadata=replace(msg.metadata, stage=""),
-        content=RecordDict({k: content[k] for k in ("arrays", "config") if k in content}),
-    )
+    inner_content = RecordDict({k: content[k] for k in ("arrays", "config") if k in content})
+    if "config" in content or config.quantized is not None:
+        inner_content["config"] = inner_config(content, config)
+    inner = Message(metadata=replace(msg.metadata, stage=""), content=inner_content)
     try:
         reply = call_next(inner, context)
     except Exception as exc:
@@ -323,6 +327,23 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
     return msg.reply(RecordDict({RECORD: record, MASKED_RECORD: masked}))
 
 
+def inner_config(content: RecordDict, config: RoundConfig | None) -> ConfigRecord:
+    """The train config the mods and handler inside this mod see.
+
+    Its quantized-domain keys (:data:`~flowerpets.core.MODULUS_BITS_KEY`,
+    :data:`~flowerpets.core.NAMES_KEY`) are this mod's to set: from the round's
+    configuration (the one whose digest a malicious-mode round signs) when it
+    has a quantized domain; any value the server put there itself is removed.
+    """
+    sent = content.get("config", ConfigRecord())
+    if not isinstance(sent, ConfigRecord):
+        raise MessageFieldError("the train message's 'config' is not a ConfigRecord")
+    values = {k: v for k, v in sent.items() if k not in (MODULUS_BITS_KEY, NAMES_KEY)}
+    if config is not None and config.quantized is not None:
+        values.update(config.quantized.config_entries())
+    return ConfigRecord(values)
+
+
 def _masked_vector(
     node: NodeSettings, reply: RecordDict, state: ClientState, config: RoundConfig, context: Context
 ) -> tuple[NDArray[np.uint32], Layout]:
@@ -330,9 +351,14 @@ def _masked_vector(
     try:
         arrays = reply.get_typed("arrays", ArrayRecord) if "arrays" in reply else ArrayRecord()
         metrics = reply.get_typed("metrics", MetricRecord) if "metrics" in reply else MetricRecord()
-        layout = Layout.of_arrays(arrays, config.secure_metrics)
+        layout = Layout.of_arrays(arrays, config.secure_metrics, modular=config.modular_names)
     except (InvalidUpdateError, RecordTypeError) as exc:
         raise InvalidUpdateError(f"the handler's reply cannot be masked: {exc}") from None
+    missing = [name for name in config.modular_names if name not in arrays]
+    if missing:
+        raise InvalidUpdateError(
+            f"the handler's reply lacks the arrays {missing[:4]} of the round's quantized domain"
+        )
     weight = _weight(metrics, config.weight_key, config.max_weight)
     quant = config.quantization
     vector = np.zeros(layout.length, dtype=np.uint32)
@@ -346,6 +372,9 @@ def _masked_vector(
             clipped += quantize.quantize_into(
                 out, data, factor=factor, limit=limit, uniform=uniform
             )
+        elif kind == MODULAR and config.quantized is not None:
+            # Residues below 2**bits <= 2**32: the words are the values, unweighted.
+            np.copyto(out, config.quantized.check_residues(name, data).reshape(-1), "unsafe")
         else:
             try:
                 quantize.encode_integers_into(

@@ -40,7 +40,9 @@ round's record.
 
 The result is a :class:`~flowerpets.core.RoundResult` whose ``aggregate`` is the
 dequantized weighted sum (float64 for float arrays, int64 for integer arrays,
-exact), ``total_weight`` the securely summed weights, ``participants`` the nodes
+exact) and, in a quantized round (``RoundRequest.quantized``), the unweighted sum
+modulo ``2**bits`` of each residue array the domain names (uint64 residues),
+``total_weight`` the securely summed weights, ``participants`` the nodes
 whose masked input is in the sum, and ``failures`` the others with the stage at
 which each was lost. Reply metrics are *not* seen in the clear: only those
 named in ``secure_metrics`` are summed under the masks (weighted, reported as
@@ -93,6 +95,7 @@ from flowerpets.secagg.protocol import (
     FLOAT,
     MASKED_ARRAY,
     MASKED_RECORD,
+    MODULAR,
     RECORD,
     SESSION_BYTES,
     SHARE_BYTES,
@@ -173,10 +176,13 @@ class ServerRound:
                 weight_key=request.weight_key,
                 secure_metrics=mod.secure_metrics,
                 threat=self.model.threat,
+                quantized=request.quantized,
             )
+            # A quantized round's replies hold residues the model does not (their names and
+            # shapes are the noising mod's): the first masked input fixes the layout.
             self.expected = (
                 Layout.of_arrays(request.arrays, mod.secure_metrics)
-                if len(request.arrays)
+                if len(request.arrays) and request.quantized is None
                 else None
             )
         except (
@@ -439,6 +445,12 @@ class ServerRound:
 
     def _add_masked_input(self, body: RecordDict) -> None:
         layout = Layout.read(fields_of(body), self.config.secure_metrics)
+        if sorted(layout.modular_names) != sorted(self.config.modular_names):
+            # Residues summed modulo are released as they are: only the domain's names may be.
+            raise InvalidUpdateError(
+                f"the masked input's modular arrays {sorted(layout.modular_names)[:4]} are not "
+                f"the round's quantized domain {sorted(self.config.modular_names)[:4]}"
+            )
         if self.layout is None:
             self.layout = layout
         elif layout.signature() != self.layout.signature():
@@ -680,8 +692,14 @@ class ServerRound:
         for name, shape, kind, size in zip(
             layout.names, layout.shapes, layout.kinds, layout.sizes, strict=True
         ):
-            segment = signed[at : at + size].reshape(shape)
-            values: NDArray[Any] = segment / quant.scale if kind == FLOAT else segment
+            values: NDArray[Any]
+            if kind == MODULAR:
+                # The mod-2**32 sum, reduced mod 2**bits (which divides 2**32): the residues.
+                mask = np.uint64((1 << self.config.modulus_bits) - 1)
+                values = (self.total[at : at + size].astype(np.uint64) & mask).reshape(shape)
+            else:
+                segment = signed[at : at + size].reshape(shape)
+                values = segment / quant.scale if kind == FLOAT else segment
             aggregate[name] = Array(values, copy=False)
             at += size
         self._check_unmasked(int(signed[layout.weight_index]), int(signed[layout.clip_index]))

@@ -57,7 +57,16 @@ not one of the four SecAgg+ stages (plain, stage-less requests, and any other
 stage a server names) are refused unless ``refuse_plaintext=False``: a node that
 runs this mod expects its updates to leave it masked, and a server that skips
 SecAgg+ must not get them in the clear. Other messages (``evaluate``) pass
-through untouched.
+through untouched, but for the quantized-domain keys of their config.
+
+The mods and handler inside this one learn from the config of the train message
+they are passed whether the round sums some of their reply arrays modulo
+(:data:`~flowerpets.core.MODULUS_BITS_KEY` and :data:`~flowerpets.core.NAMES_KEY`,
+set from the round's configuration: see :mod:`flowerpets.core.quantized`); this
+mod removes any value of those keys the server sent itself. A reply array the
+domain names must hold unsigned integers below the modulus: anything else is
+refused (an ``INVALID_REPLY`` error reply whose reason names the array, never a
+value).
 """
 
 from __future__ import annotations
@@ -68,11 +77,15 @@ from collections.abc import Callable, Iterable
 
 from flowerpets._validation import boolean, instance, integer, strings
 from flowerpets.core import (
+    MODULUS_BITS_KEY,
+    NAMES_KEY,
+    ConfigRecord,
     Context,
     Error,
     ErrorCode,
     Message,
     MessageType,
+    RecordDict,
 )
 from flowerpets.exceptions import (
     DecryptionError,
@@ -85,7 +98,7 @@ from flowerpets.exceptions import (
     RequestRefusedError,
     StateError,
 )
-from flowerpets.secagg._node_stages import STAGES, DownstreamError, StageRequest
+from flowerpets.secagg._node_stages import STAGES, DownstreamError, StageRequest, inner_config
 from flowerpets.secagg._node_state import (
     MALICIOUS_TRANSITIONS,
     TRANSITIONS,
@@ -235,7 +248,7 @@ class SecAggPlusClientMod:
                 f"this node sends {msg.message_type!r} replies only through SecAgg+; "
                 f"it refuses {what}, which is not a SecAgg+ stage"
             )
-        return call_next(msg, context)
+        return call_next(_without_domain(msg), context)
 
     def _run_stage(
         self, stage: str, msg: Message, context: Context, call_next: CallNext
@@ -295,6 +308,22 @@ class SecAggPlusClientMod:
             abort(state, context)
             raise RequestRefusedError(f"{exc}; the round is aborted") from None
         return current
+
+
+def _without_domain(msg: Message) -> Message:
+    """``msg`` without a quantized domain in its config: only this mod says that a reply will
+    be summed modulo, and a message it lets through is not masked at all."""
+    content = msg.content
+    config = None if content is None else content.get("config")
+    if (
+        content is None
+        or not isinstance(config, ConfigRecord)
+        or not {MODULUS_BITS_KEY, NAMES_KEY} & set(config)
+    ):
+        return msg
+    stripped = RecordDict(dict(content.items()))
+    stripped["config"] = inner_config(content, None)
+    return Message(metadata=msg.metadata, content=stripped)
 
 
 secaggplus_mod = SecAggPlusClientMod()

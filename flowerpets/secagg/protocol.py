@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from flowerpets._validation import instance, integer, one_of, strings
-from flowerpets.core import ArrayRecord, ConfigRecord, RecordDict
+from flowerpets.core import ArrayRecord, ConfigRecord, QuantizedDomain, RecordDict
 from flowerpets.core.fields import Fields
 from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.protocol import StageName
@@ -46,8 +46,11 @@ from flowerpets.secagg.graph import HararyGraph
 from flowerpets.secagg.parameters import Threat  # one enum: the finder's rule and the stages
 
 __all__ = [
+    "FLOAT",
+    "INTEGER",
     "MASKED_ARRAY",
     "MASKED_RECORD",
+    "MODULAR",
     "PROTOCOL_VERSION",
     "RECORD",
     "SESSION_BYTES",
@@ -66,7 +69,9 @@ __all__ = [
 
 # 2: the round configuration names its threat model; the malicious mode's signed
 # advertisements and its consistency-check stage (issue 13).
-PROTOCOL_VERSION = 2
+# 3: the round configuration names its quantized domain (modulus bits, residue arrays),
+# and a layout may hold modular arrays (kind "m"; issue 14).
+PROTOCOL_VERSION = 3
 RECORD = "secagg+"
 MASKED_RECORD = "secagg+/masked"
 MASKED_ARRAY = "vector"
@@ -193,7 +198,12 @@ class RoundConfig:
     ``order`` is the cohort in ring order (the Harary graph's random labelling);
     the node derives its own neighbourhood from it. ``weight_key`` is the reply
     metric that weighs the update (None: unweighted), ``secure_metrics`` the
-    reply metrics summed under the masks too.
+    reply metrics summed under the masks too. ``quantized`` (None: none) is the
+    round's :class:`~flowerpets.core.QuantizedDomain`: the reply arrays it names
+    are residues, sent as they are (kind ``"m"``: no quantization, no weight) and
+    summed modulo its modulus. The :attr:`digest` covers every field, so in
+    malicious mode a server that tells two nodes different domains is caught
+    like one that tells them different ring orders.
     """
 
     session: bytes
@@ -205,6 +215,7 @@ class RoundConfig:
     weight_key: str | None
     secure_metrics: tuple[str, ...]
     threat: Threat = Threat.SEMI_HONEST
+    quantized: QuantizedDomain | None = None
 
     def __post_init__(self) -> None:
         if len(instance("session", self.session, bytes)) != SESSION_BYTES:
@@ -216,6 +227,8 @@ class RoundConfig:
             instance("weight_key", self.weight_key, str)
         strings("secure_metrics", self.secure_metrics, unique=True)
         instance("threat", self.threat, Threat)
+        if self.quantized is not None:
+            instance("quantized", self.quantized, QuantizedDomain)
 
     @cached_property
     def digest(self) -> bytes:
@@ -234,8 +247,21 @@ class RoundConfig:
             len(self.secure_metrics),
             *self.secure_metrics,
             self.threat.value,
+            self.modulus_bits,
+            len(self.modular_names),
+            *self.modular_names,
         )
         return hashlib.sha256(data).digest()
+
+    @property
+    def modulus_bits(self) -> int:
+        """The quantized domain's modulus bits; 0 when the round has none."""
+        return 0 if self.quantized is None else self.quantized.modulus_bits
+
+    @property
+    def modular_names(self) -> tuple[str, ...]:
+        """The reply arrays summed modulo (the quantized domain's names); () without one."""
+        return () if self.quantized is None else self.quantized.names
 
     @cached_property
     def graph(self) -> HararyGraph:
@@ -262,6 +288,8 @@ class RoundConfig:
                 "weight-key": self.weight_key or "",
                 "secure-metrics": list(self.secure_metrics),
                 "threat": self.threat.value,
+                "modulus-bits": self.modulus_bits,
+                "modular-names": list(self.modular_names),
             }
         )
 
@@ -283,7 +311,12 @@ class RoundConfig:
         threat = fields.get("threat", str)
         if threat not in set(Threat):
             raise ProtocolViolationError(f"unknown threat model {threat[:40]!r}")
+        bits = fields.get("modulus-bits", int)
+        modular = tuple(fields.items("modular-names", str))
+        if bits == 0 and modular:
+            raise ProtocolViolationError("modular-names are given without modulus-bits")
         try:
+            quantized = None if bits == 0 else QuantizedDomain(modulus_bits=bits, names=modular)
             return cls(
                 session=fields.get("session", bytes),
                 order=tuple(fields.items("order", int)),
@@ -294,13 +327,15 @@ class RoundConfig:
                 weight_key=weight_key or None,
                 secure_metrics=tuple(fields.items("secure-metrics", str)),
                 threat=Threat(threat),
+                quantized=quantized,
             )
         except (ParameterTypeError, ParameterValueError, ConfigurationError) as exc:
             raise ProtocolViolationError(f"the round configuration: {exc}") from None
 
 
-# Array kinds as the vector encodes them: quantized floats, or exact integers.
-FLOAT, INTEGER = "f", "i"
+# Array kinds as the vector encodes them: quantized floats, exact integers, or residues
+# (a quantized domain's arrays: the words are the residues, summed modulo 2**bits).
+FLOAT, INTEGER, MODULAR = "f", "i", "m"
 _KINDS = {"f": FLOAT, "b": INTEGER, "i": INTEGER, "u": INTEGER}
 
 
@@ -315,7 +350,11 @@ def kind_of(dtype_kind: str, name: str) -> str:
 
 
 # The dtype each kind is released in by the server's sum: the kinds map one-to-one to them.
-_DTYPE_OF_KIND = {FLOAT: np.dtype(np.float64).str, INTEGER: np.dtype(np.int64).str}
+_DTYPE_OF_KIND = {
+    FLOAT: np.dtype(np.float64).str,
+    INTEGER: np.dtype(np.int64).str,
+    MODULAR: np.dtype(np.uint64).str,
+}
 _KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
 
 
@@ -325,9 +364,10 @@ class Layout:
 
     The arrays are a core :class:`~flowerpets.core.ArrayLayout` (names and
     shapes), whose dtypes are those the server's sum releases them in: float64
-    for quantized floats, int64 for exact integers. The wire carries each
-    array's kind (``"f"`` or ``"i"``), which maps one-to-one to those, never
-    the dtype a node's update had.
+    for quantized floats, int64 for exact integers, uint64 for the residues of
+    a quantized domain (modular). The wire carries each array's kind (``"f"``,
+    ``"i"`` or ``"m"``), which maps one-to-one to those, never the dtype a
+    node's update had.
 
     The tail is the weight (an exact integer), the secure metrics (quantized
     like float arrays) and a clipping flag (1 if the node clipped anything).
@@ -341,7 +381,8 @@ class Layout:
         for name, _, dtype in self.arrays.items():
             if dtype not in _KIND_OF_DTYPE:
                 raise ParameterValueError(
-                    f"array {name!r}: a masked vector sums float64 or int64 arrays, got {dtype}"
+                    f"array {name!r}: a masked vector sums float64, int64 or uint64 arrays, "
+                    f"got {dtype}"
                 )
         strings("metrics", self.metrics)
 
@@ -353,16 +394,25 @@ class Layout:
         kinds: Sequence[str],
         metrics: Sequence[str] = (),
     ) -> Layout:
-        """The layout of arrays of these names, shapes and kinds (``FLOAT`` or ``INTEGER``)."""
+        """The layout of arrays of these names, shapes and kinds (``FLOAT``, ``INTEGER``,
+        ``MODULAR``)."""
         dtypes = tuple(_DTYPE_OF_KIND[one_of("kind", k, _DTYPE_OF_KIND)] for k in kinds)
         return cls(ArrayLayout(tuple(names), tuple(shapes), dtypes), tuple(metrics))
 
     @classmethod
-    def of_arrays(cls, arrays: ArrayRecord, metrics: Sequence[str] = ()) -> Layout:
+    def of_arrays(
+        cls, arrays: ArrayRecord, metrics: Sequence[str] = (), modular: Iterable[str] = ()
+    ) -> Layout:
+        """The layout of ``arrays``: those named in ``modular`` are ``MODULAR`` (their
+        values are checked where they are encoded), the others by their dtype."""
+        residues = set(modular)
         return cls.of_kinds(
             tuple(arrays),
             tuple(a.shape for a in arrays.values()),
-            tuple(kind_of(a.dtype.kind, name) for name, a in arrays.items()),
+            tuple(
+                MODULAR if name in residues else kind_of(a.dtype.kind, name)
+                for name, a in arrays.items()
+            ),
             metrics,
         )
 
@@ -381,6 +431,11 @@ class Layout:
     @property
     def sizes(self) -> tuple[int, ...]:
         return self.arrays.sizes
+
+    @property
+    def modular_names(self) -> tuple[str, ...]:
+        """The arrays of kind ``MODULAR``, in layout order."""
+        return tuple(n for n, k in zip(self.names, self.kinds, strict=True) if k == MODULAR)
 
     @property
     def weight_index(self) -> int:
@@ -414,7 +469,7 @@ class Layout:
         kinds = fields.items("kinds", str)
         if not len(names) == len(ndims) == len(kinds) or sum(ndims) != len(dims):
             raise InvalidUpdateError("the layout's names, ndims, dims and kinds do not match")
-        if any(d < 0 for d in ndims + dims) or any(k not in (FLOAT, INTEGER) for k in kinds):
+        if any(d < 0 for d in ndims + dims) or any(k not in _DTYPE_OF_KIND for k in kinds):
             raise InvalidUpdateError("the layout has a negative dimension or an unknown kind")
         if len(set(names)) != len(names):
             raise InvalidUpdateError("the layout names an array twice")

@@ -168,6 +168,16 @@ class SecAggPlus(SecureAggregator):
             correctness_bits=self.correctness_bits,
         )
 
+    def fewest_inputs(self, cohort_size: int) -> int:
+        """The fewest masked inputs a sum this mod unmasks holds: ``t + 1`` for a cohort of
+        ``cohort_size`` (the threshold ``t`` of :meth:`parameters`).
+
+        Every survivor needs ``t`` surviving neighbours (docs/secagg.md), so a sum with
+        fewer than ``t + 1`` inputs fails the round instead. Distributed DP sizes each
+        node's noise share for this many.
+        """
+        return self.parameters(cohort_size).threshold + 1
+
     def __call__(
         self,
         request: RoundRequest,

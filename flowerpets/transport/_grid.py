@@ -36,6 +36,15 @@ class TransportGrid(WaitsForNodes):
     def run_id(self) -> int:
         return self._server.run_id
 
+    @property
+    def stop_requested(self) -> str | None:
+        """Why the server was asked to stop (a signal, a shutdown), or None.
+
+        The next exchange raises StopRunError; a mod that waits between
+        exchanges (for a file, for nodes) reads this to stop waiting too.
+        """
+        return self._server.stop_requested
+
     def node_ids(self) -> list[int]:
         """The nodes connected now (no wait: a mod listing the nodes mid-round gets these)."""
         return self._server.node_ids()

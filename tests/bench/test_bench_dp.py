@@ -9,7 +9,7 @@ import pytest
 
 TINY = [
     "--params", "2000", "--nodes", "3", "--steps", "20", "--repeats", "1", "--settle", "0",
-    "--sigmas", "30", "300", "--quiet",
+    "--sigmas", "30", "300", "--client-n", "12", "--quiet",
 ]  # fmt: skip
 
 
@@ -20,7 +20,7 @@ def report(run_bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 def test_the_report_has_every_part(report: dict[str, Any]) -> None:
     assert report["benchmark"] == "dp" and report["ok"] is True and report["failed"] == []
-    assert set(report) >= {"round", "noise", "discrete", "accountant", "environment"}
+    assert set(report) >= {"round", "noise", "discrete", "distributed", "accountant", "environment"}
     assert report["config"]["params"] == 2000
 
 
@@ -63,3 +63,29 @@ def test_discrete_rows_per_sigma_against_numpy(report: dict[str, Any]) -> None:
         # 2000 draws: the sampled variance is sigma^2 within 8 standard errors (0.032 each).
         assert abs(row["gaussian_variance_ratio"] - 1) < 0.25
         assert abs(row["skellam_variance_ratio"] - 1) < 0.25
+
+
+def test_distributed_rows_against_secagg_masking_and_a_plain_aggregation(
+    report: dict[str, Any],
+) -> None:
+    part = report["distributed"]
+    assert set(part["results"]) == {
+        "secagg_masking",
+        "secagg_node",
+        "distributed_dp",
+        "distributed_dp_gaussian",
+        "rotate",
+        "conditional_round",
+        "skellam_noise",
+        "plain_aggregation",
+        "decode",
+    }
+    results = part["results"]
+    assert (
+        results["secagg_masking"]["ratio"] == 1.0 and results["plain_aggregation"]["ratio"] == 1.0
+    )
+    assert part["padded"] == 2048 and part["clients"] == 12
+    assert part["vs_secagg_masking"] > 0 and part["decode_vs_plain_aggregation"] > 0
+    # The decoded update's noise is the calibrated one (the bench checks it within 6 sd).
+    assert part["noise_ok"] is True
+    assert abs(part["noise_error_ratio"] - 1) <= part["noise_tolerance"] < 0.25

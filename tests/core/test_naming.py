@@ -13,7 +13,7 @@ import flowerpets.dp._protocol as dp_protocol
 import flowerpets.he.protocol as he_protocol
 import flowerpets.secagg.protocol as secagg_protocol
 from flowerpets.core.protocol import StageName, check_stage_names
-from flowerpets.dp import central, dpsgd, local
+from flowerpets.dp import central, distributed, dpsgd, local
 
 PETS: dict[str, ModuleType] = {"secagg+": secagg_protocol, "he": he_protocol, "dp": dp_protocol}
 
@@ -47,10 +47,17 @@ def test_secagg_stage_keeps_its_wire_names() -> None:
 def test_config_keys_and_records_are_under_the_namespace() -> None:
     he_keys = [v for k, v in vars(he_protocol).items() if k.startswith("CONFIG_")]
     assert len(he_keys) == 4
-    dp_keys = [dp_protocol.CLIP_KEY, dp_protocol.REPLY_MODEL_KEY, dp_protocol.INDICATOR]
+    dp_keys = [
+        dp_protocol.CLIP_KEY,
+        dp_protocol.REPLY_MODEL_KEY,
+        dp_protocol.INDICATOR,
+        dp_protocol.ENCODING_KEY,
+        dp_protocol.RESIDUES,
+        dp_protocol.CLIPPED,
+    ]
     for prefix, keys in (("he.", he_keys), ("dp.", dp_keys)):
         assert all(isinstance(k, str) and k.startswith(prefix) for k in keys), keys
-    for key in (central.STATE_KEY, dpsgd.STATE_KEY, local.STATE_KEY):
+    for key in (central.STATE_KEY, distributed.STATE_KEY, dpsgd.STATE_KEY, local.STATE_KEY):
         assert key.startswith("dp.")
     for record in (secagg_protocol.RECORD, secagg_protocol.MASKED_RECORD):
         assert record == "secagg+" or record.startswith("secagg+/")

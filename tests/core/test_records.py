@@ -157,6 +157,7 @@ def test_record_dict_holds_records_only_and_checks_types_on_read() -> None:
 def test_deep_copy_does_not_alias_mappings(values: dict[str, int]) -> None:
     original = RecordDict({"config": ConfigRecord(values)})
     clone = original.deep_copy()
-    clone.get_typed("config", ConfigRecord)["added"] = 1
-    assert "added" not in original.get_typed("config", ConfigRecord)
+    added = "added" + "".join(values)  # a key the drawn values cannot hold
+    clone.get_typed("config", ConfigRecord)[added] = 1
+    assert added not in original.get_typed("config", ConfigRecord)
     assert clone.get_typed("config", ConfigRecord) != original.get_typed("config", ConfigRecord)

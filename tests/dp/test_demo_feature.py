@@ -114,3 +114,57 @@ def test_local_dp_under_secagg_trains(run_demo: Callable[..., dict[str, Any]]) -
     assert len(history) == 2
     for record in history:
         assert record["error"] is None and record["participants"] == 6
+
+
+def parse_secagg(*argv: str) -> argparse.Namespace:
+    args = parse(*argv)
+    args.secagg = True  # the demo's resolve() turns it on for --dp distributed
+    return args
+
+
+def test_distributed_builds_both_mods() -> None:
+    from flowerpets.dp import DistributedDp, DistributedDpMod
+
+    args = parse_secagg("--dp", "distributed", "--target-epsilon", "8", "--clip", "2")
+    on = dp_feature.DpFeature().mods(args, Task())  # type: ignore[arg-type]
+    (server,) = on.server
+    (client,) = on.client
+    assert isinstance(server, DistributedDp) and isinstance(client, DistributedDpMod)
+    assert (server.target_epsilon, server.rounds, server.clipping_norm) == (8.0, 10, 2.0)
+    assert "distributed DP" in on.summary
+
+
+@pytest.mark.parametrize(
+    ("argv", "secagg", "match"),
+    [
+        (["--dp", "distributed"], True, "exactly one of"),
+        (["--dp", "distributed", "--noise-multiplier", "1"], False, "SecAgg"),
+        (["--dp", "distributed", "--noise-multiplier", "1", "--clip-on", "server"], True, "drop"),
+        (
+            ["--dp", "distributed", "--noise-multiplier", "1", "--target-quantile", "0.3"],
+            True,
+            "--adaptive-clip",
+        ),
+    ],
+)
+def test_distributed_refuses_what_it_cannot_run(argv: list[str], secagg: bool, match: str) -> None:
+    args = parse(*argv)
+    args.secagg = secagg
+    with pytest.raises(ValueError, match=match):
+        dp_feature.DpFeature().mods(args, Task())  # type: ignore[arg-type]
+
+
+def test_distributed_dp_under_secagg_trains_and_reports_epsilon(
+    run_demo: Callable[..., dict[str, Any]],
+) -> None:
+    from flowerpets.examples.digits.pets.secagg import SecAggFeature
+
+    argv = ["--dp", "distributed", "--noise-multiplier", "1", "--secagg", "--rounds", "2"]
+    history = run_demo(*argv, "--clients", "6", features=[dp_feature.DpFeature(), SecAggFeature()])[
+        "history"
+    ]
+    assert len(history) == 2
+    epsilons = [r["train_metrics"]["epsilon"] for r in history]
+    assert 0 < epsilons[0] < epsilons[1]
+    for record in history:
+        assert record["error"] is None and record["participants"] == 6

@@ -166,6 +166,8 @@ def test_pets_resolution() -> None:
     assert (tuned.target_epsilon, tuned.sample_rate, tuned.cohort_size) == (3, None, 5)
     custom = demo.resolve(parser.parse_args(["--secagg"]))
     assert (custom.composition, custom.secagg, custom.dp) == ("custom", True, None)
+    distributed = demo.resolve(parser.parse_args(["--dp", "distributed"]))
+    assert (distributed.composition, distributed.secagg) == ("custom", True)  # SecAgg+ sums it
     assert demo.resolve(parser.parse_args(["--pets", "none"])).composition == "none"
     assert demo.resolve(default) is default  # resolving twice changes nothing
     library = argparse.ArgumentParser()

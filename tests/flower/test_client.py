@@ -102,6 +102,16 @@ def test_flwr_fedavg_with_our_ckks_mod_is_refused(kit: SimpleNamespace) -> None:
     assert error.code.name == "REFUSED" and "HomomorphicAggregation" in error.reason
 
 
+def test_flwr_fedavg_with_our_distributed_dp_mod_is_refused(kit: SimpleNamespace) -> None:
+    from flowerpets.dp import DistributedDpMod
+
+    reply = _flwr_app(kit, DistributedDpMod())(
+        _request(_train_content(), bridged=False), _context()
+    )
+    error = error_from_flwr(reply.error)
+    assert error.code.name == "REFUSED" and "DistributedDp" in error.reason
+
+
 def test_local_dp_composes_with_flwr_strategies() -> None:
     """LocalDpMod replies with (noised) weights: what a Flower strategy averages. Not refused."""
     from flowerpets.flower.client import _update_replier

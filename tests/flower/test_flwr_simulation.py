@@ -108,6 +108,25 @@ def test_central_dp_with_secagg(kit: SimpleNamespace, by_value: None) -> None:
     _close(got.arrays, want.arrays, atol=1e-3)
 
 
+def test_distributed_dp_with_secagg(kit: SimpleNamespace, by_value: None) -> None:
+    from flowerpets.dp import DistributedDp, DistributedDpMod
+
+    def server_mods():  # type: ignore[no-untyped-def]
+        return [DistributedDp(noise_multiplier=0.5, clipping_norm=1.0), SecAggPlus()]
+
+    client_mods = [secaggplus_mod, DistributedDpMod()]
+    got = _flwr(kit, server_mods(), client_mods)
+    want = _ours(kit, server_mods(), client_mods)
+    for rounds in (got.history.rounds, want.history.rounds):
+        assert all(r.ok and len(r.participants) == N for r in rounds)
+    eps = [r.train_metrics["epsilon"] for r in got.history.rounds]
+    assert eps == [r.train_metrics["epsilon"] for r in want.history.rounds] and eps[0] < eps[1]
+    # Each run's noise is its own (secure, unseeded): the two models differ by noise only,
+    # two rounds of it, well within 8 standard deviations of the difference per value.
+    std = got.history.rounds[0].train_metrics["dp-noise-std"]
+    _close(got.arrays, want.arrays, atol=8 * std * 2)
+
+
 def test_ckks(kit: SimpleNamespace, by_value: None) -> None:
     got = _flwr(kit, [HomomorphicAggregation()], [ckks_mod], rounds=1)
     record = got.history[0]

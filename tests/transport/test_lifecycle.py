@@ -76,6 +76,8 @@ def test_a_hello_replayed_to_a_restarted_server_is_refused_and_evicts_no_one(
     recorder = RawNode(port, key=key, root_certificates=ca)
     recorded = recorder.hello()
     recorder.join(recorded)  # the genuine HELLO, as an eavesdropper on the node's side saw it
+    # The run has started and waits at round 1's gate: SIGTERM must end that wait too.
+    first.wait_for_log(r"starting the run with 1 node")
     recorder.close()
     first.signal(signal.SIGTERM)
     assert first.wait() == 0, first.log()

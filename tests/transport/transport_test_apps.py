@@ -113,8 +113,12 @@ class _Gate:
     ) -> RoundResult:
         gate = _get(self.config, "gate-file", None)
         if gate and request.round == _get(self.config, "gate-round", 2):
+            # A signal to the server ends the wait: the next exchange then stops the run.
+            grid = context.require_grid()
             deadline = time.monotonic() + 60
             while not Path(str(gate)).exists() and time.monotonic() < deadline:
+                if getattr(grid, "stop_requested", None) is not None:
+                    break
                 time.sleep(0.05)
         wanted = int(_get(self.config, "wait-nodes", 0))
         if wanted and request.round >= 2:

@@ -63,6 +63,11 @@ __all__ = [
 MECHANISM = "CentralDp"
 """The ``mechanism`` of the ledger entries CentralDp writes."""
 
+DISTRIBUTED = "DistributedDp"
+"""The ``mechanism`` of the ledger entries DistributedDp writes."""
+
+_MECHANISMS = frozenset({MECHANISM, DISTRIBUTED})
+
 _VERSION = 1
 
 
@@ -94,10 +99,12 @@ def spend_journal(context: ServerContext) -> SpendJournal | None:
     return journal
 
 
-def spend_entry(event: PrivacyEvent, *, delta: float, accountant: str) -> dict[str, Any]:
+def spend_entry(
+    event: PrivacyEvent, *, delta: float, accountant: str, mechanism: str = MECHANISM
+) -> dict[str, Any]:
     """One population-ledger entry: the event, the delta and the accountant it was counted at."""
     return {
-        "mechanism": MECHANISM,
+        "mechanism": mechanism,
         "event": event_json(event),
         "delta": delta,
         "accountant": accountant,
@@ -107,8 +114,8 @@ def spend_entry(event: PrivacyEvent, *, delta: float, accountant: str) -> dict[s
 def population_ledger(spends: Sequence[SpendRecord]) -> Ledger:
     """The events of a population's ledger entries, each distinct one with its count.
 
-    An entry that is not a CentralDp event is refused, never skipped: skipping it
-    would count less than was spent.
+    An entry that is not a CentralDp or DistributedDp event is refused, never
+    skipped: skipping it would count less than was spent.
     """
     ledger: Ledger = ()
     for spend in spends:
@@ -118,7 +125,7 @@ def population_ledger(spends: Sequence[SpendRecord]) -> Ledger:
 
 def _entry_event(spend: SpendRecord) -> PrivacyEvent:
     event = None
-    if spend.event.get("mechanism") == MECHANISM:
+    if spend.event.get("mechanism") in _MECHANISMS:
         try:
             event = event_from_json(spend.event["event"])
         except (KeyError, TypeError, ValueError):
@@ -126,7 +133,7 @@ def _entry_event(spend: SpendRecord) -> PrivacyEvent:
     if event is None:
         raise PrivacyLedgerMismatchError(
             f"entry {spend.seq} of population {spend.population_id!r}'s ledger is not an event "
-            "CentralDp can compose"
+            "a DP mod can compose"
         )
     return event
 

@@ -113,26 +113,35 @@ class RunState:
         return sum(count for _, count in self.ledger)
 
 
-_SLOT = StateSlot(RunState, STATE_KEY)
+_SLOTS = {STATE_KEY: StateSlot(RunState, STATE_KEY)}
 
 
-def load(context: ServerContext, clip: float) -> RunState:
-    """This run's state; only a context with no record starts a new run, at ``clip``.
+def _slot(key: str) -> StateSlot[RunState]:
+    slot = _SLOTS.get(key)
+    if slot is None:
+        slot = _SLOTS[key] = StateSlot(RunState, key)
+    return slot
+
+
+def load(context: ServerContext, clip: float, *, key: str = STATE_KEY) -> RunState:
+    """This run's state under ``key``; only a context with no record starts a new run, at ``clip``.
 
     State that cannot be read stops the run: continuing would forget the budget spent.
+    Each DP server mod keeps its state under a key of its own (CentralDp's is
+    :data:`STATE_KEY`).
     """
     try:
-        return _SLOT.get(context.state, RunState(clip=clip))
+        return _slot(key).get(context.state, RunState(clip=clip))
     except StateError as exc:
         raise StopRunError(
-            f"the run's {STATE_KEY!r} state is unreadable ({exc}): CentralDp will not "
+            f"the run's {key!r} state is unreadable ({exc}): the DP mod will not "
             "continue a run whose privacy ledger it cannot read"
         ) from None
 
 
-def store(context: ServerContext, run: RunState) -> None:
-    """Write ``run`` to the run's context (replacing the state it held)."""
-    _SLOT.store(context.state, run)
+def store(context: ServerContext, run: RunState, *, key: str = STATE_KEY) -> None:
+    """Write ``run`` to the run's context under ``key`` (replacing the state it held)."""
+    _slot(key).store(context.state, run)
 
 
 def accountant_for(

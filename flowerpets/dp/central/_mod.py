@@ -21,7 +21,6 @@ import numpy as np
 from flowerpets._validation import boolean, instance, integer, probability, real
 from flowerpets.core import (
     ConfigRecord,
-    DurableState,
     FixedSizeSampling,
     FullParticipation,
     MetricRecord,
@@ -37,12 +36,13 @@ from flowerpets.dp._primitives.noise import (
 )
 from flowerpets.dp._protocol import REPLY_MODEL_KEY, RESERVED_PREFIX
 from flowerpets.dp.accountant import AccountantFactory, event_for_round
-from flowerpets.dp.central import _durable, _ledger
 from flowerpets.dp.central._adaptive import AdaptiveClipping, next_clip
+from flowerpets.dp.central._budgeted import BudgetedMod
+from flowerpets.dp.central._durable import MECHANISM
+from flowerpets.dp.central._ledger import STATE_KEY
 from flowerpets.dp.central._release import noised, noised_models, update_multiplier
 from flowerpets.dp.central._sites import SITES, CallNext, ClipOn
 from flowerpets.exceptions import (
-    ConfigurationError,
     IncompatibleModsError,
     InsecureRandomnessWarning,
     ModelMismatchError,
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 _COHORT_FIXED_IN_ADVANCE = frozenset({FullParticipation, FixedSizeSampling})
 
 
-class CentralDp(DurableState):
+class CentralDp(BudgetedMod):
     """Server mod: user-level central DP for FedAvg (see :mod:`flowerpets.dp.central`).
 
     ``noise_multiplier`` (z) is the total: with adaptive clipping it covers the
@@ -87,6 +87,10 @@ class CentralDp(DurableState):
     instance serves any number of runs; it pickles, and builds its secure noise
     source on first use (a copy draws under a key of its own).
     """
+
+    state_key = STATE_KEY
+    mechanism_name = MECHANISM
+    noise_multiplier: float
 
     def __init__(
         self,
@@ -161,65 +165,10 @@ class CentralDp(DurableState):
             f"delta={self.delta}, max_epsilon={self.max_epsilon})"
         )
 
-    # -- the run's state ------------------------------------------------------------------------
-    def spent(self, context: ServerContext) -> float:
-        """The epsilon (at ``delta``) this mod has spent in the run ``context`` belongs to.
-
-        With a run store: what the run's population has spent, every run's events.
-        """
-        journal = _durable.spend_journal(context)
-        if journal is not None:
-            ledger = _durable.population_ledger(journal.spends())
-        else:
-            ledger = _ledger.load(context, self.clipping_norm).ledger
-        return _ledger.spent(ledger, self.accountant, self.delta)
-
-    @property
-    def state_name(self) -> str:
-        return _ledger.STATE_KEY
-
-    def durable_state(self, context: ServerContext) -> bytes:
-        """The run's ledger, clip and last spend, with the settings they were spent under."""
-        return _durable.encode_state(_ledger.load(context, self.clipping_norm), self._settings())
-
-    def restore(self, context: ServerContext, state: bytes | None, *, round: int) -> None:
-        """Continue the run's stored privacy state, checked against the store's ledger.
-
-        Raises a :class:`~flowerpets.exceptions.PrivacyLedgerError` if it is
-        missing, does not match the population's ledger, or was spent under
-        other settings; never starts the budget again.
-        """
-        journal = _durable.spend_journal(context)
-        if journal is None:
-            raise ConfigurationError("CentralDp restores its state from a run store only")
-        run = _durable.restored(
-            journal,
-            state,
-            round=round,
-            settings=self._settings(),
-            population=self.population,
-            clip=self.clipping_norm,
-        )
-        _ledger.store(context, run)
-
-    def _settings(self) -> dict[str, object]:
+    # -- the run's state (spent, durable_state, restore: BudgetedMod's) ---------------------
+    def settings(self) -> dict[str, object]:
         """What the budget a run spent depends on: a resume must run with the same."""
-        adaptive = self.adaptive
-        factory = self.accountant
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "clipping_norm": self.clipping_norm,
-            "clip_on": self.clip_on.value,
-            "adaptive": None
-            if adaptive is None
-            else [adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev],
-            "delta": self.delta,
-            "max_epsilon": self.max_epsilon,
-            "accountant": None
-            if factory is None
-            else getattr(factory, "__qualname__", type(factory).__qualname__),
-            "population": self.population,
-        }
+        return self.settings_of(clip_on=self.clip_on.value)
 
     # -- one round -------------------------------------------------------------------------------
     def __call__(
@@ -235,7 +184,7 @@ class CentralDp(DurableState):
             raise ModelMismatchError(
                 f"names {reserved} are reserved for the DP mods ({RESERVED_PREFIX}*)"
             )
-        run = _ledger.load(context, self.clipping_norm)
+        run = self.load(context)
         expected = float(request.sampling.expected_size(request.population))
         if run.rounds == 0 and self.delta >= 1.0 / request.population:
             log.warning(
@@ -246,32 +195,10 @@ class CentralDp(DurableState):
             )
         multiplier = update_multiplier(self.noise_multiplier, self.adaptive, expected)
         event = event_for_round(request.sampling, request.population, self.noise_multiplier)
-        journal = _durable.spend_journal(context)
-        if journal is None and self.population is not None:
-            raise ConfigurationError(
-                "CentralDp(population=...) keeps the population's budget in a run store: give "
-                "the ServerApp store=..."
-            )
-        budget = None if journal is None else _durable.population_ledger(journal.spends())
-        run, epsilon = _ledger.charged(
-            run,
-            event,
-            factory=self.accountant,
-            delta=self.delta,
-            max_epsilon=self.max_epsilon,
-            round=request.round,
-            budget=budget,
+        run, epsilon = self.charge(
+            context, run, [event], round=request.round, max_epsilon=self.max_epsilon
         )
-        if journal is not None:
-            # On disk, in a transaction of its own, before any node sees the round and so
-            # before the noised sum is released: a crash from here on over-counts, never under.
-            counted_by = _ledger.accountant_for(budget or (), event, self.accountant)
-            spend = journal.record_spend(
-                _durable.spend_entry(event, delta=self.delta, accountant=counted_by.name),
-                round=request.round,
-            )
-            run = dataclasses.replace(run, spend_seq=spend.seq)
-        _ledger.store(context, run)  # accounted before any node sees the round
+        self.store(context, run)  # accounted before any node sees the round
 
         clip = run.clip
         noise = self._round_noise(request.round)
@@ -296,7 +223,7 @@ class CentralDp(DurableState):
                 self.adaptive, clip, unclipped, expected=expected, noise=noise
             )
             metrics["dp-unclipped-fraction"] = fraction
-            _ledger.store(context, dataclasses.replace(run, clip=following))
+            self.store(context, dataclasses.replace(run, clip=following))
         return result.replace(metrics=metrics)
 
     def _round_noise(self, rnd: int) -> GaussianSource:

@@ -218,6 +218,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         )
     if pets is None:
         pets = CUSTOM if chosen else getattr(args, "default_pets", NONE)
+    if getattr(resolved, "dp", None) == "distributed" and not getattr(resolved, "he", False):
+        resolved.secagg = True  # distributed DP's noise shares are summed by SecAgg+
     if pets == RECOMMENDED:
         resolved.secagg, resolved.dp = True, "central"
         if getattr(args, "noise_multiplier", None) is None and (

@@ -9,7 +9,9 @@ round at three places, and nothing else:
   leaves the node, which is all the server ever receives from it (the masked
   vector, uniform words modulo 2**32);
 * :meth:`ServerView.unmasked`, a server mod just outside ``SecAggPlus``: the sum
-  the server unmasks, the only thing secure aggregation reveals, and
+  the server unmasks, the only thing secure aggregation reveals (under
+  distributed DP a sum of noised residues, shown as the integers they stand
+  for), and
   :meth:`ServerView.released`, the outermost server mod: the model the round
   releases (after central DP's noise, when it runs).
 
@@ -61,11 +63,21 @@ def _last(arrays: ArrayRecord) -> tuple[str, int, int]:
 
 
 def _head(arrays: ArrayRecord) -> NDArray[np.float64]:
-    """The first values of the last array, as float64."""
+    """The first values of the last array, as float64 (residues as the integers they stand for)."""
     name, _, _ = _last(arrays)
     if not name:
         return np.zeros(0)
-    return np.asarray(arrays[name].numpy(), dtype=np.float64).ravel()[:FIRST].copy()
+    values = np.asarray(arrays[name].numpy()).ravel()[:FIRST]
+    if values.dtype.kind == "u":  # residues mod 2**32 (distributed DP): centred
+        signed = values.astype(np.int64) & 0xFFFFFFFF
+        signed[signed >= 1 << 31] -= 1 << 32
+        return signed.astype(np.float64)
+    return np.asarray(values, dtype=np.float64).copy()
+
+
+def _is_residues(arrays: ArrayRecord) -> bool:
+    name, _, _ = _last(arrays)
+    return bool(name) and arrays[name].numpy().dtype.kind == "u"
 
 
 @dataclass
@@ -81,6 +93,7 @@ class Snapshot:
     masked: NDArray[np.uint32]
     mean: NDArray[np.float64]
     released: NDArray[np.float64] | None
+    residues: bool = False  # distributed DP: the replies are noised residues, summed unweighted
 
     def lines(self, noise_std: float | None = None) -> list[str]:
         """The demo's lines: one per stage, aligned."""
@@ -88,22 +101,33 @@ class Snapshot:
         def floats(values: NDArray[np.float64]) -> str:
             return "[" + " ".join(f"{v:+.4f}" for v in values) + " ...]"
 
+        def integers(values: NDArray[np.float64]) -> str:
+            return "[" + " ".join(f"{int(v):+d}" for v in values) + " ...]"
+
         words = "[" + " ".join(f"{int(v):>10d}" for v in self.masked) + " ...]"
+        shown = integers if self.residues else floats
+        unmasked = (
+            f"the sum of all {self.cohort} replies, their noise shares in it, and only that"
+            if self.residues
+            else f"the mean of all {self.cohort} replies, and only that"
+        )
         rows = [
-            (f"node {self.node}'s reply before masking", floats(self.reply), "never leaves it"),
-            (f"what node {self.node} sends the server", words, "uniform words mod 2^32"),
             (
-                "what the server unmasks",
-                floats(self.mean),
-                f"the mean of all {self.cohort} replies, and only that",
+                f"node {self.node}'s reply before masking",
+                shown(self.reply),
+                "its noised residues: never leave it" if self.residues else "never leaves it",
             ),
+            (f"what node {self.node} sends the server", words, "uniform words mod 2^32"),
+            ("what the server unmasks", shown(self.mean), unmasked),
         ]
         if self.released is not None and noise_std is not None:
             rows.append(
                 (
                     "the model the round releases",
                     floats(self.released),
-                    f"that mean + central DP noise (std {noise_std:.3g})",
+                    f"that noised sum decoded, over m (noise std {noise_std:.3g})"
+                    if self.residues
+                    else f"that mean + central DP noise (std {noise_std:.3g})",
                 )
             )
         width = max(len(r[0]) for r in rows)
@@ -130,6 +154,7 @@ class ServerView:
     _size: int = 0
     _start: int = 0
     _cohort: int = 0
+    _residues: bool = False
 
     # -- client side ---------------------------------------------------------------------------
     def inside(self, msg: Message, context: Context, call_next: CallNext) -> Message:
@@ -180,7 +205,11 @@ class ServerView:
         self, request: RoundRequest, context: ServerContext, call_next: ServerCallNext
     ) -> RoundResult:
         result = call_next(request, context)
-        if self._mean is None and result.total_weight > 0:
+        if self._mean is None and result.participants and _is_residues(result.aggregate):
+            # Distributed DP: a sum of residues, never divided (the mod outside decodes it).
+            self._round, self._cohort = request.round, len(result.participants)
+            self._mean, self._residues = _head(result.aggregate), True
+        elif self._mean is None and result.total_weight > 0:
             self._round, self._cohort = request.round, len(result.participants)
             self._mean = _head(result.aggregate) / result.total_weight
         return result
@@ -214,4 +243,5 @@ class ServerView:
                 masked=self._masked[key],
                 mean=self._mean,
                 released=self._released,
+                residues=self._residues,
             )

@@ -1,4 +1,4 @@
-"""``--dp central|local``: the digits demo with differential privacy (:mod:`flowerpets.dp`).
+"""``--dp central|distributed|local``: the digits demo with differential privacy.
 
 ``--dp central`` runs :class:`~flowerpets.dp.CentralDp` on the server (user-level
 DP-FedAvg; epsilon is reported in every round's ``train_metrics``) and a clipping
@@ -12,6 +12,15 @@ before a round would exceed it.
 ``--dp local`` runs :class:`~flowerpets.dp.LocalDpMod` on every client: each round
 is ``--target-epsilon``-DP (at ``--delta``) for the client's data, whatever the
 server does.
+
+``--dp distributed`` runs :class:`~flowerpets.dp.DistributedDp` on the server and
+:class:`~flowerpets.dp.DistributedDpMod` on every client, over SecAgg+ (it turns
+``--secagg`` on): each client noises its own quantized update with a share of
+discrete noise, so the server only ever unmasks a noised sum. The noise is
+``--noise-multiplier`` or calibrated by the mod to ``--target-epsilon`` over
+``--rounds``; epsilon (against the server, without amplification by sampling)
+is reported every round. ``--adaptive-clip`` sums each client's clipped bit
+inside the secure sum.
 
 Every DP option needs ``--dp`` (the demo's recommended composition sets
 ``--dp central``); an option the chosen mode does not use is refused rather
@@ -32,6 +41,8 @@ from flowerpets.dp import (
     AdaptiveClipping,
     CentralDp,
     ClipOn,
+    DistributedDp,
+    DistributedDpMod,
     LocalDpMod,
     adaptive_clipping_mod,
     fixed_clipping_mod,
@@ -216,14 +227,61 @@ def _local(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
     )
 
 
+def _distributed(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise ParameterValueError(
+            "--dp distributed needs exactly one of --noise-multiplier and --target-epsilon"
+        )
+    if args.clip_on is not None:
+        raise ParameterValueError(
+            "--dp distributed clips on the clients (the server sees only the noised sum): "
+            "drop --clip-on"
+        )
+    if args.target_quantile is not None and not args.adaptive_clip:
+        raise _needs(["--target-quantile"], "--adaptive-clip")
+    if not getattr(args, "secagg", False):
+        raise ParameterValueError("--dp distributed needs SecAgg+ (--secagg)")
+    clip, delta = _or(args.clip, CLIP), _or(args.delta, DELTA)
+    adaptive = (
+        AdaptiveClipping(target_quantile=_or(args.target_quantile, TARGET_QUANTILE))
+        if args.adaptive_clip
+        else None
+    )
+    calibrated = args.noise_multiplier is None
+    server = DistributedDp(
+        noise_multiplier=args.noise_multiplier,
+        target_epsilon=args.target_epsilon,
+        rounds=args.rounds if calibrated else None,
+        clipping_norm=clip,
+        delta=delta,
+        max_epsilon=args.max_epsilon,
+        adaptive=adaptive,
+    )
+    noise = (
+        f"calibrated for epsilon {args.target_epsilon:g} over {args.rounds} rounds"
+        if calibrated
+        else f"noise multiplier {args.noise_multiplier:.3g}"
+    )
+    how = f"adaptive from {clip:g}" if adaptive else f"{clip:g}"
+    return FeatureMods(
+        client=[DistributedDpMod()],
+        server=[server],
+        summary=(
+            f"distributed DP (Skellam shares, {noise}, clip {how}, delta {delta:g}; "
+            "the server sees only the noised sum)"
+        ),
+    )
+
+
 MODES: dict[str, Callable[[argparse.Namespace, DigitsTask], FeatureMods]] = {
     "central": _central,
+    "distributed": _distributed,
     "local": _local,
 }
 
 
 class DpFeature:
-    """``--dp central|local`` and its options."""
+    """``--dp central|distributed|local`` and its options."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("differential privacy")
@@ -232,7 +290,8 @@ class DpFeature:
             choices=sorted(MODES),
             default=None,
             help="central: noise the sum on the server (user-level DP-FedAvg); "
-            "local: each client noises its own update",
+            "distributed: each client adds a share of discrete noise before SecAgg+ masks it, "
+            "so the server sees only the noised sum; local: each client noises its own update",
         )
         group.add_argument(
             "--noise-multiplier",
@@ -290,6 +349,6 @@ class DpFeature:
             if central:
                 raise _needs(central + common, "--dp central")
             if common:
-                raise _needs(common, "--dp central or --dp local")
+                raise _needs(common, "--dp central, --dp distributed or --dp local")
             return FeatureMods()
         return MODES[args.dp](args, task)

@@ -1,0 +1,149 @@
+"""The DistributedDpMod client mod: the node's update, encoded and noised before it is masked.
+
+Around the train handler, inside the SecAgg+ client mod:
+
+.. code-block:: python
+
+    client_app = ClientApp(mods=[secaggplus_mod, DistributedDpMod()])
+
+For a train message the mod
+
+1. refuses unless the config says its reply will be summed modulo
+   (:data:`~flowerpets.core.MODULUS_BITS_KEY`, which only the SecAgg+ client mod
+   outside it sets): outside secure aggregation the residues would leave in the
+   clear, one node's noise alone on them;
+2. reads the round's public encoding (:mod:`._round_config`) and checks it
+   against the model it received and the domain SecAgg+ announced;
+3. lets the handler train, computes the update (new weights minus the weights
+   received, the float arrays flattened in the model's order), and encodes it
+   (:func:`~flowerpets.dp._primitives.distributed.encode`: clip, rotate with the
+   round's public seed, scale, round conditionally, add this node's noise
+   share, wrap), the rounding and the noise drawn from the secure keystream
+   with the exact samplers;
+4. replies with the residues in ``dp.residues`` only (and, with adaptive
+   clipping, ``dp.clipped``: its clipped bit as ``+1`` (clipped) or ``-1``, plus its
+   own share of the count's noise, a residue summed inside the secure sum too,
+   never seen alone).
+
+A refusal (an error reply with code ``REFUSED``) says what was wrong, never a
+value. Other messages pass through untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+from flowerpets._validation import instance
+from flowerpets.core import (
+    ArrayRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+    domain_of,
+)
+from flowerpets.dp._primitives.clip import update_between
+from flowerpets.dp._primitives.discrete import RandomWords
+from flowerpets.dp._primitives.distributed import encode
+from flowerpets.dp._primitives.noise import LazySecureGaussian
+from flowerpets.dp._protocol import CLIPPED, RESIDUES, read_config
+from flowerpets.dp.distributed._mechanism import draw_share
+from flowerpets.dp.distributed._round_config import RoundEncoding, read_encoding
+from flowerpets.exceptions import (
+    FlowerpetsError,
+    InsecureRandomnessWarning,
+    RequestRefusedError,
+)
+
+__all__ = ["DistributedDpMod"]
+
+CallNext = Callable[[Message, Context], Message]
+
+
+class DistributedDpMod:
+    """Client mod of distributed DP (see the module docstring); place it inside SecAgg+'s.
+
+    ``source`` replaces the secure keystream (rounding and noise) with another
+    source of 64-bit words, for tests only (it warns unless it says it is secure).
+    The mod keeps no state; one instance serves every node.
+    """
+
+    def __init__(self, *, source: RandomWords | None = None) -> None:
+        if source is None:
+            source = LazySecureGaussian()
+        else:
+            source = instance("source", source, RandomWords)
+            if not source.secure:
+                warnings.warn(
+                    "DistributedDpMod: rounding and noise drawn from an insecure source; "
+                    "use source= for tests only",
+                    InsecureRandomnessWarning,
+                    stacklevel=2,
+                )
+        self._source: RandomWords = source
+
+    def __repr__(self) -> str:
+        return "DistributedDpMod()"
+
+    def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
+        if msg.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        body = msg.require_content()
+        if "config" not in body or "arrays" not in body:
+            raise RequestRefusedError(
+                "DistributedDpMod needs a train request with arrays and config"
+            )
+        config = read_config(body)
+        try:
+            domain = domain_of(config.record)
+        except FlowerpetsError:
+            raise RequestRefusedError("the quantized domain in the config is malformed") from None
+        if domain is None:
+            raise RequestRefusedError(
+                "this round's reply would not be summed modulo by secure aggregation (no "
+                "quantized domain in the config): DistributedDpMod runs inside the SecAgg+ "
+                "client mod only, or its noised update would leave in the clear"
+            )
+        encoding = read_encoding(config)
+        wanted = (RESIDUES, CLIPPED) if encoding.adaptive else (RESIDUES,)
+        if sorted(domain.names) != sorted(wanted) or domain.modulus_bits != encoding.modulus_bits:
+            raise RequestRefusedError(
+                "the secure aggregator's quantized domain is not the one the distributed-DP "
+                "encoding needs"
+            )
+        received = body.get_typed("arrays", ArrayRecord)
+        if any(a.dtype.kind != "f" for a in received.values()):
+            raise RequestRefusedError("DistributedDpMod encodes float model arrays only")
+        if sum(int(np.prod(a.shape)) for a in received.values()) != encoding.dimension:
+            raise RequestRefusedError("the encoding's dimension is not the model's")
+        reply = call_next(msg, context)
+        if reply.error is not None:
+            return reply
+        reply_body = reply.require_content()
+        update = update_between(reply_body.get_typed("arrays", ArrayRecord), received)
+        flat = np.concatenate([u.reshape(-1) for u in update.values()])
+        out = ArrayRecord(self._encoded(flat, encoding))
+        replied = RecordDict(dict(reply_body.items()))
+        replied["arrays"] = out
+        return Message(metadata=reply.metadata, content=replied)
+
+    def _encoded(self, update: np.ndarray, e: RoundEncoding) -> dict[str, np.ndarray]:
+        """The reply's residue arrays: the encoded update, and the noised clipped bit."""
+        encoding = e.pipeline()
+        source = self._source
+        residues, clipped = encode(
+            update,
+            encoding=encoding,
+            rotation=e.rotation(),
+            noise=lambda size: draw_share(e.mechanism, e.share, size, source),
+            source=source,
+        )
+        out = {RESIDUES: residues}
+        if e.count_share is not None:
+            sign = 1 if clipped else -1  # +-1: the clipped bit shifted, sensitivity 1
+            bit = sign + int(draw_share(e.mechanism, e.count_share, 1, source)[0])
+            out[CLIPPED] = np.array([bit % encoding.modulus], dtype=np.uint32)
+        return out

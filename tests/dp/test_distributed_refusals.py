@@ -1,0 +1,294 @@
+"""DistributedDp and DistributedDpMod refuse what they cannot protect, and say so without values.
+
+Without SecAgg+ the server refuses to run and the node refuses to reply (a node's
+noised update alone would reach the server); the node's refusals name what was
+wrong, never a value of the update it protects (error replies travel in the clear).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flowerpets.core import (
+    MODULUS_BITS_KEY,
+    NAMES_KEY,
+    ArrayRecord,
+    ClientApp,
+    ConfigRecord,
+    Context,
+    ErrorCode,
+    FedAvg,
+    Message,
+    MessageType,
+    MetricRecord,
+    QuantizedDomain,
+    RecordDict,
+    RoundRequest,
+    RoundResult,
+    ServerApp,
+    ServerContext,
+)
+from flowerpets.dp import AdaptiveClipping, DistributedDp, DistributedDpMod, Mechanism
+from flowerpets.dp._primitives.clip import global_norm
+from flowerpets.dp._protocol import CLIPPED, ENCODING_KEY, RESIDUES
+from flowerpets.dp.distributed._round_config import RoundEncoding
+from flowerpets.exceptions import (
+    IncompatibleModsError,
+    InfeasibleParametersError,
+    ModelMismatchError,
+    ParameterTypeError,
+    ParameterValueError,
+    RequestRefusedError,
+)
+from flowerpets.secagg import SecAggPlus
+from flowerpets.simulation import run_simulation
+from tests.sentinels import leaks
+
+VALUE, OTHER, THIRD = 98765.4321, -24680.1357, 7777.25
+UPDATE = np.array([VALUE, OTHER, THIRD, -5432.125])
+SENTINELS = (VALUE, OTHER, THIRD, -5432.125, global_norm({"w": UPDATE}))
+MODEL = np.array([0.5, -1.0, 2.0, 0.25])
+
+
+def encoding(**changes: Any) -> RoundEncoding:
+    settings: dict[str, Any] = {
+        "seed": secrets.token_bytes(32),
+        "scale": 1000.0,
+        "clip": 1.0,
+        "dimension": MODEL.size,
+        "modulus_bits": 32,
+        "beta": math.exp(-0.5),
+        "mechanism": Mechanism.SKELLAM,
+        "share": 100.0,
+    }
+    settings.update(changes)
+    return RoundEncoding(**settings)
+
+
+def request(config: dict[str, Any], arrays: dict[str, Any] | None = None) -> Message:
+    return Message.create(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(arrays if arrays is not None else {"w": MODEL}),
+                "config": ConfigRecord(config),
+            }
+        ),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+        round=1,
+    )
+
+
+def inside_secagg(e: RoundEncoding | None = None) -> dict[str, Any]:
+    """The config the SecAgg+ client mod passes inward, with the round's encoding."""
+    names = [RESIDUES, CLIPPED] if (e or encoding()).adaptive else [RESIDUES]
+    return {
+        ENCODING_KEY: (e or encoding()).to_json(),
+        MODULUS_BITS_KEY: 32,
+        NAMES_KEY: names,
+    }
+
+
+def app(reply: Any = None) -> ClientApp:
+    client = ClientApp(mods=[DistributedDpMod()])
+
+    @client.train()
+    def train(msg: Message, context: Context) -> RecordDict:
+        if reply is not None:
+            return RecordDict({"arrays": ArrayRecord(reply), "metrics": MetricRecord()})
+        received = msg.require_content().get_typed("arrays", ArrayRecord)
+        new = {n: np.asarray(a.numpy()) + UPDATE for n, a in received.items()}
+        return RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord()})
+
+    return client
+
+
+REFUSED_CONFIGS = {
+    "no secure aggregation outside": {ENCODING_KEY: encoding().to_json()},
+    "no encoding": {MODULUS_BITS_KEY: 32, NAMES_KEY: [RESIDUES]},
+    "malformed encoding": {**inside_secagg(), ENCODING_KEY: '{"seed": 1}'},
+    "not json": {**inside_secagg(), ENCODING_KEY: "{"},
+    "other modulus": {**inside_secagg(), MODULUS_BITS_KEY: 16},
+    "other names": {**inside_secagg(), NAMES_KEY: ["x"]},
+    "adaptive without the count": {
+        **inside_secagg(),
+        ENCODING_KEY: encoding(count_share=4.0).to_json(),
+    },
+    "other dimension": inside_secagg(encoding(dimension=5)),
+}
+BAD_REPLIES = {
+    "nan": {"w": np.array([VALUE, np.nan, OTHER, THIRD])},
+    "inf": {"w": np.array([VALUE, np.inf, OTHER, THIRD])},
+    "shape": {"w": np.array([VALUE, OTHER])},
+    "names": {"x": np.array([VALUE, OTHER, THIRD, 1.0])},
+}
+
+
+@pytest.mark.parametrize("config", list(REFUSED_CONFIGS.values()), ids=list(REFUSED_CONFIGS))
+def test_the_node_refuses_a_request_it_cannot_protect(config: dict[str, Any]) -> None:
+    reply = app()(request(config), Context(1))
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
+    assert not leaks(reply.error.reason, SENTINELS), reply.error.reason
+
+
+@pytest.mark.parametrize("bad", list(BAD_REPLIES.values()), ids=list(BAD_REPLIES))
+def test_a_bad_update_is_refused_without_its_values(bad: dict[str, Any]) -> None:
+    reply = app(bad)(request(inside_secagg()), Context(1))
+    assert reply.error is not None
+    assert not leaks(reply.error.reason, SENTINELS), reply.error.reason
+
+
+def test_without_the_domain_the_mod_raises_a_typed_refusal() -> None:
+    mod = DistributedDpMod()
+    with pytest.raises(RequestRefusedError, match="SecAgg"):
+        mod(request({ENCODING_KEY: encoding().to_json()}), Context(1), lambda m, c: m)
+
+
+def test_the_node_replies_with_residues_only() -> None:
+    reply = app()(request(inside_secagg()), Context(1))
+    assert reply.error is None
+    arrays = reply.require_content().get_typed("arrays", ArrayRecord)
+    assert list(arrays) == [RESIDUES]
+    residues = arrays[RESIDUES].numpy()
+    assert residues.dtype == np.uint32 and residues.shape == (4,)
+    domain = QuantizedDomain(modulus_bits=32, names=(RESIDUES,))
+    domain.check_residues(RESIDUES, residues)
+    adaptive = app()(request(inside_secagg(encoding(count_share=4.0))), Context(1))
+    assert list(adaptive.require_content().get_typed("arrays", ArrayRecord)) == [
+        RESIDUES,
+        CLIPPED,
+    ]
+
+
+def test_other_messages_pass_through() -> None:
+    msg = Message.create(RecordDict(), message_type=MessageType.EVALUATE, dst_node_id=1, round=1)
+    assert DistributedDpMod()(msg, Context(1), lambda m, c: m) is msg
+
+
+# -- the server -------------------------------------------------------------------------------
+def round_request(arrays: dict[str, Any] | None = None) -> RoundRequest:
+    return RoundRequest(
+        round=1,
+        cohort=(1, 2, 3),
+        arrays=ArrayRecord(arrays if arrays is not None else {"w": MODEL}),
+        config=ConfigRecord(),
+        population=3,
+    )
+
+
+def never(request: RoundRequest, context: ServerContext) -> RoundResult:
+    raise AssertionError("the round must be refused before the inner chain runs")
+
+
+def test_the_server_refuses_without_secure_aggregation() -> None:
+    dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)
+    with pytest.raises(IncompatibleModsError, match="secure aggregator"):
+        dp(round_request(), ServerContext(), never)
+
+
+def test_a_run_without_secagg_stops_at_its_first_round() -> None:
+    server = ServerApp(
+        strategy=FedAvg(),
+        num_rounds=2,
+        initial_arrays=ArrayRecord({"w": MODEL}),
+        mods=[DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)],
+    )
+    with pytest.raises(IncompatibleModsError):
+        run_simulation(server, app(), 3, seed=0, max_workers=1)
+
+
+def secure(fewest: int = 3) -> ServerContext:
+    return ServerContext(secure_aggregation=True, fewest_inputs=lambda n: fewest)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "error"),
+    [
+        ({"w": np.arange(4)}, ModelMismatchError),  # integers: not encoded
+        ({"dp.residues": MODEL}, ModelMismatchError),  # a reserved name
+    ],
+)
+def test_the_server_refuses_a_model_it_cannot_encode(
+    arrays: dict[str, Any], error: type[Exception]
+) -> None:
+    dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)
+    with pytest.raises(error):
+        dp(round_request(arrays), secure(), never)
+
+
+def test_colluders_beyond_the_fewest_inputs_leave_no_secret_share() -> None:
+    dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0, colluding=3)
+    with pytest.raises(InfeasibleParametersError, match="colluding"):
+        dp(round_request(), secure(3), never)
+
+
+def test_a_modulus_too_small_for_the_noise_is_refused() -> None:
+    dp = DistributedDp(noise_multiplier=50.0, clipping_norm=1.0, modulus_bits=8)
+    with pytest.raises(InfeasibleParametersError, match="2\\*\\*8"):
+        dp(round_request({"w": np.zeros(4096)}), secure(), never)
+
+
+def test_a_discrete_gaussian_share_below_sigma_one_half_is_refused() -> None:
+    dp = DistributedDp(
+        noise_multiplier=0.8,
+        clipping_norm=1.0,
+        mechanism=Mechanism.DISCRETE_GAUSSIAN,
+        # The count's total sigma 2 * 0.42 over 3 shares: each sigma^2 = 0.235 < 1/4.
+        adaptive=AdaptiveClipping(count_stddev=0.42),
+    )
+    with pytest.raises(InfeasibleParametersError, match="sigma >= 1/2"):
+        dp(round_request(), secure(), never)
+
+
+def test_adaptive_clipping_that_leaves_the_update_no_noise_is_refused() -> None:
+    dp = DistributedDp(
+        noise_multiplier=2.0, clipping_norm=1.0, adaptive=AdaptiveClipping(count_stddev=0.5)
+    )
+    with pytest.raises(InfeasibleParametersError, match="sigma_b"):
+        dp(round_request(), secure(), never)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({}, ParameterValueError),  # neither noise_multiplier nor target_epsilon
+        ({"noise_multiplier": 1.0, "target_epsilon": 1.0}, ParameterValueError),
+        ({"target_epsilon": 1.0}, ParameterValueError),  # no rounds
+        ({"noise_multiplier": 1.0, "rounds": 3}, ParameterValueError),
+        ({"noise_multiplier": -1.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "clipping_norm": 0.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "delta": 1.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "max_epsilon": 0.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "mechanism": "skellam"}, ParameterTypeError),
+        ({"noise_multiplier": 1.0, "dropouts": "worst-case"}, ParameterTypeError),
+        ({"noise_multiplier": 1.0, "modulus_bits": 33}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "modulus_bits": 1}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "colluding": -1}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "beta": 1.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "max_wrap": 0.0}, ParameterValueError),
+        ({"noise_multiplier": 1.0, "adaptive": 0.5}, ParameterTypeError),
+    ],
+)
+def test_settings_are_validated(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    settings = {"clipping_norm": 1.0, **kwargs}
+    with pytest.raises(error):
+        DistributedDp(**settings)
+
+
+def test_no_noise_warns() -> None:
+    with pytest.warns(UserWarning, match="not private"):
+        DistributedDp(noise_multiplier=0.0, clipping_norm=1.0)
+
+
+def test_the_secagg_server_promises_t_plus_one_inputs() -> None:
+    secagg = SecAggPlus(degree=4, threshold=3)
+    assert secagg.fewest_inputs(10) == 4
+    server = ServerApp(
+        strategy=FedAvg(), num_rounds=1, initial_arrays=ArrayRecord({"w": MODEL}), mods=[secagg]
+    )
+    assert server.mods[-1] is secagg
