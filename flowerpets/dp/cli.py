@@ -32,8 +32,9 @@ run, with each client's share given as its variance in the integer domain
 (``--local-variance``, with ``--scale``) or as the summed noise's multiplier
 over the rounded sensitivity (``--noise-multiplier``), and the share that
 reaches a target epsilon. The scale is given (``--scale``) or chosen for a
-bit width (``--bits``, the heuristic of
-:func:`~flowerpets.dp._primitives.calibration.scale_for_bits`). The epsilon is
+bit width (``--bits``) as :class:`~flowerpets.dp.DistributedDp` chooses it (the
+largest scale whose sum wraps with probability at most ``--max-wrap``), and
+the dimension is padded to a power of two as its rotation does. The epsilon is
 reported against the server (which sees who takes part: no amplification) and,
 with ``--sampling``, against anyone who does not. A table by
 default, one JSON object with ``--json``. Bad arguments print one line on
@@ -54,7 +55,8 @@ from typing import Any, TextIO
 
 from flowerpets._argtypes import OneLineParser, checked, integer, number, one_line
 from flowerpets.core.sampling import CohortSampling, FixedSizeSampling, PoissonSampling
-from flowerpets.dp._primitives.calibration import scale_for_bits
+from flowerpets.dp._primitives.distributed import DEFAULT_BETA
+from flowerpets.dp._primitives.rotation import padded_dimension
 from flowerpets.dp.accountant import (
     ACCOUNTANTS,
     Accountant,
@@ -71,6 +73,8 @@ from flowerpets.dp.accountant import (
     default_accountant,
     default_neighbouring,
 )
+from flowerpets.dp.distributed import Mechanism
+from flowerpets.dp.distributed._plan import WRAP_LIMIT, plan
 from flowerpets.exceptions import FlowerpetsError
 
 __all__ = ["DESCRIPTION", "add_parser", "main"]
@@ -90,7 +94,7 @@ _rate = checked(_number, lambda v: 0 < v <= 1, "must be in (0, 1], got {text}")
 _count = checked(integer, lambda v: v >= 1, "must be an integer >= 1, got {text}")
 _non_negative = checked(_number, lambda v: v >= 0, "must be >= 0, got {text}")
 _beta = checked(_number, lambda v: 0 <= v < 1, "must be in [0, 1), got {text}")
-_bits = checked(integer, lambda v: 1 <= v <= 64, "must be an integer in [1, 64], got {text}")
+_bits = checked(integer, lambda v: 2 <= v <= 32, "must be an integer in [2, 32], got {text}")
 
 
 # -- the parsers -----------------------------------------------------------------------------------
@@ -266,22 +270,24 @@ def _add_distributed(parser: argparse.ArgumentParser) -> None:
         help="the modulus's bit width: the scale is chosen so the noised sum fits in it",
     )
     parser.add_argument(
-        "--wrap-probability",
+        "--max-wrap",
         type=_probability,
-        default=1e-4,
-        help="with --bits: the chance a coordinate of the sum may wrap around (default 1e-4)",
+        default=None,
+        help="with --bits: the bound on the chance that a round's sum wraps around the modulus "
+        "(default DistributedDp's, 1e-6)",
     )
     parser.add_argument(
         "--dimension",
         type=_count,
         required=True,
-        help="the rounded vector's dimension (after any padding for the rotation)",
+        help="the model's parameters (padded to a power of two for the rotation)",
     )
     parser.add_argument(
         "--beta",
         type=_beta,
-        default=0.0,
-        help="conditional randomized rounding's beta (default 0: plain randomized rounding)",
+        default=DEFAULT_BETA,
+        help="conditional randomized rounding's beta (default DistributedDp's, exp(-1/2); "
+        "0: plain randomized rounding)",
     )
     parser.add_argument("--rounds", type=_count, required=True)
     parser.add_argument(
@@ -562,10 +568,7 @@ def _ledger_command(args: argparse.Namespace, out: TextIO) -> None:
 
 # -- distributed DP --------------------------------------------------------------------------------
 _Distributed = SkellamEvent | DistributedDiscreteGaussianEvent
-_MECHANISMS: dict[str, type[SkellamEvent] | type[DistributedDiscreteGaussianEvent]] = {
-    "discrete-gaussian": DistributedDiscreteGaussianEvent,
-    "skellam": SkellamEvent,
-}
+_MECHANISMS = {mechanism.value: mechanism for mechanism in Mechanism}
 _DROPOUTS = {policy.value: policy for policy in DropoutPolicy}
 _COHORTS: dict[str, Callable[[argparse.Namespace], CohortSampling | None]] = {
     "fixed": lambda a: FixedSizeSampling(a.clients_per_round),
@@ -573,7 +576,7 @@ _COHORTS: dict[str, Callable[[argparse.Namespace], CohortSampling | None]] = {
     "poisson": lambda a: PoissonSampling(a.clients_per_round / a.population),
 }
 _SCALE_ROUNDS = 20  # fixed-point steps between the scale and the noise (--bits with a target)
-_SCALE_TOLERANCE = 1e-4  # relative change of the scale that ends them
+_SCALE_TOLERANCE = 1e-4  # relative change of the noise multiplier that ends them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,10 +615,10 @@ def _distributed_event(
     args: argparse.Namespace, cohort: _Cohort, *, scale: float, share: float, shares: int
 ) -> _Distributed:
     """One round's event: ``shares`` noise shares of ``share`` each in the sum."""
-    return _MECHANISMS[args.mechanism].from_pipeline(
+    return _MECHANISMS[args.mechanism].event.from_pipeline(
         clip=args.clip,
         scale=scale,
-        dimension=args.dimension,
+        dimension=padded_dimension(args.dimension),  # the rotation pads, as DistributedDp does
         local_variance=share,
         clients_in_sum=shares,
         beta=args.beta,
@@ -625,19 +628,29 @@ def _distributed_event(
     )
 
 
-def _scale(args: argparse.Namespace, cohort: _Cohort, local_stddev: float) -> float:
-    """``--scale``, or the scale that fits the noised sum in ``--bits`` (model-unit noise)."""
+def _planned(args: argparse.Namespace, cohort: _Cohort, z: float) -> tuple[float, float]:
+    """(scale, share) for noise multiplier ``z``: given ``--scale``, or DistributedDp's plan.
+
+    With ``--bits`` the scale is the one :class:`~flowerpets.dp.DistributedDp` chooses:
+    the largest whose sum of the cohort's updates and shares wraps around ``2**bits``
+    with probability at most ``--max-wrap``.
+    """
+    planned = cohort.dropout.counted(cohort.expected, cohort.minimum)
     if args.scale is not None:
+        probe = _distributed_event(args, cohort, scale=args.scale, share=0.0, shares=planned)
         scale: float = args.scale
-        return scale
-    return scale_for_bits(
-        args.bits,
-        clip=args.clip,
+        return scale, probe.with_noise_multiplier(z).local_variance
+    chosen = plan(
+        noise_multiplier=z,
         dimension=args.dimension,
-        clients=cohort.expected,
-        local_stddev=local_stddev,
-        wrap_probability=args.wrap_probability,
+        beta=args.beta,
+        cohort=cohort.expected,
+        planned=planned,
+        modulus_bits=args.bits,
+        mechanism=_MECHANISMS[args.mechanism],
+        max_wrap=WRAP_LIMIT if args.max_wrap is None else args.max_wrap,
     )
+    return chosen.units / args.clip, chosen.share
 
 
 def _epsilons(event: _Distributed, rounds: int, delta: float) -> dict[str, float]:
@@ -668,10 +681,11 @@ def _distributed_text(
         else f", {args.sampling} sampling from {cohort.population} (amplifies against others)"
     )
     bits = f" (chosen for {args.bits} bits)" if args.bits is not None else ""
+    padded = "" if event.dimension == args.dimension else f" (padded to {event.dimension})"
     return (
         f"{first}\n{args.rounds} rounds of {args.mechanism} noise, {cohort.expected} clients per "
         f"round, at least {cohort.minimum}, {cohort.dropout.value} dropouts{sampled}; clip "
-        f"{args.clip:g}, scale {event.scale:.6g}{bits}, dimension {args.dimension}, delta "
+        f"{args.clip:g}, scale {event.scale:.6g}{bits}, dimension {args.dimension}{padded}, delta "
         f"{args.delta:g}\neach client's share: {event.local_variance:.6g} in integer units "
         f"(std {math.sqrt(event.local_variance) / event.scale:.6g} in model units); rounded "
         f"sensitivities L2 {event.l2_sensitivity:.6g}, L1 {event.l1_sensitivity:.6g}"
@@ -686,8 +700,6 @@ def _distributed_epsilon_command(args: argparse.Namespace, out: TextIO) -> None:
             f"--survivors {survivors} must be between --min-clients {cohort.minimum} (SecAgg+ "
             f"releases no sum below it) and --clients-per-round {cohort.expected}"
         )
-    # The shares the noise is set for: the count calibration would count on.
-    planned = cohort.dropout.counted(cohort.expected, cohort.minimum)
     if args.local_variance is not None:
         if args.scale is None:
             raise _UsageError(
@@ -696,11 +708,7 @@ def _distributed_epsilon_command(args: argparse.Namespace, out: TextIO) -> None:
             )
         scale, share = args.scale, args.local_variance
     else:
-        # The scale's heuristic wants the share in model units: z C / sqrt(shares), the
-        # rounded sensitivity approximated by the clip (as TensorFlow Federated does).
-        scale = _scale(args, cohort, args.noise_multiplier * args.clip / math.sqrt(planned))
-        probe = _distributed_event(args, cohort, scale=scale, share=0.0, shares=planned)
-        share = probe.with_noise_multiplier(args.noise_multiplier).local_variance
+        scale, share = _planned(args, cohort, args.noise_multiplier)
     counted = cohort.dropout.counted(survivors, cohort.minimum)
     event = _distributed_event(args, cohort, scale=scale, share=share, shares=counted)
     epsilon = _epsilons(event, args.rounds, args.delta)
@@ -732,11 +740,13 @@ def _distributed_epsilon_command(args: argparse.Namespace, out: TextIO) -> None:
 def _calibrated_scale(args: argparse.Namespace, cohort: _Cohort) -> tuple[float, float]:
     """(scale, share): the share for the target at that scale; with --bits, their fixed point.
 
-    The scale for a bit width depends on the noise, and the noise (in integer
-    units) on the scale: starting from the largest scale (no noise), each step
-    calibrates the share and re-chooses the scale, which only shrinks, until it
-    settles. The share returned is always calibrated at the scale returned.
+    The scale for a bit width depends on the noise, and the noise multiplier the
+    target needs (a little) on the scale: each step plans the scale for a noise
+    multiplier and calibrates the multiplier at that scale, until it settles.
+    What is returned is the plan of the multiplier found, checked against the
+    target at its own scale (and raised a little until it holds).
     """
+    planned = cohort.dropout.counted(cohort.expected, cohort.minimum)
 
     def calibrate(scale: float) -> float:
         return calibrate_distributed_noise(
@@ -749,23 +759,38 @@ def _calibrated_scale(args: argparse.Namespace, cohort: _Cohort) -> tuple[float,
             expected_clients=cohort.expected,
             min_clients=cohort.minimum,
             beta=args.beta,
-            mechanism=_MECHANISMS[args.mechanism],
+            mechanism=_MECHANISMS[args.mechanism].event,
             dropout=cohort.dropout,
             sampling=cohort.sampling,
             population=cohort.population,
         )
 
-    scale = _scale(args, cohort, 0.0)
-    share = calibrate(scale)
+    def multiplier(scale: float, share: float) -> float:
+        probe = _distributed_event(args, cohort, scale=scale, share=share, shares=planned)
+        return probe.noise_multiplier
+
     if args.scale is not None:
-        return scale, share
+        return args.scale, calibrate(args.scale)
+    z = 1.0
     for _ in range(_SCALE_ROUNDS):
-        chosen = _scale(args, cohort, math.sqrt(share) / scale)
-        if abs(chosen - scale) <= _SCALE_TOLERANCE * scale:
+        scale, _ = _planned(args, cohort, z)
+        found = multiplier(scale, calibrate(scale))
+        settled = abs(found - z) <= _SCALE_TOLERANCE * z
+        z = found
+        if settled:
             break
-        scale = chosen
-        share = calibrate(scale)
-    return scale, share
+    for _ in range(_SCALE_ROUNDS):
+        scale, share = _planned(args, cohort, z)
+        event = _distributed_event(args, cohort, scale=scale, share=share, shares=planned)
+        # Calibrated against whom the sampling amplifies for (the server, without sampling).
+        against = "server" if cohort.sampling is None else "others"
+        if _epsilons(event, args.rounds, args.delta)[against] <= args.target_epsilon:
+            return scale, share
+        z *= 1 + _SCALE_TOLERANCE
+    raise _UsageError(
+        f"no scale within {args.bits} bits keeps epsilon {args.target_epsilon:g}: raise --bits "
+        "or --target-epsilon"
+    )
 
 
 def _distributed_noise_command(args: argparse.Namespace, out: TextIO) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +17,6 @@ from flowerpets.dp._primitives.calibration import (
     analytic_gaussian_sigma,
     classic_gaussian_sigma,
     gaussian_epsilon,
-    scale_for_bits,
     split_noise_multiplier,
 )
 from flowerpets.exceptions import InfeasibleParametersError
@@ -107,64 +105,3 @@ def test_noise_split_needs_enough_count_noise() -> None:
         split_noise_multiplier(1.0, 0.5)  # 2 sigma_b == z
     with pytest.raises(ValueError, match="count_stddev"):
         split_noise_multiplier(1.0, 0.0)
-
-
-# -- the scale for a bit width (Kairouz, Liu and Steinke 2021, Sections 4.2 and 4.4) -------------
-def scale_of(bits: int, case: tuple[float, int, int, float, float]) -> float:
-    """``scale_for_bits`` for (clip, dimension, clients, local stddev, wrap probability)."""
-    clip, dimension, clients, sigma, wrap = case
-    return scale_for_bits(
-        bits,
-        clip=clip,
-        dimension=dimension,
-        clients=clients,
-        local_stddev=sigma,
-        wrap_probability=wrap,
-    )
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    st.integers(8, 32),
-    st.floats(0.01, 10.0),
-    st.integers(1, 2**20),
-    st.integers(1, 200),
-    st.floats(0.0, 5.0),
-    st.sampled_from([1e-2, 1e-4, 1e-6]),
-)
-def test_the_scale_solves_the_papers_equation(
-    bits: int, clip: float, dimension: int, clients: int, sigma: float, wrap: float
-) -> None:
-    from scipy import stats
-
-    k = float(stats.norm.isf(wrap / 2))  # two-sided: P(|N(0, 1)| > k) = wrap
-    case = (clip, dimension, clients, sigma, wrap)
-    if 2.0 ** (2 * bits) <= clients * k**2:
-        with pytest.raises(InfeasibleParametersError, match="bits cannot hold"):
-            scale_of(bits, case)
-        return
-    scale = scale_of(bits, case)
-    gamma = 1 / scale
-    spread = (clip * clients) ** 2 / dimension + (gamma**2 / 4 + sigma**2) * clients
-    assert 2 * k * math.sqrt(spread) / gamma == pytest.approx(2.0**bits, rel=1e-9)
-
-
-def test_the_scale_wraps_the_worst_case_sum_about_as_often_as_asked() -> None:
-    # Every client sends the same update (the sum's norm is then n C, the worst case), in a
-    # random direction (what the rotation makes of any vector), rounded at random and noised.
-    rng = np.random.default_rng(7)  # the test's data, not privacy noise
-    bits, clip, dimension, clients, sigma, wrap = 11, 1.0, 2**14, 20, 0.05, 0.01
-    case = (clip, dimension, clients, sigma, wrap)
-    scale = scale_of(bits, case)
-    direction = rng.standard_normal(dimension)
-    update = clip * scale * direction / np.linalg.norm(direction)
-    total = np.zeros(dimension)
-    for _ in range(clients):
-        low = np.floor(update)
-        rounded = low + (rng.random(dimension) < update - low)
-        total += rounded + np.rint(rng.normal(0.0, sigma * scale, dimension))
-    wrapped = np.mean(np.abs(total) >= 2 ** (bits - 1))
-    # About as often as asked (the estimate's own standard deviation is 8% of it here).
-    assert 0.7 * wrap < wrapped < 1.4 * wrap, wrapped
-    # One more bit more than doubles the room the sum has.
-    assert scale_of(bits + 1, case) > 2 * scale

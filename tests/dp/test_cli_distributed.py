@@ -8,12 +8,13 @@ with :mod:`flowerpets.dp.accountant` directly (the events built by
 
 from __future__ import annotations
 
+import argparse
 import math
 
+import numpy as np
 import pytest
 
 from flowerpets.core.sampling import FixedSizeSampling, PoissonSampling
-from flowerpets.dp._primitives.calibration import scale_for_bits
 from flowerpets.dp.accountant import (
     DistributedDiscreteGaussianEvent,
     DistributedEvent,
@@ -24,6 +25,8 @@ from flowerpets.dp.accountant import (
     calibrate_distributed_noise,
 )
 from flowerpets.dp.cli import main
+from flowerpets.dp.distributed import Mechanism
+from flowerpets.dp.distributed._plan import WRAP_LIMIT, Plan, plan
 from tests.dp.conftest import refusal, run_json
 
 DELTA = 1e-5
@@ -116,25 +119,38 @@ def test_a_noise_multiplier_sets_the_share_for_the_counted_clients(
     assert result["epsilon"] == {"server": epsilon(event)}
 
 
-def test_bits_choose_the_scale_and_sampling_amplifies_only_against_others(
+def planned(z: float, *, bits: int = 24, planned: int = 70) -> Plan:
+    """DistributedDp's plan for the example's cohort (100 clients, 2^16 parameters)."""
+    return plan(
+        noise_multiplier=z,
+        dimension=2**16,
+        beta=BETA,
+        cohort=100,
+        planned=planned,
+        modulus_bits=bits,
+        mechanism=Mechanism.SKELLAM,
+        max_wrap=WRAP_LIMIT,
+    )
+
+
+def test_bits_take_distributed_dps_scale_and_sampling_amplifies_only_against_others(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sampled = ("--sampling", "fixed", "--population", "1000")
     result = run_json(
-        capsys, "distributed-epsilon", "--noise-multiplier", "6", "--bits", "20", *RUN, *sampled
+        capsys, "distributed-epsilon", "--noise-multiplier", "6", "--bits", "24", *RUN, *sampled
     )
-    scale = scale_for_bits(
-        20, clip=1.0, dimension=2**16, clients=100, local_stddev=6 / math.sqrt(70)
-    )
-    assert result["scale"] == scale and result["bits"] == 20
-    probe = SkellamEvent.from_pipeline(
-        **{**PIPELINE, "scale": scale},
-        local_variance=0.0,
+    chosen = planned(6.0)
+    assert result["scale"] == chosen.units and result["bits"] == 24
+    assert result["local_variance"] == chosen.share
+    event = SkellamEvent.from_pipeline(
+        **{**PIPELINE, "scale": chosen.units},
+        local_variance=chosen.share,
         clients_in_sum=70,
         sampling=FixedSizeSampling(100),
         population=1000,
     )
-    event = probe.with_noise_multiplier(6.0)
+    assert result["noise_multiplier"] == pytest.approx(6.0)
     found = result["epsilon"]
     assert isinstance(found, dict) and set(found) == {"server", "others"}
     assert found["server"] == epsilon(event.unamplified())
@@ -142,34 +158,59 @@ def test_bits_choose_the_scale_and_sampling_amplifies_only_against_others(
     assert found["others"] < found["server"]
 
 
-def test_noise_for_bits_is_calibrated_at_the_scale_it_settles_on(
+def test_noise_for_bits_is_distributed_dps_plan_within_the_target(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = run_json(
         capsys,
         "distributed-noise",
-        *("--target-epsilon", "8", "--bits", "16", "--dropout", "survivors"),
+        *("--target-epsilon", "8", "--bits", "24", "--dropout", "survivors"),
         *RUN,
         *("--sampling", "poisson", "--population", "2000"),
     )
-    scale, share = result["scale"], result["local_variance"]
-    assert isinstance(scale, float) and isinstance(share, float)
-    # The share is the calibration at that scale...
-    assert share == calibrated(
+    scale, share, z = result["scale"], result["local_variance"], result["noise_multiplier"]
+    assert isinstance(scale, float) and isinstance(share, float) and isinstance(z, float)
+    # The plan DistributedDp makes for that noise multiplier: its scale, its share...
+    chosen = planned(z, planned=100)
+    assert scale == pytest.approx(chosen.units, rel=1e-6)
+    assert share == pytest.approx(chosen.share, rel=1e-6)
+    # ...with no more noise than the target needs at that scale (within the search's tolerance).
+    needed = calibrated(
         scale=scale,
         dropout=DropoutPolicy.SURVIVORS,
         sampling=PoissonSampling(0.05),
         population=2000,
     )
-    # ...and the scale is the one the bit width gives for that share's noise.
-    chosen = scale_for_bits(
-        16, clip=1.0, dimension=2**16, clients=100, local_stddev=math.sqrt(share) / scale
-    )
-    assert chosen == pytest.approx(scale, rel=1e-3)
+    assert needed <= share <= needed * 1.01
     # Counting survivors: fewer of them (70) overspend the target, against others too.
     reached = result["epsilon_by_survivors"]
-    assert reached["100"]["others"] <= 8.0 < reached["70"]["others"]  # type: ignore[index]
+    assert 7.9 < reached["100"]["others"] <= 8.0 < reached["70"]["others"]  # type: ignore[index]
     assert reached["100"]["server"] > reached["100"]["others"]  # type: ignore[index]
+
+
+def test_bits_predict_the_scale_and_epsilon_of_a_distributed_dp_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flowerpets.examples.digits.demo import add_arguments, build_apps
+    from flowerpets.simulation import run_simulation
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--secagg", "--dp", "distributed", "--noise-multiplier", "1.3", "--rounds", "2"]
+    args = parser.parse_args(flags)
+    apps = build_apps(args)
+    run = run_simulation(apps.server_app, apps.client_app, args.clients, seed=0)
+    metrics = run.history.rounds[-1].train_metrics
+    dimension = sum(a.size for a in apps.task.model.init_params(np.random.default_rng(0)).values())
+    predicted = run_json(
+        capsys,
+        "distributed-epsilon",
+        *("--noise-multiplier", "1.3", "--bits", "32", "--clip", "1", "--rounds", "2"),
+        *("--clients-per-round", str(args.clients), "--delta", "1e-5"),
+        *("--min-clients", str(int(metrics["dp-counted-clients"])), "--dimension", str(dimension)),
+    )
+    assert predicted["scale"] == metrics["dp-scale"]
+    assert predicted["epsilon"] == {"server": metrics["epsilon"]}
 
 
 REFUSED = [
@@ -233,7 +274,7 @@ REFUSED = [
     ),
     (
         ["distributed-noise", "--target-epsilon", "1", "--bits", "4", *RUN],
-        "4 bits cannot hold the sum of 100",
+        "no scale keeps a sum of 100 inputs",
     ),
     (
         ["distributed-noise", "--target-epsilon", "1", "--scale", "10", *RUN, "--beta", "1"],

@@ -42,29 +42,12 @@ The sensitivity of the sum is the smaller of the two (only the first when
 most ``sqrt(d)`` times its L2 norm and at most its L2 norm squared (every
 non-zero coordinate has ``|x_j| <= x_j^2``), which is the L1 sensitivity the
 Skellam bound also needs (Agarwal, Kairouz and Liu, NeurIPS 2021).
-
-**A scale for a bit width** (Kairouz, Liu and Steinke 2021, Sections 4.2 and
-4.4). The noised sum of ``n`` rounded updates lives modulo ``2**bits``; a
-coordinate that leaves ``[-2**(bits-1), 2**(bits-1))`` wraps around. After the
-random rotation each coordinate of the sum is treated as subgaussian with
-variance ``rho (c n)^2 / d + n (gamma^2 / 4 + sigma^2)`` in model units (``c``
-the clip, ``sigma`` a client's noise standard deviation, ``gamma = 1 / scale``
-the rounding's step, ``rho`` the rotation's flatness, 1 for the Hadamard
-rotation), and ``gamma`` is chosen so that ``k`` of its standard deviations fill
-half the modulus: ``2**bits = 2 k sqrt(...) / gamma``, that is
-
-    gamma^2 (2^(2 bits) / (4 k^2) - n / 4) = rho c^2 n^2 / d + n sigma^2,
-
-with ``k`` the two-sided normal quantile of the wrap probability wanted. It is
-a heuristic for utility only (TensorFlow Federated's distributed DP chooses
-its scale this way): any scale gives the privacy its accounting says.
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from statistics import NormalDist
 
 from flowerpets._validation import integer, probability, real
 from flowerpets.exceptions import InfeasibleParametersError
@@ -75,7 +58,6 @@ __all__ = [
     "gaussian_epsilon",
     "rounded_l1_bound",
     "rounded_l2_bound",
-    "scale_for_bits",
     "split_noise_multiplier",
 ]
 
@@ -163,40 +145,3 @@ def rounded_l1_bound(l2_bound: float, *, dimension: int) -> float:
     l2_bound = real("l2_bound", l2_bound, at_least=0)
     dimension = integer("dimension", dimension, at_least=1)
     return l2_bound * min(math.sqrt(dimension), l2_bound)
-
-
-def scale_for_bits(
-    bits: int,
-    *,
-    clip: float,
-    dimension: int,
-    clients: int,
-    local_stddev: float,
-    wrap_probability: float = 1e-4,
-    flatness: float = 1.0,
-) -> float:
-    """The scale (``1 / gamma``) that fits the noised sum of ``clients`` updates in ``bits`` bits.
-
-    ``local_stddev`` is one client's noise standard deviation in model units,
-    ``wrap_probability`` the chance a coordinate of the sum may wrap around
-    (under the subgaussian approximation of the module docstring). Raises
-    :class:`~flowerpets.exceptions.InfeasibleParametersError` when the modulus
-    cannot hold even the rounding of ``clients`` updates.
-    """
-    bits = integer("bits", bits, at_least=1)
-    clip = real("clip", clip, above=0)
-    dimension = integer("dimension", dimension, at_least=1)
-    clients = integer("clients", clients, at_least=1)
-    local_stddev = real("local_stddev", local_stddev, at_least=0)
-    wrap_probability = probability("wrap_probability", wrap_probability, zero=False, one=False)
-    flatness = real("flatness", flatness, above=0)
-    k = NormalDist().inv_cdf(1 - wrap_probability / 2)
-    room = 2.0 ** (2 * bits) / (4 * k**2) - clients / 4
-    if room <= 0:
-        raise InfeasibleParametersError(
-            f"{bits} bits cannot hold the sum of {clients} rounded updates within {k:.3g} "
-            f"standard deviations (wrap probability {wrap_probability:g}): use more bits, fewer "
-            "clients or a larger wrap probability"
-        )
-    spread = flatness * (clip * clients) ** 2 / dimension + clients * local_stddev**2
-    return math.sqrt(room / spread)
