@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +303,29 @@ def test_bad_distributed_arguments_give_one_line_and_status_two(
     for argv, message in REFUSED:
         err = refusal(main, argv, capsys)
         assert message in err, (argv, err)
+
+
+def test_ledger_shows_a_distributed_run_and_composes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowerpets.dp.central._durable import spend_entry
+    from flowerpets.dp.distributed._mod import DistributedDp
+    from flowerpets.store import RunStore
+
+    event = SkellamEvent.from_pipeline(**PIPELINE, local_variance=592007.2, clients_in_sum=70)
+    entry = spend_entry(
+        event, delta=DELTA, accountant="rdp", mechanism=DistributedDp.mechanism_name
+    )
+    with (
+        RunStore(tmp_path / "runs.db") as store,
+        store.start_run("d", config={}, population_id="clinics") as writer,
+    ):
+        for rnd in (1, 2, 3):
+            writer.record_spend(entry, round=rnd)
+    result = run_json(capsys, "ledger", "--store", str(tmp_path / "runs.db"))
+    clinics = result["populations"]["clinics"]  # type: ignore[index]
+    assert clinics["epsilon"] == epsilon(event, rounds=3)
+    (shown,) = clinics["distinct_events"]
+    assert shown["kind"] == "SkellamEvent" and shown["count"] == 3
+    assert shown["l2_sensitivity"] == event.l2_sensitivity
+    assert shown["clients_in_sum"] == 70 and shown["neighbouring"] == "zero-out"
