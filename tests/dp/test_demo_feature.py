@@ -124,6 +124,7 @@ def parse_secagg(*argv: str) -> argparse.Namespace:
 
 def test_distributed_builds_both_mods() -> None:
     from flowerpets.dp import DistributedDp, DistributedDpMod
+    from flowerpets.dp.accountant import DropoutPolicy
 
     args = parse_secagg("--dp", "distributed", "--target-epsilon", "8", "--clip", "2")
     on = dp_feature.DpFeature().mods(args, Task())  # type: ignore[arg-type]
@@ -131,7 +132,10 @@ def test_distributed_builds_both_mods() -> None:
     (client,) = on.client
     assert isinstance(server, DistributedDp) and isinstance(client, DistributedDpMod)
     assert (server.target_epsilon, server.rounds, server.clipping_norm) == (8.0, 10, 2.0)
-    assert "distributed DP" in on.summary
+    assert "distributed DP" in on.summary and server.dropouts is DropoutPolicy.WORST_CASE
+    args = parse_secagg("--dp", "distributed", "--noise-multiplier", "1", "--dropouts", "survivors")
+    (server,) = dp_feature.DpFeature().mods(args, Task()).server  # type: ignore[arg-type]
+    assert server.dropouts is DropoutPolicy.SURVIVORS  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +149,9 @@ def test_distributed_builds_both_mods() -> None:
             True,
             "--adaptive-clip",
         ),
+        (["--dp", "central", "--noise-multiplier", "1", "--dropouts", "survivors"], True, "drop"),
+        (["--dp", "local", "--target-epsilon", "3", "--dropouts", "survivors"], False, "drop"),
+        (["--dropouts", "survivors"], False, "--dp distributed"),
     ],
 )
 def test_distributed_refuses_what_it_cannot_run(argv: list[str], secagg: bool, match: str) -> None:

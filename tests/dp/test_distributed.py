@@ -340,3 +340,37 @@ def test_survivors_charges_a_failed_round_as_the_worst_case() -> None:
     accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
     accountant.compose(event(FEWEST)).compose(event(NODES))  # the failed round, the full one
     assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))
+
+
+# -- adaptive clipping -------------------------------------------------------------------------
+@pytest.mark.parametrize(("norm", "unclipped"), [(0.5, 1.0), (50.0, 0.0)])
+def test_adaptive_clipping_follows_the_noised_count_of_the_secure_sum(
+    norm: float, unclipped: float
+) -> None:
+    # Every update below the clip (0.5: steady's largest is exactly 0.5), or all far above.
+    adaptive = AdaptiveClipping(count_stddev=0.6)
+    fed = federate(dp(adaptive=adaptive), dimension=16, rounds=2, delta=steady(16, norm))
+    first, second = fed.result.history.rounds
+    assert first.ok and second.ok, (first.error, second.error)
+    fraction = first.train_metrics["dp-unclipped-fraction"]
+    # The +-1 sum's noise: 8 shares of (2 * 0.6)^2 / 5 each, std 1.52; on the fraction
+    # (over 2 m = 16) std 0.095: 6 of them fail a correct count with probability < 2e-9.
+    assert abs(fraction - unclipped) < 6 * 0.095
+    assert second.train_metrics["dp-clip"] == pytest.approx(adaptive.next_clip(CLIP, fraction))
+
+
+def test_target_epsilon_with_adaptive_clipping_covers_the_count_too() -> None:
+    adaptive = AdaptiveClipping(count_stddev=4.0)
+    settings = {"noise_multiplier": None, "target_epsilon": 6.0, "rounds": 3, "adaptive": adaptive}
+    fed = federate(dp(**settings), dimension=16, rounds=3)
+    assert all(r.ok for r in fed.result.history.rounds)
+    assert 0.97 * 6.0 <= fed.result.history.rounds[-1].train_metrics["epsilon"] <= 6.0
+
+
+def test_a_target_the_count_alone_exceeds_is_refused() -> None:
+    from flowerpets.exceptions import InfeasibleParametersError
+
+    adaptive = AdaptiveClipping(count_stddev=0.6)  # z must stay below 1.2
+    settings = {"noise_multiplier": None, "target_epsilon": 1.0, "rounds": 3, "adaptive": adaptive}
+    with pytest.raises(InfeasibleParametersError, match="count_stddev"):
+        federate(dp(**settings), dimension=16)

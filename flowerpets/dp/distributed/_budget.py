@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from flowerpets.dp.accountant import AccountantFactory, PrivacyEvent
 from flowerpets.dp.central import _ledger
 from flowerpets.dp.distributed._mechanism import Mechanism
-from flowerpets.exceptions import PrivacyAccountingError
+from flowerpets.exceptions import InfeasibleParametersError
 
 __all__ = ["calibrated_multiplier", "count_event", "update_event"]
 
@@ -79,6 +79,7 @@ def calibrated_multiplier(
     factory: AccountantFactory | None,
     rel_tol: float = 1e-3,
     start: float = 1.0,
+    below: float = math.inf,
 ) -> float:
     """The smallest noise multiplier ``z`` (within ``rel_tol``, on the safe side) whose
     ``rounds`` rounds of ``events_at(z)`` stay within ``target_epsilon``.
@@ -86,20 +87,25 @@ def calibrated_multiplier(
     A bisection over the accountant's answers (epsilon falls as ``z`` grows); the
     accountant is the one the run's ledger uses, so the run's epsilon after
     ``rounds`` rounds is at most the target when every round's events are these.
-    The search starts at ``start`` and doubles from there.
+    The search starts at ``start`` and doubles from there, staying ``below`` (with
+    adaptive clipping the total multiplier must stay below ``2 sigma_b``).
     """
 
     def epsilon(z: float) -> float:
         return epsilon_of(events_at(z), rounds, factory, delta)
 
     high = start
-    while epsilon(high) > target_epsilon:
-        high *= 2
-        if high > 2.0**20:
-            raise PrivacyAccountingError(
-                f"no noise multiplier up to 2^20 reaches epsilon {target_epsilon:g} at "
-                f"delta {delta:g} in {rounds} round(s)"
-            )
+    for _ in range(40):
+        if epsilon(high) <= target_epsilon:
+            break
+        high = high * 2 if high * 2 < below else high + (below - high) / 2
+    else:
+        limit = "2^40" if math.isinf(below) else f"{below:g} (twice the count's noise)"
+        raise InfeasibleParametersError(
+            f"no noise multiplier below {limit} reaches epsilon {target_epsilon:g} at "
+            f"delta {delta:g} in {rounds} round(s): raise the target"
+            + ("" if math.isinf(below) else ", or adaptive clipping's count_stddev")
+        )
     low = high / 2
     while epsilon(low) <= target_epsilon:
         high, low = low, low / 2

@@ -11,7 +11,9 @@ For a train message the mod
 1. refuses unless the config says its reply will be summed modulo
    (:data:`~flowerpets.core.MODULUS_BITS_KEY`, which only the SecAgg+ client mod
    outside it sets): outside secure aggregation the residues would leave in the
-   clear, one node's noise alone on them;
+   clear, one node's noise alone on them (the check holds only with the SecAgg+
+   client mod outside this one: it removes any value of the key the server
+   sent itself, so install both, in that order);
 2. reads the round's public encoding (:mod:`._round_config`) and checks it
    against the model it received and the domain SecAgg+ announced;
 3. lets the handler train, computes the update (new weights minus the weights

@@ -340,6 +340,9 @@ class DistributedDp(BudgetedMod):
                 rounds=rounds,
                 factory=self.accountant,
                 start=z,
+                below=math.inf
+                if self.adaptive is None
+                else 2 * self.adaptive.count_noise(expected),
             )
             if found <= z:
                 return z

@@ -20,7 +20,9 @@ discrete noise, so the server only ever unmasks a noised sum. The noise is
 ``--noise-multiplier`` or calibrated by the mod to ``--target-epsilon`` over
 ``--rounds``; epsilon (against the server, without amplification by sampling)
 is reported every round. ``--adaptive-clip`` sums each client's clipped bit
-inside the secure sum.
+inside the secure sum. ``--dropouts survivors`` sizes the noise for the expected
+cohort and counts each round's epsilon from the survivors (default
+``worst-case``: for the fewest survivors SecAgg+ allows).
 
 Every DP option needs ``--dp`` (the demo's recommended composition sets
 ``--dp central``); an option the chosen mode does not use is refused rather
@@ -48,6 +50,7 @@ from flowerpets.dp import (
     fixed_clipping_mod,
 )
 from flowerpets.dp.accountant import (
+    DropoutPolicy,
     PrivacyEvent,
     calibrate_noise_multiplier,
     default_accountant,
@@ -92,6 +95,13 @@ def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
     ]
 
 
+def _refuse_distributed_only(args: argparse.Namespace, mode: str) -> None:
+    if getattr(args, "dropouts", None) is not None:
+        raise ParameterValueError(
+            f"--dropouts says how distributed DP counts dropouts: drop it with --dp {mode}"
+        )
+
+
 def _needs(given: list[str], what: str) -> ValueError:
     verb = "needs" if len(given) == 1 else "need"
     return ValueError(f"{', '.join(given)} {verb} {what}")
@@ -111,6 +121,7 @@ def _or(value: float | None, default: float) -> float:
 
 
 def _central(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
+    _refuse_distributed_only(args, "central")
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise ParameterValueError(
             "--dp central needs exactly one of --noise-multiplier and --target-epsilon"
@@ -198,6 +209,7 @@ def _check_budget(max_epsilon: float, event: PrivacyEvent, delta: float) -> None
 
 
 def _local(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
+    _refuse_distributed_only(args, "local")
     if args.target_epsilon is None:
         raise ParameterValueError("--dp local needs --target-epsilon (each round's epsilon)")
     central = _given(args, _CENTRAL_ONLY)
@@ -256,6 +268,7 @@ def _distributed(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
         delta=delta,
         max_epsilon=args.max_epsilon,
         adaptive=adaptive,
+        dropouts=DropoutPolicy(args.dropouts or DropoutPolicy.WORST_CASE.value),
     )
     noise = (
         f"calibrated for epsilon {args.target_epsilon:g} over {args.rounds} rounds"
@@ -267,8 +280,8 @@ def _distributed(args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
         client=[DistributedDpMod()],
         server=[server],
         summary=(
-            f"distributed DP (Skellam shares, {noise}, clip {how}, delta {delta:g}; "
-            "the server sees only the noised sum)"
+            f"distributed DP (Skellam shares, {noise}, clip {how}, delta {delta:g}, "
+            f"dropouts counted {server.dropouts.value}; the server sees only the noised sum)"
         ),
     )
 
@@ -337,6 +350,14 @@ class DpFeature:
             help=f"the delta of (epsilon, delta)-DP (default {DELTA:g})",
         )
         group.add_argument(
+            "--dropouts",
+            choices=[p.value for p in DropoutPolicy],
+            default=None,
+            help="distributed DP: size each client's noise for the fewest survivors SecAgg+ "
+            f"allows (default {DropoutPolicy.WORST_CASE.value}), or for the expected cohort with "
+            "epsilon counted from the survivors",
+        )
+        group.add_argument(
             "--max-epsilon",
             type=_positive,
             default=None,
@@ -345,6 +366,8 @@ class DpFeature:
 
     def mods(self, args: argparse.Namespace, task: DigitsTask) -> FeatureMods:
         if args.dp is None:
+            if getattr(args, "dropouts", None) is not None:
+                raise _needs(["--dropouts"], "--dp distributed")
             central, common = _given(args, _CENTRAL_ONLY), _given(args, _ANY_MODE)
             if central:
                 raise _needs(central + common, "--dp central")
