@@ -24,6 +24,7 @@ of a Flower app, or ``flwr run --run-config``) maps to :class:`Settings`:
                          path, and resume the run from it if it holds it already
 ``store-run``            the run's id in that store (default ``"flower"``)
 ``store-commit-every``   commit after every N-th round and the last (default 1)
+``store-population``     the privacy ledger the run spends from (default: the run's own)
 =======================  ===============================================================
 
 With ``store``, a ServerApp process that died (or a run started again with
@@ -32,13 +33,14 @@ history and cohort generator. The stored configuration is the run config without
 the keys that change no result (``store``, ``store-run``, ``store-commit-every``,
 ``history-file``, ``min-nodes``, ``node-timeout``, ``poll-interval``) and the app's
 rounds and seed;
-resuming with another is refused. ``CentralDp`` keeps its budget in the store (spent
-before each release, continued on resume: the same epsilon per round as an
-uninterrupted run); ``HomomorphicAggregation`` is refused with ``store``: its CKKS key
-lives only in the nodes' contexts, and a resumed run is a new flwr run whose nodes start
-new ones. The
-interrupted round is run again from scratch with a new SecAgg+ session, which a
-node that kept its state refuses (it never runs one round twice): that round
+resuming with another is refused, and so is a ``store-population`` that is not the
+stored run's (without the key a resumed run spends on from its stored population).
+``CentralDp`` keeps its budget in the store (spent before each release, continued on
+resume: the same epsilon per round as an uninterrupted run); ``HomomorphicAggregation``
+is refused with ``store``: its CKKS key lives only in the nodes' contexts, and a resumed
+run is a new flwr run whose nodes start new ones. The interrupted round is run again
+from scratch with a new SecAgg+ session, which a node that kept its state refuses (it
+never runs one round twice): that round
 fails with the model unchanged and the run goes on with the next.
 
 The whole run config is also passed to our ``ServerApp.run`` as its run config.
@@ -114,6 +116,7 @@ class Settings:
     store: str | None = None
     store_run: str = "flower"
     store_commit_every: int = 1
+    store_population: str | None = None
     run_config: Mapping[str, ConfigValue] = field(default_factory=dict)
 
     @classmethod
@@ -135,6 +138,7 @@ class Settings:
             store=store or None,
             store_run=store_run,
             store_commit_every=_int(config, "store-commit-every", 1, 1) or 1,
+            store_population=_text(config, "store-population", "a population id") or None,
             run_config=config,
         )
 
@@ -155,6 +159,7 @@ _OPERATIONAL = frozenset(
         "store",
         "store-run",
         "store-commit-every",
+        "store-population",
         "history-file",
         "min-nodes",
         "node-timeout",
@@ -264,6 +269,7 @@ class FlowerServerApp(flwr.serverapp.ServerApp):
                         config,
                         nodes_lose_state=_NEW_FLWR_RUN,
                         commit_every=settings.store_commit_every,
+                        population_id=settings.store_population,
                     )
                 )
             result = ours.run(

@@ -9,7 +9,11 @@ __all__ = ["Closing"]
 
 
 class Closing:
-    """``__enter__`` returns the object; ``__exit__`` calls its ``close``."""
+    """``__enter__`` returns the object; ``__exit__`` calls its ``close``.
+
+    When the block raised, the block's exception is the one that propagates; a close
+    that fails after it is added to it as a note, not raised in its place.
+    """
 
     def close(self) -> None:
         raise NotImplementedError
@@ -23,4 +27,12 @@ class Closing:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        # The block's error is what went wrong (a full disk mid-commit); a close that fails
+        # after it (the same full disk, releasing the lease) must not replace it.
+        try:
+            self.close()
+        except Exception as secondary:
+            exc.add_note(f"closing the {type(self).__name__} failed too: {secondary}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from flowerpets._validation import integer
 from flowerpets.core import ServerApp, ServerMod
-from flowerpets.exceptions import MissingRunError, ParameterValueError
+from flowerpets.exceptions import MissingRunError, ParameterValueError, RunConfigMismatchError
 from flowerpets.store.run_store import RunStore
 from flowerpets.store.run_writer import RunWriter
 
@@ -83,25 +83,34 @@ def stored_app(
     *,
     nodes_lose_state: str | None,
     commit_every: int = 1,
+    population_id: str | None = None,
 ) -> Iterator[ServerApp]:
     """``app`` committing to run ``run_id`` of the store at ``path`` every
     ``commit_every`` rounds and after the last (``ServerApp(commit_every=...)``).
 
-    The run is started with ``config`` if the store lacks it, and resumed
-    otherwise (refused with ``RunConfigMismatchError`` if its stored
-    configuration is another, ``StoreLockedError`` while another live server
-    holds it). The run's lease is given back on exit. ``nodes_lose_state``
-    (see :func:`refuse_unstored_state`) refuses the mods that need the nodes'
-    contexts to outlive the server.
+    The run is started with ``config`` if the store lacks it, spending from the
+    privacy ledger of ``population_id`` (default: the run's own,
+    ``"run:<run_id>"``), and resumed otherwise (refused with
+    ``RunConfigMismatchError`` if its stored configuration is another, or a
+    ``population_id`` given is not the stored run's, ``StoreLockedError`` while
+    another live server holds it). The run's lease is given back on exit.
+    ``nodes_lose_state`` (see :func:`refuse_unstored_state`) refuses the mods
+    that need the nodes' contexts to outlive the server.
     """
     refuse_unstored_state(app.mods, nodes_lose_state=nodes_lose_state)
     integer("commit_every", commit_every, at_least=1)  # before the store is touched
     with RunStore(path) as store:
         try:
-            store.run(run_id)
+            stored = store.run(run_id)
         except MissingRunError:
-            writer = store.start_run(run_id, config=config)
+            writer = store.start_run(run_id, config=config, population_id=population_id)
         else:
+            # Without one the stored run's population goes on: its ledger is never left behind.
+            if population_id is not None and population_id != stored.population_id:
+                raise RunConfigMismatchError(
+                    f"run {run_id!r} spends from population {stored.population_id!r}, "
+                    f"not {population_id!r}"
+                )
             writer = store.resume_run(run_id, config=config)
         with writer:
             yield with_store(app, writer, commit_every=commit_every)

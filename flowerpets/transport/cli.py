@@ -181,6 +181,12 @@ def add_server_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="the run's id in the store (default: server)",
     )
     run.add_argument(
+        "--store-population",
+        metavar="ID",
+        help="the privacy ledger the run spends from (default: the run's own); runs over the "
+        "same people's data given one id compose their epsilons in it",
+    )
+    run.add_argument(
         "--store-commit-every",
         type=int,
         default=1,
@@ -292,6 +298,8 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
         app = _server_app(load_object(args.app), ConfigRecord(run_config))
         if args.store is None and args.store_commit_every != 1:
             raise ParameterValueError("--store-commit-every says how often to commit: give --store")
+        if args.store is None and args.store_population is not None:
+            raise ParameterValueError("--store-population names a ledger in a store: give --store")
         if args.store is not None:
             from flowerpets.store.serving import stored_app
 
@@ -317,6 +325,7 @@ def _serve_stored(args: argparse.Namespace, stored: ExitStack) -> int:
                     identity,
                     nodes_lose_state=lost,
                     commit_every=args.store_commit_every,
+                    population_id=args.store_population,
                 )
             )
         if (args.cert is None) != (args.key is None):

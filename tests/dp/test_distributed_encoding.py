@@ -118,6 +118,37 @@ def test_the_encoding_reuses_the_calibration_bounds() -> None:
     assert Encoding(scale=1.0, clip=1.0, dimension=3, beta=0.0).norm_bound == 1.0 + 2.0
 
 
+def test_the_encoding_bounds_are_the_accountants_sensitivities() -> None:
+    encoding = Encoding(scale=1e3, clip=0.7, dimension=5000)
+    event = SkellamEvent.from_pipeline(
+        clip=0.7,
+        scale=1e3,
+        dimension=encoding.padded,
+        beta=encoding.beta,
+        local_variance=1.0,
+        clients_in_sum=1,
+    )
+    assert (event.l2_sensitivity, event.l1_sensitivity) == (
+        encoding.norm_bound,
+        encoding.l1_bound,
+    )
+
+
+def test_the_norm_check_is_exact_at_the_bound() -> None:
+    # Integers round to themselves: the only question is the norm against the bound.
+    three_four = np.array([3.0, 4.0])
+    assert list(conditional_round(three_four, norm_bound=5.0, source=keyed(0), tries=1)) == [3, 4]
+    with pytest.raises(ConditionalRoundingError):
+        conditional_round(three_four, norm_bound=math.nextafter(5.0, 0), source=keyed(0), tries=1)
+    ones = np.ones(2)  # norm sqrt(2), irrational: the float just above it passes, below fails
+    above = math.sqrt(2)
+    below = math.nextafter(above, 0)
+    assert Fraction(below) ** 2 < 2 < Fraction(above) ** 2
+    conditional_round(ones, norm_bound=above, source=keyed(0), tries=1)
+    with pytest.raises(ConditionalRoundingError):
+        conditional_round(ones, norm_bound=below, source=keyed(0), tries=1)
+
+
 @pytest.mark.parametrize(
     "fields",
     [

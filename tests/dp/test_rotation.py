@@ -119,3 +119,14 @@ def test_refusals() -> None:
         rotation.rotate(np.zeros(16))
     with pytest.raises(ParameterValueError, match=r"shape \(16,\)"):
         rotation.unrotate(np.zeros(10))
+
+
+def test_unrotate_leaves_its_input_alone_unless_told() -> None:
+    rotation = RandomizedHadamard(SEED, 100)
+    y = np.random.default_rng(3).standard_normal(128)
+    kept = y.copy()
+    expected = rotation.unrotate(y)
+    assert np.array_equal(y, kept)  # the default copies
+    got = rotation.unrotate(y, overwrite_input=True)
+    np.testing.assert_array_equal(got, expected)
+    assert np.shares_memory(got, y)  # the transform ran in y itself

@@ -178,6 +178,40 @@ def test_central_dp_keeps_its_budget_through_the_store_key_and_resumes_with_it(
         assert [s.round for s in store.spends("run:flower")] == [*spent, 3, 4]
 
 
+def test_runs_given_one_store_population_compose_in_its_ledger(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """``store-population`` keys the budget: a second run over it starts where the first stopped.
+
+    Two runs of two rounds over one population report, between them, the epsilons of
+    one run of four; a run resumed under another population is refused before any round.
+    """
+    client = client_app(kit.numpy_client([fixed_clipping_mod]))
+
+    def run(path: Path, rounds: int, **config: object) -> object:
+        server = kit.numpy_server([CentralDp(noise_multiplier=1.0, clipping_norm=1.0)], rounds=4)
+        settings = {"store": str(path), "num-server-rounds": rounds, **config}
+        return kit.run_bridge(server, kit.LocalFlwrGrid(client, N), settings)
+
+    four = _epsilons(run(tmp_path / "four.db", 4))
+    path = tmp_path / "run.db"
+    first = _epsilons(run(path, 2, **{"store-run": "a", "store-population": "hospital"}))
+    second = _epsilons(run(path, 2, **{"store-run": "b", "store-population": "hospital"}))
+    assert [*first, *second] == four
+    with RunStore(path) as store:
+        assert [(s.run_id, s.round) for s in store.spends("hospital")] == [
+            ("a", 1),
+            ("a", 2),
+            ("b", 1),
+            ("b", 2),
+        ]
+        assert store.run("b").population_id == "hospital"
+    with pytest.raises(RunConfigMismatchError, match="population"):
+        run(path, 2, **{"store-run": "b", "store-population": "another"})
+    with pytest.raises(ValueError, match="store-population"):
+        server_module.Settings.from_run_config({"store-population": 3})
+
+
 def test_nodes_that_kept_their_state_refuse_the_abandoned_secagg_round_and_the_run_goes_on(
     kit: SimpleNamespace, tmp_path: Path
 ) -> None:

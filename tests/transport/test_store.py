@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flowerpets.exceptions import MissingRunError
 from flowerpets.store import RunStore
 
 from .conftest import Processes
@@ -56,3 +57,32 @@ def test_a_server_killed_after_round_one_restarted_with_its_store_runs_only_the_
     refused = processes.start("refused", "server", *app, "--store", str(path), "--seed", "2")
     assert refused.wait() == 2  # another --seed: the stored run's configuration differs
     assert "was stored with configuration digest" in refused.log()
+
+
+def test_store_population_needs_a_store_and_must_be_the_stored_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--store-population`` names the ledger a new run spends from; a restart under another
+    one is refused before the server serves (exit status 2), the stored run untouched."""
+    from flowerpets.cli import build_parser
+    from flowerpets.transport.cli import run_server
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # transport_test_apps
+    path = tmp_path / "run.db"
+
+    def serve(*extra: str) -> int:
+        args = build_parser().parse_args(
+            ["server", *server_apps("rounds=3"), "--seed", "1", "--address", "127.0.0.1:0", *extra]
+        )
+        return run_server(args)
+
+    assert serve("--store-population", "hospital") == 2  # no --store
+    assert not path.exists()
+    with RunStore(path) as store:
+        store.start_run("server", config={}, population_id="hospital").close()
+    assert serve("--store", str(path), "--store-population", "another") == 2
+    with RunStore(path) as store:
+        stored = store.run("server")
+        assert (stored.population_id, stored.last_round) == ("hospital", 0)
+        with pytest.raises(MissingRunError):  # no ledger was made for it
+            store.spends("another")

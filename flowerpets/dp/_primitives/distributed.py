@@ -288,8 +288,9 @@ def lift(residues: NDArray[np.unsignedinteger], modulus_bits: int) -> NDArray[np
     if array.dtype.kind != "u":
         raise ParameterTypeError(f"residues must be unsigned integers, got {array.dtype}")
     m = 1 << bits
-    out = (array.astype(np.uint64) & np.uint64(m - 1)).astype(np.int64)
-    out[out > m // 2] -= m
+    reduced = np.bitwise_and(array, np.uint64(m - 1), dtype=np.uint64)
+    out = reduced.view(np.int64)  # below 2**32: the same values
+    np.subtract(out, m, out=out, where=out > m // 2)
     return out
 
 
@@ -312,7 +313,7 @@ def decode(
         )
     centred = lift(array, encoding.modulus_bits).astype(np.float64)
     centred /= encoding.scale
-    return rotation.unrotate(centred)
+    return rotation.unrotate(centred, overwrite_input=True)
 
 
 # -- wrap-around ---------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class RandomizedHadamard:
     same precision. See the module docstring for the derivation of ``S``.
     """
 
-    __slots__ = ("_norm", "_signs", "dimension", "padded")
+    __slots__ = ("_scaled_signs", "dimension", "padded")
 
     def __init__(self, seed: bytes, dimension: int) -> None:
         seed = bytes(instance("seed", seed, (bytes, bytearray)))
@@ -134,8 +134,7 @@ class RandomizedHadamard:
             )
         self.dimension: int = integer("dimension", dimension, at_least=1)
         self.padded: int = padded_dimension(self.dimension)
-        self._signs = _signs(seed, self.padded)
-        self._norm = 1.0 / math.sqrt(self.padded)
+        self._scaled_signs = _signs(seed, self.padded) / math.sqrt(self.padded)
 
     def _check(self, x: object, size: int, what: str) -> NDArray[np.float64]:
         array = np.asarray(x)
@@ -149,17 +148,22 @@ class RandomizedHadamard:
         """``U`` applied to ``x`` (``dimension`` values) padded with zeros: ``padded`` values."""
         array = self._check(x, self.dimension, "the vector to rotate")
         out = np.zeros(self.padded)
-        np.multiply(array, self._signs[: self.dimension], out=out[: self.dimension])
-        _fwht(out)
-        out *= self._norm
+        np.multiply(array, self._scaled_signs[: self.dimension], out=out[: self.dimension])
+        _fwht(out)  # H (S x / sqrt(D)): the scaling first, in the same pass as the signs
         return out
 
-    def unrotate(self, y: NDArray[np.float64]) -> NDArray[np.float64]:
-        """``U^T y`` with the padding dropped: the first ``dimension`` values."""
+    def unrotate(
+        self, y: NDArray[np.float64], *, overwrite_input: bool = False
+    ) -> NDArray[np.float64]:
+        """``U^T y`` with the padding dropped: the first ``dimension`` values.
+
+        ``overwrite_input`` lets the transform run in ``y`` itself (a C-contiguous float64
+        vector the caller no longer needs), saving a copy; the result is then a view of it.
+        """
         array = self._check(y, self.padded, "the vector to unrotate")
-        out = np.array(array, dtype=np.float64)  # a copy: the transform works in place
+        in_place = overwrite_input and array.dtype == np.float64 and array.flags.c_contiguous
+        out = array if in_place else np.array(array, dtype=np.float64)  # the transform is in place
         _fwht(out)
         kept = out[: self.dimension]
-        kept *= self._signs[: self.dimension]
-        kept *= self._norm
-        return kept.copy() if kept.size < out.size else kept
+        kept *= self._scaled_signs[: self.dimension]
+        return kept
