@@ -35,7 +35,7 @@ KERNEL_NAME = "flowerpets-test"
 # Figures each notebook draws (PNG outputs of the executed notebook).
 FIGURES = {
     "01-quickstart.ipynb": 2,
-    "02-secure-aggregation.ipynb": 2,
+    "02-secure-aggregation.ipynb": 3,
     "03-differential-privacy.ipynb": 4,
     "04-dp-sgd-opacus.ipynb": 1,
     "05-homomorphic-encryption.ipynb": 3,

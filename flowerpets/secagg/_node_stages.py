@@ -101,6 +101,9 @@ class NodeSettings(Protocol):
     @property
     def identities(self) -> NodeIdentities | None: ...
 
+    @property
+    def require_quorum(self) -> bool: ...
+
     def identity_key(self, context: Context) -> IdentityKey: ...
 
 
@@ -172,6 +175,13 @@ def advertise_keys(node: NodeSettings, request: StageRequest) -> Message:
             f"threshold {config.threshold} is below this node's minimum {node.min_threshold}"
         )
     check_threshold(len(config.order), config.degree, config.threshold, threat=config.threat)
+    if node.require_quorum and not config.quorum and not config.graph.is_complete:
+        # The neighbours' signatures alone let far-apart parts of the ring see different
+        # survivor sets (docs/secagg.md, regional views): this node asks for the cohort's.
+        raise ProtocolViolationError(
+            "this node unmasks only for a survivor set signed by a quorum of the cohort; "
+            "the round sets none"
+        )
     signer = None
     if node.model.signed:
         identities = _identities(node)
@@ -473,9 +483,14 @@ def _verify_consistency(
         raise ProtocolViolationError("signers and signatures differ in length")
     _unique(signers, "the signer list")
     mine = set(config.graph.neighbours(me))
-    strangers = [j for j in signers if j not in mine or j not in survivors]
-    if strangers:
-        raise ProtocolViolationError(f"nodes {strangers[:5]} are no surviving neighbours")
+    if config.quorum:  # signers from the whole cohort: survivors other than this node
+        strangers = [j for j in signers if j == me or j not in survivors]
+        if strangers:
+            raise ProtocolViolationError(f"nodes {strangers[:5]} are no other survivors")
+    else:
+        strangers = [j for j in signers if j not in mine or j not in survivors]
+        if strangers:
+            raise ProtocolViolationError(f"nodes {strangers[:5]} are no surviving neighbours")
     for j, signature in zip(signers, signed, strict=True):
         identities.verify(
             j,
@@ -484,11 +499,16 @@ def _verify_consistency(
             what=f"node {j}'s signature of the survivor set",
         )
     _enough(
-        len(signers),
+        len(mine.intersection(signers)),
         "of this node's neighbours signed the survivor set it signed",
         config,
         InconsistentViewError,
     )
+    if len(signers) < config.quorum:
+        raise InconsistentViewError(
+            f"only {len(signers)} nodes of the cohort signed the survivor set this node signed, "
+            f"fewer than the quorum {config.quorum}"
+        )
 
 
 # -- stage 4: unmask -----------------------------------------------------------

@@ -55,6 +55,7 @@ degree and threshold, and seconds per stage.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
 import secrets
@@ -177,6 +178,7 @@ class ServerRound:
                 secure_metrics=mod.secure_metrics,
                 threat=self.model.threat,
                 quantized=request.quantized,
+                quorum=mod.quorum_for(params),
             )
             # A quantized round's replies hold residues the model does not (their names and
             # shapes are the noising mod's): the first masked input fixes the layout.
@@ -493,16 +495,21 @@ class ServerRound:
 
         self._send(stage, ((i, content) for i in self.survivors), accept)
         signed = set(self.set_signatures)
-        # A node unmasks only with t of its neighbours' signatures: ask no other.
+        # A node unmasks only with t of its neighbours' signatures (and, with a quorum, that
+        # many of the cohort's besides its own): ask no other.
+        quorum = self.config.quorum
         self.unmaskers = [
-            i for i in self.survivors if i in signed and self._count(i, signed) >= self.t
+            i
+            for i in self.survivors
+            if i in signed and self._count(i, signed) >= self.t and len(signed) - 1 >= quorum
         ]
         self._leave(ServerPhase.CHECKED, stage, started)
         self._check_recoverable(
             stage,
             set(self.unmaskers),
             f"{len(signed)} of {len(self.survivors)} survivors signed the survivor set, "
-            f"{len(self.unmaskers)} with t={self.t} neighbours that did",
+            f"{len(self.unmaskers)} with t={self.t} neighbours that did"
+            + (f" and the cohort's quorum of {quorum}" if quorum else ""),
             "neighbours among those",
         )
 
@@ -516,6 +523,10 @@ class ServerRound:
         for i in self.unmaskers:
             # t suffice (a node checks every one it is sent): no more to send or to verify.
             signers = [j for j in self.graph.neighbours(i) if j in self.set_signatures][: self.t]
+            if self.config.quorum:  # then the cohort's, up to the quorum
+                chosen = {*signers, i}
+                others = (j for j in self.set_signatures if j not in chosen)
+                signers += list(itertools.islice(others, self.config.quorum - len(signers)))
             signed = ConfigRecord(dict(record.items()))
             signed["signers"] = signers
             signed["signatures"] = [self.set_signatures[j] for j in signers]

@@ -88,6 +88,7 @@ from flowerpets.core import (
     RecordDict,
 )
 from flowerpets.exceptions import (
+    ConfigurationError,
     DecryptionError,
     InfeasibleParametersError,
     InvalidUpdateError,
@@ -170,6 +171,12 @@ class SecAggPlusClientMod:
         The PKI (:class:`~flowerpets.secagg.NodeIdentities`): every enrolled node's
         Ed25519 public key, from the same source the server's come from, never
         from the server. Required for ``threat="malicious"``.
+    ``require_quorum``
+        Malicious mode: take part only in rounds whose survivor set must be signed by
+        a quorum of the whole cohort (``SecAggPlus(quorum=True)``), not only by ``t``
+        neighbours: without it, a server can show far-apart parts of a sparse ring
+        different survivor sets and learn the sum of a small block of nodes
+        (``docs/secagg.md``, regional views). Default False.
     ``identity``
         Where this node's identity key is (:class:`~flowerpets.secagg.IdentityKey`
         for a deployed node, a :class:`~flowerpets.secagg.Keyring` in a
@@ -187,6 +194,7 @@ class SecAggPlusClientMod:
         threat: Threat | str | None = None,
         identities: NodeIdentities | None = None,
         identity: IdentitySource | None = None,
+        require_quorum: bool = False,
     ) -> None:
         types = strings("protected_types", protected_types, check=_message_type)
         if not boolean("refuse_plaintext", refuse_plaintext):
@@ -215,6 +223,9 @@ class SecAggPlusClientMod:
         self.randomness = randomness
         self.identities = identities
         self.identity: IdentitySource = identity if identity is not None else NodeConfigKey()
+        self.require_quorum = boolean("require_quorum", require_quorum)
+        if self.require_quorum and not self.model.consistency_check:
+            raise ConfigurationError("require_quorum=True needs the malicious mode")
 
     @property
     def threat(self) -> Threat:
@@ -231,7 +242,8 @@ class SecAggPlusClientMod:
         return (
             f"SecAggPlusClientMod(protected_types={self.protected_types!r}, "
             f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold}, "
-            f"threat={self.threat.value!r})"
+            f"threat={self.threat.value!r}"
+            f"{', require_quorum=True' if self.require_quorum else ''})"
         )
 
     # -- dispatch --------------------------------------------------------------

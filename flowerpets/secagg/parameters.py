@@ -47,9 +47,8 @@ default 40). (4) needs ``1 - delta > (1 + gamma) / 2`` asymptotically: the
 dropout rate must stay below ``(1 - gamma) / 2``.
 
 **Against an actively malicious server** (``threat=Threat.MALICIOUS``, for the
-protocol with signed key advertisements and a consistency round, so that every
-honest node that releases shares was shown the same survivor set ``S``), rule
-(3) becomes
+protocol with signed key advertisements and a consistency round), rule (3)
+becomes
 
 3M. **Threshold** ``t = floor(k / 2) + c + 1``, the smallest ``t`` with
    ``2 t > k + 2 c`` (so ``2 t > k + c`` too: 3M's ``t`` is never below 3's,
@@ -76,7 +75,18 @@ honest node that releases shares was shown the same survivor set ``S``), rule
    places, each around a member and its ``k / 2 + 1`` neighbours in ``A``
    (:func:`least_summed`; ``floor(k / 2) + 2`` for the complete graph). One
    below 3M, at ``t = k / 2 + c``, a run of ``k / 2 + 1`` consecutive honest
-   nodes, each with ``c`` corrupted neighbours, already qualifies. (4) then
+   nodes, each with ``c`` corrupted neighbours, already qualifies. That
+   count assumes one survivor set ``S`` for every honest node that releases
+   shares, which the consistency check gives only in the complete graph: in a
+   sparse one a node counts its neighbours' signatures, so far-apart parts of
+   the ring can be shown different sets, and at ``t = k / 2 + 1`` a server
+   with two such views learns the sum of ``k / 2 + 2`` consecutive honest
+   nodes (found for ``k`` from 8 to 14; ``tests/secagg/test_malicious.py``
+   plays it at n = 40).
+   What the local check does give (docs/secagg.md) is that each honest input
+   the server learns is summed with
+   at least ``2t - k - c`` other honest ones: under 3M, at least ``c + 1``
+   (:attr:`GraphParameters.least_summed`, ``1 + 2t - k - c``). (4) then
    needs
    ``1 - delta > 1/2 + c / k``: the dropout rate must stay below about
    ``1/2 - gamma``. (1), (2) and (4) are unchanged: (2) still assumes the
@@ -196,11 +206,25 @@ class GraphParameters:
     @property
     def least_summed(self) -> int | None:
         """For ``threat=Threat.MALICIOUS``, the fewest honest nodes in any sum the server
-        can learn (:func:`least_summed`); ``None`` for a semi-honest server, which learns
-        only the sum of the honest survivors."""
+        can learn; ``None`` for a semi-honest server, which learns only the sum of the
+        honest survivors.
+
+        For the complete graph, :func:`least_summed` (the consistency check then gives
+        every releasing node one survivor set). For a sparse graph the check is local (a
+        node counts its neighbours' signatures), far-apart parts of the ring can be shown
+        different sets, and what holds is ``1 + 2t - k - c``: each honest input is summed
+        with at least ``2t - k - c`` other honest ones (docs/secagg.md, *Malicious mode*),
+        with ``c`` the corrupted-neighbour bound (0 for hand-picked parameters, which
+        assume none). At ``t = k/2 + 1`` (which nodes accept, whatever the finder
+        chose) a server with regional views learns the sum of ``k/2 + 2`` consecutive
+        honest nodes for ``k >= 8`` (``tests/secagg/test_malicious.py``). With the
+        opt-in cohort quorum (``SecAggPlus(quorum=True)``, nodes that require it) every
+        node that unmasks saw one set and :func:`least_summed` holds."""
         if self.threat is not Threat.MALICIOUS:
             return None
-        return least_summed(self.cohort_size, self.degree)
+        if self.is_complete:
+            return least_summed(self.cohort_size, self.degree)
+        return 1 + 2 * self.threshold - self.degree - (self.corrupted_neighbours or 0)
 
 
 def check_size(cohort_size: int) -> int:
@@ -327,12 +351,16 @@ def _threshold(k: int, c: int, threat: Threat = Threat.SEMI_HONEST) -> int:
 
 
 def least_summed(cohort_size: int, degree: int) -> int:
-    """The fewest honest nodes in the sum a malicious server learns, under rule (3M).
+    """The fewest honest nodes in the sum a malicious server learns, under rule (3M), *if
+    every node that releases shares was shown one survivor set*.
 
     ``m (k / 2 + 2)`` with ``m = floor((n - k - 1) / (3 k / 2)) + 1`` for an
     even ``k <= n - 2``, ``floor(k / 2) + 2`` for the complete graph: the least
     size of a set whose every member has more than ``k / 2`` neighbours inside
-    it (module docstring, rule 3M).
+    it (module docstring, rule 3M). The consistency check guarantees one set
+    only in the complete graph; in a sparse one it is local, and a server that
+    shows far-apart parts of the ring different sets learns smaller sums
+    (:attr:`GraphParameters.least_summed` says what holds).
     """
     n = check_size(cohort_size)
     k = integer("degree", degree, at_least=1, at_most=n - 1)
@@ -342,6 +370,13 @@ def least_summed(cohort_size: int, degree: int) -> int:
     # first member at least k + 1 places on, and at most 3k/2 (no gap of k/2 places).
     windows = (n - k - 1) // (3 * k // 2) + 1
     return windows * (k // 2 + 2)
+
+
+def _least_summed_sparse(cohort_size: int, degree: int, threshold: int, c: int) -> int:
+    """:attr:`GraphParameters.least_summed` for these values."""
+    if degree >= cohort_size - 1:
+        return least_summed(cohort_size, cohort_size - 1)
+    return 1 + 2 * threshold - degree - c
 
 
 def _first_passing(lo: int, hi: int, passes: Callable[[np.ndarray], np.ndarray]) -> int | None:
@@ -575,9 +610,9 @@ def check_threshold(
         reason += (
             "; it meets the semi-honest rule t > (k + c) / 2, but against a malicious server, "
             "which chooses whose shares it forwards and which nodes it lists as dropped, only "
-            "rule (3M), t > k / 2 + c, guarantees that the sum it can learn covers at least "
-            f"{least_summed(cohort_size, degree)} honest nodes (below it, a small group cut "
-            "off from the rest can be enough)"
+            "rule (3M), t > k / 2 + c, guarantees that any sum it can learn covers at least "
+            f"{_least_summed_sparse(cohort_size, degree, least, c)} honest nodes (below it, a "
+            "small group cut off from the rest can be enough)"
         )
     raise InfeasibleParametersError(reason)
 

@@ -203,7 +203,10 @@ class RoundConfig:
     are residues, sent as they are (kind ``"m"``: no quantization, no weight) and
     summed modulo its modulus. The :attr:`digest` covers every field, so in
     malicious mode a server that tells two nodes different domains is caught
-    like one that tells them different ring orders.
+    like one that tells them different ring orders. ``quorum`` (malicious mode;
+    0: none) is how many nodes of the whole cohort must have signed a node's
+    survivor set before it unmasks, on top of its ``t`` neighbours: more than
+    half the cohort, so that every node that unmasks was shown one set.
     """
 
     session: bytes
@@ -216,6 +219,7 @@ class RoundConfig:
     secure_metrics: tuple[str, ...]
     threat: Threat = Threat.SEMI_HONEST
     quantized: QuantizedDomain | None = None
+    quorum: int = 0
 
     def __post_init__(self) -> None:
         if len(instance("session", self.session, bytes)) != SESSION_BYTES:
@@ -229,6 +233,14 @@ class RoundConfig:
         instance("threat", self.threat, Threat)
         if self.quantized is not None:
             instance("quantized", self.quantized, QuantizedDomain)
+        n = len(self.order)
+        if integer("quorum", self.quorum, at_least=0, at_most=n) and (
+            self.quorum <= n // 2 or self.threat is not Threat.MALICIOUS
+        ):
+            raise ParameterValueError(
+                f"quorum must be 0 or, in malicious rounds, more than half the cohort of {n}; "
+                f"got {self.quorum}"
+            )
 
     @cached_property
     def digest(self) -> bytes:
@@ -250,6 +262,7 @@ class RoundConfig:
             self.modulus_bits,
             len(self.modular_names),
             *self.modular_names,
+            self.quorum,
         )
         return hashlib.sha256(data).digest()
 
@@ -290,6 +303,7 @@ class RoundConfig:
                 "threat": self.threat.value,
                 "modulus-bits": self.modulus_bits,
                 "modular-names": list(self.modular_names),
+                "quorum": self.quorum,
             }
         )
 
@@ -328,6 +342,7 @@ class RoundConfig:
                 secure_metrics=tuple(fields.items("secure-metrics", str)),
                 threat=Threat(threat),
                 quantized=quantized,
+                quorum=fields.get("quorum", int),
             )
         except (ParameterTypeError, ParameterValueError, ConfigurationError) as exc:
             raise ProtocolViolationError(f"the round configuration: {exc}") from None

@@ -14,14 +14,15 @@ dropout handling and its result are described there).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from flowerpets._validation import instance, integer, probability, real, strings
+from flowerpets._validation import boolean, instance, integer, probability, real, strings
 from flowerpets.core import RoundRequest, RoundResult, SecureAggregator, ServerContext
-from flowerpets.exceptions import ParameterTypeError, ParameterValueError
+from flowerpets.exceptions import ConfigurationError, ParameterTypeError, ParameterValueError
 from flowerpets.secagg._round import ServerPhase, ServerRound
 from flowerpets.secagg.identity import NodeIdentities
 from flowerpets.secagg.parameters import (
@@ -53,6 +54,14 @@ class SecAggPlus(SecureAggregator):
         The PKI (:class:`~flowerpets.secagg.NodeIdentities`), the same the nodes
         are given; required for ``threat="malicious"``. Nodes of the cohort it
         does not list are excluded from the round.
+    ``quorum``
+        Malicious mode: a node unmasks only once ``floor((n + C) / 2) + 1`` nodes of
+        the whole cohort (``C = floor(corrupted_fraction * n)``) signed its survivor
+        set, besides its ``t`` neighbours, so that every node that unmasks was shown
+        one set (without it a server can show far-apart parts of a sparse ring
+        different sets and learn a small block's sum; docs/secagg.md, regional
+        views). About ``n / 2`` signature checks per node. Default False; nodes
+        built with ``require_quorum=True`` refuse rounds without it.
 
     ``degree``, ``threshold``
         The graph degree ``k`` and Shamir threshold ``t``, both or neither. By
@@ -96,6 +105,7 @@ class SecAggPlus(SecureAggregator):
         randomness: Randomness = os.urandom,
         threat: Threat | str | None = None,
         identities: NodeIdentities | None = None,
+        quorum: bool = False,
     ) -> None:
         if (degree is None) != (threshold is None):
             raise ParameterValueError(
@@ -137,6 +147,20 @@ class SecAggPlus(SecureAggregator):
         self.secure_metrics = metrics
         self.rng = rng
         self.randomness = randomness
+        self.quorum = boolean("quorum", quorum)
+        if self.quorum and not self.model.consistency_check:
+            raise ConfigurationError("quorum=True needs the malicious mode")
+
+    def quorum_for(self, params: GraphParameters) -> int:
+        """How many nodes of the cohort must sign a node's survivor set before it unmasks:
+        with ``quorum=True`` on a sparse graph, ``floor((n + C) / 2) + 1`` with
+        ``C = floor(corrupted_fraction * n)`` (two sets cannot both gather it from honest
+        nodes, so every node that unmasks was shown one set); otherwise 0 (the ``t``
+        neighbours' signatures only, which the complete graph makes cohort-wide)."""
+        n = params.cohort_size
+        if not self.quorum or params.is_complete:
+            return 0
+        return (n + math.floor(self.corrupted_fraction * n)) // 2 + 1
 
     def __repr__(self) -> str:
         graph = (
@@ -147,7 +171,7 @@ class SecAggPlus(SecureAggregator):
         return (
             f"SecAggPlus({graph}, clipping_range={self.clipping_range}, "
             f"max_weight={self.max_weight}, secure_metrics={self.secure_metrics!r}, "
-            f"threat={self.threat.value!r})"
+            f"threat={self.threat.value!r}{', quorum=True' if self.quorum else ''})"
         )
 
     @property

@@ -38,7 +38,7 @@ DELTA = 1e-5
 FEWEST = SecAggPlus().parameters(NODES).threshold + 1
 
 
-def independent_epsilon(
+def independent_event(
     event_type: type[SkellamEvent] | type[DistributedDiscreteGaussianEvent],
     *,
     z: float,
@@ -46,13 +46,12 @@ def independent_epsilon(
     dimension: int,
     planned: int,
     counted: int,
-    rounds: int = 1,
-) -> float:
-    """The epsilon of ``rounds`` rounds, computed from the papers' pipeline, not the mod."""
+) -> SkellamEvent | DistributedDiscreteGaussianEvent:
+    """One round's event, computed from the papers' pipeline, not the mod."""
     padded = padded_dimension(dimension)
     l2 = rounded_l2_bound(CLIP * scale, dimension=padded, beta=math.exp(-0.5))
     share = (z * l2) ** 2 / planned
-    event = event_type.from_pipeline(
+    return event_type.from_pipeline(
         clip=CLIP,
         scale=scale,
         dimension=padded,
@@ -60,6 +59,16 @@ def independent_epsilon(
         clients_in_sum=counted,
         beta=math.exp(-0.5),
     )
+
+
+def independent_epsilon(
+    event_type: type[SkellamEvent] | type[DistributedDiscreteGaussianEvent],
+    *,
+    rounds: int = 1,
+    **pipeline: Any,
+) -> float:
+    """The epsilon of ``rounds`` rounds of :func:`independent_event`."""
+    event = independent_event(event_type, **pipeline)
     accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
     return accountant.compose(event, rounds).get_epsilon(DELTA)
 
@@ -323,19 +332,10 @@ def test_survivors_charges_a_failed_round_as_the_worst_case() -> None:
     first, second = fed.result.history.rounds
     assert not first.ok and second.ok, (first.error, second.error)
     scale = second.train_metrics["dp-scale"]
-    padded = padded_dimension(16)
-    l2 = rounded_l2_bound(CLIP * scale, dimension=padded, beta=math.exp(-0.5))
-    share = l2**2 / NODES
 
-    def event(counted: int) -> SkellamEvent:
-        return SkellamEvent.from_pipeline(
-            clip=CLIP,
-            scale=scale,
-            dimension=padded,
-            local_variance=share,
-            clients_in_sum=counted,
-            beta=math.exp(-0.5),
-        )
+    def event(counted: int) -> SkellamEvent | DistributedDiscreteGaussianEvent:
+        pipeline = {"z": 1.0, "scale": scale, "dimension": 16, "planned": NODES}
+        return independent_event(SkellamEvent, counted=counted, **pipeline)
 
     accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
     accountant.compose(event(FEWEST)).compose(event(NODES))  # the failed round, the full one

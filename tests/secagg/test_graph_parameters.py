@@ -36,6 +36,7 @@ from flowerpets.secagg import (
     find_parameters,
     secaggplus_mod,
 )
+from flowerpets.secagg.attacks import read_update, rebuild, split_view
 from flowerpets.secagg.parameters import (
     _hypergeometric_log_pmf,
     check_threshold,
@@ -43,7 +44,6 @@ from flowerpets.secagg.parameters import (
 )
 from flowerpets.secagg.protocol import RECORD
 from flowerpets.simulation import Dropout, run_simulation
-from tests.secagg.split_view import read_update, rebuild, split_view
 
 
 # -- the graph -----------------------------------------------------------------------------

@@ -47,12 +47,12 @@ from flowerpets.secagg import (
     enroll,
 )
 from flowerpets.secagg._primitives import aead, keys
+from flowerpets.secagg.attacks import partner_holders, read_update, rebuild, split_view, two_views
 from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
 from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import Dropout, run_simulation
 from tests.secagg import test_protocol as protocol
 from tests.secagg.conftest import seeded_randomness
-from tests.secagg.split_view import partner_holders, read_update, rebuild, split_view, two_views
 from tests.secagg.test_attacks import phase, refused
 
 BOTH = [Threat.SEMI_HONEST, Threat.MALICIOUS]
@@ -157,29 +157,48 @@ def test_a_ring_order_told_differently_to_two_neighbours(federation: Any, threat
         fed.ok(reply)  # negative control: nothing ties the keys to the configuration
 
 
-@pytest.mark.parametrize("replay", ["round", "session"])
-def test_an_advertisement_replayed_from_another_round_or_session(
-    federation: Any, replay: str
-) -> None:
-    fed = federation(threat=Threat.MALICIOUS)
-    fed.advertise()
-    old_pks, old_signatures = dict(fed.pks), dict(fed.key_signatures)
+def _next_session(fed: Any, replay: str) -> None:
+    """Finish round 1 honestly and start round 2 (``"round"``), or restart round 1 with a
+    fresh session on fresh node state (``"session"``)."""
     if replay == "round":
         fed.share()
         fed.collect()
-        fed.check()
+        if fed.malicious:
+            fed.check()
         for node in fed.ids:
             fed.ok(fed.unmask(node, fed.ids, []))
         fed.next_round()  # round 2, a fresh session
     else:  # the same round number, another session: a restarted round
-        fed.contexts = {node: Context(node_id=node, run_id=1) for node in fed.ids}
-        fed.next_round()
-        fed.round = 1
+        _restart(fed)
+
+
+def _restart(fed: Any) -> None:
+    """Round 1 again, with another session and fresh node state (a restarted round)."""
+    fed.contexts = {node: Context(node_id=node, run_id=1) for node in fed.ids}
+    fed.next_round()
+    fed.round = 1
+
+
+@pytest.mark.parametrize("replay", ["round", "session"])
+@pytest.mark.parametrize("threat", BOTH)
+def test_an_advertisement_replayed_from_another_round_or_session(
+    federation: Any, threat: Threat, replay: str
+) -> None:
+    fed = federation(threat=threat)
+    fed.advertise()
+    old_pks, old_signatures = dict(fed.pks), dict(fed.key_signatures)
+    _next_session(fed, replay)
     fed.advertise()
     node = fed.ids[0]
     fields = fed.share_fields(node)
     j = fields["nodes"][0]
     fields["c-pks"][0], fields["s-pks"][0] = old_pks[j]  # keys the server may know more of
+    if not fed.malicious:
+        # Negative control: nothing dates a semi-honest advertisement; the node takes the
+        # old keys and encrypts its shares for j to them.
+        body = fed.ok(fed.ask(node, Stage.SHARE_KEYS, fields))[RECORD]
+        assert j in body["receivers"]  # type: ignore[operator]
+        return
     fields["signatures"][0] = old_signatures[j]
     refused(fed.ask(node, Stage.SHARE_KEYS, fields), f"the key advertisement of node {j}")
 
@@ -252,7 +271,7 @@ def test_a_split_view_two_neighbours_told_different_survivor_sets(
 def test_rebuilding_a_node_update_from_all_the_server_obtained(
     federation: Any, threat: Threat, views: Any
 ) -> None:
-    """The split view on the victim's partners (tests/secagg/split_view.py), the server
+    """The split view on the victim's partners (flowerpets/secagg/attacks/split_view.py), the server
     doing its best at the consistency check: at a threshold every node accepts
     (n = 12, k = 6, t = 4), it unmasks the victim's weight and update in semi-honest mode,
     and gets too few shares to rebuild anything in malicious mode."""
@@ -338,19 +357,44 @@ def test_fewer_than_t_signatures_are_refused(federation: Any) -> None:
     refused(unsigned, "signers")  # no signatures at all
 
 
-def test_a_consistency_signature_replayed_from_an_earlier_round(federation: Any) -> None:
+@pytest.mark.parametrize("replay", ["round", "session"])
+def test_a_consistency_signature_replayed_from_another_round_or_session(
+    federation: Any, replay: str
+) -> None:
     fed = federation(threat=Threat.MALICIOUS)
-    fed.honest_until_unmask()
+    fed.advertise()
+    fed.share()
+    fed.collect()
+    fed.check()
     old = dict(fed.set_signatures)
-    for node in fed.ids:
-        fed.ok(fed.unmask(node, fed.ids, []))
-    fed.next_round()
+    if replay == "round":
+        for node in fed.ids:
+            fed.ok(fed.unmask(node, fed.ids, []))
+        fed.next_round()  # round 2, a fresh session
+    else:
+        _restart(fed)
     fed.honest_until_collect()
     node = fed.ids[0]
-    fed.check([node])  # only the target signs round 2's set; the others' come from round 1
+    fed.check([node])  # only the target signs this set; its neighbours' signatures are old
     signers = list(fed.graph.neighbours(node))
     replayed = {"signers": signers, "signatures": [old[j] for j in signers]}
     refused(fed.unmask(node, fed.ids, [], signed=replayed), "signature of the survivor set")
+
+
+def test_without_the_consistency_check_a_node_answers_any_set_unsigned(federation: Any) -> None:
+    """Negative control of the consistency-check attacks above (a set one node off, fewer
+    than t signatures, none, or replayed ones): a semi-honest node has no signed set to
+    compare with and answers the unmask request as long as its own checks pass."""
+    fed = federation(n=9, degree=4, threshold=3)
+    fed.honest_until_unmask()
+    node, other = fed.ids[:2]
+    outsider = next(
+        i for i in fed.ids if i not in (node, other) and i not in fed.graph.neighbours(node)
+    )
+    fewer = [i for i in fed.ids if i != outsider]
+    got = fed.ok(fed.unmask(node, fewer, []))[RECORD]  # a set one node off, no signature
+    assert sorted(got["b-nodes"]) == sorted(fed.graph.neighbours(node))  # type: ignore[call-overload]
+    assert fed.ok(fed.unmask(other, fed.ids, []))[RECORD]["b-nodes"]  # none at all
 
 
 def test_a_node_signs_one_survivor_set_per_round(federation: Any) -> None:
@@ -538,6 +582,7 @@ def test_the_round_configuration_digest_binds_every_field() -> None:
         {"weight_key": None},
         {"secure_metrics": ()},
         {"threat": Threat.SEMI_HONEST},
+        {"quorum": 3},
     ]
     digests = {base.digest} | {dataclasses.replace(base, **c).digest for c in changes}
     assert len(digests) == len(changes) + 1 and len(base.digest) == 32  # SHA-256
@@ -572,12 +617,15 @@ def _run(
 
 
 def _malicious_run(
-    n: int, *, faults: Any = (), stop_on_failure: bool = False, **kwargs: Any
+    n: int, *, faults: Any = (), stop_on_failure: bool = False, quorum: bool = False, **kwargs: Any
 ) -> tuple[Any, Any, Any]:
-    """A malicious-mode round over the simulation: the nodes enrolled, each with its key."""
+    """A malicious-mode round over the simulation: the nodes enrolled, each with its key
+    (``quorum``: the nodes require the cohort's quorum, and the server sets it)."""
     pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
-    mod = SecAggPlusClientMod(identities=pki.identities, identity=pki.keyring)
-    secagg = protocol.secagg(identities=pki.identities, **kwargs)
+    mod = SecAggPlusClientMod(
+        identities=pki.identities, identity=pki.keyring, require_quorum=quorum
+    )
+    secagg = protocol.secagg(identities=pki.identities, quorum=quorum, **kwargs)
     return _run(n, mod, secagg, pki.node_ids, faults=faults, stop_on_failure=stop_on_failure)
 
 
@@ -596,11 +644,20 @@ MALICIOUS_DROPOUTS = {
 LATE = (Stage.CONSISTENCY_CHECK, Stage.UNMASK)  # after their masked input is in the sum
 
 
-@pytest.mark.parametrize("name", sorted(MALICIOUS_DROPOUTS))
-def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(name: str) -> None:
+QUORUM_DROPOUTS = ("check-3", "mixed-c", "mixed-d", "unmask-3", "collect-3")
+
+
+@pytest.mark.parametrize(
+    ("name", "quorum"),
+    [(name, False) for name in sorted(MALICIOUS_DROPOUTS)]
+    + [(name, True) for name in QUORUM_DROPOUTS],
+)
+def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(
+    name: str, quorum: bool
+) -> None:
     plan = MALICIOUS_DROPOUTS[name]
     faults = [Dropout(node=i, round=1, stage=stage) for stage, nodes in plan.items() for i in nodes]
-    result, outcome, (updates, weights) = _malicious_run(10, faults=faults)
+    result, outcome, (updates, weights) = _malicious_run(10, faults=faults, quorum=quorum)
     record = result.history[0]
     assert record.ok, record.error
     lost = {i for stage, nodes in plan.items() if stage not in LATE for i in nodes}
@@ -670,3 +727,122 @@ def test_the_server_refuses_an_advertisement_its_node_did_not_sign() -> None:
     assert result.history[0].ok and sorted(outcome.participants) == [1, 2, 3, 4, 5]
     assert outcome.failures[6].kind == FailureKind.PROTOCOL_VIOLATION
     assert "does not verify" in outcome.failures[6].error.reason
+
+
+# -- what the local consistency check does not stop: regional views ---------------------------
+@pytest.mark.parametrize("threat", BOTH)
+def test_regional_views_learn_the_sum_of_a_small_block(federation: Any, threat: Threat) -> None:
+    """A documented limit (docs/secagg.md, *Malicious mode*): a node checks the signatures of
+    its neighbours only, so far-apart parts of the ring can be shown different survivor sets.
+    With two views the server learns the exact sum of a block of k/2 + 2 = 6 honest nodes of
+    40 (k = 8, t = 5 = rule 3M's at c = 0), where one survivor set for everyone (the
+    argument that gave ``least_summed(40, 8) == 18``) leaves no such plan. In both modes
+    every node accepts; the sum is of 6 nodes, never of one (1 + 2t - k - c = 3 at least)."""
+    from flowerpets.secagg.attacks import learn_block_sum, regional_plan
+    from flowerpets.secagg.parameters import check_parameters, least_summed
+
+    n, k, t = 40, 8, 5
+    assert regional_plan(n, k, t, 6, views=1) is None  # one view: the global argument holds
+    plan = regional_plan(n, k, t, 6)
+    assert plan is not None
+    fed = federation(n=n, degree=k, threshold=t, seed=3, threat=threat)
+    got = learn_block_sum(fed, plan)
+    assert not got.refusals and got.vector is not None
+    block = [fed.index[node] for node in got.nodes]
+    assert int(got.vector[-2]) == sum(fed.weights[i] for i in block)  # the exact total weight
+    summed = sum(fed.weights[i] * fed.updates[i].astype(np.float64) for i in block)
+    step = 1 / fed.config.quantization.float_factor(1)
+    read = got.vector.view(np.int32)[:-2].astype(np.float64) * step
+    assert np.max(np.abs(read - summed)) <= len(block) * step  # the block's weighted sum
+    assert len(block) < least_summed(n, k) == 18  # what the one-view argument claimed
+    guaranteed = check_parameters(n, k, t, threat=threat).least_summed
+    assert guaranteed is None or guaranteed <= len(block)  # what the finder now promises
+
+
+def test_the_docs_split_view_block_prints_what_the_docs_say(capsys: Any) -> None:
+    """docs/secagg.md's *The split view, played*: its code, run, prints its text block."""
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[2] / "docs" / "secagg.md").read_text()
+    section = docs[docs.index("**The split view, played.**") : docs.index("**The argument.**")]
+    code = section.split("```python\n")[1].split("```")[0]
+    shown = section.split("```text\n")[1].split("```")[0]
+    exec(compile(code, "docs/secagg.md", "exec"), {})
+    assert capsys.readouterr().out == shown
+
+
+def test_regional_views_need_the_least_threshold() -> None:
+    """docs/secagg.md: one above t = k/2 + 1 the program finds no block plan (the plan of
+    the test above is not an artefact of the program: at t = 6 it is held to the same
+    checks and comes back empty), nor with one view at t = k/2 + 1."""
+    from flowerpets.secagg.attacks import regional_plan
+
+    assert regional_plan(40, 8, 5, 6) is not None
+    assert regional_plan(40, 8, 6, 6) is None
+    assert regional_plan(40, 8, 6, 8) is None
+
+
+# -- the cohort quorum: one survivor set for every node that unmasks ------------------------
+def test_a_cohort_quorum_stops_regional_views(federation: Any) -> None:
+    """With ``SecAggPlus(quorum=True)`` (and nodes that require it) a node unmasks only once
+    more than half the cohort signed its set: two views cannot both gather that, so the
+    regional plan that reads a block's sum above gets nothing."""
+    from flowerpets.secagg.attacks import learn_block_sum, regional_plan
+
+    plan = regional_plan(40, 8, 5, 6)
+    assert plan is not None
+    fed = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    got = learn_block_sum(fed, plan)
+    assert got.vector is None
+    assert got.refusals and all("fewer than the quorum 21" in r for r in got.refusals.values())
+    # The honest round with the same quorum unmasks.
+    honest = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    honest.honest_until_unmask()
+    for node in honest.ids:
+        honest.ok(honest.unmask(node, honest.ids, []))
+
+
+def test_a_node_that_requires_a_quorum_refuses_rounds_without_one(federation: Any) -> None:
+    fed = federation(threat=Threat.MALICIOUS, quorum=5)
+    node = fed.ids[0]
+    fed.config = dataclasses.replace(fed.config, quorum=0)
+    refused(fed.ask(node, Stage.ADVERTISE_KEYS, fed.advertise_message_fields()), "quorum")
+    # With the quorum set, signatures short of it are refused even with t neighbours'.
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS, quorum=5)
+    fed.honest_until_unmask()
+    node = fed.ids[0]
+    signed = fed.signed_fields(node)
+    short = {key: value[:4] for key, value in signed.items()}  # its 4 neighbours, no more
+    refused(fed.unmask(node, fed.ids, [], signed=short), "only 4 nodes of the cohort signed")
+    # Nor does the cohort's quorum stand in for t neighbours: 2 of them and 4 others.
+    other = fed.ids[1]
+    signed = fed.signed_fields(other)
+    mine = set(fed.graph.neighbours(other))
+    keep = [0, 1, *(at for at, j in enumerate(signed["signers"]) if j not in mine)]
+    assert len(keep) == 6
+    few = {key: [value[at] for at in keep] for key, value in signed.items()}
+    refused(fed.unmask(other, fed.ids, [], signed=few), "only 2 of this node's neighbours")
+    with pytest.raises(ConfigurationError, match="needs the malicious mode"):
+        SecAggPlusClientMod(require_quorum=True)
+    with pytest.raises(ConfigurationError, match="needs the malicious mode"):
+        SecAggPlus(quorum=True)
+    with pytest.raises(ParameterValueError, match="more than half the cohort"):
+        dataclasses.replace(fed.config, quorum=4)
+    with pytest.raises(ParameterValueError, match="more than half the cohort"):
+        dataclasses.replace(fed.config, quorum=5, threat=Threat.SEMI_HONEST)
+
+
+def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
+    pki = enroll(range(1, 101), randomness=seeded_randomness(0))
+    secagg = SecAggPlus(identities=pki.identities, quorum=True)
+    params = secagg.parameters(100)
+    assert not params.is_complete and secagg.quorum_for(params) == (100 + 10) // 2 + 1
+    assert SecAggPlus(identities=pki.identities).quorum_for(params) == 0
+    # 20 nodes, k = 8, t = 5: the quorum is 12 of the cohort; 8 drop at the consistency
+    # check, so 12 sign and each has 11 others' signatures: short of it. Without the quorum
+    # 9 nodes have their t neighbours' (and the round fails later, for too few of them).
+    faults = [Dropout(node=i, round=1, stage=Stage.CONSISTENCY_CHECK) for i in range(0, 16, 2)]
+    with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 0 with t=5 .*of 12"):
+        _malicious_run(20, faults=faults, quorum=True, stop_on_failure=True)
+    with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 9 with t=5 "):
+        _malicious_run(20, faults=faults, stop_on_failure=True)

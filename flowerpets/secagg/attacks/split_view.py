@@ -20,15 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
-from flowerpets.secagg import Stage
+from flowerpets.exceptions import ConfigurationError
 from flowerpets.secagg._primitives import keys, prg, shamir
-from flowerpets.secagg.protocol import MASKED_ARRAY, MASKED_RECORD, RECORD, pair_mask_seed
+from flowerpets.secagg.attacks.federation import Federation, fields_of, masked_vector
+from flowerpets.secagg.protocol import Stage, pair_mask_seed
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Loot:
     refusals: dict[int, str] = field(default_factory=dict)  # holder -> the reason it refused
 
 
-def partner_holders(fed: Any, victim: int, partners: list[int]) -> dict[int, list[int]]:
+def partner_holders(fed: Federation, victim: int, partners: list[int]) -> dict[int, list[int]]:
     """For each node, the partners of ``victim`` it is to be told dropped: ``t`` holders per
     partner, at most ``k - t`` per node (so each node still sees ``t`` live neighbours).
     A maximum flow over the ring finds the assignment."""
@@ -59,28 +59,29 @@ def partner_holders(fed: Any, victim: int, partners: list[int]) -> dict[int, lis
     size = 2 + len(partners) + len(holders)
     graph = csr_matrix((caps, (rows, cols)), shape=(size, size), dtype=np.int32)
     flow = maximum_flow(graph, 0, 1)
-    assert flow.flow_value == t * len(partners), "no assignment: the attack does not apply"
+    if flow.flow_value != t * len(partners):
+        raise ConfigurationError("no assignment of views: the attack does not apply here")
     dense = flow.flow.toarray()
     return {m: [j for a, j in enumerate(partners) if dense[2 + a, node[m]] > 0] for m in holders}
 
 
-def closest_partners(fed: Any, victim: int) -> list[int]:
+def closest_partners(fed: Federation, victim: int) -> list[int]:
     """The victim's ``t`` closest neighbours on the ring, on either side."""
     k, t = fed.config.degree, fed.config.threshold
     nbrs = list(fed.graph.neighbours(victim))
     return nbrs[: t // 2] + nbrs[k - (t - t // 2) :]
 
 
-def two_views(fed: Any, victim: int, partners: list[int]) -> dict[int, list[int]]:
+def two_views(fed: Federation, victim: int, partners: list[int]) -> dict[int, list[int]]:
     """As few views as possible: every partner told all survived, everyone else told all
     the partners dropped (so most nodes share one set, and can sign it for each other)."""
     return {m: ([] if m in partners else list(partners)) for m in fed.ids if m != victim}
 
 
-Views = Callable[[Any, int, list[int]], Mapping[int, list[int]]]
+Views = Callable[[Federation, int, list[int]], Mapping[int, list[int]]]
 
 
-def split_view(fed: Any, views: Views = partner_holders) -> Loot:
+def split_view(fed: Federation, views: Views = partner_holders) -> Loot:
     """Run the attack on ``fed.ids[0]`` (``views(fed, victim, partners)``: each holder and
     the partners it is told dropped) and return what the server obtained."""
     fed.advertise()
@@ -89,7 +90,7 @@ def split_view(fed: Any, views: Views = partner_holders) -> Loot:
     partners = closest_partners(fed, victim)
     fields = fed.collect_fields(victim, senders=partners)
     reply = fed.ask(victim, Stage.COLLECT_MASKED_INPUT, fields, extra=fed.train_content())
-    masked = fed.ok(reply)[MASKED_RECORD][MASKED_ARRAY].numpy().copy()
+    masked = masked_vector(reply)
     fed.collect([m for m in fed.ids if m != victim])
     told_dropped = dict(views(fed, victim, partners))
     loot = Loot(victim, partners, masked, s_shares={j: {} for j in partners})
@@ -100,54 +101,62 @@ def split_view(fed: Any, views: Views = partner_holders) -> Loot:
         for m, survivors in sets.items():
             answer = fed.ask(m, Stage.CONSISTENCY_CHECK, {"survivors": survivors})
             if answer.error is None:
-                signatures[m] = answer.require_content()[RECORD]["signature"]
+                signatures[m] = fields_of(answer).get("signature", bytes)
     for m, dropped in told_dropped.items():
         # Every neighbour's signature made over m's very set: nothing else could verify.
         signers = [
-            j
-            for j in fed.graph.neighbours(m)
-            if j in signatures and sorted(sets[j]) == sorted(sets[m])
+            j for j in fed.signer_pool(m) if j in signatures and sorted(sets[j]) == sorted(sets[m])
         ]
         signed = {"signers": signers, "signatures": [signatures[j] for j in signers]}
         answer = fed.unmask(m, sets[m], dropped, signed=signed if fed.malicious else {})
         if answer.error is not None:
             loot.refusals[m] = answer.error.reason
             continue
-        body = answer.require_content()[RECORD]
-        for j, share in zip(body["b-nodes"], body["b-shares"], strict=True):
+        body = fields_of(answer)
+        b_nodes, b_shares = body.items("b-nodes", int), body.items("b-shares", bytes)
+        for j, share in zip(b_nodes, b_shares, strict=True):
             if j == victim:
                 loot.b_shares[m] = share
-        for j, share in zip(body["s-nodes"], body["s-shares"], strict=True):
+        s_nodes, s_shares = body.items("s-nodes", int), body.items("s-shares", bytes)
+        for j, share in zip(s_nodes, s_shares, strict=True):
             if j in loot.s_shares:
                 loot.s_shares[j][m] = share
     return loot
 
 
-def rebuild(fed: Any, loot: Loot) -> np.ndarray | None:
+def combine(fed: Federation, owner: int, shares: Mapping[int, bytes]) -> bytes | None:
+    """``owner``'s secret from the shares its neighbours released (holder -> share), or
+    None with fewer than ``t``: Shamir's reconstruction, as the server does it."""
+    t = fed.config.threshold
+    if len(shares) < t:
+        return None
+    holders = sorted(shares)[:t]
+    ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
+    points = [fed.graph.share_point(owner, m) for m in holders]
+    return shamir.elements_to_bytes(shamir.Shamir().combine(points, ys))
+
+
+def rebuild(fed: Federation, loot: Loot) -> np.ndarray | None:
     """The victim's vector unmasked from the loot, or None where it holds fewer than ``t``
     shares of a secret the unmasking needs (the self-mask seed, or a partner's mask key)."""
-    t = fed.config.threshold
-    if len(loot.b_shares) < t or any(len(loot.s_shares[j]) < t for j in loot.partners):
+    self_seed = combine(fed, loot.victim, loot.b_shares)
+    if self_seed is None:
         return None
-    field_ = shamir.Shamir()
-
-    def secret(owner: int, shares: dict[int, bytes]) -> bytes:
-        holders = sorted(shares)[:t]
-        ys = np.stack([np.frombuffer(shares[m], "<u4").astype(np.uint64) for m in holders])
-        points = [fed.graph.share_point(owner, m) for m in holders]
-        return shamir.elements_to_bytes(field_.combine(points, ys))
-
-    masked = loot.masked.copy()
-    add, subtract = [], [secret(loot.victim, loot.b_shares)]
+    add: list[bytes] = []
+    subtract = [self_seed]
     for j in loot.partners:
-        key = keys.load_private_key(secret(j, loot.s_shares[j]))
+        secret = combine(fed, j, loot.s_shares[j])
+        if secret is None:
+            return None
+        key = keys.load_private_key(secret)
         seed = pair_mask_seed(key, fed.pks[loot.victim][1], session=fed.config.session, round=1)
         (subtract if loot.victim < j else add).append(seed)  # undo what the victim applied
+    masked = loot.masked.copy()
     prg.apply_masks(masked, add=add, subtract=subtract)
     return masked
 
 
-def read_update(fed: Any, victim: int, vector: np.ndarray) -> tuple[int, np.ndarray]:
+def read_update(fed: Federation, victim: int, vector: np.ndarray) -> tuple[int, np.ndarray]:
     """The weight and the float update an unmasked vector holds."""
     words = vector.view(np.int32).astype(np.float64)
     weight = int(vector[-2])
