@@ -32,6 +32,7 @@ from flowerpets.core import (
     RoundResult,
     ServerApp,
     ServerContext,
+    fewest_inputs_of,
 )
 from flowerpets.dp import AdaptiveClipping, DistributedDp, DistributedDpMod, Mechanism
 from flowerpets.dp._primitives.clip import global_norm
@@ -288,7 +289,7 @@ def test_no_noise_warns() -> None:
 def test_the_secagg_server_promises_t_plus_one_inputs() -> None:
     secagg = SecAggPlus(degree=4, threshold=3)
     assert secagg.fewest_inputs(10) == 4
-    server = ServerApp(
-        strategy=FedAvg(), num_rounds=1, initial_arrays=ArrayRecord({"w": MODEL}), mods=[secagg]
-    )
-    assert server.mods[-1] is secagg
+    # The context carries the innermost secure aggregator's promise, and no promise without one.
+    dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)
+    assert fewest_inputs_of([dp, SecAggPlus(degree=6, threshold=5), secagg]) == secagg.fewest_inputs
+    assert fewest_inputs_of([dp]) is None
