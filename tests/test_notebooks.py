@@ -40,6 +40,7 @@ FIGURES = {
     "04-dp-sgd-opacus.ipynb": 1,
     "05-homomorphic-encryption.ipynb": 3,
     "06-flower.ipynb": 1,
+    "07-choosing-a-pet.ipynb": 2,
 }
 
 CELL_TIMEOUT = 300  # seconds per cell

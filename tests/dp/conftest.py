@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,3 +49,26 @@ class UpdateApp:
 @pytest.fixture
 def update_app() -> type[UpdateApp]:
     return UpdateApp
+
+
+def refusal(
+    main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> str:
+    """What a command line prints when it refuses ``argv``: one line on stderr, status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    """``flowerpets accountant ARGV --json``, run in-process: its one JSON object."""
+    from flowerpets.dp.cli import main
+
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one JSON object
+    result: dict[str, object] = json.loads(out)
+    return result

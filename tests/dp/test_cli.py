@@ -17,17 +17,10 @@ from flowerpets.dp.accountant import (
     RdpAccountant,
 )
 from flowerpets.dp.cli import main
+from tests.dp.conftest import refusal, run_json
 
 PLAN = ("plan", "--population", "50", "--clients-per-round", "5")
 SMALL_PLAN = ("--rounds", "2", "--noise-multiplier", "1", "--delta", "1e-5")
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
-    assert main([*argv, "--json"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1  # one JSON object
-    result: dict[str, object] = json.loads(out)
-    return result
 
 
 def test_epsilon_matches_the_accountants(capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,12 +232,8 @@ def test_plan_prints_epsilon_per_round_and_plots(
 def test_bad_arguments_give_one_line_and_status_two(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        status = main(argv)
-        raise SystemExit(status)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    err = refusal(main, argv, capsys)
+    assert message in err, err
 
 
 def test_plan_says_where_it_wrote_the_plot(
