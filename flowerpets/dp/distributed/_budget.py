@@ -23,7 +23,7 @@ from flowerpets.dp.central import _ledger
 from flowerpets.dp.distributed._mechanism import Mechanism
 from flowerpets.exceptions import InfeasibleParametersError
 
-__all__ = ["calibrated_multiplier", "count_event", "update_event"]
+__all__ = ["calibrated_multiplier", "count_event", "epsilon_of", "update_event"]
 
 
 def update_event(

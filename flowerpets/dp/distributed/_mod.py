@@ -13,6 +13,7 @@ the next round's clip from the noised count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import secrets
@@ -41,7 +42,12 @@ from flowerpets.dp.central._budgeted import BudgetedMod
 from flowerpets.dp.central._durable import DISTRIBUTED
 from flowerpets.dp.central._ledger import RunState
 from flowerpets.dp.central._release import update_multiplier
-from flowerpets.dp.distributed._budget import calibrated_multiplier, count_event, update_event
+from flowerpets.dp.distributed._budget import (
+    calibrated_multiplier,
+    count_event,
+    epsilon_of,
+    update_event,
+)
 from flowerpets.dp.distributed._mechanism import Mechanism
 from flowerpets.dp.distributed._plan import WRAP_LIMIT, Plan, plan
 from flowerpets.dp.distributed._round_config import SEED_BYTES, RoundEncoding
@@ -63,6 +69,8 @@ CallNext = Callable[[RoundRequest, ServerContext], RoundResult]
 
 # Below this sigma^2 the distributed discrete Gaussian's bound says nothing (KLS21).
 _DG_MIN_SHARE = 0.25
+# How close (relatively) the calibrated multiplier is to the smallest that meets the target.
+_MULTIPLIER_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -325,28 +333,34 @@ class DistributedDp(BudgetedMod):
         # With adaptive clipping z covers the count too, so it must stay below 2 sigma_b.
         z = 1.0 if self.adaptive is None else min(1.0, self.adaptive.count_noise(expected))
         count_share = self._count_share(expected, planned)
-        for _ in range(12):  # the scale depends on z, and epsilon (a little) on the scale
+        below = math.inf if self.adaptive is None else 2 * self.adaptive.count_noise(expected)
+
+        def events_at(candidate: float, units: float) -> list[PrivacyEvent]:
+            l2 = Encoding(scale=units, clip=1.0, dimension=dimension, beta=self.beta).norm_bound
+            share = (self._update_multiplier(candidate, expected) * l2) ** 2 / planned
+            return self._events_for(units, 1.0, dimension, share, count_share, counted)
+
+        # The scale depends on z, and epsilon (a little) on the scale: iterate z to its fixed
+        # point, from above or below, then check the answer at its own scale.
+        for _ in range(24):
             units = self._scaled(z, dimension, cohort, planned, expected).units
-
-            def events_at(candidate: float, units: float = units) -> list[PrivacyEvent]:
-                l2 = Encoding(scale=units, clip=1.0, dimension=dimension, beta=self.beta).norm_bound
-                share = (self._update_multiplier(candidate, expected) * l2) ** 2 / planned
-                return self._events_for(units, 1.0, dimension, share, count_share, counted)
-
             found = calibrated_multiplier(
-                events_at,
+                functools.partial(events_at, units=units),
                 target_epsilon=target,
                 delta=self.delta,
                 rounds=rounds,
                 factory=self.accountant,
                 start=z,
-                below=math.inf
-                if self.adaptive is None
-                else 2 * self.adaptive.count_noise(expected),
+                below=below,
             )
-            if found <= z:
+            if abs(found - z) > _MULTIPLIER_TOLERANCE * z:
+                z = found
+                continue
+            z = max(found, z)
+            own = self._scaled(z, dimension, cohort, planned, expected).units
+            if epsilon_of(events_at(z, own), rounds, self.accountant, self.delta) <= target:
                 return z
-            z = found
+            z *= 1 + _MULTIPLIER_TOLERANCE  # its own scale costs a little more: step up
         raise InfeasibleParametersError(
             f"DistributedDp found no noise multiplier for epsilon {target:g} in {rounds} rounds "
             "that the modulus can carry: raise modulus_bits or target_epsilon"
