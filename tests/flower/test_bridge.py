@@ -30,6 +30,7 @@ from flowerpets.secagg import (
     Stage,
     secaggplus_mod,
 )
+from flowerpets.secagg.protocol import RECORD
 from flowerpets.secagg.threat import MODELS, Threat
 from flowerpets.simulation import run_simulation
 
@@ -192,3 +193,32 @@ def test_the_malicious_mode_through_the_bridge_sums_as_the_semi_honest(
     _close(got.arrays, want.arrays, atol=2 * 2 * bound)  # two rounds, each within its bound
     stages = {m.metadata.group_id.partition(":")[2] for m in grid.pushed}
     assert set(MODELS[Threat.MALICIOUS].stages) <= stages
+
+
+def test_the_cohort_quorum_is_the_default_through_the_bridge(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The node-side mod built the usual way under Flower (identities and
+    ``NodeConfigKey``) requires the cohort quorum by default, and ``SecAggPlus`` sends it:
+    on a sparse graph (``k = 2`` of 4 nodes) every unmask request carries the signatures
+    of ``q = 3`` other nodes, and the round sums as without the quorum would."""
+    grid_ids = kit.LocalFlwrGrid(client_app(kit.numpy_client()), N).node_ids
+    keys = {node: IdentityKey.generate() for node in grid_ids}
+    pki = NodeIdentities({node: key.public_bytes for node, key in keys.items()})
+    malicious = SecAggPlusClientMod(identities=pki, identity=NodeConfigKey())
+    assert malicious.require_quorum
+    app = ClientApp(mods=[mods(malicious)])
+    app.train()(kit.flwr_train)
+    grid = kit.LocalFlwrGrid(app, N)
+    for node, key in keys.items():
+        path = tmp_path / f"{node}.key"
+        path.write_bytes(key.private_pem())
+        grid.contexts[node].node_config["secagg-identity-key"] = str(path)
+    sparse = SecAggPlus(identities=pki, degree=2, threshold=2)
+    got = kit.run_bridge(kit.numpy_server([sparse]), grid).last_result
+    assert [len(r.participants) for r in got.history.rounds] == [N, N]
+    unmasks = [m for m in grid.pushed if m.metadata.group_id.endswith(Stage.UNMASK)]
+    assert unmasks and all(len(m.content[RECORD]["signers"]) == 3 for m in unmasks)
+    want = _bridged(kit, [SecAggPlus()], [secaggplus_mod], native=True)[0].last_result
+    bound = got.history[0].train_metrics["secagg-mean-error-bound"]
+    _close(got.arrays, want.arrays, atol=2 * 2 * bound)

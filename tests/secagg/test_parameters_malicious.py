@@ -102,6 +102,32 @@ def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
     assert semi.least_summed is None and semi.quorum == 0
 
 
+@pytest.mark.parametrize(
+    ("n", "delta", "gamma"), [(100, 0.1, 0.1), (1000, 0.3, 0.05), (2000, 0.2, 0.0)]
+)
+def test_the_finder_counts_the_cohort_quorum_in_the_failure_bound(
+    n: int, delta: float, gamma: float
+) -> None:
+    """In malicious mode a sparse round also fails when at most q nodes survive to sign (a
+    node needs q others' signatures): the reported failure bound is rule 4's plus that
+    binomial tail, and the dropouts the round always survives are at most n - q - 1."""
+    p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    assert not p.is_complete and p.log2_failure is not None
+    q = (n + math.floor(gamma * n)) // 2 + 1
+    assert p.quorum == q
+    rule_4 = n * stats.binom.cdf(p.threshold - 1, p.degree, 1 - delta)
+    short = stats.binom.cdf(q, n, 1 - delta)
+    assert 2**p.log2_failure == pytest.approx(rule_4 + short, rel=1e-6)
+    assert p.log2_failure <= -40
+    assert p.tolerated_dropouts == min(p.degree - p.threshold, n - q - 1)
+    local = find_parameters(
+        n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL, quorum=False
+    )
+    assert local.quorum == 0 and 2**local.log2_failure == pytest.approx(rule_4, rel=1e-6)
+    with pytest.raises(ParameterValueError, match="needs threat='malicious'"):
+        find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, quorum=True)
+
+
 # -- the refusals ------------------------------------------------------------------------------
 def test_infeasible_malicious_settings_say_what_to_change() -> None:
     # 1/2 - 0.1 = 40%: at 42% no degree keeps 1/2 + c/k of the neighbours (rule 3: 45%).
