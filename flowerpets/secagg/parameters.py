@@ -77,27 +77,30 @@ becomes
    below 3M, at ``t = k / 2 + c``, a run of ``k / 2 + 1`` consecutive honest
    nodes, each with ``c`` corrupted neighbours, already qualifies. That
    count assumes one survivor set ``S`` for every honest node that releases
-   shares, which the consistency check gives only in the complete graph: in a
-   sparse one a node counts its neighbours' signatures, so far-apart parts of
-   the ring can be shown different sets, and at ``t = k / 2 + 1`` a server
-   with two such views learns the sum of ``k / 2 + 2`` consecutive honest
-   nodes (found for ``k`` from 8 to 14; ``tests/secagg/test_malicious.py``
-   plays it at n = 40).
-   What the local check does give (docs/secagg.md) is that each honest input
-   the server learns is summed with
-   at least ``2t - k - c`` other honest ones: under 3M, at least ``c + 1``
-   (:attr:`GraphParameters.least_summed`, ``1 + 2t - k - c``). (4) then
-   needs
-   ``1 - delta > 1/2 + c / k``: the dropout rate must stay below about
-   ``1/2 - gamma``. (1), (2) and (4) are unchanged: (2) still assumes the
-   ring order is uniformly random and independent of which nodes are
-   corrupted (a server choosing the order could surround a node with all
-   ``C``), and (4) is correctness against honest dropouts (a malicious server
-   can always fail a round). This is a derivation for the Harary graph and
-   this protocol's checks, not a bound copied from Bell et al., whose
-   malicious-setting guarantee has the same shape (the server learns the sum
-   of one large group of honest nodes only). fcp's finder has no such mode
-   (its semi-malicious mode is rule 3).
+   shares, which the consistency check gives in the complete graph and, with
+   the cohort quorum (:func:`cohort_quorum`, the malicious mode's default), in
+   a sparse one; without the quorum a sparse node counts its neighbours'
+   signatures only, so far-apart parts of the ring can be shown different
+   sets, and at ``t = k / 2 + 1`` a server with two such views learns the sum
+   of ``k / 2 + 2`` consecutive honest nodes (found for ``k`` from 8 to 14;
+   ``tests/secagg/test_malicious.py`` plays it at n = 40). What the local check
+   alone gives (docs/secagg.md) is that each honest input the server learns is
+   summed with at least ``2t - k - c`` other honest ones: under 3M, at least
+   ``c + 1`` (:attr:`GraphParameters.least_summed` without the quorum, ``1 + 2t
+   - k - c``). (4) then needs ``1 - delta > 1/2 + c / k``: the dropout rate
+   must stay below about ``1/2 - gamma``. With the quorum ``q`` a sparse round
+   also fails when at most ``q`` nodes survive to sign, and (4) becomes ``n
+   P[Bin(k, 1 - delta) < t] + P[Bin(n, 1 - delta) <= q] <= 2**-eta`` (the
+   second term needs only ``1 - delta > (1 + gamma) / 2``, which (4) already
+   implies since ``c / k`` exceeds about ``gamma``). (1), (2) and (4) are
+   unchanged otherwise: (2) still assumes the ring order is uniformly random
+   and independent of which nodes are corrupted (a server choosing the order
+   could surround a node with all ``C``), and (4) is correctness against honest
+   dropouts (a malicious server can always fail a round). This is a derivation
+   for the Harary graph and this protocol's checks, not a bound copied from
+   Bell et al., whose malicious-setting guarantee has the same shape (the
+   server learns the sum of one large group of honest nodes only). fcp's finder
+   has no such mode (its semi-malicious mode is rule 3).
 
 If no ``k <= n - 2`` meets them (small cohorts), the complete graph
 ``k = n - 1`` is used with ``c = C`` and ``t = max(floor((n - 1 + C) / 2) + 1, 2)``,
