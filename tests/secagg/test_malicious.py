@@ -895,3 +895,13 @@ def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
         pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 9 with t=5 "),
     ):
         _malicious_run(20, faults=faults, quorum=False, stop_on_failure=True)
+
+
+def test_a_threshold_above_the_quorum_forwards_t_signatures() -> None:
+    """n = 10, k = 8, t = 7 above q = 6: the server forwards the t neighbours' signatures
+    (which cover the quorum too), and the round succeeds with all 10 nodes (before, the
+    server asked for a negative count of further signers and raised)."""
+    result, outcome, _ = _malicious_run(10, degree=8, threshold=7)
+    record = result.history[0]
+    assert record.ok, record.error
+    assert len(outcome.participants) == 10
