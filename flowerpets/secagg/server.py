@@ -155,10 +155,11 @@ class SecAggPlus(SecureAggregator):
 
     def quorum_for(self, params: GraphParameters) -> int:
         """How many nodes of the cohort must sign a node's survivor set before it unmasks:
-        with ``quorum=True`` on a sparse graph, ``floor((n + C) / 2) + 1`` with
-        ``C = floor(corrupted_fraction * n)`` (two sets cannot both gather it from honest
-        nodes, so every node that unmasks was shown one set); otherwise 0 (the ``t``
-        neighbours' signatures only, which the complete graph makes cohort-wide)."""
+        with the quorum on (the malicious mode's default) on a sparse graph,
+        ``floor((n + C) / 2) + 1`` with ``C = floor(corrupted_fraction * n)`` (two sets
+        cannot both gather it from honest nodes, so every node that unmasks was shown one
+        set); otherwise 0 (the ``t`` neighbours' signatures only, which the complete graph
+        makes cohort-wide)."""
         if not self.quorum or params.is_complete:
             return 0
         return cohort_quorum(params.cohort_size, self.corrupted_fraction)
