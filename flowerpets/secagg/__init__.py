@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         GraphParameters,
         Threat,
         check_parameters,
+        cohort_quorum,
         find_parameters,
     )
     from flowerpets.secagg.protocol import RoundConfig, Stage
@@ -58,6 +59,7 @@ _HOMES = {
     "Stage": "protocol",
     "Threat": "parameters",
     "check_parameters": "parameters",
+    "cohort_quorum": "parameters",
     "enroll": "identity",
     "find_parameters": "parameters",
     "secaggplus_mod": "client",
@@ -80,6 +82,7 @@ __all__ = [
     "Stage",
     "Threat",
     "check_parameters",
+    "cohort_quorum",
     "enroll",
     "find_parameters",
     "secaggplus_mod",

@@ -526,7 +526,7 @@ class ServerRound:
             if self.config.quorum:  # then the cohort's, up to the quorum
                 chosen = {*signers, i}
                 others = (j for j in self.set_signatures if j not in chosen)
-                signers += list(itertools.islice(others, self.config.quorum - len(signers)))
+                signers += list(itertools.islice(others, max(self.config.quorum - len(signers), 0)))
             signed = ConfigRecord(dict(record.items()))
             signed["signers"] = signers
             signed["signatures"] = [self.set_signatures[j] for j in signers]

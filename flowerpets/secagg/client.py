@@ -42,8 +42,11 @@ round). The checks that protect an honest node from a dishonest server:
   node that is not enrolled and a neighbour's keys without that neighbour's
   valid signature; it signs the survivor set once (the consistency check) and
   releases shares only for that very set, and only with at least ``t`` of its
-  neighbours' valid signatures over it; it refuses rounds of the semi-honest
-  mode (no downgrade).
+  neighbours' valid signatures over it and, by default on a sparse graph, of a
+  quorum of the whole cohort (so that no two parts of the ring can be shown
+  different sets); it refuses rounds of the semi-honest mode (no downgrade) and,
+  unless built with ``require_quorum=False`` (which warns), sparse rounds that
+  ask no quorum.
 
 Protocol state (including the round's private keys and self-mask seed) lives in
 ``context.state`` under ``"secagg+/..."`` records (a frozen :class:`ClientState`
@@ -88,7 +91,6 @@ from flowerpets.core import (
     RecordDict,
 )
 from flowerpets.exceptions import (
-    ConfigurationError,
     DecryptionError,
     InfeasibleParametersError,
     InvalidUpdateError,
@@ -116,7 +118,7 @@ from flowerpets.secagg.protocol import (
     Threat,
     fields_of,
 )
-from flowerpets.secagg.threat import ThreatModel, resolve
+from flowerpets.secagg.threat import ThreatModel, quorum_setting, resolve
 
 __all__ = [
     "MALICIOUS_TRANSITIONS",
@@ -173,10 +175,13 @@ class SecAggPlusClientMod:
         from the server. Required for ``threat="malicious"``.
     ``require_quorum``
         Malicious mode: take part only in rounds whose survivor set must be signed by
-        a quorum of the whole cohort (``SecAggPlus(quorum=True)``), not only by ``t``
-        neighbours: without it, a server can show far-apart parts of a sparse ring
-        different survivor sets and learn the sum of a small block of nodes
-        (``docs/secagg.md``, regional views). Default False.
+        a quorum of the whole cohort (``floor((n + C) / 2) + 1`` nodes, which
+        ``SecAggPlus`` asks for by default), not only by ``t`` neighbours: without it,
+        a server can show far-apart parts of a sparse ring different survivor sets and
+        learn the sum of a small block of nodes (``docs/secagg.md``, regional views).
+        Default: on in the malicious mode (``require_quorum=False`` warns), off in the
+        semi-honest one (``require_quorum=True`` there is a ConfigurationError). The
+        complete graph needs none (its ``t`` neighbours are already cohort-wide).
     ``identity``
         Where this node's identity key is (:class:`~flowerpets.secagg.IdentityKey`
         for a deployed node, a :class:`~flowerpets.secagg.Keyring` in a
@@ -194,7 +199,7 @@ class SecAggPlusClientMod:
         threat: Threat | str | None = None,
         identities: NodeIdentities | None = None,
         identity: IdentitySource | None = None,
-        require_quorum: bool = False,
+        require_quorum: bool | None = None,
     ) -> None:
         types = strings("protected_types", protected_types, check=_message_type)
         if not boolean("refuse_plaintext", refuse_plaintext):
@@ -223,9 +228,9 @@ class SecAggPlusClientMod:
         self.randomness = randomness
         self.identities = identities
         self.identity: IdentitySource = identity if identity is not None else NodeConfigKey()
-        self.require_quorum = boolean("require_quorum", require_quorum)
-        if self.require_quorum and not self.model.consistency_check:
-            raise ConfigurationError("require_quorum=True needs the malicious mode")
+        self.require_quorum = quorum_setting(
+            require_quorum, self.model, who="SecAggPlusClientMod", name="require_quorum"
+        )
 
     @property
     def threat(self) -> Threat:
@@ -239,11 +244,14 @@ class SecAggPlusClientMod:
         return key
 
     def __repr__(self) -> str:
+        opted_out = (
+            "" if self.require_quorum == self.model.consistency_check else ", require_quorum=False"
+        )
         return (
             f"SecAggPlusClientMod(protected_types={self.protected_types!r}, "
             f"refuse_plaintext={self.refuse_plaintext}, min_threshold={self.min_threshold}, "
             f"threat={self.threat.value!r}"
-            f"{', require_quorum=True' if self.require_quorum else ''})"
+            f"{opted_out})"
         )
 
     # -- dispatch --------------------------------------------------------------

@@ -77,27 +77,30 @@ becomes
    below 3M, at ``t = k / 2 + c``, a run of ``k / 2 + 1`` consecutive honest
    nodes, each with ``c`` corrupted neighbours, already qualifies. That
    count assumes one survivor set ``S`` for every honest node that releases
-   shares, which the consistency check gives only in the complete graph: in a
-   sparse one a node counts its neighbours' signatures, so far-apart parts of
-   the ring can be shown different sets, and at ``t = k / 2 + 1`` a server
-   with two such views learns the sum of ``k / 2 + 2`` consecutive honest
-   nodes (found for ``k`` from 8 to 14; ``tests/secagg/test_malicious.py``
-   plays it at n = 40).
-   What the local check does give (docs/secagg.md) is that each honest input
-   the server learns is summed with
-   at least ``2t - k - c`` other honest ones: under 3M, at least ``c + 1``
-   (:attr:`GraphParameters.least_summed`, ``1 + 2t - k - c``). (4) then
-   needs
-   ``1 - delta > 1/2 + c / k``: the dropout rate must stay below about
-   ``1/2 - gamma``. (1), (2) and (4) are unchanged: (2) still assumes the
-   ring order is uniformly random and independent of which nodes are
-   corrupted (a server choosing the order could surround a node with all
-   ``C``), and (4) is correctness against honest dropouts (a malicious server
-   can always fail a round). This is a derivation for the Harary graph and
-   this protocol's checks, not a bound copied from Bell et al., whose
-   malicious-setting guarantee has the same shape (the server learns the sum
-   of one large group of honest nodes only). fcp's finder has no such mode
-   (its semi-malicious mode is rule 3).
+   shares, which the consistency check gives in the complete graph and, with
+   the cohort quorum (:func:`cohort_quorum`, the malicious mode's default), in
+   a sparse one; without the quorum a sparse node counts its neighbours'
+   signatures only, so far-apart parts of the ring can be shown different
+   sets, and at ``t = k / 2 + 1`` a server with two such views learns the sum
+   of ``k / 2 + 2`` consecutive honest nodes (found for ``k`` from 8 to 14;
+   ``tests/secagg/test_malicious.py`` plays it at n = 40). What the local check
+   alone gives (docs/secagg.md) is that each honest input the server learns is
+   summed with at least ``2t - k - c`` other honest ones: under 3M, at least
+   ``c + 1`` (:attr:`GraphParameters.least_summed` without the quorum, ``1 + 2t
+   - k - c``). (4) then needs ``1 - delta > 1/2 + c / k``: the dropout rate
+   must stay below about ``1/2 - gamma``. With the quorum ``q`` a sparse round
+   also fails when at most ``q`` nodes survive to sign, and (4) becomes ``n
+   P[Bin(k, 1 - delta) < t] + P[Bin(n, 1 - delta) <= q] <= 2**-eta`` (the
+   second term needs only ``1 - delta > (1 + gamma) / 2``, which (4) already
+   implies since ``c / k`` exceeds about ``gamma``). (1), (2) and (4) are
+   unchanged otherwise: (2) still assumes the ring order is uniformly random
+   and independent of which nodes are corrupted (a server choosing the order
+   could surround a node with all ``C``), and (4) is correctness against honest
+   dropouts (a malicious server can always fail a round). This is a derivation
+   for the Harary graph and this protocol's checks, not a bound copied from
+   Bell et al., whose malicious-setting guarantee has the same shape (the
+   server learns the sum of one large group of honest nodes only). fcp's finder
+   has no such mode (its semi-malicious mode is rule 3).
 
 If no ``k <= n - 2`` meets them (small cohorts), the complete graph
 ``k = n - 1`` is used with ``c = C`` and ``t = max(floor((n - 1 + C) / 2) + 1, 2)``,
@@ -127,7 +130,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from flowerpets._validation import instance, integer, one_of, probability
+from flowerpets._validation import boolean, instance, integer, one_of, probability
 from flowerpets.exceptions import InfeasibleParametersError, ParameterValueError
 
 __all__ = [
@@ -136,6 +139,7 @@ __all__ = [
     "check_parameters",
     "check_size",
     "check_threshold",
+    "cohort_quorum",
     "find_parameters",
     "least_summed",
     "minimum_threshold",
@@ -193,6 +197,7 @@ class GraphParameters:
     log2_failure: float | None = None
     corrupted_neighbours: int | None = None
     threat: Threat = Threat.SEMI_HONEST
+    quorum: int = 0  # cohort signatures a node needs besides its own (0: none asked for)
 
     @property
     def is_complete(self) -> bool:
@@ -200,7 +205,10 @@ class GraphParameters:
 
     @property
     def tolerated_dropouts(self) -> int:
-        """How many dropouts the round survives whichever nodes they hit: ``k - t``."""
+        """How many dropouts the round survives whichever nodes they hit: ``k - t``, and
+        with a cohort quorum ``q`` at most ``n - q - 1`` (a node needs ``q`` others' signatures)."""
+        if self.quorum:
+            return max(min(self.degree - self.threshold, self.cohort_size - self.quorum - 1), 0)
         return self.degree - self.threshold
 
     @property
@@ -218,11 +226,12 @@ class GraphParameters:
         assume none). At ``t = k/2 + 1`` (which nodes accept, whatever the finder
         chose) a server with regional views learns the sum of ``k/2 + 2`` consecutive
         honest nodes for ``k >= 8`` (``tests/secagg/test_malicious.py``). With the
-        opt-in cohort quorum (``SecAggPlus(quorum=True)``, nodes that require it) every
-        node that unmasks saw one set and :func:`least_summed` holds."""
+        cohort quorum (``quorum`` above 0: the malicious mode's default, which the
+        finder assumes unless told ``quorum=False``) every node that unmasks saw one set
+        and :func:`least_summed` holds."""
         if self.threat is not Threat.MALICIOUS:
             return None
-        if self.is_complete:
+        if self.is_complete or self.quorum:
             return least_summed(self.cohort_size, self.degree)
         return 1 + 2 * self.threshold - self.degree - (self.corrupted_neighbours or 0)
 
@@ -238,6 +247,16 @@ def check_size(cohort_size: int) -> int:
 
 def _corrupted(gamma: float, n: int) -> int:
     return math.floor(gamma * n + _SMALL)
+
+
+def cohort_quorum(cohort_size: int, corrupted_fraction: float = _DEFAULT_CORRUPTED) -> int:
+    """``floor((n + C) / 2) + 1`` with ``C = floor(corrupted_fraction * n)``: how many other
+    nodes of the cohort must sign a node's survivor set before it unmasks (malicious mode,
+    sparse graph). Two sets cannot both gather it, since the ``n - C`` honest nodes sign
+    one set each per round: ``2 (q - C) > n - C``."""
+    n = check_size(cohort_size)
+    gamma = probability("corrupted_fraction", corrupted_fraction, one=False)
+    return (n + _corrupted(gamma, n)) // 2 + 1
 
 
 # -- tails, in log space ----------------------------------------------------------------------
@@ -422,14 +441,25 @@ def find_parameters(
     security_bits: int = _DEFAULT_SECURITY_BITS,
     correctness_bits: int = 40,
     threat: Threat | str = Threat.SEMI_HONEST,
+    quorum: bool | None = None,
 ) -> GraphParameters:
     """The smallest degree, with its threshold, meeting the inequalities above.
 
     ``threat=Threat.MALICIOUS`` (or ``"malicious"``) applies rule (3M) instead of
-    (3): a larger threshold, and so a larger degree for the same rates.
+    (3): a larger threshold, and so a larger degree for the same rates. It also
+    asks, on a sparse graph, for the cohort quorum ``q`` (:func:`cohort_quorum`;
+    ``quorum=None`` means yes in malicious mode, no otherwise): the round then
+    also fails when at most ``q`` nodes survive, and (4) must hold together with
+    that: ``n P[Bin(k, 1 - delta) < t] + P[Bin(n, 1 - delta) <= q] <= 2**-eta``.
+    When the quorum's tail alone exceeds the budget, no sparse graph is chosen
+    (the complete graph asks no quorum: its threshold is already cohort-wide).
+    ``quorum=True`` with a semi-honest server is a ParameterValueError.
     """
     n = check_size(cohort_size)
     model = threat_model(threat)
+    if quorum is not None and boolean("quorum", quorum) and model is not Threat.MALICIOUS:
+        raise ParameterValueError("quorum=True needs threat='malicious'")
+    wants_quorum = model is Threat.MALICIOUS and quorum is not False
     delta = probability("dropout_rate", dropout_rate, one=False)
     gamma = probability("corrupted_fraction", corrupted_fraction, one=False)
     sigma = integer("security_bits", security_bits, at_least=1, at_most=MAX_BITS)
@@ -439,10 +469,17 @@ def find_parameters(
     log_n = math.log(n)
     secure_budget = -(sigma + 1) * _LN2  # for (1) and for (2), each
     fail_budget = -eta * _LN2 - log_n  # per node, for (4)
+    sparse_quorum = (n + corrupted) // 2 + 1 if wants_quorum else 0
+    # The round also fails when at most q nodes survive to sign: (4) gets what is left.
+    log_short = _log_binomial_cdf(sparse_quorum, n, p) if sparse_quorum else -math.inf
+    if log_short >= -eta * _LN2:
+        fail_budget = -math.inf  # no sparse graph can meet the budget
+    elif log_short > -math.inf:
+        fail_budget = math.log(2.0**-eta - math.exp(log_short)) - log_n
     found = None
     last_even = (n - 2) // 2 * 2
     # With p <= 1/2, P[Bin(k, p) <= k/2] >= 1/2 for every even k: (4) never holds.
-    if last_even >= 2 and p > 0.5:  # (3M) asks more than (3): the same holds there
+    if last_even >= 2 and p > 0.5 and fail_budget > -math.inf:  # (3M) asks more than (3)
         # E[delta ** (k - X)] <= q ** k (Hoeffding 1963, Theorem 4: sampling without
         # replacement is dominated in convex order), a closed form that bounds the search.
         q = corrupted / n + delta * (1 - corrupted / n)
@@ -475,9 +512,10 @@ def find_parameters(
             corrupted_fraction=gamma,
             log2_disconnected=_log_disconnected(n, k, corrupted, delta) / _LN2,
             log2_leak=leak / _LN2,
-            log2_failure=(log_n + fail) / _LN2,
+            log2_failure=float(np.logaddexp(log_n + fail, log_short)) / _LN2,
             corrupted_neighbours=c,
             threat=model,
+            quorum=sparse_quorum,
         )
     # The complete graph: every honest node has the C corrupted nodes as neighbours, and
     # the round fails exactly when at most t nodes survive (a survivor then has < t others).

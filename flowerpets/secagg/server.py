@@ -14,25 +14,25 @@ dropout handling and its result are described there).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from flowerpets._validation import boolean, instance, integer, probability, real, strings
+from flowerpets._validation import instance, integer, probability, real, strings
 from flowerpets.core import RoundRequest, RoundResult, SecureAggregator, ServerContext
-from flowerpets.exceptions import ConfigurationError, ParameterTypeError, ParameterValueError
+from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 from flowerpets.secagg._round import ServerPhase, ServerRound
 from flowerpets.secagg.identity import NodeIdentities
 from flowerpets.secagg.parameters import (
     MAX_BITS,
     GraphParameters,
     check_parameters,
+    cohort_quorum,
     find_parameters,
 )
 from flowerpets.secagg.protocol import Threat
-from flowerpets.secagg.threat import ThreatModel, resolve
+from flowerpets.secagg.threat import ThreatModel, quorum_setting, resolve
 
 __all__ = ["SecAggPlus", "ServerPhase", "ServerRound"]
 
@@ -60,8 +60,12 @@ class SecAggPlus(SecureAggregator):
         set, besides its ``t`` neighbours, so that every node that unmasks was shown
         one set (without it a server can show far-apart parts of a sparse ring
         different sets and learn a small block's sum; docs/secagg.md, regional
-        views). About ``n / 2`` signature checks per node. Default False; nodes
-        built with ``require_quorum=True`` refuse rounds without it.
+        views). About ``n / 2`` signature checks per node; a round fails when at most
+        that many nodes survive to sign, which the parameter finder counts. Default:
+        on in the malicious mode (``quorum=False`` warns, and nodes, which require it
+        by default, refuse such rounds), off in the semi-honest one (``quorum=True``
+        there is a ConfigurationError). The complete graph asks no quorum: its ``t``
+        is already cohort-wide.
 
     ``degree``, ``threshold``
         The graph degree ``k`` and Shamir threshold ``t``, both or neither. By
@@ -105,7 +109,7 @@ class SecAggPlus(SecureAggregator):
         randomness: Randomness = os.urandom,
         threat: Threat | str | None = None,
         identities: NodeIdentities | None = None,
-        quorum: bool = False,
+        quorum: bool | None = None,
     ) -> None:
         if (degree is None) != (threshold is None):
             raise ParameterValueError(
@@ -147,22 +151,21 @@ class SecAggPlus(SecureAggregator):
         self.secure_metrics = metrics
         self.rng = rng
         self.randomness = randomness
-        self.quorum = boolean("quorum", quorum)
-        if self.quorum and not self.model.consistency_check:
-            raise ConfigurationError("quorum=True needs the malicious mode")
+        self.quorum = quorum_setting(quorum, self.model, who="SecAggPlus", name="quorum")
 
     def quorum_for(self, params: GraphParameters) -> int:
         """How many nodes of the cohort must sign a node's survivor set before it unmasks:
-        with ``quorum=True`` on a sparse graph, ``floor((n + C) / 2) + 1`` with
-        ``C = floor(corrupted_fraction * n)`` (two sets cannot both gather it from honest
-        nodes, so every node that unmasks was shown one set); otherwise 0 (the ``t``
-        neighbours' signatures only, which the complete graph makes cohort-wide)."""
-        n = params.cohort_size
+        with the quorum on (the malicious mode's default) on a sparse graph,
+        ``floor((n + C) / 2) + 1`` with ``C = floor(corrupted_fraction * n)`` (two sets
+        cannot both gather it from honest nodes, so every node that unmasks was shown one
+        set); otherwise 0 (the ``t`` neighbours' signatures only, which the complete graph
+        makes cohort-wide)."""
         if not self.quorum or params.is_complete:
             return 0
-        return (n + math.floor(self.corrupted_fraction * n)) // 2 + 1
+        return cohort_quorum(params.cohort_size, self.corrupted_fraction)
 
     def __repr__(self) -> str:
+        opted_out = "" if self.quorum == self.model.consistency_check else ", quorum=False"
         graph = (
             f"degree={self.degree}, threshold={self.threshold}"
             if self.degree is not None
@@ -171,7 +174,7 @@ class SecAggPlus(SecureAggregator):
         return (
             f"SecAggPlus({graph}, clipping_range={self.clipping_range}, "
             f"max_weight={self.max_weight}, secure_metrics={self.secure_metrics!r}, "
-            f"threat={self.threat.value!r}{', quorum=True' if self.quorum else ''})"
+            f"threat={self.threat.value!r}{opted_out})"
         )
 
     @property
@@ -190,6 +193,7 @@ class SecAggPlus(SecureAggregator):
             corrupted_fraction=self.corrupted_fraction,
             security_bits=self.security_bits,
             correctness_bits=self.correctness_bits,
+            quorum=self.quorum if self.model.consistency_check else None,
         )
 
     def fewest_inputs(self, cohort_size: int) -> int:

@@ -18,6 +18,14 @@ refused when the mod is built, and asking for ``semi-honest`` despite them
 warns. The threat reaches the parameter finder
 (:mod:`flowerpets.secagg.parameters`) as its ``threat=`` keyword, which
 chooses the rule the threshold must meet.
+
+The malicious mode asks, on a sparse graph, for the cohort quorum by default
+(:func:`quorum_setting`): a node unmasks only once ``floor((n + C) / 2) + 1``
+other nodes of the cohort signed its survivor set. Turning it off
+(``SecAggPlus(quorum=False)``, ``SecAggPlusClientMod(require_quorum=False)``)
+warns: a server can then show far-apart parts of the ring different survivor
+sets and learn the sum of a small block of honest nodes. The node's setting is
+the one that protects it; the server's only says whether rounds ask for it.
 """
 
 from __future__ import annotations
@@ -28,11 +36,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
 
-from flowerpets._validation import one_of
+from flowerpets._validation import boolean, one_of
 from flowerpets.exceptions import ConfigurationError, ParameterTypeError
 from flowerpets.secagg.protocol import Stage, Threat
 
-__all__ = ["MODELS", "Threat", "ThreatModel", "resolve"]
+__all__ = ["MODELS", "Threat", "ThreatModel", "quorum_setting", "resolve"]
 
 R = TypeVar("R")
 
@@ -93,3 +101,26 @@ def resolve(threat: Threat | str | None, *, has_identities: bool, who: str) -> T
             stacklevel=3,
         )
     return model
+
+
+def quorum_setting(requested: bool | None, model: ThreatModel, *, who: str, name: str) -> bool:
+    """Whether a mod asks for the cohort quorum: by default (None) exactly in the malicious
+    mode; turning it off there warns, asking for it in the semi-honest mode (which has no
+    signatures to count) is a ConfigurationError."""
+    if requested is None:
+        return model.consistency_check
+    if boolean(name, requested) and not model.consistency_check:
+        raise ConfigurationError(
+            f"{who}({name}=True) needs the malicious mode: a semi-honest round has no "
+            "survivor-set signatures for a quorum to count"
+        )
+    if not requested and model.consistency_check:
+        warnings.warn(
+            f"{who}({name}=False) in the malicious mode: a node then unmasks with its t "
+            "neighbours' signatures of the survivor set alone, so on a sparse graph a server "
+            "can show far-apart parts of the ring different survivor sets (a regional split "
+            "view) and learn the exact sum of a small block of about k/2 + 2 honest nodes "
+            "(docs/secagg.md); keep the default to refuse that",
+            stacklevel=3,
+        )
+    return requested

@@ -30,6 +30,7 @@ from flowerpets.secagg import (
     Stage,
     secaggplus_mod,
 )
+from flowerpets.secagg.protocol import RECORD
 from flowerpets.secagg.threat import MODELS, Threat
 from flowerpets.simulation import run_simulation
 
@@ -168,16 +169,21 @@ def test_run_config_maps_to_settings() -> None:
             Settings.from_run_config(bad)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 def test_the_malicious_mode_through_the_bridge_sums_as_the_semi_honest(
-    kit: SimpleNamespace, tmp_path: Path
+    kit: SimpleNamespace, tmp_path: Path, sparse: bool
 ) -> None:
     """Under Flower the identity keys are provisioned with the app: each node's PEM file,
     named in its node config (``NodeConfigKey``), and the PKI shipped with the ClientApp.
-    Every stage, the consistency check included, travels through flwr's messages."""
+    Every stage, the consistency check included, travels through flwr's messages. The
+    node-side mod built so requires the cohort quorum by default and ``SecAggPlus`` sends
+    it: on a sparse graph (``k = 2`` of 4 nodes) every unmask request carries the
+    signatures of ``q = 3`` other nodes (the complete graph's, ``t``: it needs no quorum)."""
     grid_ids = kit.LocalFlwrGrid(client_app(kit.numpy_client()), N).node_ids
     keys = {node: IdentityKey.generate() for node in grid_ids}
     pki = NodeIdentities({node: key.public_bytes for node, key in keys.items()})
     malicious = SecAggPlusClientMod(identities=pki, identity=NodeConfigKey())
+    assert malicious.require_quorum
     app = ClientApp(mods=[mods(malicious)])
     app.train()(kit.flwr_train)
     grid = kit.LocalFlwrGrid(app, N)
@@ -185,10 +191,15 @@ def test_the_malicious_mode_through_the_bridge_sums_as_the_semi_honest(
         path = tmp_path / f"{node}.key"
         path.write_bytes(key.private_pem())
         grid.contexts[node].node_config["secagg-identity-key"] = str(path)
-    got = kit.run_bridge(kit.numpy_server([SecAggPlus(identities=pki)]), grid).last_result
+    graph = {"degree": 2, "threshold": 2} if sparse else {}
+    server = SecAggPlus(identities=pki, **graph)
+    got = kit.run_bridge(kit.numpy_server([server]), grid).last_result
     assert [len(r.participants) for r in got.history.rounds] == [N, N]
     want = _bridged(kit, [SecAggPlus()], [secaggplus_mod], native=True)[0].last_result
     bound = got.history[0].train_metrics["secagg-mean-error-bound"]
     _close(got.arrays, want.arrays, atol=2 * 2 * bound)  # two rounds, each within its bound
     stages = {m.metadata.group_id.partition(":")[2] for m in grid.pushed}
     assert set(MODELS[Threat.MALICIOUS].stages) <= stages
+    signers = 3 if sparse else server.parameters(N).threshold
+    unmasks = [m for m in grid.pushed if m.metadata.group_id.endswith(Stage.UNMASK)]
+    assert unmasks and all(len(m.content[RECORD]["signers"]) == signers for m in unmasks)

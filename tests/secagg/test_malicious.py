@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import warnings
 from typing import Any
 
 import numpy as np
@@ -207,7 +208,11 @@ def test_a_malicious_node_is_never_downgraded_nor_a_semi_honest_one_upgraded(
     federation: Any,
 ) -> None:
     fed = federation(threat=Threat.MALICIOUS)
-    downgrade = {**fed.advertise_message_fields(), "threat": Threat.SEMI_HONEST.value}
+    downgrade = {
+        **fed.advertise_message_fields(),
+        "threat": Threat.SEMI_HONEST.value,
+        "quorum": 0,  # a semi-honest round has none
+    }
     refused(fed.ask(fed.ids[0], Stage.ADVERTISE_KEYS, downgrade), "malicious rounds only")
     plain = federation()
     upgrade = {**plain.advertise_message_fields(), "threat": Threat.MALICIOUS.value}
@@ -345,14 +350,26 @@ def test_fewer_than_t_signatures_are_refused(federation: Any) -> None:
     two = {k: v[:2] for k, v in signed.items()}
     refused(fed.unmask(node, fed.ids, [], signed=two), "only 2 of this node's neighbours signed")
     assert phase(fed, node) == Phase.ABORTED
-    # Its own signature, or a stranger's, does not count: only neighbours sign for it.
+    # A stranger's signature does not count towards t: with the quorum (the default) it
+    # counts for the cohort only, without one it is refused outright.
     other = fed.ids[1]
     stranger = next(i for i in fed.ids if i != other and i not in fed.graph.neighbours(other))
     padded = {
         "signers": [*fed.signed_fields(other)["signers"][:2], stranger],
         "signatures": [*fed.signed_fields(other)["signatures"][:2], fed.set_signatures[stranger]],
     }
-    refused(fed.unmask(other, fed.ids, [], signed=padded), "no surviving neighbours")
+    refused(fed.unmask(other, fed.ids, [], signed=padded), "only 2 of this node's neighbours")
+    with pytest.warns(UserWarning, match="regional split view"):
+        local = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS, quorum=0)
+    local.honest_until_unmask()
+    padded = {
+        "signers": [*local.signed_fields(other)["signers"][:2], stranger],
+        "signatures": [
+            *local.signed_fields(other)["signatures"][:2],
+            local.set_signatures[stranger],
+        ],
+    }
+    refused(local.unmask(other, local.ids, [], signed=padded), "no surviving neighbours")
     unsigned = fed.ask(fed.ids[2], Stage.UNMASK, {"survivors": fed.ids, "dropped": []})
     refused(unsigned, "signers")  # no signatures at all
 
@@ -617,10 +634,16 @@ def _run(
 
 
 def _malicious_run(
-    n: int, *, faults: Any = (), stop_on_failure: bool = False, quorum: bool = False, **kwargs: Any
+    n: int,
+    *,
+    faults: Any = (),
+    stop_on_failure: bool = False,
+    quorum: bool | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, Any, Any]:
     """A malicious-mode round over the simulation: the nodes enrolled, each with its key
-    (``quorum``: the nodes require the cohort's quorum, and the server sets it)."""
+    (``quorum``: the nodes require the cohort's quorum, and the server sets it; by default
+    both, and ``quorum=False`` opts both out, which warns)."""
     pki = enroll(range(1, n + 1), randomness=seeded_randomness(11))
     mod = SecAggPlusClientMod(
         identities=pki.identities, identity=pki.keyring, require_quorum=quorum
@@ -649,15 +672,18 @@ QUORUM_DROPOUTS = ("check-3", "mixed-c", "mixed-d", "unmask-3", "collect-3")
 
 @pytest.mark.parametrize(
     ("name", "quorum"),
-    [(name, False) for name in sorted(MALICIOUS_DROPOUTS)]
-    + [(name, True) for name in QUORUM_DROPOUTS],
+    [(name, None) for name in sorted(MALICIOUS_DROPOUTS)]  # the default: with the quorum
+    + [(name, False) for name in QUORUM_DROPOUTS],  # opted out
 )
 def test_malicious_rounds_with_dropouts_at_every_stage_give_the_exact_sum(
-    name: str, quorum: bool
+    name: str, quorum: bool | None
 ) -> None:
     plan = MALICIOUS_DROPOUTS[name]
     faults = [Dropout(node=i, round=1, stage=stage) for stage, nodes in plan.items() for i in nodes]
-    result, outcome, (updates, weights) = _malicious_run(10, faults=faults, quorum=quorum)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "SecAggPlus.*quorum=False", UserWarning)
+        warnings.filterwarnings("ignore", "SecAggPlusClientMod.*quorum=False", UserWarning)
+        result, outcome, (updates, weights) = _malicious_run(10, faults=faults, quorum=quorum)
     record = result.history[0]
     assert record.ok, record.error
     lost = {i for stage, nodes in plan.items() if stage not in LATE for i in nodes}
@@ -737,7 +763,9 @@ def test_regional_views_learn_the_sum_of_a_small_block(federation: Any, threat: 
     With two views the server learns the exact sum of a block of k/2 + 2 = 6 honest nodes of
     40 (k = 8, t = 5 = rule 3M's at c = 0), where one survivor set for everyone (the
     argument that gave ``least_summed(40, 8) == 18``) leaves no such plan. In both modes
-    every node accepts; the sum is of 6 nodes, never of one (1 + 2t - k - c = 3 at least)."""
+    every node accepts (malicious mode: only nodes built with ``require_quorum=False``,
+    which warns; by default they refuse, see the next test); the sum is of 6 nodes, never
+    of one (1 + 2t - k - c = 3 at least)."""
     from flowerpets.secagg.attacks import learn_block_sum, regional_plan
     from flowerpets.secagg.parameters import check_parameters, least_summed
 
@@ -745,7 +773,11 @@ def test_regional_views_learn_the_sum_of_a_small_block(federation: Any, threat: 
     assert regional_plan(n, k, t, 6, views=1) is None  # one view: the global argument holds
     plan = regional_plan(n, k, t, 6)
     assert plan is not None
-    fed = federation(n=n, degree=k, threshold=t, seed=3, threat=threat)
+    if threat is Threat.MALICIOUS:
+        with pytest.warns(UserWarning, match="sum of a small block"):
+            fed = federation(n=n, degree=k, threshold=t, seed=3, threat=threat, quorum=0)
+    else:
+        fed = federation(n=n, degree=k, threshold=t, seed=3, threat=threat)
     got = learn_block_sum(fed, plan)
     assert not got.refusals and got.vector is not None
     block = [fed.index[node] for node in got.nodes]
@@ -783,32 +815,43 @@ def test_regional_views_need_the_least_threshold() -> None:
 
 
 # -- the cohort quorum: one survivor set for every node that unmasks ------------------------
-def test_a_cohort_quorum_stops_regional_views(federation: Any) -> None:
-    """With ``SecAggPlus(quorum=True)`` (and nodes that require it) a node unmasks only once
-    more than half the cohort signed its set: two views cannot both gather that, so the
-    regional plan that reads a block's sum above gets nothing."""
+def test_by_default_every_node_refuses_the_regional_plan(federation: Any) -> None:
+    """The malicious mode's default: nodes require the cohort quorum (23 of 40 at the
+    default corrupted_fraction), so a node unmasks only once more than half the cohort
+    signed its set. Two views cannot both gather that: every node the regional plan asks to
+    unmask refuses, and the server reads nothing. Nor can the server drop the quorum from
+    the round: every node refuses such a round at its first stage."""
     from flowerpets.secagg.attacks import learn_block_sum, regional_plan
 
     plan = regional_plan(40, 8, 5, 6)
     assert plan is not None
-    fed = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    fed = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS)
+    assert fed.config.quorum == 23 and all(fed.mod.require_quorum for _ in fed.ids)
     got = learn_block_sum(fed, plan)
     assert got.vector is None
-    assert got.refusals and all("fewer than the quorum 21" in r for r in got.refusals.values())
+    asked = set(plan.releases)
+    assert len(got.refusals) == len(asked)  # every node asked to unmask refused
+    assert all("fewer than the quorum 23" in r for r in got.refusals.values())
+    bare = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS)
+    bare.config = dataclasses.replace(bare.config, quorum=0)
+    for node in bare.ids:
+        refused(bare.ask(node, Stage.ADVERTISE_KEYS, bare.advertise_message_fields()), "quorum")
     # The honest round with the same quorum unmasks.
-    honest = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS, quorum=21)
+    honest = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS)
     honest.honest_until_unmask()
     for node in honest.ids:
         honest.ok(honest.unmask(node, honest.ids, []))
 
 
 def test_a_node_that_requires_a_quorum_refuses_rounds_without_one(federation: Any) -> None:
-    fed = federation(threat=Threat.MALICIOUS, quorum=5)
+    fed = federation(threat=Threat.MALICIOUS)
+    assert fed.config.quorum == 5  # the default: floor((8 + 0) / 2) + 1
     node = fed.ids[0]
     fed.config = dataclasses.replace(fed.config, quorum=0)
     refused(fed.ask(node, Stage.ADVERTISE_KEYS, fed.advertise_message_fields()), "quorum")
     # With the quorum set, signatures short of it are refused even with t neighbours'.
-    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS, quorum=5)
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    assert fed.config.quorum == 5
     fed.honest_until_unmask()
     node = fed.ids[0]
     signed = fed.signed_fields(node)
@@ -834,15 +877,31 @@ def test_a_node_that_requires_a_quorum_refuses_rounds_without_one(federation: An
 
 def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
     pki = enroll(range(1, 101), randomness=seeded_randomness(0))
-    secagg = SecAggPlus(identities=pki.identities, quorum=True)
+    secagg = SecAggPlus(identities=pki.identities)  # the malicious mode's default
     params = secagg.parameters(100)
     assert not params.is_complete and secagg.quorum_for(params) == (100 + 10) // 2 + 1
-    assert SecAggPlus(identities=pki.identities).quorum_for(params) == 0
+    assert params.quorum == secagg.quorum_for(params)  # what the finder counted
+    with pytest.warns(UserWarning, match="regional split view"):
+        opted_out = SecAggPlus(identities=pki.identities, quorum=False)
+    assert opted_out.quorum_for(params) == 0 and "quorum=False" in repr(opted_out)
     # 20 nodes, k = 8, t = 5: the quorum is 12 of the cohort; 8 drop at the consistency
     # check, so 12 sign and each has 11 others' signatures: short of it. Without the quorum
     # 9 nodes have their t neighbours' (and the round fails later, for too few of them).
     faults = [Dropout(node=i, round=1, stage=Stage.CONSISTENCY_CHECK) for i in range(0, 16, 2)]
     with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 0 with t=5 .*of 12"):
-        _malicious_run(20, faults=faults, quorum=True, stop_on_failure=True)
-    with pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 9 with t=5 "):
         _malicious_run(20, faults=faults, stop_on_failure=True)
+    with (
+        pytest.warns(UserWarning, match="regional split view"),
+        pytest.raises(RoundFailedError, match=r"12 of 20 survivors signed .* 9 with t=5 "),
+    ):
+        _malicious_run(20, faults=faults, quorum=False, stop_on_failure=True)
+
+
+def test_a_threshold_above_the_quorum_forwards_t_signatures() -> None:
+    """n = 10, k = 8, t = 7 above q = 6: the server forwards the t neighbours' signatures
+    (which cover the quorum too), and the round succeeds with all 10 nodes (before, the
+    server asked for a negative count of further signers and raised)."""
+    result, outcome, _ = _malicious_run(10, degree=8, threshold=7)
+    record = result.history[0]
+    assert record.ok, record.error
+    assert len(outcome.participants) == 10

@@ -92,8 +92,40 @@ def test_the_degree_is_of_the_order_bell_et_al_quote() -> None:
     p = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05, threat=MAL)
     semi = find_parameters(10_000, dropout_rate=0.05, corrupted_fraction=0.05)
     assert 0.01 <= p.degree / 10_000 <= 0.05 and semi.degree < p.degree
-    assert p.least_summed == 1 + 2 * 113 - 150 - 37 == 40  # local check: 2t - k - c others
-    assert semi.least_summed is None
+    # With the cohort quorum (the default) every node that unmasks saw one survivor set.
+    assert p.quorum == (10_000 + 500) // 2 + 1 and p.least_summed == least_summed(10_000, 150)
+    local = find_parameters(
+        10_000, dropout_rate=0.05, corrupted_fraction=0.05, threat=MAL, quorum=False
+    )
+    assert (local.degree, local.threshold, local.quorum) == (p.degree, p.threshold, 0)
+    assert local.least_summed == 1 + 2 * 113 - 150 - 37 == 40  # local check: 2t - k - c others
+    assert semi.least_summed is None and semi.quorum == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "delta", "gamma"), [(100, 0.1, 0.1), (1000, 0.3, 0.05), (2000, 0.2, 0.0)]
+)
+def test_the_finder_counts_the_cohort_quorum_in_the_failure_bound(
+    n: int, delta: float, gamma: float
+) -> None:
+    """In malicious mode a sparse round also fails when at most q nodes survive to sign (a
+    node needs q others' signatures): the reported failure bound is rule 4's plus that
+    binomial tail, and the dropouts the round always survives are at most n - q - 1."""
+    p = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
+    assert not p.is_complete and p.log2_failure is not None
+    q = (n + math.floor(gamma * n)) // 2 + 1
+    assert p.quorum == q
+    rule_4 = n * stats.binom.cdf(p.threshold - 1, p.degree, 1 - delta)
+    short = stats.binom.cdf(q, n, 1 - delta)
+    assert 2**p.log2_failure == pytest.approx(rule_4 + short, rel=1e-6)
+    assert p.log2_failure <= -40
+    assert p.tolerated_dropouts == min(p.degree - p.threshold, n - q - 1)
+    local = find_parameters(
+        n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL, quorum=False
+    )
+    assert local.quorum == 0 and 2**local.log2_failure == pytest.approx(rule_4, rel=1e-6)
+    with pytest.raises(ParameterValueError, match="needs threat='malicious'"):
+        find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, quorum=True)
 
 
 # -- the refusals ------------------------------------------------------------------------------
@@ -451,18 +483,21 @@ TABLE_RATES = ((0.05, 0.05), (0.1, 0.1))
 def table_markdown() -> str:
     rows = [
         "| n | `gamma` | `delta` | semi-honest `k` | `t` | malicious `k` | `t` | `c` "
-        "| `log2` failure | fewest summed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| `log2` failure | fewest summed | without the quorum |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in TABLE_N:
         for gamma, delta in TABLE_RATES:
             semi = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma)
             mal = find_parameters(n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL)
-            assert mal.log2_failure is not None
+            local = find_parameters(
+                n, dropout_rate=delta, corrupted_fraction=gamma, threat=MAL, quorum=False
+            )
+            assert mal.log2_failure is not None and local.least_summed is not None
             rows.append(
                 f"| {n:,} | {gamma} | {delta} | {semi.degree} | {semi.threshold} "
                 f"| {mal.degree} | {mal.threshold} | {mal.corrupted_neighbours} "
-                f"| {mal.log2_failure:.1f} | {mal.least_summed:,} |"
+                f"| {mal.log2_failure:.1f} | {mal.least_summed:,} | {local.least_summed:,} |"
             )
     return "\n".join(rows) + "\n"
 

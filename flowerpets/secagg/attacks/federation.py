@@ -31,6 +31,7 @@ from flowerpets.core.fields import Fields
 from flowerpets.exceptions import RequestRefusedError
 from flowerpets.secagg.client import SecAggPlusClientMod
 from flowerpets.secagg.identity import enroll
+from flowerpets.secagg.parameters import cohort_quorum
 from flowerpets.secagg.protocol import (
     MASKED_ARRAY,
     MASKED_RECORD,
@@ -68,7 +69,15 @@ def masked_vector(reply: Message) -> np.ndarray:
 
 
 class Federation:
-    """``n`` nodes behind the real client mod, and a server played by the caller."""
+    """``n`` nodes behind the real client mod, and a server played by the caller.
+
+    ``quorum`` (malicious mode) is the cohort quorum the round configuration asks
+    for; by default what ``SecAggPlus`` asks for (:func:`cohort_quorum` at its
+    default ``corrupted_fraction``, 0 on the complete graph), with nodes that require
+    it, as they do by default. ``quorum=0`` builds nodes with
+    ``require_quorum=False`` (which warns): the sparse-graph weakness the regional
+    views attack (:mod:`flowerpets.secagg.attacks.regional`).
+    """
 
     def __init__(
         self,
@@ -83,7 +92,7 @@ class Federation:
         clipping_range: float = 8.0,
         secure_metrics: tuple[str, ...] = (),
         threat: str = Threat.SEMI_HONEST,
-        quorum: int = 0,
+        quorum: int | None = None,
     ) -> None:
         rng = np.random.default_rng(seed)
         self.ids = [int(i) for i in rng.choice(np.arange(100, 10_000), size=n, replace=False)]
@@ -92,6 +101,8 @@ class Federation:
         self.index = {node: i for i, node in enumerate(self.ids)}
         self.threat = Threat(threat)
         self.malicious = self.threat is Threat.MALICIOUS
+        if quorum is None:
+            quorum = cohort_quorum(n) if self.malicious and degree < n - 1 else 0
         # The PKI: in malicious mode every node's identity key, enrolled (the honest nodes'
         # keys; a caller playing the server never uses them to sign on a node's behalf).
         self.enrolment = enroll(self.ids, randomness=seeded_randomness(seed + 2))
@@ -100,7 +111,7 @@ class Federation:
             threat=self.threat,
             identities=self.enrolment.identities if self.malicious else None,
             identity=self.enrolment.keyring if self.malicious else None,
-            require_quorum=quorum > 0,
+            require_quorum=quorum > 0 if self.malicious else None,
         )
         self.app = ClientApp(mods=[self.mod])
         self.handler_calls: list[int] = []

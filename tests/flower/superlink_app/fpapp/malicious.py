@@ -5,7 +5,9 @@ file named in its node config (``secagg-identity-key``, read by
 ``NodeConfigKey``), and the PKI ships with the app, here as ``identities.json``
 beside this module (a FAB carries ``.json``, not ``.txt``), which the test
 writes into its copy of the app once the SuperLink has given the nodes their
-ids. Both sides read the PKI from the app, never from a message.
+ids. Both sides read the PKI from the app, never from a message. Both mods keep the
+malicious mode's defaults, the cohort quorum included: the server asks for it on a
+sparse graph and the nodes require it (the complete graph of a few nodes needs none).
 """
 
 from __future__ import annotations
