@@ -62,7 +62,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate
@@ -352,27 +352,54 @@ def _cells(table: _Table, u: NDArray[np.uint64]) -> tuple[NDArray[np.int32], NDA
     return cells, missed[~decided]
 
 
-def _invert(
-    family: str, parameter: Fraction, words: NDArray[np.uint64], source: RandomWords
+_Blocks = Iterable[tuple[int, NDArray[np.uint64]]]  # (offset of the first word, words)
+_Undecided = list[tuple[NDArray[np.intp], NDArray[np.uint64]]]  # (offsets, their words)
+
+
+def _slices(words: NDArray[np.uint64]) -> _Blocks:
+    return ((start, words[start : start + _BLOCK]) for start in range(0, words.size, _BLOCK))
+
+
+def _drawn(source: RandomWords, count: int) -> _Blocks:
+    """The source's next ``count`` words, a block at a time (the same words, in the same
+    order, as one call; a block's words are used while they are in the cache)."""
+    return ((start, source.words(min(_BLOCK, count - start))) for start in range(0, count, _BLOCK))
+
+
+def _undecided(found: _Undecided) -> Iterator[tuple[int, int]]:
+    """Each undecided word's offset and value, in the order found."""
+    for offsets, words in found:
+        yield from zip(offsets.tolist(), words.tolist(), strict=True)
+
+
+def _inverted(
+    family: str, parameter: Fraction, count: int, blocks: _Blocks, source: RandomWords
 ) -> NDArray[np.int64]:
     """One output per word: the fast path for all, then the slow path where it did not decide."""
     table = _table(family, parameter)
-    out = np.empty(words.size, dtype=np.int64)
+    out = np.empty(count, dtype=np.int64)
     offset = np.int64(table.first - 1)
-    undecided = []
-    for start in range(0, words.size, _BLOCK):  # blocks: the temporaries stay in the cache
-        cells, missed = _cells(table, words[start : start + _BLOCK])
-        np.add(cells, offset, out=out[start : start + cells.size])
-        undecided.append(missed + start)
-    for j in np.concatenate(undecided or [np.empty(0, np.intp)]).tolist():
-        out[j] = _refine(family, parameter, int(words[j]), source)
+    found: _Undecided = []
+    for start, u in blocks:  # blocks: the temporaries stay in the cache
+        cells, missed = _cells(table, u)
+        np.add(cells, offset, out=out[start : start + u.size])
+        found.append((missed + start, u[missed]))
+    for j, word in _undecided(found):  # after the fast path: the stream's order is kept
+        out[j] = _refine(family, parameter, word, source)
     return out
 
 
+def _invert(
+    family: str, parameter: Fraction, words: NDArray[np.uint64], source: RandomWords
+) -> NDArray[np.int64]:
+    """One output per word of ``words``; the slow path reads more from ``source``."""
+    return _inverted(family, parameter, words.size, _slices(words), source)
+
+
 def _skellam_into(
-    out: NDArray[np.int64], mu: Fraction, words: NDArray[np.uint64], source: RandomWords
+    out: NDArray[np.int64], mu: Fraction, pairs: _Blocks, source: RandomWords
 ) -> None:
-    """``out += P - Q``, ``P`` and ``Q`` Poisson(mu) from the even and the odd ``words``.
+    """``out += P - Q``, ``P`` and ``Q`` Poisson(mu) from the even and the odd words of ``pairs``.
 
     One pass over the pairs: both inversions' ``first - 1`` cancel in the difference. The
     slow path then reads its words in the order two :func:`_invert` calls would: every
@@ -380,17 +407,18 @@ def _skellam_into(
     """
     table = _table("poisson", mu)
     offset = table.first - 1
-    pending: tuple[list[NDArray[np.intp]], list[NDArray[np.intp]]] = ([], [])
-    for start in range(0, out.size, _BLOCK // 2):
-        cells, missed = _cells(table, words[2 * start : 2 * start + _BLOCK])
-        part = out[start : start + cells.size // 2]
+    found: tuple[_Undecided, _Undecided] = ([], [])
+    for start, u in pairs:  # start is even: a block holds whole pairs
+        cells, missed = _cells(table, u)
+        part = out[start // 2 : (start + u.size) // 2]
         part += cells[0::2]
         part -= cells[1::2]
-        for column, found in enumerate(pending):
-            found.append(missed[missed % 2 == column] + 2 * start)
-    for sign, found in zip((1, -1), pending, strict=True):
-        for j in np.concatenate(found or [np.empty(0, np.intp)]).tolist():
-            out[j // 2] += sign * (_refine("poisson", mu, int(words[j]), source) - offset)
+        for column, undecided in enumerate(found):
+            mine = missed[missed % 2 == column]
+            undecided.append(((mine + start) // 2, u[mine]))
+    for sign, undecided in zip((1, -1), found, strict=True):
+        for j, word in _undecided(undecided):
+            out[j] += sign * (_refine("poisson", mu, word, source) - offset)
 
 
 def _source(source: RandomWords | None) -> RandomWords:
@@ -418,7 +446,7 @@ def sample_discrete_gaussian(
     variance = rational("sigma_squared", sigma_squared, above=0, at_most=_MAX_SIGMA_SQUARED)
     size = integer("size", size, at_least=0)
     words = _source(source)
-    return _invert("gaussian", variance, words.words(size), words)
+    return _inverted("gaussian", variance, size, _drawn(words, size), words)
 
 
 def sample_skellam(
@@ -444,5 +472,5 @@ def sample_skellam(
     out = np.zeros(size, dtype=np.int64)
     for _ in range(parts):
         # Word pairs, two independent Poissons from the same table.
-        _skellam_into(out, part, words.words(2 * size), words)
+        _skellam_into(out, part, _drawn(words, 2 * size), words)
     return out
