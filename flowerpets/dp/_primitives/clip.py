@@ -128,13 +128,13 @@ def clip_update(
     dtypes become float64.
 
     The bound holds for the returned arrays, after the cast, without a second
-    pass to check it. Each value is ``fl(fl(x_i) * f)`` in the target dtype, so
-    ``|out_i| <= f |x_i| (1 + u)^2 + tiny`` with ``u`` the dtype's unit roundoff and
-    ``tiny`` its smallest subnormal; and the computed norm ``N`` of the ``n``
-    values is within a relative ``gamma = (n + k + 2) 2^-52`` of the true one (``k``
-    arrays, a dot product each). The factor is therefore
-    ``f = min(1, (C - sqrt(n) tiny) / (N (1 + gamma) (1 + u)^2))``: an update within
-    about ``2u`` of the clip is shrunk by that much, and the returned norm is at
+    pass to check it. Each value is ``fl(fl(x_i) * fl(f))`` in the target dtype (the
+    factor is cast too), so ``|out_i| <= f |x_i| (1 + u)^3 + tiny`` with ``u`` the
+    dtype's unit roundoff and ``tiny`` its smallest subnormal; and the computed norm
+    ``N`` of the ``n`` values is within a relative ``gamma = (n + k + 2) 2^-52`` of the
+    true one (``k`` arrays, a sum of squares each). The factor is therefore
+    ``f = min(1, (C - sqrt(n) tiny) / (N (1 + gamma) (1 + u)^3))``: an update within
+    about ``3u`` of the clip is shrunk by that much, and the returned norm is at
     most ``C`` however the rounding falls (a property test checks it).
     """
     clip = real("clip", clip, above=0, secret=True)  # adaptive clipping learns it from data
@@ -151,7 +151,7 @@ def clip_update(
         raise ParameterValueError(
             f"clip is below what the dtypes {sorted({t.name for t in targets.values()})} resolve"
         )
-    worst = norm * (1 + gamma) * (1 + roundoff) ** 2
+    worst = norm * (1 + gamma) * (1 + roundoff) ** 3
     factor = 1.0 if worst <= budget else budget / worst
     arrays: dict[str, NDArray[Any]] = {}
     for name, array in update.items():

@@ -297,10 +297,12 @@ def encode(
             f"the noise must be {encoding.padded} integers, got {shares.dtype} {shares.shape}"
         )
     rounded += shares.astype(np.int64, copy=False)
-    # Two's complement is arithmetic mod 2**64, so its low bits are the value mod 2**bits.
-    residues = rounded.view(np.uint64)
-    residues &= np.uint64(encoding.modulus - 1)
-    return residues.astype(np.uint32), clipped.norm > encoding.clip
+    # Two's complement is arithmetic mod 2**64, so its low bits are the value mod 2**bits:
+    # the cast to uint32 keeps the low 32 (integer casts wrap), the mask the rest.
+    residues = rounded.astype(np.uint32)
+    if encoding.modulus_bits < MAX_MODULUS_BITS:
+        residues &= np.uint32(encoding.modulus - 1)
+    return residues, clipped.norm > encoding.clip
 
 
 def lift(residues: NDArray[np.unsignedinteger], modulus_bits: int) -> NDArray[np.int64]:
