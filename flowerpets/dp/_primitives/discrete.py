@@ -28,8 +28,11 @@ certified enclosures:
    rounded outwards to 64 bits: two ``uint64`` per ``k``, cached per parameter.
 3. **Fast path.** One word ``u`` puts ``U`` in ``[u, u + 1) / 2**64``. When the
    enclosures show that interval inside one cell ``[F(k - 1), F(k))``, the
-   output is ``k``: a look-up in a guide table indexed by the word's top bits,
-   a step or two forward, and a compare per output.
+   output is ``k``. For most words one look-up decides: the word's top bits
+   name a bucket of words, and a bucket that lies inside one cell (its
+   enclosures included) has its ``k`` stored. The others (about 5% of the
+   words) go through a guide table indexed by the same bits, a step or two
+   forward, and a compare per output.
 4. **Slow path.** Otherwise (``u`` within an enclosure's width of a cell's
    edge, or in a tail beyond the window: below 1e-12 per word) the sampler
    reads 64 more bits of ``U`` and recomputes the enclosures with 64 more bits
