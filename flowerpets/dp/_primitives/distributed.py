@@ -199,7 +199,7 @@ def _round_block(
 def _within(rounded: NDArray[np.int64], squares: float, bound: float) -> bool:
     """``||rounded||_2 <= bound``, decided exactly; ``squares`` is its float sum of squares.
 
-    ``squares`` (block dot products, summed) is within a relative ``D 2**-52`` of the true
+    ``squares`` (summed block by block) is within a relative ``D 2**-52`` of the true
     sum, so only a sum within that slack of ``bound**2`` is decided in exact integers.
     """
     limit = bound * bound
