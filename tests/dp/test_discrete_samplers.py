@@ -365,6 +365,29 @@ def test_the_guided_search_is_searchsorted(sigma_squared: Fraction, extra: list[
     assert table.search(u).tolist() == np.searchsorted(table.low, u, side="right").tolist()
 
 
+@pytest.mark.parametrize(
+    ("family", "parameter"),
+    [("gaussian", Fraction(1, 3)), ("gaussian", Fraction(10**5)), ("poisson", Fraction(1455000))],
+)
+def test_a_bucket_answer_is_the_fast_path_of_its_every_word(
+    family: str, parameter: Fraction
+) -> None:
+    # A bucket with an answer lies inside one cell, its enclosures included: its first and
+    # last words (so every word between) find that cell and pass the fast path's test.
+    table = discrete._table(family, parameter)
+    shift = np.uint64(64 - table.guide_bits)
+    buckets = np.flatnonzero(table.answer >= 0)
+    assert buckets.size > table.answer.size // 2  # the look-up decides most words
+    first = buckets.astype(np.uint64) << shift
+    for u in (first, first + ((np.uint64(1) << shift) - np.uint64(1))):
+        i = np.searchsorted(table.low, u, side="right")
+        assert np.array_equal(i, table.answer[buckets])
+        assert np.all((i > 0) & (i < table.low.size))
+        assert np.all(table.high[i - 1] <= u)
+        cells, undecided = discrete._cells(table, u)
+        assert np.array_equal(cells, i) and undecided.size == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(variances, st.integers(0, 64), st.integers(0, 2**32))
 def test_output_is_int64_of_the_size_asked(sigma_squared: Fraction, size: int, seed: int) -> None:

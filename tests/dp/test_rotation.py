@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import hadamard
 
+from flowerpets.dp._primitives import rotation
 from flowerpets.dp._primitives.rotation import RandomizedHadamard, padded_dimension
 from flowerpets.exceptions import ParameterTypeError, ParameterValueError
 
@@ -34,6 +35,21 @@ def documented_signs(seed: bytes, padded: int) -> np.ndarray:
 )
 def test_padded_dimension_is_the_next_power_of_two(d: int, padded: int) -> None:
     assert padded_dimension(d) == padded
+
+
+@pytest.mark.parametrize("block", [4, 16, 64])
+@pytest.mark.parametrize("log", [1, 2, 3, 4, 5, 8, 9])
+def test_the_blocked_transform_is_the_hadamard_matrix(
+    monkeypatch: pytest.MonkeyPatch, block: int, log: int
+) -> None:
+    # Small blocks send every path through small vectors: many blocks, narrow levels as
+    # strided vectors, the wide levels by chunks of columns (more rows than a block too).
+    monkeypatch.setattr(rotation, "_FWHT_BLOCK", block)
+    n = 1 << log
+    x = np.random.default_rng(log).standard_normal(n)
+    y = x.copy()
+    rotation._fwht(y)
+    np.testing.assert_allclose(y, hadamard(n) @ x, rtol=0, atol=1e-12 * n)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 7, 8, 33, 256, 600])

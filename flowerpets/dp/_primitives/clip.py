@@ -28,13 +28,35 @@ __all__ = ["ClippedUpdate", "clip_update", "enforce_clip", "global_norm", "updat
 _SMALLEST_UNSCALED = 2.0**-968
 
 
+_SQUARES_BLOCK = 1 << 16  # values per block: the float64 squares stay in the cache
+
+
+def _sum_of_squares(values: NDArray[Any], *, divisor: float = 1.0) -> float:
+    """``sum((values / divisor) ** 2)`` in float64, block by block; inf if a square overflows.
+
+    Without BLAS: OpenBLAS's ``ddot`` hands a long vector to its worker threads, which then
+    busy-wait for a while, taking a core from whatever the caller does next (on a small
+    machine, its own next step); and without a float64 copy of the whole input. The
+    error is that of a dot product or better: each square rounds once, and numpy's
+    pairwise summation adds them.
+    """
+    flat = np.asarray(values).reshape(-1)
+    total = 0.0
+    squares = np.empty(min(flat.size, _SQUARES_BLOCK))
+    with np.errstate(over="ignore"):  # an overflow shows as inf: the caller's to handle
+        for start in range(0, flat.size, _SQUARES_BLOCK):
+            part = squares[: min(_SQUARES_BLOCK, flat.size - start)]
+            np.copyto(part, flat[start : start + part.size], casting="unsafe")
+            if divisor != 1.0:
+                part /= divisor
+            part *= part
+            total += float(np.add.reduce(part))
+    return total
+
+
 def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
     """The L2 norm of all ``arrays`` concatenated, in float64 (no overflow or underflow)."""
-    total = 0.0
-    with np.errstate(over="ignore"):  # an overflow is handled below
-        for array in arrays.values():
-            flat = np.asarray(array, dtype=np.float64).reshape(-1)
-            total += float(np.dot(flat, flat))
+    total = sum(_sum_of_squares(array) for array in arrays.values())
     if math.isfinite(total) and total >= _SMALLEST_UNSCALED:
         return math.sqrt(total)
     # Squares overflowed, or underflowed (a tiny update): scale by the largest magnitude first.
@@ -43,10 +65,7 @@ def global_norm(arrays: Mapping[str, NDArray[Any]]) -> float:
         return math.inf
     if peak == 0.0:
         return 0.0
-    scaled = 0.0
-    for array in arrays.values():
-        flat = np.asarray(array, dtype=np.float64).reshape(-1) / peak
-        scaled += float(np.dot(flat, flat))
+    scaled = sum(_sum_of_squares(array, divisor=peak) for array in arrays.values())
     return peak * math.sqrt(scaled)
 
 
@@ -109,13 +128,13 @@ def clip_update(
     dtypes become float64.
 
     The bound holds for the returned arrays, after the cast, without a second
-    pass to check it. Each value is ``fl(fl(x_i) * f)`` in the target dtype, so
-    ``|out_i| <= f |x_i| (1 + u)^2 + tiny`` with ``u`` the dtype's unit roundoff and
-    ``tiny`` its smallest subnormal; and the computed norm ``N`` of the ``n``
-    values is within a relative ``gamma = (n + k + 2) 2^-52`` of the true one (``k``
-    arrays, a dot product each). The factor is therefore
-    ``f = min(1, (C - sqrt(n) tiny) / (N (1 + gamma) (1 + u)^2))``: an update within
-    about ``2u`` of the clip is shrunk by that much, and the returned norm is at
+    pass to check it. Each value is ``fl(fl(x_i) * fl(f))`` in the target dtype (the
+    factor is cast too), so ``|out_i| <= f |x_i| (1 + u)^3 + tiny`` with ``u`` the
+    dtype's unit roundoff and ``tiny`` its smallest subnormal; and the computed norm
+    ``N`` of the ``n`` values is within a relative ``gamma = (n + k + 2) 2^-52`` of the
+    true one (``k`` arrays, a sum of squares each). The factor is therefore
+    ``f = min(1, (C - sqrt(n) tiny) / (N (1 + gamma) (1 + u)^3))``: an update within
+    about ``3u`` of the clip is shrunk by that much, and the returned norm is at
     most ``C`` however the rounding falls (a property test checks it).
     """
     clip = real("clip", clip, above=0, secret=True)  # adaptive clipping learns it from data
@@ -132,7 +151,7 @@ def clip_update(
         raise ParameterValueError(
             f"clip is below what the dtypes {sorted({t.name for t in targets.values()})} resolve"
         )
-    worst = norm * (1 + gamma) * (1 + roundoff) ** 2
+    worst = norm * (1 + gamma) * (1 + roundoff) ** 3
     factor = 1.0 if worst <= budget else budget / worst
     arrays: dict[str, NDArray[Any]] = {}
     for name, array in update.items():

@@ -28,8 +28,11 @@ certified enclosures:
    rounded outwards to 64 bits: two ``uint64`` per ``k``, cached per parameter.
 3. **Fast path.** One word ``u`` puts ``U`` in ``[u, u + 1) / 2**64``. When the
    enclosures show that interval inside one cell ``[F(k - 1), F(k))``, the
-   output is ``k``: a look-up in a guide table indexed by the word's top bits,
-   a step or two forward, and a compare per output.
+   output is ``k``. For most words one look-up decides: the word's top bits
+   name a bucket of words, and a bucket that lies inside one cell (its
+   enclosures included) has its ``k`` stored. The others (about 5% of the
+   words) go through a guide table indexed by the same bits, a step or two
+   forward, and a compare per output.
 4. **Slow path.** Otherwise (``u`` within an enclosure's width of a cell's
    edge, or in a tail beyond the window: below 1e-12 per word) the sampler
    reads 64 more bits of ``U`` and recomputes the enclosures with 64 more bits
@@ -62,7 +65,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate
@@ -116,7 +119,9 @@ class _Table:
     """``F(first - 1 + i)`` enclosed in ``[low[i], high[i]] / 2**64`` (the fast path's table).
 
     ``guide[h]`` is the first ``i`` with ``low[i]`` above ``h 2**(64 - guide_bits)``: a
-    word's top bits narrow its search to a few entries.
+    word's top bits narrow its search to a few entries. ``answer[h]`` is the ``i`` that
+    decides every word of bucket ``h`` (the whole bucket lies inside one cell, its
+    enclosures included), or -1: most words need nothing but that look-up.
     """
 
     first: int
@@ -124,6 +129,7 @@ class _Table:
     high: NDArray[np.uint64]
     guide: NDArray[np.int32]
     guide_bits: int
+    answer: NDArray[np.int32]
 
     def search(self, u: NDArray[np.uint64]) -> NDArray[np.intp]:
         """``searchsorted(low, u, side="right")``: from the guide, then a few steps forward."""
@@ -282,13 +288,35 @@ def _table(family: str, parameter: Fraction) -> _Table:
     starts = np.arange((1 << bits) + 1, dtype=np.uint64) << np.uint64(_WORD_BITS - bits)
     guide = np.searchsorted(low, starts, side="right").astype(np.int32)
     guide[-1] = low.size  # the last bucket's end: 2**64, above every word
+    high = np.array([min(v, top) for v in upper], dtype=np.uint64)
     return _Table(
         first=weights.first,
         low=low,
-        high=np.array([min(v, top) for v in upper], dtype=np.uint64),
+        high=high,
         guide=guide,
         guide_bits=bits,
+        answer=_answers(low, high, guide, bits),
     )
+
+
+def _answers(
+    low: NDArray[np.uint64], high: NDArray[np.uint64], guide: NDArray[np.int32], bits: int
+) -> NDArray[np.int32]:
+    """Per bucket ``[s, s + w)`` of the words' top ``bits``: the ``i`` its every word decides on.
+
+    Bucket ``h`` starts in cell ``i = guide[h]`` (``low[i - 1] <= s < low[i]``). If
+    ``high[i - 1] <= s`` and ``s + w <= low[i]``, every word ``u`` of the bucket has
+    ``high[i - 1] <= u`` and ``u + 1 <= low[i]``: the fast path's own test passes, for
+    the same ``i``. Otherwise -1 (the word is searched and tested on its own).
+    """
+    width = np.uint64(1 << (_WORD_BITS - bits))
+    starts = np.arange(1 << bits, dtype=np.uint64) << np.uint64(_WORD_BITS - bits)
+    i = guide[:-1].astype(np.intp)
+    inside = (i > 0) & (i < low.size)
+    j = np.where(inside, i, 1)  # any valid index where the bucket is not inside
+    # low[j] > s where inside, so the difference does not wrap; s + w may be 2**64.
+    inside &= (high[j - 1] <= starts) & (low[j] - starts >= width)
+    return np.where(inside, i, -1).astype(np.int32)
 
 
 def _refine(family: str, parameter: Fraction, word: int, source: RandomWords) -> int:
@@ -306,23 +334,94 @@ def _refine(family: str, parameter: Fraction, word: int, source: RandomWords) ->
             spread *= 2
 
 
-def _invert(
-    family: str, parameter: Fraction, words: NDArray[np.uint64], source: RandomWords
+def _cells(table: _Table, u: NDArray[np.uint64]) -> tuple[NDArray[np.int32], NDArray[np.intp]]:
+    """The fast path on the words ``u``: each one's cell ``i`` (output ``first - 1 + i``), and
+    where it did not decide (those cells hold 0; the slow path gives their outputs).
+
+    The bucket look-up (:attr:`_Table.answer`) decides most words at once; the rest are
+    searched (:meth:`_Table.search`) and tested one by one, ``high[i - 1] <= u < low[i]``.
+    """
+    top = u >> np.uint64(_WORD_BITS - table.guide_bits)
+    # Below 2**21: the same values as int64, so no index cast; take() outruns fancy indexing.
+    cells = np.take(table.answer, top.view(np.int64))
+    missed = np.flatnonzero(cells < 0)
+    if not missed.size:
+        return cells, missed
+    w = u[missed]
+    i = table.search(w)
+    below = table.high[np.maximum(i, 1) - 1]
+    decided = (i > 0) & (i < table.low.size) & (below <= w)
+    cells[missed] = np.where(decided, i, 0)
+    return cells, missed[~decided]
+
+
+_Blocks = Iterable[tuple[int, NDArray[np.uint64]]]  # (offset of the first word, words)
+_Undecided = list[tuple[NDArray[np.intp], NDArray[np.uint64]]]  # (offsets, their words)
+
+
+def _slices(words: NDArray[np.uint64]) -> _Blocks:
+    return ((start, words[start : start + _BLOCK]) for start in range(0, words.size, _BLOCK))
+
+
+def _drawn(source: RandomWords, count: int) -> _Blocks:
+    """The source's next ``count`` words, a block at a time (the same words, in the same
+    order, as one call; a block's words are used while they are in the cache)."""
+    return ((start, source.words(min(_BLOCK, count - start))) for start in range(0, count, _BLOCK))
+
+
+def _undecided(found: _Undecided) -> Iterator[tuple[int, int]]:
+    """Each undecided word's offset and value, in the order found."""
+    for offsets, words in found:
+        yield from zip(offsets.tolist(), words.tolist(), strict=True)
+
+
+def _inverted(
+    family: str, parameter: Fraction, count: int, blocks: _Blocks, source: RandomWords
 ) -> NDArray[np.int64]:
     """One output per word: the fast path for all, then the slow path where it did not decide."""
     table = _table(family, parameter)
-    out = np.empty(words.size, dtype=np.int64)
-    undecided = []
-    for start in range(0, words.size, _BLOCK):  # blocks: the temporaries stay in the cache
-        u = words[start : start + _BLOCK]
-        i = table.search(u)
-        below = table.high[np.maximum(i, 1) - 1]
-        decided = (i > 0) & (i < table.low.size) & (below <= u)
-        np.add(i, table.first - 1, out=out[start : start + u.size])
-        undecided.append(np.flatnonzero(~decided) + start)
-    for j in np.concatenate(undecided or [np.empty(0, np.intp)]).tolist():
-        out[j] = _refine(family, parameter, int(words[j]), source)
+    out = np.empty(count, dtype=np.int64)
+    offset = np.int64(table.first - 1)
+    found: _Undecided = []
+    for start, u in blocks:  # blocks: the temporaries stay in the cache
+        cells, missed = _cells(table, u)
+        np.add(cells, offset, out=out[start : start + u.size])
+        found.append((missed + start, u[missed]))
+    for j, word in _undecided(found):  # after the fast path: the stream's order is kept
+        out[j] = _refine(family, parameter, word, source)
     return out
+
+
+def _invert(
+    family: str, parameter: Fraction, words: NDArray[np.uint64], source: RandomWords
+) -> NDArray[np.int64]:
+    """One output per word of ``words``; the slow path reads more from ``source``."""
+    return _inverted(family, parameter, words.size, _slices(words), source)
+
+
+def _skellam_into(
+    out: NDArray[np.int64], mu: Fraction, pairs: _Blocks, source: RandomWords
+) -> None:
+    """``out += P - Q``, ``P`` and ``Q`` Poisson(mu) from the even and the odd words of ``pairs``.
+
+    One pass over the pairs: both inversions' ``first - 1`` cancel in the difference. The
+    slow path then reads its words in the order two :func:`_invert` calls would: every
+    undecided ``P`` in turn, then every undecided ``Q``.
+    """
+    table = _table("poisson", mu)
+    offset = table.first - 1
+    found: tuple[_Undecided, _Undecided] = ([], [])
+    for start, u in pairs:  # start is even: a block holds whole pairs
+        cells, missed = _cells(table, u)
+        part = out[start // 2 : (start + u.size) // 2]
+        part += cells[0::2]
+        part -= cells[1::2]
+        for column, undecided in enumerate(found):
+            mine = missed[missed % 2 == column]
+            undecided.append(((mine + start) // 2, u[mine]))
+    for sign, undecided in zip((1, -1), found, strict=True):
+        for j, word in _undecided(undecided):
+            out[j] += sign * (_refine("poisson", mu, word, source) - offset)
 
 
 def _source(source: RandomWords | None) -> RandomWords:
@@ -350,7 +449,7 @@ def sample_discrete_gaussian(
     variance = rational("sigma_squared", sigma_squared, above=0, at_most=_MAX_SIGMA_SQUARED)
     size = integer("size", size, at_least=0)
     words = _source(source)
-    return _invert("gaussian", variance, words.words(size), words)
+    return _inverted("gaussian", variance, size, _drawn(words, size), words)
 
 
 def sample_skellam(
@@ -375,8 +474,6 @@ def sample_skellam(
     part = mean / parts
     out = np.zeros(size, dtype=np.int64)
     for _ in range(parts):
-        pair = words.words(2 * size).reshape(size, 2)
-        # Two columns, two independent Poissons from the same table.
-        out += _invert("poisson", part, np.ascontiguousarray(pair[:, 0]), words)
-        out -= _invert("poisson", part, np.ascontiguousarray(pair[:, 1]), words)
+        # Word pairs, two independent Poissons from the same table.
+        _skellam_into(out, part, _drawn(words, 2 * size), words)
     return out

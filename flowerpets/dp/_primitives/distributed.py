@@ -88,6 +88,7 @@ _MAX_SCALED_CLIP = float(2**50)
 # Conditional rounding retries until the chance that every try failed is below 2**-40.
 _ROUNDING_FAILURE_BITS = 40
 _NAME = "update"
+_ROUND_BLOCK = 1 << 16  # values per block of the rounding: its temporaries stay in the cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,34 +160,48 @@ def _tries(beta: float) -> int:
     return max(1, math.ceil(_ROUNDING_FAILURE_BITS * math.log(2) / -math.log(beta)))
 
 
-def _thresholds(x: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
-    """``floor(x)``, and ``ceil((x - floor(x)) 2**53)``: a word's top 53 bits below it round up.
+class _RoundingScratch:
+    """The rounding's per-block temporaries, allocated once per call and reused by each block."""
 
-    So the chance of rounding up is the fractional part rounded up to a multiple of
-    ``2**-53`` (exact for every fraction with 53 bits after the point).
+    def __init__(self, size: int) -> None:
+        self.low = np.empty(size)
+        self.limit = np.empty(size)
+        self.up = np.empty(size, dtype=np.bool_)
+
+
+def _round_block(
+    x: NDArray[np.float64], out: NDArray[np.int64], source: RandomWords, scratch: _RoundingScratch
+) -> float:
+    """``out = floor(x) + 1`` with probability ``x - floor(x)``, a word each; returns ``||out||^2``.
+
+    A word rounds up when its top 53 bits, ``t``, are below ``f 2**53`` (``f`` the fractional
+    part, exact for ``|x| < 2**53``; times a power of two, exact too): for an integer ``t``
+    that is ``t < ceil(f 2**53)``, so the chance of rounding up is the fractional part
+    rounded up to a multiple of ``2**-53`` (exact for every fraction with 53 bits after the
+    point). Every step is exact: ``t`` converts to float64 exactly, and so do the rounded
+    integers (below ``2**53``), both ways.
     """
-    low = np.floor(x)
-    fraction = x - low  # exact: |x| < 2**53
-    fraction *= 2.0**53  # exact: a power of two
-    np.ceil(fraction, out=fraction)
-    return low.astype(np.int64), fraction.astype(np.uint64)
+    n = x.size
+    low, limit, up = scratch.low[:n], scratch.limit[:n], scratch.up[:n]
+    np.floor(x, out=low)
+    np.subtract(x, low, out=limit)
+    limit *= 2.0**53
+    top = source.words(n) >> np.uint64(11)  # a new array: the words may be read-only
+    np.less(top, limit, out=up)
+    low += up
+    np.copyto(out, low, casting="unsafe")  # integers below 2**53: exact
+    # Squared and summed by numpy, not BLAS (see clip._sum_of_squares); the caller bounds
+    # the error (_within).
+    np.multiply(low, low, out=limit)
+    return float(np.add.reduce(limit))
 
 
-def _randomized_round(
-    low: NDArray[np.int64], thresholds: NDArray[np.uint64], source: RandomWords
-) -> NDArray[np.int64]:
-    """``floor(x) + 1`` with probability ``x - floor(x)`` (see :func:`_thresholds`): a word each."""
-    top = source.words(low.size) >> np.uint64(11)  # a new array: the words may be read-only
-    up = top < thresholds
-    out = low.copy()
-    out += up
-    return out
+def _within(rounded: NDArray[np.int64], squares: float, bound: float) -> bool:
+    """``||rounded||_2 <= bound``, decided exactly; ``squares`` is its float sum of squares.
 
-
-def _within(rounded: NDArray[np.int64], bound: float) -> bool:
-    """``||rounded||_2 <= bound``, decided exactly (integer arithmetic near the bound)."""
-    as_float = rounded.astype(np.float64)
-    squares = float(np.dot(as_float, as_float))  # relative error below D 2**-52
+    ``squares`` (summed block by block) is within a relative ``D 2**-52`` of the true
+    sum, so only a sum within that slack of ``bound**2`` is decided in exact integers.
+    """
     limit = bound * bound
     slack = 4 * rounded.size * 2.0**-52 * max(limit, 1.0)
     if squares < limit - slack:
@@ -209,13 +224,22 @@ def conditional_round(
     :class:`~flowerpets.exceptions.ConditionalRoundingError` is raised (it
     carries no value). Conditioning biases the rounding slightly towards zero;
     with ``beta = 0`` (a bound that always holds) it is unbiased.
+
+    Each try reads one word of ``source`` per value, in order; the values are rounded
+    block by block (:func:`_round_block`), so the temporaries stay in the cache.
     """
     tries = integer("tries", tries, at_least=1)
-    low, thresholds = _thresholds(np.asarray(x, dtype=np.float64))
+    array = np.asarray(x, dtype=np.float64)
+    values = array.reshape(-1)
+    rounded = np.empty(values.size, dtype=np.int64)
+    scratch = _RoundingScratch(min(values.size, _ROUND_BLOCK))
     for _ in range(tries):
-        rounded = _randomized_round(low, thresholds, source)
-        if _within(rounded, norm_bound):
-            return rounded
+        squares = 0.0
+        for start in range(0, values.size, _ROUND_BLOCK):
+            stop = start + _ROUND_BLOCK
+            squares += _round_block(values[start:stop], rounded[start:stop], source, scratch)
+        if _within(rounded, squares, norm_bound):
+            return rounded.reshape(array.shape)
     raise ConditionalRoundingError(
         f"conditional randomized rounding exceeded its L2 bound {tries} times in a row"
     )
@@ -273,10 +297,12 @@ def encode(
             f"the noise must be {encoding.padded} integers, got {shares.dtype} {shares.shape}"
         )
     rounded += shares.astype(np.int64, copy=False)
-    # Two's complement is arithmetic mod 2**64, so its low bits are the value mod 2**bits.
-    residues = rounded.view(np.uint64)
-    residues &= np.uint64(encoding.modulus - 1)
-    return residues.astype(np.uint32), clipped.norm > encoding.clip
+    # Two's complement is arithmetic mod 2**64, so its low bits are the value mod 2**bits:
+    # the cast to uint32 keeps the low 32 (integer casts wrap), the mask the rest.
+    residues = rounded.astype(np.uint32)
+    if encoding.modulus_bits < MAX_MODULUS_BITS:
+        residues &= np.uint32(encoding.modulus - 1)
+    return residues, clipped.norm > encoding.clip
 
 
 def lift(residues: NDArray[np.unsignedinteger], modulus_bits: int) -> NDArray[np.int64]:
