@@ -11,7 +11,7 @@ residue but masked; a node refuses residues it was not given, without showing th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ from flowerpets.secagg.protocol import (
 )
 from flowerpets.secagg.threat import Threat
 from flowerpets.simulation import Dropout, FaultPlan, SimulationGrid, run_simulation
+from tests.he.conftest import RecordingGrid
 from tests.secagg import test_malicious as malicious
 from tests.secagg import test_protocol as protocol
 from tests.secagg.conftest import seeded_randomness
@@ -262,30 +263,6 @@ def test_malicious_mode_with_dropouts_at_every_stage_gives_the_exact_modular_sum
 
 
 # -- what the server sees --------------------------------------------------------------------
-class RecordingGrid:
-    """The server's view: every message it sent and every reply it received."""
-
-    def __init__(self, inner: SimulationGrid) -> None:
-        self.inner = inner
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-
-    @property
-    def run_id(self) -> int:
-        return self.inner.run_id
-
-    def node_ids(self) -> Sequence[int]:
-        return self.inner.node_ids()
-
-    def send_and_receive(
-        self, messages: Sequence[Message], *, timeout: float | None = None
-    ) -> Iterator[Message]:
-        self.sent.extend(messages)
-        for reply in self.inner.send_and_receive(messages, timeout=timeout):
-            self.received.append(reply)
-            yield reply
-
-
 @pytest.mark.parametrize("bits", [8, 32])
 def test_the_server_sees_the_residues_only_masked_and_their_modular_sum(bits: int) -> None:
     n = 8
