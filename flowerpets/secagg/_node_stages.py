@@ -432,6 +432,11 @@ def _check_survivors(
         raise ProtocolViolationError("this node is listed as dropped")
     if me not in survivors:
         raise ProtocolViolationError("this node is not listed as a survivor")
+    # Only the ring order's nodes are in the round: an enrolled node outside it (one the
+    # server may collude with) must not be a survivor whose signature counts for the quorum.
+    outside = sorted(j for j in survivors | dropped if j not in config.graph)
+    if outside:
+        raise ProtocolViolationError(f"nodes {outside[:5]} are not in the round's cohort")
     mine = set(config.graph.neighbours(me))
     listed = (survivors | dropped) & mine
     unknown = listed - set(state.senders)

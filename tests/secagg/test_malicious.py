@@ -905,3 +905,20 @@ def test_a_threshold_above_the_quorum_forwards_t_signatures() -> None:
     record = result.history[0]
     assert record.ok, record.error
     assert len(outcome.participants) == 10
+
+
+def test_signatures_of_enrolled_nodes_outside_the_cohort_do_not_count(federation: Any) -> None:
+    """The server may list enrolled nodes it colludes with, outside the round's cohort, as
+    survivors, and forward their signatures: they would count towards the quorum (which
+    bounds the cohort's colluders only, ``C``), so a handful of them would let two halves
+    of the cohort each reach it over different sets. A node signs and counts only sets
+    within the ring order."""
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    outsiders = [1, 2]  # enrolled, colluding, not in the round
+    pki = enroll([*fed.ids, *outsiders], randomness=seeded_randomness(5))
+    fed.mod.identities, fed.mod.identity = pki.identities, pki.keyring
+    fed.honest_until_collect()
+    node = fed.ids[0]
+    padded = [*fed.ids, *outsiders]
+    reason = refused(fed.ask(node, Stage.CONSISTENCY_CHECK, {"survivors": padded}), "cohort")
+    assert phase(fed, node) == Phase.ABORTED and "[1, 2]" in reason
