@@ -166,25 +166,22 @@ def transcript(domain: bytes, *fields: bytes | int | str | Iterable[int]) -> byt
 def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
     """What a node signs when it advertises its keys: the round's whole configuration
     (session, ring order, degree, threshold, ...), the round, its id and both keys."""
-    return _advertisement_prefix(config, round) + _field(node) + _field(c_pk) + _field(s_pk)
-
-
-@functools.lru_cache(maxsize=2)  # each entry holds a round's config, its whole ring order
-def _advertisement_prefix(config: RoundConfig, round: int) -> bytes:
-    # A node checks k neighbours' advertisements of one round: only their ids and keys differ.
-    return transcript(DOMAIN_ADVERTISE, config.digest, round)
+    # No cache: the configuration enters as its (cached) digest, so this is a few fields.
+    return transcript(DOMAIN_ADVERTISE, config.digest, round, node, c_pk, s_pk)
 
 
 def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:
     """What a node signs at the consistency check: the set of nodes whose masked inputs the
     server says it holds (sorted: a set, whatever order it was sent in), then its id."""
-    return _survivors_prefix(config, round, tuple(sorted(survivors))) + _field(node)
+    return _survivors_prefix(config.digest, round, tuple(sorted(survivors))) + _field(node)
 
 
 @functools.lru_cache(maxsize=8)
-def _survivors_prefix(config: RoundConfig, round: int, survivors: tuple[int, ...]) -> bytes:
-    # A node checks t neighbours' signatures of one set: everything but their ids is shared.
-    return transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors)
+def _survivors_prefix(digest: bytes, round: int, survivors: tuple[int, ...]) -> bytes:
+    # A node checks t (or q) signatures of one set: everything but their ids is shared. The
+    # key is the configuration's digest (it covers every field; hashing the config itself
+    # would hash its whole ring order on every call), the round and the whole set.
+    return transcript(DOMAIN_CONSISTENCY, digest, round, survivors)
 
 
 def fields_of(content: RecordDict | None) -> Fields:

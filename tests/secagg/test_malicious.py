@@ -47,9 +47,18 @@ from flowerpets.secagg import (
     Threat,
     enroll,
 )
+from flowerpets.secagg._node_state import STATE_CONFIG, load
 from flowerpets.secagg._primitives import aead, keys
 from flowerpets.secagg.attacks import partner_holders, read_update, rebuild, split_view, two_views
-from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
+from flowerpets.secagg.protocol import (
+    DOMAIN_CONSISTENCY,
+    RECORD,
+    SHARE_BYTES,
+    advertisement,
+    share_key,
+    survivor_set,
+    transcript,
+)
 from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import Dropout, run_simulation
 from tests.secagg import test_protocol as protocol
@@ -604,6 +613,56 @@ def test_the_round_configuration_digest_binds_every_field() -> None:
     digests = {base.digest} | {dataclasses.replace(base, **c).digest for c in changes}
     assert len(digests) == len(changes) + 1 and len(base.digest) == 32  # SHA-256
     assert RoundConfig.from_record(base.to_record()).digest == base.digest
+
+
+def test_the_signed_transcripts_and_parsed_configs_are_cached_by_their_whole_content(
+    federation: Any,
+) -> None:
+    """The survivor-set prefix and the node's parsed round configuration are cached: a
+    configuration that differs in any field (or another round, another set) must give
+    other bytes to sign and another parsed configuration, never a cached one."""
+    base = RoundConfig(
+        session=bytes(16),
+        order=(3, 1, 2, 4, 5),
+        degree=4,
+        threshold=3,
+        clipping_range=8.0,
+        max_weight=10,
+        weight_key=None,
+        secure_metrics=(),
+        threat=Threat.MALICIOUS,
+        quorum=3,
+    )
+    configs = [
+        base,
+        dataclasses.replace(base, session=b"\x01" * 16),
+        dataclasses.replace(base, order=(1, 3, 2, 4, 5)),
+        dataclasses.replace(base, quorum=4),
+        dataclasses.replace(base, clipping_range=4.0),
+    ]
+    changes: list[dict[str, Any]] = [
+        {"session": b"\x01" * 16},
+        {"threshold": 2},
+        {"clipping_range": 4.0},
+        {"max_weight": 11},
+        {"quorum": 5},
+    ]
+    signed = set()
+    for config in configs * 2:  # the second pass reads the caches
+        for round, survivors in [(1, (1, 2, 3, 4, 5)), (2, (1, 2, 3, 4, 5)), (1, (1, 2, 3, 4))]:
+            data = survivor_set(config, round, 3, reversed(survivors))
+            assert data == transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors, 3)
+            signed.add(data)
+    assert len(signed) == len(configs) * 3
+    # The node's parsed configuration (every stage after the first reads it from its state).
+    fed = federation(n=6, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    node = fed.ids[0]
+    fed.advertise([node])
+    context = fed.contexts[node]
+    for config in [fed.config, *(dataclasses.replace(fed.config, **c) for c in changes)] * 2:
+        context.state[STATE_CONFIG] = config.to_record()
+        loaded = load(context)
+        assert loaded is not None and loaded[1] == config
 
 
 # -- whole rounds over the simulation ---------------------------------------------------------
