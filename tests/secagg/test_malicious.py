@@ -50,6 +50,7 @@ from flowerpets.secagg import (
 from flowerpets.secagg._node_state import STATE_CONFIG, load
 from flowerpets.secagg._primitives import aead, keys
 from flowerpets.secagg.attacks import partner_holders, read_update, rebuild, split_view, two_views
+from flowerpets.secagg.parameters import least_summed
 from flowerpets.secagg.protocol import (
     DOMAIN_CONSISTENCY,
     RECORD,
@@ -940,6 +941,10 @@ def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
     params = secagg.parameters(100)
     assert not params.is_complete and secagg.quorum_for(params) == (100 + 10) // 2 + 1
     assert params.quorum == secagg.quorum_for(params)  # what the finder counted
+    # Hand-picked values report the quorum the round asks for too (and count it).
+    picked = SecAggPlus(identities=pki.identities, degree=8, threshold=5).parameters(20)
+    assert picked.quorum == 12 and picked.tolerated_dropouts == 3
+    assert picked.least_summed == least_summed(20, 8)
     with pytest.warns(UserWarning, match="regional split view"):
         opted_out = SecAggPlus(identities=pki.identities, quorum=False)
     assert opted_out.quorum_for(params) == 0 and "quorum=False" in repr(opted_out)
