@@ -588,18 +588,22 @@ def test_a_node_config_names_its_key_file(tmp_path: Any) -> None:
     assert IdentityKey.from_pem(key.private_pem()).public_bytes == key.public_bytes
 
 
+# A small malicious round's configuration, for the tests of what binds and caches it.
+_SMALL_ROUND = RoundConfig(
+    session=bytes(16),
+    order=(3, 1, 2, 4, 5),
+    degree=4,
+    threshold=3,
+    clipping_range=8.0,
+    max_weight=10,
+    weight_key="num-examples",
+    secure_metrics=("loss",),
+    threat=Threat.MALICIOUS,
+)
+
+
 def test_the_round_configuration_digest_binds_every_field() -> None:
-    base = RoundConfig(
-        session=bytes(16),
-        order=(3, 1, 2, 4, 5),
-        degree=4,
-        threshold=3,
-        clipping_range=8.0,
-        max_weight=10,
-        weight_key="num-examples",
-        secure_metrics=("loss",),
-        threat=Threat.MALICIOUS,
-    )
+    base = _SMALL_ROUND
     changes: list[dict[str, Any]] = [
         {"session": b"\x01" * 16},
         {"order": (1, 3, 2, 4, 5)},
@@ -622,18 +626,7 @@ def test_the_signed_transcripts_and_parsed_configs_are_cached_by_their_whole_con
     """The survivor-set prefix and the node's parsed round configuration are cached: a
     configuration that differs in any field (or another round, another set) must give
     other bytes to sign and another parsed configuration, never a cached one."""
-    base = RoundConfig(
-        session=bytes(16),
-        order=(3, 1, 2, 4, 5),
-        degree=4,
-        threshold=3,
-        clipping_range=8.0,
-        max_weight=10,
-        weight_key=None,
-        secure_metrics=(),
-        threat=Threat.MALICIOUS,
-        quorum=3,
-    )
+    base = dataclasses.replace(_SMALL_ROUND, quorum=3)
     configs = [
         base,
         dataclasses.replace(base, session=b"\x01" * 16),
