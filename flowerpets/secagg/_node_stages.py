@@ -72,6 +72,7 @@ from flowerpets.secagg.protocol import (
     pair_mask_seed,
     share_key,
     survivor_set,
+    survivor_sets,
 )
 from flowerpets.secagg.threat import ThreatModel
 
@@ -496,12 +497,10 @@ def _verify_consistency(
         strangers = [j for j in signers if j not in mine or j not in survivors]
         if strangers:
             raise ProtocolViolationError(f"nodes {strangers[:5]} are no surviving neighbours")
+    signed_by = survivor_sets(config, state.round, state.signed_set)
     for j, signature in zip(signers, signed, strict=True):
         identities.verify(
-            j,
-            signature,
-            survivor_set(config, state.round, j, state.signed_set),
-            what=f"node {j}'s signature of the survivor set",
+            j, signature, signed_by(j), what=f"node {j}'s signature of the survivor set"
         )
     _enough(
         len(mine.intersection(signers)),

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -64,6 +64,7 @@ __all__ = [
     "Threat",
     "advertisement",
     "survivor_set",
+    "survivor_sets",
     "transcript",
 ]
 
@@ -173,7 +174,16 @@ def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk:
 def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:
     """What a node signs at the consistency check: the set of nodes whose masked inputs the
     server says it holds (sorted: a set, whatever order it was sent in), then its id."""
-    return _survivors_prefix(config.digest, round, tuple(sorted(survivors))) + _field(node)
+    return survivor_sets(config, round, survivors)(node)
+
+
+def survivor_sets(
+    config: RoundConfig, round: int, survivors: Iterable[int]
+) -> Callable[[int], bytes]:
+    """:func:`survivor_set` of one set for any node: the set is sorted and encoded once (a
+    node checks up to ``max(t, q)`` signatures of its set, the server one per survivor)."""
+    prefix = _survivors_prefix(config.digest, round, tuple(sorted(survivors)))
+    return lambda node: prefix + _field(node)
 
 
 @functools.lru_cache(maxsize=8)
