@@ -981,3 +981,10 @@ def test_signatures_of_enrolled_nodes_outside_the_cohort_do_not_count(federation
     padded = [*fed.ids, *outsiders]
     reason = refused(fed.ask(node, Stage.CONSISTENCY_CHECK, {"survivors": padded}), "cohort")
     assert phase(fed, node) == Phase.ABORTED and "[1, 2]" in reason
+    # Nor at unmasking, in either mode: an honest server lists only the cohort.
+    for threat in BOTH:
+        other = federation(n=9, degree=4, threshold=3, threat=threat)
+        other.honest_until_unmask()
+        refused(other.unmask(other.ids[1], [*other.ids, 1], []), "not in the round's cohort")
+        refused(other.unmask(other.ids[2], other.ids, [2]), "not in the round's cohort")
+        other.ok(other.unmask(other.ids[3], other.ids, []))
