@@ -72,6 +72,7 @@ from flowerpets.secagg.protocol import (
     pair_mask_seed,
     share_key,
     survivor_set,
+    survivor_sets,
 )
 from flowerpets.secagg.threat import ThreatModel
 
@@ -432,6 +433,11 @@ def _check_survivors(
         raise ProtocolViolationError("this node is listed as dropped")
     if me not in survivors:
         raise ProtocolViolationError("this node is not listed as a survivor")
+    # Only the ring order's nodes are in the round: an enrolled node outside it (one the
+    # server may collude with) must not be a survivor whose signature counts for the quorum.
+    outside = sorted(j for j in survivors | dropped if j not in config.graph)
+    if outside:
+        raise ProtocolViolationError(f"nodes {outside[:5]} are not in the round's cohort")
     mine = set(config.graph.neighbours(me))
     listed = (survivors | dropped) & mine
     unknown = listed - set(state.senders)
@@ -491,12 +497,10 @@ def _verify_consistency(
         strangers = [j for j in signers if j not in mine or j not in survivors]
         if strangers:
             raise ProtocolViolationError(f"nodes {strangers[:5]} are no surviving neighbours")
+    signed_by = survivor_sets(config, state.round, state.signed_set)
     for j, signature in zip(signers, signed, strict=True):
         identities.verify(
-            j,
-            signature,
-            survivor_set(config, state.round, j, state.signed_set),
-            what=f"node {j}'s signature of the survivor set",
+            j, signature, signed_by(j), what=f"node {j}'s signature of the survivor set"
         )
     _enough(
         len(mine.intersection(signers)),

@@ -107,7 +107,7 @@ from flowerpets.secagg.protocol import (
     advertisement,
     fields_of,
     pair_mask_seed,
-    survivor_set,
+    survivor_sets,
 )
 
 if TYPE_CHECKING:  # the mod builds rounds; a round only reads the mod's settings
@@ -482,14 +482,12 @@ class ServerRound:
         started = self._enter(ServerPhase.COLLECTED, stage)
         record = ConfigRecord({"session": self.config.session, "survivors": self.survivors})
         content = RecordDict({RECORD: record})
+        signed_by = survivor_sets(self.config, self.request.round, self.survivors)
 
         def accept(node: int, body: RecordDict) -> None:
             signature = fields_of(body).get("signature", bytes)
             self.identities.verify(
-                node,
-                signature,
-                survivor_set(self.config, self.request.round, node, self.survivors),
-                what="its signature of the survivor set",
+                node, signature, signed_by(node), what="its signature of the survivor set"
             )
             self.set_signatures[node] = signature
 

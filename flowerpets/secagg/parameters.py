@@ -469,7 +469,7 @@ def find_parameters(
     log_n = math.log(n)
     secure_budget = -(sigma + 1) * _LN2  # for (1) and for (2), each
     fail_budget = -eta * _LN2 - log_n  # per node, for (4)
-    sparse_quorum = (n + corrupted) // 2 + 1 if wants_quorum else 0
+    sparse_quorum = cohort_quorum(n, gamma) if wants_quorum else 0
     # The round also fails when at most q nodes survive to sign: (4) gets what is left.
     log_short = _log_binomial_cdf(sparse_quorum, n, p) if sparse_quorum else -math.inf
     if log_short >= -eta * _LN2:

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -64,6 +64,7 @@ __all__ = [
     "Threat",
     "advertisement",
     "survivor_set",
+    "survivor_sets",
     "transcript",
 ]
 
@@ -166,25 +167,31 @@ def transcript(domain: bytes, *fields: bytes | int | str | Iterable[int]) -> byt
 def advertisement(config: RoundConfig, round: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
     """What a node signs when it advertises its keys: the round's whole configuration
     (session, ring order, degree, threshold, ...), the round, its id and both keys."""
-    return _advertisement_prefix(config, round) + _field(node) + _field(c_pk) + _field(s_pk)
-
-
-@functools.lru_cache(maxsize=2)  # each entry holds a round's config, its whole ring order
-def _advertisement_prefix(config: RoundConfig, round: int) -> bytes:
-    # A node checks k neighbours' advertisements of one round: only their ids and keys differ.
-    return transcript(DOMAIN_ADVERTISE, config.digest, round)
+    # No cache: the configuration enters as its (cached) digest, so this is a few fields.
+    return transcript(DOMAIN_ADVERTISE, config.digest, round, node, c_pk, s_pk)
 
 
 def survivor_set(config: RoundConfig, round: int, node: int, survivors: Iterable[int]) -> bytes:
     """What a node signs at the consistency check: the set of nodes whose masked inputs the
     server says it holds (sorted: a set, whatever order it was sent in), then its id."""
-    return _survivors_prefix(config, round, tuple(sorted(survivors))) + _field(node)
+    return survivor_sets(config, round, survivors)(node)
+
+
+def survivor_sets(
+    config: RoundConfig, round: int, survivors: Iterable[int]
+) -> Callable[[int], bytes]:
+    """:func:`survivor_set` of one set for any node: the set is sorted and encoded once (a
+    node checks up to ``max(t, q)`` signatures of its set, the server one per survivor)."""
+    prefix = _survivors_prefix(config.digest, round, tuple(sorted(survivors)))
+    return lambda node: prefix + _field(node)
 
 
 @functools.lru_cache(maxsize=8)
-def _survivors_prefix(config: RoundConfig, round: int, survivors: tuple[int, ...]) -> bytes:
-    # A node checks t neighbours' signatures of one set: everything but their ids is shared.
-    return transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors)
+def _survivors_prefix(digest: bytes, round: int, survivors: tuple[int, ...]) -> bytes:
+    # A node checks t (or q) signatures of one set: everything but their ids is shared. The
+    # key is the configuration's digest (it covers every field; hashing the config itself
+    # would hash its whole ring order on every call), the round and the whole set.
+    return transcript(DOMAIN_CONSISTENCY, digest, round, survivors)
 
 
 def fields_of(content: RecordDict | None) -> Fields:

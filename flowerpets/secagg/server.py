@@ -14,6 +14,7 @@ dropout handling and its result are described there).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 
@@ -185,7 +186,10 @@ class SecAggPlus(SecureAggregator):
         """The degree and threshold this mod uses for a cohort of ``cohort_size``."""
         threat = self.model.threat
         if self.degree is not None and self.threshold is not None:
-            return check_parameters(cohort_size, self.degree, self.threshold, threat=threat)
+            chosen = check_parameters(cohort_size, self.degree, self.threshold, threat=threat)
+            # The round asks the quorum for hand-picked values too: say so (and count it in
+            # tolerated_dropouts and least_summed), as the finder's values do.
+            return dataclasses.replace(chosen, quorum=self.quorum_for(chosen))
         return find_parameters(
             cohort_size,
             threat=threat,

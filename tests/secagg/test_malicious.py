@@ -47,9 +47,20 @@ from flowerpets.secagg import (
     Threat,
     enroll,
 )
+from flowerpets.secagg._node_state import STATE_CONFIG, load
 from flowerpets.secagg._primitives import aead, keys
 from flowerpets.secagg.attacks import partner_holders, read_update, rebuild, split_view, two_views
-from flowerpets.secagg.protocol import RECORD, SHARE_BYTES, advertisement, share_key
+from flowerpets.secagg.parameters import least_summed
+from flowerpets.secagg.protocol import (
+    DOMAIN_CONSISTENCY,
+    RECORD,
+    SHARE_BYTES,
+    advertisement,
+    share_key,
+    survivor_set,
+    survivor_sets,
+    transcript,
+)
 from flowerpets.secagg.threat import MODELS
 from flowerpets.simulation import Dropout, run_simulation
 from tests.secagg import test_protocol as protocol
@@ -578,18 +589,22 @@ def test_a_node_config_names_its_key_file(tmp_path: Any) -> None:
     assert IdentityKey.from_pem(key.private_pem()).public_bytes == key.public_bytes
 
 
+# A small malicious round's configuration, for the tests of what binds and caches it.
+_SMALL_ROUND = RoundConfig(
+    session=bytes(16),
+    order=(3, 1, 2, 4, 5),
+    degree=4,
+    threshold=3,
+    clipping_range=8.0,
+    max_weight=10,
+    weight_key="num-examples",
+    secure_metrics=("loss",),
+    threat=Threat.MALICIOUS,
+)
+
+
 def test_the_round_configuration_digest_binds_every_field() -> None:
-    base = RoundConfig(
-        session=bytes(16),
-        order=(3, 1, 2, 4, 5),
-        degree=4,
-        threshold=3,
-        clipping_range=8.0,
-        max_weight=10,
-        weight_key="num-examples",
-        secure_metrics=("loss",),
-        threat=Threat.MALICIOUS,
-    )
+    base = _SMALL_ROUND
     changes: list[dict[str, Any]] = [
         {"session": b"\x01" * 16},
         {"order": (1, 3, 2, 4, 5)},
@@ -604,6 +619,46 @@ def test_the_round_configuration_digest_binds_every_field() -> None:
     digests = {base.digest} | {dataclasses.replace(base, **c).digest for c in changes}
     assert len(digests) == len(changes) + 1 and len(base.digest) == 32  # SHA-256
     assert RoundConfig.from_record(base.to_record()).digest == base.digest
+
+
+def test_the_signed_transcripts_and_parsed_configs_are_cached_by_their_whole_content(
+    federation: Any,
+) -> None:
+    """The survivor-set prefix and the node's parsed round configuration are cached: a
+    configuration that differs in any field (or another round, another set) must give
+    other bytes to sign and another parsed configuration, never a cached one."""
+    base = dataclasses.replace(_SMALL_ROUND, quorum=3)
+    configs = [
+        base,
+        dataclasses.replace(base, session=b"\x01" * 16),
+        dataclasses.replace(base, order=(1, 3, 2, 4, 5)),
+        dataclasses.replace(base, quorum=4),
+        dataclasses.replace(base, clipping_range=4.0),
+    ]
+    changes: list[dict[str, Any]] = [
+        {"session": b"\x01" * 16},
+        {"threshold": 2},
+        {"clipping_range": 4.0},
+        {"max_weight": 11},
+        {"quorum": 5},
+    ]
+    signed = set()
+    for config in configs * 2:  # the second pass reads the caches
+        for round, survivors in [(1, (1, 2, 3, 4, 5)), (2, (1, 2, 3, 4, 5)), (1, (1, 2, 3, 4))]:
+            data = survivor_set(config, round, 3, reversed(survivors))
+            assert data == transcript(DOMAIN_CONSISTENCY, config.digest, round, survivors, 3)
+            assert survivor_sets(config, round, survivors)(3) == data
+            signed.add(data)
+    assert len(signed) == len(configs) * 3
+    # The node's parsed configuration (every stage after the first reads it from its state).
+    fed = federation(n=6, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    node = fed.ids[0]
+    fed.advertise([node])
+    context = fed.contexts[node]
+    for config in [fed.config, *(dataclasses.replace(fed.config, **c) for c in changes)] * 2:
+        context.state[STATE_CONFIG] = config.to_record()
+        loaded = load(context)
+        assert loaded is not None and loaded[1] == config
 
 
 # -- whole rounds over the simulation ---------------------------------------------------------
@@ -826,7 +881,7 @@ def test_by_default_every_node_refuses_the_regional_plan(federation: Any) -> Non
     plan = regional_plan(40, 8, 5, 6)
     assert plan is not None
     fed = federation(n=40, degree=8, threshold=5, seed=3, threat=Threat.MALICIOUS)
-    assert fed.config.quorum == 23 and all(fed.mod.require_quorum for _ in fed.ids)
+    assert fed.config.quorum == 23 and fed.mod.require_quorum  # one mod for every node
     got = learn_block_sum(fed, plan)
     assert got.vector is None
     asked = set(plan.releases)
@@ -881,6 +936,10 @@ def test_the_server_sets_the_quorum_and_fails_the_round_short_of_it() -> None:
     params = secagg.parameters(100)
     assert not params.is_complete and secagg.quorum_for(params) == (100 + 10) // 2 + 1
     assert params.quorum == secagg.quorum_for(params)  # what the finder counted
+    # Hand-picked values report the quorum the round asks for too (and count it).
+    picked = SecAggPlus(identities=pki.identities, degree=8, threshold=5).parameters(20)
+    assert picked.quorum == 12 and picked.tolerated_dropouts == 3
+    assert picked.least_summed == least_summed(20, 8)
     with pytest.warns(UserWarning, match="regional split view"):
         opted_out = SecAggPlus(identities=pki.identities, quorum=False)
     assert opted_out.quorum_for(params) == 0 and "quorum=False" in repr(opted_out)
@@ -905,3 +964,27 @@ def test_a_threshold_above_the_quorum_forwards_t_signatures() -> None:
     record = result.history[0]
     assert record.ok, record.error
     assert len(outcome.participants) == 10
+
+
+def test_signatures_of_enrolled_nodes_outside_the_cohort_do_not_count(federation: Any) -> None:
+    """The server may list enrolled nodes it colludes with, outside the round's cohort, as
+    survivors, and forward their signatures: they would count towards the quorum (which
+    bounds the cohort's colluders only, ``C``), so a handful of them would let two halves
+    of the cohort each reach it over different sets. A node signs and counts only sets
+    within the ring order."""
+    fed = federation(n=9, degree=4, threshold=3, threat=Threat.MALICIOUS)
+    outsiders = [1, 2]  # enrolled, colluding, not in the round
+    pki = enroll([*fed.ids, *outsiders], randomness=seeded_randomness(5))
+    fed.mod.identities, fed.mod.identity = pki.identities, pki.keyring
+    fed.honest_until_collect()
+    node = fed.ids[0]
+    padded = [*fed.ids, *outsiders]
+    reason = refused(fed.ask(node, Stage.CONSISTENCY_CHECK, {"survivors": padded}), "cohort")
+    assert phase(fed, node) == Phase.ABORTED and "[1, 2]" in reason
+    # Nor at unmasking, in either mode: an honest server lists only the cohort.
+    for threat in BOTH:
+        other = federation(n=9, degree=4, threshold=3, threat=threat)
+        other.honest_until_unmask()
+        refused(other.unmask(other.ids[1], [*other.ids, 1], []), "not in the round's cohort")
+        refused(other.unmask(other.ids[2], other.ids, [2]), "not in the round's cohort")
+        other.ok(other.unmask(other.ids[3], other.ids, []))
