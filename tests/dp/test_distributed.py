@@ -229,6 +229,60 @@ def test_survivors_epsilon_counts_the_shares_in_the_sum(stage: str) -> None:
         assert record.train_metrics["epsilon"] == pytest.approx(calm_epsilon)
 
 
+def test_survivors_does_not_count_the_colluding_nodes_shares() -> None:
+    record = federate(dp(dropouts=DropoutPolicy.SURVIVORS, colluding=2), dimension=16)
+    round_one = record.result.history.round(1)
+    assert round_one.ok, round_one.error
+    assert len(round_one.participants) == NODES
+    scale = round_one.train_metrics["dp-scale"]
+    expected = independent_epsilon(
+        SkellamEvent, z=1.0, scale=scale, dimension=16, planned=NODES, counted=NODES - 2
+    )
+    assert round_one.train_metrics["dp-counted-clients"] == NODES - 2
+    assert round_one.train_metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+class _Boastful(SecAggPlus):
+    """Promises sums of the whole cohort; releases, as SecAgg+ does, sums of t + 1 or more."""
+
+    def fewest_inputs(self, cohort_size: int) -> int:
+        return cohort_size
+
+
+def test_a_broken_promise_is_charged_for_the_honest_survivors_only() -> None:
+    # The aggregator promised 8 inputs and released 6 in round 1; 2 may collude: 4 honest
+    # shares in that sum, each sized for 6.
+    faults = [Dropout(node=p, round=1, stage=Stage.ADVERTISE_KEYS) for p in (2, 5)]
+    fed = federate(dp(colluding=2), dimension=16, rounds=2, faults=faults, secagg=_Boastful())
+    first, second = fed.result.history.rounds
+    assert not first.ok and "promised" in str(first.error)
+    assert second.ok, second.error
+    scale = second.train_metrics["dp-scale"]
+
+    def event(counted: int) -> SkellamEvent | DistributedDiscreteGaussianEvent:
+        pipeline = {"z": 1.0, "scale": scale, "dimension": 16, "planned": NODES - 2}
+        return independent_event(SkellamEvent, counted=counted, **pipeline)
+
+    accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
+    # Round 1 as committed (6 shares), then as released (4), then round 2 (6).
+    accountant.compose(event(NODES - 2)).compose(event(4)).compose(event(NODES - 2))
+    assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))
+
+
+def test_a_sum_of_colluding_inputs_only_is_charged_as_noiseless(tmp_path: Path) -> None:
+    from flowerpets.store import RunStore
+
+    # Promised 8, released 5, all of whom may collude: no share in the sum is secret.
+    faults = [Dropout(node=p, round=1, stage=Stage.ADVERTISE_KEYS) for p in (1, 2, 5)]
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            fed = federate(dp(colluding=5), faults=faults, secagg=_Boastful(), store=writer)
+        spends = store.spends(store.run("r").population_id)
+    assert "promised" in str(fed.result.history.round(1).error)
+    shares = [s.event["event"]["local_variance"] for s in spends]
+    assert shares[0] > 0 and shares[-1] == 0  # committed, then charged as released
+
+
 def test_worst_case_pays_in_noise_what_survivors_pays_in_epsilon() -> None:
     # With everyone present both claim the epsilon of (z l2)^2 in the sum, but WORST_CASE
     # has each node add the share of one in FEWEST (the sum holds 8 / 5 of the noise),
