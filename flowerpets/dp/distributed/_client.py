@@ -29,16 +29,31 @@ For a train message the mod
 
 A refusal (an error reply with code ``REFUSED``) says what was wrong, never a
 value. Other messages pass through untouched.
+
+**What the node trusts the server with.** The encoding is the server's choice:
+the node checks its form, its dimension and modulus against the model and the
+domain, but a dishonest server could send a tiny noise share (0 included), or
+a huge scale or clip beside a share that is small for it, and the node would
+add less noise than the run's epsilon claims. ``min_share_multiplier`` is the
+node's own floor against that: it refuses a round whose share carries a noise
+multiplier below it, ``sqrt(share) / Delta_2`` (``Delta_2`` the rounded update's
+L2 bound at the encoding's clip, scale and beta: whatever the server chose, the
+node's noise stands against that sensitivity), and the same for the clipped
+count's share (sensitivity 1). A node that wants the sum of ``k`` honest shares
+to carry ``z`` sets ``z / sqrt(k)``. The default, 0, trusts the server's
+calibration. The rotation seed needs no trust: the rounding's norm bound, hence
+the sensitivity, holds for every rotation (the seed only spreads the mass).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 
-from flowerpets._validation import instance
+from flowerpets._validation import instance, real
 from flowerpets.core import (
     ArrayRecord,
     Context,
@@ -68,12 +83,17 @@ CallNext = Callable[[Message, Context], Message]
 class DistributedDpMod:
     """Client mod of distributed DP (see the module docstring); place it inside SecAgg+'s.
 
-    ``source`` replaces the secure keystream (rounding and noise) with another
-    source of 64-bit words, for tests only (it warns unless it says it is secure).
-    The mod keeps no state; one instance serves every node.
+    ``min_share_multiplier`` is the least noise multiplier this node's own share must
+    carry, or it refuses the round (see the module docstring; default 0: trust the
+    server's calibration). ``source`` replaces the secure keystream (rounding and
+    noise) with another source of 64-bit words, for tests only (it warns unless it
+    says it is secure). The mod keeps no state; one instance serves every node.
     """
 
-    def __init__(self, *, source: RandomWords | None = None) -> None:
+    def __init__(
+        self, *, min_share_multiplier: float = 0.0, source: RandomWords | None = None
+    ) -> None:
+        self.min_share_multiplier = real("min_share_multiplier", min_share_multiplier, at_least=0)
         if source is None:
             source = LazySecureGaussian()
         else:
@@ -88,7 +108,7 @@ class DistributedDpMod:
         self._source: RandomWords = source
 
     def __repr__(self) -> str:
-        return "DistributedDpMod()"
+        return f"DistributedDpMod(min_share_multiplier={self.min_share_multiplier})"
 
     def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
         if msg.message_type != MessageType.TRAIN:
@@ -116,6 +136,7 @@ class DistributedDpMod:
                 "the secure aggregator's quantized domain is not the one the distributed-DP "
                 "encoding needs"
             )
+        self._check_noise(encoding)
         received = body.get_typed("arrays", ArrayRecord)
         if any(a.dtype.kind != "f" for a in received.values()):
             raise RequestRefusedError("DistributedDpMod encodes float model arrays only")
@@ -131,6 +152,19 @@ class DistributedDpMod:
         replied = RecordDict(dict(reply_body.items()))
         replied["arrays"] = out
         return Message(metadata=reply.metadata, content=replied)
+
+    def _check_noise(self, e: RoundEncoding) -> None:
+        """Refuses a share (or the count's) whose noise multiplier is below this node's floor."""
+        floor = self.min_share_multiplier
+        if floor == 0:
+            return
+        update = math.sqrt(e.share) / e.pipeline().norm_bound
+        count = math.inf if e.count_share is None else math.sqrt(e.count_share)
+        if min(update, count) < floor:
+            raise RequestRefusedError(
+                "the round's noise share is below this node's min_share_multiplier: "
+                "the server asked for less noise than the node accepts"
+            )
 
     def _encoded(self, update: np.ndarray, e: RoundEncoding) -> dict[str, np.ndarray]:
         """The reply's residue arrays: the encoded update, and the noised clipped bit."""
