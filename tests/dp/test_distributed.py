@@ -103,6 +103,17 @@ def test_the_server_receives_only_masked_vectors_and_unmasks_only_the_noised_sum
         np.testing.assert_array_equal(total, np.asarray(expected) % (1 << 32))
 
 
+def test_no_metric_of_a_node_is_summed_un_noised_under_the_masks() -> None:
+    # SecAgg+ would release the exact sum of a secure metric: the nodes send none, so a
+    # round that asks for one fails instead of revealing it.
+    secagg = SecAggPlus(secure_metrics=("num-examples",))
+    fed = federate(dp(keep_client_metrics=True), dimension=16, secagg=secagg)
+    record = fed.result.history.round(1)
+    assert not record.ok
+    assert "num-examples" not in record.train_metrics
+    assert fed.spies.residues  # the nodes did encode their updates: only the metric is missing
+
+
 def test_every_reply_arrives_masked_as_a_secagg_stage() -> None:
     fed = federate(dp(), dimension=16)
     stages = {msg.metadata.stage for msg in fed.grid.received}

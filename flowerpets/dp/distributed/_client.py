@@ -25,7 +25,11 @@ For a train message the mod
 4. replies with the residues in ``dp.residues`` only (and, with adaptive
    clipping, ``dp.clipped``: its clipped bit as ``+1`` (clipped) or ``-1``, plus its
    own share of the count's noise, a residue summed inside the secure sum too,
-   never seen alone).
+   never seen alone), and no metric: the handler's metrics (a loss, the number
+   of examples) are facts about the node's data the noise does not cover, and
+   a secure aggregator that sums metrics under the masks (SecAgg+'s
+   ``secure_metrics``) would release their exact sum. Such an aggregator then
+   refuses the reply (the metric is missing): run it with no secure metric.
 
 A refusal (an error reply with code ``REFUSED``) says what was wrong, never a
 value. Other messages pass through untouched.
@@ -59,6 +63,7 @@ from flowerpets.core import (
     Context,
     Message,
     MessageType,
+    MetricRecord,
     RecordDict,
     domain_of,
 )
@@ -151,6 +156,7 @@ class DistributedDpMod:
         out = ArrayRecord(self._encoded(flat, encoding))
         replied = RecordDict(dict(reply_body.items()))
         replied["arrays"] = out
+        replied["metrics"] = MetricRecord()  # not noised: never summed un-noised either
         return Message(metadata=reply.metadata, content=replied)
 
     def _check_noise(self, e: RoundEncoding) -> None:
