@@ -27,6 +27,7 @@ from flowerpets.dp.accountant import (
 from flowerpets.dp.central import AdaptiveClipping
 from flowerpets.dp.distributed import _client
 from flowerpets.dp.distributed._round_config import RoundEncoding
+from flowerpets.exceptions import ProtocolViolationError
 from flowerpets.secagg import SecAggPlus
 from flowerpets.secagg.protocol import Stage
 from flowerpets.simulation import Dropout
@@ -408,6 +409,28 @@ def test_survivors_charges_a_failed_round_as_the_worst_case() -> None:
     accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
     accountant.compose(event(FEWEST)).compose(event(NODES))  # the failed round, the full one
     assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))
+
+
+class _FailsAfterUnmasking(SecAggPlus):
+    """Unmasks the sum, then fails with an error that is no RoundFailedError."""
+
+    def __call__(self, request: Any, context: Any, call_next: Any) -> Any:
+        super().__call__(request, context, call_next)
+        raise ProtocolViolationError("failed after unmasking")
+
+
+def test_survivors_charges_a_round_that_fails_after_unmasking_whatever_failed(
+    tmp_path: Path,
+) -> None:
+    from flowerpets.store import RunStore
+
+    policy = DropoutPolicy.SURVIVORS
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            fed = federate(dp(dropouts=policy), secagg=_FailsAfterUnmasking(), store=writer)
+        spends = store.spends(store.run("r").population_id)
+    assert not fed.result.history.round(1).ok
+    assert [s.event["event"]["clients_in_sum"] for s in spends] == [FEWEST]
 
 
 # -- adaptive clipping -------------------------------------------------------------------------

@@ -264,10 +264,10 @@ class DistributedDp(BudgetedMod):
 
         try:
             result = call_next(self._inner(request, chosen), context)
-        except RoundFailedError:
+        except Exception:
             if self.dropouts is DropoutPolicy.SURVIVORS:
-                # The secure sum may have been unmasked before the round failed: charge the
-                # most it could have cost (a crash over-counts, never under).
+                # The secure sum may have been unmasked before the round failed, whatever
+                # failed: charge the most it could have cost (over-counts, never under).
                 run, _ = self.charge(context, run, worst, round=request.round, max_epsilon=None)
                 self.store(context, run)
             raise
