@@ -192,11 +192,18 @@ def test_epsilon_per_round_is_the_accountants_for_the_papers_pipeline(
         assert record.train_metrics["dp-counted-clients"] == FEWEST
 
 
-@pytest.mark.parametrize("target", [4.0, 40.0])  # 40 needs a multiplier below 1
-def test_target_epsilon_is_met_by_the_run(target: float) -> None:
-    fed = federate(
-        dp(noise_multiplier=None, target_epsilon=target, rounds=3), dimension=16, rounds=3
-    )
+@pytest.mark.parametrize(
+    ("target", "settings"),
+    [
+        (4.0, {}),
+        (40.0, {}),  # 40 needs a multiplier below 1
+        (4.0, {"colluding": 2}),
+        (4.0, {"colluding": 2, "dropouts": DropoutPolicy.SURVIVORS}),
+    ],
+)
+def test_target_epsilon_is_met_by_the_run(target: float, settings: dict[str, Any]) -> None:
+    calibrated = dp(noise_multiplier=None, target_epsilon=target, rounds=3, **settings)
+    fed = federate(calibrated, dimension=16, rounds=3)
     epsilons = [r.train_metrics["epsilon"] for r in fed.result.history.rounds]
     assert 0.97 * target <= epsilons[-1] <= target
 

@@ -337,7 +337,12 @@ class DistributedDp(BudgetedMod):
             return self.noise_multiplier
         assert self.target_epsilon is not None and self.rounds is not None
         target, rounds = self.target_epsilon, self.rounds
-        counted = fewest if self.dropouts is DropoutPolicy.WORST_CASE else planned
+        # SURVIVORS: the expected cohort's shares, but for the colluding nodes' (never counted).
+        counted = (
+            fewest
+            if self.dropouts is DropoutPolicy.WORST_CASE
+            else max(1, planned - self.colluding)
+        )
         # With adaptive clipping z covers the count too, so it must stay below 2 sigma_b.
         z = 1.0 if self.adaptive is None else min(1.0, self.adaptive.count_noise(expected))
         count_share = self._count_share(expected, planned)
