@@ -43,8 +43,14 @@ node's own floor against that: it refuses a round whose share carries a noise
 multiplier below it, ``sqrt(share) / Delta_2`` (``Delta_2`` the rounded update's
 L2 bound at the encoding's clip, scale and beta: whatever the server chose, the
 node's noise stands against that sensitivity), and the same for the clipped
-count's share (sensitivity 1). A node that wants the sum of ``k`` honest shares
-to carry ``z`` sets ``z / sqrt(k)``. The default, 0, trusts the server's
+count's share (sensitivity 1). The floor holds for this node's own share
+whatever the server does; ``k`` honest shares carry ``f sqrt(k)`` together only
+if the server sent them all the same encoding, which nothing checks (the
+encoding is not part of the configuration SecAgg+'s consistency check signs:
+a server could send the other nodes a tiny scale, whose shares then weigh
+little against this node's sensitivity). A node that wants to rely on no
+other node sets the whole ``z``; one that trusts the server to send every node
+the same encoding, ``z / sqrt(k)``. The default, 0, trusts the server's
 calibration. The rotation seed needs no trust: the rounding's norm bound, hence
 the sensitivity, holds for every rotation (the seed only spreads the mass).
 """
