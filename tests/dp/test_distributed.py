@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flowerpets.core import ArrayRecord
 from flowerpets.dp import DistributedDp, Mechanism
 from flowerpets.dp._primitives.calibration import rounded_l2_bound
 from flowerpets.dp._primitives.rotation import padded_dimension
@@ -426,15 +427,23 @@ class _FailsAfterUnmasking(SecAggPlus):
         raise ProtocolViolationError("failed after unmasking")
 
 
+class _LosesTheResidues(SecAggPlus):
+    """Unmasks the sum, then returns a result without it."""
+
+    def __call__(self, request: Any, context: Any, call_next: Any) -> Any:
+        return super().__call__(request, context, call_next).replace(aggregate=ArrayRecord())
+
+
+@pytest.mark.parametrize("secagg", [_FailsAfterUnmasking, _LosesTheResidues])
 def test_survivors_charges_a_round_that_fails_after_unmasking_whatever_failed(
-    tmp_path: Path,
+    tmp_path: Path, secagg: type[SecAggPlus]
 ) -> None:
     from flowerpets.store import RunStore
 
     policy = DropoutPolicy.SURVIVORS
     with RunStore(tmp_path / "runs.db") as store:
         with store.start_run("r", config={}) as writer:
-            fed = federate(dp(dropouts=policy), secagg=_FailsAfterUnmasking(), store=writer)
+            fed = federate(dp(dropouts=policy), secagg=secagg(), store=writer)
         spends = store.spends(store.run("r").population_id)
     assert not fed.result.history.round(1).ok
     assert [s.event["event"]["clients_in_sum"] for s in spends] == [FEWEST]

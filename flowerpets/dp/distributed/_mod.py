@@ -264,6 +264,12 @@ class DistributedDp(BudgetedMod):
 
         try:
             result = call_next(self._inner(request, chosen), context)
+            survivors = len(result.participants)
+            if RESIDUES not in result.aggregate or survivors == 0:
+                raise RoundFailedError(
+                    f"round {request.round}: the secure sum holds no {RESIDUES!r} residues",
+                    failures=result.failures,
+                )
         except Exception:
             if self.dropouts is DropoutPolicy.SURVIVORS:
                 # The secure sum may have been unmasked before the round failed, whatever
@@ -271,12 +277,6 @@ class DistributedDp(BudgetedMod):
                 run, _ = self.charge(context, run, worst, round=request.round, max_epsilon=None)
                 self.store(context, run)
             raise
-        survivors = len(result.participants)
-        if RESIDUES not in result.aggregate or survivors == 0:
-            raise RoundFailedError(
-                f"round {request.round}: the secure sum holds no {RESIDUES!r} residues",
-                failures=result.failures,
-            )
         # The colluding nodes may be among the survivors: their shares are no secret noise.
         honest = survivors - self.colluding
         if honest < 1:
