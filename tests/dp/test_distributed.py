@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flowerpets.core import ArrayRecord
 from flowerpets.dp import DistributedDp, Mechanism
 from flowerpets.dp._primitives.calibration import rounded_l2_bound
 from flowerpets.dp._primitives.rotation import padded_dimension
@@ -27,6 +28,7 @@ from flowerpets.dp.accountant import (
 from flowerpets.dp.central import AdaptiveClipping
 from flowerpets.dp.distributed import _client
 from flowerpets.dp.distributed._round_config import RoundEncoding
+from flowerpets.exceptions import ProtocolViolationError
 from flowerpets.secagg import SecAggPlus
 from flowerpets.secagg.protocol import Stage
 from flowerpets.simulation import Dropout
@@ -101,6 +103,17 @@ def test_the_server_receives_only_masked_vectors_and_unmasks_only_the_noised_sum
         pids = [fed.pid(n) for n in fed.spies.participants[rnd]]
         expected = sum(fed.spies.residues[(rnd, p)].astype(np.uint64) for p in pids)
         np.testing.assert_array_equal(total, np.asarray(expected) % (1 << 32))
+
+
+def test_no_metric_of_a_node_is_summed_un_noised_under_the_masks() -> None:
+    # SecAgg+ would release the exact sum of a secure metric: the nodes send none, so a
+    # round that asks for one fails instead of revealing it.
+    secagg = SecAggPlus(secure_metrics=("num-examples",))
+    fed = federate(dp(keep_client_metrics=True), dimension=16, secagg=secagg)
+    record = fed.result.history.round(1)
+    assert not record.ok
+    assert "num-examples" not in record.train_metrics
+    assert fed.spies.residues  # the nodes did encode their updates: only the metric is missing
 
 
 def test_every_reply_arrives_masked_as_a_secagg_stage() -> None:
@@ -180,11 +193,18 @@ def test_epsilon_per_round_is_the_accountants_for_the_papers_pipeline(
         assert record.train_metrics["dp-counted-clients"] == FEWEST
 
 
-@pytest.mark.parametrize("target", [4.0, 40.0])  # 40 needs a multiplier below 1
-def test_target_epsilon_is_met_by_the_run(target: float) -> None:
-    fed = federate(
-        dp(noise_multiplier=None, target_epsilon=target, rounds=3), dimension=16, rounds=3
-    )
+@pytest.mark.parametrize(
+    ("target", "settings"),
+    [
+        (4.0, {}),
+        (40.0, {}),  # 40 needs a multiplier below 1
+        (4.0, {"colluding": 2}),
+        (4.0, {"colluding": 2, "dropouts": DropoutPolicy.SURVIVORS}),
+    ],
+)
+def test_target_epsilon_is_met_by_the_run(target: float, settings: dict[str, Any]) -> None:
+    calibrated = dp(noise_multiplier=None, target_epsilon=target, rounds=3, **settings)
+    fed = federate(calibrated, dimension=16, rounds=3)
     epsilons = [r.train_metrics["epsilon"] for r in fed.result.history.rounds]
     assert 0.97 * target <= epsilons[-1] <= target
 
@@ -227,6 +247,60 @@ def test_survivors_epsilon_counts_the_shares_in_the_sum(stage: str) -> None:
         assert record.train_metrics["epsilon"] > calm_epsilon
     else:
         assert record.train_metrics["epsilon"] == pytest.approx(calm_epsilon)
+
+
+def test_survivors_does_not_count_the_colluding_nodes_shares() -> None:
+    record = federate(dp(dropouts=DropoutPolicy.SURVIVORS, colluding=2), dimension=16)
+    round_one = record.result.history.round(1)
+    assert round_one.ok, round_one.error
+    assert len(round_one.participants) == NODES
+    scale = round_one.train_metrics["dp-scale"]
+    expected = independent_epsilon(
+        SkellamEvent, z=1.0, scale=scale, dimension=16, planned=NODES, counted=NODES - 2
+    )
+    assert round_one.train_metrics["dp-counted-clients"] == NODES - 2
+    assert round_one.train_metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+class _Boastful(SecAggPlus):
+    """Promises sums of the whole cohort; releases, as SecAgg+ does, sums of t + 1 or more."""
+
+    def fewest_inputs(self, cohort_size: int) -> int:
+        return cohort_size
+
+
+def test_a_broken_promise_is_charged_for_the_honest_survivors_only() -> None:
+    # The aggregator promised 8 inputs and released 6 in round 1; 2 may collude: 4 honest
+    # shares in that sum, each sized for 6.
+    faults = [Dropout(node=p, round=1, stage=Stage.ADVERTISE_KEYS) for p in (2, 5)]
+    fed = federate(dp(colluding=2), dimension=16, rounds=2, faults=faults, secagg=_Boastful())
+    first, second = fed.result.history.rounds
+    assert not first.ok and "promised" in str(first.error)
+    assert second.ok, second.error
+    scale = second.train_metrics["dp-scale"]
+
+    def event(counted: int) -> SkellamEvent | DistributedDiscreteGaussianEvent:
+        pipeline = {"z": 1.0, "scale": scale, "dimension": 16, "planned": NODES - 2}
+        return independent_event(SkellamEvent, counted=counted, **pipeline)
+
+    accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
+    # Round 1 as committed (6 shares), then as released (4), then round 2 (6).
+    accountant.compose(event(NODES - 2)).compose(event(4)).compose(event(NODES - 2))
+    assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))
+
+
+def test_a_sum_of_colluding_inputs_only_is_charged_as_noiseless(tmp_path: Path) -> None:
+    from flowerpets.store import RunStore
+
+    # Promised 8, released 5, all of whom may collude: no share in the sum is secret.
+    faults = [Dropout(node=p, round=1, stage=Stage.ADVERTISE_KEYS) for p in (1, 2, 5)]
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            fed = federate(dp(colluding=5), faults=faults, secagg=_Boastful(), store=writer)
+        spends = store.spends(store.run("r").population_id)
+    assert "promised" in str(fed.result.history.round(1).error)
+    shares = [s.event["event"]["local_variance"] for s in spends]
+    assert shares[0] > 0 and shares[-1] == 0  # committed, then charged as released
 
 
 def test_worst_case_pays_in_noise_what_survivors_pays_in_epsilon() -> None:
@@ -343,6 +417,36 @@ def test_survivors_charges_a_failed_round_as_the_worst_case() -> None:
     accountant = RdpAccountant(neighbouring=Neighbouring.ZERO_OUT)
     accountant.compose(event(FEWEST)).compose(event(NODES))  # the failed round, the full one
     assert second.train_metrics["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA))
+
+
+class _FailsAfterUnmasking(SecAggPlus):
+    """Unmasks the sum, then fails with an error that is no RoundFailedError."""
+
+    def __call__(self, request: Any, context: Any, call_next: Any) -> Any:
+        super().__call__(request, context, call_next)
+        raise ProtocolViolationError("failed after unmasking")
+
+
+class _LosesTheResidues(SecAggPlus):
+    """Unmasks the sum, then returns a result without it."""
+
+    def __call__(self, request: Any, context: Any, call_next: Any) -> Any:
+        return super().__call__(request, context, call_next).replace(aggregate=ArrayRecord())
+
+
+@pytest.mark.parametrize("secagg", [_FailsAfterUnmasking, _LosesTheResidues])
+def test_survivors_charges_a_round_that_fails_after_unmasking_whatever_failed(
+    tmp_path: Path, secagg: type[SecAggPlus]
+) -> None:
+    from flowerpets.store import RunStore
+
+    policy = DropoutPolicy.SURVIVORS
+    with RunStore(tmp_path / "runs.db") as store:
+        with store.start_run("r", config={}) as writer:
+            fed = federate(dp(dropouts=policy), secagg=secagg(), store=writer)
+        spends = store.spends(store.run("r").population_id)
+    assert not fed.result.history.round(1).ok
+    assert [s.event["event"]["clients_in_sum"] for s in spends] == [FEWEST]
 
 
 # -- adaptive clipping -------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def inside_secagg(e: RoundEncoding | None = None) -> dict[str, Any]:
     }
 
 
-def app(reply: Any = None) -> ClientApp:
-    client = ClientApp(mods=[DistributedDpMod()])
+def app(reply: Any = None, mod: DistributedDpMod | None = None) -> ClientApp:
+    client = ClientApp(mods=[mod or DistributedDpMod()])
 
     @client.train()
     def train(msg: Message, context: Context) -> RecordDict:
@@ -164,6 +164,38 @@ def test_the_node_replies_with_residues_only() -> None:
         RESIDUES,
         CLIPPED,
     ]
+
+
+# The default encoding's share: sigma 10 against a rounded L2 bound just above 1000.
+FLOOR = 0.005
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        encoding(share=0.0),  # no noise at all
+        encoding(share=1.0),  # a tiny share
+        encoding(scale=1e6),  # the same share against a sensitivity 1000 times larger
+        encoding(clip=1e3),  # the same, through the clip
+        encoding(count_share=1e-6),  # the clipped count left (almost) bare
+    ],
+    ids=["zero", "tiny", "scale", "clip", "count"],
+)
+def test_a_node_refuses_a_share_below_its_own_floor(forged: RoundEncoding) -> None:
+    mod = DistributedDpMod(min_share_multiplier=FLOOR)
+    assert app(mod=mod)(request(inside_secagg(encoding())), Context(1)).error is None
+    reply = app(mod=mod)(request(inside_secagg(forged)), Context(1))
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
+    assert "min_share_multiplier" in reply.error.reason
+    assert not leaks(reply.error.reason, SENTINELS), reply.error.reason
+    # Without a floor the node trusts the server's calibration.
+    assert app()(request(inside_secagg(forged)), Context(1)).error is None
+
+
+def test_a_floor_above_the_calibrated_share_refuses_the_honest_round() -> None:
+    mod = DistributedDpMod(min_share_multiplier=2 * FLOOR)
+    reply = app(mod=mod)(request(inside_secagg(encoding())), Context(1))
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
 
 
 def test_other_messages_pass_through() -> None:

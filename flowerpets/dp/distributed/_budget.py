@@ -49,7 +49,8 @@ def update_event(
 
 
 def count_event(mechanism: Mechanism, *, share: float, counted: int) -> PrivacyEvent:
-    """The event of a sum of ``counted`` clipped bits (0 or 1 each), each with ``share``."""
+    """The event of a sum of ``counted`` clipped bits (+1 or -1 each: under zero-out, a
+    contribution of 0 against +-1, sensitivity 1), each with a noise share ``share``."""
     event: PrivacyEvent = mechanism.event(
         local_variance=share,
         clients_in_sum=counted,

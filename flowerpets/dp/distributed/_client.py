@@ -25,25 +25,51 @@ For a train message the mod
 4. replies with the residues in ``dp.residues`` only (and, with adaptive
    clipping, ``dp.clipped``: its clipped bit as ``+1`` (clipped) or ``-1``, plus its
    own share of the count's noise, a residue summed inside the secure sum too,
-   never seen alone).
+   never seen alone), and no metric: the handler's metrics (a loss, the number
+   of examples) are facts about the node's data the noise does not cover, and
+   a secure aggregator that sums metrics under the masks (SecAgg+'s
+   ``secure_metrics``) would release their exact sum. Such an aggregator then
+   refuses the reply (the metric is missing): run it with no secure metric.
 
 A refusal (an error reply with code ``REFUSED``) says what was wrong, never a
 value. Other messages pass through untouched.
+
+**What the node trusts the server with.** The encoding is the server's choice:
+the node checks its form, its dimension and modulus against the model and the
+domain, but a dishonest server could send a tiny noise share (0 included), or
+a huge scale or clip beside a share that is small for it, and the node would
+add less noise than the run's epsilon claims. ``min_share_multiplier`` is the
+node's own floor against that: it refuses a round whose share carries a noise
+multiplier below it, ``sqrt(share) / Delta_2`` (``Delta_2`` the rounded update's
+L2 bound at the encoding's clip, scale and beta: whatever the server chose, the
+node's noise stands against that sensitivity), and the same for the clipped
+count's share (sensitivity 1). The floor holds for this node's own share
+whatever the server does; ``k`` honest shares carry ``f sqrt(k)`` together only
+if the server sent them all the same encoding, which nothing checks (the
+encoding is not part of the configuration SecAgg+'s consistency check signs:
+a server could send the other nodes a tiny scale, whose shares then weigh
+little against this node's sensitivity). A node that wants to rely on no
+other node sets the whole ``z``; one that trusts the server to send every node
+the same encoding, ``z / sqrt(k)``. The default, 0, trusts the server's
+calibration. The rotation seed needs no trust: the rounding's norm bound, hence
+the sensitivity, holds for every rotation (the seed only spreads the mass).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 
-from flowerpets._validation import instance
+from flowerpets._validation import instance, real
 from flowerpets.core import (
     ArrayRecord,
     Context,
     Message,
     MessageType,
+    MetricRecord,
     RecordDict,
     domain_of,
 )
@@ -68,12 +94,17 @@ CallNext = Callable[[Message, Context], Message]
 class DistributedDpMod:
     """Client mod of distributed DP (see the module docstring); place it inside SecAgg+'s.
 
-    ``source`` replaces the secure keystream (rounding and noise) with another
-    source of 64-bit words, for tests only (it warns unless it says it is secure).
-    The mod keeps no state; one instance serves every node.
+    ``min_share_multiplier`` is the least noise multiplier this node's own share must
+    carry, or it refuses the round (see the module docstring; default 0: trust the
+    server's calibration). ``source`` replaces the secure keystream (rounding and
+    noise) with another source of 64-bit words, for tests only (it warns unless it
+    says it is secure). The mod keeps no state; one instance serves every node.
     """
 
-    def __init__(self, *, source: RandomWords | None = None) -> None:
+    def __init__(
+        self, *, min_share_multiplier: float = 0.0, source: RandomWords | None = None
+    ) -> None:
+        self.min_share_multiplier = real("min_share_multiplier", min_share_multiplier, at_least=0)
         if source is None:
             source = LazySecureGaussian()
         else:
@@ -88,7 +119,7 @@ class DistributedDpMod:
         self._source: RandomWords = source
 
     def __repr__(self) -> str:
-        return "DistributedDpMod()"
+        return f"DistributedDpMod(min_share_multiplier={self.min_share_multiplier})"
 
     def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
         if msg.message_type != MessageType.TRAIN:
@@ -116,6 +147,7 @@ class DistributedDpMod:
                 "the secure aggregator's quantized domain is not the one the distributed-DP "
                 "encoding needs"
             )
+        self._check_noise(encoding)
         received = body.get_typed("arrays", ArrayRecord)
         if any(a.dtype.kind != "f" for a in received.values()):
             raise RequestRefusedError("DistributedDpMod encodes float model arrays only")
@@ -130,7 +162,21 @@ class DistributedDpMod:
         out = ArrayRecord(self._encoded(flat, encoding))
         replied = RecordDict(dict(reply_body.items()))
         replied["arrays"] = out
+        replied["metrics"] = MetricRecord()  # not noised: never summed un-noised either
         return Message(metadata=reply.metadata, content=replied)
+
+    def _check_noise(self, e: RoundEncoding) -> None:
+        """Refuses a share (or the count's) whose noise multiplier is below this node's floor."""
+        floor = self.min_share_multiplier
+        if floor == 0:
+            return
+        update = math.sqrt(e.share) / e.pipeline().norm_bound
+        count = math.inf if e.count_share is None else math.sqrt(e.count_share)
+        if min(update, count) < floor:
+            raise RequestRefusedError(
+                "the round's noise share is below this node's min_share_multiplier: "
+                "the server asked for less noise than the node accepts"
+            )
 
     def _encoded(self, update: np.ndarray, e: RoundEncoding) -> dict[str, np.ndarray]:
         """The reply's residue arrays: the encoded update, and the noised clipped bit."""

@@ -264,35 +264,43 @@ class DistributedDp(BudgetedMod):
 
         try:
             result = call_next(self._inner(request, chosen), context)
-        except RoundFailedError:
+            survivors = len(result.participants)
+            if RESIDUES not in result.aggregate or survivors == 0:
+                raise RoundFailedError(
+                    f"round {request.round}: the secure sum holds no {RESIDUES!r} residues",
+                    failures=result.failures,
+                )
+        except Exception:
             if self.dropouts is DropoutPolicy.SURVIVORS:
-                # The secure sum may have been unmasked before the round failed: charge the
-                # most it could have cost (a crash over-counts, never under).
+                # The secure sum may have been unmasked before the round failed, whatever
+                # failed: charge the most it could have cost (over-counts, never under).
                 run, _ = self.charge(context, run, worst, round=request.round, max_epsilon=None)
                 self.store(context, run)
             raise
-        survivors = len(result.participants)
-        if RESIDUES not in result.aggregate or survivors == 0:
-            raise RoundFailedError(
-                f"round {request.round}: the secure sum holds no {RESIDUES!r} residues",
-                failures=result.failures,
-            )
-        counted = self.dropouts.counted(survivors, fewest)
-        if survivors < fewest or self.dropouts is DropoutPolicy.SURVIVORS:
+        # The colluding nodes may be among the survivors: their shares are no secret noise.
+        honest = survivors - self.colluding
+        if honest < 1:
+            # No share in the sum is secret: what it cost is unbounded.
+            counted, released = 1, self._noiseless(chosen)
+        else:
+            counted = self.dropouts.counted(honest, fewest)
+            released = self._events(chosen, counted=counted)
+        if honest < fewest or self.dropouts is DropoutPolicy.SURVIVORS:
             # SURVIVORS: the shares actually in the sum. WORST_CASE with fewer survivors than
             # the aggregator promised: the sum was released with less noise; count it too.
             run, epsilon = self.charge(
                 context,
                 run,
-                self._events(chosen, counted=counted),
+                released,
                 round=request.round,
                 max_epsilon=None,  # the sum is out: record what it cost, whatever it was
             )
             self.store(context, run)
-            if survivors < fewest:
+            if honest < fewest:
                 raise RoundFailedError(
                     f"round {request.round}: the secure aggregator released a sum of "
-                    f"{survivors} input(s), fewer than the {fewest} it promised: not released",
+                    f"{survivors} input(s), fewer than the {fewest + self.colluding} it "
+                    "promised: not released",
                     failures=result.failures,
                 )
         return self._release(request, result, chosen, run, context, epsilon, counted)
@@ -329,7 +337,12 @@ class DistributedDp(BudgetedMod):
             return self.noise_multiplier
         assert self.target_epsilon is not None and self.rounds is not None
         target, rounds = self.target_epsilon, self.rounds
-        counted = fewest if self.dropouts is DropoutPolicy.WORST_CASE else planned
+        # SURVIVORS: the expected cohort's shares, but for the colluding nodes' (never counted).
+        counted = (
+            fewest
+            if self.dropouts is DropoutPolicy.WORST_CASE
+            else max(1, planned - self.colluding)
+        )
         # With adaptive clipping z covers the count too, so it must stay below 2 sigma_b.
         z = 1.0 if self.adaptive is None else min(1.0, self.adaptive.count_noise(expected))
         count_share = self._count_share(expected, planned)
@@ -416,6 +429,12 @@ class DistributedDp(BudgetedMod):
     def _events(self, chosen: _Round, *, counted: int) -> list[PrivacyEvent]:
         e = chosen.encoding
         return self._events_for(e.clip, e.scale, e.dimension, e.share, e.count_share, counted)
+
+    def _noiseless(self, chosen: _Round) -> list[PrivacyEvent]:
+        """The round's events with no secret share in the sum (infinite epsilon)."""
+        e = chosen.encoding
+        count = None if e.count_share is None else 0.0
+        return self._events_for(e.clip, e.scale, e.dimension, 0.0, count, 1)
 
     def _count_share(self, expected: float, planned: int) -> float | None:
         """Each node's share of the clipped count's noise (None without adaptive clipping).

@@ -115,8 +115,11 @@ class SecAggFeature:
             )
         # Under local DP every node weighs 1 and sends no train-loss (the noise does not
         # cover it, so LocalDpMod drops it): SecAgg+ then sums no metric, and a weight
-        # bound of 1 keeps the quantization's resolution for the update itself.
-        local_dp = getattr(args, "dp", None) == "local"
+        # bound of 1 keeps the quantization's resolution for the update itself. Under
+        # distributed DP the nodes send no metric either (DistributedDpMod drops them).
+        dp_mode = getattr(args, "dp", None)
+        local_dp = dp_mode == "local"
+        no_metrics = dp_mode in ("local", "distributed")
         max_weight = args.secagg_max_weight
         if max_weight is None and local_dp:
             max_weight = 1
@@ -134,7 +137,7 @@ class SecAggFeature:
         server = SecAggPlus(
             degree=args.secagg_k,
             threshold=args.secagg_t,
-            secure_metrics=() if local_dp else SECURE_METRICS,
+            secure_metrics=() if no_metrics else SECURE_METRICS,
             **tuned,
         )
         return FeatureMods(
