@@ -23,6 +23,7 @@ from flowerpets.core.layout import ArrayLayout
 from flowerpets.core.message import Error, ErrorCode, Message, MessageType, Metadata
 from flowerpets.core.mods import chain
 from flowerpets.core.quantized import (
+    BINDING_KEY,
     MODULUS_BITS_KEY,
     NAMES_KEY,
     QuantizedDomain,
@@ -67,6 +68,7 @@ __all__ = [
     "Array",
     "ArrayLayout",
     "ArrayRecord",
+    "BINDING_KEY",
     "ClientApp",
     "ClientMod",
     "CohortSampling",

@@ -24,6 +24,14 @@ two PETs never import each other: they meet here.
   aggregation outside it, so its reply would leave in the clear. (That only
   holds when the node runs the secure aggregator's client mod outside it: without
   one, nothing removes a value the server forged.)
+* :attr:`QuantizedDomain.binding` is opaque to the secure aggregator: a digest
+  of whatever the noising mod sent the nodes for this round (its encoding, in
+  its own config key). The secure aggregator carries it in its round
+  configuration and the digest of it (in SecAgg+'s malicious mode, every node
+  that exchanges keys agrees on that digest, or refuses the others' keys) and
+  passes it inward under :data:`BINDING_KEY`; the inner mod recomputes the
+  digest of what it received and refuses a mismatch, so a server cannot tell
+  two nodes different encodings unnoticed.
 
 The scale (how many steps per unit of the update) is the noising mechanism's
 own business: it travels with its mod, not here.
@@ -37,11 +45,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from flowerpets._validation import integer, strings
+from flowerpets._validation import instance, integer, strings
 from flowerpets.core.records import ConfigValue
 from flowerpets.exceptions import InvalidUpdateError, ParameterTypeError, ParameterValueError
 
 __all__ = [
+    "BINDING_KEY",
     "MAX_MODULUS_BITS",
     "MIN_MODULUS_BITS",
     "MODULUS_BITS_KEY",
@@ -62,6 +71,12 @@ inward: the reply arrays of the round's domain are summed modulo ``2**value``.""
 NAMES_KEY = "quantized.names"
 """Config key (list of str) set beside :data:`MODULUS_BITS_KEY`: the domain's array names."""
 
+BINDING_KEY = "quantized.binding"
+"""Config key (bytes) set beside :data:`MODULUS_BITS_KEY` when the domain has a
+:attr:`~QuantizedDomain.binding`: the digest the noising mod bound the round's encoding to."""
+
+MAX_BINDING_BYTES = 64
+
 
 def _name(name: str) -> None:
     if not name:
@@ -78,18 +93,32 @@ class QuantizedDomain:
     multiply it) and never divided. The point where noise is added is the
     client, before masking: the server only ever sees the masked residues and
     their modular sum.
+
+    ``binding`` (``b""``: none; at most 64 bytes) is opaque here: a digest of
+    whatever the noising mod sent the nodes for this round. The secure
+    aggregator carries it in its round configuration and that configuration's
+    digest, so in SecAgg+'s malicious mode every node that exchanges keys
+    agrees on it; the noising mod inside the node checks what it received
+    against it.
     """
 
     modulus_bits: int
     names: tuple[str, ...]
+    binding: bytes = b""
 
     def __post_init__(self) -> None:
         integer(
             "modulus_bits", self.modulus_bits, at_least=MIN_MODULUS_BITS, at_most=MAX_MODULUS_BITS
         )
         names = strings("names", self.names, non_empty=True, unique=True, check=_name)
+        binding = instance("binding", self.binding, bytes)
+        if len(binding) > MAX_BINDING_BYTES:
+            raise ParameterValueError(
+                f"a domain's binding is a digest of at most {MAX_BINDING_BYTES} bytes"
+            )
         object.__setattr__(self, "modulus_bits", int(self.modulus_bits))
         object.__setattr__(self, "names", names)
+        object.__setattr__(self, "binding", bytes(binding))
 
     @property
     def modulus(self) -> int:
@@ -121,8 +150,14 @@ class QuantizedDomain:
 
     def config_entries(self) -> dict[str, ConfigValue]:
         """What the client mod sets in the inner train config: :data:`MODULUS_BITS_KEY`
-        and :data:`NAMES_KEY`."""
-        return {MODULUS_BITS_KEY: self.modulus_bits, NAMES_KEY: list(self.names)}
+        and :data:`NAMES_KEY`, and :data:`BINDING_KEY` when the domain has a binding."""
+        entries: dict[str, ConfigValue] = {
+            MODULUS_BITS_KEY: self.modulus_bits,
+            NAMES_KEY: list(self.names),
+        }
+        if self.binding:
+            entries[BINDING_KEY] = self.binding
+        return entries
 
 
 def modulus_bits_of(config: Mapping[str, ConfigValue]) -> int | None:
@@ -144,8 +179,9 @@ def modulus_bits_of(config: Mapping[str, ConfigValue]) -> int | None:
 
 
 def domain_of(config: Mapping[str, ConfigValue]) -> QuantizedDomain | None:
-    """The whole domain a train config carries (:data:`MODULUS_BITS_KEY` and
-    :data:`NAMES_KEY`), or None without :data:`MODULUS_BITS_KEY`."""
+    """The whole domain a train config carries (:data:`MODULUS_BITS_KEY`,
+    :data:`NAMES_KEY` and :data:`BINDING_KEY`, ``b""`` when absent), or None without
+    :data:`MODULUS_BITS_KEY`."""
     bits = modulus_bits_of(config)
     if bits is None:
         return None
@@ -154,4 +190,7 @@ def domain_of(config: Mapping[str, ConfigValue]) -> QuantizedDomain | None:
         raise ParameterTypeError(
             f"config[{NAMES_KEY!r}] must be a list of str beside config[{MODULUS_BITS_KEY!r}]"
         )
-    return QuantizedDomain(modulus_bits=bits, names=tuple(names))  # type: ignore[arg-type]
+    binding = config.get(BINDING_KEY, b"")
+    if not isinstance(binding, bytes):
+        raise ParameterTypeError(f"config[{BINDING_KEY!r}] must be bytes")
+    return QuantizedDomain(modulus_bits=bits, names=tuple(names), binding=binding)  # type: ignore[arg-type]

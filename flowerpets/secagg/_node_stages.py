@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flowerpets.core import (
+    BINDING_KEY,
     MODULUS_BITS_KEY,
     NAMES_KEY,
     Array,
@@ -338,18 +339,22 @@ def collect_masked_input(node: NodeSettings, request: StageRequest) -> Message:
     return msg.reply(RecordDict({RECORD: record, MASKED_RECORD: masked}))
 
 
+_DOMAIN_KEYS = frozenset({MODULUS_BITS_KEY, NAMES_KEY, BINDING_KEY})
+
+
 def inner_config(content: RecordDict, config: RoundConfig | None) -> ConfigRecord:
     """The train config the mods and handler inside this mod see.
 
     Its quantized-domain keys (:data:`~flowerpets.core.MODULUS_BITS_KEY`,
-    :data:`~flowerpets.core.NAMES_KEY`) are this mod's to set: from the round's
+    :data:`~flowerpets.core.NAMES_KEY`, :data:`~flowerpets.core.BINDING_KEY`) are this
+    mod's to set: from the round's
     configuration (the one whose digest a malicious-mode round signs) when it
     has a quantized domain; any value the server put there itself is removed.
     """
     sent = content.get("config", ConfigRecord())
     if not isinstance(sent, ConfigRecord):
         raise MessageFieldError("the train message's 'config' is not a ConfigRecord")
-    values = {k: v for k, v in sent.items() if k not in (MODULUS_BITS_KEY, NAMES_KEY)}
+    values = {k: v for k, v in sent.items() if k not in _DOMAIN_KEYS}
     if config is not None and config.quantized is not None:
         values.update(config.quantized.config_entries())
     return ConfigRecord(values)

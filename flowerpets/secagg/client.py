@@ -65,7 +65,9 @@ through untouched, but for the quantized-domain keys of their config.
 The mods and handler inside this one learn from the config of the train message
 they are passed whether the round sums some of their reply arrays modulo
 (:data:`~flowerpets.core.MODULUS_BITS_KEY` and :data:`~flowerpets.core.NAMES_KEY`,
-set from the round's configuration: see :mod:`flowerpets.core.quantized`); this
+and the domain's :data:`~flowerpets.core.BINDING_KEY`, set from the round's
+configuration, whose digest a malicious-mode round signs: see
+:mod:`flowerpets.core.quantized`); this
 mod removes any value of those keys the server sent itself. A reply array the
 domain names must hold unsigned integers below the modulus: anything else is
 refused (an ``INVALID_REPLY`` error reply whose reason names the array, never a
@@ -80,6 +82,7 @@ from collections.abc import Callable, Iterable
 
 from flowerpets._validation import boolean, instance, integer, strings
 from flowerpets.core import (
+    BINDING_KEY,
     MODULUS_BITS_KEY,
     NAMES_KEY,
     ConfigRecord,
@@ -338,7 +341,7 @@ def _without_domain(msg: Message) -> Message:
     if (
         content is None
         or not isinstance(config, ConfigRecord)
-        or not {MODULUS_BITS_KEY, NAMES_KEY} & set(config)
+        or not {MODULUS_BITS_KEY, NAMES_KEY, BINDING_KEY} & set(config)
     ):
         return msg
     stripped = RecordDict(dict(content.items()))

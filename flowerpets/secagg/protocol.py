@@ -72,7 +72,9 @@ __all__ = [
 # advertisements and its consistency-check stage (issue 13).
 # 3: the round configuration names its quantized domain (modulus bits, residue arrays),
 # and a layout may hold modular arrays (kind "m"; issue 14).
-PROTOCOL_VERSION = 3
+# 4: the round configuration carries the quantized domain's binding (the digest of what
+# the noising mod sent the nodes), and its digest covers it.
+PROTOCOL_VERSION = 4
 RECORD = "secagg+"
 MASKED_RECORD = "secagg+/masked"
 MASKED_ARRAY = "vector"
@@ -214,7 +216,8 @@ class RoundConfig:
     reply metrics summed under the masks too. ``quantized`` (None: none) is the
     round's :class:`~flowerpets.core.QuantizedDomain`: the reply arrays it names
     are residues, sent as they are (kind ``"m"``: no quantization, no weight) and
-    summed modulo its modulus. The :attr:`digest` covers every field, so in
+    summed modulo its modulus; its ``binding`` (the digest of what the noising mod
+    sent the nodes) travels with it. The :attr:`digest` covers every field, so in
     malicious mode a server that tells two nodes different domains is caught
     like one that tells them different ring orders. ``quorum`` (malicious mode;
     0: none) is how many nodes of the whole cohort must have signed a node's
@@ -275,6 +278,7 @@ class RoundConfig:
             self.modulus_bits,
             len(self.modular_names),
             *self.modular_names,
+            self.binding,
             self.quorum,
         )
         return hashlib.sha256(data).digest()
@@ -288,6 +292,12 @@ class RoundConfig:
     def modular_names(self) -> tuple[str, ...]:
         """The reply arrays summed modulo (the quantized domain's names); () without one."""
         return () if self.quantized is None else self.quantized.names
+
+    @property
+    def binding(self) -> bytes:
+        """The quantized domain's binding (see :class:`~flowerpets.core.QuantizedDomain`);
+        ``b""`` without a domain or a binding."""
+        return b"" if self.quantized is None else self.quantized.binding
 
     @cached_property
     def graph(self) -> HararyGraph:
@@ -316,6 +326,7 @@ class RoundConfig:
                 "threat": self.threat.value,
                 "modulus-bits": self.modulus_bits,
                 "modular-names": list(self.modular_names),
+                "binding": self.binding,
                 "quorum": self.quorum,
             }
         )
@@ -340,10 +351,17 @@ class RoundConfig:
             raise ProtocolViolationError(f"unknown threat model {threat[:40]!r}")
         bits = fields.get("modulus-bits", int)
         modular = tuple(fields.items("modular-names", str))
-        if bits == 0 and modular:
-            raise ProtocolViolationError("modular-names are given without modulus-bits")
+        binding = fields.get("binding", bytes)
+        if bits == 0 and (modular or binding):
+            raise ProtocolViolationError(
+                "modular-names or a binding are given without modulus-bits"
+            )
         try:
-            quantized = None if bits == 0 else QuantizedDomain(modulus_bits=bits, names=modular)
+            quantized = (
+                None
+                if bits == 0
+                else QuantizedDomain(modulus_bits=bits, names=modular, binding=binding)
+            )
             return cls(
                 session=fields.get("session", bytes),
                 order=tuple(fields.items("order", int)),

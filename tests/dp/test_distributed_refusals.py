@@ -7,6 +7,7 @@ wrong, never a value of the update it protects (error replies travel in the clea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from flowerpets.core import (
+    BINDING_KEY,
     MODULUS_BITS_KEY,
     NAMES_KEY,
     ArrayRecord,
@@ -48,6 +50,7 @@ from flowerpets.exceptions import (
 )
 from flowerpets.secagg import SecAggPlus
 from flowerpets.simulation import run_simulation
+from tests.dp.distributed_kit import NODES, federate
 from tests.sentinels import leaks
 
 VALUE, OTHER, THIRD = 98765.4321, -24680.1357, 7777.25
@@ -86,12 +89,14 @@ def request(config: dict[str, Any], arrays: dict[str, Any] | None = None) -> Mes
 
 
 def inside_secagg(e: RoundEncoding | None = None) -> dict[str, Any]:
-    """The config the SecAgg+ client mod passes inward, with the round's encoding."""
-    names = [RESIDUES, CLIPPED] if (e or encoding()).adaptive else [RESIDUES]
+    """The config the SecAgg+ client mod passes inward, with the round's encoding and the
+    domain's binding of it."""
+    e = e or encoding()
     return {
-        ENCODING_KEY: (e or encoding()).to_json(),
+        ENCODING_KEY: e.to_json(),
         MODULUS_BITS_KEY: 32,
-        NAMES_KEY: names,
+        NAMES_KEY: [RESIDUES, CLIPPED] if e.adaptive else [RESIDUES],
+        BINDING_KEY: e.binding(),
     }
 
 
@@ -112,6 +117,7 @@ def app(reply: Any = None, mod: DistributedDpMod | None = None) -> ClientApp:
 REFUSED_CONFIGS = {
     "no secure aggregation outside": {ENCODING_KEY: encoding().to_json()},
     "no encoding": {MODULUS_BITS_KEY: 32, NAMES_KEY: [RESIDUES]},
+    "no binding": {k: v for k, v in inside_secagg().items() if k != BINDING_KEY},
     "malformed encoding": {**inside_secagg(), ENCODING_KEY: '{"seed": 1}'},
     "not json": {**inside_secagg(), ENCODING_KEY: "{"},
     "other modulus": {**inside_secagg(), MODULUS_BITS_KEY: 16},
@@ -148,6 +154,80 @@ def test_without_the_domain_the_mod_raises_a_typed_refusal() -> None:
     mod = DistributedDpMod()
     with pytest.raises(RequestRefusedError, match="SecAgg"):
         mod(request({ENCODING_KEY: encoding().to_json()}), Context(1), lambda m, c: m)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        encoding(scale=1.0),  # a tiny scale: this node's share weighs little in the sum
+        encoding(share=1e4),
+        encoding(seed=bytes(32)),
+        encoding(count_share=4.0),
+    ],
+    ids=["scale", "share", "seed", "adaptive"],
+)
+def test_a_node_sent_another_encoding_than_the_domain_binds_refuses(
+    other: RoundEncoding,
+) -> None:
+    """A dishonest server binds the domain (signed by every node in malicious mode) to one
+    encoding and sends this node another: the node refuses, naming no value."""
+    bound = encoding()
+    config = {**inside_secagg(other), BINDING_KEY: bound.binding()}
+    assert app()(request(inside_secagg(bound)), Context(1)).error is None
+    reply = app()(request(config), Context(1))
+    assert reply.error is not None and reply.error.code == ErrorCode.REFUSED
+    assert "binds" in reply.error.reason
+    assert not leaks(reply.error.reason, SENTINELS), reply.error.reason
+    assert bound.binding().hex() not in reply.error.reason
+    with pytest.raises(RequestRefusedError, match="binds"):
+        DistributedDpMod()(request(config), Context(1), lambda m, c: m)
+
+
+class SplitEncoding:
+    """What a dishonest server does to one node (partition 0): it sends that node an encoding
+    with a thousandth of the scale, beside the domain SecAgg+ signed for everyone. Sits
+    inside SecAgg+'s client mod, in front of DistributedDpMod (where the node's train
+    message arrives with the server's encoding and the signed domain's binding)."""
+
+    def __init__(self) -> None:
+        self.mod = DistributedDpMod()
+        self.refusals: list[str] = []
+
+    def __call__(self, msg: Message, context: Context, call_next: Any) -> Message:
+        if msg.message_type == MessageType.TRAIN and context.node_config["partition-id"] == 0:
+            content = msg.require_content()
+            config = ConfigRecord(content.get_typed("config", ConfigRecord))
+            sent = RoundEncoding.from_json(str(config[ENCODING_KEY]))
+            config[ENCODING_KEY] = dataclasses.replace(sent, scale=sent.scale / 1000).to_json()
+            forged = RecordDict(dict(content.items()))
+            forged["config"] = config
+            msg = Message(metadata=msg.metadata, content=forged)
+            try:
+                return self.mod(msg, context, call_next)
+            except RequestRefusedError as exc:
+                self.refusals.append(str(exc))
+                raise
+        return self.mod(msg, context, call_next)
+
+
+def test_a_node_sent_another_encoding_than_the_others_refuses_in_a_real_round() -> None:
+    split = SplitEncoding()
+    fed = federate(
+        DistributedDp(noise_multiplier=1.0, clipping_norm=0.5), dimension=16, dp_mod=split
+    )
+    record = fed.result.history.round(1)
+    assert record.ok, record.error
+    assert len(split.refusals) == 1 and "binds" in split.refusals[0]
+    assert fed.ids[0] not in record.participants  # its update never entered the sum
+    assert len(record.participants) == NODES - 1
+    assert (1, 0) not in fed.spies.residues and len(fed.spies.residues) == NODES - 1
+
+
+def test_the_binding_is_the_digest_of_the_canonical_encoding() -> None:
+    e = encoding(count_share=4.0)
+    assert RoundEncoding.from_json(e.to_json()).binding() == e.binding()
+    assert len(e.binding()) == 32
+    assert e.binding() != encoding(seed=e.seed, count_share=4.0, share=e.share + 1).binding()
 
 
 def test_the_node_replies_with_residues_only() -> None:
@@ -222,6 +302,27 @@ def test_the_server_refuses_without_secure_aggregation() -> None:
     dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)
     with pytest.raises(IncompatibleModsError, match="secure aggregator"):
         dp(round_request(), ServerContext(), never)
+
+
+class SeenError(Exception):
+    """Stops the round once the inner chain has seen its request."""
+
+    def __init__(self, request: RoundRequest) -> None:
+        super().__init__("seen")
+        self.request = request
+
+
+def test_the_server_binds_the_encoding_it_sends_into_the_domain() -> None:
+    def look(request: RoundRequest, context: ServerContext) -> RoundResult:
+        raise SeenError(request)
+
+    dp = DistributedDp(noise_multiplier=1.0, clipping_norm=1.0)
+    with pytest.raises(SeenError) as seen:
+        dp(round_request(), secure(), look)
+    inner = seen.value.request
+    sent = RoundEncoding.from_json(str(inner.config[ENCODING_KEY]))
+    assert inner.quantized is not None
+    assert inner.quantized.binding == sent.binding()
 
 
 def test_a_run_without_secagg_stops_at_its_first_round() -> None:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowerpets.core import (
+    BINDING_KEY,
     MODULUS_BITS_KEY,
     NAMES_KEY,
     ArrayRecord,
@@ -154,8 +155,9 @@ def run_round(
     faults: Sequence[Any] = (),
     secagg: SecAggPlus | None = None,
     node_ids: Sequence[int] | None = None,
+    binding: bytes = b"",
 ) -> tuple[Any, RoundResult]:
-    domain = QuantizedDomain(modulus_bits=bits, names=("r",))
+    domain = QuantizedDomain(modulus_bits=bits, names=("r",), binding=binding)
     server_app, ask = server(domain, secagg or protocol.secagg())
     result = run_simulation(
         server_app, app, n, seed=0, faults=faults, max_workers=2, node_ids=node_ids
@@ -306,18 +308,25 @@ def test_the_server_sees_the_residues_only_masked_and_their_modular_sum(bits: in
     np.testing.assert_array_equal(got, modular_sum(res, bits, range(n)))
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"modulus-bits": 8}, {"binding": b"\x02" * 32}, {"binding": b""}],
+    ids=["modulus", "binding", "no binding"],
+)
 def test_a_server_that_tells_one_node_another_domain_is_caught_in_malicious_mode(
-    federation: Any,
+    federation: Any, change: dict[str, Any]
 ) -> None:
     """The advertisement signs the configuration's digest, domain included: a neighbour told
-    another modulus signed another configuration, and the node refuses its keys."""
+    another modulus, or another binding (the digest of another noising encoding), signed
+    another configuration, and the node refuses its keys."""
     for threat in (Threat.SEMI_HONEST, Threat.MALICIOUS):
         fed = federation(threat=threat)
-        fed.config = dataclasses.replace(fed.config, quantized=QuantizedDomain(16, ("r",)))
+        domain = QuantizedDomain(16, ("r",), binding=b"\x01" * 32)
+        fed.config = dataclasses.replace(fed.config, quantized=domain)
         node = fed.ids[0]
         other = fed.graph.neighbours(node)[0]
         fed.advertise([i for i in fed.ids if i != other])
-        changed = {**fed.advertise_message_fields(), "modulus-bits": 8}
+        changed = {**fed.advertise_message_fields(), **change}
         body = fed.ok(fed.ask(other, Stage.ADVERTISE_KEYS, changed))[RECORD]
         fed.pks[other] = (body["c-pk"], body["s-pk"])
         if fed.malicious:
@@ -347,12 +356,15 @@ def test_the_configuration_carries_the_domain_and_its_digest_binds_it() -> None:
         QuantizedDomain(16, ("s",)),
         QuantizedDomain(16, ("r", "s")),
         QuantizedDomain(16, ("s", "r")),
+        QuantizedDomain(16, ("r",), binding=b"\x01" * 32),
+        QuantizedDomain(16, ("r",), binding=b"\x02" * 32),
+        QuantizedDomain(16, ("r",), binding=b"\x01" * 31),
     ]
     configs = [base] + [dataclasses.replace(base, quantized=d) for d in domains]
     assert len({c.digest for c in configs}) == len(configs)
     for config in configs:
         record = config.to_record()
-        assert record["version"] == PROTOCOL_VERSION == 3
+        assert record["version"] == PROTOCOL_VERSION == 4
         back = RoundConfig.from_record(record)
         assert back == config and back.digest == config.digest
     record = base.to_record()
@@ -362,6 +374,8 @@ def test_the_configuration_carries_the_domain_and_its_digest_binds_it() -> None:
         ({"modulus-bits": 8, "modular-names": []}, "names"),
         ({"modulus-bits": 8, "modular-names": ["r", "r"]}, "names"),
         ({"modulus-bits": 0, "modular-names": ["r"]}, "without modulus-bits"),
+        ({"modulus-bits": 0, "binding": b"\x01" * 32}, "without modulus-bits"),
+        ({"modulus-bits": 8, "modular-names": ["r"], "binding": b"\x01" * 65}, "binding"),
     ]:
         with pytest.raises(ProtocolViolationError, match=match):
             RoundConfig.from_record(ConfigRecord({**record, **edit}))
@@ -455,10 +469,12 @@ class Spy:
 
     def __init__(self) -> None:
         self.seen: list[tuple[int | None, QuantizedDomain | None]] = []
+        self.bindings: list[object] = []  # the raw binding key, forged or not
 
     def __call__(self, msg: Message, context: Context, call_next: Any) -> Message:
         config = msg.require_content().get_typed("config", ConfigRecord)
         self.seen.append((modulus_bits_of(config), domain_of(config)))
+        self.bindings.append(config.get(BINDING_KEY))
         return call_next(msg, context)  # type: ignore[no-any-return]
 
 
@@ -473,9 +489,21 @@ def test_the_inner_mods_learn_the_modulus_from_secagg_and_only_from_it() -> None
         secagg=protocol.secagg(degree=4, threshold=3),
     )
     assert spy.seen == [(bits, QuantizedDomain(bits, ("r",)))] * n
+    assert spy.bindings == [None] * n
+
+    # The domain's binding reaches them beside the modulus, from the signed configuration.
+    spy = Spy()
+    run_round(
+        client(res, mods=[SecAggPlusClientMod(), spy]),
+        n,
+        bits,
+        secagg=protocol.secagg(degree=4, threshold=3),
+        binding=b"\x05" * 32,
+    )
+    assert spy.seen == [(bits, QuantizedDomain(bits, ("r",), binding=b"\x05" * 32))] * n
 
     # A server that writes the keys into a round without a domain: the inner mods never see them.
-    forged = {MODULUS_BITS_KEY: 16, NAMES_KEY: ["w"]}
+    forged = {MODULUS_BITS_KEY: 16, NAMES_KEY: ["w"], BINDING_KEY: b"\x07" * 32}
     spy = Spy()
     updates, weights = protocol.make_data(6)
     app = protocol.make_app(updates, weights, mods=[SecAggPlusClientMod(), spy])
@@ -486,7 +514,7 @@ def test_the_inner_mods_learn_the_modulus_from_secagg_and_only_from_it() -> None
         mods=[protocol.secagg(degree=4, threshold=3)],
     )
     assert run_simulation(server_app, app, 6, seed=0, max_workers=2).history[0].ok
-    assert spy.seen == [(None, None)] * 6
+    assert spy.seen == [(None, None)] * 6 and spy.bindings == [None] * 6
 
 
 def test_messages_let_through_lose_a_forged_domain() -> None:
@@ -504,9 +532,11 @@ def test_messages_let_through_lose_a_forged_domain() -> None:
         return RecordDict({"metrics": MetricRecord({"num-examples": 1})})
 
     for kind in (MessageType.EVALUATE, MessageType.TRAIN):
-        config = ConfigRecord({MODULUS_BITS_KEY: 16, NAMES_KEY: ["w"], "lr": 0.5})
+        config = ConfigRecord(
+            {MODULUS_BITS_KEY: 16, NAMES_KEY: ["w"], BINDING_KEY: b"\x07" * 32, "lr": 0.5}
+        )
         msg = Message.create(
             RecordDict({"config": config}), message_type=kind, dst_node_id=5, round=1, run_id=1
         )
         assert app(msg, Context(node_id=5, run_id=1)).error is None
-    assert spy.seen == [(None, None), (None, None)]
+    assert spy.seen == [(None, None), (None, None)] and spy.bindings == [None, None]

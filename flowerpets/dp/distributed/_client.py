@@ -15,7 +15,10 @@ For a train message the mod
    client mod outside this one: it removes any value of the key the server
    sent itself, so install both, in that order);
 2. reads the round's public encoding (:mod:`._round_config`) and checks it
-   against the model it received and the domain SecAgg+ announced;
+   against the model it received and the domain SecAgg+ announced, and that its
+   digest is the domain's :attr:`~flowerpets.core.QuantizedDomain.binding` (set by
+   the server's DistributedDp, carried by SecAgg+ in the round configuration it
+   signs in malicious mode; refused if absent or different);
 3. lets the handler train, computes the update (new weights minus the weights
    received, the float arrays flattened in the model's order), and encodes it
    (:func:`~flowerpets.dp._primitives.distributed.encode`: clip, rotate with the
@@ -44,19 +47,22 @@ multiplier below it, ``sqrt(share) / Delta_2`` (``Delta_2`` the rounded update's
 L2 bound at the encoding's clip, scale and beta: whatever the server chose, the
 node's noise stands against that sensitivity), and the same for the clipped
 count's share (sensitivity 1). The floor holds for this node's own share
-whatever the server does; ``k`` honest shares carry ``f sqrt(k)`` together only
-if the server sent them all the same encoding, which nothing checks (the
-encoding is not part of the configuration SecAgg+'s consistency check signs:
-a server could send the other nodes a tiny scale, whose shares then weigh
-little against this node's sensitivity). A node that wants to rely on no
-other node sets the whole ``z``; one that trusts the server to send every node
-the same encoding, ``z / sqrt(k)``. The default, 0, trusts the server's
-calibration. The rotation seed needs no trust: the rounding's norm bound, hence
-the sensitivity, holds for every rotation (the seed only spreads the mass).
+whatever the server does. **Every node gets the same encoding** in SecAgg+'s
+malicious mode: the encoding's digest is the round's quantized-domain binding,
+which SecAgg+'s round configuration carries and its signed digest covers, so
+the nodes that exchange keys agree on it (or refuse each other's keys), and
+each checks its encoding against it. So ``k`` honest shares carry
+``f sqrt(k)`` together, and a node sets ``z / sqrt(k)`` to rely on ``k`` honest
+others. In semi-honest mode the server is trusted by definition (nothing
+signs the configuration), and only the node's own floor holds against it. The
+default, 0, trusts the server's calibration. The rotation seed needs no trust:
+the rounding's norm bound, hence the sensitivity, holds for every rotation
+(the seed only spreads the mass).
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import warnings
 from collections.abc import Callable
@@ -141,6 +147,11 @@ class DistributedDpMod:
                 "client mod only, or its noised update would leave in the clear"
             )
         encoding = read_encoding(config)
+        if not domain.binding or not hmac.compare_digest(domain.binding, encoding.binding()):
+            raise RequestRefusedError(
+                "the distributed-DP encoding is not the one the round's quantized domain binds "
+                "(or the domain binds none): the server may have sent nodes different encodings"
+            )
         wanted = (RESIDUES, CLIPPED) if encoding.adaptive else (RESIDUES,)
         if sorted(domain.names) != sorted(wanted) or domain.modulus_bits != encoding.modulus_bits:
             raise RequestRefusedError(

@@ -478,7 +478,9 @@ class DistributedDp(BudgetedMod):
         return request.replace(
             config=config,
             weight_key=None,
-            quantized=QuantizedDomain(modulus_bits=self.modulus_bits, names=names),
+            quantized=QuantizedDomain(
+                modulus_bits=self.modulus_bits, names=names, binding=chosen.encoding.binding()
+            ),
         )
 
     def _release(

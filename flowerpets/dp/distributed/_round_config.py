@@ -8,10 +8,18 @@ clipping the share of the clipped count's noise. Nothing in it is secret: the
 server chose all of it, and the privacy guarantee holds for a public seed.
 A node refuses a config it cannot read, with a reason that names the field,
 never its value.
+
+The server binds the encoding into the round's quantized domain
+(:attr:`~flowerpets.core.QuantizedDomain.binding` = :meth:`RoundEncoding.binding`,
+a SHA-256 of its canonical JSON); SecAgg+ carries that digest in the round
+configuration it signs in malicious mode, and the node refuses an encoding
+whose digest is not the domain's, so every node that exchanges keys was sent
+the same encoding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from flowerpets.exceptions import (
 __all__ = ["SEED_BYTES", "RoundEncoding", "read_encoding"]
 
 SEED_BYTES = 32
+_BINDING_DOMAIN = b"flowerpets/dp/distributed/v1/encoding\x00"
 
 _FIELDS = frozenset(
     {
@@ -111,6 +120,11 @@ class RoundEncoding:
             "count_share": self.count_share,
         }
         return json.dumps(value, sort_keys=True, allow_nan=False)
+
+    def binding(self) -> bytes:
+        """SHA-256 of the canonical encoding (its :meth:`to_json`, domain-separated): what
+        the server puts in the round's quantized domain and each node checks."""
+        return hashlib.sha256(_BINDING_DOMAIN + self.to_json().encode()).digest()
 
     @classmethod
     def from_json(cls, text: str) -> RoundEncoding:
